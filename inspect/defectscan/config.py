@@ -1,0 +1,165 @@
+"""Settings: configs/defaults.yaml < --config FILE < DEFECTSCAN_* environment < CLI flags.
+
+Each layer is a plain dict; the merged dict is validated once into `Settings`. Every key
+remembers which layer set it, so a bad value is reported with the file or variable it came
+from, the key, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from defectscan.errors import ConfigError
+from defectscan.paths import DEFAULTS_FILE
+from defectscan.secrets import mask_secrets
+
+ENV_PREFIX = "DEFECTSCAN_"
+# Not settings: DEFECTSCAN_CONFIG names the --config file, DEFECTSCAN_TEST_* configure the test suite.
+_NOT_SETTINGS = ("DEFECTSCAN_CONFIG",)
+_TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
+_NESTED = "__"
+
+
+class Settings(BaseModel):
+    """Validated settings. Defaults live in configs/defaults.yaml, not here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path | None
+    database_url: str | None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+    @field_validator("database_url")
+    @classmethod
+    def _parse_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("expected a URL such as sqlite:///path/to/file.sqlite or postgresql://user@host/db") from None
+        backend = url.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"database backend '{backend}' is not supported; accepted: sqlite, postgresql")
+        return value
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir.expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        return Path(base) / "defectscan"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'defectscan.sqlite'}"
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, tuple[Any, str]] | None = None,
+) -> Settings:
+    """Merge the layers and validate them.
+
+    `overrides` maps a dotted key to (value, source), the source being the flag that set it,
+    e.g. {"database_url": (url, "--database-url")}; None values are left out.
+    """
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+
+    _merge(merged, origin, _read_yaml(DEFAULTS_FILE), str(DEFAULTS_FILE))
+    if config_file is not None:
+        _merge(merged, origin, _read_yaml(Path(config_file)), str(config_file))
+    for key, value, source in _environment_layer(os.environ if environ is None else environ):
+        _merge(merged, origin, _nest(key, value), source)
+    for key, (value, source) in (overrides or {}).items():
+        if value is not None:
+            _merge(merged, origin, _nest(tuple(key.split(".")), value), source)
+
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, merged, origin)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: settings file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read settings file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def _environment_layer(environ: Mapping[str, str]):
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name.startswith(_TEST_ENV_PREFIX) or name in _NOT_SETTINGS:
+            continue
+        key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(_NESTED))
+        yield key, environ[name], f"environment variable {name}"
+
+
+def _nest(key: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for part in reversed(key[1:]):
+        value = {part: value}
+    return {key[0]: value}
+
+
+def _merge(into: dict[str, Any], origin: dict[tuple[str, ...], str], layer: dict[str, Any], source: str, prefix: tuple[str, ...] = ()) -> None:
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], origin, value, source, path)
+        else:
+            into[key] = value
+            origin[path] = source
+
+
+def _describe(exc: ValidationError, merged: dict[str, Any], origin: dict[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        dotted = ".".join(loc)
+        source = next((origin[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origin), "settings")
+        if error["type"] == "extra_forbidden":
+            accepted = ", ".join(_accepted_keys(loc[:-1]))
+            lines.append(f"{source}: unknown key '{dotted}'; accepted keys: {accepted}")
+            continue
+        value = error.get("input")
+        shown = mask_secrets(value) if isinstance(value, str) else value
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: key '{dotted}' has value {shown!r}: {message}")
+    return "; ".join(lines)
+
+
+def _accepted_keys(parent: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in parent:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)

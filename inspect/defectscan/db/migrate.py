@@ -1,0 +1,102 @@
+"""Schema migrations with Alembic: upgrade, current revision, history, and the version check
+every command runs before it touches the database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, Engine
+
+from defectscan.db.session import check_connection, display_url
+from defectscan.errors import DatabaseError
+from defectscan.paths import MIGRATIONS_DIR
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    url: str
+    current: str | None
+    head: str
+
+    @property
+    def is_current(self) -> bool:
+        return self.current == self.head
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # env.py uses this connection rather than opening its own.
+    config.attributes["connection"] = connection
+    return config
+
+
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+@contextmanager
+def _connected(engine: Engine) -> Iterator[Connection]:
+    check_connection(engine)
+    with engine.begin() as connection:
+        yield connection
+
+
+def schema_state(engine: Engine) -> SchemaState:
+    """Where the database's schema stands against this code's migrations."""
+    scripts = _scripts()
+    with _connected(engine) as connection:
+        heads = MigrationContext.configure(connection).get_current_heads()
+    head = scripts.get_current_head()
+    for revision in heads:
+        try:
+            known = scripts.get_revision(revision)
+        except CommandError:
+            known = None
+        if known is None:
+            raise DatabaseError(
+                f"database {display_url(engine.url)} has schema revision '{revision}', which this version of "
+                f"defectscan does not know (it knows up to '{head}'): it was upgraded by a newer defectscan; "
+                "upgrade defectscan rather than the database"
+            )
+    return SchemaState(url=display_url(engine.url), current=heads[0] if heads else None, head=head)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, SchemaState]:
+    """Bring the schema up to `revision`; a database already there is left untouched."""
+    before = schema_state(engine)
+    if revision == "head" and before.is_current:
+        return before, before
+    with _connected(engine) as connection:
+        try:
+            command.upgrade(alembic_config(connection), revision)
+        except CommandError as exc:
+            raise DatabaseError(f"cannot upgrade {display_url(engine.url)} to '{revision}': {exc}") from None
+    return before, schema_state(engine)
+
+
+def require_current(engine: Engine) -> None:
+    """Refuse to work on a schema that is behind or ahead of this code."""
+    state = schema_state(engine)
+    if state.current is None:
+        raise DatabaseError(f"database {state.url} has no defectscan schema yet: run `defectscan db upgrade`")
+    if not state.is_current:
+        raise DatabaseError(
+            f"database {state.url} is at schema revision '{state.current}', this defectscan needs '{state.head}': "
+            "run `defectscan db upgrade`"
+        )
+
+
+def history() -> list[tuple[str, str | None, str]]:
+    """(revision, down revision, message) from the newest to the first."""
+    return [
+        (script.revision, script.down_revision if isinstance(script.down_revision, str) else None, script.doc or "")
+        for script in _scripts().walk_revisions()
+    ]

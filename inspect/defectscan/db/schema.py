@@ -1,0 +1,278 @@
+"""The results database: one SQLAlchemy model per table. Alembic (migrations/) owns the DDL.
+
+Tables follow the data path: models and image_sets/images are registered first, a job_run
+inspects images with a model, each inspection holds per-image results and its defects.
+Unique (image, model) on inspections is what makes a rerun of a job idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+VERDICTS = ("pass", "fail", "error")
+RUN_STATUSES = ("running", "succeeded", "partial", "failed", "interrupted")
+IMAGE_SET_KINDS = ("stack", "strip")
+MODEL_STAGES = ("staging", "production", "archived")
+
+# Row counts grow with images x defects: 64-bit keys on PostgreSQL, SQLite's rowid alias there.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+Json = JSON().with_variant(JSONB, "postgresql")
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC timestamps on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: defectscan stores timezone-aware UTC times")
+        return value.astimezone(dt.timezone.utc)
+
+    def process_result_value(self, value: dt.datetime | None, dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _one_of(column: str, values: tuple[str, ...], name: str) -> CheckConstraint:
+    listed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({listed})", name=name)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Model(Base):
+    """A registered model version: its file, checksum, input spec, classes and metrics."""
+
+    __tablename__ = "models"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        _one_of("stage", MODEL_STAGES, "stage"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    architecture: Mapped[str] = mapped_column(String(64))
+    # e.g. {"channels": 1, "dtype": "uint8", "multiple_of": 16, "tile": [512, 512]}
+    input_spec: Mapped[dict[str, Any]] = mapped_column(Json)
+    # Class names in output-channel order.
+    classes: Mapped[list[str]] = mapped_column(Json)
+    threshold: Mapped[float] = mapped_column(Float)
+    training: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    stage: Mapped[str] = mapped_column(String(16), default="staging")
+    description: Mapped[str | None] = mapped_column(Text)
+    registered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    inspections: Mapped[list[Inspection]] = relationship(back_populates="model")
+
+
+class ImageSet(Base):
+    """A Zarr image set: a stack (N, H, W) or one large strip (H, W), with its provenance."""
+
+    __tablename__ = "image_sets"
+    __table_args__ = (
+        _one_of("kind", IMAGE_SET_KINDS, "kind"),
+        Index(None, "lot"),
+        Index(None, "line", "acquired_at"),
+        Index(None, "product"),
+        Index(None, "acquired_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uri: Mapped[str] = mapped_column(String(1024), unique=True)
+    array_path: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    lot: Mapped[str | None] = mapped_column(String(128))
+    line: Mapped[str | None] = mapped_column(String(128))
+    product: Mapped[str | None] = mapped_column(String(128))
+    camera: Mapped[str | None] = mapped_column(String(128))
+    acquired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    shape: Mapped[list[int]] = mapped_column(Json)
+    dtype: Mapped[str] = mapped_column(String(16))
+    chunks: Mapped[list[int]] = mapped_column(Json)
+    n_images: Mapped[int] = mapped_column(Integer)
+    # Digest of shape, dtype, chunks and attributes at registration: a changed store is refused.
+    checksum: Mapped[str] = mapped_column(String(64))
+    attrs: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    registered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="image_set", cascade="all, delete-orphan", order_by="Image.position")
+
+
+class Image(Base):
+    """One image of a set: position in the stack (0 for a strip), its key and capture time."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("image_set_id", "position"),
+        Index(None, "key"),
+        Index(None, "acquired_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_set_id: Mapped[int] = mapped_column(ForeignKey("image_sets.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    # Serial number or source file name.
+    key: Mapped[str] = mapped_column(String(512))
+    acquired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+
+    image_set: Mapped[ImageSet] = relationship(back_populates="images")
+    inspections: Mapped[list[Inspection]] = relationship(back_populates="image", cascade="all, delete-orphan")
+
+
+class JobRun(Base):
+    """One run of a scheduled job (or of `defectscan inspect`): status, counts, throughput."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (
+        _one_of("status", RUN_STATUSES, "status"),
+        Index(None, "job", "started_at"),
+        Index(None, "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    n_inspected: Mapped[int] = mapped_column(Integer, default=0)
+    n_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    n_defects: Mapped[int] = mapped_column(BigInteger, default=0)
+    images_per_second: Mapped[float | None] = mapped_column(Float)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    model: Mapped[Model | None] = relationship()
+
+
+class Inspection(Base):
+    """The result of one model on one image: verdict, defect pixels, where the mask is stored."""
+
+    __tablename__ = "inspections"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_id"),
+        _one_of("verdict", VERDICTS, "verdict"),
+        Index(None, "model_id", "verdict"),
+        Index(None, "job_run_id"),
+        Index(None, "inspected_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    job_run_id: Mapped[int | None] = mapped_column(ForeignKey("job_runs.id", ondelete="SET NULL"))
+    verdict: Mapped[str] = mapped_column(String(8))
+    n_defects: Mapped[int] = mapped_column(Integer, default=0)
+    defect_pixels: Mapped[int] = mapped_column(BigInteger, default=0)
+    max_score: Mapped[float] = mapped_column(Float, default=0.0)
+    # The probability map: Zarr store URI and array path; the image's position indexes it.
+    mask_uri: Mapped[str | None] = mapped_column(String(1024))
+    mask_array: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    inspected_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="inspections")
+    model: Mapped[Model] = relationship(back_populates="inspections")
+    job_run: Mapped[JobRun | None] = relationship()
+    defects: Mapped[list[Defect]] = relationship(back_populates="inspection", cascade="all, delete-orphan")
+
+
+class Defect(Base):
+    """One connected defect region: class, geometry, scores and its run-length encoded mask."""
+
+    __tablename__ = "defects"
+    __table_args__ = (
+        Index(None, "inspection_id"),
+        Index(None, "class_name", "area"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    inspection_id: Mapped[int] = mapped_column(ForeignKey("inspections.id", ondelete="CASCADE"))
+    class_index: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(64))
+    # Bounding box in image pixels, half-open: rows y0..y1-1, columns x0..x1-1.
+    bbox_y0: Mapped[int] = mapped_column(Integer)
+    bbox_x0: Mapped[int] = mapped_column(Integer)
+    bbox_y1: Mapped[int] = mapped_column(Integer)
+    bbox_x1: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(Integer)
+    centroid_y: Mapped[float] = mapped_column(Float)
+    centroid_x: Mapped[float] = mapped_column(Float)
+    orientation: Mapped[float] = mapped_column(Float)
+    eccentricity: Mapped[float] = mapped_column(Float)
+    mean_score: Mapped[float] = mapped_column(Float)
+    max_score: Mapped[float] = mapped_column(Float)
+    # Mask inside the bounding box, run-length encoded (format in pipeline/postprocess.py).
+    rle: Mapped[str] = mapped_column(Text)
+
+    inspection: Mapped[Inspection] = relationship(back_populates="defects")
+
+
+__all__ = [
+    "Base",
+    "Defect",
+    "Image",
+    "ImageSet",
+    "Inspection",
+    "JobRun",
+    "Model",
+    "IMAGE_SET_KINDS",
+    "MODEL_STAGES",
+    "RUN_STATUSES",
+    "VERDICTS",
+    "utcnow",
+]

@@ -1,0 +1,21 @@
+"""Exceptions for failures a user can fix: the CLI prints them as one line, no traceback."""
+
+
+class DefectscanError(Exception):
+    """Base class: a problem with input, settings or stored state that the user can act on."""
+
+
+class ConfigError(DefectscanError):
+    """A setting is unknown, has the wrong type or an unaccepted value."""
+
+
+class DatabaseError(DefectscanError):
+    """The database cannot be reached or its schema does not match this version."""
+
+
+class DataError(DefectscanError):
+    """An input file, dataset or store is missing, unreadable or malformed."""
+
+
+class ModelError(DefectscanError):
+    """A model file is missing, does not match its record, or cannot be loaded."""

@@ -1,0 +1,24 @@
+"""Where the files that live outside the Python package are found.
+
+In a checkout (editable install) configs/ and migrations/ sit at the repository root; in a
+wheel they are packed into the package as _configs/ and _migrations/ (see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+_REPO_ROOT = _PACKAGE.parent.parent
+
+
+def _find(packed: str, top_level: str) -> Path:
+    inside = _PACKAGE / packed
+    if inside.is_dir():
+        return inside
+    return _REPO_ROOT / top_level
+
+
+CONFIGS_DIR = _find("_configs", "configs")
+MIGRATIONS_DIR = _find("_migrations", "migrations")
+DEFAULTS_FILE = CONFIGS_DIR / "defaults.yaml"

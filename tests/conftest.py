@@ -1,0 +1,100 @@
+"""Shared fixtures: isolated settings, real SQLite and PostgreSQL databases, a CLI runner.
+
+PostgreSQL tests use the server named by DEFECTSCAN_TEST_POSTGRES_URL (`.ci/run` always sets
+it; locally `export DEFECTSCAN_TEST_POSTGRES_URL=$(.ci/postgres)`). Without it they are
+skipped, except under CI=true, where a missing server is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+POSTGRES_ENV = "DEFECTSCAN_TEST_POSTGRES_URL"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-large", action="store_true", help="also run tests marked large (slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-large"):
+        return
+    skip = pytest.mark.skip(reason="large test: run with --run-large")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path_factory, monkeypatch):
+    """No test reads the developer's settings or writes to their data directory."""
+    for name in list(os.environ):
+        if name.startswith("DEFECTSCAN_") and not name.startswith("DEFECTSCAN_TEST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
+        pytest.skip(f"no PostgreSQL: set {POSTGRES_ENV} (e.g. export {POSTGRES_ENV}=$(.ci/postgres))")
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    server = make_url(postgres_server_url).set(drivername="postgresql+psycopg")
+    name = f"defectscan_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'defectscan.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request):
+    """Each test using this runs twice: on SQLite and on PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def migrated_url(database_url):
+    """A database with the current schema."""
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.session import make_engine
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    engine.dispose()
+    return database_url
+
+
+@pytest.fixture
+def cli():
+    """Run `defectscan ARGS...` in-process; returns click's Result (output, exit_code)."""
+    from defectscan.cli import main
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None):
+        return CliRunner().invoke(main, list(args), input=input, env=env, catch_exceptions=False)
+
+    return run
