@@ -1,0 +1,84 @@
+"""Decode image files (PNG, TIFF, BMP, JPEG) into 2-D grayscale arrays.
+
+Rule for colour: RGB(A) images become gray with ITU-R BT.601 luma, Y = 0.299 R + 0.587 G + 0.114 B
+(what Pillow's "L" conversion does), alpha dropped. 8-bit images stay uint8, 16-bit stay uint16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from defectscan.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Return the image at `path` as a (H, W) uint8 or uint16 array, or raise DataError naming it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file does not exist") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    if size == 0:
+        raise DataError(f"{path}: empty file")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        array = _read_tiff(path)
+    else:
+        array = _read_pillow(path)
+    return _to_gray(path, array)
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(image, dtype=np.uint16)
+            if image.mode == "I":
+                return _int32_to_uint16(path, np.asarray(image))
+            if image.mode in ("P", "PA", "CMYK", "YCbCr", "LA", "1"):
+                image = image.convert("RGBA" if "A" in image.mode else "RGB")
+            return np.asarray(image)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: corrupt or truncated image: {exc}") from None
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise DataError(f"{path}: corrupt or not a TIFF image: {exc}") from None
+
+
+def _int32_to_uint16(path: Path, array: np.ndarray) -> np.ndarray:
+    if array.min() < 0 or array.max() > np.iinfo(np.uint16).max:
+        raise DataError(f"{path}: 32-bit pixel values outside 0..65535 are not supported")
+    return array.astype(np.uint16)
+
+
+def _to_gray(path: Path, array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        gray = np.rint(array[..., :3].astype(np.float64) @ _LUMA)
+        array = gray.astype(array.dtype)
+    elif array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D grayscale or RGB image, got an array of shape {array.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    if array.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: pixel type {array.dtype} is not supported; expected 8- or 16-bit images")
+    return np.ascontiguousarray(array)
