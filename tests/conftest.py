@@ -71,7 +71,7 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'defectscan.sqlite'}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request):
     """Each test using this runs twice: on SQLite and on PostgreSQL."""
     return request.getfixturevalue(f"{request.param}_url")

@@ -1,0 +1,126 @@
+"""The command line: groups, help with examples, error style and exit codes, db commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+from sqlalchemy.engine import make_url
+
+from defectscan import __version__
+from defectscan.cli import main
+
+GROUPS = ["db", "data", "ingest", "imagesets", "train", "evaluate", "models", "inspect", "jobs", "defects", "images", "lots", "report"]
+
+
+def _all_commands(command: click.Command, path: tuple[str, ...] = ()):
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _all_commands(sub, (*path, name))
+
+
+def test_help_lists_the_command_groups_in_data_path_order(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:\n")[1].splitlines()
+    listed = [line.split()[0] for line in commands if line.startswith("  ") and not line.startswith("   ")]
+    assert listed == GROUPS
+    for option in ("--config", "--database-url", "--version"):
+        assert option in result.output
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"defectscan, version {__version__}"
+
+
+@pytest.mark.parametrize("path", [path for path, _ in _all_commands(main)], ids=lambda p: " ".join(p) or "defectscan")
+def test_every_command_has_help_ending_with_an_example(path):
+    command = main
+    for name in path:
+        command = command.commands[name]
+    text = (command.help or "").strip()
+    assert text, f"`defectscan {' '.join(path)}` has no help"
+    last_paragraph = text.split("\n\n")[-1]
+    assert "Example:" in last_paragraph, f"`defectscan {' '.join(path)}` help does not end with an example"
+    examples = [line.strip() for line in last_paragraph.split("Example:", 1)[1].splitlines() if line.strip()]
+    assert examples and all("defectscan " in line for line in examples)
+
+
+def test_usage_error_exits_2(cli):
+    result = cli("db", "no-such-command")
+    assert result.exit_code == 2
+    assert "No such command" in result.output
+
+
+def test_unavailable_command_fails_with_one_line(cli):
+    result = cli("inspect", "--model", "x")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: `defectscan inspect` is not available in this version of defectscan yet"
+
+
+def test_bad_setting_is_one_line_without_traceback(cli, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("log_level: 7\n")
+    result = cli("--config", str(config), "db", "current")
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"Error: {config}: key 'log_level' has value 7")
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_database_is_one_line_and_hides_the_password(cli):
+    result = cli("--database-url", "postgresql://qa:hunter2@127.0.0.1:9/defectscan", "db", "current")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot connect to database postgresql://qa:***@127.0.0.1:9/defectscan: ")
+    assert result.output.count("\n") == 1
+    assert "hunter2" not in result.output
+
+
+
+def test_db_upgrade_current_history_on_both_backends(cli, database_url):
+    result = cli("--database-url", database_url, "db", "current")
+    assert result.exit_code == 0, result.output
+    assert "no schema yet" in result.output
+
+    result = cli("--database-url", database_url, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert "upgraded from empty to 0001" in result.output
+
+    result = cli("--database-url", database_url, "db", "upgrade")
+    assert "already at revision 0001, nothing to do" in result.output
+
+    result = cli("--database-url", database_url, "db", "current")
+    assert result.exit_code == 0
+    assert result.output.strip().endswith("0001 (head)")
+    password = make_url(database_url).password
+    if password:
+        assert f":{password}@" not in result.output
+        assert ":***@" in result.output
+
+    result = cli("--database-url", database_url, "db", "history")
+    assert result.output.strip() == "<base> -> 0001: initial schema"
+
+
+def test_database_url_from_environment(cli, database_url):
+    result = cli("db", "upgrade", env={"DEFECTSCAN_DATABASE_URL": database_url})
+    assert result.exit_code == 0, result.output
+    result = cli("db", "current", env={"DEFECTSCAN_DATABASE_URL": database_url})
+    assert "0001 (head)" in result.output
+
+
+def test_default_database_is_sqlite_under_the_data_dir(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    result = cli("db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "defectscan" / "defectscan.sqlite").is_file()
+    assert f"sqlite:///{tmp_path}/defectscan/defectscan.sqlite" in result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "defectscan", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"defectscan, version {__version__}"

@@ -1,0 +1,111 @@
+"""Settings layers and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from defectscan.config import load_settings
+from defectscan.errors import ConfigError
+from defectscan.paths import DEFAULTS_FILE
+
+
+def test_defaults_give_embedded_sqlite_under_xdg_data_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    settings = load_settings(environ={})
+    assert settings.database_url is None
+    assert settings.resolved_data_dir == tmp_path / "defectscan"
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'defectscan' / 'defectscan.sqlite'}"
+    assert settings.log_level == "INFO"
+
+
+def test_layers_override_in_order(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("log_level: WARNING\ndatabase_url: sqlite:///from-file.sqlite\ndata_dir: /srv/defectscan\n")
+    from_file = load_settings(config, environ={})
+    assert (from_file.log_level, from_file.database_url) == ("WARNING", "sqlite:///from-file.sqlite")
+
+    environ = {"DEFECTSCAN_DATABASE_URL": "sqlite:///from-env.sqlite", "DEFECTSCAN_LOG_LEVEL": "ERROR"}
+    from_env = load_settings(config, environ=environ)
+    assert (from_env.log_level, from_env.database_url) == ("ERROR", "sqlite:///from-env.sqlite")
+    assert from_env.data_dir == Path("/srv/defectscan")
+
+    overrides = {"database_url": ("sqlite:///from-flag.sqlite", "--database-url"), "log_level": (None, "--log-level")}
+    from_flag = load_settings(config, environ=environ, overrides=overrides)
+    assert from_flag.database_url == "sqlite:///from-flag.sqlite"
+    assert from_flag.log_level == "ERROR"  # a flag that was not given leaves the lower layer alone
+
+
+def test_environment_ignores_non_setting_variables():
+    environ = {"DEFECTSCAN_CONFIG": "x.yaml", "DEFECTSCAN_TEST_POSTGRES_URL": "postgresql://x", "PATH": "/bin"}
+    assert load_settings(environ=environ).database_url is None
+
+
+def test_unknown_key_in_file_names_file_key_and_accepted_keys(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("databse_url: sqlite:///x.sqlite\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    message = str(info.value)
+    assert str(config) in message
+    assert "unknown key 'databse_url'" in message
+    assert "accepted keys: data_dir, database_url, log_level" in message
+
+
+def test_unknown_environment_variable_is_named():
+    with pytest.raises(ConfigError, match="environment variable DEFECTSCAN_DATABSE_URL: unknown key 'databse_url'"):
+        load_settings(environ={"DEFECTSCAN_DATABSE_URL": "sqlite:///x"})
+
+
+def test_wrong_value_names_source_key_value_and_accepted(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("log_level: LOUD\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    message = str(info.value)
+    assert f"{config}: key 'log_level' has value 'LOUD'" in message
+    assert "'DEBUG', 'INFO', 'WARNING' or 'ERROR'" in message
+
+
+def test_wrong_type_from_flag_names_the_flag():
+    with pytest.raises(ConfigError, match=r"--database-url: key 'database_url' has value 'not a url'"):
+        load_settings(environ={}, overrides={"database_url": ("not a url", "--database-url")})
+
+
+def test_unsupported_backend_is_refused_and_password_masked():
+    url = "mysql://qa:s3cret-pw@db.example/defectscan"
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"DEFECTSCAN_DATABASE_URL": url})
+    message = str(info.value)
+    assert "database backend 'mysql' is not supported; accepted: sqlite, postgresql" in message
+    assert "s3cret-pw" not in message
+    assert "mysql://qa:***@db.example/defectscan" in message
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("log_level: INFO\ndatabase_url: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{config} \(line \d+\): not valid YAML"):
+        load_settings(config, environ={})
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    config = tmp_path / "list.yaml"
+    config.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of settings at the top level, got list"):
+        load_settings(config, environ={})
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'nope.yaml'}: settings file not found"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+
+
+def test_every_default_is_defined_in_defaults_yaml():
+    import yaml
+
+    from defectscan.config import Settings
+
+    assert set(yaml.safe_load(DEFAULTS_FILE.read_text())) == set(Settings.model_fields)
+    assert all(field.is_required() for field in Settings.model_fields.values())

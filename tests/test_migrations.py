@@ -1,0 +1,71 @@
+"""Alembic owns the schema: models and migrations agree, upgrades are idempotent, newer databases are refused."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
+
+from defectscan.db.migrate import alembic_config, history, require_current, schema_state, upgrade
+from defectscan.db.schema import Base
+from defectscan.db.session import make_engine
+from defectscan.errors import DatabaseError
+
+
+@pytest.fixture
+def engine(database_url):
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def test_migrations_match_the_models(engine):
+    upgrade(engine)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+    assert differences == []
+
+
+def test_upgrade_creates_every_table_and_then_is_a_no_op(engine):
+    before, after = upgrade(engine)
+    assert before.current is None
+    assert after.is_current and after.current == after.head
+    assert set(sa_inspect(engine).get_table_names()) >= set(Base.metadata.tables) | {"alembic_version"}
+
+    again_before, again_after = upgrade(engine)
+    assert again_before == again_after == after
+
+
+def test_downgrade_to_base_and_back(engine):
+    from alembic import command
+
+    upgrade(engine)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "base")
+    assert schema_state(engine).current is None
+    assert not set(Base.metadata.tables) & set(sa_inspect(engine).get_table_names())
+    upgrade(engine)
+    assert schema_state(engine).is_current
+
+
+def test_database_newer_than_code_is_refused(engine):
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'ffff_from_future'"))
+    for action in (schema_state, upgrade, require_current):
+        with pytest.raises(DatabaseError, match="schema revision 'ffff_from_future', which this version of defectscan does not know"):
+            action(engine)
+
+
+def test_empty_database_asks_for_upgrade(engine):
+    with pytest.raises(DatabaseError, match="no defectscan schema yet: run `defectscan db upgrade`"):
+        require_current(engine)
+
+
+def test_history_lists_the_initial_revision():
+    revisions = history()
+    assert revisions[-1][1] is None
+    assert revisions[-1][0] == "0001"
