@@ -50,7 +50,7 @@ def test_unknown_key_in_file_names_file_key_and_accepted_keys(tmp_path):
     message = str(info.value)
     assert str(config) in message
     assert "unknown key 'databse_url'" in message
-    assert "accepted keys: data_dir, database_url, log_level" in message
+    assert "accepted keys: cluster, data_dir, database_url, inspection, log_level" in message
 
 
 def test_unknown_environment_variable_is_named():
@@ -109,3 +109,25 @@ def test_every_default_is_defined_in_defaults_yaml():
 
     assert set(yaml.safe_load(DEFAULTS_FILE.read_text())) == set(Settings.model_fields)
     assert all(field.is_required() for field in Settings.model_fields.values())
+
+
+def test_nested_keys_from_environment_and_their_errors():
+    settings = load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": "tcp://10.0.0.5:8786", "DEFECTSCAN_INSPECTION__BATCH_SIZE": "4"})
+    assert settings.cluster.scheduler == "tcp://10.0.0.5:8786"
+    assert settings.inspection.batch_size == 4
+    assert settings.inspection.tile_size == 1024  # untouched keys keep their defaults
+
+    with pytest.raises(ConfigError, match="environment variable DEFECTSCAN_INSPECTION__HALO: key 'inspection.halo' has value '100': expected a multiple of 16"):
+        load_settings(environ={"DEFECTSCAN_INSPECTION__HALO": "100"})
+    with pytest.raises(ConfigError, match="unknown key 'cluster.workers'; accepted keys: memory_limit, n_workers, scheduler, shards_in_flight_per_worker, threads_per_worker, tls"):
+        load_settings(environ={"DEFECTSCAN_CLUSTER__WORKERS": "3"})
+
+
+def test_cross_field_rules(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("inspection:\n  batch_size: 8\n  images_per_shard: 20\ncluster:\n  tls:\n    ca_file: /etc/ca.pem\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    message = str(info.value)
+    assert f"{config}: section 'inspection': images_per_shard (20) must be a multiple of batch_size (8)" in message
+    assert f"{config}: section 'cluster.tls': give all three of ca_file, cert_file, key_file, or none" in message

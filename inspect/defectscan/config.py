@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defectscan.errors import ConfigError
 from defectscan.paths import DEFAULTS_FILE
@@ -26,6 +26,61 @@ _TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
 _NESTED = "__"
 
 
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TLSSettings:
+        given = [self.ca_file, self.cert_file, self.key_file]
+        if any(given) and not all(given):
+            raise ValueError("give all three of ca_file, cert_file, key_file, or none")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+
+class ClusterSettings(_Section):
+    scheduler: str | None
+    n_workers: int | None = Field(ge=1)
+    threads_per_worker: int = Field(ge=1)
+    memory_limit: str | int
+    shards_in_flight_per_worker: int = Field(ge=1)
+    tls: TLSSettings
+
+
+class InspectionSettings(_Section):
+    batch_size: int = Field(ge=1)
+    images_per_shard: int = Field(ge=1)
+    tile_size: int = Field(ge=16)
+    halo: int = Field(ge=0)
+    threshold: float = Field(gt=0, lt=1)
+    min_defect_area: int = Field(ge=1)
+    fail_score: float = Field(ge=0, le=1)
+    output_dir: Path | None
+
+    @field_validator("tile_size", "halo")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        # The UNet pools four times: tiles and halos on a 16-pixel grid keep tiled output equal to whole-image output.
+        if value % 16:
+            raise ValueError("expected a multiple of 16")
+        return value
+
+    @model_validator(mode="after")
+    def _whole_batches(self) -> InspectionSettings:
+        if self.images_per_shard % self.batch_size:
+            raise ValueError(f"images_per_shard ({self.images_per_shard}) must be a multiple of batch_size ({self.batch_size})")
+        return self
+
+
 class Settings(BaseModel):
     """Validated settings. Defaults live in configs/defaults.yaml, not here."""
 
@@ -34,6 +89,8 @@ class Settings(BaseModel):
     data_dir: Path | None
     database_url: str | None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    cluster: ClusterSettings
+    inspection: InspectionSettings
 
     @field_validator("database_url")
     @classmethod
@@ -131,10 +188,16 @@ def _nest(key: tuple[str, ...], value: Any) -> dict[str, Any]:
 def _merge(into: dict[str, Any], origin: dict[tuple[str, ...], str], layer: dict[str, Any], source: str, prefix: tuple[str, ...] = ()) -> None:
     for key, value in layer.items():
         path = (*prefix, str(key))
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
+        if isinstance(value, dict):
+            # Recurse even into new sections, so every leaf remembers its own layer.
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+                origin[path] = source
             _merge(into[key], origin, value, source, path)
         else:
             into[key] = value
+            # Re-inserted so the dict's order is the order in which layers set keys.
+            origin.pop(path, None)
             origin[path] = source
 
 
@@ -143,16 +206,31 @@ def _describe(exc: ValidationError, merged: dict[str, Any], origin: dict[tuple[s
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"])
         dotted = ".".join(loc)
-        source = next((origin[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origin), "settings")
+        source = _source_of(loc, origin)
         if error["type"] == "extra_forbidden":
             accepted = ", ".join(_accepted_keys(loc[:-1]))
             lines.append(f"{source}: unknown key '{dotted}'; accepted keys: {accepted}")
             continue
         value = error.get("input")
-        shown = mask_secrets(value) if isinstance(value, str) else value
         message = error["msg"].removeprefix("Value error, ")
+        if isinstance(value, dict):
+            # A rule across several keys of a section: the section is what to fix.
+            lines.append(f"{source}: section '{dotted}': {message}")
+            continue
+        shown = mask_secrets(value) if isinstance(value, str) else value
         lines.append(f"{source}: key '{dotted}' has value {shown!r}: {message}")
     return "; ".join(lines)
+
+
+def _source_of(loc: tuple[str, ...], origin: dict[tuple[str, ...], str]) -> str:
+    """The layer that set `loc`, or for a whole section the last layer that set a key inside it."""
+    inside = [source for path, source in origin.items() if path[: len(loc)] == loc and len(path) > len(loc)]
+    if inside:
+        return inside[-1]
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in origin:
+            return origin[loc[:n]]
+    return "settings"
 
 
 def _accepted_keys(parent: tuple[str, ...]) -> list[str]:
