@@ -1,0 +1,1 @@
+"""Distributed batch inspection: plan shards, run the model on workers, record results."""

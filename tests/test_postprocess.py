@@ -1,0 +1,80 @@
+"""RLE format and defect extraction, checked against values worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectscan.errors import DataError
+from defectscan.pipeline import rle
+from defectscan.pipeline.postprocess import VerdictRules, find_defects, judge, to_uint8
+
+RULES = VerdictRules(threshold=0.5, min_defect_area=3, fail_score=0.9)
+
+
+def test_rle_example_from_the_format_description():
+    mask = np.array([[1, 1, 0], [0, 1, 1]], dtype=bool)
+    assert rle.encode(mask) == "0 2 4 2"
+    assert (rle.decode("0 2 4 2", (2, 3)) == mask).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 3)])
+def test_rle_round_trip_on_random_masks(shape):
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(20):
+        mask = rng.random(shape) > 0.5
+        assert (rle.decode(rle.encode(mask), shape) == mask).all()
+    assert rle.encode(np.ones(shape, bool)) == f"0 {shape[0] * shape[1]}"
+    assert rle.encode(np.zeros(shape, bool)) == ""
+
+
+@pytest.mark.parametrize("bad, reason", [("0 2 x", "integers"), ("0 2 4", "pairs"), ("5 3", "past the 2x3"), ("-1 2", "non-negative")])
+def test_rle_decode_rejects_bad_text(bad, reason):
+    with pytest.raises(DataError, match=reason):
+        rle.decode(bad, (2, 3))
+
+
+def test_to_uint8_rounds_and_clips():
+    assert to_uint8(np.array([-0.1, 0.0, 0.5, 0.999, 1.0, 1.2])).tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_defects_by_hand():
+    scores = np.zeros((2, 6, 8), np.uint8)
+    # class 0: an L-shaped region of 4 pixels, scores 200, 200, 255, 128
+    scores[0, 1, 1:3] = 200
+    scores[0, 2, 2] = 255
+    scores[0, 3, 2] = 128
+    # class 0: a 2-pixel speck below min_defect_area (3): noise, not recorded
+    scores[0, 5, 6:8] = 255
+    # class 1: a diagonal of 3 pixels joined by 8-connectivity, one just below the threshold (127 < 127.5)
+    scores[1, 0, 5] = scores[1, 1, 6] = scores[1, 2, 7] = 140
+    scores[1, 3, 7] = 127
+    defects = find_defects(scores, ["scratch", "spot"], RULES, origin=(100, 200))
+    assert [(d.class_name, d.area) for d in defects] == [("scratch", 4), ("spot", 3)]
+    scratch, spot = defects
+    assert scratch.bbox == (101, 201, 104, 203)
+    assert scratch.centroid == pytest.approx((100 + 7 / 4, 200 + 7 / 4))  # rows 1,1,2,3 and cols 1,2,2,2: both average 7/4
+    assert scratch.max_score == pytest.approx(1.0)
+    assert scratch.mean_score == pytest.approx((200 + 200 + 255 + 128) / 4 / 255)
+    assert (rle.decode(scratch.rle, (3, 2)) == np.array([[1, 1], [0, 1], [0, 1]], bool)).all()
+    assert spot.bbox == (100, 205, 103, 208)
+    assert spot.eccentricity == pytest.approx(1.0)  # pixels on a line
+    assert spot.orientation == pytest.approx(np.pi / 4)  # from the row axis to the major axis (scikit-image)
+
+
+def test_verdict_rules():
+    scores = np.zeros((1, 8, 8), np.uint8)
+    scores[0, 2:4, 2:4] = 200  # 4 pixels scoring 0.78: recorded, below fail_score 0.9
+    result = judge(7, scores, ["defect"], RULES)
+    assert (result.position, result.verdict, result.defect_pixels) == (7, "pass", 4)
+    assert result.max_score == pytest.approx(200 / 255)
+    scores[0, 3, 3] = 240  # 0.94 >= 0.9: fail
+    failed = judge(7, scores, ["defect"], RULES)
+    assert failed.verdict == "fail" and len(failed.defects) == 1
+    empty = judge(0, np.zeros((1, 4, 4), np.uint8), ["defect"], RULES)
+    assert (empty.verdict, empty.defects, empty.max_score) == ("pass", [], 0.0)
+
+
+def test_score_map_must_match_the_classes():
+    with pytest.raises(ValueError, match=r"expected a \(2, H, W\) score map"):
+        find_defects(np.zeros((1, 4, 4), np.uint8), ["a", "b"], RULES)
