@@ -1,0 +1,455 @@
+"""The Zarr image-set layout: constants, opening a store, validating and describing it, its checksum.
+
+An image set is a Zarr group holding an `images` array, either a stack (N, H, W) of equal-size
+images or one large strip (H, W), uint8 or uint16. docs/imageset-layout.md is the full contract;
+this module is its one definition in code. Stores written by `defectscan ingest` follow all of it;
+stores adopted with `defectscan imagesets register` (Zarr v2 or v3, written by an acquisition
+system) need only the `images` array (any path) with an accepted rank, dtype and chunking.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscan.errors import DataError
+
+FORMAT_NAME = "defectscan.imageset"
+FORMAT_VERSION = 1
+# Group attribute holding defectscan's own bookkeeping (format, kind, completeness, ingest source).
+META_ATTR = "defectscan"
+
+IMAGES = "images"
+LABELS = "labels"
+KEYS = "keys"
+TIMES = "acquired_at"
+SIZES = "image_shapes"
+
+# Provenance attributes on the group; acquired_at is ISO 8601 UTC.
+PROVENANCE_ATTRS = ("lot", "line", "product", "camera", "acquired_at")
+CLASSES_ATTR = "classes"
+
+PIXEL_DTYPES = ("uint8", "uint16")
+# The smallest image side the UNet accepts: three 2x2 poolings plus a 3x3 convolution at the
+# bottleneck need 16 pixels; anything smaller cannot be inspected and is refused at ingest.
+MIN_IMAGE_SIZE = 16
+# Large strips are cut into square tiles of this side (the pipeline tiles along them).
+STRIP_TILE = 1024
+# A shard of a stack holds whole images up to about this many bytes; a writer buffers one shard.
+SHARD_TARGET_BYTES = 16 * 2**20
+# Chunks bigger than this would make every pipeline task read too much at once.
+MAX_CHUNK_BYTES = 256 * 2**20
+# Per-image capture times: int64 microseconds since 1970-01-01T00:00:00Z; this value means unknown.
+TIME_UNITS = "microseconds since 1970-01-01T00:00:00Z"
+TIME_UNKNOWN = np.iinfo(np.int64).min
+
+KINDS = ("stack", "strip")
+
+
+def images_per_shard(height: int, width: int, dtype: str | np.dtype) -> int:
+    """How many whole images a stack shard holds: about SHARD_TARGET_BYTES, at least one."""
+    image_bytes = height * width * np.dtype(dtype).itemsize
+    return max(1, SHARD_TARGET_BYTES // image_bytes)
+
+
+def compressor(dtype: str | np.dtype):
+    """Blosc-Zstd; byte shuffle only helps 16-bit pixels (the high bytes compress apart)."""
+    from zarr.codecs import BloscCodec
+
+    shuffle = "shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle"
+    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+
+
+def stack_chunking(n: int, height: int, width: int, dtype: str | np.dtype) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(chunks, shards) for a stack: one chunk per image; shards of several images when they are small."""
+    chunks = (1, height, width)
+    per_shard = min(images_per_shard(height, width, dtype), max(n, 1))
+    shards = (per_shard, height, width) if per_shard > 1 else None
+    return chunks, shards
+
+
+def strip_chunking(height: int, width: int) -> tuple[int, int]:
+    return min(STRIP_TILE, height), min(STRIP_TILE, width)
+
+
+def resolve_uri(location: str | os.PathLike) -> str:
+    """The canonical form recorded in image_sets.uri: an absolute local path, or the URL as given."""
+    text = os.fspath(location)
+    if "://" in text and not text.startswith("file://"):
+        return text.rstrip("/")
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return str(Path(text).expanduser().resolve())
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def open_group(uri: str, mode: str = "r"):
+    """Open the Zarr group at `uri` (local path or fsspec URL), v2 or v3, or raise DataError."""
+    import zarr
+    from zarr.errors import ContainsArrayError, GroupNotFoundError, NodeTypeValidationError
+
+    if is_local(uri) and not Path(uri).exists():
+        raise DataError(f"{uri}: does not exist")
+    try:
+        return zarr.open_group(uri, mode=mode)
+    except (GroupNotFoundError, FileNotFoundError):
+        raise DataError(f"{uri}: not a Zarr store (no zarr.json or .zgroup at its root)") from None
+    except (ContainsArrayError, NodeTypeValidationError):
+        raise DataError(f"{uri}: is a Zarr array, not a group; give the store's root and the array path with --array") from None
+    except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{uri}: not a readable Zarr store: {exc}") from None
+
+
+def open_images(group, uri: str, array_path: str = IMAGES):
+    """The image array of the group, or DataError naming what is there instead."""
+    import zarr
+
+    try:
+        node = group[array_path]
+    except KeyError:
+        arrays = sorted(name for name, _ in group.arrays())
+        listed = ", ".join(arrays) if arrays else "none"
+        raise DataError(f"{uri}: no array '{array_path}' in the store (arrays at its root: {listed})") from None
+    if not isinstance(node, zarr.Array):
+        raise DataError(f"{uri}: '{array_path}' is a group, not an array")
+    return node
+
+
+@dataclass(frozen=True)
+class ImageSetInfo:
+    """What a store holds, as far as defectscan cares: enough to register, plan and check it."""
+
+    uri: str
+    array_path: str
+    zarr_format: int
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    group_attrs: dict[str, Any]
+    array_attrs: dict[str, Any]
+    has_labels: bool = False
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def n_images(self) -> int:
+        return self.shape[0] if self.kind == "stack" else 1
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        value = self.group_attrs.get(META_ATTR)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def checksum(self) -> str:
+        return layout_checksum(self.layout())
+
+    def layout(self) -> dict[str, Any]:
+        """Everything the checksum covers: a change to any of it after registration is refused."""
+        return {
+            "array_path": self.array_path,
+            "zarr_format": self.zarr_format,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "chunks": list(self.chunks),
+            "shards": list(self.shards) if self.shards else None,
+            "group_attrs": self.group_attrs,
+            "array_attrs": self.array_attrs,
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        return {name: self.group_attrs.get(name) for name in PROVENANCE_ATTRS}
+
+
+def layout_checksum(layout: dict[str, Any]) -> str:
+    text = json.dumps(_jsonable(layout), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def layout_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two layouts, e.g. "shape [10, 64, 64] -> [12, 64, 64]"."""
+    changes = []
+    for name in sorted(set(recorded) | set(current)):
+        before, after = recorded.get(name), current.get(name)
+        if name.endswith("attrs") and isinstance(before, dict) and isinstance(after, dict):
+            for key in sorted(set(before) | set(after)):
+                if _jsonable(before.get(key)) != _jsonable(after.get(key)):
+                    changes.append(f"{name}['{key}'] {_short(before.get(key))} -> {_short(after.get(key))}")
+        elif _jsonable(before) != _jsonable(after):
+            changes.append(f"{name} {_short(before)} -> {_short(after)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(_jsonable(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def describe(group, uri: str, array_path: str = IMAGES) -> ImageSetInfo:
+    """Validate the image array of an open group and describe it; DataError lists every problem."""
+    array = open_images(group, uri, array_path)
+    shape = tuple(int(n) for n in array.shape)
+    dtype = str(array.dtype)
+    where = f"{uri}: array '{array_path}'"
+    problems = []
+    if len(shape) not in (2, 3):
+        problems.append(f"has rank {len(shape)} (shape {shape}); expected (N, H, W) for a stack or (H, W) for a strip")
+    if dtype not in PIXEL_DTYPES:
+        problems.append(f"has dtype {dtype}; expected uint8 or uint16")
+    if problems:
+        raise DataError(f"{where} " + "; ".join(problems))
+    kind = "stack" if len(shape) == 3 else "strip"
+    chunks = tuple(int(n) for n in array.chunks)
+    shards = tuple(int(n) for n in array.shards) if getattr(array, "shards", None) else None
+    height, width = shape[-2:]
+    if min(height, width) < MIN_IMAGE_SIZE:
+        problems.append(f"holds images of {height}x{width} pixels; the model needs at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
+    if kind == "stack" and shape[0] == 0:
+        problems.append("holds no images (shape starts with 0)")
+    if kind == "stack" and chunks[1:] != shape[1:]:
+        problems.append(f"has chunks {chunks} that split each {height}x{width} image; a stack needs whole-image chunks (k, {height}, {width})")
+    unit = shards or chunks
+    if math.prod(unit) * array.dtype.itemsize > MAX_CHUNK_BYTES:
+        problems.append(f"has {'shards' if shards else 'chunks'} {unit} of more than {MAX_CHUNK_BYTES // 2**20} MiB each")
+    if problems:
+        raise DataError(f"{where} " + "; ".join(problems))
+
+    group_attrs = dict(group.attrs)
+    meta = group_attrs.get(META_ATTR)
+    if isinstance(meta, dict) and meta.get("complete") is False:
+        raise DataError(f"{uri}: the store is marked incomplete (attribute {META_ATTR}.complete is false): it is still being written")
+    has_labels, classes = _labels(group, array, uri)
+    return ImageSetInfo(
+        uri=uri,
+        array_path=array_path,
+        zarr_format=int(array.metadata.zarr_format),
+        kind=kind,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        shards=shards,
+        group_attrs=group_attrs,
+        array_attrs=dict(array.attrs),
+        has_labels=has_labels,
+        classes=classes,
+    )
+
+
+def _labels(group, images, uri: str) -> tuple[bool, list[str]]:
+    """Labels are optional; a present but malformed `labels` array is an error, not silently ignored."""
+    import zarr
+
+    if LABELS not in group or not isinstance(group[LABELS], zarr.Array):
+        return False, []
+    labels = group[LABELS]
+    if labels.shape != images.shape or str(labels.dtype) != "uint8":
+        raise DataError(
+            f"{uri}: array '{LABELS}' has shape {labels.shape} and dtype {labels.dtype}; "
+            f"expected the images' shape {images.shape} and uint8"
+        )
+    classes = group.attrs.get(CLASSES_ATTR) or []
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{uri}: group attribute '{CLASSES_ATTR}' must be a list of class names, got {classes!r}")
+    return True, list(classes)
+
+
+def read_keys(group, n: int) -> list[str]:
+    """Per-image keys from the `keys` array; without one (acquisition stores), the serial position."""
+    import zarr
+
+    if KEYS in group and isinstance(group[KEYS], zarr.Array) and group[KEYS].shape == (n,):
+        return [str(k) for k in group[KEYS][:]]
+    return [str(i) for i in range(n)]
+
+
+def read_times(group, n: int, default: dt.datetime | None) -> list[dt.datetime | None]:
+    """Per-image capture times from the `acquired_at` array, else `default` for all."""
+    import zarr
+
+    if TIMES in group and isinstance(group[TIMES], zarr.Array) and group[TIMES].shape == (n,):
+        values = np.asarray(group[TIMES][:], dtype=np.int64)
+        return [None if v == TIME_UNKNOWN else from_micros(int(v)) for v in values]
+    return [default] * n
+
+
+def read_sizes(group, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per-image (height, width) before padding; the array's image shape where not recorded."""
+    import zarr
+
+    n = shape[0] if len(shape) == 3 else 1
+    if SIZES in group and isinstance(group[SIZES], zarr.Array) and group[SIZES].shape == (n, 2):
+        return [(int(h), int(w)) for h, w in group[SIZES][:]]
+    return [tuple(shape[-2:])] * n  # type: ignore[list-item]
+
+
+def to_micros(when: dt.datetime) -> int:
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when!r}: image-set times are timezone-aware UTC")
+    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    return delta // dt.timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=value)
+
+
+def iso_utc(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """An ISO 8601 attribute as an aware UTC datetime; naive times are taken as UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        when = value
+    else:
+        try:
+            when = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            raise DataError(f"acquired_at {value!r} is not an ISO 8601 time such as 2026-03-01T08:00:00Z") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc)
+
+
+# ---- chunk presence -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MissingChunks:
+    """Chunks of the image array that are not stored (zarr would silently read them as fill value)."""
+
+    chunks: list[tuple[int, ...]]
+    # For stacks: the image positions touched by a missing chunk.
+    images: list[int]
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def describe(self, limit: int = 20) -> str:
+        shown = ", ".join(str(tuple(c)) for c in self.chunks[:limit])
+        more = f" and {len(self.chunks) - limit} more" if len(self.chunks) > limit else ""
+        return f"{len(self.chunks)} chunk(s) missing: {shown}{more}"
+
+
+def missing_chunks(array) -> MissingChunks:
+    """List every chunk of `array` that is not stored, looking inside shard indexes too.
+
+    One listing of the array's keys finds missing objects (chunks, or whole shards); for sharded
+    arrays each present shard's index (a few bytes at its end) says which inner chunks are empty.
+    """
+    from zarr.core.sync import sync
+
+    return sync(_missing_chunks(array))
+
+
+async def _missing_chunks(array) -> MissingChunks:
+    import itertools
+
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.codecs import ShardingCodec
+    from zarr.core.buffer import default_buffer_prototype
+
+    store, path = array.store_path.store, array.store_path.path
+    prefix = f"{path}/" if path else ""
+    present = {key[len(prefix) :] async for key in store.list_prefix(prefix)}
+    metadata = array.metadata
+    shape = array.shape
+    inner = tuple(array.chunks)
+    outer = tuple(array.shards) if getattr(array, "shards", None) else inner
+    grid = [math.ceil(s / c) for s, c in zip(shape, outer)]
+    per_shard = [o // i for o, i in zip(outer, inner)]
+    sharding = next((c for c in getattr(metadata, "codecs", ()) if isinstance(c, ShardingCodec)), None)
+    index_readable = sharding is not None and _default_shard_index(sharding)
+
+    missing: list[tuple[int, ...]] = []
+    for coords in itertools.product(*(range(g) for g in grid)):
+        key = metadata.encode_chunk_key(coords)
+        inner_coords = [
+            tuple(c * p + k for c, p, k in zip(coords, per_shard, local))
+            for local in itertools.product(*(range(p) for p in per_shard))
+        ]
+        inner_coords = [c for c in inner_coords if all(i * n < s for i, n, s in zip(c, inner, shape))]
+        if key not in present:
+            missing.extend(inner_coords)
+            continue
+        if sharding is None or not index_readable:
+            continue
+        n_inner = math.prod(per_shard)
+        buffer = await store.get(prefix + key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(16 * n_inner + 4))
+        if buffer is None:
+            missing.extend(inner_coords)
+            continue
+        index = np.frombuffer(buffer.to_bytes()[:-4], dtype="<u8").reshape(tuple(per_shard) + (2,))
+        empty = np.iinfo(np.uint64).max
+        for c in inner_coords:
+            local = tuple(i - s * p for i, s, p in zip(c, coords, per_shard))
+            if index[local][0] == empty and index[local][1] == empty:
+                missing.append(c)
+    missing.sort()
+    images = sorted({c[0] * inner[0] + k for c in missing for k in range(inner[0]) if c[0] * inner[0] + k < shape[0]}) if len(shape) == 3 else []
+    return MissingChunks(missing, images)
+
+
+def _default_shard_index(codec) -> bool:
+    """Shard indexes defectscan can read itself: at the end, little-endian uint64 pairs + crc32c."""
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    codecs = tuple(codec.index_codecs)
+    return (
+        str(getattr(codec.index_location, "value", codec.index_location)) == "end"
+        and len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and isinstance(codecs[1], Crc32cCodec)
+    )
+
+
+def describe_missing_for_stack(missing: MissingChunks) -> str:
+    shown = ", ".join(str(i) for i in missing.images[:20])
+    more = f" and {len(missing.images) - 20} more" if len(missing.images) > 20 else ""
+    return f"{len(missing.images)} image(s) with missing chunks at positions {shown}{more}"
+
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "IMAGES",
+    "KEYS",
+    "LABELS",
+    "MIN_IMAGE_SIZE",
+    "PIXEL_DTYPES",
+    "SIZES",
+    "STRIP_TILE",
+    "TIMES",
+    "ImageSetInfo",
+    "MissingChunks",
+    "describe",
+    "layout_checksum",
+    "layout_changes",
+    "missing_chunks",
+    "open_group",
+    "open_images",
+    "resolve_uri",
+]

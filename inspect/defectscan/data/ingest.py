@@ -1,0 +1,450 @@
+"""Image files -> a new Zarr image set, decoded in parallel, written shard by shard, then registered.
+
+The store is written under a temporary name next to `out` and renamed only when complete, so an
+interrupted ingest never leaves a half-written store where a job could find it. Ingesting the
+same files (same names, sizes, modification times and options) into the same store again does
+nothing and reuses the registration. Bad files are reported by name and skipped; good ones go in.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from defectscan import __version__
+from defectscan.data import imageset as layout
+from defectscan.data.imagefiles import read_image
+from defectscan.data.problems import ProblemLog
+from defectscan.data.sources import Source, Sources, collect_sources
+from defectscan.errors import DataError
+
+# (advance, total): called as images are processed, for a progress bar.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    lot: str | None = None
+    line: str | None = None
+    product: str | None = None
+    camera: str | None = None
+    # One capture time for every image; None takes each file's modification time.
+    acquired_at: dt.datetime | None = None
+    kind: str = "stack"
+    # Pad smaller images (bottom and right, with 0) to the largest instead of skipping them.
+    pad: bool = False
+    workers: int | None = None
+    # Decode in processes instead of threads (see benchmarks/bench_ingest.py for which is faster).
+    processes: bool = False
+
+    def provenance(self) -> dict[str, str | None]:
+        return {"lot": self.lot, "line": self.line, "product": self.product, "camera": self.camera}
+
+
+@dataclass
+class IngestResult:
+    uri: str
+    n_images: int
+    problems: ProblemLog
+    # True when the store already held exactly these files and nothing was written.
+    reused: bool = False
+    seconds: float = 0.0
+    decoded_bytes: int = 0
+    stored_bytes: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.decoded_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def ingest(session, paths, out, options: IngestOptions, *, store_dir: Path | None = None, strict: bool = False, on_progress: Progress | None = None):
+    """Ingest files into a store and register it: returns (IngestResult, Registration)."""
+    from defectscan.data.register import register_store
+
+    result = ingest_files(paths, out, options, store_dir=store_dir, strict=strict, on_progress=on_progress)
+    registration = register_store(session, result.uri)
+    return result, registration
+
+
+def ingest_files(
+    paths,
+    out: str | Path | None,
+    options: IngestOptions,
+    *,
+    store_dir: Path | None = None,
+    strict: bool = False,
+    on_progress: Progress | None = None,
+) -> IngestResult:
+    """Write the image files in `paths` into a new image set at `out` (default: under store_dir)."""
+    if options.kind not in layout.KINDS:
+        raise DataError(f"image set kind {options.kind!r} is not known; expected one of {', '.join(layout.KINDS)}")
+    started = time.perf_counter()
+    problems = ProblemLog(strict=strict)
+    sources = collect_sources(list(paths), problems)
+    if not sources.items:
+        raise DataError(_nothing_left("no image files to ingest", problems))
+    digest = _source_digest(sources, options)
+    if out is None:
+        if store_dir is None:
+            raise DataError("no output store given: pass --out STORE")
+        out = Path(store_dir) / "imagesets" / f"{options.lot or 'imageset'}-{digest[:12]}.zarr"
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        return _reuse(out, digest, problems, started)
+    if options.kind == "strip" and len(sources.items) != 1:
+        raise DataError(f"a strip image set holds exactly one image; got {len(sources.items)} files")
+
+    workers = options.workers or os.cpu_count() or 1
+    pool: Executor
+    if options.processes:
+        import multiprocessing
+
+        # TensorFlow may be loaded in this process and is not fork-safe.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        pool = ThreadPoolExecutor(workers)
+    temporary = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with pool:
+            accepted, geometry = _probe_all(pool, sources.items, problems, options.pad)
+            if not accepted:
+                raise DataError(_nothing_left("no usable images", problems))
+            writer = _Writer(temporary, options, sources, geometry, len(accepted))
+            for source, image, label in _decoded(pool, accepted, sources.labelled, problems, on_progress, writer.window):
+                writer.add(source, image, label)
+            n_images = writer.finish(digest, problems)
+        if n_images == 0:
+            raise DataError(_nothing_left("no usable images", problems))
+        os.replace(temporary, out)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+    return IngestResult(
+        uri=str(out),
+        n_images=n_images,
+        problems=problems,
+        seconds=time.perf_counter() - started,
+        decoded_bytes=writer.decoded_bytes,
+        stored_bytes=_disk_usage(out),
+        keys=writer.keys,
+    )
+
+
+def _nothing_left(what: str, problems: ProblemLog) -> str:
+    listed = "; ".join(str(p) for p in list(problems)[:10])
+    more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+    return f"{what} ({problems.summary()}): {listed}{more}" if problems else what
+
+
+def _source_digest(sources: Sources, options: IngestOptions) -> str:
+    """Identifies the inputs: every file's key, size and mtime, the labels and the options."""
+    h = hashlib.sha256()
+    settings = {
+        "format": layout.FORMAT_VERSION,
+        "kind": options.kind,
+        "pad": options.pad,
+        "provenance": options.provenance(),
+        "acquired_at": layout.iso_utc(options.acquired_at) if options.acquired_at else None,
+        "classes": sources.classes,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for source in sources.items:
+        for path in (source.path, source.label_path):
+            if path is None:
+                h.update(b"-\n")
+                continue
+            stat = path.stat()
+            h.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        h.update(f"{source.key}\t{source.class_index}\n".encode())
+    return h.hexdigest()
+
+
+def _reuse(out: Path, digest: str, problems: ProblemLog, started: float) -> IngestResult:
+    """An existing store: fine if it holds exactly these inputs (idempotent re-ingest), else refused."""
+    group = layout.open_group(str(out))
+    meta = dict(group.attrs).get(layout.META_ATTR) or {}
+    if not isinstance(meta, dict) or meta.get("source_digest") != digest:
+        raise DataError(
+            f"{out}: already exists and holds other images (from different files or options); "
+            "choose another --out, or delete it first"
+        )
+    layout.describe(group, str(out))
+    earlier = ProblemLog()
+    for problem in meta.get("skipped", []):
+        earlier.add(problem["path"], problem["reason"])
+    images = group[layout.IMAGES]
+    keys = layout.read_keys(group, images.shape[0] if images.ndim == 3 else 1)
+    return IngestResult(str(out), len(keys), earlier, reused=True, seconds=time.perf_counter() - started, stored_bytes=_disk_usage(out), keys=keys)
+
+
+# ---- probing: sizes and bit depths before anything is decoded --------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    height: int
+    width: int
+    dtype: str
+
+
+def _probe(path: Path) -> tuple[int, int, str] | str:
+    """(height, width, dtype) from the file header, or the reason it cannot be an image."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tiff:
+                page = tiff.pages[0]
+                return int(page.shape[0]), int(page.shape[1]), "uint16" if page.dtype.itemsize == 2 else "uint8"
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                wide = image.mode.startswith("I;16") or image.mode == "I"
+                return height, width, "uint16" if wide else "uint8"
+        except UnidentifiedImageError:
+            return "not an image file (format not recognised)"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem, not the ingest's
+        return f"corrupt or unreadable image header: {exc}"
+
+
+def _probe_all(pool: Executor, items: list[Source], problems: ProblemLog, pad: bool) -> tuple[list[Source], Geometry | None]:
+    """Keep the sources whose size and bit depth fit one stack; report the others by name."""
+    probed = []
+    for source, found in zip(items, pool.map(_probe, [s.path for s in items], chunksize=64)):
+        if isinstance(found, str):
+            problems.add(source.path, found)
+        elif min(found[0], found[1]) < layout.MIN_IMAGE_SIZE:
+            problems.add(
+                source.path,
+                f"too small: {found[0]}x{found[1]} pixels; the model needs at least {layout.MIN_IMAGE_SIZE}x{layout.MIN_IMAGE_SIZE}",
+            )
+        else:
+            probed.append((source, found))
+    if not probed:
+        return [], None
+    dtype = Counter(found[2] for _, found in probed).most_common(1)[0][0]
+    bits = {"uint8": "8-bit", "uint16": "16-bit"}
+    same_depth = []
+    for source, found in probed:
+        if found[2] != dtype:
+            problems.add(source.path, f"different bit depth: {bits[found[2]]} image in a stack of {bits[dtype]} images")
+        else:
+            same_depth.append((source, found))
+    if pad:
+        height = max(found[0] for _, found in same_depth)
+        width = max(found[1] for _, found in same_depth)
+        return [s for s, _ in same_depth], Geometry(height, width, dtype)
+    # Without padding, the most common size wins; the others are listed, not silently resized.
+    height, width = Counter((f[0], f[1]) for _, f in same_depth).most_common(1)[0][0]
+    accepted = []
+    for source, found in same_depth:
+        if (found[0], found[1]) != (height, width):
+            problems.add(source.path, f"different size: {found[0]}x{found[1]}, the stack's is {height}x{width} (use --pad to pad to the largest)")
+        else:
+            accepted.append(source)
+    return accepted, Geometry(height, width, dtype)
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+
+def _decode(source: Source, labelled: bool) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(image, label mask or None, None) or (None, None, reason); runs in a worker."""
+    try:
+        image = read_image(source.path)
+    except DataError as exc:
+        return None, None, _reason(exc, source.path)
+    label = None
+    if labelled:
+        if source.label_path is None:
+            label = np.zeros(image.shape, dtype=np.uint8)
+        else:
+            try:
+                mask = read_image(source.label_path)
+            except DataError as exc:
+                return None, None, f"label image {source.label_path.name}: {_reason(exc, source.label_path)}"
+            if mask.shape != image.shape:
+                return None, None, f"label image {source.label_path.name} is {mask.shape[0]}x{mask.shape[1]}, the image {image.shape[0]}x{image.shape[1]}"
+            label = np.where(mask > 0, np.uint8(source.class_index), np.uint8(0))
+    return image, label, None
+
+
+def _reason(exc: DataError, path: Path) -> str:
+    return str(exc).removeprefix(f"{path}: ")
+
+
+def _decoded(
+    pool: Executor,
+    items: list[Source],
+    labelled: bool,
+    problems: ProblemLog,
+    on_progress: Progress | None,
+    window: int,
+) -> Iterator[tuple[Source, np.ndarray, np.ndarray | None]]:
+    """Decoded images in input order, at most `window` in flight so memory stays bounded."""
+    pending: deque[tuple[Source, Future]] = deque()
+    queue = iter(items)
+    total = len(items)
+    for source in queue:
+        pending.append((source, pool.submit(_decode, source, labelled)))
+        if len(pending) >= window:
+            break
+    while pending:
+        source, future = pending.popleft()
+        following = next(queue, None)
+        if following is not None:
+            pending.append((following, pool.submit(_decode, following, labelled)))
+        image, label, reason = future.result()
+        if on_progress is not None:
+            on_progress(1, total)
+        if reason is not None:
+            problems.add(source.path, reason)
+            continue
+        yield source, image, label
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Buffers one shard of decoded images and writes it whole (a writer owns whole shards)."""
+
+    def __init__(self, path: Path, options: IngestOptions, sources: Sources, geometry: Geometry, capacity: int):
+        import zarr
+
+        self.options = options
+        self.sources = sources
+        self.geometry = geometry
+        self.kind = options.kind
+        self.keys: list[str] = []
+        self.times: list[int] = []
+        self.sizes: list[tuple[int, int]] = []
+        self.decoded_bytes = 0
+        self.written = 0
+        self.group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        # Marked incomplete until finish(): a store copied or listed mid-write is never taken as whole.
+        self.group.attrs[layout.META_ATTR] = {"format": layout.FORMAT_NAME, "version": layout.FORMAT_VERSION, "kind": self.kind, "complete": False}
+        h, w, dtype = geometry.height, geometry.width, geometry.dtype
+        if self.kind == "stack":
+            shape: tuple[int, ...] = (capacity, h, w)
+            chunks, shards = layout.stack_chunking(capacity, h, w, dtype)
+            self.shard_len = shards[0] if shards else 1
+        else:
+            shape, chunks, shards = (h, w), layout.strip_chunking(h, w), None
+            self.shard_len = 1
+        common = {"chunks": chunks, "shards": shards, "fill_value": 0, "config": {"write_empty_chunks": True}}
+        self.images = self.group.create_array(layout.IMAGES, shape=shape, dtype=dtype, compressors=layout.compressor(dtype), **common)
+        self.labels = None
+        if sources.labelled:
+            self.labels = self.group.create_array(layout.LABELS, shape=shape, dtype="uint8", compressors=layout.compressor("uint8"), **common)
+        self.buffer = np.zeros((self.shard_len, h, w), dtype=dtype) if self.kind == "stack" else None
+        self.label_buffer = np.zeros((self.shard_len, h, w), dtype=np.uint8) if self.labels is not None and self.kind == "stack" else None
+        self.filled = 0
+
+    @property
+    def window(self) -> int:
+        """Images decoded ahead of the writer: enough to keep the pool busy, about one shard."""
+        return max(self.shard_len, 2 * (self.options.workers or os.cpu_count() or 1))
+
+    def add(self, source: Source, image: np.ndarray, label: np.ndarray | None) -> None:
+        h, w = image.shape
+        if image.dtype != np.dtype(self.geometry.dtype):
+            raise DataError(f"{source.path}: decoded as {image.dtype} though its header said {self.geometry.dtype}")
+        self.keys.append(source.key)
+        self.times.append(layout.to_micros(self._time(source)))
+        self.sizes.append((h, w))
+        self.decoded_bytes += image.nbytes
+        if self.kind == "strip":
+            self.images[:, :] = image
+            if self.labels is not None and label is not None:
+                self.labels[:, :] = label
+            self.written = 1
+            return
+        slot = self.filled
+        if (h, w) != (self.geometry.height, self.geometry.width):
+            self.buffer[slot] = 0
+            if self.label_buffer is not None:
+                self.label_buffer[slot] = 0
+        self.buffer[slot, :h, :w] = image
+        if self.label_buffer is not None and label is not None:
+            self.label_buffer[slot, :h, :w] = label
+        self.filled += 1
+        if self.filled == self.shard_len:
+            self._flush()
+
+    def _time(self, source: Source) -> dt.datetime:
+        if self.options.acquired_at is not None:
+            return self.options.acquired_at
+        return dt.datetime.fromtimestamp(source.path.stat().st_mtime, tz=dt.timezone.utc)
+
+    def _flush(self) -> None:
+        if self.filled == 0:
+            return
+        start = self.written
+        self.images[start : start + self.filled] = self.buffer[: self.filled]
+        if self.labels is not None:
+            self.labels[start : start + self.filled] = self.label_buffer[: self.filled]
+        self.written += self.filled
+        self.filled = 0
+
+    def finish(self, digest: str, problems: ProblemLog) -> int:
+        """Write the per-image arrays and the attributes, the last step; returns the image count."""
+        if self.kind == "stack":
+            self._flush()
+            n = self.written
+            if n == 0:
+                return 0
+            h, w = self.geometry.height, self.geometry.width
+            self.images.resize((n, h, w))
+            if self.labels is not None:
+                self.labels.resize((n, h, w))
+        n = self.written
+        if n == 0:
+            return 0
+        per_image = {"chunks": (max(1, min(n, 65536)),), "fill_value": None}
+        keys = self.group.create_array(layout.KEYS, shape=(n,), dtype=str, **per_image)
+        keys[:] = np.array(self.keys[:n], dtype=object)
+        times = self.group.create_array(layout.TIMES, shape=(n,), dtype="int64", chunks=per_image["chunks"], fill_value=layout.TIME_UNKNOWN)
+        times[:] = np.array(self.times[:n], dtype=np.int64)
+        times.attrs["units"] = layout.TIME_UNITS
+        sizes = self.group.create_array(layout.SIZES, shape=(n, 2), dtype="int32", chunks=(per_image["chunks"][0], 2), fill_value=0)
+        sizes[:] = np.array(self.sizes[:n], dtype=np.int32)
+
+        acquired = self.options.acquired_at or layout.from_micros(min(self.times[:n]))
+        attrs = {**{k: v for k, v in self.options.provenance().items() if v is not None}, "acquired_at": layout.iso_utc(acquired)}
+        if self.sources.labelled:
+            attrs[layout.CLASSES_ATTR] = self.sources.classes
+        attrs[layout.META_ATTR] = {
+            "format": layout.FORMAT_NAME,
+            "version": layout.FORMAT_VERSION,
+            "kind": self.kind,
+            "complete": True,
+            "padded": self.options.pad,
+            "source_digest": digest,
+            "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
+            "written_by": f"defectscan {__version__}",
+        }
+        self.group.attrs.update(attrs)
+        return n
+
+
+def _disk_usage(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,256 @@
+"""Record image sets in the database: adopt a store without copying it, look sets up, re-check them.
+
+`register_store` validates a Zarr store (v2 or v3, local path or fsspec URL) against the layout
+in data/imageset.py and writes one `image_sets` row and one `images` row per image. The row keeps
+a checksum of the store's shape, dtype, chunks and attributes: registering the same unchanged
+store again returns the existing row, a changed one is refused, and `validate_image_set` finds
+both a changed store and chunks that have gone missing since.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from defectscan.data import imageset as layout
+from defectscan.data.problems import ProblemLog
+from defectscan.db.schema import Image, ImageSet
+from defectscan.errors import DataError
+
+# Rows per INSERT batch: a 100,000-image set goes in without one giant statement.
+_BATCH = 5000
+
+
+@dataclass
+class Registration:
+    image_set: ImageSet
+    # False when the store was already registered, unchanged: nothing was written.
+    created: bool
+    problems: ProblemLog = field(default_factory=ProblemLog)
+
+
+def register_store(
+    session: Session,
+    location: str,
+    array_path: str = layout.IMAGES,
+    *,
+    lot: str | None = None,
+    line: str | None = None,
+    product: str | None = None,
+    camera: str | None = None,
+    acquired_at: dt.datetime | None = None,
+    check_chunks: bool = True,
+    strict: bool = False,
+) -> Registration:
+    """Register the image array `array_path` of the store at `location`; idempotent for an unchanged store.
+
+    Options given here override the store's own provenance attributes in the database row (the
+    store itself is never written). Images whose chunks are not stored are reported in
+    `problems` and get no row; a strip with missing tiles is refused.
+    """
+    uri = layout.resolve_uri(location)
+    group = layout.open_group(uri)
+    info = layout.describe(group, uri, array_path)
+    problems = ProblemLog(strict=strict)
+
+    existing = session.scalar(select(ImageSet).where(ImageSet.uri == uri))
+    if existing is not None:
+        _check_unchanged(existing, info)
+        # Images left out when it was registered are still left out; files an ingest skipped are
+        # the ingest's report, not this registration's.
+        from_ingest = info.meta.get("skipped", [])
+        for problem in (existing.attrs or {}).get("skipped", []):
+            if problem not in from_ingest:
+                problems.add(problem["path"], problem["reason"])
+        return Registration(existing, created=False, problems=problems)
+
+    array = group[array_path]
+    missing = layout.missing_chunks(array) if check_chunks else layout.MissingChunks([], [])
+    if missing and info.kind == "strip":
+        raise DataError(f"{uri}: the strip '{array_path}' is incomplete: {missing.describe()}")
+
+    n = info.n_images
+    keys = layout.read_keys(group, n)
+    provenance = info.provenance()
+    for name, value in (("lot", lot), ("line", line), ("product", product), ("camera", camera)):
+        if value is not None:
+            provenance[name] = value
+    set_time = acquired_at or layout.parse_time(provenance.get("acquired_at"))
+    times = layout.read_times(group, n, default=set_time)
+    if acquired_at is not None:
+        times = [acquired_at] * n
+    sizes = layout.read_sizes(group, info.shape)
+
+    skipped_positions = set(missing.images)
+    for position in missing.images:
+        problems.add(f"{uri} [{array_path} image {position}, key {keys[position]}]", "chunk not stored (would read as blank pixels)")
+    skipped = list(info.meta.get("skipped", [])) + [{"path": p.path, "reason": p.reason} for p in problems]
+    if len(skipped_positions) == n:
+        raise DataError(f"{uri}: every image of '{array_path}' has missing chunks: {missing.describe()}")
+
+    rows = [
+        {"position": i, "key": keys[i], "acquired_at": times[i], "height": sizes[i][0], "width": sizes[i][1]}
+        for i in range(n)
+        if i not in skipped_positions
+    ]
+    image_set = ImageSet(
+        uri=uri,
+        array_path=array_path,
+        kind=info.kind,
+        lot=_text(provenance.get("lot")),
+        line=_text(provenance.get("line")),
+        product=_text(provenance.get("product")),
+        camera=_text(provenance.get("camera")),
+        acquired_at=set_time or min((t for t in times if t is not None), default=None),
+        shape=list(info.shape),
+        dtype=info.dtype,
+        chunks=list(info.chunks),
+        n_images=len(rows),
+        checksum=info.checksum,
+        attrs=_recorded_attrs(info, skipped),
+    )
+    try:
+        session.add(image_set)
+        session.flush()
+        for start in range(0, len(rows), _BATCH):
+            batch = [{**row, "image_set_id": image_set.id} for row in rows[start : start + _BATCH]]
+            session.execute(insert(Image), batch)
+        session.commit()
+    except IntegrityError:
+        # Another process registered the same store between our look-up and insert.
+        session.rollback()
+        existing = session.scalar(select(ImageSet).where(ImageSet.uri == uri))
+        if existing is None:
+            raise
+        _check_unchanged(existing, info)
+        return Registration(existing, created=False, problems=problems)
+    return Registration(image_set, created=True, problems=problems)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _recorded_attrs(info: layout.ImageSetInfo, skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """What the row keeps besides its columns: enough to say later what changed in the store."""
+    return {
+        "group": info.group_attrs,
+        "array": info.array_attrs,
+        "zarr_format": info.zarr_format,
+        "shards": list(info.shards) if info.shards else None,
+        "labels": info.has_labels,
+        "classes": info.classes,
+        "skipped": skipped,
+    }
+
+
+def recorded_layout(image_set: ImageSet) -> dict[str, Any]:
+    attrs = image_set.attrs or {}
+    return {
+        "array_path": image_set.array_path,
+        "zarr_format": attrs.get("zarr_format"),
+        "shape": list(image_set.shape),
+        "dtype": image_set.dtype,
+        "chunks": list(image_set.chunks),
+        "shards": attrs.get("shards"),
+        "group_attrs": attrs.get("group", {}),
+        "array_attrs": attrs.get("array", {}),
+    }
+
+
+def _check_unchanged(existing: ImageSet, info: layout.ImageSetInfo) -> None:
+    if existing.array_path != info.array_path:
+        raise DataError(
+            f"{info.uri}: already registered as image set {existing.id} with array '{existing.array_path}', not '{info.array_path}'"
+        )
+    changes = store_changes(existing, info)
+    if changes:
+        raise DataError(f"{info.uri}: {changes}")
+
+
+def store_changes(image_set: ImageSet, info: layout.ImageSetInfo) -> str | None:
+    """None if the store matches its registration, else one message saying what changed."""
+    if info.checksum == image_set.checksum:
+        return None
+    changes = layout.layout_changes(recorded_layout(image_set), info.layout()) or ["checksum differs"]
+    return (
+        f"changed since it was registered as image set {image_set.id} "
+        f"({image_set.registered_at:%Y-%m-%d %H:%M} UTC): {'; '.join(changes)}; refusing it. "
+        "Write changed data to a new store and register that"
+    )
+
+
+# ---- the read side ---------------------------------------------------------------------------------
+
+
+def find_image_set(session: Session, ident: str | int) -> ImageSet | None:
+    """By id (digits) or by store URI/path."""
+    text = str(ident)
+    if text.isdigit():
+        return session.get(ImageSet, int(text))
+    return session.scalar(select(ImageSet).where(ImageSet.uri == layout.resolve_uri(text)))
+
+
+def get_image_set(session: Session, ident: str | int) -> ImageSet:
+    image_set = find_image_set(session, ident)
+    if image_set is None:
+        raise DataError(f"no image set {ident!r} is registered (see `defectscan imagesets list`)")
+    return image_set
+
+
+def list_image_sets(
+    session: Session,
+    *,
+    lot: str | None = None,
+    line: str | None = None,
+    product: str | None = None,
+    limit: int | None = None,
+) -> list[ImageSet]:
+    query = select(ImageSet).order_by(ImageSet.acquired_at.desc(), ImageSet.id.desc())
+    for column, value in ((ImageSet.lot, lot), (ImageSet.line, line), (ImageSet.product, product)):
+        if value is not None:
+            query = query.where(column == value)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def count_images(session: Session, image_set: ImageSet) -> int:
+    return session.scalar(select(func.count()).select_from(Image).where(Image.image_set_id == image_set.id)) or 0
+
+
+@dataclass
+class Validation:
+    uri: str
+    image_set: ImageSet | None
+    info: layout.ImageSetInfo
+    # Why the store no longer matches its registration (None: it matches, or it is not registered).
+    changed: str | None
+    missing: layout.MissingChunks
+
+    @property
+    def ok(self) -> bool:
+        return self.changed is None and not self.missing
+
+
+def validate_image_set(session: Session, ident: str | int) -> Validation:
+    """Re-check a registered set (by id or URI), or any store by path: layout, checksum, every chunk.
+
+    A store that cannot be opened or fails the layout raises DataError; a changed checksum and
+    missing chunks are reported in the result, all of them.
+    """
+    image_set = find_image_set(session, ident)
+    if image_set is None and str(ident).isdigit():
+        raise DataError(f"no image set {ident!r} is registered (see `defectscan imagesets list`)")
+    uri = image_set.uri if image_set is not None else layout.resolve_uri(str(ident))
+    array_path = image_set.array_path if image_set is not None else layout.IMAGES
+    group = layout.open_group(uri)
+    info = layout.describe(group, uri, array_path)
+    changed = store_changes(image_set, info) if image_set is not None else None
+    missing = layout.missing_chunks(group[array_path])
+    return Validation(uri, image_set, info, changed, missing)

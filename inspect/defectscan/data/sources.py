@@ -1,0 +1,140 @@
+"""Which files an ingest takes: expand the paths given, recognise DAGM folders, name each image.
+
+A path may be an image file, a folder of image files (not recursive, sorted by name) or a DAGM
+2007 folder: one with Label/Labels.txt, or a parent of such folders (ClassN/{Train,Test}). A
+DAGM folder brings its label images and class names. Each image's key is its path relative to
+the common folder of everything ingested, so equal file names from two folders stay distinct.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from defectscan.data.imagefiles import IMAGE_SUFFIXES
+from defectscan.data.problems import ProblemLog
+from defectscan.errors import DataError
+
+LABELS_FILE = Path("Label") / "Labels.txt"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image file to ingest, with its DAGM label image and class (1-based) when it has one."""
+
+    path: Path
+    key: str
+    label_path: Path | None = None
+    class_index: int = 0
+
+
+@dataclass(frozen=True)
+class Sources:
+    items: list[Source]
+    # Class names when the inputs are DAGM folders (labels are written), else empty.
+    classes: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+
+def collect_sources(paths: list[str | Path], problems: ProblemLog) -> Sources:
+    """Expand `paths` into image files; a path that does not exist or is not an image is a problem."""
+    plain: list[Path] = []
+    dagm_folders: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            problems.add(path, "does not exist")
+        elif path.is_dir():
+            found = _dagm_folders(path)
+            if found:
+                dagm_folders.extend(found)
+            else:
+                files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    problems.add(path, f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+                plain.extend(files)
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.add(path, f"not an image file name (expected one of {', '.join(IMAGE_SUFFIXES)})")
+        else:
+            plain.append(path)
+    if plain and dagm_folders:
+        raise DataError(
+            "cannot mix DAGM folders (with labels) and plain image files in one image set: "
+            f"ingest {', '.join(str(f) for f in dagm_folders[:3])} separately"
+        )
+    if dagm_folders:
+        return _dagm_sources(dagm_folders, problems)
+    unique = list(dict.fromkeys(p.resolve() for p in plain))
+    root = _common_folder(unique)
+    return Sources([Source(p, _key(p, root)) for p in unique], [])
+
+
+def _dagm_folders(path: Path) -> list[Path]:
+    """Folders under `path` (itself, or two levels down at most) that hold Label/Labels.txt."""
+    found = []
+    for pattern in (LABELS_FILE, Path("*") / LABELS_FILE, Path("*") / "*" / LABELS_FILE):
+        found.extend(sorted(labels.parent.parent for labels in path.glob(str(pattern))))
+    return found
+
+
+def dagm_class_name(folder: Path) -> str:
+    """ClassN for ClassN/Train and ClassN/Test folders, else the folder's own name."""
+    return folder.parent.name if folder.name.lower() in ("train", "test") else folder.name
+
+
+def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
+    classes: list[str] = []
+    items: list[Source] = []
+    resolved = [f.resolve() for f in folders]
+    root = _common_folder([f / "x" for f in resolved])
+    for folder in resolved:
+        name = dagm_class_name(folder)
+        if name not in classes:
+            classes.append(name)
+        class_index = classes.index(name) + 1
+        for image, label in read_labels_txt(folder, problems):
+            if not image.exists():
+                problems.add(image, "listed in Label/Labels.txt but does not exist")
+                continue
+            if label is not None and not label.exists():
+                problems.add(label, f"label image of {image.name} listed in Label/Labels.txt does not exist")
+                continue
+            items.append(Source(image, _key(image, root), label, class_index if label is not None else 0))
+    return Sources(items, classes)
+
+
+def read_labels_txt(folder: Path, problems: ProblemLog) -> list[tuple[Path, Path | None]]:
+    """(image, label image or None) per line of folder/Label/Labels.txt.
+
+    DAGM's format: a first line (a count or header), then tab-separated lines:
+    id, defective (0/1), image file, 0, label file name or 0. Malformed lines are problems.
+    Private to ingest until data/dagm.py offers the same; see the issue 4 report.
+    """
+    labels_txt = folder / LABELS_FILE
+    pairs = []
+    lines = labels_txt.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) < 5 or fields[1] not in ("0", "1"):
+            problems.add(labels_txt, f"line {number}: expected 'id defective image 0 label', got {line.strip()!r}")
+            continue
+        image = folder / fields[2]
+        label = folder / "Label" / fields[4] if fields[1] == "1" and fields[4] != "0" else None
+        pairs.append((image, label))
+    return pairs
+
+
+def _common_folder(paths: list[Path]) -> Path:
+    if not paths:
+        return Path(".")
+    return Path(os.path.commonpath([str(p.parent) for p in paths]))
+
+
+def _key(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
