@@ -1,0 +1,233 @@
+"""What runs on a Dask worker: the per-process model cache, fixed-shape batches, shard tasks.
+
+TensorFlow is imported here only, inside functions that run on workers, never in the client.
+A worker loads each model once (cache keyed by the file's sha256, checked before loading),
+calls it through one tf.function with one input shape, and sends back small results.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from defectscan.errors import DataError, ModelError
+from defectscan.model.preprocess import pad_to_multiple, to_model_input
+from defectscan.pipeline.plan import StackShard, Tile, TileShard
+from defectscan.pipeline.postprocess import ImageResult, VerdictRules, judge, to_uint8
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Everything a worker needs to load and run a registered model; pickles small."""
+
+    uri: str
+    sha256: str
+    classes: tuple[str, ...]
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    uri: str
+    path: str
+
+
+@dataclass
+class ShardResult:
+    image_set_id: int
+    results: list[ImageResult]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# sha256 -> callable(batch float32 (B, H, W, 1)) -> probabilities (B, H, W, C); one per worker process.
+_MODELS: dict[str, Any] = {}
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model file: {exc.strerror}") from None
+    return digest.hexdigest()
+
+
+def verify_model_file(ref: ModelRef) -> None:
+    actual = file_sha256(ref.uri)
+    if actual != ref.sha256:
+        raise ModelError(
+            f"{ref.uri}: model file does not match its registration (sha256 {actual}, registered {ref.sha256}); "
+            "refusing to run it"
+        )
+
+
+def cached_model(ref: ModelRef):
+    predict = _MODELS.get(ref.sha256)
+    if predict is None:
+        verify_model_file(ref)
+        predict = _load(ref)
+        _MODELS[ref.sha256] = predict
+    return predict
+
+
+def _load(ref: ModelRef):
+    import keras
+    import tensorflow as tf
+
+    import defectscan.model  # noqa: F401  (registers the custom layers before loading)
+
+    model = keras.saving.load_model(ref.uri, safe_mode=True)
+
+    @tf.function(reduce_retracing=True)
+    def predict(batch):
+        return model(batch, training=False)
+
+    return predict
+
+
+def score_images(ref: ModelRef, images: np.ndarray) -> np.ndarray:
+    """(N, H, W) pixels -> (N, C, H, W) uint8 scores, in calls of one fixed (batch_size, H16, W16, 1) shape.
+
+    Scaling and padding are the model's own (defectscan.model.preprocess), so the pipeline and
+    `defectscan evaluate` see the same numbers.
+    """
+    x, (height, width) = pad_to_multiple(to_model_input(images))
+    return _score(ref, x)[:, :, :height, :width]
+
+
+def _score(ref: ModelRef, x: np.ndarray) -> np.ndarray:
+    return to_uint8(probabilities(ref, x))
+
+
+def probabilities(ref: ModelRef, x: np.ndarray) -> np.ndarray:
+    """(N, H, W, 1) model input -> (N, C, H, W) float32 probabilities, batch by batch."""
+    predict = cached_model(ref)
+    n = len(x)
+    out = np.empty((n, len(ref.classes), *x.shape[1:3]), dtype=np.float32)
+    batch = np.zeros((ref.batch_size, *x.shape[1:]), dtype=np.float32)
+    for start in range(0, n, ref.batch_size):
+        chunk = x[start : start + ref.batch_size]
+        batch[: len(chunk)] = chunk
+        batch[len(chunk) :] = 0.0  # the last batch is padded to the same shape
+        out[start : start + len(chunk)] = np.asarray(predict(batch))[: len(chunk)].transpose(0, 3, 1, 2)
+    return out
+
+
+def window_input(image, tile: Tile, shape: tuple[int, int]) -> np.ndarray:
+    """The model input (H, W, 1) for one tile's window of a (H, W) image array.
+
+    A window may reach into the padding below/right of the image: it is padded as the whole
+    image would be, so tiles see exactly what whole-image inference sees.
+    """
+    height, width = image.shape
+    wy, wx = tile.window
+    part = np.asarray(image[wy : min(wy + shape[0], height), wx : min(wx + shape[1], width)])
+    return pad_to_multiple(to_model_input(part[None]))[0][0]
+
+
+def _open(ref: ArrayRef, mode: str):
+    import zarr
+
+    try:
+        return zarr.open_array(ref.uri, path=ref.path, mode=mode)
+    except Exception as exc:  # zarr raises several types for a missing or foreign store
+        raise DataError(f"{ref.uri}: cannot open array '{ref.path}': {exc}") from None
+
+
+def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Read [start, stop); an image whose chunk cannot be read is zero-filled and reported."""
+    try:
+        return np.asarray(images[start:stop]), {}
+    except Exception:  # a corrupt chunk somewhere: find which images it hits
+        pass
+    block = np.zeros((stop - start, *images.shape[1:]), dtype=images.dtype)
+    errors: dict[int, str] = {}
+    for position in range(start, stop):
+        try:
+            block[position - start] = images[position]
+        except Exception as exc:
+            errors[position] = f"cannot read image {position} of {images.store_path}: {type(exc).__name__}: {exc}"
+    return block, errors
+
+
+def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, model: ModelRef, rules: VerdictRules) -> ShardResult:
+    """Run the model over whole images [start, stop), write their score maps, judge the `todo` ones."""
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    images, errors = _read_images(_open(source, "r"), shard.start, shard.stop)
+    timings["read_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    scores = score_images(model, images)
+    for position in errors:
+        scores[position - shard.start] = 0
+    timings["predict_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    _open(output, "r+")[shard.start : shard.stop] = scores
+    timings["write_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    results = []
+    per_image_ms = 1000.0 * (timings["read_s"] + timings["predict_s"] + timings["write_s"]) / shard.size
+    for position in shard.todo:
+        if position in errors:
+            results.append(ImageResult(position=position, verdict="error", error=errors[position]))
+            continue
+        result = judge(position, scores[position - shard.start], list(model.classes), rules)
+        result.duration_ms = per_image_ms
+        results.append(result)
+    timings["postprocess_s"] = time.perf_counter() - began
+    return ShardResult(shard.image_set_id, results, timings)
+
+
+def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: ModelRef) -> dict[str, float]:
+    """Score each tile's window and write its core into the strip's (C, H, W) map."""
+    began = time.perf_counter()
+    image = _open(source, "r")
+    windows = np.stack([window_input(image, tile, shard.window_shape) for tile in shard.tiles])
+    read_s = time.perf_counter() - began
+
+    began = time.perf_counter()
+    scores = _score(model, windows)
+    predict_s = time.perf_counter() - began
+
+    began = time.perf_counter()
+    out = _open(output, "r+")
+    for i, tile in enumerate(shard.tiles):
+        y0, x0, y1, x1 = tile.core
+        wy, wx = tile.window
+        out[:, y0:y1, x0:x1] = scores[i, :, y0 - wy : y1 - wy, x0 - wx : x1 - wx]
+    return {"read_s": read_s, "predict_s": predict_s, "write_s": time.perf_counter() - began}
+
+
+def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: VerdictRules, *_tiles_done) -> ShardResult:
+    """Label defects over the whole strip map, so a defect across tile borders is one defect.
+
+    Runs after every tile of the strip (the tile futures are passed in as dependencies).
+    """
+    began = time.perf_counter()
+    scores = np.asarray(_open(output, "r")[...])
+    result = judge(0, scores, list(model.classes), rules)
+    return ShardResult(image_set_id, [result], {"postprocess_s": time.perf_counter() - began})
+
+
+__all__ = [
+    "ArrayRef",
+    "ModelRef",
+    "ShardResult",
+    "cached_model",
+    "file_sha256",
+    "inspect_stack_shard",
+    "inspect_tiles",
+    "judge_strip",
+    "score_images",
+    "verify_model_file",
+]
