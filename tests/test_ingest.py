@@ -1,0 +1,250 @@
+"""Ingest from image files into real Zarr stores: bad inputs, padding, DAGM labels, idempotence, safety."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from defectscan.data import imageset as layout
+from defectscan.data.ingest import IngestOptions, ingest_files
+from defectscan.errors import DataError
+
+
+def texture(seed: int, shape=(32, 32), dtype=np.uint8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    return rng.integers(0, top, size=shape, dtype=np.int64).astype(dtype)
+
+
+def write_png(path, array) -> np.ndarray:
+    Image.fromarray(array).save(path)
+    return array
+
+
+def good_images(folder, n=4, shape=(32, 32)) -> list[np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_png(folder / f"good{i:02d}.png", texture(i, shape)) for i in range(n)]
+
+
+def stored(out) -> zarr.Group:
+    return zarr.open_group(str(out), mode="r")
+
+
+def test_bad_files_are_named_and_good_files_go_in(tmp_path):
+    images = good_images(tmp_path / "in")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    (tmp_path / "in" / "notes.png").write_text("this is text, not a PNG")
+    whole = (tmp_path / "in" / "good00.png").read_bytes()
+    (tmp_path / "in" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    write_png(tmp_path / "in" / "tiny.png", texture(9, (12, 40)))
+    write_png(tmp_path / "in" / "wide.png", texture(8, (32, 48)))
+    write_png(tmp_path / "in" / "deep.png", texture(7, (32, 32), np.uint16))
+    (tmp_path / "in" / "notes.txt").write_text("a file given by name that is not an image")
+
+    result = ingest_files([tmp_path / "in", tmp_path / "missing.png", tmp_path / "in" / "notes.txt"], tmp_path / "s.zarr", IngestOptions(lot="L1"))
+
+    reasons = {os.path.basename(p.path): p.reason for p in result.problems}
+    assert reasons == {
+        "missing.png": "does not exist",
+        "notes.txt": "not an image file name (expected one of .png, .tif, .tiff, .bmp, .jpg, .jpeg)",
+        "empty.png": "empty file",
+        "notes.png": "not an image file (format not recognised)",
+        "truncated.png": reasons["truncated.png"],
+        "tiny.png": "too small: 12x40 pixels; the model needs at least 16x16",
+        "wide.png": "different size: 32x48, the stack's is 32x32 (use --pad to pad to the largest)",
+        "deep.png": "different bit depth: 16-bit image in a stack of 8-bit images",
+    }
+    assert reasons["truncated.png"].startswith("corrupt or truncated image")
+    group = stored(result.uri)
+    assert result.n_images == 4 and result.keys == [f"good{i:02d}.png" for i in range(4)]
+    np.testing.assert_array_equal(group["images"][:], np.stack(images))
+    assert list(group["keys"][:]) == result.keys
+    # The skipped files are recorded in the store, for a later re-ingest to report them again.
+    assert len(group.attrs["defectscan"]["skipped"]) == len(reasons)
+    assert group.attrs["defectscan"]["complete"] is True and group.attrs["lot"] == "L1"
+
+
+def test_strict_stops_at_the_first_bad_file(tmp_path):
+    good_images(tmp_path / "in")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.png: empty file"):
+        ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(), strict=True)
+    assert not (tmp_path / "s.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_nothing_usable_is_an_error_naming_the_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    write_png(tmp_path / "b.png", texture(1, (8, 8)))
+    with pytest.raises(DataError, match=r"no usable images \(2 skipped.*a.png: empty file.*b.png: too small"):
+        ingest_files([tmp_path / "a.png", tmp_path / "b.png"], tmp_path / "s.zarr", IngestOptions())
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_rgb_becomes_gray_by_the_documented_rule(tmp_path):
+    rgb = np.zeros((32, 32, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    rgb[:16, :, 1] = 255
+    write_png(tmp_path / "rgb.png", rgb)
+    result = ingest_files([tmp_path / "rgb.png"], tmp_path / "s.zarr", IngestOptions())
+    image = stored(result.uri)["images"][0]
+    # ITU-R BT.601 luma: 0.299 R + 0.587 G + 0.114 B, rounded.
+    assert image[20, 0] == round(0.299 * 255) and image[0, 0] == round((0.299 + 0.587) * 255)
+
+
+def test_16_bit_images_make_a_16_bit_stack(tmp_path):
+    deep = [write_png(tmp_path / f"d{i}.png", texture(i, (20, 24), np.uint16)) for i in range(3)]
+    result = ingest_files([tmp_path], tmp_path / "s.zarr", IngestOptions())
+    images = stored(result.uri)["images"]
+    assert images.dtype == np.uint16 and images.shape == (3, 20, 24)
+    np.testing.assert_array_equal(images[:], np.stack(deep))
+
+
+def test_pad_puts_different_sizes_in_one_stack(tmp_path):
+    small = write_png(tmp_path / "a.png", texture(1, (20, 32)))
+    large = write_png(tmp_path / "b.png", texture(2, (32, 24)))
+    result = ingest_files([tmp_path / "a.png", tmp_path / "b.png"], tmp_path / "s.zarr", IngestOptions(pad=True))
+    assert not result.problems
+    group = stored(result.uri)
+    images = group["images"][:]
+    assert images.shape == (2, 32, 32)
+    np.testing.assert_array_equal(images[0, :20, :32], small)
+    np.testing.assert_array_equal(images[1, :32, :24], large)
+    assert not images[0, 20:].any() and not images[1, :, 24:].any()
+    np.testing.assert_array_equal(group["image_shapes"][:], [[20, 32], [32, 24]])
+
+
+def test_strip_is_one_tiled_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(layout, "STRIP_TILE", 32)
+    strip = write_png(tmp_path / "strip.png", texture(3, (100, 70)))
+    result = ingest_files([tmp_path / "strip.png"], tmp_path / "s.zarr", IngestOptions(kind="strip"))
+    images = stored(result.uri)["images"]
+    assert images.shape == (100, 70) and images.chunks == (32, 32)
+    np.testing.assert_array_equal(images[:], strip)
+    write_png(tmp_path / "other.png", texture(4, (100, 70)))
+    with pytest.raises(DataError, match="a strip image set holds exactly one image; got 2 files"):
+        ingest_files([tmp_path / "strip.png", tmp_path / "other.png"], tmp_path / "t.zarr", IngestOptions(kind="strip"))
+
+
+def test_sharded_stack_spans_several_shards(tmp_path, monkeypatch):
+    # Shards of 3 images: the writer must flush full shards and a partial last one.
+    monkeypatch.setattr(layout, "SHARD_TARGET_BYTES", 3 * 32 * 32)
+    images = good_images(tmp_path / "in", n=8)
+    result = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(workers=2))
+    array = stored(result.uri)["images"]
+    assert array.shards == (3, 32, 32) and array.shape == (8, 32, 32)
+    np.testing.assert_array_equal(array[:], np.stack(images))
+    assert not layout.missing_chunks(array)
+
+
+def test_dagm_folder_brings_labels_and_classes(tmp_path):
+    for class_name, seed in (("Class1", 10), ("Class2", 20)):
+        folder = tmp_path / "DAGM" / class_name / "Train"
+        (folder / "Label").mkdir(parents=True)
+        for i in range(3):
+            write_png(folder / f"{i + 1:04d}.PNG", texture(seed + i))
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[4:10, 5:12] = 255
+        write_png(folder / "Label" / "0002_label.PNG", mask)
+        (folder / "Label" / "Labels.txt").write_text("3\n1\t0\t0001.PNG\t0\t0\n2\t1\t0002.PNG\t0\t0002_label.PNG\n3\t0\t0003.PNG\t0\t0\n")
+
+    result = ingest_files([tmp_path / "DAGM"], tmp_path / "s.zarr", IngestOptions())
+    group = stored(result.uri)
+    assert group.attrs["classes"] == ["Class1", "Class2"]
+    assert result.keys[:2] == ["Class1/Train/0001.PNG", "Class1/Train/0002.PNG"]
+    labels = group["labels"][:]
+    assert labels.shape == (6, 32, 32) and labels.dtype == np.uint8
+    assert labels[1, 4:10, 5:12].min() == 1 and labels[1].sum() == 6 * 7
+    assert labels[4, 4:10, 5:12].min() == 2 and labels[4].sum() == 2 * 6 * 7
+    assert not labels[[0, 2, 3, 5]].any()
+    info = layout.describe(group, result.uri)
+    assert info.has_labels and info.classes == ["Class1", "Class2"]
+
+
+def test_dagm_mixed_with_plain_files_is_refused(tmp_path):
+    (tmp_path / "C1" / "Label").mkdir(parents=True)
+    (tmp_path / "C1" / "Label" / "Labels.txt").write_text("0\n")
+    write_png(tmp_path / "plain.png", texture(1))
+    with pytest.raises(DataError, match="cannot mix DAGM folders"):
+        ingest_files([tmp_path / "C1", tmp_path / "plain.png"], tmp_path / "s.zarr", IngestOptions())
+
+
+def test_reingest_is_idempotent_and_other_inputs_are_refused(tmp_path):
+    good_images(tmp_path / "in")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    first = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(lot="L1"))
+    stamp = (tmp_path / "s.zarr" / "zarr.json").stat().st_mtime_ns
+    again = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(lot="L1"))
+    assert again.reused and again.n_images == first.n_images and again.keys == first.keys
+    assert [str(p) for p in again.problems] == [str(p) for p in first.problems]
+    assert (tmp_path / "s.zarr" / "zarr.json").stat().st_mtime_ns == stamp
+
+    with pytest.raises(DataError, match="s.zarr: already exists and holds other images"):
+        ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(lot="L2"))
+    write_png(tmp_path / "in" / "good09.png", texture(99))
+    with pytest.raises(DataError, match="already exists and holds other images"):
+        ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(lot="L1"))
+
+
+def test_default_store_name_follows_the_inputs(tmp_path):
+    good_images(tmp_path / "in")
+    first = ingest_files([tmp_path / "in"], None, IngestOptions(lot="L7"), store_dir=tmp_path / "data")
+    again = ingest_files([tmp_path / "in"], None, IngestOptions(lot="L7"), store_dir=tmp_path / "data")
+    assert first.uri == again.uri and again.reused
+    assert os.path.basename(first.uri).startswith("L7-") and first.uri.startswith(str(tmp_path / "data" / "imagesets"))
+
+
+def test_interrupted_ingest_leaves_no_store(tmp_path):
+    good_images(tmp_path / "in", n=6)
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(), on_progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_times_keys_and_attributes(tmp_path):
+    good_images(tmp_path / "in", n=2)
+    os.utime(tmp_path / "in" / "good00.png", (1_700_000_000, 1_700_000_000))
+    result = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(lot="L1", line="3", product="P", camera="top"))
+    group = stored(result.uri)
+    times = layout.read_times(group, 2, default=None)
+    assert times[0] == dt.datetime.fromtimestamp(1_700_000_000, dt.timezone.utc)
+    assert group.attrs["acquired_at"] == "2023-11-14T22:13:20Z"
+    assert {k: group.attrs[k] for k in ("lot", "line", "product", "camera")} == {"lot": "L1", "line": "3", "product": "P", "camera": "top"}
+    assert group["acquired_at"].attrs["units"] == layout.TIME_UNITS
+
+    fixed = dt.datetime(2026, 3, 1, 8, tzinfo=dt.timezone.utc)
+    result = ingest_files([tmp_path / "in"], tmp_path / "t.zarr", IngestOptions(acquired_at=fixed))
+    assert layout.read_times(stored(result.uri), 2, default=None) == [fixed, fixed]
+
+
+def test_process_pool_gives_the_same_store(tmp_path):
+    images = good_images(tmp_path / "in", n=5)
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    result = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions(workers=2, processes=True))
+    np.testing.assert_array_equal(stored(result.uri)["images"][:], np.stack(images))
+    assert [os.path.basename(p.path) for p in result.problems] == ["empty.png"]
+
+
+def test_tiff_bmp_and_jpeg_inputs(tmp_path):
+    import tifffile
+
+    tiff = texture(1, (32, 32), np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", tiff)
+    tifffile.imwrite(tmp_path / "b.tiff", texture(2, (32, 32), np.uint16))
+    result = ingest_files([tmp_path / "a.tif", tmp_path / "b.tiff"], tmp_path / "s.zarr", IngestOptions())
+    np.testing.assert_array_equal(stored(result.uri)["images"][0], tiff)
+
+    bmp = write_png(tmp_path / "c.bmp", texture(3))
+    Image.fromarray(texture(4)).save(tmp_path / "d.jpg", quality=95)
+    result = ingest_files([tmp_path / "c.bmp", tmp_path / "d.jpg"], tmp_path / "t.zarr", IngestOptions())
+    assert result.n_images == 2 and not result.problems
+    np.testing.assert_array_equal(stored(result.uri)["images"][0], bmp)

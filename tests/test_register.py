@@ -1,0 +1,208 @@
+"""Registering image sets in SQLite and PostgreSQL, from the CLI and the library: ingest, adopt, validate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+from sqlalchemy import func, select
+
+from defectscan.cli.ingest import EXIT_SKIPPED
+from defectscan.data.register import register_store, validate_image_set
+from defectscan.db.schema import Image as ImageRow
+from defectscan.db.schema import ImageSet
+from defectscan.db.session import make_engine, session_factory
+from defectscan.errors import DataError
+
+
+@pytest.fixture
+def session(migrated_url):
+    engine = make_engine(migrated_url)
+    with session_factory(engine)() as session:
+        yield session
+    engine.dispose()
+
+
+def counts(url) -> tuple[int, int]:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        sets = connection.scalar(select(func.count()).select_from(ImageSet))
+        images = connection.scalar(select(func.count()).select_from(ImageRow))
+    engine.dispose()
+    return sets, images
+
+
+def acquisition_store(path, n=5, size=32, zarr_format=2, array="cam0/images", dtype="uint8", **attrs):
+    """A store as an acquisition system might write it: v2, nested array path, its own attributes."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    root.attrs.update({"lot": "A7", "line": "2", "acquired_at": "2026-03-01T06:00:00Z", **attrs})
+    rng = np.random.default_rng(0)
+    array = root.create_array(array, shape=(n, size, size), dtype=dtype, chunks=(1, size, size), fill_value=0)
+    array[:] = rng.integers(1, 200, size=(n, size, size)).astype(dtype)
+    return root
+
+
+def test_ingest_1000_pngs_from_the_cli(tmp_path, migrated_url, cli):
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    base = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
+    for i in range(1000):
+        Image.fromarray(np.roll(base, i, axis=1)).save(tmp_path / "in" / f"{i:04d}.png", compress_level=1)
+    (tmp_path / "in" / "broken.png").write_text("not a png")
+    out = tmp_path / "L1.zarr"
+
+    result = cli("--database-url", migrated_url, "ingest", str(tmp_path / "in"), "--lot", "L1", "--line", "3", "--out", str(out))
+    assert result.exit_code == EXIT_SKIPPED, result.output
+    assert "skipped " + str(tmp_path / "in" / "broken.png") + ": not an image file" in result.output
+    assert "1000 images (1000x64x64 uint8)" in result.output
+    assert counts(migrated_url) == (1, 1000)
+    stack = zarr.open_group(str(out), mode="r")["images"]
+    np.testing.assert_array_equal(stack[999], np.roll(base, 999, axis=1))
+
+    again = cli("--database-url", migrated_url, "ingest", str(tmp_path / "in"), "--lot", "L1", "--line", "3", "--out", str(out))
+    assert again.exit_code == EXIT_SKIPPED and "already holds these 1000 images; image set 1" in again.output
+    assert counts(migrated_url) == (1, 1000)
+
+    listed = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--json").output)
+    assert [(s["id"], s["images"], s["lot"], s["line"], s["shape"]) for s in listed] == [(1, 1000, "L1", "3", [1000, 64, 64])]
+    shown = cli("--database-url", migrated_url, "imagesets", "show", str(out), "--keys", "2")
+    assert shown.exit_code == 0 and "0000.png" in shown.output and "0001.png" in shown.output and "0002.png" not in shown.output
+    valid = cli("--database-url", migrated_url, "imagesets", "validate", "1")
+    assert valid.exit_code == 0 and "OK: 1000 images, checksum matches, every chunk stored" in valid.output
+
+
+def test_register_an_external_v2_store_from_the_cli(tmp_path, migrated_url, cli):
+    acquisition_store(tmp_path / "acq.zarr")
+    result = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images", "--camera", "top")
+    assert result.exit_code == 0, result.output
+    assert "registered image set 1" in result.output and "stack 5x32x32 uint8, 5 images" in result.output
+    shown = json.loads(cli("--database-url", migrated_url, "imagesets", "show", "1", "--json").output)
+    assert (shown["lot"], shown["line"], shown["camera"], shown["array"]) == ("A7", "2", "top", "cam0/images")
+    assert shown["acquired_at"] == "2026-03-01T06:00:00+00:00"
+    # Without a keys array, each image's key is its position.
+    assert [i["key"] for i in shown["first_images"]] == ["0", "1", "2", "3", "4"]
+
+    again = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
+    assert again.exit_code == 0 and "already registered, unchanged: image set 1" in again.output
+    assert counts(migrated_url) == (1, 5)
+    # Nothing was copied: the record points at the store where it is.
+    assert shown["uri"] == str(tmp_path / "acq.zarr")
+
+
+def test_changed_store_is_refused_and_validate_says_what_changed(tmp_path, migrated_url, cli):
+    root = acquisition_store(tmp_path / "acq.zarr")
+    assert cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images").exit_code == 0
+    root["cam0/images"].resize((6, 32, 32))
+    root.attrs["lot"] = "B1"
+
+    refused = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
+    assert refused.exit_code == 1
+    assert "changed since it was registered as image set 1" in refused.output
+    assert "shape [5, 32, 32] -> [6, 32, 32]" in refused.output and "group_attrs['lot'] \"A7\" -> \"B1\"" in refused.output
+    valid = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))
+    assert valid.exit_code == 1 and "shape [5, 32, 32] -> [6, 32, 32]" in valid.output
+    assert counts(migrated_url) == (1, 5)
+
+
+def test_missing_chunks_are_skipped_at_register_and_found_by_validate(tmp_path, migrated_url, cli):
+    acquisition_store(tmp_path / "acq.zarr", n=6)
+    (tmp_path / "acq.zarr" / "cam0" / "images" / "3.0.0").unlink()
+    result = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
+    assert result.exit_code == EXIT_SKIPPED
+    assert "image 3, key 3]: chunk not stored" in result.output
+    assert counts(migrated_url) == (1, 5)
+
+    # A chunk lost after registration.
+    (tmp_path / "acq.zarr" / "cam0" / "images" / "5.0.0").unlink()
+    valid = cli("--database-url", migrated_url, "imagesets", "validate", "1")
+    assert valid.exit_code == 1
+    assert "2 chunk(s) missing: (3, 0, 0), (5, 0, 0)" in valid.output and "positions 3, 5" in valid.output
+
+
+def test_bad_stores_fail_with_one_clear_line(tmp_path, migrated_url, cli):
+    (tmp_path / "plain").mkdir()
+    acquisition_store(tmp_path / "float.zarr", dtype="float32")
+    root = zarr.open_group(str(tmp_path / "rank.zarr"), mode="w")
+    root.create_array("images", shape=(2, 2, 32, 32), dtype="uint8", chunks=(1, 1, 32, 32))
+    cases = {
+        str(tmp_path / "nowhere.zarr"): "nowhere.zarr: does not exist",
+        str(tmp_path / "plain"): "plain: not a Zarr store",
+        str(tmp_path / "float.zarr"): "has dtype float32; expected uint8 or uint16",
+        str(tmp_path / "rank.zarr"): "has rank 4",
+    }
+    for url, message in cases.items():
+        array = "cam0/images" if "float" in url else "images"
+        result = cli("--database-url", migrated_url, "imagesets", "register", url, "--array", array)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.output.startswith("Error: ")
+    assert counts(migrated_url) == (0, 0)
+
+
+def test_register_strip_and_refuse_missing_tiles(tmp_path, session):
+    root = zarr.open_group(str(tmp_path / "strip.zarr"), mode="w")
+    strip = root.create_array("images", shape=(96, 64), dtype="uint16", chunks=(32, 32), fill_value=0)
+    strip[:] = 7
+    registration = register_store(session, str(tmp_path / "strip.zarr"), lot="S1")
+    image_set = registration.image_set
+    assert (image_set.kind, image_set.n_images, image_set.shape, image_set.lot) == ("strip", 1, [96, 64], "S1")
+    assert [(i.position, i.key, i.height, i.width) for i in image_set.images] == [(0, "0", 96, 64)]
+
+    (tmp_path / "strip.zarr" / "images" / "c" / "2" / "1").unlink()
+    with pytest.raises(DataError, match=r"strip 'images' is incomplete: 1 chunk\(s\) missing: \(2, 1\)"):
+        register_store(session, _copy(tmp_path / "strip.zarr", tmp_path / "copy.zarr"))
+
+
+def _copy(source, target) -> str:
+    shutil.copytree(source, target)
+    return str(target)
+
+
+def test_register_an_fsspec_url_and_validate_it(session):
+    url = "memory://acquisition/line1.zarr"
+    root = zarr.open_group(url, mode="w", zarr_format=3)
+    root.attrs.update({"lot": "M1"})
+    stack = root.create_array("images", shape=(4, 16, 16), dtype="uint8", chunks=(1, 16, 16), fill_value=0)
+    stack[:] = 9
+    keys = root.create_array("keys", shape=(4,), dtype=str, chunks=(4,))
+    keys[:] = np.array(["s1", "s2", "s3", "s4"], dtype=object)
+    times = root.create_array("acquired_at", shape=(4,), dtype="int64", chunks=(4,))
+    times[:] = np.array([0, 1, 2, 3]) * 1_000_000
+
+    registration = register_store(session, url)
+    image_set = registration.image_set
+    assert image_set.uri == url and image_set.lot == "M1"
+    assert [(i.key, i.acquired_at) for i in image_set.images] == [
+        (f"s{k + 1}", dt.datetime(1970, 1, 1, 0, 0, k, tzinfo=dt.timezone.utc)) for k in range(4)
+    ]
+    report = validate_image_set(session, image_set.id)
+    assert report.ok and report.info.zarr_format == 3
+
+
+def test_validate_an_unregistered_store_and_unknown_ids(tmp_path, migrated_url, cli):
+    acquisition_store(tmp_path / "acq.zarr", zarr_format=3, array="images")
+    result = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))
+    assert result.exit_code == 0 and "(not registered): OK: 5 images, every chunk stored" in result.output
+    unknown = cli("--database-url", migrated_url, "imagesets", "show", "42")
+    assert unknown.exit_code == 1 and "no image set '42' is registered" in unknown.output
+    assert cli("--database-url", migrated_url, "imagesets", "list").output.strip() == "no image sets registered"
+
+
+def test_ingest_then_list_filters_and_table(tmp_path, migrated_url, cli):
+    for lot in ("L1", "L2"):
+        folder = tmp_path / lot
+        folder.mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((16, 16), i * 40 + 1, dtype=np.uint8)).save(folder / f"{i}.png")
+        result = cli("--database-url", migrated_url, "ingest", str(folder), "--lot", lot, "--acquired-at", f"2026-03-0{lot[1]}T08:00:00Z", "--out", str(tmp_path / f"{lot}.zarr"))
+        assert result.exit_code == 0, result.output
+    table = cli("--database-url", migrated_url, "imagesets", "list", "--lot", "L2").output.splitlines()
+    assert table[0].split()[:6] == ["id", "kind", "images", "shape", "dtype", "lot"]
+    assert len(table) == 2 and table[1].split()[:6] == ["2", "stack", "2", "2x16x16", "uint8", "L2"]
+    newest_first = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--json").output)
+    assert [s["lot"] for s in newest_first] == ["L2", "L1"]
+    assert newest_first[0]["acquired_at"] == "2026-03-02T08:00:00+00:00"
