@@ -91,7 +91,7 @@ def upgrade() -> None:
     sa.Column('n_images', sa.Integer(), nullable=False),
     sa.Column('n_inspected', sa.Integer(), nullable=False),
     sa.Column('n_skipped', sa.Integer(), nullable=False),
-    sa.Column('n_failed', sa.Integer(), nullable=False),
+    sa.Column('n_errors', sa.Integer(), nullable=False),
     sa.Column('n_defects', sa.BigInteger(), nullable=False),
     sa.Column('images_per_second', sa.Float(), nullable=True),
     sa.Column('timings', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True),

@@ -189,7 +189,7 @@ class JobRun(Base):
     n_images: Mapped[int] = mapped_column(Integer, default=0)
     n_inspected: Mapped[int] = mapped_column(Integer, default=0)
     n_skipped: Mapped[int] = mapped_column(Integer, default=0)
-    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    n_errors: Mapped[int] = mapped_column(Integer, default=0)
     n_defects: Mapped[int] = mapped_column(BigInteger, default=0)
     images_per_second: Mapped[float | None] = mapped_column(Float)
     timings: Mapped[dict[str, Any] | None] = mapped_column(Json)

@@ -45,18 +45,18 @@ class TileShard:
     window_shape: tuple[int, int]
 
 
-def plan_stack(image_set_id: int, n_images: int, images_per_shard: int, done: np.ndarray | None = None) -> Iterator[StackShard]:
-    """Shards on a fixed grid of `images_per_shard` images; shards whose images are all done are left out.
+def plan_stack(image_set_id: int, n_images: int, images_per_shard: int, pending: np.ndarray | None = None) -> Iterator[StackShard]:
+    """Shards on a fixed grid of `images_per_shard` images, left out where no image is pending.
 
-    `done` holds the positions already inspected (any order). The grid does not move when some
-    images are done, so a shard always owns the same output chunks.
+    `pending` holds the positions that need results (None: all). The grid does not move when
+    some images are done, so a shard always owns the same output chunks.
     """
-    done_mask = np.zeros(n_images, dtype=bool)
-    if done is not None and len(done):
-        done_mask[np.asarray(done, dtype=np.int64)] = True
+    wanted = np.ones(n_images, dtype=bool) if pending is None else np.zeros(n_images, dtype=bool)
+    if pending is not None and len(pending):
+        wanted[np.asarray(pending, dtype=np.int64)] = True
     for start in range(0, n_images, images_per_shard):
         stop = min(start + images_per_shard, n_images)
-        todo = np.flatnonzero(~done_mask[start:stop]) + start
+        todo = np.flatnonzero(wanted[start:stop]) + start
         if todo.size:
             yield StackShard(image_set_id, start, stop, tuple(int(p) for p in todo))
 

@@ -1,0 +1,122 @@
+"""Connect to the Dask cluster that runs inspections, or start a local one.
+
+The client process never imports TensorFlow: workers are separate (spawned) processes that
+load it themselves, so the client stays small and fork-safety never comes up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from defectscan.config import ClusterSettings, TLSSettings
+from defectscan.errors import DefectscanError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    n_workers: int
+    # Inference tasks ask for resources={"GPU": 1} when the workers advertise GPUs.
+    gpu: bool
+    dashboard: str | None
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs visible to this machine, without importing TensorFlow."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def security(tls: TLSSettings):
+    if not tls.enabled:
+        return None
+    from distributed.security import Security
+
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name)
+        if not path.is_file():
+            raise DefectscanError(f"cluster.tls.{name}: {path} does not exist")
+    return Security(
+        tls_ca_file=str(tls.ca_file),
+        tls_client_cert=str(tls.cert_file),
+        tls_client_key=str(tls.key_file),
+        tls_worker_cert=str(tls.cert_file),
+        tls_worker_key=str(tls.key_file),
+        tls_scheduler_cert=str(tls.cert_file),
+        tls_scheduler_key=str(tls.key_file),
+        require_encryption=True,
+    )
+
+
+def _local_cluster(settings: ClusterSettings, n_workers: int | None):
+    gpus = count_gpus()
+    sec = security(settings.tls)
+    protocol = {"protocol": "tls", "security": sec} if sec is not None else {}
+    if gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            LocalCUDACluster = None
+        if LocalCUDACluster is not None:
+            return LocalCUDACluster(threads_per_worker=1, resources={"GPU": 1}, **protocol)
+    from distributed import LocalCluster
+
+    cores = os.cpu_count() or 1
+    workers = n_workers or settings.n_workers or (gpus or max(1, cores // 2))
+    threads = max(1, cores // workers)
+    # TensorFlow sizes its thread pools from the machine: share the cores between workers instead.
+    env = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=settings.threads_per_worker,
+        processes=True,
+        memory_limit=settings.memory_limit,
+        resources={"GPU": 1} if gpus else None,
+        dashboard_address=":0",
+        env=env,
+        **protocol,
+    )
+
+
+@contextmanager
+def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout: float = 30) -> Iterator[tuple[object, ClusterInfo]]:
+    """A distributed Client on the configured scheduler, or on a local cluster started for the run."""
+    from distributed import Client
+
+    cluster = None
+    try:
+        if settings.scheduler:
+            try:
+                client = Client(settings.scheduler, security=security(settings.tls), timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise DefectscanError(f"cannot connect to the Dask scheduler at {settings.scheduler}: {exc}") from None
+        else:
+            cluster = _local_cluster(settings, n_workers)
+            client = Client(cluster, timeout=timeout)
+        with client:
+            workers = client.scheduler_info()["workers"]
+            if not workers:
+                client.wait_for_workers(1, timeout=timeout)
+                workers = client.scheduler_info()["workers"]
+            gpu = any(w.get("resources", {}).get("GPU") for w in workers.values())
+            info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link)
+            log.info("Dask cluster: %d workers%s, dashboard %s", info.n_workers, " with GPUs" if gpu else "", info.dashboard)
+            yield client, info
+    finally:
+        if cluster is not None:
+            cluster.close()

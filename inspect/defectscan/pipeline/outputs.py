@@ -1,0 +1,73 @@
+"""Where probability maps go: a Zarr store next to the image set, one array per model version.
+
+`/data/L042.zarr` -> `/data/L042.masks.zarr`, array `<model name>/<version>`: uint8 scores
+(probability x 255), shape (N, C, H, W) for a stack, (C, H, W) for a strip, chunked like the
+pipeline's shards write them (whole images; strip tiles), so every writer owns whole chunks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from defectscan.errors import DataError
+from defectscan.pipeline.worker import ArrayRef
+
+SUFFIX = ".masks.zarr"
+
+
+def masks_uri(image_set_uri: str, output_dir: Path | None) -> str:
+    base = image_set_uri.rstrip("/")
+    name = base.rsplit("/", 1)[-1]
+    stem = name[: -len(".zarr")] if name.endswith(".zarr") else name
+    if output_dir is not None:
+        return str(Path(output_dir).expanduser().resolve() / f"{stem}{SUFFIX}")
+    return f"{base[: len(base) - len(name)]}{stem}{SUFFIX}"
+
+
+def prepare_output(
+    image_set_uri: str,
+    kind: str,
+    shape: tuple[int, ...],
+    n_classes: int,
+    model_name: str,
+    model_version: str,
+    *,
+    images_per_file: int,
+    images_per_shard: int,
+    tile_size: int,
+    output_dir: Path | None,
+    attributes: dict,
+) -> ArrayRef:
+    """Create (or reopen, after checking its shape) the score array for one image set and model version."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    uri = masks_uri(image_set_uri, output_dir)
+    path = f"{model_name}/{model_version}"
+    if kind == "stack":
+        n, height, width = shape
+        full = (n, n_classes, height, width)
+        chunks = (1, n_classes, height, width)
+        shards = (images_per_file, n_classes, height, width)
+    else:
+        height, width = shape
+        full = (n_classes, height, width)
+        chunks = (n_classes, tile_size, tile_size)
+        shards = None
+    try:
+        group = zarr.open_group(uri, mode="a")
+        array = group.require_array(
+            path, shape=full, chunks=chunks, shards=shards, dtype="uint8", fill_value=0,
+            compressors=ZstdCodec(level=3), attributes=attributes,
+        )
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{uri}: existing score array '{path}' does not fit this image set ({full}, chunks {chunks}): {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{uri}: cannot create the score array '{path}': {exc}") from None
+    if kind == "stack" and array.shards is not None and images_per_shard % array.shards[0]:
+        # Two pipeline shards writing one Zarr shard would overwrite each other's images.
+        raise DataError(
+            f"{uri}: score array '{path}' is stored in files of {array.shards[0]} images; "
+            f"inspection.images_per_shard ({images_per_shard}) must be a multiple of it"
+        )
+    return ArrayRef(uri, path)

@@ -1,0 +1,157 @@
+"""`inspect_image_sets` on a real LocalCluster (separate worker processes), real Zarr, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from sqlalchemy import func, select
+
+from defectscan.config import load_settings
+from defectscan.db.schema import Defect, Image, Inspection, JobRun
+from defectscan.db.session import make_engine, session_factory
+from defectscan.errors import DataError, ModelError
+from defectscan.pipeline import rle
+from defectscan.pipeline.outputs import masks_uri
+from defectscan.pipeline.run import inspect_image_sets
+
+from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack, write_strip
+
+DEFECTS = {1: (10, 10, 6), 5: (30, 40, 8), 17: (0, 0, 5)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
+        yield client
+
+
+@pytest.fixture
+def factory(migrated_url):
+    engine = make_engine(migrated_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "8",
+                                  "DEFECTSCAN_INSPECTION__TILE_SIZE": "128", "DEFECTSCAN_INSPECTION__HALO": "16"}).inspection
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    return save_threshold_model(tmp_path / "threshold.keras")
+
+
+def _run(factory, cluster, model, image_sets, settings, **kwargs):
+    return inspect_image_sets(factory, cluster, model, image_sets, settings, max_in_flight=2, **kwargs)
+
+
+def _table(factory):
+    with factory() as session:
+        rows = session.execute(
+            select(Image.image_set_id, Image.position, Inspection.verdict, Inspection.n_defects, Inspection.defect_pixels,
+                   Inspection.max_score, Inspection.error)
+            .join(Inspection, Inspection.image_id == Image.id).order_by(Image.image_set_id, Image.position)
+        ).all()
+        defects = session.execute(
+            select(Image.position, Defect.class_name, Defect.bbox_y0, Defect.bbox_x0, Defect.bbox_y1, Defect.bbox_x1, Defect.area, Defect.rle)
+            .join(Inspection, Defect.inspection_id == Inspection.id).join(Image, Inspection.image_id == Image.id)
+            .order_by(Image.image_set_id, Image.position, Defect.bbox_y0)
+        ).all()
+    return [tuple(r) for r in rows], [tuple(d) for d in defects]
+
+
+def test_stack_and_strip_are_inspected_recorded_and_rerun_safely(factory, cluster, settings, model_path, tmp_path):
+    stack_path = write_stack(tmp_path / "L1.zarr", square_images(20, defects=DEFECTS))
+    strip = square_images(1, size=512, seed=9)[0][:300, :500].copy()
+    strip[100:110, 60:400] = 250  # a bar across three 128-pixel tiles
+    strip_path = write_strip(tmp_path / "S1.zarr", strip)
+    image_sets = [register(factory, stack_path), register(factory, strip_path)]
+    model = add_model(factory, model_path)
+
+    summary = _run(factory, cluster, model, image_sets, settings)
+    assert summary.status == "succeeded"
+    assert (summary.n_images, summary.n_skipped, summary.counts.inspected, summary.counts.errors) == (21, 0, 21, 0)
+
+    rows, defects = _table(factory)
+    stack_rows = [r for r in rows if r[0] == image_sets[0].id]
+    assert [r[1] for r in stack_rows] == list(range(20))
+    failed = {r[1]: r for r in stack_rows if r[2] == "fail"}
+    assert sorted(failed) == sorted(DEFECTS)
+    for position, (y, x, side) in DEFECTS.items():
+        assert failed[position][3:5] == (1, side * side)
+        assert failed[position][5] > 0.9
+    assert all(r[3] == 0 and r[5] < 0.5 for r in stack_rows if r[1] not in DEFECTS)
+
+    strip_defects = [d for d in defects if d[0] == 0 and d[2] == 100 and d[3] == 60]
+    assert strip_defects == [(0, "defect", 100, 60, 110, 400, 3400, "0 3400")]
+    assert rle.decode(strip_defects[0][7], (10, 340)).all()
+
+    # probability maps next to the image set, one array per model version
+    scores = zarr.open_array(masks_uri(str(stack_path), None), path="threshold/1", mode="r")
+    assert scores.shape == (20, 1, 64, 64)
+    y, x, side = DEFECTS[5]
+    assert scores[5, 0, y : y + side, x : x + side].min() > 230
+    assert scores[4].max() < 128
+
+    with factory() as session:
+        run = session.get(JobRun, summary.job_run_id)
+        assert (run.status, run.n_images, run.n_inspected, run.n_errors, run.n_defects) == ("succeeded", 21, 21, 0, 4)
+        assert run.finished_at is not None and run.images_per_second > 0
+
+    again = _run(factory, cluster, model, image_sets, settings)
+    assert (again.status, again.n_images, again.n_skipped, again.counts.inspected) == ("succeeded", 21, 21, 0)
+    assert _table(factory) == (rows, defects)
+
+    with factory() as session:
+        first_ids = set(session.scalars(select(Inspection.id)))
+    forced = _run(factory, cluster, model, image_sets, settings, force=True)
+    assert (forced.n_skipped, forced.counts.inspected) == (0, 21)
+    assert _table(factory) == (rows, defects)
+    with factory() as session:
+        assert not first_ids & set(session.scalars(select(Inspection.id)))
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 21
+
+
+def test_model_file_that_does_not_match_is_refused_before_any_work(factory, cluster, settings, model_path, tmp_path):
+    image_set = register(factory, write_stack(tmp_path / "L2.zarr", square_images(4)))
+    model = add_model(factory, model_path)
+    with model_path.open("ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(ModelError, match="does not match its registration"):
+        _run(factory, cluster, model, [image_set], settings)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(JobRun)) == 0
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 0
+
+
+def test_unreadable_chunk_is_an_error_row_and_the_run_partial(factory, cluster, settings, model_path, tmp_path):
+    path = write_stack(tmp_path / "L3.zarr", square_images(12, defects={3: (5, 5, 6)}))
+    image_set = register(factory, path)
+    model = add_model(factory, model_path)
+    chunk = path / "images" / "c" / "7" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not zstd at all")
+
+    summary = _run(factory, cluster, model, [image_set], settings)
+    assert (summary.status, summary.counts.inspected, summary.counts.errors) == ("partial", 11, 1)
+    rows, _ = _table(factory)
+    errors = [r for r in rows if r[2] == "error"]
+    assert [r[1] for r in errors] == [7]
+    assert "cannot read image 7" in errors[0][6]
+    assert [r[1] for r in rows if r[2] == "fail"] == [3]
+    with factory() as session:
+        assert session.get(JobRun, summary.job_run_id).status == "partial"
+
+
+def test_changed_store_is_refused(factory, cluster, settings, model_path, tmp_path):
+    path = write_stack(tmp_path / "L4.zarr", square_images(4))
+    image_set = register(factory, path)
+    model = add_model(factory, model_path)
+    zarr.open_group(path, mode="a").attrs["lot"] = "L4-renamed"
+    with pytest.raises(DataError, match="changed since it was registered"):
+        _run(factory, cluster, model, [image_set], settings)
