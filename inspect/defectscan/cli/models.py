@@ -1,7 +1,229 @@
-"""`defectscan train | evaluate | models` (lands with the model issue)."""
+"""`defectscan train | evaluate | models`: train, evaluate, export and register defect models."""
 
-from defectscan.cli.app import not_yet_available
+from __future__ import annotations
 
-train = not_yet_available("train", "Train a TinyUNet defect model.", "defectscan train configs/model/tinyunet-dagm.yaml --data out/dagm")
-evaluate = not_yet_available("evaluate", "Evaluate a model on a dataset.", "defectscan evaluate model.keras --data out/dagm")
-models = not_yet_available("models", "Register, list and show model versions.", "defectscan models list")
+import json
+from pathlib import Path
+
+import click
+
+from defectscan.cli.app import AppContext, pass_app
+
+_RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
+@click.command("train")
+@click.argument("recipe", type=_RECIPE)
+@click.option("--data", "data_path", metavar="PATH", help="Dataset folder or Zarr store (overrides data.path).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder: checkpoints, logs, model.keras.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. train.steps=100 (repeatable).")
+@click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), help="Also write a SavedModel for serving here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[str, ...], strict: bool, export_dir: Path | None, quiet: bool) -> None:
+    """Train a TinyUNet defect model from a recipe; a rerun resumes from the last checkpoint.
+
+    \b
+    Example:
+        defectscan train configs/model/tinyunet-dagm.yaml --data data/dagm --out runs/dagm
+        defectscan train configs/model/tinyunet-dagm.yaml --data data/dagm --out runs/quick --set train.steps=200
+    """
+    from defectscan.model.recipe import load_recipe
+    from defectscan.model.train import train as run_training
+
+    if strict:
+        overrides = (*overrides, "data.strict=true")
+    settings = load_recipe(recipe, overrides, data_path)
+    result = run_training(settings, out_dir, progress=not quiet)
+    click.echo(f"trained to step {result.step} (resumed from {result.resumed_from}) in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")
+    click.echo(f"last loss {_fmt(result.last_loss)}, Dice@0.5 on the last batch {_fmt(result.last_dice)}")
+    if result.finished:
+        click.echo(f"model: {result.model_path}")
+        if export_dir is not None:
+            from defectscan.model.export import export_saved_model
+
+            export_saved_model(result.model_path, export_dir)
+            click.echo(f"SavedModel: {export_dir}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+
+@click.command("evaluate")
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--data", "data_path", metavar="PATH", required=True, help="Dataset folder (DAGM layout or images folder) or Zarr store.")
+@click.option("--format", "data_format", type=click.Choice(["dagm", "folders", "zarr"]), default="dagm", show_default=True)
+@click.option("--split", type=click.Choice(["Train", "Test"]), default="Test", show_default=True, help="DAGM split.")
+@click.option("--masks", metavar="DIR", help="Masks folder (folders format).")
+@click.option("--class", "classes", multiple=True, metavar="NAME", help="DAGM: ClassN folder to use (repeatable; default all). Folders: class names.")
+@click.option("--per-class", is_flag=True, help="DAGM: one class per ClassN folder (for multi-class models).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
+@pass_app
+def evaluate(
+    app: AppContext,
+    model_ref: str,
+    data_path: str,
+    data_format: str,
+    split: str,
+    masks: str | None,
+    classes: tuple[str, ...],
+    per_class: bool,
+    batch_size: int,
+    json_path: Path | None,
+    strict: bool,
+) -> None:
+    """Score a model on a labelled dataset: Dice, IoU, image-level TPR/TNR per threshold, pixel AUROC.
+
+    MODEL is a .keras file or a registered NAME[:VERSION] (checked against its sha256).
+
+    \b
+    Example:
+        defectscan evaluate runs/dagm/model.keras --data data/dagm --json runs/dagm/evaluation.json
+        defectscan evaluate tinyunet-dagm:1 --data data/dagm --class Class1
+    """
+    from defectscan.model.evaluate import evaluate_model, format_table, write_metrics
+    from defectscan.model.recipe import DataSpec, Recipe
+    from defectscan.model.train import open_dataset
+
+    model = _load(app, model_ref)
+    spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict)
+    images = open_dataset(Recipe(data=spec), split=split)
+    for problem in images.problems:
+        click.echo(f"skipped {problem}", err=True)
+    metrics = evaluate_model(model, images, batch_size=batch_size)
+    click.echo(format_table(metrics))
+    if json_path is not None:
+        click.echo(f"metrics: {write_metrics(metrics, json_path)}")
+
+
+def _load(app: AppContext, reference: str):
+    """A model from a .keras path, or from the registry by NAME[:VERSION]."""
+    from defectscan.model.export import load_model
+
+    if reference.endswith(".keras") or Path(reference).exists():
+        return load_model(reference)
+    from defectscan.model.registry import load_registered
+
+    with app.session() as session:
+        return load_registered(session, reference)[1]
+
+
+@click.group("models")
+def models() -> None:
+    """Register, list and show model versions in the results database.
+
+    \b
+    Example:
+        defectscan models register runs/dagm/model.keras --name tinyunet-dagm --version 1
+        defectscan models list
+    """
+
+
+@models.command("register")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=False)
+@click.option("--name", help="Model name (default: from --metadata).")
+@click.option("--version", "version", help="Version within the name (default: from --metadata).")
+@click.option("--metadata", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="JSON/YAML: name, version, classes, threshold, training, metrics.")
+@click.option("--class", "classes", multiple=True, metavar="NAME", help="Class names in output-channel order (repeatable).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Probability above which a pixel is a defect.")
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Evaluation JSON from `defectscan evaluate --json`.")
+@click.option("--stage", type=click.Choice(["staging", "production", "archived"]), default="staging", show_default=True)
+@click.option("--description", help="Free text.")
+@click.option("--demo", is_flag=True, help="Register the demo model shipped with defectscan (no PATH needed).")
+@pass_app
+def register_command(
+    app: AppContext,
+    path: Path | None,
+    name: str | None,
+    version: str | None,
+    metadata: Path | None,
+    classes: tuple[str, ...],
+    threshold: float | None,
+    metrics_path: Path | None,
+    stage: str,
+    description: str | None,
+    demo: bool,
+) -> None:
+    """Record a .keras model file with its checksum, classes, threshold and metrics.
+
+    \b
+    Example:
+        defectscan models register runs/dagm/model.keras --name tinyunet-dagm --version 1 --metrics runs/dagm/evaluation.json
+        defectscan models register --demo
+    """
+    from defectscan.errors import ModelError
+    from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, read_metadata, register_model
+
+    if demo:
+        path, metadata = path or DEMO_MODEL, metadata or DEMO_METADATA
+    if path is None:
+        raise ModelError("give the model file PATH, or --demo for the demo model")
+    meta = read_metadata(metadata) if metadata is not None else None
+    metrics = json.loads(metrics_path.read_text()) if metrics_path is not None else None
+    with app.session() as session:
+        row = register_model(
+            session,
+            path,
+            name=name,
+            version=version,
+            metadata=meta,
+            classes=list(classes) or None,
+            threshold=threshold,
+            metrics=metrics,
+            stage=stage,
+            description=description,
+        )
+        click.echo(f"registered {row.name}:{row.version} ({row.architecture}, classes {', '.join(row.classes)}) sha256 {row.sha256[:12]} from {row.uri}")
+
+
+@models.command("list")
+@click.option("--name", help="Only this model name.")
+@pass_app
+def list_command(app: AppContext, name: str | None) -> None:
+    """List registered model versions.
+
+    \b
+    Example:
+        defectscan models list
+        defectscan models list --name tinyunet-dagm
+    """
+    from defectscan.model.registry import list_models
+
+    with app.session() as session:
+        rows = list_models(session, name)
+    if not rows:
+        click.echo("no models registered")
+        return
+    click.echo(f"{'name':<28} {'version':<10} {'stage':<11} {'classes':<24} {'threshold':>9}  {'Dice@0.5':>8}  sha256")
+    for row in rows:
+        dice = ((row.metrics or {}).get("thresholds") or {}).get("0.5", {}).get("dice")
+        shown = "-" if dice is None else f"{dice:.4f}"
+        click.echo(f"{row.name:<28} {row.version:<10} {row.stage:<11} {','.join(row.classes):<24} {row.threshold:>9.3f}  {shown:>8}  {row.sha256[:12]}")
+
+
+@models.command("show")
+@click.argument("reference", metavar="NAME[:VERSION]")
+@click.option("--verify", is_flag=True, help="Also check the file against the recorded sha256.")
+@pass_app
+def show_command(app: AppContext, reference: str, verify: bool) -> None:
+    """Show one registered model as JSON (the latest version when VERSION is left out).
+
+    \b
+    Example:
+        defectscan models show tinyunet-dagm:1
+        defectscan models show tinyunet-dagm --verify
+    """
+    from defectscan.model.export import verify_sha256
+    from defectscan.model.registry import describe, get_model, to_json
+
+    with app.session() as session:
+        row = get_model(session, reference)
+    if verify:
+        verify_sha256(row.uri, row.sha256)
+    click.echo(to_json(describe(row)))
+    if verify:
+        click.echo(f"{row.uri}: sha256 matches", err=True)

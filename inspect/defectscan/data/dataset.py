@@ -1,0 +1,182 @@
+"""Labelled images for training and evaluation, and the one tf.data pipeline that feeds the model.
+
+Every reader (DAGM folders, image + mask folders, Zarr image sets) produces a `LabelledImages`:
+keys, class names and a `load(i)` returning (image uint8 (H, W), class map uint8 (H, W)), 0 being
+no defect and k the k-th class. The pipeline then does, in this order: decode (through the
+reader, in parallel), cache (memory or a file, so large sets need not fit in memory), repeat,
+shuffle, random crop (part of the crops centred on a defect), random horizontal flip + rot90,
+scale x / 127.5 - 1, one sigmoid target channel per class, batch, prefetch.
+
+The training stream is a pure function of the seed: element i of the stream always gets the
+same image and the same augmentation, so a resumed run sees exactly what an uninterrupted one
+would (`start_step` skips what was already trained on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from defectscan.data.problems import ProblemLog
+from defectscan.errors import DataError
+
+
+@dataclass
+class LabelledImages:
+    """A dataset of same-sized images with per-pixel class maps, read lazily by index."""
+
+    name: str
+    keys: list[str]
+    classes: list[str]
+    shape: tuple[int, int]
+    loader: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    defective: list[bool]
+    problems: ProblemLog = field(default_factory=ProblemLog)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.loader(index)
+
+    def describe(self) -> str:
+        return f"{self.name}: {len(self)} images {self.shape[0]}x{self.shape[1]}, {sum(self.defective)} defective, classes {', '.join(self.classes)}; {self.problems.summary()}"
+
+
+def _require_images(images: LabelledImages) -> None:
+    if len(images) == 0:
+        raise DataError(f"{images.name}: no usable images ({images.problems.summary()})")
+
+
+def _decode_fn(images: LabelledImages):
+    import tensorflow as tf
+
+    height, width = images.shape
+
+    def load(index):
+        image, classes = images.load(int(index))
+        return image, classes
+
+    def decode(index):
+        image, classes = tf.numpy_function(load, [index], (tf.uint8, tf.uint8), stateful=False)
+        image = tf.ensure_shape(image, (height, width))[..., None]
+        classes = tf.ensure_shape(classes, (height, width))[..., None]
+        return image, classes
+
+    return decode
+
+
+def _targets(classes, num_classes: int):
+    import tensorflow as tf
+
+    ids = tf.cast(tf.range(1, num_classes + 1), tf.uint8)
+    return tf.cast(tf.equal(classes, ids), tf.float32)
+
+
+def _crop(image, classes, crop_size: int, defect_fraction: float, seed):
+    """A crop_size square; with probability defect_fraction it contains a defect pixel (when there is one)."""
+    import tensorflow as tf
+
+    height, width = image.shape[0], image.shape[1]
+    u = tf.random.stateless_uniform([5], seed=seed)
+    foreground = tf.where(classes[..., 0] > 0)
+    count = tf.shape(foreground)[0]
+    use_defect = tf.logical_and(u[0] < defect_fraction, count > 0)
+    pick = tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), tf.maximum(count - 1, 0))
+    centre = tf.cond(use_defect, lambda: tf.cast(foreground[pick], tf.float32), lambda: tf.constant([-1.0, -1.0]))
+    # Defect-centred crops are jittered by up to a quarter crop so the defect is not always central.
+    jitter = (u[2:4] - 0.5) * (crop_size / 2)
+    corner_defect = centre - crop_size / 2 + jitter
+    corner_random = u[3:5] * tf.constant([height - crop_size, width - crop_size], tf.float32)
+    corner = tf.where(use_defect, corner_defect, corner_random)
+    top = tf.clip_by_value(tf.cast(corner[0], tf.int32), 0, height - crop_size)
+    left = tf.clip_by_value(tf.cast(corner[1], tf.int32), 0, width - crop_size)
+    return image[top : top + crop_size, left : left + crop_size], classes[top : top + crop_size, left : left + crop_size]
+
+
+def _flip_rotate(image, target, seed):
+    import tensorflow as tf
+
+    u = tf.random.stateless_uniform([2], seed=seed)
+    flip = u[0] < 0.5
+    image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    target = tf.cond(flip, lambda: tf.reverse(target, [1]), lambda: target)
+    k = tf.cast(u[1] * 4, tf.int32)
+    return tf.image.rot90(image, k), tf.image.rot90(target, k)
+
+
+def training_dataset(
+    images: LabelledImages,
+    *,
+    batch_size: int,
+    seed: int,
+    crop_size: int | None = None,
+    defect_crop_fraction: float = 0.5,
+    cache: str = "memory",
+    shuffle_buffer: int = 1024,
+    start_step: int = 0,
+    augment: bool = True,
+    parallel: int | None = None,
+):
+    """An endless, seeded stream of (x (B, h, w, 1) float32, y (B, h, w, classes) float32) batches.
+
+    cache: "memory", "none", or a file path prefix (TensorFlow's file cache) for sets larger than memory.
+    """
+    import tensorflow as tf
+
+    _require_images(images)
+    height, width = images.shape
+    if crop_size is not None and (crop_size > min(height, width) or crop_size % 16):
+        raise DataError(f"{images.name}: crop_size {crop_size} must be a multiple of 16 and at most the image size {height}x{width}")
+    num_classes = len(images.classes)
+    parallel = parallel or tf.data.AUTOTUNE
+
+    decoded = tf.data.Dataset.range(len(images)).map(_decode_fn(images), num_parallel_calls=parallel, deterministic=True)
+    if cache == "memory":
+        decoded = decoded.cache()
+    elif cache != "none":
+        decoded = decoded.cache(cache)
+    stream = decoded.repeat().shuffle(min(shuffle_buffer, len(images)), seed=seed, reshuffle_each_iteration=True)
+    stream = stream.enumerate().skip(start_step * batch_size)
+
+    def prepare(position, sample):
+        image, classes = sample
+        element_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        if crop_size is not None:
+            image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40])
+        target = _targets(classes, num_classes)
+        if augment:
+            image, target = _flip_rotate(image, target, element_seed)
+        from defectscan.model.preprocess import scale_tensor
+
+        return scale_tensor(image), target
+
+    stream = stream.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(images: LabelledImages, *, batch_size: int = 4, parallel: int | None = None):
+    """Whole images in order, no augmentation: (x float32, y float32 targets) batches."""
+    import tensorflow as tf
+
+    from defectscan.model.preprocess import scale_tensor
+
+    _require_images(images)
+    num_classes = len(images.classes)
+    decoded = tf.data.Dataset.range(len(images)).map(_decode_fn(images), num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+    batches = decoded.map(lambda image, classes: (scale_tensor(image), _targets(classes, num_classes)))
+    return batches.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def check_same_shape(path, array: np.ndarray, expected: tuple[int, int] | None, problems: ProblemLog) -> bool:
+    """Record a problem when `array` is not `expected` (H, W); True when it fits."""
+    if expected is not None and tuple(array.shape) != tuple(expected):
+        problems.add(path, f"wrong size: {array.shape[0]}x{array.shape[1]}, expected {expected[0]}x{expected[1]} like the rest of the dataset")
+        return False
+    return True
+
+
+def merge_class_names(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(names))

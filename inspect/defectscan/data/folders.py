@@ -1,0 +1,103 @@
+"""Read an "images + masks" dataset: two folders, masks matched to images by file stem.
+
+    images/part-001.png      masks/part-001.png   (or part-001_mask.png, part-001_label.png)
+
+An image without a mask is defect-free. Mask pixels: a mask holding only 0 and 255 (or 0/1) is
+one class; otherwise the value k > 0 is class k (1-based index into `classes`). A mask without
+an image, an unreadable file or a wrong size is reported by name (skipped, or raised with strict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from defectscan.data.dataset import LabelledImages, check_same_shape
+from defectscan.data.imagefiles import IMAGE_SUFFIXES, read_image
+from defectscan.data.problems import ProblemLog
+from defectscan.errors import DataError
+from defectscan.model.preprocess import as_uint8
+
+MASK_SUFFIXES = ("", "_mask", "_label")
+
+
+def _mask_stem(path: Path) -> str:
+    stem = path.stem
+    for suffix in MASK_SUFFIXES[1:]:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def mask_to_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    values = np.unique(mask)
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 65535}:
+        return (mask > 0).astype(np.uint8)
+    if values.max() > num_classes:
+        raise DataError(f"mask value {int(values.max())} is above the number of classes ({num_classes})")
+    return mask.astype(np.uint8)
+
+
+def read_folders(
+    images_dir: str | Path,
+    masks_dir: str | Path,
+    classes: Sequence[str] = ("defect",),
+    strict: bool = False,
+) -> LabelledImages:
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: folder does not exist")
+    problems = ProblemLog(strict=strict)
+    image_files = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks: dict[str, Path] = {}
+    for path in sorted(masks_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = _mask_stem(path)
+        if stem not in image_files:
+            problems.add(path, "mask without an image")
+            continue
+        masks[stem] = path
+
+    items: list[tuple[Path, Path | None]] = []
+    shape: tuple[int, int] | None = None
+    for stem, image_path in image_files.items():
+        mask_path = masks.get(stem)
+        try:
+            image = read_image(image_path)
+            if not check_same_shape(image_path, image, shape, problems):
+                continue
+            if mask_path is not None:
+                mask = read_image(mask_path)
+                if mask.shape != image.shape:
+                    problems.add(mask_path, f"wrong size: mask {mask.shape[0]}x{mask.shape[1]} for image {image.shape[0]}x{image.shape[1]}")
+                    continue
+                mask_to_classes(mask, len(classes))
+        except DataError as exc:
+            bad, _, reason = str(exc).partition(": ")
+            if bad != str(image_path) and bad != str(mask_path):
+                bad, reason = str(mask_path or image_path), str(exc)
+            problems.add(bad, f"unreadable: {reason}")
+            continue
+        shape = shape or image.shape
+        items.append((image_path, mask_path))
+
+    def load(index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = items[index]
+        image = as_uint8(read_image(image_path))
+        if mask_path is None:
+            return image, np.zeros(image.shape, np.uint8)
+        return image, mask_to_classes(read_image(mask_path), len(classes))
+
+    return LabelledImages(
+        name=str(images_dir),
+        keys=[p.name for p, _ in items],
+        classes=list(classes),
+        shape=shape or (0, 0),
+        loader=load,
+        defective=[m is not None for _, m in items],
+        problems=problems,
+    )

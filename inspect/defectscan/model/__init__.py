@@ -1,0 +1,1 @@
+"""The defect segmentation model: TinyUNet, its losses and metrics, training, evaluation, export, registry."""

@@ -1,0 +1,57 @@
+"""Training losses of the reference recipe (TensorFlow ops on probability maps).
+
+Shapes: y_true and y_pred are (B, H, W, classes), y_pred being sigmoid probabilities.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+DICE_SMOOTHING = 1.0
+SWITCH_AT = 0.3
+
+
+def dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING):
+    """1 - soft Dice per image (over H, W and classes), averaged over the batch."""
+    y_true = tf.cast(y_true, tf.float32)
+    y_pred = tf.cast(y_pred, tf.float32)
+    intersection = tf.reduce_sum(y_true * y_pred, axis=(1, 2, 3))
+    total = tf.reduce_sum(y_true, axis=(1, 2, 3)) + tf.reduce_sum(y_pred, axis=(1, 2, 3))
+    return 1.0 - tf.reduce_mean((2.0 * intersection + smoothing) / (total + smoothing))
+
+
+def bce_loss(y_true, y_pred):
+    """Mean binary cross-entropy over every pixel and class."""
+    y_true = tf.cast(y_true, tf.float32)
+    y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
+    return -tf.reduce_mean(y_true * tf.math.log(y_pred) + (1.0 - y_true) * tf.math.log(1.0 - y_pred))
+
+
+def adaptive_loss(y_true, y_pred, switch_at: float = SWITCH_AT, smoothing: float = DICE_SMOOTHING):
+    """BCE while the batch's Dice loss is at or above `switch_at`, the Dice loss once it falls below.
+
+    As in the reference, the choice is made per batch: BCE gets the probabilities off the ground,
+    Dice then sharpens the overlap without the background pixels dominating.
+    """
+    dice = dice_loss(y_true, y_pred, smoothing)
+    return tf.where(dice < switch_at, dice, bce_loss(y_true, y_pred))
+
+
+LOSSES = {"adaptive": adaptive_loss, "dice": dice_loss, "bce": bce_loss}
+
+
+def l2_penalty(variables, weight_decay: float):
+    """weight_decay * sum(||w||^2 / 2) over convolution kernels (biases are not decayed)."""
+    kernels = [tf.cast(v, tf.float32) for v in variables if "kernel" in v.path]
+    if not kernels or weight_decay == 0:
+        return tf.constant(0.0)
+    return weight_decay * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
+
+
+def hard_dice(y_true, y_pred, threshold: float = 0.5, eps: float = 1e-5):
+    """Dice of the thresholded prediction per image, averaged (the progress bar's Dice)."""
+    y_true = tf.cast(y_true > 0.5, tf.float32)
+    y_pred = tf.cast(y_pred > threshold, tf.float32)
+    intersection = tf.reduce_sum(y_true * y_pred, axis=(1, 2, 3))
+    total = tf.reduce_sum(y_true, axis=(1, 2, 3)) + tf.reduce_sum(y_pred, axis=(1, 2, 3))
+    return tf.reduce_mean((2.0 * intersection + eps) / (total + eps))

@@ -1,0 +1,129 @@
+"""The training recipe: a YAML file (configs/model/*.yaml) validated into typed settings.
+
+configs/model/tinyunet-dagm.yaml holds the reference recipe; any field can be overridden with
+`--set section.key=value` (the value is read as YAML, so numbers, booleans and lists work).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from defectscan.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    variant: Literal["tinyunet", "unet"] = "tinyunet"
+    # Explicit widths (input block, down blocks..., bottleneck) override the variant's.
+    filters: list[int] | None = None
+    name: str = "tinyunet-defects"
+    version: str = "1"
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class DataSpec(_Section):
+    format: Literal["dagm", "folders", "zarr"] = "dagm"
+    path: str | None = None
+    # folders: where the masks are; dagm: which ClassN folders (all when empty).
+    masks: str | None = None
+    classes: list[str] | None = None
+    # dagm: one output class per ClassN folder instead of one merged "defect" class.
+    per_class: bool = False
+    split: Literal["Train", "Test"] = "Train"
+    tile: int = 512
+    crop_size: int | None = None
+    defect_crop_fraction: float = Field(0.5, ge=0, le=1)
+    cache: str = "memory"
+    shuffle_buffer: int = Field(1024, ge=1)
+    strict: bool = False
+
+
+class OptimizerSpec(_Section):
+    name: Literal["rmsprop"] = "rmsprop"
+    learning_rate: float = Field(1e-4, gt=0)
+    decay_rate: float = Field(0.8, gt=0, le=1)
+    decay_steps: int = Field(500, ge=1)
+    staircase: bool = True
+    rho: float = 0.9
+    momentum: float = 0.8
+    centered: bool = True
+    epsilon: float = 1e-7
+
+
+class LossSpec(_Section):
+    name: Literal["adaptive", "bce", "dice"] = "adaptive"
+    switch_at: float = 0.3
+    smoothing: float = 1.0
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class TrainSpec(_Section):
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(2500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    jit_compile: bool = False
+    distribute: Literal["none", "mirrored"] = "none"
+    # mirrored: devices to replicate over, e.g. ["/gpu:0", "/gpu:1"]; empty = all GPUs (or the CPU).
+    devices: list[str] | None = None
+    deterministic: bool = True
+
+
+class Recipe(_Section):
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    loss: LossSpec = LossSpec()
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        if self.data.crop_size is not None and self.data.crop_size % 16:
+            raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of 16")
+        return self
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data_path: str | None = None) -> Recipe:
+    """Read a recipe file, apply `key.sub=value` overrides, validate; errors name the file and key."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: training recipe not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of recipe sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    if data_path is not None:
+        raw.setdefault("data", {})["path"] = data_path
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "recipe"
+            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError(f"{source}: invalid training recipe: " + "; ".join(problems)) from None
