@@ -124,9 +124,12 @@ def ingest_files(
             if not accepted:
                 raise DataError(_nothing_left("no usable images", problems))
             writer = _Writer(temporary, options, sources, geometry, len(accepted))
-            for source, image, label in _decoded(pool, accepted, sources.labelled, problems, on_progress, writer.window):
-                writer.add(source, image, label)
-            n_images = writer.finish(digest, problems)
+            try:
+                for source, image, label in _decoded(pool, accepted, sources.labelled, problems, on_progress, writer.window):
+                    writer.add(source, image, label)
+                n_images = writer.finish(digest, problems)
+            finally:
+                writer.close()
         if n_images == 0:
             raise DataError(_nothing_left("no usable images", problems))
         os.replace(temporary, out)
@@ -355,14 +358,26 @@ class _Writer:
         self.labels = None
         if sources.labelled:
             self.labels = self.group.create_array(layout.LABELS, shape=shape, dtype="uint8", compressors=layout.compressor("uint8"), **common)
-        self.buffer = np.zeros((self.shard_len, h, w), dtype=dtype) if self.kind == "stack" else None
-        self.label_buffer = np.zeros((self.shard_len, h, w), dtype=np.uint8) if self.labels is not None and self.kind == "stack" else None
+        # Two shard buffers: one is filled while a background thread compresses and writes the
+        # other (compression releases the GIL, decoding PNGs mostly does not).
+        self._spare: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.buffer, self.label_buffer = self._new_buffers() if self.kind == "stack" else (None, None)
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
+        self._pending: Future | None = None
         self.filled = 0
+
+    def _new_buffers(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._spare:
+            return self._spare.pop()
+        h, w = self.geometry.height, self.geometry.width
+        labels = np.zeros((self.shard_len, h, w), dtype=np.uint8) if self.labels is not None else None
+        return np.zeros((self.shard_len, h, w), dtype=self.geometry.dtype), labels
 
     @property
     def window(self) -> int:
-        """Images decoded ahead of the writer: enough to keep the pool busy, about one shard."""
-        return max(self.shard_len, 2 * (self.options.workers or os.cpu_count() or 1))
+        """Images decoded ahead of the writer: two shards keep decoding going while one is written
+        (measured: one shard ahead left the decoders idle during each write)."""
+        return max(2 * self.shard_len, 2 * (self.options.workers or os.cpu_count() or 1))
 
     def add(self, source: Source, image: np.ndarray, label: np.ndarray | None) -> None:
         h, w = image.shape
@@ -398,17 +413,34 @@ class _Writer:
     def _flush(self) -> None:
         if self.filled == 0:
             return
-        start = self.written
-        self.images[start : start + self.filled] = self.buffer[: self.filled]
-        if self.labels is not None:
-            self.labels[start : start + self.filled] = self.label_buffer[: self.filled]
-        self.written += self.filled
+        self._wait()
+        start, count = self.written, self.filled
+        buffers = (self.buffer, self.label_buffer)
+        self._pending = self._writes.submit(self._write, start, count, buffers)
+        self.written += count
         self.filled = 0
+        self.buffer, self.label_buffer = self._new_buffers()
+
+    def _write(self, start: int, count: int, buffers: tuple[np.ndarray, np.ndarray | None]) -> None:
+        images, labels = buffers
+        self.images[start : start + count] = images[:count]
+        if self.labels is not None:
+            self.labels[start : start + count] = labels[:count]
+        self._spare.append(buffers)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        self._writes.shutdown(wait=True)
 
     def finish(self, digest: str, problems: ProblemLog) -> int:
         """Write the per-image arrays and the attributes, the last step; returns the image count."""
         if self.kind == "stack":
             self._flush()
+            self._wait()
             n = self.written
             if n == 0:
                 return 0
