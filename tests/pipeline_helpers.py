@@ -68,7 +68,7 @@ def register(factory, path: Path):
 
 def add_model(factory, path: Path, name: str = "threshold", version: str = "1", classes=("defect",), threshold: float = 0.5):
     from defectscan.db.schema import Model
-    from defectscan.pipeline.worker import file_sha256
+    from defectscan.model.export import file_sha256
 
     with factory.begin() as session:
         model = Model(name=name, version=version, uri=str(path), sha256=file_sha256(str(path)), architecture="test",

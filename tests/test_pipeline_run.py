@@ -122,7 +122,7 @@ def test_model_file_that_does_not_match_is_refused_before_any_work(factory, clus
     model = add_model(factory, model_path)
     with model_path.open("ab") as handle:
         handle.write(b"tampered")
-    with pytest.raises(ModelError, match="does not match its registration"):
+    with pytest.raises(ModelError, match="does not match its registered checksum"):
         _run(factory, cluster, model, [image_set], settings)
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(JobRun)) == 0

@@ -8,7 +8,8 @@ import zarr
 
 from defectscan.model.preprocess import pad_to_multiple, to_model_input
 from defectscan.pipeline.plan import plan_strip, plan_tiles, window_shape
-from defectscan.pipeline.worker import ArrayRef, ModelRef, file_sha256, inspect_tiles, probabilities, window_input
+from defectscan.model.export import file_sha256
+from defectscan.pipeline.worker import ArrayRef, ModelRef, inspect_tiles, probabilities, window_input
 
 from pipeline_helpers import save_small_unet, textured
 

@@ -36,6 +36,12 @@ class AppContext:
         configure_logging(settings.log_level)
         return settings
 
+    def settings_with(self, **flags: tuple[object, str]) -> Settings:
+        """Settings with a command's own flags as the top layer: key=(value, "--flag"), dots as "__"."""
+        overrides = dict(self._overrides)
+        overrides.update({key.replace("__", "."): value for key, value in flags.items()})
+        return load_settings(self._config_file, overrides=overrides)
+
     @cached_property
     def engine(self) -> Engine:
         """An engine on the configured database, without any schema check (for `db` commands)."""
@@ -64,6 +70,10 @@ def pass_app(f):
         return ctx.invoke(f, ctx.find_object(AppContext), *args, **kwargs)
 
     return update_wrapper(new_func, f)
+
+
+# Exit status when a command finished but left some items out (skipped files, images in error).
+EXIT_PARTIAL = 3
 
 
 class DefectscanGroup(click.Group):

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from defectscan.errors import DataError, ModelError
+from defectscan.errors import DataError
+from defectscan.model.export import load_model, verify_sha256
 from defectscan.model.preprocess import pad_to_multiple, to_model_input
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
 from defectscan.pipeline.postprocess import ImageResult, VerdictRules, judge, to_uint8
@@ -46,44 +47,23 @@ class ShardResult:
 _MODELS: dict[str, Any] = {}
 
 
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read model file: {exc.strerror}") from None
-    return digest.hexdigest()
-
-
 def verify_model_file(ref: ModelRef) -> None:
-    actual = file_sha256(ref.uri)
-    if actual != ref.sha256:
-        raise ModelError(
-            f"{ref.uri}: model file does not match its registration (sha256 {actual}, registered {ref.sha256}); "
-            "refusing to run it"
-        )
+    """Refuse a model file that is not the one registered (before any work is planned)."""
+    verify_sha256(ref.uri, ref.sha256)
 
 
 def cached_model(ref: ModelRef):
     predict = _MODELS.get(ref.sha256)
     if predict is None:
-        verify_model_file(ref)
         predict = _load(ref)
         _MODELS[ref.sha256] = predict
     return predict
 
 
 def _load(ref: ModelRef):
-    import keras
     import tensorflow as tf
 
-    import defectscan.model  # noqa: F401  (registers the custom layers before loading)
-
-    model = keras.saving.load_model(ref.uri, safe_mode=True)
+    model = load_model(ref.uri, expected_sha256=ref.sha256)
 
     @tf.function(reduce_retracing=True)
     def predict(batch):
@@ -224,7 +204,6 @@ __all__ = [
     "ModelRef",
     "ShardResult",
     "cached_model",
-    "file_sha256",
     "inspect_stack_shard",
     "inspect_tiles",
     "judge_strip",

@@ -1,0 +1,69 @@
+"""The `inspect` command's work, callable from tests: resolve names, connect, run with a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+from defectscan.config import Settings
+from defectscan.pipeline.run import RunSummary, inspect_image_sets
+
+DEMO = "demo"
+
+
+def run_inspect(
+    new_session: Callable[[], Session],
+    settings: Settings,
+    model_reference: str,
+    image_set_ids: list[str],
+    *,
+    force: bool = False,
+    n_workers: int | None = None,
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> RunSummary:
+    from sqlalchemy.orm import sessionmaker
+
+    from defectscan.data.register import get_image_set
+    from defectscan.model.registry import get_model, register_demo
+    from defectscan.pipeline.cluster import connect
+
+    with new_session() as session:
+        model = register_demo(session) if model_reference == DEMO else get_model(session, model_reference)
+        session.commit()
+        image_sets = [get_image_set(session, ident) for ident in image_set_ids]
+        factory = sessionmaker(session.get_bind(), expire_on_commit=False)
+
+    with connect(settings.cluster, n_workers=n_workers) as (client, info):
+        echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
+        in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
+        with _progress(progress) as on_progress:
+            return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,
+                                      force=force, gpu=info.gpu, spec={"command": "inspect", "model": model_reference,
+                                      "image_sets": image_set_ids, "force": force}, on_progress=on_progress)
+
+
+class _progress:
+    """A rich progress bar on stderr fed by (done, total), or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("inspecting"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(), transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task("inspect", total=None)
+
+        def update(done: int, total: int) -> None:
+            self._bar.update(self._task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._bar.stop()

@@ -1,0 +1,127 @@
+"""`defectscan inspect` from the command line: a local cluster, and a `dask scheduler` + two `dask worker`
+processes where the client is killed mid-run and a rerun completes the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from defectscan.db.migrate import upgrade
+from defectscan.db.schema import Inspection, JobRun
+from defectscan.db.session import make_engine, session_factory
+
+from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
+from test_pipeline_run import _table
+
+DEFECTS = {2: (10, 10, 6), 33: (30, 40, 8), 60: (0, 0, 5)}
+SMALL_SHARDS = {"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "8"}
+
+
+@pytest.fixture
+def prepared(sqlite_url, tmp_path):
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    image_set = register(factory, write_stack(tmp_path / "L7.zarr", square_images(64, defects=DEFECTS)))
+    add_model(factory, save_threshold_model(tmp_path / "threshold.keras"))
+    yield sqlite_url, factory, image_set
+    engine.dispose()
+
+
+def test_inspect_on_the_default_local_cluster_then_rerun(cli, prepared, tmp_path):
+    url, factory, image_set = prepared
+    result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(tmp_path / "L7.zarr"),
+                 "--workers", "1", "--no-progress", env=SMALL_SHARDS)
+    assert result.exit_code == 0, result.output
+    assert "Dask: 1 workers, dashboard http" in result.output
+    assert "job run 1: succeeded, 64 images: 64 inspected (3 failed), 0 errors, 0 already done; 3 defects" in result.output
+    failed = {r[1] for r in _table(factory)[0] if r[2] == "fail"}
+    assert failed == set(DEFECTS)
+
+    again = cli("--database-url", url, "inspect", "--model", "threshold:1", "--imageset", str(image_set.id), "--workers", "1", "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert "job run 2: succeeded, 64 images: 0 inspected (0 failed), 0 errors, 64 already done" in again.output
+
+
+def test_unknown_model_and_image_set_are_one_line_errors(cli, prepared):
+    url, _, _ = prepared
+    result = cli("--database-url", url, "inspect", "--model", "nope", "--imageset", "1")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no model nope in the registry; known: threshold:1")
+    result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", "/no/such.zarr")
+    assert result.exit_code == 1
+    assert "no image set '/no/such.zarr' is registered" in result.output
+
+
+def test_unreadable_image_gives_exit_status_3(cli, prepared, tmp_path):
+    url, factory, _ = prepared
+    (tmp_path / "L7.zarr" / "images" / "c" / "5" / "0" / "0").write_bytes(b"garbage")
+    result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", "1", "--workers", "1", "--no-progress", env=SMALL_SHARDS)
+    assert result.exit_code == 3, result.output
+    assert "partial, 64 images: 63 inspected (3 failed), 1 errors" in result.output
+
+
+@pytest.fixture(scope="module")
+def external_cluster(tmp_path_factory):
+    """`dask scheduler` and two `dask worker` processes, as a plant would start them."""
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
+                                   "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    address = json.loads(scheduler_file.read_text())["address"]
+    for name in ("w1", "w2"):
+        processes.append(subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--name", name,
+                                           "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+    yield address
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=30)
+
+
+def test_client_killed_mid_run_then_rerun_on_an_external_cluster(prepared, external_cluster, tmp_path, cli):
+    url, factory, image_set = prepared
+    env = {**os.environ, **SMALL_SHARDS, "DEFECTSCAN_CLUSTER__SHARDS_IN_FLIGHT_PER_WORKER": "1"}
+    client = subprocess.Popen([sys.executable, "-m", "defectscan", "--database-url", url, "inspect", "--model", "threshold",
+                               "--imageset", str(image_set.id), "--scheduler", external_cluster, "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    recorded = 0
+    while time.monotonic() < deadline and client.poll() is None:
+        with factory() as session:
+            recorded = session.scalar(select(func.count()).select_from(Inspection))
+        if recorded:
+            break
+        time.sleep(0.05)
+    assert client.poll() is None, client.stdout.read().decode()
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    with factory() as session:
+        first_run = session.scalars(select(JobRun)).one()
+        assert first_run.status == "running"  # killed: it could not say otherwise
+        done_before = session.scalar(select(func.count()).select_from(Inspection))
+    assert 0 < done_before < 64 and done_before % 8 == 0
+
+    result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(image_set.id),
+                 "--scheduler", external_cluster, "--no-progress", env=SMALL_SHARDS)
+    assert result.exit_code == 0, result.output
+    assert f"64 images: {64 - done_before} inspected" in result.output
+    rows, defects = _table(factory)
+    assert [r[1] for r in rows] == list(range(64))
+    assert {r[1] for r in rows if r[2] == "fail"} == set(DEFECTS)
+    assert len(defects) == len(DEFECTS)
