@@ -248,3 +248,55 @@ def test_tiff_bmp_and_jpeg_inputs(tmp_path):
     result = ingest_files([tmp_path / "c.bmp", tmp_path / "d.jpg"], tmp_path / "t.zarr", IngestOptions())
     assert result.n_images == 2 and not result.problems
     np.testing.assert_array_equal(stored(result.uri)["images"][0], bmp)
+
+
+def test_symlinked_files_keep_their_own_names(tmp_path):
+    good_images(tmp_path / "real", n=2)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "camera-a.png").symlink_to(tmp_path / "real" / "good00.png")
+    (tmp_path / "links" / "camera-b.png").symlink_to(tmp_path / "real" / "good01.png")
+    result = ingest_files([tmp_path / "links"], tmp_path / "s.zarr", IngestOptions())
+    assert result.keys == ["camera-a.png", "camera-b.png"]
+
+
+def test_cli_reports_each_bad_file_and_exits_3(tmp_path, sqlite_url, cli):
+    from defectscan.cli.ingest import EXIT_SKIPPED
+
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    good_images(tmp_path / "in", n=3)
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    write_png(tmp_path / "in" / "wide.png", texture(5, (32, 40)))
+    result = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in"), str(tmp_path / "gone.png"), "--out", str(tmp_path / "s.zarr"))
+    assert result.exit_code == EXIT_SKIPPED
+    for name, reason in (("empty.png", "empty file"), ("wide.png", "different size: 32x40"), ("gone.png", "does not exist")):
+        assert f"{name}: {reason}" in result.output
+    assert "3 images (3x32x32 uint8)" in result.output and "3 skipped" in result.output
+
+    padded = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in" / "good00.png"), str(tmp_path / "in" / "wide.png"), "--pad", "--out", str(tmp_path / "p.zarr"))
+    assert padded.exit_code == 0 and "2 images (2x32x40 uint8)" in padded.output
+
+    strict = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in"), "--strict", "--out", str(tmp_path / "t.zarr"))
+    assert strict.exit_code == 1 and "Error: " in strict.output and "empty.png: empty file" in strict.output
+    assert not (tmp_path / "t.zarr").exists()
+
+    nothing = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in" / "empty.png"), "--out", str(tmp_path / "u.zarr"))
+    assert nothing.exit_code == 1 and "Error: no usable images (1 skipped (1 empty file)): " in nothing.output
+
+    bad_time = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in"), "--acquired-at", "noon", "--out", str(tmp_path / "v.zarr"))
+    assert bad_time.exit_code == 1 and "'noon' is not an ISO 8601 time" in bad_time.output
+
+
+def test_cli_ingests_a_dagm_folder_into_a_labelled_set(tmp_path, sqlite_url, cli):
+    folder = tmp_path / "Class3" / "Test"
+    (folder / "Label").mkdir(parents=True)
+    for i in range(2):
+        write_png(folder / f"{i + 1:04d}.PNG", texture(i))
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[2:5, 2:5] = 255
+    write_png(folder / "Label" / "0001_label.PNG", mask)
+    (folder / "Label" / "Labels.txt").write_text("2\n1\t1\t0001.PNG\t0\t0001_label.PNG\n2\t0\t0002.PNG\t0\t0\n3\tx\tbad line\n")
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    result = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "Class3"), "--lot", "dagm", "--out", str(tmp_path / "d.zarr"))
+    assert result.exit_code == 3 and "Labels.txt: line 4: expected 'id defective image 0 label'" in result.output
+    group = stored(tmp_path / "d.zarr")
+    assert group.attrs["classes"] == ["Class3"] and int(group["labels"][0].sum()) == 9 and not group["labels"][1].any()

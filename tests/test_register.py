@@ -90,6 +90,8 @@ def test_register_an_external_v2_store_from_the_cli(tmp_path, migrated_url, cli)
     again = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
     assert again.exit_code == 0 and "already registered, unchanged: image set 1" in again.output
     assert counts(migrated_url) == (1, 5)
+    other = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images", "--camera", "side")
+    assert other.exit_code == 1 and "already registered as image set 1 with camera 'top' (given 'side')" in other.output
     # Nothing was copied: the record points at the store where it is.
     assert shown["uri"] == str(tmp_path / "acq.zarr")
 
@@ -206,3 +208,12 @@ def test_ingest_then_list_filters_and_table(tmp_path, migrated_url, cli):
     newest_first = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--json").output)
     assert [s["lot"] for s in newest_first] == ["L2", "L1"]
     assert newest_first[0]["acquired_at"] == "2026-03-02T08:00:00+00:00"
+
+
+def test_validate_an_unregistered_store_with_another_array_path(tmp_path, sqlite_url, cli):
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    acquisition_store(tmp_path / "acq.zarr")
+    result = cli("--database-url", sqlite_url, "imagesets", "validate", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
+    assert result.exit_code == 0 and "OK: 5 images" in result.output
+    missing = cli("--database-url", sqlite_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))
+    assert missing.exit_code == 1 and "no array 'images' in the store (arrays at its root: none)" in missing.output

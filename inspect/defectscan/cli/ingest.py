@@ -251,8 +251,9 @@ def show_command(app: AppContext, ident, n_keys, as_json) -> None:
 
 @imagesets.command("validate")
 @click.argument("ident", metavar="ID|URI")
+@click.option("--array", "array_path", metavar="PATH", help="Image array of an unregistered store (default: images).")
 @pass_app
-def validate_command(app: AppContext, ident) -> None:
+def validate_command(app: AppContext, ident, array_path) -> None:
     """Re-check an image set's store: layout, the checksum recorded at registration, every chunk.
 
     Works on an unregistered store path too (no checksum to compare then). Exit status 1
@@ -262,12 +263,13 @@ def validate_command(app: AppContext, ident) -> None:
     Example:
         defectscan imagesets validate 7
         defectscan imagesets validate /data/L042.zarr
+        defectscan imagesets validate /acq/line3.zarr --array cam0/images
     """
     from defectscan.data.imageset import describe_missing_for_stack
     from defectscan.data.register import validate_image_set
 
     with app.session() as session:
-        report = validate_image_set(session, ident)
+        report = validate_image_set(session, ident, array_path)
     name = f"image set {report.image_set.id} ({report.uri})" if report.image_set is not None else f"{report.uri} (not registered)"
     if report.ok:
         checksum = "checksum matches, " if report.image_set is not None else ""

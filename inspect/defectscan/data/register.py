@@ -61,6 +61,12 @@ def register_store(
     existing = session.scalar(select(ImageSet).where(ImageSet.uri == uri))
     if existing is not None:
         _check_unchanged(existing, info)
+        given = {"lot": lot, "line": line, "product": product, "camera": camera}
+        conflicts = [f"{name} {getattr(existing, name)!r} (given {value!r})" for name, value in given.items() if value is not None and value != getattr(existing, name)]
+        if acquired_at is not None and existing.acquired_at != acquired_at:
+            conflicts.append(f"acquired_at {existing.acquired_at.isoformat() if existing.acquired_at else None!r} (given {acquired_at.isoformat()!r})")
+        if conflicts:
+            raise DataError(f"{uri}: already registered as image set {existing.id} with {', '.join(conflicts)}")
         # Images left out when it was registered are still left out; files an ingest skipped are
         # the ingest's report, not this registration's.
         from_ingest = info.meta.get("skipped", [])
@@ -238,7 +244,7 @@ class Validation:
         return self.changed is None and not self.missing
 
 
-def validate_image_set(session: Session, ident: str | int) -> Validation:
+def validate_image_set(session: Session, ident: str | int, array_path: str | None = None) -> Validation:
     """Re-check a registered set (by id or URI), or any store by path: layout, checksum, every chunk.
 
     A store that cannot be opened or fails the layout raises DataError; a changed checksum and
@@ -248,7 +254,9 @@ def validate_image_set(session: Session, ident: str | int) -> Validation:
     if image_set is None and str(ident).isdigit():
         raise DataError(f"no image set {ident!r} is registered (see `defectscan imagesets list`)")
     uri = image_set.uri if image_set is not None else layout.resolve_uri(str(ident))
-    array_path = image_set.array_path if image_set is not None else layout.IMAGES
+    if image_set is not None and array_path not in (None, image_set.array_path):
+        raise DataError(f"{uri}: registered as image set {image_set.id} with array '{image_set.array_path}', not '{array_path}'")
+    array_path = image_set.array_path if image_set is not None else array_path or layout.IMAGES
     group = layout.open_group(uri)
     info = layout.describe(group, uri, array_path)
     changed = store_changes(image_set, info) if image_set is not None else None

@@ -68,7 +68,8 @@ def collect_sources(paths: list[str | Path], problems: ProblemLog) -> Sources:
         )
     if dagm_folders:
         return _dagm_sources(dagm_folders, problems)
-    unique = list(dict.fromkeys(p.resolve() for p in plain))
+    # Absolute, not resolved: a symlink keeps its own name as the key.
+    unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in plain))
     root = _common_folder(unique)
     return Sources([Source(p, _key(p, root)) for p in unique], [])
 
@@ -89,7 +90,7 @@ def dagm_class_name(folder: Path) -> str:
 def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
     classes: list[str] = []
     items: list[Source] = []
-    resolved = [f.resolve() for f in folders]
+    resolved = [Path(os.path.abspath(f)) for f in folders]
     root = _common_folder([f / "x" for f in resolved])
     for folder in resolved:
         name = dagm_class_name(folder)
