@@ -300,3 +300,22 @@ def test_cli_ingests_a_dagm_folder_into_a_labelled_set(tmp_path, sqlite_url, cli
     assert result.exit_code == 3 and "Labels.txt: line 4: expected 'id defective image 0 label'" in result.output
     group = stored(tmp_path / "d.zarr")
     assert group.attrs["classes"] == ["Class3"] and int(group["labels"][0].sum()) == 9 and not group["labels"][1].any()
+
+
+def test_a_concurrent_ingest_that_finished_first_wins(tmp_path, monkeypatch):
+    import defectscan.data.ingest as ingest_module
+
+    good_images(tmp_path / "in", n=2)
+    real_writer = ingest_module._Writer
+
+    class FinishesSecond(real_writer):
+        def finish(self, digest, problems):
+            # The other ingest of the same files completes while this one is still writing.
+            monkeypatch.setattr(ingest_module, "_Writer", real_writer)
+            ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions())
+            return super().finish(digest, problems)
+
+    monkeypatch.setattr(ingest_module, "_Writer", FinishesSecond)
+    result = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions())
+    assert result.reused and result.n_images == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "s.zarr"]

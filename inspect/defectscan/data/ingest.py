@@ -132,7 +132,13 @@ def ingest_files(
                 writer.close()
         if n_images == 0:
             raise DataError(_nothing_left("no usable images", problems))
-        os.replace(temporary, out)
+        try:
+            os.replace(temporary, out)
+        except OSError:
+            if not out.exists():
+                raise
+            # Another ingest of the same target finished first: same inputs are fine, others refused.
+            return _reuse(out, digest, problems, started)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
