@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscan.data.dataset import LabelledImages, check_same_shape
+from defectscan.data.dataset import LabelledImages, keep_common_shape
 from defectscan.data.imagefiles import read_image
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
@@ -93,8 +93,7 @@ def read_dagm(
         folders = [f for f in folders if f.name in wanted]
     problems = ProblemLog(strict=strict)
     class_names = [f.name for f in folders] if per_class else [MERGED_CLASS]
-    items: list[tuple[Path, Path | None, int]] = []
-    shape: tuple[int, int] | None = None
+    candidates: list[tuple[tuple[Path, Path | None, int], tuple[int, int]]] = []
 
     for position, folder in enumerate(folders):
         split_dir = folder / split
@@ -119,8 +118,6 @@ def read_dagm(
                 continue
             try:
                 image = read_image(image_path)
-                if not check_same_shape(image_path, image, shape, problems):
-                    continue
                 if label_path is not None:
                     label = read_image(label_path)
                     if label.shape != image.shape:
@@ -130,8 +127,8 @@ def read_dagm(
                 bad, reason = str(exc).split(": ", 1)
                 problems.add(bad, f"unreadable: {reason}")
                 continue
-            shape = shape or image.shape
-            items.append((image_path, label_path, class_id))
+            candidates.append(((image_path, label_path, class_id), image.shape))
+    items, shape = keep_common_shape(candidates, problems, path_of=lambda item: item[0])
 
     def load(index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path, class_id = items[index]
@@ -144,7 +141,7 @@ def read_dagm(
         name=f"{root} ({split})",
         keys=[str(image.relative_to(root)) for image, _, _ in items],
         classes=class_names,
-        shape=shape or (0, 0),
+        shape=shape,
         loader=load,
         defective=[label is not None for _, label, _ in items],
         problems=problems,

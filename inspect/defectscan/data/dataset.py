@@ -14,8 +14,10 @@ would (`start_step` skips what was already trained on).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -170,12 +172,21 @@ def evaluation_dataset(images: LabelledImages, *, batch_size: int = 4, parallel:
     return batches.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def check_same_shape(path, array: np.ndarray, expected: tuple[int, int] | None, problems: ProblemLog) -> bool:
-    """Record a problem when `array` is not `expected` (H, W); True when it fits."""
-    if expected is not None and tuple(array.shape) != tuple(expected):
-        problems.add(path, f"wrong size: {array.shape[0]}x{array.shape[1]}, expected {expected[0]}x{expected[1]} like the rest of the dataset")
-        return False
-    return True
+def keep_common_shape(candidates: list[tuple[Any, tuple[int, int]]], problems: ProblemLog, path_of=lambda item: item) -> tuple[list[Any], tuple[int, int]]:
+    """Keep the items whose image has the dataset's most common (H, W); report the others by name.
+
+    The majority decides, so one odd file early in the listing cannot make all the others "wrong".
+    """
+    if not candidates:
+        return [], (0, 0)
+    shape = Counter(s for _, s in candidates).most_common(1)[0][0]
+    kept = []
+    for item, item_shape in candidates:
+        if item_shape != shape:
+            problems.add(path_of(item), f"wrong size: {item_shape[0]}x{item_shape[1]}, expected {shape[0]}x{shape[1]} like the rest of the dataset")
+        else:
+            kept.append(item)
+    return kept, shape
 
 
 def merge_class_names(names: Sequence[str]) -> list[str]:

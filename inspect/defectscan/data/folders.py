@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscan.data.dataset import LabelledImages, check_same_shape
+from defectscan.data.dataset import LabelledImages, keep_common_shape
 from defectscan.data.imagefiles import IMAGE_SUFFIXES, read_image
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
@@ -62,14 +62,11 @@ def read_folders(
             continue
         masks[stem] = path
 
-    items: list[tuple[Path, Path | None]] = []
-    shape: tuple[int, int] | None = None
+    candidates: list[tuple[tuple[Path, Path | None], tuple[int, int]]] = []
     for stem, image_path in image_files.items():
         mask_path = masks.get(stem)
         try:
             image = read_image(image_path)
-            if not check_same_shape(image_path, image, shape, problems):
-                continue
             if mask_path is not None:
                 mask = read_image(mask_path)
                 if mask.shape != image.shape:
@@ -82,8 +79,8 @@ def read_folders(
                 bad, reason = str(mask_path or image_path), str(exc)
             problems.add(bad, f"unreadable: {reason}")
             continue
-        shape = shape or image.shape
-        items.append((image_path, mask_path))
+        candidates.append(((image_path, mask_path), image.shape))
+    items, shape = keep_common_shape(candidates, problems, path_of=lambda item: item[0])
 
     def load(index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = items[index]
@@ -96,7 +93,7 @@ def read_folders(
         name=str(images_dir),
         keys=[p.name for p, _ in items],
         classes=list(classes),
-        shape=shape or (0, 0),
+        shape=shape,
         loader=load,
         defective=[m is not None for _, m in items],
         problems=problems,

@@ -3,7 +3,8 @@
 A stack `images` (N, H, W) gives N samples; a strip (H, W) is cut into non-overlapping tiles of
 `tile` x `tile` (the remainder at the right and bottom edges is left out). `labels` has the same
 shape, uint8, 0 = no defect and k = the k-th name of the group attribute `classes`.
-Only the samples being read are loaded, so a set larger than memory trains fine.
+Only the samples being read are loaded, so a set larger than memory trains fine. Images padded
+at ingest keep their zero padding (labelled 0: no defect).
 """
 
 from __future__ import annotations
@@ -18,31 +19,30 @@ from defectscan.model.preprocess import as_uint8
 
 
 def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:
-    import zarr
+    """Samples of the image set at `store` (a path or fsspec URL), opened through data/imageset.py."""
+    from defectscan.data.imageset import CLASSES_ATTR, IMAGES, LABELS, open_group, open_images, read_keys, resolve_uri
 
-    try:
-        group = zarr.open_group(str(store), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise DataError(f"{store}: not a Zarr group: {exc}") from None
-    names = set(group.array_keys())
-    for needed in ("images", "labels"):
-        if needed not in names:
-            raise DataError(f"{store}: Zarr group has no array '{needed}'; training needs both 'images' and 'labels'")
-    images, labels = group["images"], group["labels"]
+    uri = resolve_uri(store)
+    group = open_group(uri)
+    images = open_images(group, uri, IMAGES)
+    if LABELS not in set(group.array_keys()):
+        raise DataError(f"{uri}: Zarr group has no array '{LABELS}'; training needs both '{IMAGES}' and '{LABELS}'")
+    labels = group[LABELS]
     if images.shape != labels.shape:
-        raise DataError(f"{store}: 'labels' has shape {labels.shape}, expected the shape of 'images' {images.shape}")
+        raise DataError(f"{uri}: '{LABELS}' has shape {labels.shape}, expected the shape of '{IMAGES}' {images.shape}")
     if images.dtype not in (np.uint8, np.uint16):
-        raise DataError(f"{store}: 'images' has dtype {images.dtype}, expected uint8 or uint16")
+        raise DataError(f"{uri}: '{IMAGES}' has dtype {images.dtype}, expected uint8 or uint16")
     if labels.dtype != np.uint8:
-        raise DataError(f"{store}: 'labels' has dtype {labels.dtype}, expected uint8")
-    classes = group.attrs.get("classes")
+        raise DataError(f"{uri}: '{LABELS}' has dtype {labels.dtype}, expected uint8")
+    classes = group.attrs.get(CLASSES_ATTR)
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{store}: group attribute 'classes' must be a non-empty list of class names, got {classes!r}")
+        raise DataError(f"{uri}: group attribute '{CLASSES_ATTR}' must be a non-empty list of class names, got {classes!r}")
+    store = uri
 
     if images.ndim == 3:
         count, height, width = images.shape
         windows = [(i, slice(None), slice(None)) for i in range(count)]
-        keys = [f"{i}" for i in range(count)]
+        keys = read_keys(group, count)
         shape = (height, width)
     elif images.ndim == 2:
         height, width = images.shape

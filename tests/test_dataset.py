@@ -1,0 +1,160 @@
+"""The tf.data pipeline (scaling, crops, flips + rot90, seeded stream, resume offset, caches) and the Zarr reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectscan.data.dataset import LabelledImages, evaluation_dataset, training_dataset
+from defectscan.errors import DataError
+
+
+def _images(n=6, size=32, classes=("defect",)) -> LabelledImages:
+    """Image i has value 10*i + 5 everywhere, and a defect square of class (i % classes) + 1 on odd i."""
+
+    def load(i):
+        image = np.full((size, size), 10 * i + 5, np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        if i % 2:
+            mask[2:10, 3:7] = (i // 2) % len(classes) + 1
+            image[2:10, 3:7] = 250
+        return image, mask
+
+    return LabelledImages("toy", [str(i) for i in range(n)], list(classes), (size, size), load, [bool(i % 2) for i in range(n)])
+
+
+def _take(dataset, n):
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(n)]
+
+
+def test_batches_are_scaled_and_targets_have_one_channel_per_class():
+    images = _images(classes=("scratch", "spot"))
+    (x, y), = _take(training_dataset(images, batch_size=3, seed=0, augment=False), 1)
+    assert x.shape == (3, 32, 32, 1) and x.dtype == np.float32 and y.shape == (3, 32, 32, 2)
+    assert x.min() >= -1 and x.max() <= 1
+    values = sorted(set(np.round((x[:, 20, 20, 0] + 1) * 127.5).astype(int)))
+    assert all((v - 5) % 10 == 0 for v in values)
+    # Targets follow the pixels: the defect square is class 1 or 2, and only there.
+    for image, target in zip(x, y):
+        defect = np.isclose(image[..., 0], 250 / 127.5 - 1)
+        assert np.array_equal(target.any(axis=-1), defect)
+
+
+def test_augmentation_moves_image_and_target_together():
+    batches = _take(training_dataset(_images(), batch_size=6, seed=1), 4)
+    seen = set()
+    for x, y in batches:
+        for image, target in zip(x, y):
+            defect = np.isclose(image[..., 0], 250 / 127.5 - 1)
+            assert np.array_equal(defect, target[..., 0] > 0)
+            if defect.any():
+                rows, cols = np.nonzero(defect)
+                seen.add((rows.min(), cols.min(), rows.max(), cols.max()))
+    assert len(seen) > 1, "flips/rotations place the defect differently"
+
+
+def test_same_seed_same_stream_and_start_step_continues_it():
+    images = _images()
+    a = _take(training_dataset(images, batch_size=2, seed=7, crop_size=16), 5)
+    b = _take(training_dataset(images, batch_size=2, seed=7, crop_size=16), 5)
+    other = _take(training_dataset(images, batch_size=2, seed=8, crop_size=16), 5)
+    resumed = _take(training_dataset(images, batch_size=2, seed=7, crop_size=16, start_step=3), 2)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert any(not np.array_equal(xa, xo) for (xa, _), (xo, _) in zip(a, other))
+    for (xa, ya), (xr, yr) in zip(a[3:], resumed):
+        np.testing.assert_array_equal(xa, xr)
+        np.testing.assert_array_equal(ya, yr)
+
+
+def test_crops_are_centred_on_defects_when_asked():
+    images = _images(n=4)
+    (x, y), = _take(training_dataset(images, batch_size=32, seed=0, crop_size=16, defect_crop_fraction=1.0), 1)
+    assert x.shape == (32, 16, 16, 1)
+    # Every crop of a defective image holds defect pixels (half of the images are defective).
+    defective_crops = [t.any() for t in y]
+    assert 8 <= sum(defective_crops) <= 24
+    pixel_values = np.round((x[:, 0, 0, 0] + 1) * 127.5)
+    for value, has_defect, target in zip(pixel_values, defective_crops, y):
+        image_index = int((value - 5) // 10) if value != 250 else None
+        if image_index is not None and image_index % 2:
+            assert has_defect
+    (x0, y0), = _take(training_dataset(images, batch_size=32, seed=0, crop_size=16, defect_crop_fraction=0.0), 1)
+    assert sum(t.any() for t in y0) < sum(defective_crops)
+
+
+def test_file_cache_and_no_cache_give_the_same_stream(tmp_path):
+    images = _images()
+    memory = _take(training_dataset(images, batch_size=2, seed=3, cache="memory"), 4)
+    on_disk = _take(training_dataset(images, batch_size=2, seed=3, cache=str(tmp_path / "cache")), 4)
+    uncached = _take(training_dataset(images, batch_size=2, seed=3, cache="none"), 4)
+    for (a, _), (b, _), (c, _) in zip(memory, on_disk, uncached):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert list(tmp_path.glob("cache*"))
+
+
+def test_evaluation_dataset_keeps_order_and_whole_images():
+    batches = _take(evaluation_dataset(_images(n=5), batch_size=2), 10)
+    assert [x.shape[0] for x, _ in batches] == [2, 2, 1]
+    firsts = [round((x[i, 20, 20, 0] + 1) * 127.5) for x, _ in batches for i in range(len(x))]
+    assert firsts == [5, 15, 25, 35, 45]
+
+
+def test_refuses_empty_sets_and_oversized_crops():
+    with pytest.raises(DataError, match="crop_size 48"):
+        training_dataset(_images(), batch_size=2, seed=0, crop_size=48)
+    with pytest.raises(DataError, match="no usable images"):
+        training_dataset(_images(n=0), batch_size=2, seed=0)
+
+
+def _zarr_set(path, images, labels, classes):
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("images", data=images, chunks=(1,) + images.shape[1:] if images.ndim == 3 else images.shape)
+    if labels is not None:
+        group.create_array("labels", data=labels, chunks=(1,) + labels.shape[1:] if labels.ndim == 3 else labels.shape)
+    if classes is not None:
+        group.attrs["classes"] = classes
+    return path
+
+
+def test_zarr_stack_and_strip_samples(tmp_path):
+    from defectscan.data.zarrset import read_zarr
+
+    stack = np.arange(3 * 32 * 32, dtype=np.uint16).reshape(3, 32, 32) * 20
+    labels = np.zeros((3, 32, 32), np.uint8)
+    labels[1, 4:8, 4:8] = 2
+    samples = read_zarr(_zarr_set(tmp_path / "stack.zarr", stack, labels, ["scratch", "spot"]))
+    assert len(samples) == 3 and samples.shape == (32, 32) and samples.classes == ["scratch", "spot"]
+    assert samples.defective == [False, True, False]
+    image, classes = samples.load(1)
+    assert image.dtype == np.uint8 and np.array_equal(image, np.round(stack[1] / 257).astype(np.uint8))
+    assert classes.max() == 2
+    (x, y), = _take(training_dataset(samples, batch_size=3, seed=0, augment=False), 1)
+    assert y.shape == (3, 32, 32, 2)
+
+    strip = np.zeros((40, 70), np.uint8)
+    strip_labels = np.zeros((40, 70), np.uint8)
+    strip_labels[20, 40] = 1
+    tiles = read_zarr(_zarr_set(tmp_path / "strip.zarr", strip, strip_labels, ["defect"]), tile=32)
+    assert tiles.keys == ["y0x0", "y0x32"] and tiles.defective == [False, True]
+
+
+def test_zarr_without_labels_or_classes_is_refused(tmp_path):
+    from defectscan.data.zarrset import read_zarr
+
+    images = np.zeros((2, 32, 32), np.uint8)
+    with pytest.raises(DataError, match="no array 'labels'"):
+        read_zarr(_zarr_set(tmp_path / "a.zarr", images, None, ["defect"]))
+    with pytest.raises(DataError, match="'classes' must be a non-empty list"):
+        read_zarr(_zarr_set(tmp_path / "b.zarr", images, np.zeros_like(images), None))
+    bad = np.zeros_like(images)
+    bad[0, 0, 0] = 3
+    samples = read_zarr(_zarr_set(tmp_path / "c.zarr", images, bad, ["defect"]))
+    with pytest.raises(DataError, match="hold class 3, but only 1 classes are named"):
+        samples.load(0)
+    with pytest.raises(DataError, match="does not exist"):
+        read_zarr(tmp_path / "missing.zarr")
