@@ -158,3 +158,37 @@ def test_times_round_trip_and_parse():
 def test_resolve_uri(tmp_path):
     assert layout.resolve_uri(f"file://{tmp_path}/a.zarr") == str(tmp_path / "a.zarr")
     assert layout.resolve_uri("s3://bucket/a.zarr/") == "s3://bucket/a.zarr"
+
+
+def test_write_image_set_follows_the_layout(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, size=(5, 32, 48), dtype=np.uint8)
+    labels = (images > 200).astype(np.uint8)
+    when = dt.datetime(2026, 3, 1, 8, tzinfo=dt.timezone.utc)
+    uri = layout.write_image_set(tmp_path / "s.zarr", images, labels, classes=["scratch"], keys=list("abcde"), acquired_at=when, lot="L9", camera="top")
+    group = layout.open_group(uri)
+    info = layout.describe(group, uri)
+    assert (info.kind, info.shape, info.chunks, info.has_labels, info.classes) == ("stack", (5, 32, 48), (1, 32, 48), True, ["scratch"])
+    assert info.provenance() == {"lot": "L9", "line": None, "product": None, "camera": "top", "acquired_at": "2026-03-01T08:00:00Z"}
+    assert info.meta["complete"] is True and info.meta["version"] == layout.FORMAT_VERSION
+    np.testing.assert_array_equal(group["images"][:], images)
+    np.testing.assert_array_equal(group["labels"][:], labels)
+    assert layout.read_keys(group, 5) == list("abcde")
+    assert layout.read_times(group, 5, default=None) == [when] * 5
+    assert layout.read_sizes(group, info.shape) == [(32, 48)] * 5
+    assert not layout.missing_chunks(group["images"])
+
+    strip = layout.write_image_set(tmp_path / "t.zarr", np.ones((40, 30), dtype=np.uint16))
+    assert layout.describe(layout.open_group(strip), strip).kind == "strip"
+
+
+def test_write_image_set_refuses_bad_input(tmp_path):
+    with pytest.raises(DataError, match="already exists"):
+        (tmp_path / "s.zarr").mkdir()
+        layout.write_image_set(tmp_path / "s.zarr", np.zeros((1, 16, 16), np.uint8))
+    with pytest.raises(DataError, match="expected \\(N, H, W\\) or \\(H, W\\) with H, W >= 16"):
+        layout.write_image_set(tmp_path / "a.zarr", np.zeros((1, 8, 16), np.uint8))
+    with pytest.raises(DataError, match="image dtype float32 is not supported"):
+        layout.write_image_set(tmp_path / "b.zarr", np.zeros((1, 16, 16), np.float32))
+    with pytest.raises(DataError, match="labels need class names"):
+        layout.write_image_set(tmp_path / "c.zarr", np.zeros((1, 16, 16), np.uint8), np.zeros((1, 16, 16), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

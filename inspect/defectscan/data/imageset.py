@@ -334,6 +334,127 @@ def parse_time(value: Any) -> dt.datetime | None:
     return when.astimezone(dt.timezone.utc)
 
 
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def create_image_set(path: str | os.PathLike, kind: str, image_shape: tuple[int, int], dtype: str, *, n: int = 1, labelled: bool = False):
+    """A new local v3 group with empty `images` (and `labels`) arrays chunked by this layout.
+
+    The group is marked incomplete until finish_image_set(); writers fill whole shards (stacks)
+    or whole tiles (strips), since Zarr has no locks. Write it under a temporary name and rename.
+    """
+    import zarr
+
+    if kind not in KINDS:
+        raise DataError(f"image set kind {kind!r} is not known; expected one of {', '.join(KINDS)}")
+    if str(np.dtype(dtype)) not in PIXEL_DTYPES:
+        raise DataError(f"image dtype {dtype} is not supported; expected uint8 or uint16")
+    height, width = image_shape
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group.attrs[META_ATTR] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "complete": False}
+    if kind == "stack":
+        shape: tuple[int, ...] = (n, height, width)
+        chunks, shards = stack_chunking(n, height, width, dtype)
+    else:
+        shape, chunks, shards = (height, width), strip_chunking(height, width), None
+    # Every chunk is stored, blank ones too: a missing chunk then always means lost data.
+    common = {"shape": shape, "chunks": chunks, "shards": shards, "fill_value": 0, "config": {"write_empty_chunks": True}}
+    group.create_array(IMAGES, dtype=str(np.dtype(dtype)), compressors=compressor(dtype), **common)
+    if labelled:
+        group.create_array(LABELS, dtype="uint8", compressors=compressor("uint8"), **common)
+    return group
+
+
+def finish_image_set(
+    group,
+    *,
+    keys: list[str],
+    times: list[int] | None = None,
+    sizes: list[tuple[int, int]] | None = None,
+    attrs: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write the per-image arrays and the group attributes, marking the set complete (the last step).
+
+    `times` are microseconds since the epoch (TIME_UNKNOWN where unknown); `sizes` default to
+    the image shape; `attrs` holds lot/line/product/camera/acquired_at (None values left out).
+    """
+    images = group[IMAGES]
+    n = images.shape[0] if images.ndim == 3 else 1
+    if len(keys) != n:
+        raise ValueError(f"{n} images but {len(keys)} keys")
+    step = (max(1, min(n, 65536)),)
+    keys_array = group.create_array(KEYS, shape=(n,), dtype=str, chunks=step, fill_value=None)
+    keys_array[:] = np.array(keys, dtype=object)
+    times_array = group.create_array(TIMES, shape=(n,), dtype="int64", chunks=step, fill_value=TIME_UNKNOWN)
+    times_array[:] = np.array(times if times is not None else [TIME_UNKNOWN] * n, dtype=np.int64)
+    times_array.attrs["units"] = TIME_UNITS
+    sizes_array = group.create_array(SIZES, shape=(n, 2), dtype="int32", chunks=(step[0], 2), fill_value=0)
+    sizes_array[:] = np.array(sizes if sizes is not None else [images.shape[-2:]] * n, dtype=np.int32)
+
+    values = {k: v for k, v in (attrs or {}).items() if v is not None}
+    unknown = set(values) - set(PROVENANCE_ATTRS)
+    if unknown:
+        raise ValueError(f"unknown image-set attributes {sorted(unknown)}; expected {', '.join(PROVENANCE_ATTRS)}")
+    if classes is not None:
+        values[CLASSES_ATTR] = list(classes)
+    kind = "stack" if images.ndim == 3 else "strip"
+    values[META_ATTR] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, **(meta or {}), "complete": True}
+    group.attrs.update(values)
+
+
+def write_image_set(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    classes: list[str] | None = None,
+    keys: list[str] | None = None,
+    acquired_at: dt.datetime | None = None,
+    **provenance: str | None,
+) -> str:
+    """Write in-memory images (N, H, W) or one strip (H, W) as a complete image set; returns its URI.
+
+    For tests, generators and small sets; files on disk go through data/ingest.py instead.
+    Written under a temporary name and renamed, like ingest.
+    """
+    import shutil
+    import uuid
+
+    images = np.asarray(images)
+    kind = "stack" if images.ndim == 3 else "strip"
+    if images.ndim not in (2, 3) or min(images.shape[-2:]) < MIN_IMAGE_SIZE:
+        raise DataError(f"images of shape {images.shape}: expected (N, H, W) or (H, W) with H, W >= {MIN_IMAGE_SIZE}")
+    if labels is not None and (labels.shape != images.shape or labels.dtype != np.uint8):
+        raise DataError(f"labels of shape {labels.shape} and dtype {labels.dtype}: expected {images.shape} uint8")
+    if labels is not None and not classes:
+        raise DataError("labels need class names: pass classes=[...] (label k is the k-th name)")
+    n = images.shape[0] if kind == "stack" else 1
+    target = Path(path).expanduser().resolve()
+    if target.exists():
+        raise DataError(f"{target}: already exists")
+    temporary = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        group = create_image_set(temporary, kind, images.shape[-2:], str(images.dtype), n=n, labelled=labels is not None)
+        group[IMAGES][...] = images
+        if labels is not None:
+            group[LABELS][...] = labels
+        when = acquired_at or dt.datetime.now(dt.timezone.utc)
+        finish_image_set(
+            group,
+            keys=keys or [str(i) for i in range(n)],
+            times=[to_micros(when)] * n,
+            attrs={**provenance, "acquired_at": iso_utc(when)},
+            classes=classes if labels is not None else None,
+        )
+        os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+    return str(target)
+
+
 # ---- chunk presence -------------------------------------------------------------------------
 
 
@@ -445,11 +566,17 @@ __all__ = [
     "TIMES",
     "ImageSetInfo",
     "MissingChunks",
+    "create_image_set",
     "describe",
+    "finish_image_set",
     "layout_checksum",
     "layout_changes",
     "missing_chunks",
     "open_group",
     "open_images",
+    "read_keys",
+    "read_sizes",
+    "read_times",
     "resolve_uri",
+    "write_image_set",
 ]

@@ -337,8 +337,6 @@ class _Writer:
     """Buffers one shard of decoded images and writes it whole (a writer owns whole shards)."""
 
     def __init__(self, path: Path, options: IngestOptions, sources: Sources, geometry: Geometry, capacity: int):
-        import zarr
-
         self.options = options
         self.sources = sources
         self.geometry = geometry
@@ -348,22 +346,11 @@ class _Writer:
         self.sizes: list[tuple[int, int]] = []
         self.decoded_bytes = 0
         self.written = 0
-        self.group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        # Marked incomplete until finish(): a store copied or listed mid-write is never taken as whole.
-        self.group.attrs[layout.META_ATTR] = {"format": layout.FORMAT_NAME, "version": layout.FORMAT_VERSION, "kind": self.kind, "complete": False}
-        h, w, dtype = geometry.height, geometry.width, geometry.dtype
-        if self.kind == "stack":
-            shape: tuple[int, ...] = (capacity, h, w)
-            chunks, shards = layout.stack_chunking(capacity, h, w, dtype)
-            self.shard_len = shards[0] if shards else 1
-        else:
-            shape, chunks, shards = (h, w), layout.strip_chunking(h, w), None
-            self.shard_len = 1
-        common = {"chunks": chunks, "shards": shards, "fill_value": 0, "config": {"write_empty_chunks": True}}
-        self.images = self.group.create_array(layout.IMAGES, shape=shape, dtype=dtype, compressors=layout.compressor(dtype), **common)
-        self.labels = None
-        if sources.labelled:
-            self.labels = self.group.create_array(layout.LABELS, shape=shape, dtype="uint8", compressors=layout.compressor("uint8"), **common)
+        h, w = geometry.height, geometry.width
+        self.group = layout.create_image_set(path, self.kind, (h, w), geometry.dtype, n=capacity, labelled=sources.labelled)
+        self.images = self.group[layout.IMAGES]
+        self.labels = self.group[layout.LABELS] if sources.labelled else None
+        self.shard_len = self.images.shards[0] if self.kind == "stack" and self.images.shards else 1
         # Two shard buffers: one is filled while a background thread compresses and writes the
         # other (compression releases the GIL, decoding PNGs mostly does not).
         self._spare: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -457,30 +444,21 @@ class _Writer:
         n = self.written
         if n == 0:
             return 0
-        per_image = {"chunks": (max(1, min(n, 65536)),), "fill_value": None}
-        keys = self.group.create_array(layout.KEYS, shape=(n,), dtype=str, **per_image)
-        keys[:] = np.array(self.keys[:n], dtype=object)
-        times = self.group.create_array(layout.TIMES, shape=(n,), dtype="int64", chunks=per_image["chunks"], fill_value=layout.TIME_UNKNOWN)
-        times[:] = np.array(self.times[:n], dtype=np.int64)
-        times.attrs["units"] = layout.TIME_UNITS
-        sizes = self.group.create_array(layout.SIZES, shape=(n, 2), dtype="int32", chunks=(per_image["chunks"][0], 2), fill_value=0)
-        sizes[:] = np.array(self.sizes[:n], dtype=np.int32)
-
         acquired = self.options.acquired_at or layout.from_micros(min(self.times[:n]))
-        attrs = {**{k: v for k, v in self.options.provenance().items() if v is not None}, "acquired_at": layout.iso_utc(acquired)}
-        if self.sources.labelled:
-            attrs[layout.CLASSES_ATTR] = self.sources.classes
-        attrs[layout.META_ATTR] = {
-            "format": layout.FORMAT_NAME,
-            "version": layout.FORMAT_VERSION,
-            "kind": self.kind,
-            "complete": True,
-            "padded": self.options.pad,
-            "source_digest": digest,
-            "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
-            "written_by": f"defectscan {__version__}",
-        }
-        self.group.attrs.update(attrs)
+        layout.finish_image_set(
+            self.group,
+            keys=self.keys[:n],
+            times=self.times[:n],
+            sizes=self.sizes[:n],
+            attrs={**self.options.provenance(), "acquired_at": layout.iso_utc(acquired)},
+            classes=self.sources.classes if self.sources.labelled else None,
+            meta={
+                "padded": self.options.pad,
+                "source_digest": digest,
+                "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
+                "written_by": f"defectscan {__version__} ingest",
+            },
+        )
         return n
 
 
