@@ -40,6 +40,8 @@ class RunSummary:
     counts: Counts = field(default_factory=Counts)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # Seconds spent on the workers, summed over shards: read, predict, write, postprocess.
+    worker_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -171,7 +173,7 @@ def _finish_run(factory: sessionmaker[Session], retry: Retry, summary: RunSummar
                     status=summary.status,
                     finished_at=utcnow(),
                     images_per_second=summary.images_per_second,
-                    timings={"seconds": round(summary.seconds, 3)},
+                    timings={"seconds": round(summary.seconds, 3), "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}},
                     error="; ".join(summary.errors)[:4000] or None,
                 )
             )
@@ -243,6 +245,8 @@ def _run_tasks(factory, client, model, ref, rules, settings, plans, max_in_fligh
             try:
                 result: ShardResult = future.result()
                 results = result.results
+                for name, seconds in result.timings.items():
+                    summary.worker_seconds[name] = summary.worker_seconds.get(name, 0.0) + seconds
             except Exception as exc:  # the shard failed on the worker: its images are recorded as errors
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("image set %d, positions %d..%d: %s", task.image_set_id, task.positions[0], task.positions[-1], reason)

@@ -188,15 +188,19 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
     return {"read_s": read_s, "predict_s": predict_s, "write_s": time.perf_counter() - began}
 
 
-def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: VerdictRules, *_tiles_done) -> ShardResult:
+def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: VerdictRules, *tile_timings: dict[str, float]) -> ShardResult:
     """Label defects over the whole strip map, so a defect across tile borders is one defect.
 
-    Runs after every tile of the strip (the tile futures are passed in as dependencies).
+    Runs after every tile of the strip: the tile tasks' timings are passed in, which makes them dependencies.
     """
     began = time.perf_counter()
     scores = np.asarray(_open(output, "r")[...])
     result = judge(0, scores, list(model.classes), rules)
-    return ShardResult(image_set_id, [result], {"postprocess_s": time.perf_counter() - began})
+    timings = {"postprocess_s": time.perf_counter() - began}
+    for tile in tile_timings:
+        for name, seconds in tile.items():
+            timings[name] = timings.get(name, 0.0) + seconds
+    return ShardResult(image_set_id, [result], timings)
 
 
 __all__ = [

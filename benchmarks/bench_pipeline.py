@@ -1,0 +1,220 @@
+"""Pipeline benchmarks: end-to-end vs model-only throughput, 1 vs 2 workers, client memory at 1M images.
+
+    python benchmarks/bench_pipeline.py throughput [--images 96] [--size 512]
+    python benchmarks/bench_pipeline.py scaling    [--images 64] [--size 512]
+    python benchmarks/bench_pipeline.py million    [--images 1000000]
+
+Prints figures and writes JSON to benchmarks/results/. Ratios are measured in one run on one
+cluster, so a busy machine moves both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _database(folder: Path):
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.session import make_engine, session_factory
+
+    engine = make_engine(f"sqlite:///{folder / 'bench.sqlite'}")
+    upgrade(engine)
+    return session_factory(engine)
+
+
+def _stack(folder: Path, n: int, size: int, images_per_file: int | None = None) -> Path:
+    """A textured stack with bright defects on one image in ten, in the image-set layout."""
+    import zarr
+
+    rng = np.random.default_rng(0)
+    path = folder / "bench.zarr"
+    group = zarr.open_group(path, mode="w")
+    chunks = (1, size, size)
+    shards = (images_per_file, size, size) if images_per_file else None
+    array = group.create_array("images", shape=(n, size, size), chunks=chunks, shards=shards, dtype="uint8")
+    block = images_per_file or 64
+    for start in range(0, n, block):
+        count = min(block, n - start)
+        images = np.clip(rng.normal(120, 20, size=(count, size, size)), 0, 200).astype(np.uint8)
+        images[::10, size // 4 : size // 4 + size // 16, size // 3 : size // 2] = 250
+        array[start : start + count] = images
+    group.attrs.update({"lot": "BENCH", "line": "B", "product": "P", "camera": "C"})
+    return path
+
+
+def _tinyunet(folder: Path) -> Path:
+    from defectscan.model.unet import build_model
+
+    model = build_model(seed=0)
+    model.build((None, None, None, 1))
+    path = folder / "tinyunet.keras"
+    model.save(path)
+    return path
+
+
+def _register(factory, store: Path, model_path: Path, name: str):
+    from defectscan.data.register import register_store
+    from defectscan.db.schema import Model
+    from defectscan.model.export import file_sha256
+
+    with factory() as session:
+        image_set = register_store(session, str(store), check_chunks=False).image_set
+    with factory.begin() as session:
+        model = Model(name=name, version="1", uri=str(model_path), sha256=file_sha256(model_path), architecture="tinyunet",
+                      input_spec={}, classes=["defect"], threshold=0.5)
+        session.add(model)
+    return image_set, model
+
+
+def _model_only(ref, size: int, batches: int) -> float:
+    """Runs on a worker: images/s of the cached model on fixed batches already in memory."""
+    from defectscan.pipeline.worker import probabilities
+
+    x = np.random.default_rng(1).uniform(-1, 1, size=(ref.batch_size * batches, size, size, 1)).astype(np.float32)
+    probabilities(ref, x[: ref.batch_size])  # trace and warm up
+    began = time.perf_counter()
+    probabilities(ref, x)
+    return len(x) / (time.perf_counter() - began)
+
+
+def _settings(batch_size: int, images_per_shard: int):
+    from defectscan.config import load_settings
+
+    return load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": str(batch_size),
+                                  "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": str(images_per_shard)})
+
+
+def _inspect(factory, client, model, image_set, settings, in_flight: int):
+    from defectscan.pipeline.run import inspect_image_sets
+
+    began = time.perf_counter()
+    summary = inspect_image_sets(factory, client, model, [image_set], settings.inspection, max_in_flight=in_flight, force=True)
+    return summary, time.perf_counter() - began
+
+
+def throughput(args) -> dict:
+    from distributed import Client
+
+    from defectscan.pipeline.cluster import _local_cluster
+    from defectscan.pipeline.run import model_ref
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    factory = _database(folder)
+    image_set, model = _register(factory, _stack(folder, args.images, args.size), _tinyunet(folder), "tinyunet-bench")
+    settings = _settings(args.batch_size, args.batch_size * 4)
+    with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
+        ref = model_ref(model, args.batch_size)
+        # warm the worker's model cache, so neither side pays the load
+        client.submit(_model_only, ref, args.size, 1, pure=False).result()
+        model_only = client.submit(_model_only, ref, args.size, args.images // args.batch_size, pure=False).result()
+        summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=2)
+    end_to_end = summary.counts.inspected / seconds
+    figures = {
+        "benchmark": "pipeline throughput", "images": args.images, "size": args.size, "batch_size": args.batch_size,
+        "workers": 1, "cores": os.cpu_count(),
+        "model_only_img_s": round(model_only, 2), "end_to_end_img_s": round(end_to_end, 2),
+        "ratio": round(end_to_end / model_only, 3), "status": summary.status,
+    }
+    print(f"model only : {model_only:8.2f} img/s  ({args.size}x{args.size}, batch {args.batch_size}, one worker)")
+    print(f"end to end : {end_to_end:8.2f} img/s  (Zarr in -> masks + SQLite out, {args.images} images)")
+    print(f"ratio      : {figures['ratio']:.3f}  (target >= 0.9 on CPU)")
+    figures["worker_seconds"] = {k: round(v, 2) for k, v in summary.worker_seconds.items()}
+    figures["wall_seconds"] = round(seconds, 2)
+    print(f"end-to-end wall {seconds:.1f} s; on the worker: " + ", ".join(f"{k} {v:.1f}" for k, v in figures["worker_seconds"].items()))
+    return figures
+
+
+def scaling(args) -> dict:
+    from distributed import Client
+
+    from defectscan.pipeline.cluster import _local_cluster
+    from defectscan.pipeline.run import model_ref
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    factory = _database(folder)
+    image_set, model = _register(factory, _stack(folder, args.images, args.size), _tinyunet(folder), "tinyunet-bench")
+    settings = _settings(args.batch_size, args.batch_size * 2)
+    figures = {"benchmark": "pipeline scaling", "images": args.images, "size": args.size, "cores": os.cpu_count()}
+    for workers in (1, 2):
+        with _local_cluster(settings.cluster, workers) as cluster, Client(cluster) as client:
+            client.run(lambda: None)
+            ref = model_ref(model, args.batch_size)
+            for worker in client.scheduler_info()["workers"]:
+                client.submit(_model_only, ref, args.size, 1, workers=[worker], pure=False).result()
+            summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=2 * workers)
+        figures[f"workers_{workers}_img_s"] = round(summary.counts.inspected / seconds, 2)
+        print(f"{workers} worker(s): {figures[f'workers_{workers}_img_s']:8.2f} img/s end to end ({args.images} images, {args.size}x{args.size})")
+    figures["speedup_2_vs_1"] = round(figures["workers_2_img_s"] / figures["workers_1_img_s"], 3)
+    print(f"speed-up 2 vs 1 workers: {figures['speedup_2_vs_1']:.3f} (2 cores: each worker gets 1 TF thread instead of 2)")
+    return figures
+
+
+def million(args) -> dict:
+    """Plan time and peak client memory for a very large stack of tiny images (a stand-in for 1M real ones)."""
+    from distributed import Client
+
+    from defectscan.pipeline.cluster import _local_cluster
+    from defectscan.pipeline.plan import plan_stack
+    from defectscan.pipeline.run import pending_positions
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from pipeline_helpers import save_threshold_model
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-million-"))
+    factory = _database(folder)
+    began = time.perf_counter()
+    store = _stack(folder, args.images, 16, images_per_file=512)
+    image_set, model = _register(factory, store, save_threshold_model(folder / "threshold.keras"), "threshold-bench")
+    setup_s = time.perf_counter() - began
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    began = time.perf_counter()
+    with factory() as session:
+        pending, _ = pending_positions(session, image_set, model, force=False)
+    shards = sum(1 for _ in plan_stack(image_set.id, args.images, 512, pending))
+    plan_s = time.perf_counter() - began
+
+    settings = _settings(512, 512)
+    with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
+        summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=4)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures = {
+        "benchmark": "pipeline million", "images": args.images, "shards": shards, "setup_s": round(setup_s, 1),
+        "plan_s": round(plan_s, 2), "run_s": round(seconds, 1), "img_s": round(summary.counts.inspected / seconds, 1),
+        "client_rss_before_run_mib": round(rss_before, 1), "client_peak_rss_mib": round(rss_peak, 1), "status": summary.status,
+    }
+    print(f"{args.images} images (16x16, stand-in threshold model), {shards} shards")
+    print(f"plan (pending query + shard plan): {plan_s:.2f} s")
+    print(f"run: {seconds:.1f} s, {figures['img_s']} img/s recorded to SQLite")
+    print(f"client peak RSS: {rss_peak:.0f} MiB (before the run: {rss_before:.0f} MiB)")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["throughput", "scaling", "million"])
+    parser.add_argument("--images", type=int)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    args.images = args.images or {"throughput": 96, "scaling": 64, "million": 1_000_000}[args.which]
+    figures = {"throughput": throughput, "scaling": scaling, "million": million}[args.which](args)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"pipeline-{args.which}.json"
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
