@@ -217,3 +217,11 @@ def test_validate_an_unregistered_store_with_another_array_path(tmp_path, sqlite
     assert result.exit_code == 0 and "OK: 5 images" in result.output
     missing = cli("--database-url", sqlite_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))
     assert missing.exit_code == 1 and "no array 'images' in the store (arrays at its root: none)" in missing.output
+
+
+def test_v2_keys_stored_as_fixed_width_bytes(tmp_path, session):
+    root = acquisition_store(tmp_path / "acq.zarr", n=3, array="images")
+    keys = root.create_array("keys", shape=(3,), dtype="S8", chunks=(3,))
+    keys[:] = np.array([b"SN-001", b"SN-002", b"SN-003"])
+    image_set = register_store(session, str(tmp_path / "acq.zarr")).image_set
+    assert [i.key for i in image_set.images] == ["SN-001", "SN-002", "SN-003"]

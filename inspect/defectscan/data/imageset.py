@@ -279,7 +279,7 @@ def read_keys(group, n: int) -> list[str]:
     import zarr
 
     if KEYS in group and isinstance(group[KEYS], zarr.Array) and group[KEYS].shape == (n,):
-        return [str(k) for k in group[KEYS][:]]
+        return [k.decode() if isinstance(k, bytes) else str(k) for k in group[KEYS][:]]
     return [str(i) for i in range(n)]
 
 
@@ -487,6 +487,7 @@ def missing_chunks(array) -> MissingChunks:
 
 
 async def _missing_chunks(array) -> MissingChunks:
+    import asyncio
     import itertools
 
     from zarr.abc.store import SuffixByteRequest
@@ -501,34 +502,44 @@ async def _missing_chunks(array) -> MissingChunks:
     inner = tuple(array.chunks)
     outer = tuple(array.shards) if getattr(array, "shards", None) else inner
     grid = [math.ceil(s / c) for s, c in zip(shape, outer)]
-    per_shard = [o // i for o, i in zip(outer, inner)]
+    per_shard = tuple(o // i for o, i in zip(outer, inner))
     sharding = next((c for c in getattr(metadata, "codecs", ()) if isinstance(c, ShardingCodec)), None)
     index_readable = sharding is not None and _default_shard_index(sharding)
+    n_inner = math.prod(per_shard)
+    empty = np.iinfo(np.uint64).max
+    # Remote stores answer slowly one by one: read shard indexes a few dozen at a time.
+    limit = asyncio.Semaphore(32)
+
+    def inner_chunks(coords: tuple[int, ...]) -> list[tuple[int, ...]]:
+        found = []
+        for local in itertools.product(*(range(p) for p in per_shard)):
+            chunk = tuple(c * p + k for c, p, k in zip(coords, per_shard, local))
+            if all(i * n < s for i, n, s in zip(chunk, inner, shape)):
+                found.append(chunk)
+        return found
+
+    async def empty_in_shard(coords: tuple[int, ...], key: str) -> list[tuple[int, ...]]:
+        async with limit:
+            buffer = await store.get(prefix + key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(16 * n_inner + 4))
+        if buffer is None:
+            return inner_chunks(coords)
+        index = np.frombuffer(buffer.to_bytes()[:-4], dtype="<u8").reshape(per_shard + (2,))
+        return [
+            chunk
+            for chunk in inner_chunks(coords)
+            if (index[tuple(i - c * p for i, c, p in zip(chunk, coords, per_shard))] == empty).all()
+        ]
 
     missing: list[tuple[int, ...]] = []
+    reads = []
     for coords in itertools.product(*(range(g) for g in grid)):
         key = metadata.encode_chunk_key(coords)
-        inner_coords = [
-            tuple(c * p + k for c, p, k in zip(coords, per_shard, local))
-            for local in itertools.product(*(range(p) for p in per_shard))
-        ]
-        inner_coords = [c for c in inner_coords if all(i * n < s for i, n, s in zip(c, inner, shape))]
         if key not in present:
-            missing.extend(inner_coords)
-            continue
-        if sharding is None or not index_readable:
-            continue
-        n_inner = math.prod(per_shard)
-        buffer = await store.get(prefix + key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(16 * n_inner + 4))
-        if buffer is None:
-            missing.extend(inner_coords)
-            continue
-        index = np.frombuffer(buffer.to_bytes()[:-4], dtype="<u8").reshape(tuple(per_shard) + (2,))
-        empty = np.iinfo(np.uint64).max
-        for c in inner_coords:
-            local = tuple(i - s * p for i, s, p in zip(c, coords, per_shard))
-            if index[local][0] == empty and index[local][1] == empty:
-                missing.append(c)
+            missing.extend(inner_chunks(coords))
+        elif index_readable:
+            reads.append(empty_in_shard(coords, key))
+    for found in await asyncio.gather(*reads):
+        missing.extend(found)
     missing.sort()
     images = sorted({c[0] * inner[0] + k for c in missing for k in range(inner[0]) if c[0] * inner[0] + k < shape[0]}) if len(shape) == 3 else []
     return MissingChunks(missing, images)
