@@ -225,3 +225,25 @@ def test_v2_keys_stored_as_fixed_width_bytes(tmp_path, session):
     keys[:] = np.array([b"SN-001", b"SN-002", b"SN-003"])
     image_set = register_store(session, str(tmp_path / "acq.zarr")).image_set
     assert [i.key for i in image_set.images] == ["SN-001", "SN-002", "SN-003"]
+
+
+@pytest.mark.large
+def test_ingest_1000_full_size_pngs_then_validate(tmp_path, sqlite_url, cli):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    surface = ndimage.gaussian_filter(rng.standard_normal((1024, 1024)), 4)
+    surface = np.clip(128 + 40 * surface / surface.std(), 0, 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    for i in range(1000):
+        y, x = rng.integers(0, 512, size=2)
+        Image.fromarray(surface[y : y + 512, x : x + 512]).save(tmp_path / "in" / f"{i:04d}.png", compress_level=1)
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    result = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in"), "--lot", "big", "--out", str(tmp_path / "big.zarr"))
+    assert result.exit_code == 0, result.output
+    assert "1000 images (1000x512x512 uint8)" in result.output
+    images = zarr.open_group(str(tmp_path / "big.zarr"), mode="r")["images"]
+    assert images.shards[0] == 64 and len(list((tmp_path / "big.zarr" / "images" / "c").iterdir())) == 16
+    assert counts(sqlite_url) == (1, 1000)
+    valid = cli("--database-url", sqlite_url, "imagesets", "validate", "1")
+    assert valid.exit_code == 0, valid.output
