@@ -247,3 +247,11 @@ def test_ingest_1000_full_size_pngs_then_validate(tmp_path, sqlite_url, cli):
     assert counts(sqlite_url) == (1, 1000)
     valid = cli("--database-url", sqlite_url, "imagesets", "validate", "1")
     assert valid.exit_code == 0, valid.output
+
+
+def test_a_malformed_store_time_names_the_store(tmp_path, session):
+    acquisition_store(tmp_path / "acq.zarr", array="images", acquired_at="last tuesday")
+    with pytest.raises(DataError, match=r"acq.zarr: group attribute acquired_at 'last tuesday' is not an ISO 8601 time.*--acquired-at"):
+        register_store(session, str(tmp_path / "acq.zarr"))
+    when = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    assert register_store(session, str(tmp_path / "acq.zarr"), acquired_at=when).image_set.acquired_at == when

@@ -86,7 +86,10 @@ def register_store(
     for name, value in (("lot", lot), ("line", line), ("product", product), ("camera", camera)):
         if value is not None:
             provenance[name] = value
-    set_time = acquired_at or layout.parse_time(provenance.get("acquired_at"))
+    try:
+        set_time = acquired_at or layout.parse_time(provenance.get("acquired_at"))
+    except DataError as exc:
+        raise DataError(f"{uri}: group attribute {exc}; pass --acquired-at to give the time") from None
     times = layout.read_times(group, n, default=set_time)
     if acquired_at is not None:
         times = [acquired_at] * n
