@@ -73,6 +73,22 @@ def write_scalars(values: dict[str, float]) -> None:
         tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
 
 
+def _set_determinism(deterministic: bool, jit_compile: bool) -> None:
+    """Deterministic kernels make a seeded CPU run repeat exactly; XLA has none for MaxPool gradients."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    if deterministic and jit_compile:
+        raise ConfigError(
+            "train.jit_compile=true needs train.deterministic=false: XLA has no deterministic MaxPool gradient"
+        )
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        # Determinism is process-wide; a previous deterministic run must not leak into this one.
+        tf_config.disable_op_determinism()
+
+
 def _strategy(recipe: Recipe):
     import tensorflow as tf
 
@@ -124,8 +140,7 @@ def train(
         raise DataError(f"{images.name}: no usable training images ({images.problems.summary()})")
 
     keras.utils.set_random_seed(spec.seed)
-    if spec.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    _set_determinism(spec.deterministic, spec.jit_compile)
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(spec.precision)
     try:

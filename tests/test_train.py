@@ -1,0 +1,113 @@
+"""Training: resume after an interruption, seeded repeatability, XLA and MirroredStrategy on CPU, recipes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from defectscan.data.synth import SynthSpec, write_synthetic_dagm
+from defectscan.errors import ConfigError
+from defectscan.model.export import load_model
+from defectscan.model.recipe import load_recipe
+from defectscan.model.train import train
+from defectscan.paths import CONFIGS_DIR
+
+CPU_RECIPE = CONFIGS_DIR / "model" / "tinyunet-cpu-test.yaml"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_dagm(root, SynthSpec(classes=2, train=4, test=2, size=32, seed=0))
+    return root
+
+
+def _weights(path):
+    return [w.copy() for w in load_model(path).get_weights()]
+
+
+def _scalar_tags(folder):
+    import tensorflow as tf
+
+    tags = {}
+    for event_file in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return {tag: sorted(steps) for tag, steps in tags.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run-a")
+    result = train(load_recipe(CPU_RECIPE, data_path=str(synth)), out, progress=False)
+    return result, out
+
+
+def test_a_run_writes_model_checkpoints_logs_and_summary(uninterrupted):
+    result, out = uninterrupted
+    assert result.finished and result.step == 6 and result.resumed_from == 0
+    assert result.model_path == out / "model.keras" and result.model_path.is_file()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.index")) == ["ckpt-3.index", "ckpt-6.index"]
+    tags = _scalar_tags(out / "tensorboard")
+    assert set(tags) == {"loss", "dice", "learning_rate", "images_per_second"}
+    assert tags["loss"] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["steps"] == 6 and summary["classes"] == ["defect"] and summary["recipe"]["train"]["batch_size"] == 4
+    assert np.isfinite(result.last_loss) and 0 <= result.last_dice <= 1
+
+
+def test_resume_after_interruption_continues_the_step_count_and_matches(uninterrupted, synth, tmp_path):
+    recipe = load_recipe(CPU_RECIPE, data_path=str(synth))
+    paused = train(recipe, tmp_path, stop_at=3, progress=False)
+    assert (paused.step, paused.finished) == (3, False)
+    assert not (tmp_path / "model.keras").exists()
+    resumed = train(recipe, tmp_path, progress=False)
+    assert (resumed.resumed_from, resumed.step, resumed.finished) == (3, 6, True)
+    assert _scalar_tags(tmp_path / "tensorboard")["loss"] == [1, 2, 3, 4, 5, 6]
+    # Same seed, same data stream from step 3 on, optimizer state restored: the same weights.
+    for a, b in zip(_weights(uninterrupted[0].model_path), _weights(resumed.model_path)):
+        np.testing.assert_array_equal(a, b)
+    again = train(recipe, tmp_path, progress=False)
+    assert (again.resumed_from, again.step) == (6, 6)
+
+
+def test_a_fixed_seed_repeats_and_another_seed_differs(uninterrupted, synth, tmp_path):
+    recipe = load_recipe(CPU_RECIPE, data_path=str(synth))
+    repeat = train(recipe, tmp_path / "same", progress=False)
+    for a, b in zip(_weights(uninterrupted[0].model_path), _weights(repeat.model_path)):
+        np.testing.assert_array_equal(a, b)
+    other = train(load_recipe(CPU_RECIPE, ["train.seed=1", "train.steps=1"], str(synth)), tmp_path / "other", progress=False)
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(repeat.model_path), _weights(other.model_path)))
+
+
+def test_xla_and_mirrored_strategy_run_on_the_cpu(synth, tmp_path):
+    settings = ["train.steps=2", "train.jit_compile=true", "train.distribute=mirrored", "train.devices=['/cpu:0']"]
+    with pytest.raises(ConfigError, match="jit_compile=true needs train.deterministic=false"):
+        train(load_recipe(CPU_RECIPE, settings, str(synth)), tmp_path)
+    result = train(load_recipe(CPU_RECIPE, [*settings, "train.deterministic=false"], str(synth)), tmp_path, progress=False)
+    assert result.finished and np.isfinite(result.last_loss)
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    recipe = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml", ["train.steps=7", "optimizer.centered=false"], "data/x")
+    assert (recipe.train.steps, recipe.optimizer.centered, recipe.data.path) == (7, False, "data/x")
+    reference = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml")
+    assert (reference.train.batch_size, reference.optimizer.learning_rate, reference.optimizer.decay_steps) == (16, 1e-4, 500)
+    assert (reference.optimizer.rho, reference.optimizer.momentum, reference.optimizer.centered) == (0.9, 0.8, True)
+    assert (reference.loss.name, reference.loss.switch_at, reference.loss.weight_decay) == ("adaptive", 0.3, 1e-5)
+    with pytest.raises(ConfigError, match=r"train.batch_size: Input should be greater than or equal to 1 \(got 0\)"):
+        load_recipe(CPU_RECIPE, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="train.bogus: Extra inputs are not permitted"):
+        load_recipe(CPU_RECIPE, ["train.bogus=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_recipe(CPU_RECIPE, ["steps"])
+    with pytest.raises(ConfigError, match="data.crop_size 20 must be a multiple of 16"):
+        load_recipe(CPU_RECIPE, ["data.crop_size=20"])
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"{missing}: training recipe not found"):
+        load_recipe(missing)
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        train(load_recipe(CPU_RECIPE), tmp_path)
