@@ -125,3 +125,22 @@ def test_client_killed_mid_run_then_rerun_on_an_external_cluster(prepared, exter
     assert [r[1] for r in rows] == list(range(64))
     assert {r[1] for r in rows if r[2] == "fail"} == set(DEFECTS)
     assert len(defects) == len(DEFECTS)
+
+
+def test_gpu_workers_get_a_gpu_resource_and_tasks_ask_for_it(cli, prepared, monkeypatch):
+    """No GPU here: CUDA_VISIBLE_DEVICES makes the local cluster believe in one, which exercises the
+    resource wiring (workers advertise GPU=1, inference tasks require it); TensorFlow then runs on the CPU."""
+    from defectscan.config import load_settings
+    from defectscan.pipeline.cluster import connect, count_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert count_gpus() == 1
+    with connect(load_settings(environ={}).cluster) as (client, info):
+        assert info.gpu and info.n_workers == 1
+        resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+        assert resources == [{"GPU": 1}]
+    url, factory, image_set = prepared
+    result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(image_set.id), "--no-progress", env=SMALL_SHARDS)
+    assert result.exit_code == 0, result.output
+    assert "Dask: 1 workers (GPU)" in result.output
+    assert "64 inspected" in result.output

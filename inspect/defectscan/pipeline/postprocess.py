@@ -66,9 +66,11 @@ def find_defects(scores: np.ndarray, classes: list[str], rules: VerdictRules, or
     for index, name in enumerate(classes):
         channel = scores[index]
         labels = label(channel >= cutoff, connectivity=2)
+        # Drop noise in one vectorised pass: per-region properties are costly when specks are many.
+        areas = np.bincount(labels.ravel())
+        areas[0] = 0
+        labels[areas[labels] < rules.min_defect_area] = 0
         for region in regionprops(labels, intensity_image=channel):
-            if region.area < rules.min_defect_area:
-                continue
             y0, x0, y1, x1 = region.bbox
             cy, cx = region.centroid
             found.append(
