@@ -297,7 +297,7 @@ def test_cli_ingests_a_dagm_folder_into_a_labelled_set(tmp_path, sqlite_url, cli
     (folder / "Label" / "Labels.txt").write_text("2\n1\t1\t0001.PNG\t0\t0001_label.PNG\n2\t0\t0002.PNG\t0\t0\n3\tx\tbad line\n")
     assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     result = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "Class3"), "--lot", "dagm", "--out", str(tmp_path / "d.zarr"))
-    assert result.exit_code == 3 and "Labels.txt: line 4: expected 'id defective image 0 label'" in result.output
+    assert result.exit_code == 3 and "Labels.txt:4: unparsable Labels.txt line: 3 fields, expected 5" in result.output
     group = stored(tmp_path / "d.zarr")
     assert group.attrs["classes"] == ["Class3"] and int(group["labels"][0].sum()) == 9 and not group["labels"][1].any()
 

@@ -2,7 +2,7 @@
 
 A path may be an image file, a folder of image files (not recursive, sorted by name) or a DAGM
 2007 folder: one with Label/Labels.txt, or a parent of such folders (ClassN/{Train,Test}). A
-DAGM folder brings its label images and class names. Each image's key is its path relative to
+DAGM folder brings its label images and class names; its Labels.txt is read by data/dagm.py. Each image's key is its path relative to
 the common folder of everything ingested, so equal file names from two folders stay distinct.
 """
 
@@ -109,26 +109,11 @@ def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
 
 
 def read_labels_txt(folder: Path, problems: ProblemLog) -> list[tuple[Path, Path | None]]:
-    """(image, label image or None) per line of folder/Label/Labels.txt.
+    """(image, label image or None) per entry of folder/Label/Labels.txt, parsed by data/dagm.py."""
+    from defectscan.data.dagm import _parse_labels
 
-    DAGM's format: a first line (a count or header), then tab-separated lines:
-    id, defective (0/1), image file, 0, label file name or 0. Malformed lines are problems.
-    Private to ingest until data/dagm.py offers the same; see the issue 4 report.
-    """
-    labels_txt = folder / LABELS_FILE
-    pairs = []
-    lines = labels_txt.read_text(errors="replace").splitlines()
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split()
-        if len(fields) < 5 or fields[1] not in ("0", "1"):
-            problems.add(labels_txt, f"line {number}: expected 'id defective image 0 label', got {line.strip()!r}")
-            continue
-        image = folder / fields[2]
-        label = folder / "Label" / fields[4] if fields[1] == "1" and fields[4] != "0" else None
-        pairs.append((image, label))
-    return pairs
+    entries = _parse_labels(folder / LABELS_FILE, problems)
+    return [(folder / image, folder / "Label" / label if label else None) for image, label in entries.items()]
 
 
 def _common_folder(paths: list[Path]) -> Path:
