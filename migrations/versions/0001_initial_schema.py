@@ -103,6 +103,15 @@ def upgrade() -> None:
     op.create_index(op.f('ix_job_runs_job_started_at'), 'job_runs', ['job', 'started_at'], unique=False)
     op.create_index(op.f('ix_job_runs_status'), 'job_runs', ['status'], unique=False)
 
+    op.create_table('job_locks',
+    sa.Column('job', sa.String(length=128), nullable=False),
+    sa.Column('job_run_id', sa.Integer(), nullable=True),
+    sa.Column('owner', sa.String(length=255), nullable=False),
+    sa.Column('acquired_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['job_run_id'], ['job_runs.id'], name=op.f('fk_job_locks_job_run_id_job_runs'), ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('job', name=op.f('pk_job_locks'))
+    )
     op.create_table('inspections',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('image_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -163,6 +172,7 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_inspections_inspected_at'), table_name='inspections')
 
     op.drop_table('inspections')
+    op.drop_table('job_locks')
     op.drop_index(op.f('ix_job_runs_status'), table_name='job_runs')
     op.drop_index(op.f('ix_job_runs_job_started_at'), table_name='job_runs')
 

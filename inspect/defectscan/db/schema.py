@@ -198,6 +198,23 @@ class JobRun(Base):
     model: Mapped[Model | None] = relationship()
 
 
+class JobLock(Base):
+    """Who is running a job right now: one row per running job, so two triggers cannot both run it.
+
+    Taken by inserting the row (the primary key refuses a second holder), kept alive by
+    `heartbeat_at`, released by deleting it; a row whose heartbeat is stale belongs to a crashed
+    runner and may be taken over.
+    """
+
+    __tablename__ = "job_locks"
+
+    job: Mapped[str] = mapped_column(String(128), primary_key=True)
+    job_run_id: Mapped[int | None] = mapped_column(ForeignKey("job_runs.id", ondelete="SET NULL"))
+    owner: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Inspection(Base):
     """The result of one model on one image: verdict, defect pixels, where the mask is stored."""
 
@@ -268,6 +285,7 @@ __all__ = [
     "Image",
     "ImageSet",
     "Inspection",
+    "JobLock",
     "JobRun",
     "Model",
     "IMAGE_SET_KINDS",
