@@ -97,7 +97,7 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
     else:
         click.echo(
             f"{result.uri}: {result.n_images} images ({shape} {image_set.dtype}) in {result.seconds:.1f} s "
-            f"({result.mb_per_second:.0f} MB/s decoded); registered as image set {image_set.id}"
+            f"({result.mb_per_second:.1f} MB/s decoded); registered as image set {image_set.id}"
         )
     if result.problems:
         click.echo(result.problems.summary(), err=True)
