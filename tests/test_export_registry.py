@@ -1,0 +1,127 @@
+"""Export (.keras, SavedModel serving signature) and the model registry on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from defectscan.errors import ModelError
+from defectscan.model.export import export_saved_model, file_sha256, load_model, load_saved_model
+from defectscan.model.preprocess import predict_probabilities
+from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, ModelMetadata, read_metadata
+from defectscan.model.unet import TinyUNet
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    TinyUNet(num_classes=2, filters=(4, 4, 8, 8, 16), seed=1).save(path)
+    return path
+
+
+def test_saved_model_serves_uint8_images_of_several_sizes(model_file, tmp_path):
+    model = load_model(model_file)
+    served = load_saved_model(export_saved_model(model_file, tmp_path / "served"))
+    rng = np.random.default_rng(0)
+    for shape in [(2, 32, 48), (1, 64, 64), (1, 40, 50)]:
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+        probabilities = served.serve(images[..., None]).numpy()
+        assert probabilities.shape == (*shape, 2)
+        np.testing.assert_allclose(probabilities, predict_probabilities(model, images), atol=1e-5)
+    signature = served.signatures["serving_default"]
+    assert signature.structured_input_signature[1]["images"].dtype.name == "uint8"
+
+
+def test_loading_checks_the_checksum_and_names_the_file(model_file, tmp_path):
+    expected = file_sha256(model_file)
+    assert load_model(model_file, expected_sha256=expected).output_shape[-1] == 2
+    changed = tmp_path / "changed.keras"
+    changed.write_bytes(model_file.read_bytes() + b"\0")
+    with pytest.raises(ModelError) as error:
+        load_model(changed, expected_sha256=expected)
+    message = str(error.value)
+    assert str(changed) in message and expected in message and file_sha256(changed) in message
+    with pytest.raises(ModelError, match="model file does not exist"):
+        load_model(tmp_path / "none.keras")
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match=f"{garbage}: cannot load the model"):
+        load_model(garbage)
+    with pytest.raises(ModelError, match="expected a .keras model file"):
+        load_model(tmp_path / "model.h5")
+
+
+def _db(cli, url, *args):
+    return cli("--database-url", url, *args)
+
+
+def test_register_list_show_on_both_databases(cli, migrated_url, model_file, tmp_path):
+    metrics = tmp_path / "evaluation.json"
+    metrics.write_text(json.dumps({"thresholds": {"0.5": {"dice": 0.9321}}}))
+    result = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "1",
+                 "--class", "scratch", "--class", "spot", "--threshold", "0.4", "--metrics", str(metrics))
+    assert result.exit_code == 0, result.output
+    assert "registered tiny:1 (TinyUNet(4,4,8,8,16), classes scratch, spot)" in result.output
+    assert _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "2", "--class", "a", "--class", "b").exit_code == 0
+
+    listed = _db(cli, migrated_url, "models", "list").output.splitlines()
+    assert len(listed) == 3 and listed[1].split()[:3] == ["tiny", "1", "staging"] and "0.9321" in listed[1]
+    shown = json.loads(_db(cli, migrated_url, "models", "show", "tiny:1").output)
+    assert shown["classes"] == ["scratch", "spot"] and shown["threshold"] == 0.4
+    assert shown["sha256"] == file_sha256(model_file) and shown["uri"] == str(model_file)
+    assert shown["input_spec"]["multiple_of"] == 16 and shown["input_spec"]["dtype"] == "uint8"
+    assert json.loads(_db(cli, migrated_url, "models", "show", "tiny").output)["version"] == "2"
+
+    duplicate = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "1")
+    assert duplicate.exit_code == 1 and "Error: model tiny:1 is already registered" in duplicate.output
+    wrong_classes = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "t", "--version", "1", "--class", "only")
+    assert wrong_classes.exit_code == 1 and "has 2 output classes but 1 class names were given (only)" in wrong_classes.output
+    unknown = _db(cli, migrated_url, "models", "show", "nope:3")
+    assert unknown.exit_code == 1 and "no model nope:3 in the registry; known: tiny:1, tiny:2" in unknown.output
+
+
+def test_a_changed_file_is_refused_by_name_with_both_hashes(cli, migrated_url, model_file, tmp_path):
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model.registry import load_registered, register_model
+
+    copy = tmp_path / "copy.keras"
+    copy.write_bytes(model_file.read_bytes())
+    engine = make_engine(migrated_url)
+    try:
+        with session_factory(engine)() as session:
+            row = register_model(session, copy, name="copy", version="1", classes=["a", "b"])
+            recorded = row.sha256
+            assert load_registered(session, "copy:1")[1].output_shape[-1] == 2
+            copy.write_bytes(model_file.read_bytes()[:-10] + b"0123456789")
+            with pytest.raises(ModelError) as error:
+                load_registered(session, "copy")
+    finally:
+        engine.dispose()
+    assert str(copy) in str(error.value) and recorded in str(error.value) and file_sha256(copy) in str(error.value)
+    verify = _db(cli, migrated_url, "models", "show", "copy:1", "--verify")
+    assert verify.exit_code == 1 and f"Error: {copy}: model file does not match its registered checksum" in verify.output
+
+
+def test_metadata_files_and_their_errors(tmp_path):
+    good = tmp_path / "meta.yaml"
+    good.write_text("name: m\nversion: '3'\nclasses: [defect]\nthreshold: 0.6\n")
+    assert read_metadata(good) == ModelMetadata(name="m", version="3", classes=["defect"], threshold=0.6)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "m", "colour": "red"}))
+    with pytest.raises(ModelError, match=r"bad.json: unknown metadata key\(s\) colour"):
+        read_metadata(bad)
+
+
+def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
+    meta = read_metadata(DEMO_METADATA)
+    assert DEMO_MODEL.stat().st_size < 10 * 2**20
+    assert meta.classes == ["defect"] and meta.metrics["thresholds"]["0.5"]["dice"] >= 0.9
+    assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
+    result = _db(cli, sqlite_url, "models", "register", "--demo")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(_db(cli, sqlite_url, "models", "show", meta.name, "--verify").output.split("\n" + str(DEMO_MODEL))[0])
+    assert shown["version"] == meta.version and shown["training"]["command"].startswith("defectscan train")
+    model = load_model(DEMO_MODEL, expected_sha256=shown["sha256"])
+    assert model.count_params() == 1_850_305
