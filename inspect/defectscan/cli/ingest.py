@@ -14,9 +14,8 @@ from pathlib import Path
 
 import click
 
-from defectscan.cli.app import AppContext, pass_app
+from defectscan.cli.app import EXIT_PARTIAL, AppContext, pass_app
 
-EXIT_SKIPPED = 3
 
 
 def _provenance_options(f):
@@ -101,7 +100,7 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
         )
     if result.problems:
         click.echo(result.problems.summary(), err=True)
-        sys.exit(EXIT_SKIPPED)
+        sys.exit(EXIT_PARTIAL)
 
 
 @click.group("imagesets")
@@ -148,7 +147,7 @@ def register_command(app: AppContext, url, array_path, lot, line, product, camer
             click.echo(f"already registered, unchanged: image set {image_set.id}: {image_set.uri}")
     if registration.problems:
         click.echo(registration.problems.summary(), err=True)
-        sys.exit(EXIT_SKIPPED)
+        sys.exit(EXIT_PARTIAL)
 
 
 def _summary(image_set) -> str:
