@@ -90,6 +90,17 @@ def migrated_url(database_url):
 
 
 @pytest.fixture
+def session(migrated_url):
+    """A session on a fresh database with the current schema (SQLite and PostgreSQL)."""
+    from defectscan.db.session import make_engine, session_factory
+
+    engine = make_engine(migrated_url)
+    with session_factory(engine)() as session:
+        yield session
+    engine.dispose()
+
+
+@pytest.fixture
 def cli():
     """Run `defectscan ARGS...` in-process; returns click's Result (output, exit_code)."""
     from defectscan.cli import main

@@ -260,14 +260,14 @@ def test_symlinked_files_keep_their_own_names(tmp_path):
 
 
 def test_cli_reports_each_bad_file_and_exits_3(tmp_path, sqlite_url, cli):
-    from defectscan.cli.ingest import EXIT_SKIPPED
+    from defectscan.cli.app import EXIT_PARTIAL
 
     assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     good_images(tmp_path / "in", n=3)
     (tmp_path / "in" / "empty.png").write_bytes(b"")
     write_png(tmp_path / "in" / "wide.png", texture(5, (32, 40)))
     result = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "in"), str(tmp_path / "gone.png"), "--out", str(tmp_path / "s.zarr"))
-    assert result.exit_code == EXIT_SKIPPED
+    assert result.exit_code == EXIT_PARTIAL
     for name, reason in (("empty.png", "empty file"), ("wide.png", "different size: 32x40"), ("gone.png", "does not exist")):
         assert f"{name}: {reason}" in result.output
     assert "3 images (3x32x32 uint8)" in result.output and "3 skipped" in result.output

@@ -9,15 +9,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from defectscan.db.schema import Defect, Image, ImageSet, Inspection, Model
-from defectscan.db.session import make_engine, session_factory
-
-
-@pytest.fixture
-def session(migrated_url):
-    engine = make_engine(migrated_url)
-    with session_factory(engine)() as session:
-        yield session
-    engine.dispose()
 
 
 def _model(name="tinyunet", version="1"):
