@@ -1,0 +1,488 @@
+"""The read side of the results database: filtered listings, details and lot summaries.
+
+Used by the `defects`, `images` and `lots` commands and by the reports. Every filter is a bound
+parameter; counts and aggregations run in SQL, so nothing here loads more rows than it returns.
+Rows are plain dicts whose keys, in order, are the module's `*_COLUMNS`: scripts rely on them.
+
+Time filters select by the image's capture time (`images.acquired_at`; registration gives every
+image its set's time when the store has no per-image times).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlalchemy import Select, and_, case, distinct, func, literal, select
+from sqlalchemy.orm import Session
+
+from defectscan.db.schema import VERDICTS, Defect, Image, ImageSet, Inspection, JobRun, Model
+from defectscan.errors import DataError
+
+DEFECT_COLUMNS = (
+    "id", "image_id", "image_key", "lot", "line", "product", "camera", "acquired_at", "model", "job_run_id",
+    "verdict", "class", "area", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "centroid_y", "centroid_x",
+    "mean_score", "max_score",
+)
+IMAGE_COLUMNS = (
+    "id", "image_id", "image_key", "image_set_id", "position", "lot", "line", "product", "camera", "acquired_at",
+    "model", "job_run_id", "verdict", "n_defects", "defect_pixels", "max_score", "inspected_at", "error",
+)
+LOT_COLUMNS = (
+    "lot", "model", "images", "failed", "errors", "defects", "defect_rate", "first_at", "last_at", "verdict",
+)
+CLASS_COLUMNS = ("class", "defects", "images", "mean_area", "max_score")
+
+DEFECT_SORTS = {
+    "id": Defect.id,
+    "time": Image.acquired_at,
+    "area": Defect.area,
+    "score": Defect.max_score,
+    "class": Defect.class_name,
+}
+IMAGE_SORTS = {
+    "id": Inspection.id,
+    "time": Image.acquired_at,
+    "score": Inspection.max_score,
+    "defects": Inspection.n_defects,
+    "key": Image.key,
+}
+
+# Default share of failed images above which a lot is put on hold (the `--hold-above` option).
+HOLD_ABOVE = 0.05
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What to select; None means no restriction. Ranges are inclusive, `until` is exclusive."""
+
+    lot: str | None = None
+    line: str | None = None
+    product: str | None = None
+    camera: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    model: str | None = None  # NAME or NAME:VERSION
+    job_run: int | None = None
+    verdict: str | None = None
+    defect_class: str | None = None
+    min_area: int | None = None
+    max_area: int | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.since and self.until and self.since >= self.until:
+            raise DataError(f"--since {_iso(self.since)} is not before --until {_iso(self.until)}")
+        if self.min_area is not None and self.max_area is not None and self.min_area > self.max_area:
+            raise DataError(f"--min-area {self.min_area} is larger than --max-area {self.max_area}")
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise DataError(f"--min-score {self.min_score} is larger than --max-score {self.max_score}")
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise DataError(f"verdict {self.verdict!r}: expected one of {', '.join(VERDICTS)}")
+
+    def given(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Page:
+    """Rows of one page and whether more rows follow it (found by reading one row past the page)."""
+
+    rows: list[dict[str, Any]]
+    more: bool
+    offset: int
+
+
+# --- parsing user input -------------------------------------------------------------------------
+
+
+def parse_when(value: str, option: str, *, end_of_day: bool = False) -> dt.datetime:
+    """An ISO 8601 date or time as aware UTC; a bare date is midnight UTC (the next midnight when `end_of_day`)."""
+    text = value.strip()
+    try:
+        if len(text) == 10 and text[4] == "-":
+            day = dt.date.fromisoformat(text)
+            when = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+            return when + dt.timedelta(days=1) if end_of_day else when
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, IndexError):
+        raise DataError(f"{option} {value!r}: expected an ISO 8601 date or time such as 2026-03-01 or 2026-03-01T08:00:00Z") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc)
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    if when is None:
+        return None
+    if when.tzinfo is None:  # SQLite aggregates (min/max) come back without the type's conversion
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# --- checks of filter values, with suggestions -----------------------------------------------------
+
+
+def _suggest(value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+    if close:
+        return "; did you mean " + " or ".join(close) + "?"
+    if 0 < len(known) <= 8:
+        return "; known: " + ", ".join(known)
+    return ""
+
+
+def check_filters(session: Session, filters: Filters) -> None:
+    """Refuse a lot, line, product, camera, class, model or job run that no row has, naming close ones.
+
+    Each check is one indexed lookup, or a scan of the small `image_sets`/`models` tables; the
+    class names come from the registered models, not from the (large) defects table.
+    """
+    for name in ("lot", "line", "product", "camera"):
+        value = getattr(filters, name)
+        if value is None:
+            continue
+        column = getattr(ImageSet, name)
+        if session.scalar(select(literal(1)).where(column == value).limit(1)) is None:
+            known = [v for v in session.scalars(select(distinct(column)).where(column.is_not(None)).limit(10000))]
+            raise DataError(f"unknown {name} {value!r}: no image set has it{_suggest(value, sorted(known))}")
+    if filters.defect_class is not None:
+        known = sorted({c for classes in session.scalars(select(Model.classes)) for c in (classes or [])})
+        if filters.defect_class not in known:
+            raise DataError(f"unknown defect class {filters.defect_class!r}: no registered model has it{_suggest(filters.defect_class, known)}")
+    if filters.model is not None:
+        _model_ids(session, filters.model)
+    if filters.job_run is not None and session.get(JobRun, filters.job_run) is None:
+        raise DataError(f"unknown job run {filters.job_run}: see `defectscan jobs history` for run ids")
+
+
+def _model_ids(session: Session, reference: str) -> list[int]:
+    name, _, version = reference.partition(":")
+    query = select(Model.id).where(Model.name == name)
+    if version:
+        query = query.where(Model.version == version)
+    ids = list(session.scalars(query))
+    if not ids:
+        known = sorted(f"{n}:{v}" for n, v in session.execute(select(Model.name, Model.version)))
+        names = sorted({k.split(":")[0] for k in known})
+        raise DataError(f"unknown model {reference!r}: expected NAME or NAME:VERSION of a registered model{_suggest(reference, known + names)}")
+    return ids
+
+
+# --- shared filtering -------------------------------------------------------------------------------
+
+
+def _where(session: Session, query: Select, filters: Filters, *, defects: bool) -> Select:
+    """Add the filters to a query that joins inspections, images and image_sets (and defects when `defects`)."""
+    conditions = []
+    for name in ("lot", "line", "product", "camera"):
+        value = getattr(filters, name)
+        if value is not None:
+            conditions.append(getattr(ImageSet, name) == value)
+    if filters.since is not None:
+        conditions.append(Image.acquired_at >= filters.since)
+    if filters.until is not None:
+        conditions.append(Image.acquired_at < filters.until)
+    if filters.model is not None:
+        conditions.append(Inspection.model_id.in_(_model_ids(session, filters.model)))
+    if filters.job_run is not None:
+        conditions.append(Inspection.job_run_id == filters.job_run)
+    if filters.verdict is not None:
+        conditions.append(Inspection.verdict == filters.verdict)
+    if defects:
+        if filters.defect_class is not None:
+            conditions.append(Defect.class_name == filters.defect_class)
+        if filters.min_area is not None:
+            conditions.append(Defect.area >= filters.min_area)
+        if filters.max_area is not None:
+            conditions.append(Defect.area <= filters.max_area)
+        if filters.min_score is not None:
+            conditions.append(Defect.max_score >= filters.min_score)
+        if filters.max_score is not None:
+            conditions.append(Defect.max_score <= filters.max_score)
+    else:
+        if filters.defect_class is not None:
+            # an image "has" a class when one of its defects is of that class
+            conditions.append(
+                select(literal(1)).where(Defect.inspection_id == Inspection.id, Defect.class_name == filters.defect_class).exists()
+            )
+        if filters.min_score is not None:
+            conditions.append(Inspection.max_score >= filters.min_score)
+        if filters.max_score is not None:
+            conditions.append(Inspection.max_score <= filters.max_score)
+        if filters.min_area is not None:
+            conditions.append(Inspection.defect_pixels >= filters.min_area)
+        if filters.max_area is not None:
+            conditions.append(Inspection.defect_pixels <= filters.max_area)
+    return query.where(and_(*conditions)) if conditions else query
+
+
+def _order(query: Select, sorts: dict[str, Any], sort: str, descending: bool, tiebreak) -> Select:
+    if sort not in sorts:
+        raise DataError(f"sort {sort!r}: expected one of {', '.join(sorts)}")
+    column = sorts[sort]
+    if descending:
+        return query.order_by(column.desc(), tiebreak.desc())
+    return query.order_by(column.asc(), tiebreak.asc())
+
+
+def _page(session: Session, query: Select, limit: int, offset: int, convert) -> Page:
+    if limit < 1 or offset < 0:
+        raise DataError(f"--limit {limit} / --offset {offset}: expected a limit of at least 1 and an offset of at least 0")
+    rows = session.execute(query.limit(limit + 1).offset(offset)).all()
+    return Page([convert(row) for row in rows[:limit]], more=len(rows) > limit, offset=offset)
+
+
+def _model_label(name: str, version: str) -> str:
+    return f"{name}:{version}"
+
+
+# --- defects ----------------------------------------------------------------------------------------------
+
+
+def _defects_select() -> Select:
+    return (
+        select(
+            Defect.id, Image.id.label("image_id"), Image.key, ImageSet.lot, ImageSet.line, ImageSet.product, ImageSet.camera,
+            Image.acquired_at, Model.name, Model.version, Inspection.job_run_id, Inspection.verdict, Defect.class_name,
+            Defect.area, Defect.bbox_y0, Defect.bbox_x0, Defect.bbox_y1, Defect.bbox_x1, Defect.centroid_y, Defect.centroid_x,
+            Defect.mean_score, Defect.max_score,
+        )
+        .select_from(Defect)
+        .join(Inspection, Defect.inspection_id == Inspection.id)
+        .join(Image, Inspection.image_id == Image.id)
+        .join(ImageSet, Image.image_set_id == ImageSet.id)
+        .join(Model, Inspection.model_id == Model.id)
+    )
+
+
+def _defect_row(row) -> dict[str, Any]:
+    (id_, image_id, key, lot, line, product, camera, when, name, version, job_run, verdict, cls, area,
+     y0, x0, y1, x1, cy, cx, mean, peak) = row
+    return dict(zip(DEFECT_COLUMNS, (
+        id_, image_id, key, lot, line, product, camera, _iso(when), _model_label(name, version), job_run, verdict, cls,
+        area, y0, x0, y1, x1, round(cy, 2), round(cx, 2), round(mean, 4), round(peak, 4),
+    ), strict=True))
+
+
+def list_defects(
+    session: Session, filters: Filters = Filters(), *, sort: str = "id", descending: bool = True, limit: int = 50, offset: int = 0,
+) -> Page:
+    """Defects matching `filters`, newest first by default."""
+    check_filters(session, filters)
+    query = _where(session, _defects_select(), filters, defects=True)
+    query = _order(query, DEFECT_SORTS, sort, descending, Defect.id)
+    return _page(session, query, limit, offset, _defect_row)
+
+
+def count_defects(session: Session, filters: Filters = Filters()) -> int:
+    query = (
+        select(func.count()).select_from(Defect).join(Inspection, Defect.inspection_id == Inspection.id)
+        .join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id)
+    )
+    return session.scalar(_where(session, query, filters, defects=True))
+
+
+def get_defect(session: Session, defect_id: int) -> dict[str, Any]:
+    """One defect with its image's location, its run-length mask and where its score map is."""
+    row = session.execute(
+        _defects_select().add_columns(
+            Defect.class_index, Defect.orientation, Defect.eccentricity, Defect.rle, Inspection.id, Inspection.mask_uri,
+            Inspection.mask_array, Image.position, Image.height, Image.width, ImageSet.uri, ImageSet.array_path, ImageSet.kind,
+        ).where(Defect.id == defect_id)
+    ).one_or_none()
+    if row is None:
+        raise DataError(f"no defect with id {defect_id}")
+    record = _defect_row(row[:22])
+    (class_index, orientation, eccentricity, rle, inspection_id, mask_uri, mask_array, position, height, width, uri,
+     array_path, kind) = row[22:]
+    record.update(
+        class_index=class_index, orientation=round(orientation, 4), eccentricity=round(eccentricity, 4),
+        inspection_id=inspection_id, rle=rle,
+    )
+    record["_source"] = ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array)
+    return record
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where an image's pixels and its score map are stored."""
+
+    uri: str
+    array_path: str
+    kind: str
+    position: int
+    height: int
+    width: int
+    mask_uri: str | None = None
+    mask_array: str | None = None
+
+
+def _images_select() -> Select:
+    return (
+        select(
+            Inspection.id, Image.id.label("image_id"), Image.key, Image.image_set_id, Image.position, ImageSet.lot, ImageSet.line,
+            ImageSet.product, ImageSet.camera, Image.acquired_at, Model.name, Model.version, Inspection.job_run_id,
+            Inspection.verdict, Inspection.n_defects, Inspection.defect_pixels, Inspection.max_score, Inspection.inspected_at,
+            Inspection.error,
+        )
+        .select_from(Inspection)
+        .join(Image, Inspection.image_id == Image.id)
+        .join(ImageSet, Image.image_set_id == ImageSet.id)
+        .join(Model, Inspection.model_id == Model.id)
+    )
+
+
+def _image_row(row) -> dict[str, Any]:
+    (id_, image_id, key, set_id, position, lot, line, product, camera, when, name, version, job_run, verdict, n, pixels,
+     peak, inspected, error) = row
+    return dict(zip(IMAGE_COLUMNS, (
+        id_, image_id, key, set_id, position, lot, line, product, camera, _iso(when), _model_label(name, version), job_run,
+        verdict, n, pixels, round(peak, 4), _iso(inspected), error,
+    ), strict=True))
+
+
+def list_images(
+    session: Session, filters: Filters = Filters(), *, sort: str = "id", descending: bool = True, limit: int = 50, offset: int = 0,
+) -> Page:
+    """Inspected images (one row per image and model version) matching `filters`; area filters apply to defect pixels."""
+    check_filters(session, filters)
+    query = _where(session, _images_select(), filters, defects=False)
+    query = _order(query, IMAGE_SORTS, sort, descending, Inspection.id)
+    return _page(session, query, limit, offset, _image_row)
+
+
+def get_image(session: Session, ident: str, model: str | None = None) -> dict[str, Any]:
+    """An image (by id, or by key when not a number) with its inspections and their defects.
+
+    An image inspected by several model versions has one inspection each; `model` picks one.
+    """
+    query = select(Image.id)
+    query = query.where(Image.id == int(ident)) if ident.isdigit() else query.where(Image.key == ident)
+    ids = list(session.scalars(query.limit(2)))
+    if not ids:
+        raise DataError(f"no image with {'id' if ident.isdigit() else 'key'} {ident!r}")
+    if len(ids) > 1:
+        raise DataError(f"image key {ident!r} is used by several images: give the image id (see `defectscan images list`)")
+    image_id = ids[0]
+    image, image_set = session.execute(
+        select(Image, ImageSet).join(ImageSet, Image.image_set_id == ImageSet.id).where(Image.id == image_id)
+    ).one()
+    inspections = select(Inspection, Model).join(Model, Inspection.model_id == Model.id).where(Inspection.image_id == image_id)
+    if model is not None:
+        inspections = inspections.where(Inspection.model_id.in_(_model_ids(session, model)))
+    found = session.execute(inspections.order_by(Inspection.inspected_at.desc(), Inspection.id.desc())).all()
+    record: dict[str, Any] = {
+        "image_id": image.id, "image_key": image.key, "image_set_id": image_set.id, "image_set_uri": image_set.uri,
+        "position": image.position, "height": image.height, "width": image.width, "lot": image_set.lot, "line": image_set.line,
+        "product": image_set.product, "camera": image_set.camera, "acquired_at": _iso(image.acquired_at),
+        "inspections": [],
+    }
+    for inspection, model_row in found:
+        defects = session.execute(
+            select(Defect).where(Defect.inspection_id == inspection.id).order_by(Defect.max_score.desc(), Defect.id)
+        ).scalars().all()
+        record["inspections"].append({
+            "id": inspection.id, "model": _model_label(model_row.name, model_row.version), "job_run_id": inspection.job_run_id,
+            "verdict": inspection.verdict, "n_defects": inspection.n_defects, "defect_pixels": inspection.defect_pixels,
+            "max_score": round(inspection.max_score, 4), "inspected_at": _iso(inspection.inspected_at), "error": inspection.error,
+            "mask_uri": inspection.mask_uri, "mask_array": inspection.mask_array,
+            "defects": [
+                {"id": d.id, "class": d.class_name, "class_index": d.class_index, "area": d.area,
+                 "bbox": [d.bbox_y0, d.bbox_x0, d.bbox_y1, d.bbox_x1], "max_score": round(d.max_score, 4), "rle": d.rle}
+                for d in defects
+            ],
+        })
+    record["_source"] = ImageSource(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width)
+    return record
+
+
+# --- lots ------------------------------------------------------------------------------------------------------------
+
+
+def _lot_aggregates(hold_above: float):
+    images = func.count(Inspection.id)
+    failed = func.sum(case((Inspection.verdict == "fail", 1), else_=0))
+    errors = func.sum(case((Inspection.verdict == "error", 1), else_=0))
+    return images, failed, errors, func.sum(Inspection.n_defects), func.min(Image.acquired_at), func.max(Image.acquired_at)
+
+
+def _lot_row(row, hold_above: float) -> dict[str, Any]:
+    lot, name, version, images, failed, errors, defects, first, last = row
+    rate = failed / images if images else 0.0
+    return dict(zip(LOT_COLUMNS, (
+        lot, _model_label(name, version), images, int(failed or 0), int(errors or 0), int(defects or 0), round(rate, 4),
+        _iso(first), _iso(last), "hold" if rate > hold_above else "release",
+    ), strict=True))
+
+
+def _lots_query(session: Session, filters: Filters) -> Select:
+    query = (
+        select(ImageSet.lot, Model.name, Model.version, *_lot_aggregates(HOLD_ABOVE))
+        .select_from(Inspection)
+        .join(Image, Inspection.image_id == Image.id)
+        .join(ImageSet, Image.image_set_id == ImageSet.id)
+        .join(Model, Inspection.model_id == Model.id)
+        .group_by(ImageSet.lot, Model.id, Model.name, Model.version)
+    )
+    return _where(session, query, filters, defects=False)
+
+
+def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: float = HOLD_ABOVE, limit: int = 50, offset: int = 0) -> Page:
+    """One row per lot and model version: images, failed, errors, defects, failed share, verdict; newest lots first.
+
+    A lot is on "hold" when its share of failed images is above `hold_above`.
+    """
+    check_filters(session, filters)
+    query = _lots_query(session, filters).order_by(func.max(Image.acquired_at).desc(), ImageSet.lot, Model.id)
+    return _page(session, query, limit, offset, lambda row: _lot_row(row, hold_above))
+
+
+def latest_lot(session: Session) -> str:
+    """The lot of the most recently acquired image set."""
+    lot = session.scalar(
+        select(ImageSet.lot).where(ImageSet.lot.is_not(None)).order_by(ImageSet.acquired_at.desc().nulls_last(), ImageSet.id.desc()).limit(1)
+    )
+    if lot is None:
+        raise DataError("no lots yet: no registered image set has a lot")
+    return lot
+
+
+def lot_summary(
+    session: Session, lot: str, filters: Filters = Filters(), *, hold_above: float = HOLD_ABOVE, top: int = 5,
+) -> dict[str, Any]:
+    """A lot per model version, with its most frequent defect classes."""
+    filters = Filters(**{**filters.given(), "lot": lot})
+    check_filters(session, filters)
+    summaries = [_lot_row(row, hold_above) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
+    n_sets = session.scalar(select(func.count()).select_from(ImageSet).where(ImageSet.lot == lot))
+    n_images = session.scalar(
+        select(func.count()).select_from(Image).join(ImageSet, Image.image_set_id == ImageSet.id).where(ImageSet.lot == lot)
+    )
+    classes = (
+        select(
+            Model.name, Model.version, Defect.class_name, func.count(Defect.id), func.count(distinct(Inspection.image_id)),
+            func.avg(Defect.area), func.max(Defect.max_score),
+        )
+        .select_from(Defect)
+        .join(Inspection, Defect.inspection_id == Inspection.id)
+        .join(Image, Inspection.image_id == Image.id)
+        .join(ImageSet, Image.image_set_id == ImageSet.id)
+        .join(Model, Inspection.model_id == Model.id)
+        .group_by(Model.id, Model.name, Model.version, Defect.class_name)
+        .order_by(Model.id, func.count(Defect.id).desc(), Defect.class_name)
+    )
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for name, version, cls, n, n_img, mean_area, peak in session.execute(_where(session, classes, filters, defects=True)):
+        entries = by_model.setdefault(_model_label(name, version), [])
+        if len(entries) < top:
+            entries.append(dict(zip(CLASS_COLUMNS, (cls, n, n_img, round(float(mean_area), 1), round(peak, 4)), strict=True)))
+    for summary in summaries:
+        summary["top_classes"] = by_model.get(summary["model"], [])
+    return {"lot": lot, "image_sets": n_sets, "registered_images": n_images, "hold_above": hold_above, "models": summaries}
