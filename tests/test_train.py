@@ -111,3 +111,38 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(missing)
     with pytest.raises(ConfigError, match="data.path is not set"):
         train(load_recipe(CPU_RECIPE), tmp_path)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_the_next_run_resumes(synth, tmp_path, monkeypatch):
+    import keras
+
+    original = keras.utils.Progbar.update
+
+    def interrupt_at_step_2(self, current, values=None, finalize=None):
+        if current == 2:
+            raise KeyboardInterrupt
+        return original(self, current, values, finalize)
+
+    recipe = load_recipe(CPU_RECIPE, data_path=str(synth))
+    monkeypatch.setattr(keras.utils.Progbar, "update", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path, progress=False)
+    monkeypatch.setattr(keras.utils.Progbar, "update", original)
+    assert (tmp_path / "checkpoints" / "ckpt-2.index").is_file()
+    resumed = train(recipe, tmp_path, progress=False)
+    assert (resumed.resumed_from, resumed.step, resumed.finished) == (2, 6, True)
+
+
+def test_mixed_precision_and_one_class_per_dagm_folder(synth, tmp_path):
+    import keras
+
+    recipe = load_recipe(CPU_RECIPE, ["train.steps=2", "train.precision=mixed_float16", "data.per_class=true"], str(synth))
+    result = train(recipe, tmp_path, progress=False)
+    assert keras.mixed_precision.global_policy().name == "float32", "the policy is restored after training"
+    model = load_model(result.model_path)
+    assert model.output_shape[-1] == 2
+    assert result.compute_dtype == "float16"
+    # The file holds float32 weights and loads under the global policy: serving chooses its precision.
+    assert model.get_layer("output_conv1").compute_dtype == "float32"
+    assert model.get_layer("probabilities").dtype_policy.name == "float32"
+    assert json.loads((tmp_path / "training.json").read_text())["classes"] == ["Class1", "Class2"]

@@ -37,6 +37,8 @@ class TrainResult:
     images_per_second: float
     last_loss: float | None
     last_dice: float | None
+    # What the convolutions computed in (float16 under mixed_float16); the saved model loads as float32.
+    compute_dtype: str = "float32"
 
 
 def open_dataset(recipe: Recipe, split: str | None = None) -> LabelledImages:
@@ -266,4 +268,5 @@ def train(
         images_per_second=summary["images_per_second"] or 0.0,
         last_loss=last_loss,
         last_dice=last_dice,
+        compute_dtype=model.get_layer("output_conv1").compute_dtype,
     )
