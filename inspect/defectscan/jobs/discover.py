@@ -1,0 +1,112 @@
+"""Find a job's image sets: register the stores its glob matches, pick those with work left.
+
+A store that is still being written (marked incomplete by its writer) is left for a later run;
+a store that cannot be registered is reported and the others go on; probability-map stores
+written by the pipeline itself (*.masks.zarr) are never taken for inputs.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import and_, exists, select
+from sqlalchemy.orm import Session
+
+from defectscan.data import imageset as layout
+from defectscan.data.register import register_store
+from defectscan.db.schema import Image, ImageSet, Inspection, Model
+from defectscan.errors import DataError
+from defectscan.jobs.spec import JobSpec, resolve_glob, since_time
+from defectscan.pipeline.outputs import SUFFIX as MASKS_SUFFIX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Discovery:
+    # Stores the glob matches, as image_sets.uri.
+    matched: list[str] = field(default_factory=list)
+    # Registered by this run.
+    new: list[str] = field(default_factory=list)
+    # Left for a later run: their writer has not finished them.
+    incomplete: list[str] = field(default_factory=list)
+    # "uri: reason" for stores that could not be registered.
+    problems: list[str] = field(default_factory=list)
+
+    def as_record(self) -> dict:
+        return {"matched": len(self.matched), "new": self.new, "incomplete": self.incomplete, "problems": self.problems}
+
+
+def match_stores(spec: JobSpec, spec_file: Path) -> list[str]:
+    """URIs of the Zarr stores the source glob matches now (sorted; mask stores left out)."""
+    if spec.source.glob is None:
+        return []
+    pattern = resolve_glob(spec_file, spec.source.glob)
+    if "://" in pattern:
+        import fsspec
+
+        fs, _, _ = fsspec.core.get_fs_token_paths(pattern)
+        protocol = pattern.split("://", 1)[0]
+        found = [f"{protocol}://{p}" for p in fs.glob(pattern.split("://", 1)[1])]
+    else:
+        found = [p for p in globbing.glob(pattern) if Path(p).is_dir()]
+    uris = {layout.resolve_uri(p) for p in found}
+    return sorted(u for u in uris if not u.rstrip("/").endswith(MASKS_SUFFIX))
+
+
+def _is_incomplete(uri: str) -> bool:
+    try:
+        group = layout.open_group(uri)
+    except DataError:
+        return False
+    meta = dict(group.attrs).get(layout.META_ATTR)
+    return isinstance(meta, dict) and meta.get("complete") is False
+
+
+def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
+    """Register every matched store not registered yet; registered ones are left as they are."""
+    found = Discovery(matched=match_stores(spec, spec_file))
+    if not found.matched:
+        return found
+    known = set(session.scalars(select(ImageSet.uri).where(ImageSet.uri.in_(found.matched))))
+    for uri in found.matched:
+        if uri in known:
+            continue
+        if _is_incomplete(uri):
+            found.incomplete.append(uri)
+            continue
+        try:
+            registration = register_store(session, uri, spec.source.array)
+        except DataError as exc:
+            session.rollback()
+            found.problems.append(str(exc))
+            log.warning("job '%s': %s", spec.name, exc)
+            continue
+        for problem in registration.problems:
+            found.problems.append(f"{problem.path}: {problem.reason}")
+        if registration.created:
+            found.new.append(uri)
+    return found
+
+
+def image_sets_with_work(session: Session, spec: JobSpec, model: Model, matched: list[str]) -> list[ImageSet]:
+    """The job's registered image sets that have images this model has not inspected, oldest first."""
+    pending = exists().where(
+        Image.image_set_id == ImageSet.id,
+        ~exists().where(and_(Inspection.image_id == Image.id, Inspection.model_id == model.id)),
+    )
+    query = select(ImageSet).where(pending)
+    source = spec.source
+    if source.glob is not None:
+        if not matched:
+            return []
+        query = query.where(ImageSet.uri.in_(matched))
+    for column, value in ((ImageSet.lot, source.lot), (ImageSet.line, source.line), (ImageSet.product, source.product)):
+        if value is not None:
+            query = query.where(column == value)
+    if source.since is not None:
+        query = query.where(ImageSet.acquired_at >= since_time(source.since))
+    return list(session.scalars(query.order_by(ImageSet.acquired_at, ImageSet.id)))

@@ -1,0 +1,255 @@
+"""`jobs run NAME`: lock -> discover -> register -> inspect what is new -> record, with exit codes a scheduler can act on.
+
+Every trigger leaves a `job_runs` row, including one that found nothing to do and one that
+failed before the pipeline started, so `jobs history` shows what the scheduler did. SIGTERM
+(what cron's, systemd's and Kubernetes' stop sends) marks the run `interrupted` and releases
+the lock; the next run resumes where it stopped, because finished images are never redone.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from defectscan.config import Settings
+from defectscan.db.schema import JobRun, Model, utcnow
+from defectscan.errors import DefectscanError, ModelError
+from defectscan.jobs.discover import Discovery, discover, image_sets_with_work
+from defectscan.jobs.lock import AlreadyRunning, Heartbeat, acquire
+from defectscan.jobs.spec import JobSpec, describe_spec
+from defectscan.secrets import mask_secrets
+
+log = logging.getLogger(__name__)
+
+# Exit statuses for schedulers (documented in docs/deploy.md).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_PARTIAL = 3  # the same as cli.app.EXIT_PARTIAL
+EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL: try again at the next trigger
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM
+EXIT_CODES = {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM; a KeyboardInterrupt so the pipeline records `interrupted`."""
+
+
+@dataclass
+class JobOutcome:
+    job: str
+    status: str
+    job_run_id: int | None
+    discovery: Discovery = field(default_factory=Discovery)
+    n_image_sets: int = 0
+    n_images: int = 0
+    n_inspected: int = 0
+    n_skipped: int = 0
+    n_errors: int = 0
+    n_defects: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into `Interrupted` in the main thread while the job runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resolve_model(session: Session, spec: JobSpec) -> Model:
+    from defectscan.model.registry import get_model, register_demo
+    from defectscan.pipeline.cli_run import DEMO
+
+    ref = spec.model
+    if ref.name == DEMO and ref.stage is None:
+        model = register_demo(session) if ref.version == "latest" else get_model(session, ref.reference)
+        session.commit()
+        return model
+    if ref.stage is not None:
+        model = session.scalars(select(Model).where(Model.name == ref.name, Model.stage == ref.stage).order_by(Model.id.desc())).first()
+        if model is None:
+            raise ModelError(f"job '{spec.name}': no model {ref.name} in stage {ref.stage} is registered (see `defectscan models list`)")
+        return model
+    return get_model(session, ref.reference)
+
+
+def run_job(
+    engine: Engine,
+    spec: JobSpec,
+    spec_file: Path,
+    settings: Settings,
+    *,
+    echo: Callable[[str], None] = print,
+    on_started: Callable[[int], None] | None = None,
+) -> JobOutcome:
+    """Run the job once. Raises AlreadyRunning when another runner holds its lock; otherwise records a run."""
+    from defectscan.db.session import session_factory
+
+    factory = session_factory(engine)
+    began = time.perf_counter()
+    started_at = utcnow()
+    handle = acquire(engine, spec.name, stale_after=spec.lock.stale_after_s)
+    if handle.taken_over is not None:
+        echo(f"took over the lock of a runner that stopped: {handle.taken_over.owner}")
+    outcome = JobOutcome(job=spec.name, status="failed", job_run_id=None)
+    heartbeat = Heartbeat(handle, interval=spec.lock.stale_after_s / 5, on_lost=lambda: _thread.interrupt_main(signal.SIGTERM))
+    try:
+        with sigterm_interrupts(), heartbeat:
+            try:
+                _run(factory, spec, spec_file, settings, outcome, heartbeat, started_at, echo, on_started)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                outcome.status = "interrupted"
+                outcome.errors.append(f"interrupted ({exc or type(exc).__name__})")
+            except DefectscanError as exc:
+                outcome.status = "failed"
+                outcome.errors.append(str(exc))
+            except Exception as exc:
+                log.exception("job '%s' failed", spec.name)
+                outcome.status = "failed"
+                outcome.errors.append(f"{type(exc).__name__}: {exc}")
+            outcome.seconds = time.perf_counter() - began
+            _close_record(factory, spec, spec_file, outcome, started_at)
+    finally:
+        handle.release()
+    if handle.lost:
+        outcome.errors.append("the lock was taken over by another runner during this run")
+    return outcome
+
+
+def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, settings: Settings, outcome: JobOutcome,
+         heartbeat: Heartbeat, started_at, echo: Callable[[str], None], on_started: Callable[[int], None] | None) -> None:
+    from defectscan.pipeline.run import check_store_unchanged, inspect_image_sets
+
+    with factory() as session:
+        found = discover(session, spec, spec_file)
+        outcome.discovery = found
+        echo(f"discovered {len(found.matched)} stores: {len(found.new)} new, {len(found.incomplete)} still being written, {len(found.problems)} refused")
+        if spec.source.glob is not None and not found.matched:
+            echo("nothing to inspect: the source glob matches no store")
+            outcome.status = "succeeded"
+            return
+        model = resolve_model(session, spec)
+        candidates = image_sets_with_work(session, spec, model, found.matched)
+    if spec.model_threshold is not None:
+        # The spec's threshold wins over the registered one; the row is detached, nothing is written back.
+        model.threshold = spec.model_threshold
+
+    image_sets = []
+    for image_set in candidates:
+        try:
+            check_store_unchanged(image_set)
+        except DefectscanError as exc:
+            found.problems.append(str(exc))
+            continue
+        image_sets.append(image_set)
+    outcome.errors.extend(found.problems[:20])
+    outcome.n_image_sets = len(image_sets)
+    if not image_sets:
+        echo("nothing new to inspect")
+        outcome.status = "partial" if found.problems else "succeeded"
+        return
+
+    from defectscan.pipeline.cluster import connect
+    from defectscan.pipeline.record import Retry
+
+    record = _spec_record(spec, spec_file, found)
+    with connect(settings.cluster) as (client, info):
+        echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
+        in_flight = spec.max_in_flight or info.n_workers * settings.cluster.shards_in_flight_per_worker
+        announced = False
+
+        def progress(done: int, total: int) -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                run_id = _own_run(factory, spec.name, started_at)
+                if run_id is not None:
+                    outcome.job_run_id = run_id
+                    heartbeat.job_run_id = run_id
+                    if on_started:
+                        on_started(run_id)
+
+        try:
+            summary = inspect_image_sets(
+                factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight, gpu=info.gpu,
+                job=spec.name, spec=record, retry=Retry(spec.retries.attempts, spec.retries.backoff_s), on_progress=progress,
+            )
+        finally:
+            if outcome.job_run_id is None:
+                outcome.job_run_id = _own_run(factory, spec.name, started_at)
+    outcome.job_run_id = summary.job_run_id
+    outcome.status = "partial" if summary.status == "succeeded" and found.problems else summary.status
+    outcome.n_images = summary.n_images
+    outcome.n_skipped = summary.n_skipped
+    outcome.n_inspected = summary.counts.inspected
+    outcome.n_errors = summary.counts.errors
+    outcome.n_defects = summary.counts.defects
+    outcome.errors.extend(summary.errors)
+
+
+def _own_run(factory: sessionmaker[Session], job: str, since) -> int | None:
+    """The run row the pipeline created for this trigger, if it got that far."""
+    with factory() as session:
+        return session.scalar(
+            select(JobRun.id)
+            .where(JobRun.job == job, JobRun.pid == os.getpid(), JobRun.host == socket.gethostname(), JobRun.started_at >= since)
+            .order_by(JobRun.id.desc()).limit(1)
+        )
+
+
+def _spec_record(spec: JobSpec, spec_file: Path, found: Discovery) -> dict[str, Any]:
+    return {"file": str(spec_file), "job": describe_spec(spec), "discovery": found.as_record()}
+
+
+def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, outcome: JobOutcome, started_at) -> None:
+    """Every trigger leaves a row: the pipeline's row gets the final status; otherwise one is written here."""
+    error = mask_secrets("; ".join(outcome.errors))[:4000] or None
+    record = _spec_record(spec, spec_file, outcome.discovery)
+    try:
+        with factory.begin() as session:
+            if outcome.job_run_id is not None:
+                session.execute(
+                    update(JobRun).where(JobRun.id == outcome.job_run_id)
+                    .values(status=outcome.status, spec=record, error=error, finished_at=utcnow())
+                )
+            else:
+                run = JobRun(
+                    job=spec.name, spec=record, status=outcome.status, started_at=started_at, finished_at=utcnow(), heartbeat_at=utcnow(),
+                    host=socket.gethostname(), pid=os.getpid(), error=error, timings={"seconds": round(outcome.seconds, 3)},
+                )
+                session.add(run)
+                session.flush()
+                outcome.job_run_id = run.id
+    except Exception as exc:  # the database is gone: the exit status still tells the scheduler
+        log.error("job '%s': could not record the run: %s", spec.name, mask_secrets(str(exc)))
+
+
+__all__ = ["AlreadyRunning", "EXIT_ALREADY_RUNNING", "EXIT_CODES", "Interrupted", "JobOutcome", "run_job"]
