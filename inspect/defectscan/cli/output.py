@@ -104,7 +104,7 @@ def print_record(record: dict[str, Any], fmt: str, *, title: str | None = None) 
 
 
 def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    stream = click.get_text_stream("stdout")
+    stream = sys.stdout
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
@@ -113,16 +113,18 @@ def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, header_style="bold")
+    # No vertical rules: columns stay easy to copy and to cut with awk.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for column in columns:
         numeric = all(isinstance(row.get(column), int | float) or row.get(column) is None for row in rows)
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         table.add_row(*(_text(row.get(c)) for c in columns))
-    # click's stream, so CliRunner captures it; a wide fixed width when not a terminal keeps rows unwrapped.
-    stream = click.get_text_stream("stdout")
+    # A wide fixed width when not a terminal keeps rows unwrapped in files and pipes.
+    stream = sys.stdout
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
     console.print(table)

@@ -199,11 +199,12 @@ def images_list(app: AppContext, filters, sort: str, ascending: bool, limit: int
 
 @images.command("show")
 @click.argument("ident", metavar="IMAGE")
+@click.option("--key", "by_key", is_flag=True, help="IMAGE is a key (serial number, file name) even if it looks like a number.")
 @click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only this model's inspection of the image.")
 @click.option("--overlay", "overlay_path", type=_OUT_PNG, help="Write the image with score tint, defect contours and labels here (PNG).")
 @output_options
 @pass_app
-def images_show(app: AppContext, ident: str, model_ref: str | None, overlay_path: Path | None, fmt: str) -> None:
+def images_show(app: AppContext, ident: str, by_key: bool, model_ref: str | None, overlay_path: Path | None, fmt: str) -> None:
     """Show an image (by id, or by key) with its inspections and defects.
 
     The overlay draws the latest inspection shown (use --model to pick another).
@@ -211,12 +212,13 @@ def images_show(app: AppContext, ident: str, model_ref: str | None, overlay_path
     \b
     Example:
         defectscan images show 17
+        defectscan images show --key SN-2026-000417
         defectscan images show 17 --model tinyunet-dagm:3 --overlay image-17.png
     """
     from defectscan.db.queries import get_image
 
     with app.session() as session:
-        record = get_image(session, ident, model_ref)
+        record = get_image(session, ident, model_ref, by_key=by_key)
     if overlay_path is not None:
         record["overlay"] = str(_write_overlay(record, overlay_path))
     if fmt != "table":

@@ -147,7 +147,7 @@ def check_filters(session: Session, filters: Filters) -> None:
             continue
         column = getattr(ImageSet, name)
         if session.scalar(select(literal(1)).where(column == value).limit(1)) is None:
-            known = [v for v in session.scalars(select(distinct(column)).where(column.is_not(None)).limit(10000))]
+            known = list(session.scalars(select(column).distinct().where(column.is_not(None)).limit(10000)))
             raise DataError(f"unknown {name} {value!r}: no image set has it{_suggest(value, sorted(known))}")
     if filters.defect_class is not None:
         known = sorted({c for classes in session.scalars(select(Model.classes)) for c in (classes or [])})
@@ -358,16 +358,17 @@ def list_images(
     return _page(session, query, limit, offset, _image_row)
 
 
-def get_image(session: Session, ident: str, model: str | None = None) -> dict[str, Any]:
-    """An image (by id, or by key when not a number) with its inspections and their defects.
+def get_image(session: Session, ident: str, model: str | None = None, *, by_key: bool = False) -> dict[str, Any]:
+    """An image (by id, or by key when not a number or when `by_key`) with its inspections and their defects.
 
     An image inspected by several model versions has one inspection each; `model` picks one.
     """
+    by_id = ident.isdigit() and not by_key
     query = select(Image.id)
-    query = query.where(Image.id == int(ident)) if ident.isdigit() else query.where(Image.key == ident)
+    query = query.where(Image.id == int(ident)) if by_id else query.where(Image.key == ident)
     ids = list(session.scalars(query.limit(2)))
     if not ids:
-        raise DataError(f"no image with {'id' if ident.isdigit() else 'key'} {ident!r}")
+        raise DataError(f"no image with {'id' if by_id else 'key'} {ident!r}")
     if len(ids) > 1:
         raise DataError(f"image key {ident!r} is used by several images: give the image id (see `defectscan images list`)")
     image_id = ids[0]
