@@ -144,3 +144,29 @@ def test_gpu_workers_get_a_gpu_resource_and_tasks_ask_for_it(cli, prepared, monk
     assert result.exit_code == 0, result.output
     assert "Dask: 1 workers (GPU)" in result.output
     assert "64 inspected" in result.output
+
+
+def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, external_cluster, cli):
+    url, factory, image_set = prepared
+    env = {**os.environ, **SMALL_SHARDS, "DEFECTSCAN_CLUSTER__SHARDS_IN_FLIGHT_PER_WORKER": "1"}
+    client = subprocess.Popen([sys.executable, "-m", "defectscan", "--database-url", url, "inspect", "--model", "threshold",
+                               "--imageset", str(image_set.id), "--scheduler", external_cluster, "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and client.poll() is None:
+        with factory() as session:
+            if session.scalar(select(func.count()).select_from(Inspection)):
+                break
+        time.sleep(0.05)
+    client.send_signal(signal.SIGTERM)
+    output = client.communicate(timeout=60)[0].decode()
+    assert client.returncode != 0, output
+    with factory() as session:
+        run = session.scalars(select(JobRun)).one()
+        assert run.status == "interrupted", output
+        assert run.finished_at is not None
+        done_before = session.scalar(select(func.count()).select_from(Inspection))
+    result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(image_set.id),
+                 "--scheduler", external_cluster, "--no-progress", env=SMALL_SHARDS)
+    assert result.exit_code == 0, result.output
+    assert f"64 images: {64 - done_before} inspected" in result.output

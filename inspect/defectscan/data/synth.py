@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ def _crack(rng: np.random.Generator, size: int) -> np.ndarray:
     branch = walk(fork_y, fork_x, rng.uniform(0, 2 * np.pi), steps // 3)
     for points in (trunk, branch):
         pts = np.clip(np.round(np.array(points)), 0, size - 1).astype(int)
-        for (y0, x0), (y1, x1) in zip(pts[:-1], pts[1:]):
+        for (y0, x0), (y1, x1) in pairwise(pts):
             rr, cc = draw.line(y0, x0, y1, x1)
             mask[rr, cc] = True
     return ndimage.binary_dilation(mask, iterations=1)
@@ -187,9 +188,9 @@ def write_synthetic_dagm(root: str | Path, spec: SynthSpec) -> SynthSummary:
             split_dir = root / f"Class{class_index + 1}" / split
             label_dir = split_dir / "Label"
             label_dir.mkdir(parents=True, exist_ok=True)
-            # One stream per (seed, class, split): adding classes or images never changes the others.
+            # One stream per (seed, class, split): adding classes never changes the existing ones.
             rng = np.random.default_rng([spec.seed, class_index, 0 if split == "Train" else 1])
-            n_defective = int(round(count * spec.defect_fraction))
+            n_defective = round(count * spec.defect_fraction)
             flags = np.zeros(count, bool)
             flags[rng.permutation(count)[:n_defective]] = True
             lines = []

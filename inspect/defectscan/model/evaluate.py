@@ -50,8 +50,10 @@ def format_table(metrics: dict) -> str:
     """The per-threshold table that `defectscan evaluate` prints."""
     header = f"{'threshold':>9}  {'Dice':>6}  {'Dice(def)':>9}  {'IoU':>6}  {'TP':>5}  {'TN':>5}  {'FP':>5}  {'FN':>5}  {'TPR':>6}  {'TNR':>6}"
     lines = [
-        f"{metrics['dataset']}: {metrics['images']} images, {metrics['defective_images']} defective; "
-        f"pixel AUROC {_f(metrics['pixel_auroc'])}",
+        (
+            f"{metrics['dataset']}: {metrics['images']} images, {metrics['defective_images']} defective; "
+            f"pixel AUROC {_f(metrics['pixel_auroc'])}"
+        ),
         header,
     ]
     for threshold, row in metrics["thresholds"].items():

@@ -51,7 +51,7 @@ def load_model(path: str | Path, expected_sha256: str | None = None):
         raise ModelError(f"{path}: model file does not exist")
     try:
         return keras.saving.load_model(path, safe_mode=True)
-    except Exception as exc:  # Keras raises ValueError, TypeError, zipfile and OS errors alike
+    except Exception as exc:  # noqa: BLE001  (Keras raises ValueError, TypeError, zipfile and OS errors alike)
         raise ModelError(f"{path}: cannot load the model: {exc}") from None
 
 

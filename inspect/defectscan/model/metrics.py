@@ -138,7 +138,7 @@ class SegmentationScores:
             row.update(image_confusion(max_scores, defective, t))
             per_threshold[f"{t:g}"] = row
         return {
-            "images": int(len(max_scores)),
+            "images": len(max_scores),
             "defective_images": int(defective.sum()),
             "pixel_auroc": _auroc_from_histograms(self.positive_hist, self.negative_hist),
             "thresholds": per_threshold,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
@@ -38,10 +40,29 @@ def run_inspect(
     with connect(settings.cluster, n_workers=n_workers) as (client, info):
         echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
         in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
-        with _progress(progress) as on_progress:
+        with sigterm_interrupts(), _progress(progress) as on_progress:
             return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,
                                       force=force, gpu=info.gpu, spec={"command": "inspect", "model": model_reference,
                                       "image_sets": image_set_ids, "force": force}, on_progress=on_progress)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (what cron, systemd and Kubernetes send to stop a job) interrupts like Ctrl-C,
+    so the run records itself `interrupted` and cancels its shards instead of vanishing."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _progress:
