@@ -136,7 +136,6 @@ def main(argv=None) -> int:
     import keras
     import numpy as np
     import tensorflow as tf
-
     from defectscan.model.unet import build_model
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
                     "gflops": round(forward_flops * batch / seconds / 1e9, 1),
                 }
                 inference.append(row)
-                print(f"inference {precision:<13} xla={str(jit):<5} batch {batch:>3}: {row['images_per_second']:>8.2f} img/s  {row['ms_per_batch']:>8.1f} ms/batch  {row['gflops']:>7.1f} GFLOP/s")
+                print(f"inference {precision:<13} xla={jit!s:<5} batch {batch:>3}: {row['images_per_second']:>8.2f} img/s  {row['ms_per_batch']:>8.1f} ms/batch  {row['gflops']:>7.1f} GFLOP/s")
     keras.mixed_precision.set_global_policy("float32")
 
     from defectscan.model.losses import adaptive_loss
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
                 "gflops": round(3 * forward_flops * b / seconds / 1e9, 1),
             }
             training.append(row)
-            print(f"training  {precision:<13} xla={str(jit):<5} batch {b:>3}: {row['images_per_second']:>8.2f} img/s  {row['seconds_per_step']:>8.3f} s/step   {row['gflops']:>7.1f} GFLOP/s")
+            print(f"training  {precision:<13} xla={jit!s:<5} batch {b:>3}: {row['images_per_second']:>8.2f} img/s  {row['seconds_per_step']:>8.3f} s/step   {row['gflops']:>7.1f} GFLOP/s")
     keras.mixed_precision.set_global_policy("float32")
 
     report = {

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from defectscan.data.dagm import read_dagm
 from defectscan.data.folders import read_folders
 from defectscan.data.synth import SynthSpec, write_synthetic_dagm
 from defectscan.errors import DataError
+from PIL import Image
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from defectscan.data.dataset import LabelledImages, evaluation_dataset, training_dataset
 from defectscan.errors import DataError
 
@@ -135,7 +134,7 @@ def test_zarr_stack_and_strip_samples(tmp_path):
     image, classes = samples.load(1)
     assert image.dtype == np.uint8 and np.array_equal(image, np.round(stack[1] / 257).astype(np.uint8))
     assert classes.max() == 2
-    (x, y), = _take(training_dataset(samples, batch_size=3, seed=0, augment=False), 1)
+    ((_, y),) = _take(training_dataset(samples, batch_size=3, seed=0, augment=False), 1)
     assert y.shape == (3, 32, 32, 2)
 
     strip = np.zeros((40, 70), np.uint8)

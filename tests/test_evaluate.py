@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from defectscan.data.dagm import read_dagm
 from defectscan.data.synth import SynthSpec, write_synthetic_dagm
 from defectscan.errors import ModelError

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from defectscan.errors import ModelError
 from defectscan.model.export import export_saved_model, file_sha256, load_model, load_saved_model
 from defectscan.model.preprocess import predict_probabilities

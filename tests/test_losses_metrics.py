@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
 from defectscan.model.losses import adaptive_loss, bce_loss, dice_loss, hard_dice, l2_penalty
 from defectscan.model.metrics import (
     THRESHOLDS,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from defectscan.data.imagefiles import read_image
 from defectscan.data.synth import _SHAPES, DEFECT_KINDS, SynthSpec, ellipse_label, make_sample, write_synthetic_dagm
 from defectscan.errors import DataError
+from scipy import ndimage
 
 
 def _files(root):

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from defectscan.data.synth import SynthSpec, write_synthetic_dagm
 from defectscan.errors import ConfigError
 from defectscan.model.export import load_model
@@ -136,7 +135,7 @@ def test_ctrl_c_saves_a_checkpoint_that_the_next_run_resumes(synth, tmp_path, mo
 def test_mixed_precision_and_one_class_per_dagm_folder(synth, tmp_path):
     import keras
 
-    recipe = load_recipe(CPU_RECIPE, ["train.steps=2", "train.precision=mixed_float16", "data.per_class=true"], str(synth))
+    recipe = load_recipe(CPU_RECIPE, ["train.steps=1", "train.precision=mixed_float16", "data.per_class=true"], str(synth))
     result = train(recipe, tmp_path, progress=False)
     assert keras.mixed_precision.global_policy().name == "float32", "the policy is restored after training"
     model = load_model(result.model_path)

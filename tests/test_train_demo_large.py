@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from defectscan.paths import CONFIGS_DIR
 
 DEMO_RECIPE = CONFIGS_DIR / "model" / "tinyunet-synth-demo.yaml"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
 from defectscan.model.preprocess import pad_to_multiple, predict_probabilities, to_model_input
 from defectscan.model.unet import TinyUNet, UpConv, build_model
 
