@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -53,14 +52,53 @@ def _stack(folder: Path, n: int, size: int, images_per_file: int | None = None) 
     return path
 
 
-def _tinyunet(folder: Path) -> Path:
+def _save_tinyunet(path: Path) -> Path:
     from defectscan.model.unet import build_model
 
     model = build_model(seed=0)
     model.build((None, None, None, 1))
-    path = folder / "tinyunet.keras"
     model.save(path)
     return path
+
+
+def _save_threshold(path: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from pipeline_helpers import save_threshold_model
+
+    return save_threshold_model(path)
+
+
+def _model_file(builder, path: Path) -> Path:
+    """Build a model file in a child process: the benchmark is the client and must not load TensorFlow."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(builder, path).result()
+
+
+class _PeakRss:
+    """Samples this process's resident memory in a thread while a block runs."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.start = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 def _register(factory, store: Path, model_path: Path, name: str):
@@ -111,7 +149,7 @@ def throughput(args) -> dict:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     factory = _database(folder)
-    image_set, model = _register(factory, _stack(folder, args.images, args.size), _tinyunet(folder), "tinyunet-bench")
+    image_set, model = _register(factory, _stack(folder, args.images, args.size), _model_file(_save_tinyunet, folder / "tinyunet.keras"), "tinyunet-bench")
     settings = _settings(args.batch_size, args.batch_size * 4)
     with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
         ref = model_ref(model, args.batch_size)
@@ -143,7 +181,7 @@ def scaling(args) -> dict:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     factory = _database(folder)
-    image_set, model = _register(factory, _stack(folder, args.images, args.size), _tinyunet(folder), "tinyunet-bench")
+    image_set, model = _register(factory, _stack(folder, args.images, args.size), _model_file(_save_tinyunet, folder / "tinyunet.keras"), "tinyunet-bench")
     settings = _settings(args.batch_size, args.batch_size * 2)
     figures = {"benchmark": "pipeline scaling", "images": args.images, "size": args.size, "cores": os.cpu_count()}
     for workers in (1, 2):
@@ -168,36 +206,35 @@ def million(args) -> dict:
     from defectscan.pipeline.plan import plan_stack
     from defectscan.pipeline.run import pending_positions
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from pipeline_helpers import save_threshold_model
-
     folder = Path(tempfile.mkdtemp(prefix="bench-million-"))
     factory = _database(folder)
     began = time.perf_counter()
     store = _stack(folder, args.images, 16, images_per_file=512)
-    image_set, model = _register(factory, store, save_threshold_model(folder / "threshold.keras"), "threshold-bench")
+    image_set, model = _register(factory, store, _model_file(_save_threshold, folder / "threshold.keras"), "threshold-bench")
     setup_s = time.perf_counter() - began
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     began = time.perf_counter()
     with factory() as session:
         pending, _ = pending_positions(session, image_set, model, force=False)
     shards = sum(1 for _ in plan_stack(image_set.id, args.images, 512, pending))
     plan_s = time.perf_counter() - began
+    del pending
 
     settings = _settings(512, 512)
     with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
-        summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=4)
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with _PeakRss() as rss:
+            summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=4)
+    mib = 2**20
     figures = {
         "benchmark": "pipeline million", "images": args.images, "shards": shards, "setup_s": round(setup_s, 1),
         "plan_s": round(plan_s, 2), "run_s": round(seconds, 1), "img_s": round(summary.counts.inspected / seconds, 1),
-        "client_rss_before_run_mib": round(rss_before, 1), "client_peak_rss_mib": round(rss_peak, 1), "status": summary.status,
+        "client_rss_at_start_mib": round(rss.start / mib, 1), "client_peak_rss_mib": round(rss.peak / mib, 1),
+        "status": summary.status, "tensorflow_in_client": "tensorflow" in sys.modules,
     }
-    print(f"{args.images} images (16x16, stand-in threshold model), {shards} shards")
+    print(f"{args.images} images (16x16, stand-in threshold model), {shards} shards of 512")
     print(f"plan (pending query + shard plan): {plan_s:.2f} s")
     print(f"run: {seconds:.1f} s, {figures['img_s']} img/s recorded to SQLite")
-    print(f"client peak RSS: {rss_peak:.0f} MiB (before the run: {rss_before:.0f} MiB)")
+    print(f"client RSS during the run: start {rss.start / mib:.0f} MiB, peak {rss.peak / mib:.0f} MiB (TensorFlow in client: {figures['tensorflow_in_client']})")
     return figures
 
 
