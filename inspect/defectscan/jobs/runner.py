@@ -181,6 +181,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     from defectscan.pipeline.record import Retry
 
     record = _spec_record(spec, spec_file, found)
+    require_tls_settings(settings)
     with connect(settings.cluster) as (client, info):
         echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
         in_flight = spec.max_in_flight or info.n_workers * settings.cluster.shards_in_flight_per_worker
@@ -213,6 +214,16 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     outcome.n_errors = summary.counts.errors
     outcome.n_defects = summary.counts.defects
     outcome.errors.extend(summary.errors)
+
+
+def require_tls_settings(settings: Settings) -> None:
+    """A tls:// scheduler with no certificates configured: say so, instead of distributed's TypeError."""
+    scheduler = settings.cluster.scheduler or ""
+    if scheduler.startswith("tls://") and not settings.cluster.tls.enabled:
+        raise DefectscanError(
+            f"cluster.scheduler {scheduler} uses TLS but cluster.tls is not set: give ca_file, cert_file and key_file "
+            "(DEFECTSCAN_CLUSTER__TLS__CA_FILE, ..._CERT_FILE, ..._KEY_FILE or the job's cluster.tls)"
+        )
 
 
 def _own_run(factory: sessionmaker[Session], job: str, since) -> int | None:

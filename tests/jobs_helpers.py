@@ -1,0 +1,131 @@
+"""Real pieces for the jobs tests: throwaway TLS certificates, a TLS `dask scheduler` + `dask worker`, job specs, CLI subprocesses.
+
+Run as a script it holds a job's lock for another process to find:
+    python tests/jobs_helpers.py hold DATABASE_URL JOB   (prints "held", keeps the lock until stdin closes)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+CLUSTER_START_S = 90
+
+
+def make_tls(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and one certificate signed by it for 127.0.0.1/localhost (scheduler, worker and client share it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt = directory / "tls.key", directory / "tls.csr", directory / "tls.crt"
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=defectscan-test-ca", "-keyout", str(ca_key), "-out", str(ca_crt))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(csr))
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+            "-extfile", str(ext), "-out", str(crt))
+    return {"ca_file": ca_crt, "cert_file": crt, "key_file": key}
+
+
+def tls_environment(tls: dict[str, Path], scheduler: str) -> dict[str, str]:
+    return {
+        "DEFECTSCAN_CLUSTER__SCHEDULER": scheduler,
+        "DEFECTSCAN_CLUSTER__TLS__CA_FILE": str(tls["ca_file"]),
+        "DEFECTSCAN_CLUSTER__TLS__CERT_FILE": str(tls["cert_file"]),
+        "DEFECTSCAN_CLUSTER__TLS__KEY_FILE": str(tls["key_file"]),
+    }
+
+
+def _dask() -> str:
+    return str(Path(sys.executable).parent / "dask")
+
+
+@contextmanager
+def tls_cluster(directory: Path, tls: dict[str, Path]):
+    """`dask scheduler` and one `dask worker` (separate processes), TLS only; yields the scheduler address."""
+    scheduler_file = directory / "scheduler.json"
+    tls_args = ["--tls-ca-file", str(tls["ca_file"]), "--tls-cert", str(tls["cert_file"]), "--tls-key", str(tls["key_file"])]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    logs = open(directory / "cluster.log", "w")  # noqa: SIM115 -- closed below
+    scheduler = subprocess.Popen(
+        [_dask(), "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file), *tls_args],
+        stdout=logs, stderr=subprocess.STDOUT, env=env,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + CLUSTER_START_S
+        while not scheduler_file.exists():
+            if scheduler.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dask scheduler did not start: {(directory / 'cluster.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        import json
+
+        address = json.loads(scheduler_file.read_text())["address"]
+        worker = subprocess.Popen(
+            [_dask(), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GiB", *tls_args],
+            stdout=logs, stderr=subprocess.STDOUT, env=env,
+        )
+        yield address
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                process.terminate()
+        for process in (worker, scheduler):
+            if process is not None:
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        logs.close()
+
+
+def write_spec(jobs_dir: Path, name: str, **fields) -> Path:
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    data = {"name": name, "schedule": "*/10 * * * *", **fields}
+    path = jobs_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def defectscan(database_url: str, *args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """`python -m defectscan --database-url URL ARGS...` as a real process."""
+    command = [sys.executable, "-m", "defectscan", "--database-url", database_url, *args]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEFECTSCAN_") or k.startswith("DEFECTSCAN_TEST_")}
+    full_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, **popen)
+
+
+def hold_lock_process(database_url: str, job: str) -> subprocess.Popen:
+    """Another process that takes the job's lock and holds it until its stdin closes."""
+    process = subprocess.Popen([sys.executable, __file__, "hold", database_url, job], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline().strip()
+    if line != "held":
+        process.kill()
+        raise RuntimeError(f"lock holder did not take the lock: {line!r}")
+    return process
+
+
+def _hold(database_url: str, job: str) -> None:
+    from defectscan.db.session import make_engine
+    from defectscan.jobs.lock import acquire
+
+    engine = make_engine(database_url)
+    handle = acquire(engine, job, stale_after=300)
+    print("held", flush=True)
+    sys.stdin.read()
+    handle.release()
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "hold":
+        _hold(sys.argv[2], sys.argv[3])
