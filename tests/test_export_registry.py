@@ -9,7 +9,7 @@ import pytest
 from defectscan.errors import ModelError
 from defectscan.model.export import export_saved_model, file_sha256, load_model, load_saved_model
 from defectscan.model.preprocess import predict_probabilities
-from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, ModelMetadata, read_metadata
+from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, ModelMetadata, read_metadata, register_demo
 from defectscan.model.unet import TinyUNet
 
 
@@ -120,7 +120,31 @@ def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
     assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
     result = _db(cli, sqlite_url, "models", "register", "--demo")
     assert result.exit_code == 0, result.output
+    again = _db(cli, sqlite_url, "models", "register", "--demo")
+    assert again.exit_code == 0 and again.output == result.output, "registering the demo twice is a no-op"
+    assert len(_db(cli, sqlite_url, "models", "list").output.splitlines()) == 2
     shown = json.loads(_db(cli, sqlite_url, "models", "show", meta.name, "--verify").output.split("\n" + str(DEMO_MODEL))[0])
     assert shown["version"] == meta.version and shown["training"]["command"].startswith("defectscan train")
     model = load_model(DEMO_MODEL, expected_sha256=shown["sha256"])
     assert model.count_params() == 1_850_305
+
+
+def test_a_changed_demo_file_is_not_reused(tmp_path, sqlite_url, monkeypatch):
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model import registry
+
+    copy = tmp_path / "demo.keras"
+    copy.write_bytes(DEMO_MODEL.read_bytes())
+    monkeypatch.setattr(registry, "DEMO_MODEL", copy)
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    try:
+        with session_factory(engine)() as session:
+            first = register_demo(session)
+            assert register_demo(session).id == first.id
+            copy.write_bytes(DEMO_MODEL.read_bytes() + b"x")
+            with pytest.raises(ModelError, match=f"{copy}: the registered demo model .* has sha256 {first.sha256} but the shipped file has"):
+                register_demo(session)
+    finally:
+        engine.dispose()

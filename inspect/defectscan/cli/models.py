@@ -133,7 +133,7 @@ def models() -> None:
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Evaluation JSON from `defectscan evaluate --json`.")
 @click.option("--stage", type=click.Choice(["staging", "production", "archived"]), default="staging", show_default=True)
 @click.option("--description", help="Free text.")
-@click.option("--demo", is_flag=True, help="Register the demo model shipped with defectscan (no PATH needed).")
+@click.option("--demo", is_flag=True, help="Register the demo model shipped with defectscan (no PATH; a no-op when already registered).")
 @pass_app
 def register_command(
     app: AppContext,
@@ -156,10 +156,13 @@ def register_command(
         defectscan models register --demo
     """
     from defectscan.errors import ModelError
-    from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, read_metadata, register_model
+    from defectscan.model.registry import read_metadata, register_demo, register_model
 
     if demo:
-        path, metadata = path or DEMO_MODEL, metadata or DEMO_METADATA
+        with app.session() as session:
+            row = register_demo(session)
+            click.echo(f"demo model {row.name}:{row.version} ({row.architecture}) sha256 {row.sha256[:12]} from {row.uri}")
+        return
     if path is None:
         raise ModelError("give the model file PATH, or --demo for the demo model")
     meta = read_metadata(metadata) if metadata is not None else None

@@ -169,9 +169,23 @@ def describe(row: Model) -> dict[str, Any]:
     }
 
 
-def register_demo(session: Session, *, version: str | None = None) -> Model:
-    """Register the demo model shipped inside the package."""
-    return register_model(session, DEMO_MODEL, metadata=read_metadata(DEMO_METADATA), version=version)
+def register_demo(session: Session) -> Model:
+    """The demo model shipped inside the package: its row, registered on first use.
+
+    Idempotent, so that `make demo` and jobs naming `model: demo` can call it on every run; a
+    row whose checksum differs from the shipped file is refused rather than silently reused.
+    """
+    meta = read_metadata(DEMO_METADATA)
+    existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
+    if existing is None:
+        return register_model(session, DEMO_MODEL, metadata=meta)
+    shipped = file_sha256(DEMO_MODEL)
+    if existing.sha256 != shipped:
+        raise ModelError(
+            f"{DEMO_MODEL}: the registered demo model {meta.name}:{meta.version} has sha256 {existing.sha256} "
+            f"but the shipped file has {shipped}; register this file under another version"
+        )
+    return existing
 
 
 def to_json(data: Any) -> str:
