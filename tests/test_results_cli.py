@@ -274,7 +274,7 @@ def test_lots_show_top_classes_and_latest(run):
     assert (summary["lot"], summary["image_sets"], summary["registered_images"]) == ("L042", 1, 6)
     (model,) = summary["models"]
     assert (model["images"], model["failed"], model["defects"], model["verdict"]) == (6, 3, 4, "hold")
-    assert [(c["class"], c["defects"], c["images"]) for c in model["top_classes"]] == [("bright", 3, 3), ("dark", 1, 1)]
+    assert [(c["class"], c["defects"], c["mean_area"]) for c in model["top_classes"]] == [("bright", 3, 30.3), ("dark", 1, 64.0)]
     assert _json(run("lots", "show", "--latest", "--format", "json"))["lot"] == "L043"
     top1 = _json(run("lots", "show", "L043", "--top", "1", "--format", "json"))
     assert len(top1["models"][0]["top_classes"]) == 1

@@ -33,7 +33,7 @@ IMAGE_COLUMNS = (
 LOT_COLUMNS = (
     "lot", "model", "images", "failed", "errors", "defects", "defect_rate", "first_at", "last_at", "verdict",
 )
-CLASS_COLUMNS = ("class", "defects", "images", "mean_area", "max_score")
+CLASS_COLUMNS = ("class", "defects", "mean_area", "max_score")
 
 DEFECT_SORTS = {
     "id": Defect.id,
@@ -220,10 +220,16 @@ def _where(session: Session, query: Select, filters: Filters, *, defects: bool) 
     return query.where(and_(*conditions)) if conditions else query
 
 
-def _order(query: Select, sorts: dict[str, Any], sort: str, descending: bool, tiebreak) -> Select:
+def _order(query: Select, sorts: dict[str, Any], sort: str, descending: bool, tiebreak, filters: Filters) -> Select:
     if sort not in sorts:
         raise DataError(f"sort {sort!r}: expected one of {', '.join(sorts)}")
     column = sorts[sort]
+    if filters.lot is not None or filters.job_run is not None:
+        # A lot or job run is a few thousand images: start from them and sort what they have.
+        # Ordering by a bare indexed column tempts PostgreSQL into walking that whole index
+        # (10M defects) and filtering, which is slow for any but the newest lot; an expression
+        # it cannot read from an index keeps the plan on the lot's rows.
+        column, tiebreak = func.coalesce(column, column), func.coalesce(tiebreak, tiebreak)
     if descending:
         return query.order_by(column.desc(), tiebreak.desc())
     return query.order_by(column.asc(), tiebreak.asc())
@@ -274,7 +280,7 @@ def list_defects(
     """Defects matching `filters`, newest first by default."""
     check_filters(session, filters)
     query = _where(session, _defects_select(), filters, defects=True)
-    query = _order(query, DEFECT_SORTS, sort, descending, Defect.id)
+    query = _order(query, DEFECT_SORTS, sort, descending, Defect.id, filters)
     return _page(session, query, limit, offset, _defect_row)
 
 
@@ -354,7 +360,7 @@ def list_images(
     """Inspected images (one row per image and model version) matching `filters`; area filters apply to defect pixels."""
     check_filters(session, filters)
     query = _where(session, _images_select(), filters, defects=False)
-    query = _order(query, IMAGE_SORTS, sort, descending, Inspection.id)
+    query = _order(query, IMAGE_SORTS, sort, descending, Inspection.id, filters)
     return _page(session, query, limit, offset, _image_row)
 
 
@@ -407,7 +413,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
 # --- lots ------------------------------------------------------------------------------------------------------------
 
 
-def _lot_aggregates(hold_above: float):
+def _lot_aggregates():
     images = func.count(Inspection.id)
     failed = func.sum(case((Inspection.verdict == "fail", 1), else_=0))
     errors = func.sum(case((Inspection.verdict == "error", 1), else_=0))
@@ -415,17 +421,19 @@ def _lot_aggregates(hold_above: float):
 
 
 def _lot_row(row, hold_above: float) -> dict[str, Any]:
-    lot, name, version, images, failed, errors, defects, first, last = row
+    lot, model_id, name, version, images, failed, errors, defects, first, last = row
     rate = failed / images if images else 0.0
-    return dict(zip(LOT_COLUMNS, (
+    record = dict(zip(LOT_COLUMNS, (
         lot, _model_label(name, version), images, int(failed or 0), int(errors or 0), int(defects or 0), round(rate, 4),
         _iso(first), _iso(last), "hold" if rate > hold_above else "release",
     ), strict=True))
+    record["model_id"] = model_id
+    return record
 
 
 def _lots_query(session: Session, filters: Filters) -> Select:
     query = (
-        select(ImageSet.lot, Model.name, Model.version, *_lot_aggregates(HOLD_ABOVE))
+        select(ImageSet.lot, Model.id, Model.name, Model.version, *_lot_aggregates())
         .select_from(Inspection)
         .join(Image, Inspection.image_id == Image.id)
         .join(ImageSet, Image.image_set_id == ImageSet.id)
@@ -442,7 +450,10 @@ def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: flo
     """
     check_filters(session, filters)
     query = _lots_query(session, filters).order_by(func.max(Image.acquired_at).desc(), ImageSet.lot, Model.id)
-    return _page(session, query, limit, offset, lambda row: _lot_row(row, hold_above))
+    page = _page(session, query, limit, offset, lambda row: _lot_row(row, hold_above))
+    for row in page.rows:
+        row.pop("model_id")
+    return page
 
 
 def latest_lot(session: Session) -> str:
@@ -460,30 +471,31 @@ def lot_summary(
 ) -> dict[str, Any]:
     """A lot per model version, with its most frequent defect classes."""
     filters = Filters(**{**filters.given(), "lot": lot})
-    check_filters(session, filters)
+    n_sets, n_images = session.execute(
+        select(func.count(distinct(ImageSet.id)), func.count(Image.id))
+        .select_from(ImageSet).outerjoin(Image, Image.image_set_id == ImageSet.id).where(ImageSet.lot == lot)
+    ).one()
+    if not n_sets:
+        check_filters(session, filters)  # names the unknown lot, with suggestions
+    if filters.model is not None:
+        _model_ids(session, filters.model)
     summaries = [_lot_row(row, hold_above) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
-    n_sets = session.scalar(select(func.count()).select_from(ImageSet).where(ImageSet.lot == lot))
-    n_images = session.scalar(
-        select(func.count()).select_from(Image).join(ImageSet, Image.image_set_id == ImageSet.id).where(ImageSet.lot == lot)
-    )
+    labels = {s["model_id"]: s["model"] for s in summaries}
     classes = (
-        select(
-            Model.name, Model.version, Defect.class_name, func.count(Defect.id), func.count(distinct(Inspection.image_id)),
-            func.avg(Defect.area), func.max(Defect.max_score),
-        )
+        select(Inspection.model_id, Defect.class_name, func.count(Defect.id), func.avg(Defect.area), func.max(Defect.max_score))
         .select_from(Defect)
         .join(Inspection, Defect.inspection_id == Inspection.id)
         .join(Image, Inspection.image_id == Image.id)
         .join(ImageSet, Image.image_set_id == ImageSet.id)
-        .join(Model, Inspection.model_id == Model.id)
-        .group_by(Model.id, Model.name, Model.version, Defect.class_name)
-        .order_by(Model.id, func.count(Defect.id).desc(), Defect.class_name)
+        .group_by(Inspection.model_id, Defect.class_name)
     )
     by_model: dict[str, list[dict[str, Any]]] = {}
-    for name, version, cls, n, n_img, mean_area, peak in session.execute(_where(session, classes, filters, defects=True)):
-        entries = by_model.setdefault(_model_label(name, version), [])
+    found = session.execute(_where(session, classes, filters, defects=True)).all()
+    for model_id, cls, n, mean_area, peak in sorted(found, key=lambda r: (r[0], -r[2], r[1])):
+        entries = by_model.setdefault(labels.get(model_id, str(model_id)), [])
         if len(entries) < top:
-            entries.append(dict(zip(CLASS_COLUMNS, (cls, n, n_img, round(float(mean_area), 1), round(peak, 4)), strict=True)))
+            entries.append(dict(zip(CLASS_COLUMNS, (cls, n, round(float(mean_area), 1), round(peak, 4)), strict=True)))
     for summary in summaries:
+        summary.pop("model_id")
         summary["top_classes"] = by_model.get(summary["model"], [])
     return {"lot": lot, "image_sets": n_sets, "registered_images": n_images, "hold_above": hold_above, "models": summaries}
