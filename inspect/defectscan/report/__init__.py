@@ -1,0 +1,1 @@
+"""QA reports: aggregations as charts and tables in one self-contained HTML file, and its PDF."""

@@ -1,0 +1,345 @@
+"""A QA report: the scope's aggregations (db/queries_report.py) as one self-contained HTML file, and its PDF.
+
+The HTML has inline CSS (with a print stylesheet), inline SVG charts and the worst images as
+PNG data URIs: it opens offline and needs no JavaScript. Every value from the data goes
+through Jinja2's autoescaping; chart labels are escaped by the SVG writer (report/charts.py).
+
+Lot disposition: a lot is put on "hold" (else "release", as `defectscan lots` says) when any
+rule of `HoldRules` fires; the defaults are documented there and are `defectscan report` options.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from defectscan import __version__
+from defectscan.db import queries_report as q
+from defectscan.db.queries import HOLD_ABOVE, Filters, _iso, check_filters
+from defectscan.errors import DataError
+from defectscan.report import charts
+from defectscan.report.spc import SIGMA, PChart, p_chart
+
+TEMPLATES = Path(__file__).with_name("templates")
+# Overlays larger than this many pixels are cropped to their defects; shown at most THUMBNAIL wide/high.
+WHOLE_IMAGE_PIXELS = 2048 * 2048
+THUMBNAIL = 480
+LABELLED_FROM = 256
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a report covers: one lot, one line (optionally over a period), or one job run; optionally one model version."""
+
+    lot: str | None = None
+    line: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    job_run: int | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("lot", "line", "job_run") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise DataError("a report covers one lot (--lot), one line (--line, with --since/--until) or one job run (--job-run); "
+                            f"got {', '.join('--' + c.replace('_', '-') for c in chosen) or 'none of them'}")
+        if (self.since or self.until) and self.line is None:
+            raise DataError("--since/--until select a period of a line: use them with --line")
+
+    def filters(self, model: str | None = None) -> Filters:
+        return Filters(lot=self.lot, line=self.line, since=self.since, until=self.until, job_run=self.job_run, model=model or self.model)
+
+    def title(self) -> str:
+        if self.lot is not None:
+            return f"Lot {self.lot}"
+        if self.line is not None:
+            return f"Line {self.line}"
+        return f"Job run {self.job_run}"
+
+    def period(self) -> str:
+        if self.line is None:
+            return ""
+        return f"{_iso(self.since) or 'start'} – {_iso(self.until) or 'now'}"
+
+
+@dataclass(frozen=True)
+class HoldRules:
+    """When a lot is held instead of released.
+
+    - failed share above `hold_above` (default: the `defectscan lots` threshold, 5 %);
+    - more than `max_errors` images in error (default 0: unjudged parts block a release);
+    - its failed share above its p-chart upper control limit, when `out_of_control` (default on;
+      lot-level charts only: a one-lot report charts hours, which does not judge the lot).
+    """
+
+    hold_above: float = HOLD_ABOVE
+    max_errors: int = 0
+    out_of_control: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hold_above <= 1:
+            raise DataError(f"--hold-above {self.hold_above}: expected a share between 0 and 1")
+        if self.max_errors < 0:
+            raise DataError(f"--max-errors {self.max_errors}: expected 0 or more")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    rules: HoldRules = field(default_factory=HoldRules)
+    sigma: float = SIGMA
+    worst: int = 6  # worst images shown with overlays
+    max_subgroups: int = 100  # latest lots/hours on the p-chart and in the lot table
+    grid: int = 24  # heatmap cells per side
+    area_edges: tuple[int, ...] = tuple(2**k for k in range(0, 21))  # doubling bins from 1 pixel to 1 Mpixel
+    size_edges: tuple[int, ...] = (1, 16, 64, 256, 1024)  # size classes for a single-class model's Pareto
+    listed: int = 50  # error and not-inspected images listed by key
+
+    def __post_init__(self) -> None:
+        if self.worst < 0 or self.max_subgroups < 1 or self.grid < 1 or self.listed < 0:
+            raise DataError("report options: --worst and the listing sizes must not be negative")
+        if self.sigma <= 0:
+            raise DataError(f"sigma {self.sigma}: expected a positive number of standard deviations")
+
+
+@dataclass
+class Report:
+    html: str
+    summary: dict[str, Any]
+
+
+# --- formatting -------------------------------------------------------------------------------------------------
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f} %" if whole else "–"
+
+
+def _edges_labels(edges: tuple[int, ...]) -> list[str]:
+    labels = []
+    for i, low in enumerate(edges):
+        if i + 1 == len(edges):
+            labels.append(f"≥ {low}")
+        elif edges[i + 1] - low == 1:
+            labels.append(f"{low}")
+        else:
+            labels.append(f"{low}–{edges[i + 1] - 1}")
+    return labels
+
+
+def _trim(labels: list[str], counts: list[int]) -> tuple[list[str], list[int]]:
+    """Drop empty bins before the first and after the last non-empty one."""
+    used = [i for i, c in enumerate(counts) if c]
+    if not used:
+        return [], []
+    return labels[used[0] : used[-1] + 1], counts[used[0] : used[-1] + 1]
+
+
+def _metrics(model: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[str, Any] | None]:
+    """The model's scalar evaluation metrics, and its per-threshold row nearest the model's threshold."""
+    metrics = model["metrics"] or {}
+    scalars = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    row = None
+    table = metrics.get("thresholds")
+    if isinstance(table, dict) and table:
+        def distance(key: str) -> float:
+            try:
+                return abs(float(key) - model["threshold"])
+            except ValueError:
+                return float("inf")
+        key = min(table, key=distance)
+        if isinstance(table[key], dict):
+            row = {"threshold": key, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in table[key].items()}}
+    return scalars, row
+
+
+# --- parts ----------------------------------------------------------------------------------------------------------
+
+
+def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: HoldRules) -> list[dict[str, Any]]:
+    above = {p.label: p for p in chart.points if p.signal == "above"} if chart is not None else {}
+    rows = []
+    for g in groups:
+        judged = g["images"] - g["errors"]
+        share = g["failed"] / judged if judged else 0.0
+        reasons = []
+        if share > rules.hold_above:
+            reasons.append(f"failed {100 * share:.1f} % > {100 * rules.hold_above:g} %")
+        if g["errors"] > rules.max_errors:
+            reasons.append(f"{g['errors']} image{'s' if g['errors'] != 1 else ''} in error > {rules.max_errors}")
+        if rules.out_of_control and g["label"] in above:
+            reasons.append(f"above the upper control limit {above[g['label']].ucl:.3f}")
+        rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %", "disposition": "hold" if reasons else "release",
+                     "reasons": reasons})
+    return rows
+
+
+def _overlay(image: dict[str, Any]) -> dict[str, Any]:
+    """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn)."""
+    from defectscan.db.queries_pixels import defect_masks, load_image, load_scores
+    from defectscan.report.overlay import crop_window, render
+
+    source = image["source"]
+    window = None
+    if source.height * source.width > WHOLE_IMAGE_PIXELS and image["defects"]:
+        boxes = [d["bbox"] for d in image["defects"]]
+        union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        window = crop_window(union, (source.height, source.width), margin=64)
+    try:
+        pixels = load_image(source, window)
+        scores = load_scores(source, window)
+        # labels are drawn in a fixed-size font: on small images they would cover the defects
+        picture = render(pixels, defect_masks(image["defects"]), scores, origin=window[:2] if window else (0, 0),
+                         labels=max(pixels.shape) >= LABELLED_FROM)
+    except DataError as exc:
+        return {"overlay": None, "overlay_error": str(exc), "window": window}
+    from PIL import Image as PILImage
+
+    # small images are enlarged (nearest neighbour keeps contours crisp), large ones reduced
+    scale = THUMBNAIL / max(picture.size)
+    if scale > 1:
+        factor = max(1, int(scale))
+        picture = picture.resize((picture.width * factor, picture.height * factor), PILImage.Resampling.NEAREST)
+    elif scale < 1:
+        picture.thumbnail((THUMBNAIL, THUMBNAIL), PILImage.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return {"overlay": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), "overlay_error": None,
+            "window": window}
+
+
+def _choose_model(session: Session, scope: Scope) -> dict[str, Any] | None:
+    if scope.model is not None:
+        return q.model_info(session, scope.model)
+    found = q.scope_models(session, scope.filters())
+    if not found:
+        return None
+    if len(found) > 1:
+        listed = ", ".join(f"{m['label']} ({m['inspections']} images)" for m in found)
+        raise DataError(f"{scope.title()} has results of several model versions: {listed}; choose one with --model NAME:VERSION")
+    return q.model_info(session, found[0]["label"])
+
+
+# --- the report -------------------------------------------------------------------------------------------------------
+
+
+def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptions(), *, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Everything the template shows, from a few aggregate queries; pixels only for the worst images."""
+    check_filters(session, scope.filters())
+    generated = _iso((now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0))
+    context: dict[str, Any] = {"scope": scope, "title": scope.title(), "period": scope.period(), "generated_at": generated,
+                               "version": __version__, "rules": options.rules, "options": options, "job_runs": [],
+                               "not_inspected_count": 0, "not_inspected": []}
+    model = _choose_model(session, scope)
+    context["model"] = model
+    if model is None:
+        context["empty"] = True
+        context["totals"] = None
+        return context
+    filters = scope.filters(f"{model['name']}:{model['version']}")
+    totals = q.totals(session, filters)
+    context["totals"] = totals
+    context["empty"] = totals["images"] == 0
+    context["metrics"], context["metrics_row"] = _metrics(model)
+    context["job_runs"] = q.job_runs(session, filters)
+    if scope.job_run is None:
+        context["not_inspected_count"], context["not_inspected"] = q.not_inspected(session, filters, model["id"], limit=options.listed)
+    else:
+        context["not_inspected_count"], context["not_inspected"] = 0, []
+    if context["empty"]:
+        return context
+
+    by_hour = totals["lots"] == 1
+    groups, n_groups = (q.hour_groups if by_hour else q.lot_groups)(session, filters, limit=options.max_subgroups)
+    chart = p_chart([(g["label"], g["images"] - g["errors"], g["failed"]) for g in groups], options.sigma)
+    context["subgroup"] = "hour (UTC)" if by_hour else "lot"
+    context["subgroups_shown"], context["subgroups_total"] = len(groups), n_groups
+    context["pchart"] = chart
+    context["pchart_svg"] = charts.p_chart_svg(chart, context["subgroup"]) if chart.points else None
+
+    lots = groups if not by_hour else q.lot_groups(session, filters, limit=options.max_subgroups)[0]
+    lots_total = n_groups if not by_hour else 1
+    context["lots"] = _disposition(lots, None if by_hour else chart, options.rules)
+    context["lots_total"] = lots_total
+    context["held"] = sum(1 for lot in context["lots"] if lot["disposition"] == "hold")
+
+    classes = q.class_counts(session, filters)
+    context["classes"] = classes
+    if len(model["classes"]) > 1:
+        context["pareto_what"] = "defect class"
+        pareto_labels, pareto_counts = [c["class"] for c in classes], [c["defects"] for c in classes]
+    else:
+        context["pareto_what"] = "defect size class (pixels)"
+        pareto_labels = _edges_labels(options.size_edges)
+        pareto_counts = q.area_counts(session, filters, options.size_edges)
+    context["pareto"] = [{"label": lab, "count": n} for lab, n in zip(pareto_labels, pareto_counts) if n]
+    context["pareto_svg"] = charts.pareto_svg(pareto_labels, pareto_counts, context["pareto_what"]) if sum(pareto_counts) else None
+
+    hist_labels, hist_counts = _trim(_edges_labels(options.area_edges), q.area_counts(session, filters, options.area_edges))
+    context["histogram_svg"] = charts.histogram_svg(hist_labels, hist_counts) if hist_counts else None
+    grid = q.position_grid(session, filters, options.grid)
+    context["heatmap_svg"] = charts.heatmap_svg(grid) if any(any(row) for row in grid) else None
+
+    worst = q.worst_images(session, filters, options.worst)
+    for image in worst:
+        image.update(_overlay(image))
+    context["worst"] = worst
+    context["errors"] = q.error_images(session, filters, limit=options.listed)
+    return context
+
+
+def _environment():
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    environment.filters["pct"] = _pct
+    environment.filters["num"] = lambda v: f"{v:,}".replace(",", " ") if isinstance(v, int) else v
+    return environment
+
+
+def build_report(session: Session, scope: Scope, options: ReportOptions = ReportOptions(), *, now: dt.datetime | None = None) -> Report:
+    """The report as HTML text, with a summary of its figures (what the CLI prints)."""
+    from markupsafe import Markup
+
+    context = collect(session, scope, options, now=now)
+    for name in ("pchart_svg", "pareto_svg", "histogram_svg", "heatmap_svg"):
+        if context.get(name):
+            context[name] = Markup(context[name])  # matplotlib's SVG: its text is XML-escaped by the writer
+    html = _environment().get_template("report.html.j2").render(**context)
+    totals = context["totals"] or {}
+    summary = {
+        "scope": scope.title(), "model": f"{context['model']['name']}:{context['model']['version']}" if context["model"] else None,
+        "images": totals.get("images", 0), "failed": totals.get("failed", 0), "errors": totals.get("errors", 0),
+        "defects": totals.get("defects", 0), "lots": len(context.get("lots", [])), "held": context.get("held", 0),
+        "out_of_control": len(context["pchart"].signals) if context.get("pchart") else 0, "empty": context["empty"],
+        "rules": asdict(options.rules),
+    }
+    return Report(html, summary)
+
+
+def write_report(
+    session: Session, scope: Scope, html_path: str | Path, *, pdf_path: str | Path | None = None,
+    options: ReportOptions = ReportOptions(), now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Write the HTML report (and its PDF via headless Chromium); returns the summary with the paths written."""
+    report = build_report(session, scope, options, now=now)
+    html_path = Path(html_path)
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(report.html, encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{html_path}: cannot write the report: {exc.strerror or exc}") from None
+    summary = {**report.summary, "html": str(html_path)}
+    if pdf_path is not None:
+        from defectscan.report.pdf import print_pdf
+
+        summary["pdf"] = str(print_pdf(html_path, pdf_path).output)
+    return summary
