@@ -33,7 +33,7 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
         raise DataError(f"expected a 2-D gray image, got shape {pixels.shape}")
     if pixels.dtype != np.uint8:
         top = float(pixels.max()) or 1.0
-        pixels = np.clip(pixels.astype(np.float32) * (255.0 / top), 0, 255).astype(np.uint8)
+        pixels = np.clip(np.rint(pixels.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
     return np.repeat(pixels[:, :, None], 3, axis=2)
 
 

@@ -1,0 +1,104 @@
+"""db/queries.py and db/queries_pixels.py as a library: parsing, validation, counts, pixel loading errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from defectscan.db.queries import Filters, count_defects, get_defect, get_image, list_defects, list_lots, lot_summary, parse_when
+from defectscan.db.queries_pixels import defect_masks, load_image, load_scores
+from defectscan.db.session import make_engine, session_factory
+from defectscan.errors import DataError
+
+from queries_helpers import L042_START, query, results_db  # noqa: F401 (fixture)
+
+UTC = dt.timezone.utc
+
+
+@pytest.fixture
+def session(results_db):
+    engine = make_engine(results_db.url)
+    with session_factory(engine)() as session:
+        yield session
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("text", "end_of_day", "expected"),
+    [
+        ("2026-03-01", False, dt.datetime(2026, 3, 1, tzinfo=UTC)),
+        ("2026-03-01", True, dt.datetime(2026, 3, 2, tzinfo=UTC)),
+        ("2026-03-01T08:30:00Z", True, dt.datetime(2026, 3, 1, 8, 30, tzinfo=UTC)),
+        ("2026-03-01T08:30:00+02:00", False, dt.datetime(2026, 3, 1, 6, 30, tzinfo=UTC)),
+        ("2026-03-01 08:30", False, dt.datetime(2026, 3, 1, 8, 30, tzinfo=UTC)),
+    ],
+)
+def test_parse_when(text, end_of_day, expected):
+    assert parse_when(text, "--since", end_of_day=end_of_day) == expected
+
+
+@pytest.mark.parametrize("text", ["", "tomorrow", "2026-13-01", "01/03/2026", "2026-03-01T25:00"])
+def test_parse_when_refuses_what_is_not_iso(text):
+    with pytest.raises(DataError, match=r"^--until .*: expected an ISO 8601 date or time"):
+        parse_when(text, "--until")
+
+
+def test_filters_refuse_bad_verdicts_and_pages(session):
+    with pytest.raises(DataError, match="verdict 'maybe': expected one of pass, fail, error"):
+        Filters(verdict="maybe")
+    with pytest.raises(DataError, match="--limit 0"):
+        list_defects(session, limit=0)
+    with pytest.raises(DataError, match="sort 'size': expected one of id, time, area, score, class"):
+        list_defects(session, sort="size")
+
+
+def test_counts_are_done_in_sql_and_agree_with_the_listing(session, results_db):
+    for filters in (Filters(), Filters(lot="L042"), Filters(defect_class="dark"), Filters(since=L042_START + dt.timedelta(minutes=3))):
+        assert count_defects(session, filters) == len(list_defects(session, filters, limit=1000).rows)
+    assert count_defects(session) == query(results_db.url, "SELECT count(*) FROM defects")[0][0]
+
+
+def test_lot_filter_sorts_its_rows_the_same_as_without_it(session):
+    """The lot path orders by an expression instead of a column: same order as the plain path."""
+    every = [r for r in list_defects(session, sort="area", descending=False, limit=100).rows if r["lot"] == "L042"]
+    assert [r["id"] for r in list_defects(session, Filters(lot="L042"), sort="area", descending=False).rows] == [r["id"] for r in every]
+
+
+def test_lots_and_summary_library_shapes(session):
+    page = list_lots(session, limit=1)
+    assert page.more and [r["lot"] for r in page.rows] == ["L043"] and "model_id" not in page.rows[0]
+    summary = lot_summary(session, "L043", Filters(model="twoclass"))
+    assert summary["image_sets"] == 2 and summary["registered_images"] == 5
+    with pytest.raises(DataError, match="unknown lot 'nope'"):
+        lot_summary(session, "nope")
+
+
+def test_pixels_of_an_image_and_of_its_scores(session, results_db):
+    (image_id,), = query(results_db.url, "SELECT i.id FROM images i JOIN image_sets s ON s.id = i.image_set_id WHERE s.lot = 'L042' AND i.position = 1")
+    record = get_image(session, str(image_id))
+    source = record["_source"]
+    image = load_image(source)
+    assert image.shape == (64, 64) and image[10:16, 10:16].min() == 250
+    inspection = record["inspections"][0]
+    scores = load_scores(replace(source, mask_uri=inspection["mask_uri"], mask_array=inspection["mask_array"]), (8, 8, 20, 20))
+    assert scores.shape == (2, 12, 12) and scores[0, 2:8, 2:8].min() > 230 and scores[1].max() < 128
+    (mask,) = defect_masks(inspection["defects"])
+    assert mask.bbox == (10, 10, 16, 16) and mask.mask.all()
+    assert load_scores(source) is None  # an image source without an inspection's map
+
+
+def test_missing_stores_and_corrupt_masks_are_named(session, results_db, tmp_path):
+    (defect_id,), = query(results_db.url, "SELECT min(id) FROM defects")
+    record = get_defect(session, defect_id)
+    gone = replace(record["_source"], uri=str(tmp_path / "gone.zarr"), mask_uri=str(tmp_path / "gone.masks.zarr"))
+    with pytest.raises(DataError, match=r"gone\.zarr: cannot open the image array 'images'"):
+        load_image(gone)
+    with pytest.raises(DataError, match=r"gone\.masks\.zarr: cannot open the score array"):
+        load_scores(gone)
+    with pytest.raises(DataError, match=rf"defect {defect_id}: RLE .*runs go past"):
+        defect_masks([{**record, "rle": "0 100000"}])
+    with pytest.raises(DataError, match="no defect with id 0"):
+        get_defect(session, 0)
