@@ -102,3 +102,16 @@ def test_missing_stores_and_corrupt_masks_are_named(session, results_db, tmp_pat
         defect_masks([{**record, "rle": "0 100000"}])
     with pytest.raises(DataError, match="no defect with id 0"):
         get_defect(session, 0)
+
+
+def test_job_runs_history(session, results_db):
+    from defectscan.db.queries import JOB_RUN_COLUMNS, list_job_runs
+
+    (run_id, n_images), = query(results_db.url, "SELECT id, n_images FROM job_runs")
+    page = list_job_runs(session, job="qa-test")
+    assert [list(r) for r in page.rows] == [list(JOB_RUN_COLUMNS)]
+    row = page.rows[0]
+    assert (row["id"], row["model"], row["status"], row["n_images"], row["n_inspected"], row["n_defects"]) == (run_id, "twoclass:1", "succeeded", n_images, 11, 6)
+    assert row["started_at"].endswith("Z") and not page.more
+    assert list_job_runs(session, status="failed").rows == []
+    assert list_job_runs(session, since=dt.datetime(2100, 1, 1, tzinfo=UTC)).rows == []

@@ -458,9 +458,12 @@ def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: flo
 
 def latest_lot(session: Session) -> str:
     """The lot of the most recently acquired image set."""
+    # Two plain orders rather than one NULLS LAST order: each reads ix_image_sets_acquired_at
+    # (or the primary key) backwards and stops at the first row.
     lot = session.scalar(
-        select(ImageSet.lot).where(ImageSet.lot.is_not(None)).order_by(ImageSet.acquired_at.desc().nulls_last(), ImageSet.id.desc()).limit(1)
-    )
+        select(ImageSet.lot).where(ImageSet.lot.is_not(None), ImageSet.acquired_at.is_not(None))
+        .order_by(ImageSet.acquired_at.desc(), ImageSet.id.desc()).limit(1)
+    ) or session.scalar(select(ImageSet.lot).where(ImageSet.lot.is_not(None)).order_by(ImageSet.id.desc()).limit(1))
     if lot is None:
         raise DataError("no lots yet: no registered image set has a lot")
     return lot
@@ -499,3 +502,35 @@ def lot_summary(
         summary.pop("model_id")
         summary["top_classes"] = by_model.get(summary["model"], [])
     return {"lot": lot, "image_sets": n_sets, "registered_images": n_images, "hold_above": hold_above, "models": summaries}
+
+
+# --- job runs --------------------------------------------------------------------------------------------------------------
+
+JOB_RUN_COLUMNS = (
+    "id", "job", "model", "status", "started_at", "finished_at", "n_images", "n_inspected", "n_skipped", "n_errors",
+    "n_defects", "images_per_second", "error",
+)
+
+
+def list_job_runs(
+    session: Session, *, job: str | None = None, status: str | None = None, since: dt.datetime | None = None,
+    limit: int = 50, offset: int = 0,
+) -> Page:
+    """Job runs, newest first (for the jobs history view and `--job-run` lookups)."""
+    query = select(JobRun, Model.name, Model.version).outerjoin(Model, JobRun.model_id == Model.id)
+    if job is not None:
+        query = query.where(JobRun.job == job)
+    if status is not None:
+        query = query.where(JobRun.status == status)
+    if since is not None:
+        query = query.where(JobRun.started_at >= since)
+
+    def row(found) -> dict[str, Any]:
+        run, name, version = found
+        return dict(zip(JOB_RUN_COLUMNS, (
+            run.id, run.job, _model_label(name, version) if name else None, run.status, _iso(run.started_at), _iso(run.finished_at),
+            run.n_images, run.n_inspected, run.n_skipped, run.n_errors, run.n_defects,
+            round(run.images_per_second, 2) if run.images_per_second is not None else None, run.error,
+        ), strict=True))
+
+    return _page(session, query.order_by(JobRun.started_at.desc(), JobRun.id.desc()), limit, offset, row)
