@@ -2,8 +2,9 @@
 
 Five lots of one line, inspected by the single-class threshold model (pipeline_helpers): lot L3
 fails far more often than the others (its p-chart point is out of control), lot L4 has an
-unreadable image (an error row), the last lot's name carries markup, and L1's images carry their
-own capture times over three hours. Built once per backend per test session.
+unreadable image (an error row), the fifth lot's name carries markup, L1's images carry their
+own capture times over three hours, and lot L6 is registered but never inspected.
+Built once per backend per test session.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LOTS = {
     SCRIPT_LOT: {1: (12, 3, 5), 7: (3, 12, 6)},
 }
 ERROR_LOT, ERROR_POSITION = "L4", 9
+NOT_INSPECTED_LOT = "L6"
 L1_START = dt.datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 # L1 images over three hours: four per hour
 L1_TIMES = [L1_START + dt.timedelta(minutes=15 * i) for i in range(N_IMAGES)]
@@ -66,6 +68,8 @@ def populate(url: str, root: Path, client) -> ReportDB:
     assert chunk.is_file()
     chunk.write_bytes(b"not zstd at all")
     image_sets = [register(factory, path) for path in stores.values()]
+    register(factory, write_stack(root / "lot6.zarr", square_images(N_IMAGES, size=SIZE, seed=6), lot=NOT_INSPECTED_LOT, line="A",
+                                  acquired_at="2026-03-08T09:00:00Z"))
     model = add_model(factory, save_threshold_model(root / "threshold.keras"))
     settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "12",
                                       "DEFECTSCAN_INSPECTION__TILE_SIZE": "128", "DEFECTSCAN_INSPECTION__HALO": "16"}).inspection

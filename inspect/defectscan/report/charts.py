@@ -2,8 +2,8 @@
 
 Text stays text in the SVG (`svg.fonttype: none`) so the PDF is searchable and labels from data
 are XML-escaped by matplotlib's SVG writer. Labels from data are also shielded from mathtext
-(`$` would start a formula) and shortened. Each chart gets its own id salt so that several SVGs
-inlined into one HTML document never share element ids.
+(`$` would start a formula) and shortened. Each chart's ids (and references to them) get the
+chart's own prefix, so several SVGs inlined into one HTML document never share an id.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def _svg(figure, salt: str) -> str:
     # inline SVG in HTML: drop the XML prolog and DOCTYPE, let CSS size it
     text = text[text.index("<svg"):]
     text = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="chart" role="img"', text, count=1)
-    return text
+    # matplotlib numbers its ids per figure (figure_1, axes_1, ...): prefix them and every reference
+    text = re.sub(r'\bid="([^"]+)"', rf'id="{salt}-\1"', text)
+    text = re.sub(r'url\(#([^)]+)\)', rf'url(#{salt}-\1)', text)
+    return re.sub(r'href="#([^"]+)"', rf'href="#{salt}-\1"', text)
 
 
 def _figure(height: float = HEIGHT, width: float = WIDTH):
