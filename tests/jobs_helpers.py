@@ -1,7 +1,8 @@
 """Real pieces for the jobs tests: throwaway TLS certificates, a TLS `dask scheduler` + `dask worker`, job specs, CLI subprocesses.
 
-Run as a script it holds a job's lock for another process to find:
-    python tests/jobs_helpers.py hold DATABASE_URL JOB   (prints "held", keeps the lock until stdin closes)
+Run as a script it takes a job's lock in a process of its own:
+    python tests/jobs_helpers.py hold DATABASE_URL JOB        prints "held", keeps the lock until stdin closes
+    python tests/jobs_helpers.py race DATABASE_URL JOB DIR    when DIR/go appears tries once: prints "won" or "busy"
 """
 
 from __future__ import annotations
@@ -126,6 +127,59 @@ def _hold(database_url: str, job: str) -> None:
     engine.dispose()
 
 
+def _race(database_url: str, job: str, barrier: str) -> None:
+    from defectscan.db.session import make_engine
+    from defectscan.jobs.lock import AlreadyRunning, acquire
+
+    engine = make_engine(database_url)
+    with engine.connect():
+        pass  # connected before the start line, so the race is between the inserts
+    folder = Path(barrier)
+    (folder / f"ready-{os.getpid()}").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.001)
+    try:
+        handle = acquire(engine, job, stale_after=300)
+    except AlreadyRunning:
+        print("busy", flush=True)
+    else:
+        print("won", flush=True)
+        # Held until every racer has tried: none may find it released and win too.
+        while not (folder / "done").exists():
+            time.sleep(0.01)
+        handle.release()
+    engine.dispose()
+
+
+def race(database_url: str, job: str, n: int, barrier: Path) -> list[str]:
+    """`n` processes, each connected and waiting at a start line, try to take the lock at once; their answers."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    racers = [
+        subprocess.Popen([sys.executable, __file__, "race", database_url, job, str(barrier)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    deadline = time.monotonic() + 60
+    while len(list(barrier.glob("ready-*"))) < n:
+        if time.monotonic() > deadline or any(r.poll() is not None for r in racers):
+            raise RuntimeError(f"racers did not get ready: {[r.communicate() for r in racers if r.poll() is not None]}")
+        time.sleep(0.01)
+    (barrier / "go").touch()
+    answers: list[str | None] = [None] * n
+    while None in answers and time.monotonic() < deadline:
+        for i, racer in enumerate(racers):
+            if answers[i] is None:
+                answers[i] = racer.stdout.readline().strip()
+        time.sleep(0.01)
+    (barrier / "done").touch()
+    for racer in racers:
+        _, err = racer.communicate(timeout=30)
+        if racer.returncode:
+            raise RuntimeError(err)
+    return answers
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "hold":
         _hold(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "race":
+        _race(sys.argv[2], sys.argv[3], sys.argv[4])
