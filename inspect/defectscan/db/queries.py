@@ -224,15 +224,15 @@ def _order(query: Select, sorts: dict[str, Any], sort: str, descending: bool, ti
     if sort not in sorts:
         raise DataError(f"sort {sort!r}: expected one of {', '.join(sorts)}")
     column = sorts[sort]
+    same = column is tiebreak
     if filters.lot is not None or filters.job_run is not None:
         # A lot or job run is a few thousand images: start from them and sort what they have.
         # Ordering by a bare indexed column tempts PostgreSQL into walking that whole index
         # (10M defects) and filtering, which is slow for any but the newest lot; an expression
         # it cannot read from an index keeps the plan on the lot's rows.
         column, tiebreak = func.coalesce(column, column), func.coalesce(tiebreak, tiebreak)
-    if descending:
-        return query.order_by(column.desc(), tiebreak.desc())
-    return query.order_by(column.asc(), tiebreak.asc())
+    keys = (column,) if same else (column, tiebreak)
+    return query.order_by(*(key.desc() if descending else key.asc() for key in keys))
 
 
 def _page(session: Session, query: Select, limit: int, offset: int, convert) -> Page:
