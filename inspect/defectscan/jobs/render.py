@@ -228,7 +228,7 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
                         "rules": [
                             # Already running elsewhere: another pod would only find the same lock.
                             {"action": "FailJob", "onExitCodes": {"containerName": "job", "operator": "In", "values": [75]}},
-                            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                         ]
                     },
                     "template": {
