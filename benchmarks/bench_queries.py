@@ -332,7 +332,12 @@ def main() -> None:
             report["sizes"] = dict(connection.exec_driver_sql(
                 "SELECT relname, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class WHERE relname IN "
                 "('images', 'inspections', 'defects', 'image_sets')").all())
+        # Latency on a shared machine moves with its load: record it next to the figures.
+        report["load_average_before"] = os.getloadavg()
         report["queries"] = measure(engine, args.repeats)
+        report["load_average_after"] = os.getloadavg()
+        print(f"load average (1, 5, 15 min) before {report['load_average_before']}, after {report['load_average_after']} "
+              f"on {os.cpu_count()} CPUs")
         if args.plans:
             for name, result in report["queries"].items():
                 print(f"\n=== {name}")
