@@ -19,22 +19,14 @@ import yaml
 CLUSTER_START_S = 90
 
 
+REPO = Path(__file__).resolve().parent.parent
+MAKE_CERTS = REPO / "deploy" / "tls" / "make-certs.sh"
+
+
 def make_tls(directory: Path) -> dict[str, Path]:
-    """A throwaway CA and one certificate signed by it for 127.0.0.1/localhost (scheduler, worker and client share it)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
-    key, csr, crt = directory / "tls.key", directory / "tls.csr", directory / "tls.crt"
-    ext = directory / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=defectscan-test-ca", "-keyout", str(ca_key), "-out", str(ca_crt))
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(csr))
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
-            "-extfile", str(ext), "-out", str(crt))
-    return {"ca_file": ca_crt, "cert_file": crt, "key_file": key}
+    """A throwaway CA and one certificate for 127.0.0.1/localhost, made by the deploy script the targets use."""
+    subprocess.run(["/bin/sh", str(MAKE_CERTS), str(directory), "localhost", "127.0.0.1"], check=True, capture_output=True)
+    return {"ca_file": directory / "ca.crt", "cert_file": directory / "tls.crt", "key_file": directory / "tls.key"}
 
 
 def tls_environment(tls: dict[str, Path], scheduler: str) -> dict[str, str]:

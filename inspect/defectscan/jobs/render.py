@@ -34,6 +34,8 @@ class RenderOptions:
     scheduler: str = "tls://defectscan-scheduler:8786"
     database_secret: str = "defectscan-database"
     tls_secret: str = "defectscan-dask-tls"
+    # Image sets and masks, shared with the workers (deploy/kubernetes/pvc.yaml).
+    data_claim: str = "defectscan-data"
 
 
 def unit_name(spec: JobSpec) -> str:
@@ -41,7 +43,8 @@ def unit_name(spec: JobSpec) -> str:
 
 
 def run_command(spec: JobSpec, options: RenderOptions) -> list[str]:
-    return [options.defectscan, "jobs", "--jobs-dir", options.jobs_dir, "run", spec.name]
+    # The executable may be a command line, e.g. "docker compose -f compose.yaml run --rm -T runner defectscan".
+    return [*shlex.split(options.defectscan), "jobs", "--jobs-dir", options.jobs_dir, "run", spec.name]
 
 
 # ---- crontab -----------------------------------------------------------------------------------------
@@ -206,6 +209,7 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
             {"name": "jobs", "mountPath": "/etc/defectscan/jobs", "readOnly": True},
             {"name": "dask-tls", "mountPath": tls_dir, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "data", "mountPath": "/data"},
         ],
     }
     return {
@@ -242,6 +246,7 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
                                 {"name": "jobs", "configMap": {"name": "defectscan-jobs"}},
                                 {"name": "dask-tls", "secret": {"secretName": options.tls_secret, "defaultMode": 0o440}},
                                 {"name": "tmp", "emptyDir": {}},
+                                {"name": "data", "persistentVolumeClaim": {"claimName": options.data_claim}},
                             ],
                         },
                     },
