@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Integer, Select, case, cast, distinct, func, literal, select
 from sqlalchemy.orm import Session
 
-from defectscan.db.queries import Filters, ImageSource, _iso, _model_ids, _where
+from defectscan.db.queries import Filters, ImageSource, _model_ids, _where, iso_utc
 from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import DataError
 
@@ -101,7 +101,7 @@ def model_info(session: Session, reference: str) -> dict[str, Any]:
     return {
         "id": model.id, "name": model.name, "version": model.version, "sha256": model.sha256, "uri": model.uri,
         "architecture": model.architecture, "classes": list(model.classes or []), "threshold": model.threshold,
-        "stage": model.stage, "metrics": model.metrics or {}, "registered_at": _iso(model.registered_at),
+        "stage": model.stage, "metrics": model.metrics or {}, "registered_at": iso_utc(model.registered_at),
     }
 
 
@@ -120,7 +120,7 @@ def totals(session: Session, filters: Filters) -> dict[str, Any]:
     images, failed, errors = _int(images), _int(failed), _int(errors)
     return {
         "images": images, "passed": images - failed - errors, "failed": failed, "errors": errors, "defects": _int(defects),
-        "defect_pixels": _int(pixels), "first_at": _iso(first), "last_at": _iso(last), "lots": _int(lots),
+        "defect_pixels": _int(pixels), "first_at": iso_utc(first), "last_at": iso_utc(last), "lots": _int(lots),
     }
 
 
@@ -130,7 +130,7 @@ def totals(session: Session, filters: Filters) -> dict[str, Any]:
 def _group_rows(rows, label) -> list[dict[str, Any]]:
     return [
         {"label": label(key), "images": _int(n), "failed": _int(f), "errors": _int(e), "defects": _int(d),
-         "first_at": _iso(first), "last_at": _iso(last)}
+         "first_at": iso_utc(first), "last_at": iso_utc(last)}
         for key, n, f, e, d, first, last in rows
     ]
 
@@ -228,7 +228,7 @@ def worst_images(session: Session, filters: Filters, n: int) -> list[dict[str, A
     for (inspection_id, image_id, key, lot, line, when, n_defects, pixels, peak, mask_uri, mask_array, uri, array_path, kind,
          position, height, width) in session.execute(query):
         images.append({
-            "inspection_id": inspection_id, "image_id": image_id, "key": key, "lot": lot, "line": line, "acquired_at": _iso(when),
+            "inspection_id": inspection_id, "image_id": image_id, "key": key, "lot": lot, "line": line, "acquired_at": iso_utc(when),
             "n_defects": n_defects, "defect_pixels": pixels, "max_score": round(peak, 4), "height": height, "width": width,
             "source": ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array), "defects": [],
         })
@@ -290,7 +290,7 @@ def job_runs(session: Session, filters: Filters) -> list[dict[str, Any]]:
         select(JobRun).where(JobRun.id.in_(ids.scalar_subquery())).order_by(JobRun.started_at, JobRun.id)
     ).scalars()
     return [
-        {"id": r.id, "job": r.job, "status": r.status, "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at),
+        {"id": r.id, "job": r.job, "status": r.status, "started_at": iso_utc(r.started_at), "finished_at": iso_utc(r.finished_at),
          "images": r.n_images, "inspected": r.n_inspected, "skipped": r.n_skipped, "errors": r.n_errors, "defects": r.n_defects,
          "images_per_second": r.images_per_second, "error": r.error}
         for r in runs

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.db import queries_report as q
-from defectscan.db.queries import HOLD_ABOVE, Filters, _iso, check_filters
+from defectscan.db.queries import HOLD_ABOVE, Filters, check_filters, iso_utc
 from defectscan.errors import DataError
 from defectscan.report import charts
 from defectscan.report.spc import SIGMA, PChart, p_chart
@@ -65,7 +65,7 @@ class Scope:
     def period(self) -> str:
         if self.line is None:
             return ""
-        return f"{_iso(self.since) or 'start'} – {_iso(self.until) or 'now'}"
+        return f"{iso_utc(self.since) or 'start'} – {iso_utc(self.until) or 'now'}"
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def _choose_model(session: Session, scope: Scope) -> dict[str, Any] | None:
 def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptions(), *, now: dt.datetime | None = None) -> dict[str, Any]:
     """Everything the template shows, from a few aggregate queries; pixels only for the worst images."""
     check_filters(session, scope.filters())
-    generated = _iso((now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0))
+    generated = iso_utc((now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0))
     context: dict[str, Any] = {"scope": scope, "title": scope.title(), "period": scope.period(), "generated_at": generated,
                                "version": __version__, "rules": options.rules, "options": options, "job_runs": [],
                                "not_inspected_count": 0, "not_inspected": []}

@@ -1,0 +1,174 @@
+"""The HTML report built from pipeline rows: content, escaping, hold rules, empty scopes, failures, the CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from defectscan.errors import DataError
+from defectscan.report.build import HoldRules, ReportOptions, Scope, build_report
+from defectscan.report.overlay import class_color
+
+from report_helpers import ERROR_LOT, LOTS, NOT_INSPECTED_LOT, SCRIPT_LOT, report_cluster, session_for, sqlite_report_db  # noqa: F401
+
+SECTIONS = ("kpis", "model", "p-chart", "defects", "worst", "disposition", "errors")
+
+
+def _build(url: str, scope: Scope, options: ReportOptions = ReportOptions()):
+    factory, close = session_for(url)
+    try:
+        with factory() as session:
+            return build_report(session, scope, options)
+    finally:
+        close()
+
+
+@pytest.fixture(scope="module")
+def line_report(sqlite_report_db):
+    return _build(sqlite_report_db.url, Scope(line="A"))
+
+
+def _dispositions(html: str) -> dict[str, tuple[str, str]]:
+    section = html.split('id="disposition"', 1)[1].split("</section>", 1)[0]
+    rows = re.findall(r"<tr><td>(.*?)</td>.*?<td class=\"(hold|release)\">\2</td><td>(.*?)</td></tr>", section, re.S)
+    return {lot: (verdict, why) for lot, verdict, why in rows}
+
+
+def _unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+def test_line_report_has_every_part_and_is_self_contained(line_report):
+    html, summary = line_report.html, line_report.summary
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in html
+    assert html.count("<svg") == 4  # p-chart, Pareto, histogram, heatmap
+    assert html.count('src="data:image/png;base64,') == ReportOptions().worst
+    # nothing is fetched: every src/href is inline or an in-document reference
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', html)
+    assert "<script" not in html.lower()
+    assert "@media print" in html and "@page" in html
+    n_failed = sum(len(d) for d in LOTS.values())
+    assert summary["images"] == 12 * len(LOTS) and summary["failed"] == n_failed and summary["errors"] == 1
+    assert "threshold version 1" in html and "qa-report-test" in html and "Generated" in html
+    assert "defect size class" in html  # a one-class model's Pareto is by size
+
+
+def test_every_data_value_is_escaped(line_report):
+    html = line_report.html
+    assert "<script>alert(1)</script>" not in html
+    assert "L5&lt;script&gt;alert(1)&lt;/script&gt;" in html  # disposition table
+    assert "L5&lt;script&gt;alert(1)&lt;/scr" in html  # chart label (shortened)
+
+
+def test_disposition_follows_the_hold_rules(sqlite_report_db, line_report):
+    table = {_unescape(k): v for k, v in _dispositions(line_report.html).items()}
+    assert set(table) == set(LOTS)
+    assert table["L2"] == ("release", "")
+    assert table["L3"][0] == "hold" and "above the upper control limit" in table["L3"][1]
+    assert table[ERROR_LOT][0] == "hold" and "1 image in error &gt; 0" in table[ERROR_LOT][1]
+    assert "Out of control: L3 (0.583 above UCL" in line_report.html
+
+    lenient = ReportOptions(rules=HoldRules(hold_above=0.5, max_errors=1, out_of_control=False))
+    table = {_unescape(k): v for k, v in _dispositions(_build(sqlite_report_db.url, Scope(line="A"), lenient).html).items()}
+    assert {lot for lot, (verdict, _) in table.items() if verdict == "hold"} == {"L3"}
+    assert "58.3 % &gt; 50 %" in table["L3"][1] and "control limit" not in table["L3"][1]
+
+
+def test_worst_images_show_overlays_with_defect_contours(line_report):
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', line_report.html).group(1)
+    picture = np.asarray(PILImage.open(io.BytesIO(base64.b64decode(first))).convert("RGB"))
+    contour = np.all(picture == class_color(0), axis=2)
+    assert contour.any() and picture.shape[0] >= 256
+    assert "L3" in line_report.html.split('id="worst"', 1)[1].split("</section>", 1)[0]
+
+
+def test_one_lot_is_charted_per_hour(sqlite_report_db):
+    report = _build(sqlite_report_db.url, Scope(lot="L1"))
+    assert "Failed images per hour (UTC)" in report.html
+    assert "2026-03-02 07:00" in report.html
+    assert report.summary["lots"] == 1
+
+
+def test_empty_scopes_give_a_short_report_that_says_so(sqlite_report_db):
+    import datetime as dt
+
+    later = _build(sqlite_report_db.url, Scope(line="A", since=dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)))
+    assert later.summary["empty"] and "No inspection results in this scope" in later.html and "<svg" not in later.html
+    never = _build(sqlite_report_db.url, Scope(lot=NOT_INSPECTED_LOT))
+    assert "No inspection results" in never.html and never.summary["model"] is None
+
+
+@pytest.mark.parametrize(("scope", "message"), [
+    (dict(), "got none of them"),
+    (dict(lot="L1", line="A"), "got --lot, --line"),
+    (dict(lot="L1", since=__import__("datetime").datetime(2026, 1, 1, tzinfo=__import__("datetime").timezone.utc)), "use them with --line"),
+])
+def test_a_scope_is_one_lot_line_or_job_run(scope, message):
+    with pytest.raises(DataError, match=message):
+        Scope(**scope)
+
+
+def test_unknown_lot_is_refused_with_suggestions(sqlite_report_db):
+    with pytest.raises(DataError, match="unknown lot 'L33'.*did you mean"):
+        _build(sqlite_report_db.url, Scope(lot="L33"))
+
+
+def _copy(sqlite_report_db, tmp_path) -> tuple[str, sqlite3.Connection]:
+    path = tmp_path / "copy.sqlite"
+    shutil.copy(sqlite_report_db.url.removeprefix("sqlite:///"), path)
+    return f"sqlite:///{path}", sqlite3.connect(path)
+
+
+def test_several_model_versions_in_scope_need_a_choice(sqlite_report_db, tmp_path):
+    url, db = _copy(sqlite_report_db, tmp_path)
+    with db:
+        db.execute("INSERT INTO models (name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at, metrics) "
+                   "SELECT name, '2', uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at, "
+                   "'{\"pixel_auroc\": 0.987, \"thresholds\": {\"0.5\": {\"dice\": 0.91}}}' FROM models")
+        db.execute("INSERT INTO inspections (image_id, model_id, verdict, n_defects, defect_pixels, max_score, inspected_at) "
+                   "SELECT image_id, 2, verdict, 0, 0, 0.1, inspected_at FROM inspections WHERE image_id = 1")
+    db.close()
+    with pytest.raises(DataError, match="several model versions: threshold:1 .*threshold:2 .*--model"):
+        _build(url, Scope(line="A"))
+    chosen = _build(url, Scope(line="A", model="threshold:2"))
+    assert chosen.summary["images"] == 1 and "pixel_auroc" in chosen.html and "0.9870" in chosen.html and "0.91" in chosen.html
+
+
+def test_missing_image_store_leaves_a_note_instead_of_an_overlay(sqlite_report_db, tmp_path):
+    url, db = _copy(sqlite_report_db, tmp_path)
+    with db:
+        db.execute("UPDATE image_sets SET uri = '/nonexistent/' || id || '.zarr'")
+    db.close()
+    report = _build(url, Scope(lot="L3"))
+    assert report.html.count("Overlay unavailable") == ReportOptions().worst
+    assert "/nonexistent/" in report.html and 'src="data:image/png' not in report.html
+
+
+def test_cli_writes_the_report_and_refuses_bad_scopes(cli, sqlite_report_db, tmp_path):
+    out = tmp_path / "r" / "line.html"
+    result = cli("--database-url", sqlite_report_db.url, "report", "--line", "A", "--since", "2026-03-01", "--until", "2026-03-05",
+                 "-o", str(out), "--worst", "2")
+    assert result.exit_code == 0, result.output
+    assert "Line A (threshold:1): 48 images" in result.output and f"wrote {out}" in result.output
+    html = out.read_text()
+    assert html.count('src="data:image/png') == 2 and "2026-03-01T00:00:00Z – 2026-03-06T00:00:00Z" in html
+    assert SCRIPT_LOT not in html  # captured on 2026-03-06, outside the period
+
+    bad = cli("--database-url", sqlite_report_db.url, "report", "--lot", "L1", "--job-run", "1", "-o", str(out))
+    assert bad.exit_code == 1 and "Error: a report covers one lot" in bad.output
+    bad = cli("--database-url", sqlite_report_db.url, "report", "--line", "A", "--since", "yesterday", "-o", str(out))
+    assert bad.exit_code == 1 and "--since 'yesterday'" in bad.output
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")
+    bad = cli("--database-url", sqlite_report_db.url, "report", "--lot", "L1", "-o", str(unwritable / "x.html"))
+    assert bad.exit_code == 1 and "cannot write the report" in bad.output
