@@ -103,12 +103,20 @@ def populate(url: str, root: Path) -> ResultsDB:
     return ResultsDB(url, stores, expected={"L042": L042_DEFECTS, "L043": L043_DEFECTS})
 
 
+# Test modules import the fixture, and pytest keeps one instance per importing module: the
+# databases are built once per session here, whichever module asks first.
+_BUILT: dict[str, ResultsDB] = {}
+
+
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def results_db(request, tmp_path_factory) -> ResultsDB:
     """The pipeline's rows on SQLite and on PostgreSQL (each test using it runs on both)."""
+    if request.param in _BUILT:
+        yield _BUILT[request.param]
+        return
     root = tmp_path_factory.mktemp(f"results-{request.param}")
     if request.param == "sqlite":
-        yield populate(f"sqlite:///{root / 'results.sqlite'}", root)
+        yield _BUILT.setdefault("sqlite", populate(f"sqlite:///{root / 'results.sqlite'}", root))
         return
     server = make_url(request.getfixturevalue("postgres_server_url")).set(drivername="postgresql+psycopg")
     name = f"defectscan_test_{uuid.uuid4().hex[:12]}"
@@ -116,7 +124,7 @@ def results_db(request, tmp_path_factory) -> ResultsDB:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield populate(server.set(database=name).render_as_string(hide_password=False), root)
+        yield _BUILT.setdefault("postgres", populate(server.set(database=name).render_as_string(hide_password=False), root))
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

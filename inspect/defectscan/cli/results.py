@@ -81,9 +81,9 @@ def _empty(what: str, filters) -> str:
 
 
 def _show(value: Any) -> str:
-    from defectscan.db.queries import _iso
+    from defectscan.db.queries import iso_utc
 
-    return _iso(value) if hasattr(value, "tzinfo") else repr(value) if isinstance(value, str) else str(value)
+    return iso_utc(value) if hasattr(value, "tzinfo") else repr(value) if isinstance(value, str) else str(value)
 
 
 # --- defects ------------------------------------------------------------------------------------------------------------

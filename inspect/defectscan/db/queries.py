@@ -75,7 +75,7 @@ class Filters:
 
     def __post_init__(self) -> None:
         if self.since and self.until and self.since >= self.until:
-            raise DataError(f"--since {_iso(self.since)} is not before --until {_iso(self.until)}")
+            raise DataError(f"--since {iso_utc(self.since)} is not before --until {iso_utc(self.until)}")
         if self.min_area is not None and self.max_area is not None and self.min_area > self.max_area:
             raise DataError(f"--min-area {self.min_area} is larger than --max-area {self.max_area}")
         if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
@@ -115,7 +115,7 @@ def parse_when(value: str, option: str, *, end_of_day: bool = False) -> dt.datet
     return when.astimezone(dt.timezone.utc)
 
 
-def _iso(when: dt.datetime | None) -> str | None:
+def iso_utc(when: dt.datetime | None) -> str | None:
     if when is None:
         return None
     if when.tzinfo is None:  # SQLite aggregates (min/max) come back without the type's conversion
@@ -269,7 +269,7 @@ def _defect_row(row) -> dict[str, Any]:
     (id_, image_id, key, lot, line, product, camera, when, name, version, job_run, verdict, cls, area,
      y0, x0, y1, x1, cy, cx, mean, peak) = row
     return dict(zip(DEFECT_COLUMNS, (
-        id_, image_id, key, lot, line, product, camera, _iso(when), _model_label(name, version), job_run, verdict, cls,
+        id_, image_id, key, lot, line, product, camera, iso_utc(when), _model_label(name, version), job_run, verdict, cls,
         area, y0, x0, y1, x1, round(cy, 2), round(cx, 2), round(mean, 4), round(peak, 4),
     ), strict=True))
 
@@ -349,8 +349,8 @@ def _image_row(row) -> dict[str, Any]:
     (id_, image_id, key, set_id, position, lot, line, product, camera, when, name, version, job_run, verdict, n, pixels,
      peak, inspected, error) = row
     return dict(zip(IMAGE_COLUMNS, (
-        id_, image_id, key, set_id, position, lot, line, product, camera, _iso(when), _model_label(name, version), job_run,
-        verdict, n, pixels, round(peak, 4), _iso(inspected), error,
+        id_, image_id, key, set_id, position, lot, line, product, camera, iso_utc(when), _model_label(name, version), job_run,
+        verdict, n, pixels, round(peak, 4), iso_utc(inspected), error,
     ), strict=True))
 
 
@@ -388,7 +388,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
     record: dict[str, Any] = {
         "image_id": image.id, "image_key": image.key, "image_set_id": image_set.id, "image_set_uri": image_set.uri,
         "position": image.position, "height": image.height, "width": image.width, "lot": image_set.lot, "line": image_set.line,
-        "product": image_set.product, "camera": image_set.camera, "acquired_at": _iso(image.acquired_at),
+        "product": image_set.product, "camera": image_set.camera, "acquired_at": iso_utc(image.acquired_at),
         "inspections": [],
     }
     for inspection, model_row in found:
@@ -398,7 +398,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
         record["inspections"].append({
             "id": inspection.id, "model": _model_label(model_row.name, model_row.version), "job_run_id": inspection.job_run_id,
             "verdict": inspection.verdict, "n_defects": inspection.n_defects, "defect_pixels": inspection.defect_pixels,
-            "max_score": round(inspection.max_score, 4), "inspected_at": _iso(inspection.inspected_at), "error": inspection.error,
+            "max_score": round(inspection.max_score, 4), "inspected_at": iso_utc(inspection.inspected_at), "error": inspection.error,
             "mask_uri": inspection.mask_uri, "mask_array": inspection.mask_array,
             "defects": [
                 {"id": d.id, "class": d.class_name, "class_index": d.class_index, "area": d.area,
@@ -425,7 +425,7 @@ def _lot_row(row, hold_above: float) -> dict[str, Any]:
     rate = failed / images if images else 0.0
     record = dict(zip(LOT_COLUMNS, (
         lot, _model_label(name, version), images, int(failed or 0), int(errors or 0), int(defects or 0), round(rate, 4),
-        _iso(first), _iso(last), "hold" if rate > hold_above else "release",
+        iso_utc(first), iso_utc(last), "hold" if rate > hold_above else "release",
     ), strict=True))
     record["model_id"] = model_id
     return record
@@ -528,7 +528,7 @@ def list_job_runs(
     def row(found) -> dict[str, Any]:
         run, name, version = found
         return dict(zip(JOB_RUN_COLUMNS, (
-            run.id, run.job, _model_label(name, version) if name else None, run.status, _iso(run.started_at), _iso(run.finished_at),
+            run.id, run.job, _model_label(name, version) if name else None, run.status, iso_utc(run.started_at), iso_utc(run.finished_at),
             run.n_images, run.n_inspected, run.n_skipped, run.n_errors, run.n_defects,
             round(run.images_per_second, 2) if run.images_per_second is not None else None, run.error,
         ), strict=True))
