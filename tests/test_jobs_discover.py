@@ -1,0 +1,95 @@
+"""Discovery and selection of a job's image sets, and the lock's heartbeat thread (real Zarr stores and databases)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import pytest
+from sqlalchemy import select, update
+
+from defectscan.data import imageset as layout
+from defectscan.db.schema import ImageSet, JobLock
+from defectscan.db.session import make_engine, session_factory
+from defectscan.jobs.discover import discover, image_sets_with_work
+from defectscan.jobs.lock import Heartbeat, acquire
+from defectscan.jobs.spec import JobSpec
+
+from pipeline_helpers import add_model, save_threshold_model, square_images, write_stack
+
+
+@pytest.fixture
+def factory(migrated_url):
+    engine = make_engine(migrated_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _spec(**source) -> JobSpec:
+    return JobSpec.model_validate({"name": "line-a", "schedule": "* * * * *", "source": source, "model": "threshold:1"})
+
+
+def test_discovery_registers_new_stores_once_and_leaves_out_masks_and_unfinished_stores(factory, tmp_path):
+    incoming = tmp_path / "incoming"
+    write_stack(incoming / "L1.zarr", square_images(2), lot="L1")
+    write_stack(incoming / "L1.masks.zarr", square_images(2))
+    unfinished = write_stack(incoming / "L2.zarr", square_images(2), lot="L2")
+    import zarr
+
+    zarr.open_group(unfinished, mode="a").attrs[layout.META_ATTR] = {"complete": False}
+    (incoming / "notes.zarr").write_text("a file, not a store")
+    spec_file = tmp_path / "line-a.yaml"
+    spec = _spec(glob="incoming/*.zarr")
+
+    with factory() as session:
+        found = discover(session, spec, spec_file)
+    assert found.matched == [str(incoming / "L1.zarr"), str(incoming / "L2.zarr")]
+    assert (found.new, found.incomplete, found.problems) == ([str(incoming / "L1.zarr")], [str(incoming / "L2.zarr")], [])
+
+    # Finished later: the next discovery registers it; L1 is not registered twice.
+    zarr.open_group(unfinished, mode="a").attrs[layout.META_ATTR] = {"complete": True}
+    with factory() as session:
+        again = discover(session, spec, spec_file)
+        assert again.new == [str(incoming / "L2.zarr")]
+        assert sorted(session.scalars(select(ImageSet.lot))) == ["L1", "L2"]
+
+
+def test_image_sets_with_work_follow_the_model_and_the_filters(factory, tmp_path):
+    model = add_model(factory, save_threshold_model(tmp_path / "m.keras"))
+    old = write_stack(tmp_path / "old.zarr", square_images(2), lot="L1", acquired_at="2020-01-01T00:00:00Z")
+    new = write_stack(tmp_path / "new.zarr", square_images(2), lot="L2", acquired_at=dt.datetime.now(dt.timezone.utc).isoformat())
+    from pipeline_helpers import register
+
+    register(factory, old), register(factory, new)
+    with factory() as session:
+        by_lot = image_sets_with_work(session, _spec(lot="L1"), model, [])
+        recent = image_sets_with_work(session, _spec(since="7d"), model, [])
+        by_glob = image_sets_with_work(session, _spec(glob="*.zarr"), model, [str(tmp_path / "new.zarr")])
+        nothing_matched = image_sets_with_work(session, _spec(glob="*.zarr"), model, [])
+    assert [s.lot for s in by_lot] == ["L1"]
+    assert [s.lot for s in recent] == ["L2"]
+    assert [s.lot for s in by_glob] == ["L2"]
+    assert nothing_matched == []
+
+
+def test_heartbeat_keeps_the_lock_fresh_and_reports_a_takeover(migrated_url):
+    engine = make_engine(migrated_url)
+    handle = acquire(engine, "line-a", stale_after=60)
+    with engine.connect() as connection:
+        first = connection.execute(select(JobLock.heartbeat_at)).scalar_one()
+    lost = threading.Event()
+    with Heartbeat(handle, interval=0.05, on_lost=lost.set):
+        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=10)
+        while True:
+            with engine.connect() as connection:
+                beat = connection.execute(select(JobLock.heartbeat_at)).scalar_one()
+            if beat > first or dt.datetime.now(dt.timezone.utc) > deadline:
+                break
+            time.sleep(0.02)
+        assert beat > first
+        with engine.begin() as connection:
+            connection.execute(update(JobLock).values(owner="someone-else/1:1:1"))
+        assert lost.wait(10)
+    assert handle.lost
+    engine.dispose()
