@@ -41,7 +41,9 @@ def _server_url(url: str | None):
 
     url = url or os.environ.get("DEFECTSCAN_TEST_POSTGRES_URL")
     if not url:
-        sys.exit("give --url or set DEFECTSCAN_TEST_POSTGRES_URL to a PostgreSQL server")
+        # `make bench` runs every benchmark: without a server this one says so and steps aside.
+        print("bench_queries: skipped, no PostgreSQL (give --url or set DEFECTSCAN_TEST_POSTGRES_URL)")
+        sys.exit(0)
     return make_url(url).set(drivername="postgresql+psycopg")
 
 
@@ -285,7 +287,7 @@ def measure(engine, repeats: int, seed: int = 1) -> dict:
         times.sort()
         results[name] = {
             "p50_ms": round(statistics.median(times), 2),
-            "p95_ms": round(times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))], 2),
+            "p95_ms": round(times[min(len(times) - 1, round(0.95 * (len(times) - 1)))], 2),
             "max_ms": round(times[-1], 2),
             "statements": len(statements),
             "plans": plans,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from defectscan.db.queries import Filters, count_defects, get_defect, get_image, list_defects, list_lots, lot_summary, parse_when

@@ -248,14 +248,14 @@ def test_lots_list_counts_match_the_stored_rows(run, results_db):
     rows = _json(run("lots", "list", "--format", "json"))
     assert [list(r) for r in rows] == [list(LOT_COLUMNS)] * 2
     assert [r["lot"] for r in rows] == ["L043", "L042"]  # most recent first
-    stored = dict(
-        (lot, (n, failed, defects))
+    stored = {
+        lot: (n, failed, defects)
         for lot, n, failed, defects in query(
             results_db.url,
             "SELECT s.lot, count(*), sum(CASE WHEN n.verdict = 'fail' THEN 1 ELSE 0 END), sum(n.n_defects) "
             "FROM inspections n JOIN images i ON i.id = n.image_id JOIN image_sets s ON s.id = i.image_set_id GROUP BY s.lot",
         )
-    )
+    }
     for row in rows:
         assert (row["images"], row["failed"], row["defects"]) == stored[row["lot"]]
         assert row["defect_rate"] == round(row["failed"] / row["images"], 4)
