@@ -7,16 +7,14 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import select, update
-
 from defectscan.data import imageset as layout
 from defectscan.db.schema import ImageSet, JobLock
 from defectscan.db.session import make_engine, session_factory
 from defectscan.jobs.discover import discover, image_sets_with_work
 from defectscan.jobs.lock import Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec
-
 from pipeline_helpers import add_model, save_threshold_model, square_images, write_stack
+from sqlalchemy import select, update
 
 
 @pytest.fixture
@@ -58,7 +56,7 @@ def test_discovery_registers_new_stores_once_and_leaves_out_masks_and_unfinished
 def test_image_sets_with_work_follow_the_model_and_the_filters(factory, tmp_path):
     model = add_model(factory, save_threshold_model(tmp_path / "m.keras"))
     old = write_stack(tmp_path / "old.zarr", square_images(2), lot="L1", acquired_at="2020-01-01T00:00:00Z")
-    new = write_stack(tmp_path / "new.zarr", square_images(2), lot="L2", acquired_at=dt.datetime.now(dt.timezone.utc).isoformat())
+    new = write_stack(tmp_path / "new.zarr", square_images(2), lot="L2", acquired_at=dt.datetime.now(dt.UTC).isoformat())
     from pipeline_helpers import register
 
     register(factory, old), register(factory, new)
@@ -80,11 +78,11 @@ def test_heartbeat_keeps_the_lock_fresh_and_reports_a_takeover(migrated_url):
         first = connection.execute(select(JobLock.heartbeat_at)).scalar_one()
     lost = threading.Event()
     with Heartbeat(handle, interval=0.05, on_lost=lost.set):
-        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=10)
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=10)
         while True:
             with engine.connect() as connection:
                 beat = connection.execute(select(JobLock.heartbeat_at)).scalar_one()
-            if beat > first or dt.datetime.now(dt.timezone.utc) > deadline:
+            if beat > first or dt.datetime.now(dt.UTC) > deadline:
                 break
             time.sleep(0.02)
         assert beat > first

@@ -8,13 +8,17 @@ import signal
 import socket
 
 import pytest
-from sqlalchemy import insert, select
-
 from defectscan.db.schema import JobLock, JobRun, utcnow
 from defectscan.db.session import make_engine
-from defectscan.jobs.lock import AlreadyRunning, acquire, holder_is_dead, owner_id, read_lock
-
+from defectscan.jobs.lock import (
+    AlreadyRunning,
+    acquire,
+    holder_is_dead,
+    owner_id,
+    read_lock,
+)
 from jobs_helpers import defectscan, hold_lock_process, race, write_spec
+from sqlalchemy import insert, select
 
 
 @pytest.fixture
@@ -29,7 +33,7 @@ def test_a_second_trigger_exits_already_running_while_another_process_holds_the_
     holder = hold_lock_process(migrated_url, "line-a")
     try:
         second = defectscan(migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a")
-        out, err = second.communicate(timeout=60)
+        _, err = second.communicate(timeout=60)
         assert second.returncode == 75, err
         assert err.startswith(f"job 'line-a' is already running: held by {socket.gethostname()}/")
         assert "this trigger does nothing" in err

@@ -7,16 +7,14 @@ import signal
 import time
 
 import pytest
-from sqlalchemy import func, select
-
 from defectscan.config import load_settings
 from defectscan.db.schema import Image, ImageSet, Inspection, JobLock, JobRun
 from defectscan.db.session import make_engine, session_factory
 from defectscan.errors import DefectscanError
 from defectscan.pipeline.cluster import connect
-
 from jobs_helpers import defectscan, make_tls, tls_cluster, tls_environment, write_spec
 from pipeline_helpers import add_model, save_threshold_model, square_images, write_stack
+from sqlalchemy import func, select
 
 DEFECTS = {1: (10, 10, 6), 3: (30, 40, 8)}
 
@@ -102,7 +100,7 @@ def test_run_discovers_inspects_records_and_a_second_run_does_nothing(cli, migra
     assert "0 new stores, 0 image sets with work, 0 images inspected" in result.output
     assert "nothing new to inspect" in result.output
     assert _count(factory) == 11
-    first, second = _runs(factory, "line-a")
+    _, second = _runs(factory, "line-a")
     assert (second.status, second.n_images, second.model_id) == ("succeeded", 0, None)
     assert second.spec["discovery"] == {"matched": 2, "new": [], "incomplete": [], "problems": []}
 

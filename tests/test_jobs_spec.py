@@ -7,14 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
-
 from defectscan.db.schema import JobRun, utcnow
 from defectscan.db.session import make_engine
-from defectscan.jobs.spec import JobSpec, SpecError, load_spec, next_run, resolve_glob, since_time
+from defectscan.jobs.spec import (
+    JobSpec,
+    SpecError,
+    load_spec,
+    next_run,
+    resolve_glob,
+    since_time,
+)
 from defectscan.paths import CONFIGS_DIR
-
 from jobs_helpers import write_spec
+from sqlalchemy import insert
 
 GOOD = """\
 name: line-a
@@ -61,7 +66,7 @@ def test_a_full_spec_validates_and_layers_over_the_settings(tmp_path):
     assert overrides["cluster__scheduler"] == ("tls://dask:8786", f"{path}: cluster.scheduler")
     assert overrides["cluster__tls__key_file"][0] == "/etc/defectscan/tls/tls.key"
     # 02:00 in Berlin in winter is 01:00 UTC; Saturday 2026-01-03 -> Monday 2026-01-05.
-    assert next_run(spec, dt.datetime(2026, 1, 3, 12, tzinfo=dt.timezone.utc)) == dt.datetime(2026, 1, 5, 1, tzinfo=dt.timezone.utc)
+    assert next_run(spec, dt.datetime(2026, 1, 3, 12, tzinfo=dt.UTC)) == dt.datetime(2026, 1, 5, 1, tzinfo=dt.UTC)
 
 
 def test_the_shipped_demo_job_validates():
@@ -132,10 +137,10 @@ def test_source_glob_expands_variables_relative_to_the_spec(tmp_path, monkeypatc
 
 
 def test_since_windows():
-    now = dt.datetime(2026, 3, 10, 12, tzinfo=dt.timezone.utc)
-    assert since_time("12h", now) == dt.datetime(2026, 3, 10, 0, tzinfo=dt.timezone.utc)
-    assert since_time("2w", now) == dt.datetime(2026, 2, 24, 12, tzinfo=dt.timezone.utc)
-    assert since_time("2026-03-01T06:00", now) == dt.datetime(2026, 3, 1, 6, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 3, 10, 12, tzinfo=dt.UTC)
+    assert since_time("12h", now) == dt.datetime(2026, 3, 10, 0, tzinfo=dt.UTC)
+    assert since_time("2w", now) == dt.datetime(2026, 2, 24, 12, tzinfo=dt.UTC)
+    assert since_time("2026-03-01T06:00", now) == dt.datetime(2026, 3, 1, 6, tzinfo=dt.UTC)
     with pytest.raises(ValueError, match="expected a window such as 30m"):
         since_time("yesterday", now)
 

@@ -13,14 +13,18 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 from croniter import croniter
-
-from defectscan.jobs.render import RenderOptions, cron_to_oncalendar, render_crontab, render_kubernetes, render_systemd
+from defectscan.jobs.render import (
+    RenderOptions,
+    cron_to_oncalendar,
+    render_crontab,
+    render_kubernetes,
+    render_systemd,
+)
 from defectscan.jobs.spec import load_spec
-
 from jobs_helpers import write_spec
 
 SCHEDULES = ["*/15 * * * *", "0 2 * * 1-5", "30 6 1,15 * *", "0 0 1 * 0", "5-30/5 22-23 * jan-mar sun", "0 */6 * * 7", "45 23 31 12 *"]
-BASE = dt.datetime(2026, 3, 27, 21, 7, tzinfo=dt.timezone.utc)  # the Friday before Europe's DST change
+BASE = dt.datetime(2026, 3, 27, 21, 7, tzinfo=dt.UTC)  # the Friday before Europe's DST change
 
 
 @pytest.fixture
@@ -68,7 +72,7 @@ def _systemd_times(calendars: list[str], n: int) -> list[dt.datetime]:
         out = subprocess.run(["systemd-analyze", "calendar", f"--iterations={n}", f"--base-time={BASE:%Y-%m-%d %H:%M:%S} UTC", calendar],
                              capture_output=True, text=True, check=True, env={"TZ": "UTC", "PATH": "/usr/bin:/bin"}).stdout
         for stamp in re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", out):
-            times.add(dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.timezone.utc))
+            times.add(dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.UTC))
     return sorted(times)[:n]
 
 
@@ -78,7 +82,7 @@ def test_systemd_calendars_fire_exactly_when_cron_does(timezone):
     for schedule in SCHEDULES:
         calendars = cron_to_oncalendar(schedule, timezone)
         cron = croniter(schedule, BASE.astimezone(ZoneInfo(timezone)))
-        expected = [cron.get_next(dt.datetime).astimezone(dt.timezone.utc) for _ in range(8)]
+        expected = [cron.get_next(dt.datetime).astimezone(dt.UTC) for _ in range(8)]
         assert _systemd_times(calendars, 8) == expected, (schedule, calendars)
 
 

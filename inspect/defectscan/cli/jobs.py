@@ -194,7 +194,13 @@ def render_command(target: str, output_dir: Path | None, executable: str, deploy
         defectscan jobs render kubernetes > cronjobs.yaml
     """
     from defectscan.errors import ConfigError
-    from defectscan.jobs.render import RenderOptions, render_crontab, render_kubernetes, render_systemd, write_files
+    from defectscan.jobs.render import (
+        RenderOptions,
+        render_crontab,
+        render_kubernetes,
+        render_systemd,
+        write_files,
+    )
     from defectscan.jobs.spec import load_all
 
     found = load_all(_jobs_dir())

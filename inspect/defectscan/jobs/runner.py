@@ -263,4 +263,4 @@ def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path
         log.error("job '%s': could not record the run: %s", spec.name, mask_secrets(str(exc)))
 
 
-__all__ = ["AlreadyRunning", "EXIT_ALREADY_RUNNING", "EXIT_CODES", "Interrupted", "JobOutcome", "run_job"]
+__all__ = ["EXIT_ALREADY_RUNNING", "EXIT_CODES", "AlreadyRunning", "Interrupted", "JobOutcome", "run_job"]

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from defectscan.config import InspectionSettings, Settings, load_settings
 from defectscan.errors import ConfigError
@@ -235,20 +242,20 @@ def next_run(spec: JobSpec, after: dt.datetime) -> dt.datetime:
     from croniter import croniter
 
     local = after.astimezone(ZoneInfo(spec.timezone))
-    return croniter(spec.schedule, local).get_next(dt.datetime).astimezone(dt.timezone.utc)
+    return croniter(spec.schedule, local).get_next(dt.datetime).astimezone(dt.UTC)
 
 
 def since_time(value: str, now: dt.datetime | None = None) -> dt.datetime:
     """`7d` -> seven days before now; an ISO 8601 time as given (UTC when it has no offset)."""
     match = _SINCE.match(value.strip())
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if match:
         return now - dt.timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
         raise ValueError("expected a window such as 30m, 12h, 7d, 2w, or an ISO 8601 time such as 2026-01-31T06:00Z") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 # ---- reading specs ----------------------------------------------------------------------------------
