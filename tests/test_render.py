@@ -117,7 +117,8 @@ def test_kubernetes_cronjobs_are_valid_and_keep_secrets_in_secrets(specs, tmp_pa
         assert pod["restartPolicy"] == "Never"
         [container] = pod["containers"]
         assert container["image"] == "registry.example/defectscan:1.2.3"
-        assert container["command"] == ["defectscan", "jobs", "--jobs-dir", "/etc/defectscan/jobs", "run", spec.name]
+        assert "command" not in container  # the image's tini entrypoint stays PID 1
+        assert container["args"] == ["defectscan", "jobs", "--jobs-dir", "/etc/defectscan/jobs", "run", spec.name]
         env = {e["name"]: e for e in container["env"]}
         assert env["DEFECTSCAN_DATABASE_URL"]["valueFrom"] == {"secretKeyRef": {"name": "defectscan-database", "key": "url"}}
         assert env["DEFECTSCAN_CLUSTER__SCHEDULER"]["value"].startswith("tls://")

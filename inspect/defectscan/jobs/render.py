@@ -196,7 +196,8 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
     container = {
         "name": "job",
         "image": options.image,
-        "command": run_command(spec, RenderOptions(defectscan="defectscan", jobs_dir="/etc/defectscan/jobs")),
+        # args, not command: the image's entrypoint (tini) stays PID 1 and forwards SIGTERM.
+        "args": run_command(spec, RenderOptions(defectscan="defectscan", jobs_dir="/etc/defectscan/jobs")),
         "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
         "securityContext": {
