@@ -91,3 +91,34 @@ def test_heartbeat_keeps_the_lock_fresh_and_reports_a_takeover(migrated_url):
         assert lost.wait(10)
     assert handle.lost
     engine.dispose()
+
+
+def test_a_store_changed_since_registration_is_reported_and_the_run_is_partial(cli, migrated_url, factory, tmp_path):
+    from jobs_helpers import write_spec
+    from pipeline_helpers import register
+
+    add_model(factory, save_threshold_model(tmp_path / "m.keras"))
+    store = write_stack(tmp_path / "incoming" / "L1.zarr", square_images(2), lot="L1")
+    register(factory, store)
+    import zarr
+
+    zarr.open_group(store, mode="a").attrs["lot"] = "L1-relabelled"
+    write_spec(tmp_path, "line-a", source={"glob": "incoming/*.zarr"}, model="threshold:1")
+    # Nothing is left to inspect once the changed store is set aside: no cluster is contacted.
+    result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a")
+    assert result.exit_code == 3, result.output
+    assert f"{store}: the store changed since it was registered" in result.output
+    assert "nothing new to inspect" in result.output
+
+
+def test_the_spec_layers_over_the_environment_and_flags_over_the_spec(tmp_path):
+    from defectscan.config import load_settings
+
+    spec = JobSpec.model_validate({"name": "line-a", "schedule": "* * * * *", "source": {"lot": "L1"}, "model": "m",
+                                   "inspection": {"batch_size": 2, "images_per_shard": 8}, "cluster": {"scheduler": "local"}})
+    environ = {"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_CLUSTER__SCHEDULER": "tls://dask:8786"}
+    overrides = {k.replace("__", "."): v for k, v in spec.setting_overrides("line-a.yaml").items()}
+    settings = spec.apply_to(load_settings(environ=environ, overrides=overrides))
+    assert (settings.inspection.batch_size, settings.inspection.images_per_shard, settings.cluster.scheduler) == (2, 8, None)
+    flagged = load_settings(environ=environ, overrides={**overrides, "inspection.batch_size": (8, "--batch-size")})
+    assert flagged.inspection.batch_size == 8 and flagged.cluster.scheduler == "tls://dask:8786"
