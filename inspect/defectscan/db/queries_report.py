@@ -34,14 +34,15 @@ def _inspections() -> Select:
     )
 
 
-def _defects() -> Select:
-    return (
-        select()
-        .select_from(Defect)
-        .join(Inspection, Defect.inspection_id == Inspection.id)
-        .join(Image, Inspection.image_id == Image.id)
-        .join(ImageSet, Image.image_set_id == ImageSet.id)
-    )
+def _scope_defects(session: Session, filters: Filters, *columns) -> Select:
+    """Defects of the inspections in scope, as `inspection_id IN (scope)`.
+
+    Planners drive this from the scope's (indexed) inspections; the equivalent four-table join
+    let SQLite walk the whole defects table in class-index order (7 s instead of 1 s at 1M rows).
+    Only inspection-level filters apply: a report's scope has no defect-level ones.
+    """
+    scope = _where(session, _inspections().add_columns(Inspection.id), filters, defects=False)
+    return select(*columns).select_from(Defect).where(Defect.inspection_id.in_(scope))
 
 
 def _failed():
@@ -173,13 +174,8 @@ def hour_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list
 def class_counts(session: Session, filters: Filters) -> list[dict[str, Any]]:
     """Per defect class: defects, images having one, total area; most defects first."""
     n = func.count(Defect.id)
-    query = _where(
-        session,
-        _defects().add_columns(Defect.class_name, func.min(Defect.class_index), n, func.count(distinct(Inspection.id)), func.sum(Defect.area))
-        .group_by(Defect.class_name).order_by(n.desc(), Defect.class_name),
-        filters,
-        defects=True,
-    )
+    query = _scope_defects(session, filters, Defect.class_name, func.min(Defect.class_index), n, func.count(distinct(Defect.inspection_id)),
+                           func.sum(Defect.area)).group_by(Defect.class_name).order_by(n.desc(), Defect.class_name)
     return [{"class": c, "class_index": _int(i), "defects": _int(d), "images": _int(im), "area": _int(a)}
             for c, i, d, im, a in session.execute(query)]
 
@@ -189,8 +185,7 @@ def area_counts(session: Session, filters: Filters, edges: tuple[int, ...]) -> l
     if list(edges) != sorted(set(edges)) or not edges:
         raise DataError(f"area bin edges {edges}: expected increasing numbers")
     index = case(*((Defect.area < edge, i) for i, edge in enumerate(edges[1:])), else_=len(edges) - 1).label("bin")
-    query = _where(session, _defects().add_columns(index, func.count(Defect.id)).where(Defect.area >= edges[0]).group_by(index),
-                   filters, defects=True)
+    query = _scope_defects(session, filters, index, func.count(Defect.id)).where(Defect.area >= edges[0]).group_by(index)
     counts = [0] * len(edges)
     for i, n in session.execute(query):
         counts[int(i)] += _int(n)
@@ -201,7 +196,11 @@ def position_grid(session: Session, filters: Filters, size: int) -> list[list[in
     """Defect centroids counted on a size x size grid over the image, in each image's own relative coordinates."""
     row = _bin(session, Defect.centroid_y * size / Image.height).label("row")
     col = _bin(session, Defect.centroid_x * size / Image.width).label("col")
-    query = _where(session, _defects().add_columns(row, col, func.count(Defect.id)).group_by(row, col), filters, defects=True)
+    query = (
+        _scope_defects(session, filters, row, col, func.count(Defect.id))
+        .join(Inspection, Defect.inspection_id == Inspection.id).join(Image, Inspection.image_id == Image.id)
+        .group_by(row, col)
+    )
     grid = [[0] * size for _ in range(size)]
     for r, c, n in session.execute(query):
         grid[min(size - 1, max(0, int(r)))][min(size - 1, max(0, int(c)))] += _int(n)
