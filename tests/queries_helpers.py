@@ -1,7 +1,8 @@
 """A results database written by the real pipeline, shared by the query, CLI and overlay tests.
 
 Three image sets in two lots and three lines, inspected by a two-class model whose output is
-known (bright squares are class "bright", dark squares class "dark"), on a real LocalCluster.
+known (bright squares are class "bright", dark squares class "dark"), on a real LocalCluster;
+and lot L044, registered but not inspected.
 Built once per backend for the whole session; tests only read it.
 """
 
@@ -99,6 +100,10 @@ def populate(url: str, root: Path) -> ResultsDB:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
         summary = inspect_image_sets(factory, client, model, image_sets, settings, max_in_flight=2, job="qa-test")
     assert summary.status == "succeeded", summary
+    # registered after the run: a lot whose images nobody has inspected yet
+    stores["L044"] = write_stack(root / "L044.zarr", _images(2, (64, 64), {}, 4), lot="L044", line="A", product="P1", camera="C1",
+                                 acquired_at="2026-03-07T08:00:00Z")
+    register(factory, stores["L044"])
     engine.dispose()
     return ResultsDB(url, stores, expected={"L042": L042_DEFECTS, "L043": L043_DEFECTS})
 

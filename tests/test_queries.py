@@ -114,3 +114,11 @@ def test_job_runs_history(session, results_db):
     assert row["started_at"].endswith("Z") and not page.more
     assert list_job_runs(session, status="failed").rows == []
     assert list_job_runs(session, since=dt.datetime(2100, 1, 1, tzinfo=UTC)).rows == []
+
+
+def test_latest_lot_needs_an_inspected_lot(migrated_url, cli):
+    result = cli("--database-url", migrated_url, "lots", "show", "--latest")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: no inspected lots yet: run `defectscan inspect` on a registered image set that has a lot"
+    empty = cli("--database-url", migrated_url, "lots", "list", "--format", "table")
+    assert empty.exit_code == 0 and empty.output.strip() == "no lots match"

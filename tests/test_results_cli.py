@@ -283,3 +283,27 @@ def test_lots_show_top_classes_and_latest(run):
     assert "did you mean L042" in _error_line(run("lots", "show", "L420"))
     assert "give a LOT or --latest" in _error_line(run("lots", "show", "L042", "--latest"))
     assert "give a LOT or --latest" in _error_line(run("lots", "show"))
+
+
+def test_a_lot_and_an_image_not_inspected_yet(run, results_db, tmp_path):
+    assert "L044" not in [r["lot"] for r in _json(run("lots", "list", "--format", "json"))]
+    summary = _json(run("lots", "show", "L044", "--format", "json"))
+    assert (summary["image_sets"], summary["registered_images"], summary["models"]) == (1, 2, [])
+    assert "no inspections of lot 'L044' yet" in run("lots", "show", "L044", "--format", "table").stdout
+    assert run("defects", "list", "--lot", "L044", "--format", "table").output.strip() == "no defects match (lot='L044')"
+    (image_id,), = query(results_db.url, "SELECT i.id FROM images i JOIN image_sets s ON s.id = i.image_set_id WHERE s.lot = 'L044' AND i.position = 0")
+    shown = run("images", "show", str(image_id), "--format", "table")
+    assert shown.exit_code == 0 and "not inspected yet" in shown.stdout
+    assert f"image {image_id} has no inspection: nothing to draw" in _error_line(run("images", "show", str(image_id), "--overlay", str(tmp_path / "x.png")))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_crop_of_a_strip_defect(run, results_db, tmp_path):
+    (defect_id,), = query(results_db.url, "SELECT d.id FROM defects d WHERE d.area = 900")
+    record = _json(run("defects", "show", str(defect_id), "--crop", str(tmp_path / "strip-crop.png"), "--format", "json"))
+    crop = np.asarray(PILImage.open(record["crop"]).convert("RGB"))
+    _, y, x, h, w = STRIP_DEFECT
+    assert crop.shape == (h + 2 * CROP_MARGIN, w + 2 * CROP_MARGIN, 3)
+    ys, xs = np.nonzero(outline(np.ones((h, w), bool)))
+    assert (crop[ys + CROP_MARGIN, xs + CROP_MARGIN] == class_color(0)).all()
+    assert "rle" not in record and record["line"] == "C"

@@ -298,7 +298,7 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
 
 @lots.command("show")
 @click.argument("lot", required=False)
-@click.option("--latest", is_flag=True, help="The lot of the most recently captured image set.")
+@click.option("--latest", is_flag=True, help="The lot of the most recently captured image set that has been inspected.")
 @click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only this model's results.")
 @click.option("--hold-above", type=click.FloatRange(0, 1), default=0.05, show_default=True, help=_HOLD_HELP)
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many defect classes to list.")

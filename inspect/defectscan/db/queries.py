@@ -457,15 +457,19 @@ def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: flo
 
 
 def latest_lot(session: Session) -> str:
-    """The lot of the most recently acquired image set."""
+    """The lot of the most recently acquired image set that has inspection results."""
+    inspected = (
+        select(literal(1)).select_from(Image).join(Inspection, Inspection.image_id == Image.id)
+        .where(Image.image_set_id == ImageSet.id).exists()
+    )
     # Two plain orders rather than one NULLS LAST order: each reads ix_image_sets_acquired_at
-    # (or the primary key) backwards and stops at the first row.
+    # (or the primary key) backwards and stops at the first inspected set.
     lot = session.scalar(
-        select(ImageSet.lot).where(ImageSet.lot.is_not(None), ImageSet.acquired_at.is_not(None))
+        select(ImageSet.lot).where(ImageSet.lot.is_not(None), ImageSet.acquired_at.is_not(None), inspected)
         .order_by(ImageSet.acquired_at.desc(), ImageSet.id.desc()).limit(1)
-    ) or session.scalar(select(ImageSet.lot).where(ImageSet.lot.is_not(None)).order_by(ImageSet.id.desc()).limit(1))
+    ) or session.scalar(select(ImageSet.lot).where(ImageSet.lot.is_not(None), inspected).order_by(ImageSet.id.desc()).limit(1))
     if lot is None:
-        raise DataError("no lots yet: no registered image set has a lot")
+        raise DataError("no inspected lots yet: run `defectscan inspect` on a registered image set that has a lot")
     return lot
 
 
