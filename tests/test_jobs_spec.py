@@ -60,8 +60,9 @@ def _error(tmp_path: Path, text: str, name: str = "line-a") -> str:
 def test_a_full_spec_validates_and_layers_over_the_settings(tmp_path):
     path = _file(tmp_path, GOOD)
     spec = load_spec(path)
-    assert (spec.model.reference, spec.model_threshold, spec.max_in_flight) == ("tinyunet-dagm:3", 0.4, 4)
+    assert (spec.model.reference, spec.max_in_flight) == ("tinyunet-dagm:3", 4)
     overrides = spec.setting_overrides(str(path))
+    assert overrides["inspection__threshold"] == (0.4, f"{path}: inspection.threshold")  # wins over the model's registered one
     assert overrides["inspection__batch_size"] == (4, f"{path}: inspection.batch_size")
     assert overrides["cluster__scheduler"] == ("tls://dask:8786", f"{path}: cluster.scheduler")
     assert overrides["cluster__tls__key_file"][0] == "/etc/defectscan/tls/tls.key"

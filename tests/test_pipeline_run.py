@@ -155,3 +155,16 @@ def test_changed_store_is_refused(factory, cluster, settings, model_path, tmp_pa
     zarr.open_group(path, mode="a").attrs["lot"] = "L4-renamed"
     with pytest.raises(DataError, match="changed since it was registered"):
         _run(factory, cluster, model, [image_set], settings)
+
+
+def test_a_threshold_setting_overrides_the_registered_one(factory, cluster, settings, model_path, tmp_path):
+    # pixels of 236 score about 0.89 with the threshold model: a defect at threshold 0.5, none at 0.95
+    images = square_images(4, defects={1: (10, 10, 6)})
+    images[1, 10:16, 10:16] = 236
+    image_set = register(factory, write_stack(tmp_path / "L5.zarr", images))
+    model = add_model(factory, model_path, threshold=0.5)
+    strict = settings.model_copy(update={"threshold": 0.95})
+    summary = _run(factory, cluster, model, [image_set], strict)
+    assert (summary.status, summary.counts.defects) == ("succeeded", 0)
+    forced = _run(factory, cluster, model, [image_set], settings, force=True)
+    assert forced.counts.defects == 1

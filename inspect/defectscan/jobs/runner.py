@@ -158,9 +158,6 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
             return
         model = resolve_model(session, spec)
         candidates = image_sets_with_work(session, spec, model, found.matched)
-    if spec.model_threshold is not None:
-        # The spec's threshold wins over the registered one; the row is detached, nothing is written back.
-        model.threshold = spec.model_threshold
 
     image_sets = []
     for image_set in candidates:
@@ -181,31 +178,19 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     from defectscan.pipeline.record import Retry
 
     record = _spec_record(spec, spec_file, found)
-    require_tls_settings(settings)
     with connect(settings.cluster) as (client, info):
         echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
         in_flight = spec.max_in_flight or info.n_workers * settings.cluster.shards_in_flight_per_worker
-        announced = False
 
-        def progress(done: int, total: int) -> None:
-            nonlocal announced
-            if not announced:
-                announced = True
-                run_id = _own_run(factory, spec.name, started_at)
-                if run_id is not None:
-                    outcome.job_run_id = run_id
-                    heartbeat.job_run_id = run_id
-                    if on_started:
-                        on_started(run_id)
+        def started(run_id: int) -> None:
+            outcome.job_run_id = heartbeat.job_run_id = run_id
+            if on_started:
+                on_started(run_id)
 
-        try:
-            summary = inspect_image_sets(
-                factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight, gpu=info.gpu,
-                job=spec.name, spec=record, retry=Retry(spec.retries.attempts, spec.retries.backoff_s), on_progress=progress,
-            )
-        finally:
-            if outcome.job_run_id is None:
-                outcome.job_run_id = _own_run(factory, spec.name, started_at)
+        summary = inspect_image_sets(
+            factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight, gpu=info.gpu,
+            job=spec.name, spec=record, retry=Retry(spec.retries.attempts, spec.retries.backoff_s), on_started=started,
+        )
     outcome.job_run_id = summary.job_run_id
     outcome.status = "partial" if summary.status == "succeeded" and found.problems else summary.status
     outcome.n_images = summary.n_images
@@ -214,26 +199,6 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     outcome.n_errors = summary.counts.errors
     outcome.n_defects = summary.counts.defects
     outcome.errors.extend(summary.errors)
-
-
-def require_tls_settings(settings: Settings) -> None:
-    """A tls:// scheduler with no certificates configured: say so, instead of distributed's TypeError."""
-    scheduler = settings.cluster.scheduler or ""
-    if scheduler.startswith("tls://") and not settings.cluster.tls.enabled:
-        raise DefectscanError(
-            f"cluster.scheduler {scheduler} uses TLS but cluster.tls is not set: give ca_file, cert_file and key_file "
-            "(DEFECTSCAN_CLUSTER__TLS__CA_FILE, ..._CERT_FILE, ..._KEY_FILE or the job's cluster.tls)"
-        )
-
-
-def _own_run(factory: sessionmaker[Session], job: str, since) -> int | None:
-    """The run row the pipeline created for this trigger, if it got that far."""
-    with factory() as session:
-        return session.scalar(
-            select(JobRun.id)
-            .where(JobRun.job == job, JobRun.pid == os.getpid(), JobRun.host == socket.gethostname(), JobRun.started_at >= since)
-            .order_by(JobRun.id.desc()).limit(1)
-        )
 
 
 def _spec_record(spec: JobSpec, spec_file: Path, found: Discovery) -> dict[str, Any]:

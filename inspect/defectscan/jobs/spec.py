@@ -196,11 +196,6 @@ class JobSpec(_Part):
             raise ValueError(f"unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(InspectionSettings.model_fields))}")
         return value
 
-    @property
-    def model_threshold(self) -> float | None:
-        """A threshold the spec sets overrides the model's registered one."""
-        return self.inspection.get("threshold")
-
     def setting_overrides(self, source: str) -> dict[str, tuple[Any, str]]:
         """The spec's settings as the top layer of load_settings / AppContext.settings_with: key -> (value, source)."""
         overrides: dict[str, tuple[Any, str]] = {}

@@ -101,6 +101,11 @@ def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout:
     cluster = None
     try:
         if settings.scheduler:
+            if settings.scheduler.startswith("tls://") and not settings.tls.enabled:
+                raise DefectscanError(
+                    f"cluster.scheduler {settings.scheduler} uses TLS but cluster.tls is not set: give ca_file, cert_file and key_file "
+                    "(DEFECTSCAN_CLUSTER__TLS__CA_FILE, ..._CERT_FILE, ..._KEY_FILE, or the job's cluster.tls)"
+                )
             try:
                 client = Client(settings.scheduler, security=security(settings.tls), timeout=timeout)
             except (OSError, TimeoutError) as exc:

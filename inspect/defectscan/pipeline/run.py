@@ -65,7 +65,7 @@ def model_ref(model: Model, batch_size: int) -> ModelRef:
 
 def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
     return VerdictRules(
-        threshold=model.threshold if model.threshold is not None else settings.threshold,
+        threshold=settings.threshold if settings.threshold is not None else model.threshold,
         min_defect_area=settings.min_defect_area,
         fail_score=settings.fail_score,
     )
@@ -106,11 +106,13 @@ def inspect_image_sets(
     spec: dict[str, Any] | None = None,
     retry: Retry = Retry(),
     on_progress: Callable[[int, int], None] | None = None,
+    on_started: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """Inspect every pending image of `image_sets` with `model` on the Dask `client`; returns the run's summary.
 
     Refuses before any work when the model file does not match its recorded sha256 or a store
-    changed since registration. `on_progress(done, total)` is called as shards finish.
+    changed since registration. `on_started(job_run_id)` is called once the run's row exists,
+    `on_progress(done, total)` as shards finish.
     """
     ref = model_ref(model, settings.batch_size)
     verify_model_file(ref)
@@ -127,6 +129,8 @@ def inspect_image_sets(
 
     run = with_retries(start_run, retry, "starting the job run")
     summary = RunSummary(job_run_id=run.id, status="running")
+    if on_started:
+        on_started(run.id)
     began = time.perf_counter()
     try:
         plans = []
