@@ -8,7 +8,8 @@ one line "A", lots of 10 image sets x 100 images of 512x512, 30 % of images fail
 the defects (5 classes, log-normal areas), 0.1 % errors, one job run per lot. The image set that
 holds the worst images is a real Zarr store with a real score map, so the overlays read real
 pixels. Then a fresh process builds the report for the whole line (every defect in scope)
-through report/build.py, and prints the build time and that process's peak RSS: the same peak
+through report/build.py, and prints the build time (and its SQL share) and that process's peak RSS
+before the PDF step (VmHWM): the same peak
 at 100k and 1M defects shows no row-proportional memory. Writes benchmarks/results/bench_report.json.
 """
 
@@ -212,22 +213,43 @@ def child(url: str, out: Path, pdf: bool) -> None:
     from defectscan.db.session import make_engine, session_factory
     from defectscan.report.build import Scope, build_report
 
+    from sqlalchemy import event
+
     engine = make_engine(url)
+    sql: list[tuple[float, str]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _start(conn, cursor, statement, parameters, context, executemany):
+        conn.info["t"] = time.perf_counter()
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _stop(conn, cursor, statement, parameters, context, executemany):
+        sql.append((time.perf_counter() - conn.info["t"], " ".join(statement.split())[:90]))
+
     t = time.perf_counter()
     with session_factory(engine)() as session:
         report = build_report(session, Scope(line="A"))
     out.write_text(report.html, encoding="utf-8")
     build_s = time.perf_counter() - t
-    result = {"build_s": round(build_s, 2), "html_bytes": len(report.html.encode()), "summary": report.summary,
-              "overlays": report.html.count('src="data:image/png')}
+    result = {"build_s": round(build_s, 2), "sql_s": round(sum(s for s, _ in sql), 2), "statements": len(sql),
+              "slowest_sql": [[round(s, 2), text] for s, text in sorted(sql, reverse=True)[:4]],
+              "html_bytes": len(report.html.encode()), "summary": report.summary, "overlays": report.html.count('src="data:image/png'),
+              # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (loader) parent across exec
+              "peak_rss_mib": _vm_hwm_mib()}
     if pdf:
         from defectscan.report.pdf import print_pdf
 
         t = time.perf_counter()
         print_pdf(out, out.with_suffix(".pdf"))
         result["pdf_s"] = round(time.perf_counter() - t, 2)
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
+
+
+def _vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def measure(url: str, out: Path, pdf: bool) -> dict:
@@ -302,7 +324,7 @@ def main() -> None:
                 r = run_size(backend.strip(), n, int(n * args.images_per_defect), args.pdf, Path(work))
                 results.append(r)
                 print(f"{r['backend']:>8} {r['defects']:>9,} defects {r['images']:>8,} images {r['lots']:>4} lots: load {r['load_s']:6.1f} s, "
-                      f"report build {r['build_s']:5.2f} s" + (f", pdf {r['pdf_s']:.2f} s" if "pdf_s" in r else "")
+                      f"report build {r['build_s']:5.2f} s (SQL {r['sql_s']:.2f} s)" + (f", pdf {r['pdf_s']:.2f} s" if "pdf_s" in r else "")
                       + f", peak RSS {r['peak_rss_mib']:.0f} MiB, {r['html_bytes'] / 1e6:.2f} MB HTML, {r['overlays']} overlays", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_report.json").write_text(json.dumps({"measured_at": dt.datetime.now(dt.timezone.utc).isoformat(),
