@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_queries import _copy, _drop_constraints_raw, _lines, _strs, finish  # noqa: E402 (PostgreSQL COPY helpers)
+from bench_queries import _copy, _drop_constraints_raw, _lines, _strs, finish
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = ("scratch", "stain", "crack", "dent", "pit")
@@ -212,7 +212,6 @@ def load_postgres(engine, p: dict, root: Path) -> None:
 def child(url: str, out: Path, pdf: bool) -> None:
     from defectscan.db.session import make_engine, session_factory
     from defectscan.report.build import Scope, build_report
-
     from sqlalchemy import event
 
     engine = make_engine(url)
@@ -261,11 +260,10 @@ def measure(url: str, out: Path, pdf: bool) -> dict:
 
 
 def run_size(backend: str, n_defects: int, n_images: int, pdf: bool, work: Path) -> dict:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
     from defectscan.db.migrate import upgrade
     from defectscan.db.session import make_engine
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
     root = work / f"{backend}-{n_defects}"
     root.mkdir()
@@ -327,7 +325,7 @@ def main() -> None:
                       f"report build {r['build_s']:5.2f} s (SQL {r['sql_s']:.2f} s)" + (f", pdf {r['pdf_s']:.2f} s" if "pdf_s" in r else "")
                       + f", peak RSS {r['peak_rss_mib']:.0f} MiB, {r['html_bytes'] / 1e6:.2f} MB HTML, {r['overlays']} overlays", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_report.json").write_text(json.dumps({"measured_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    (RESULTS / "bench_report.json").write_text(json.dumps({"measured_at": dt.datetime.now(dt.UTC).isoformat(),
                                                            "results": results}, indent=2) + "\n")
 
 

@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import (
+    add_model,
+    register,
+    save_threshold_model,
+    square_images,
+    write_stack,
+)
+from queries_helpers import _add_keys_and_times
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
-from queries_helpers import _add_keys_and_times
-
-UTC = dt.timezone.utc
+UTC = dt.UTC
 SCRIPT_LOT = "L5<script>alert(1)</script>"
 N_IMAGES = 12
 SIZE = 32

@@ -13,11 +13,9 @@ import unicodedata
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-
 from defectscan.errors import ConfigError, DataError
 from defectscan.report import pdf
-
+from PIL import Image as PILImage
 from report_helpers import report_cluster, sqlite_report_db  # noqa: F401 (fixtures)
 
 HEADINGS = ("QA report: Line A", "Key figures", "Model evaluation", "Failed images per lot: p-chart", "Defects", "Worst images",
@@ -42,7 +40,6 @@ def console_messages(log: str) -> list[str]:
 @pytest.fixture(scope="module")
 def report_files(chromium, sqlite_report_db, tmp_path_factory):
     from click.testing import CliRunner
-
     from defectscan.cli import main
 
     out = tmp_path_factory.mktemp("browser")

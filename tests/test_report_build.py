@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import re
 import shutil
@@ -10,22 +11,28 @@ import sqlite3
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-
 from defectscan.errors import DataError
 from defectscan.report.build import HoldRules, ReportOptions, Scope, build_report
 from defectscan.report.overlay import class_color
-
-from report_helpers import ERROR_LOT, LOTS, NOT_INSPECTED_LOT, SCRIPT_LOT, report_cluster, session_for, sqlite_report_db  # noqa: F401
+from PIL import Image as PILImage
+from report_helpers import (  # noqa: F401
+    ERROR_LOT,
+    LOTS,
+    NOT_INSPECTED_LOT,
+    SCRIPT_LOT,
+    report_cluster,
+    session_for,
+    sqlite_report_db,
+)
 
 SECTIONS = ("kpis", "model", "p-chart", "defects", "worst", "disposition", "errors")
 
 
-def _build(url: str, scope: Scope, options: ReportOptions = ReportOptions()):
+def _build(url: str, scope: Scope, options: ReportOptions | None = None):
     factory, close = session_for(url)
     try:
         with factory() as session:
-            return build_report(session, scope, options)
+            return build_report(session, scope, options or ReportOptions())
     finally:
         close()
 
@@ -37,7 +44,7 @@ def line_report(sqlite_report_db):
 
 def _dispositions(html: str) -> dict[str, tuple[str, str]]:
     section = html.split('id="disposition"', 1)[1].split("</section>", 1)[0]
-    rows = re.findall(r"<tr><td>(.*?)</td>.*?<td class=\"(hold|release)\">\2</td><td>(.*?)</td></tr>", section, re.S)
+    rows = re.findall(r"<tr><td>(.*?)</td>.*?<td class=\"(hold|release)\">\2</td><td>(.*?)</td></tr>", section, re.DOTALL)
     return {lot: (verdict, why) for lot, verdict, why in rows}
 
 
@@ -100,18 +107,16 @@ def test_one_lot_is_charted_per_hour(sqlite_report_db):
 
 
 def test_empty_scopes_give_a_short_report_that_says_so(sqlite_report_db):
-    import datetime as dt
-
-    later = _build(sqlite_report_db.url, Scope(line="A", since=dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)))
+    later = _build(sqlite_report_db.url, Scope(line="A", since=dt.datetime(2027, 1, 1, tzinfo=dt.UTC)))
     assert later.summary["empty"] and "No inspection results in this scope" in later.html and "<svg" not in later.html
     never = _build(sqlite_report_db.url, Scope(lot=NOT_INSPECTED_LOT))
     assert "No inspection results" in never.html and never.summary["model"] is None
 
 
 @pytest.mark.parametrize(("scope", "message"), [
-    (dict(), "got none of them"),
-    (dict(lot="L1", line="A"), "got --lot, --line"),
-    (dict(lot="L1", since=__import__("datetime").datetime(2026, 1, 1, tzinfo=__import__("datetime").timezone.utc)), "use them with --line"),
+    ({}, "got none of them"),
+    ({"lot": "L1", "line": "A"}, "got --lot, --line"),
+    ({"lot": "L1", "since": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)}, "use them with --line"),
 ])
 def test_a_scope_is_one_lot_line_or_job_run(scope, message):
     with pytest.raises(DataError, match=message):

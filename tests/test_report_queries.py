@@ -10,15 +10,22 @@ import math
 from collections import Counter
 
 import pytest
-
 from defectscan.db import queries_report as q
 from defectscan.db.queries import Filters
 from defectscan.errors import DataError
 from defectscan.pipeline import rle
-
 from queries_helpers import query, results_db  # noqa: F401 (fixture)
 from report_helpers import (  # noqa: F401 (fixtures)
-    ERROR_LOT, ERROR_POSITION, LOTS, N_IMAGES, NOT_INSPECTED_LOT, SCRIPT_LOT, SIZE, report_cluster, report_db, session_for,
+    ERROR_LOT,
+    ERROR_POSITION,
+    LOTS,
+    N_IMAGES,
+    NOT_INSPECTED_LOT,
+    SCRIPT_LOT,
+    SIZE,
+    report_cluster,
+    report_db,
+    session_for,
 )
 
 ALL = Filters(line="A")

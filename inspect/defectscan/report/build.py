@@ -96,7 +96,7 @@ class ReportOptions:
     worst: int = 6  # worst images shown with overlays
     max_subgroups: int = 100  # latest lots/hours on the p-chart and in the lot table
     grid: int = 24  # heatmap cells per side
-    area_edges: tuple[int, ...] = tuple(2**k for k in range(0, 21))  # doubling bins from 1 pixel to 1 Mpixel
+    area_edges: tuple[int, ...] = tuple(2**k for k in range(21))  # doubling bins from 1 pixel to 1 Mpixel
     size_edges: tuple[int, ...] = (1, 16, 64, 256, 1024)  # size classes for a single-class model's Pareto
     listed: int = 50  # error and not-inspected images listed by key
 
@@ -231,7 +231,7 @@ def _choose_model(session: Session, scope: Scope) -> dict[str, Any] | None:
 def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptions(), *, now: dt.datetime | None = None) -> dict[str, Any]:
     """Everything the template shows, from a few aggregate queries; pixels only for the worst images."""
     check_filters(session, scope.filters())
-    generated = iso_utc((now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0))
+    generated = iso_utc((now or dt.datetime.now(dt.UTC)).replace(microsecond=0))
     context: dict[str, Any] = {"scope": scope, "title": scope.title(), "period": scope.period(), "generated_at": generated,
                                "version": __version__, "rules": options.rules, "options": options, "job_runs": [],
                                "not_inspected_count": 0, "not_inspected": []}

@@ -47,7 +47,6 @@ def _svg(figure, salt: str) -> str:
 
 def _figure(height: float = HEIGHT, width: float = WIDTH):
     import matplotlib
-
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context({"font.size": 9}):
