@@ -260,7 +260,7 @@ def test_symlinked_files_keep_their_own_names(tmp_path):
 
 
 def test_cli_reports_each_bad_file_and_exits_3(tmp_path, sqlite_url, cli):
-    from defectscan.cli.app import EXIT_PARTIAL
+    from defectscan.exitcodes import EXIT_PARTIAL
 
     assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     good_images(tmp_path / "in", n=3)

@@ -12,7 +12,7 @@ import zarr
 from PIL import Image
 from sqlalchemy import func, select
 
-from defectscan.cli.app import EXIT_PARTIAL
+from defectscan.exitcodes import EXIT_PARTIAL
 from defectscan.data.register import register_store, validate_image_set
 from defectscan.db.schema import Image as ImageRow
 from defectscan.db.schema import ImageSet

@@ -72,10 +72,6 @@ def pass_app(f):
     return update_wrapper(new_func, f)
 
 
-# Exit status when a command finished but left some items out (skipped files, images in error).
-EXIT_PARTIAL = 3
-
-
 class DefectscanGroup(click.Group):
     """Turns user errors into one `Error: ...` line and exit status 1 (usage errors stay 2)."""
 

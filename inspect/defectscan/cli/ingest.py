@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from defectscan.cli.app import EXIT_PARTIAL, AppContext, pass_app
-
+from defectscan.cli.app import AppContext, pass_app
+from defectscan.exitcodes import EXIT_PARTIAL
 
 
 def _provenance_options(f):
@@ -70,7 +70,13 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
         defectscan ingest DAGM/Class1/Train --lot dagm-c1 --out dagm-c1.zarr
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from defectscan.data.ingest import IngestOptions
     from defectscan.data.ingest import ingest as run_ingest

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from defectscan.cli.app import EXIT_PARTIAL, AppContext, pass_app
+from defectscan.cli.app import AppContext, pass_app
+from defectscan.exitcodes import EXIT_PARTIAL
 
 
 @click.command("inspect")

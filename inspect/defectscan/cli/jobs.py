@@ -103,8 +103,9 @@ def run_command(app: AppContext, name: str, scheduler: str | None) -> None:
         defectscan jobs run demo
         DEFECTSCAN_DATABASE_URL=postgresql://qa@db/defectscan defectscan jobs run line-a-nightly
     """
+    from defectscan.exitcodes import EXIT_ALREADY_RUNNING
     from defectscan.jobs.lock import AlreadyRunning
-    from defectscan.jobs.runner import EXIT_ALREADY_RUNNING, run_job
+    from defectscan.jobs.runner import run_job
     from defectscan.jobs.spec import find_spec, load_spec
 
     path = find_spec(_jobs_dir(), name)

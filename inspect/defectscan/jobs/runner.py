@@ -13,10 +13,8 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from defectscan.config import Settings
 from defectscan.db.schema import JobRun, Model, utcnow
 from defectscan.errors import DefectscanError, ModelError
+from defectscan.exitcodes import (
+    EXIT_ALREADY_RUNNING,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+)
+from defectscan.interrupts import sigterm_interrupts
 from defectscan.jobs.discover import Discovery, discover, image_sets_with_work
 from defectscan.jobs.lock import AlreadyRunning, Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec, describe_spec
@@ -34,17 +40,7 @@ from defectscan.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
-# Exit statuses for schedulers (documented in docs/deploy.md).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_PARTIAL = 3  # the same as cli.app.EXIT_PARTIAL
-EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL: try again at the next trigger
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM
 EXIT_CODES = {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised in the main thread by SIGTERM; a KeyboardInterrupt so the pipeline records `interrupted`."""
 
 
 @dataclass
@@ -65,23 +61,6 @@ class JobOutcome:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
-
-
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into `Interrupted` in the main thread while the job runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_model(session: Session, spec: JobSpec) -> Model:
@@ -228,4 +207,4 @@ def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path
         log.error("job '%s': could not record the run: %s", spec.name, mask_secrets(str(exc)))
 
 
-__all__ = ["EXIT_ALREADY_RUNNING", "EXIT_CODES", "AlreadyRunning", "Interrupted", "JobOutcome", "run_job"]
+__all__ = ["EXIT_ALREADY_RUNNING", "EXIT_CODES", "AlreadyRunning", "JobOutcome", "run_job"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
 from defectscan.config import Settings
+from defectscan.interrupts import sigterm_interrupts
 from defectscan.pipeline.run import RunSummary, inspect_image_sets
 
 DEMO = "demo"
@@ -46,25 +45,6 @@ def run_inspect(
                                       "image_sets": image_set_ids, "force": force}, on_progress=on_progress)
 
 
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (what cron, systemd and Kubernetes send to stop a job) interrupts like Ctrl-C,
-    so the run records itself `interrupted` and cancels its shards instead of vanishing."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class _progress:
     """A rich progress bar on stderr fed by (done, total), or nothing."""
 
@@ -74,7 +54,13 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self._bar = Progress(TextColumn("inspecting"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(), transient=False)
         self._bar.start()
