@@ -5,7 +5,7 @@ into Zarr image sets (three lots from two lines, and one large mosaic image), in
 registered model on a local Dask cluster, recorded in the database, and then queried. Every step
 is idempotent: a second run finds the files, stores and results in place and has nothing to do.
 
-    python -m defectscan.demo [--folder var/demo] [--images-per-lot 64]
+    python -m defectscan.demo [--folder var/demo] [--job jobs/demo.yaml] [--images-per-lot 64]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscan.config import Settings, load_settings
+from defectscan.config import load_settings
 
 # (lot, line, product, camera, capture time): three lots from two lines.
 LOTS = (
@@ -33,7 +33,8 @@ DEFECTIVE_FRACTION = 0.25
 
 @dataclass
 class DemoResult:
-    image_set_ids: list[int] = field(default_factory=list)
+    status: str = "not run"
+    job_run_id: int | None = None
     inspected: int = 0
     skipped: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -73,68 +74,82 @@ def write_mosaic(path: Path, size: int, seed: int) -> Path:
     return path
 
 
-def prepare_image_sets(factory, folder: Path, images_per_lot: int, image_size: int, mosaic_size: int, echo: Callable[[str], None]) -> list[int]:
-    """Files -> registered image sets (ingest is idempotent: the same files give the same store)."""
+def write_image_sets(folder: Path, images_per_lot: int, image_size: int, mosaic_size: int, echo: Callable[[str], None]) -> list[Path]:
+    """Camera files -> Zarr image sets under folder/imagesets, where the demo job discovers them.
+
+    Ingest is idempotent: the same files give the same store, written once.
+    """
     from defectscan.data.imageset import parse_time
-    from defectscan.data.ingest import IngestOptions, ingest
+    from defectscan.data.ingest import IngestOptions, ingest_files
 
-    ids = []
-    jobs = [(lot, write_lot_images(folder / "incoming" / lot, images_per_lot, image_size, seed), "stack", rest)
-            for seed, (lot, *rest) in enumerate(LOTS)]
+    batches = [(lot, write_lot_images(folder / "incoming" / lot, images_per_lot, image_size, seed), "stack", rest)
+               for seed, (lot, *rest) in enumerate(LOTS)]
     lot, *rest = MOSAIC
-    jobs.append((lot, [write_mosaic(folder / "incoming" / lot / "scan-0001.png", mosaic_size, 99)], "strip", rest))
-    for lot, paths, kind, (line, product, camera, when) in jobs:
+    batches.append((lot, [write_mosaic(folder / "incoming" / lot / "scan-0001.png", mosaic_size, 99)], "strip", rest))
+    stores = []
+    for lot, paths, kind, (line, product, camera, when) in batches:
         options = IngestOptions(lot=lot, line=line, product=product, camera=camera, acquired_at=parse_time(when), kind=kind)
-        with factory() as session:
-            result, registration = ingest(session, paths, folder / "imagesets" / f"{lot}.zarr", options)
-        state = "already ingested" if result.reused else f"ingested in {result.seconds:.1f} s"
-        echo(f"  {lot} ({line}, {kind}): {result.n_images} images, {state} -> image set {registration.image_set.id}")
-        ids.append(registration.image_set.id)
-    return ids
+        result = ingest_files(paths, folder / "imagesets" / f"{lot}.zarr", options)
+        state = "already there" if result.reused else f"ingested in {result.seconds:.1f} s"
+        echo(f"  {lot} ({line}, {kind}): {result.n_images} images, {state}")
+        stores.append(Path(result.uri))
+    return stores
 
 
-def run_demo(settings: Settings, folder: Path, *, images_per_lot: int = 64, image_size: int = 512, mosaic_size: int = 2048,
-             workers: int | None = None, progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
+def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_size: int = 512, mosaic_size: int = 2048,
+             echo: Callable[[str], None] = print) -> DemoResult:
+    """Write the image sets, then run the demo's scheduled job on them as cron would (`defectscan jobs run demo`).
+
+    Settings are what `defectscan jobs run` would use: configs/defaults.yaml, DEFECTSCAN_* and the job's own.
+    """
     from defectscan.db.migrate import upgrade
-    from defectscan.db.session import display_url, make_engine, session_factory
-    from defectscan.pipeline.cli_run import DEMO, run_inspect
+    from defectscan.db.session import display_url, make_engine
+    from defectscan.jobs.runner import run_job
+    from defectscan.jobs.spec import load_spec
 
     result = DemoResult()
+    spec = load_spec(job_file)
+    settings = spec.apply_to(load_settings(overrides=spec.setting_overrides(str(job_file))))
     engine = make_engine(settings.resolved_database_url)
     try:
         _, state = upgrade(engine)
         echo(f"database: {display_url(engine.url)} (schema {state.current})")
-        factory = session_factory(engine)
 
         began = time.perf_counter()
-        echo(f"image sets under {folder}:")
-        result.image_set_ids = prepare_image_sets(factory, folder, images_per_lot, image_size, mosaic_size, echo)
+        echo(f"image sets under {folder / 'imagesets'}:")
+        write_image_sets(folder, images_per_lot, image_size, mosaic_size, echo)
         result.seconds["ingest"] = time.perf_counter() - began
 
         began = time.perf_counter()
-        echo(f"inspecting with the demo model on a local Dask cluster ({len(result.image_set_ids)} image sets):")
-        summary = run_inspect(factory, settings, DEMO, [str(i) for i in result.image_set_ids], n_workers=workers, progress=progress, echo=echo)
-        result.seconds["inspect"] = time.perf_counter() - began
-        result.inspected, result.skipped = summary.counts.inspected, summary.n_skipped
+        echo(f"job {spec.name} ({job_file}): discover, register, inspect with the demo model on a local Dask cluster")
+        outcome = run_job(engine, spec, job_file, settings, echo=lambda line: echo(f"  {line}"))
+        result.seconds["job"] = time.perf_counter() - began
+        result.status, result.job_run_id = outcome.status, outcome.job_run_id
+        result.inspected, result.skipped = outcome.n_inspected, outcome.n_skipped
         echo(
-            f"job run {summary.job_run_id}: {summary.status}; {summary.counts.inspected} images inspected "
-            f"({summary.counts.failed} failed, {summary.counts.defects} defects), {summary.n_skipped} already done"
+            f"job run {outcome.job_run_id}: {outcome.status}; {outcome.n_inspected} images inspected, "
+            f"{outcome.n_defects} defects, {outcome.n_skipped} already done"
         )
+        for error in outcome.errors[:5]:
+            echo(f"  error: {error}")
     finally:
         engine.dispose()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    from defectscan.paths import REPO_ROOT
+
     parser = argparse.ArgumentParser(prog="python -m defectscan.demo", description="Run the defectscan demo on the embedded default.")
-    parser.add_argument("--folder", type=Path, default=Path("var/demo"), help="where the demo's files and image sets go")
+    parser.add_argument("--folder", type=Path, default=REPO_ROOT / "var" / "demo", help="where the demo's files and image sets go")
+    parser.add_argument("--job", type=Path, default=REPO_ROOT / "jobs" / "demo.yaml", help="the scheduled job to run (its source glob must match --folder)")
     parser.add_argument("--images-per-lot", type=int, default=64)
     args = parser.parse_args(argv)
     began = time.perf_counter()
-    result = run_demo(load_settings(), args.folder.resolve(), images_per_lot=args.images_per_lot, progress=sys.stderr.isatty())
+    result = run_demo(args.folder.resolve(), args.job.resolve(), images_per_lot=args.images_per_lot)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     print(f"demo done in {time.perf_counter() - began:.0f} s ({timings})")
-    return 0
+    return 0 if result.status in ("succeeded",) else 1
 
 
 if __name__ == "__main__":

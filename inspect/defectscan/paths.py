@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
-_REPO_ROOT = _PACKAGE.parent.parent
+# The checkout holding this package (in a wheel install: site-packages' parent, which holds no jobs/ or var/).
+REPO_ROOT = _PACKAGE.parent.parent
 
 
 def _find(packed: str, top_level: str) -> Path:
     inside = _PACKAGE / packed
     if inside.is_dir():
         return inside
-    return _REPO_ROOT / top_level
+    return REPO_ROOT / top_level
 
 
 CONFIGS_DIR = _find("_configs", "configs")

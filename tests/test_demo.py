@@ -1,0 +1,44 @@
+"""A reduced `make demo`: the same code path (files -> image sets -> the demo job on a local cluster), fewer and smaller images."""
+
+from __future__ import annotations
+
+import yaml
+from sqlalchemy import func, select
+
+from defectscan.db.schema import ImageSet, Inspection, JobRun
+from defectscan.db.session import make_engine, session_factory
+from defectscan.demo import LOTS, MOSAIC, run_demo
+from defectscan.paths import REPO_ROOT
+
+
+def test_reduced_demo_runs_and_reruns_with_nothing_to_do(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    monkeypatch.setenv("DEFECTSCAN_DATABASE_URL", url)
+    spec = yaml.safe_load((REPO_ROOT / "jobs" / "demo.yaml").read_text())
+    spec["source"]["glob"] = str(tmp_path / "demo" / "imagesets" / "*.zarr")
+    job_file = tmp_path / "jobs" / "demo.yaml"
+    job_file.parent.mkdir()
+    job_file.write_text(yaml.safe_dump(spec))
+    lines: list[str] = []
+
+    first = run_demo(tmp_path / "demo", job_file, images_per_lot=4, image_size=128, mosaic_size=512, echo=lines.append)
+    assert first.status == "succeeded", "\n".join(lines)
+    assert (first.inspected, first.skipped) == (3 * 4 + 1, 0)
+
+    engine = make_engine(url)
+    with session_factory(engine)() as session:
+        lots = sorted(session.scalars(select(ImageSet.lot)))
+        assert lots == sorted([lot for lot, *_ in LOTS] + [MOSAIC[0]])
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 13
+    second = run_demo(tmp_path / "demo", job_file, images_per_lot=4, image_size=128, mosaic_size=512, echo=lines.append)
+    assert (second.status, second.inspected) == ("succeeded", 0)
+    with session_factory(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 13
+        assert session.scalar(select(func.count()).select_from(JobRun)) == 2
+    engine.dispose()
+    assert any("already there" in line for line in lines)
+
+
+def test_demo_job_spec_points_at_the_demo_folder():
+    spec = yaml.safe_load((REPO_ROOT / "jobs" / "demo.yaml").read_text())
+    assert (REPO_ROOT / "jobs" / spec["source"]["glob"]).parent.resolve() == (REPO_ROOT / "var" / "demo" / "imagesets").resolve()
