@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
 from pipeline_helpers import (
     add_model,
     register,
@@ -23,8 +26,6 @@ from pipeline_helpers import (
     write_stack,
 )
 from queries_helpers import _add_keys_and_times
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 UTC = dt.UTC
 SCRIPT_LOT = "L5<script>alert(1)</script>"
@@ -54,7 +55,15 @@ class ReportDB:
     model_ref: str = "threshold:1"
 
 
-def populate(url: str, root: Path, client) -> ReportDB:
+def populate(url: str, root: Path) -> ReportDB:
+    """Write the lots, inspect them on a LocalCluster started (and closed) for this, return where they are."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
+        return _populate(url, root, client)
+
+
+def _populate(url: str, root: Path, client) -> ReportDB:
     from defectscan.config import load_settings
     from defectscan.db.migrate import upgrade
     from defectscan.db.session import make_engine, session_factory
@@ -87,21 +96,12 @@ def populate(url: str, root: Path, client) -> ReportDB:
 _BUILT: dict[str, ReportDB] = {}
 
 
-@pytest.fixture(scope="session")
-def report_cluster():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
-        yield client
-
-
 def _build(backend: str, request, tmp_path_factory) -> ReportDB:
     if backend in _BUILT:
         return _BUILT[backend]
-    client = request.getfixturevalue("report_cluster")
     root = tmp_path_factory.mktemp(f"report-{backend}")
     if backend == "sqlite":
-        _BUILT[backend] = populate(f"sqlite:///{root / 'report.sqlite'}", root, client)
+        _BUILT[backend] = populate(f"sqlite:///{root / 'report.sqlite'}", root)
         return _BUILT[backend]
     server = make_url(request.getfixturevalue("postgres_server_url")).set(drivername="postgresql+psycopg")
     name = f"defectscan_test_{uuid.uuid4().hex[:12]}"
@@ -115,7 +115,7 @@ def _build(backend: str, request, tmp_path_factory) -> ReportDB:
         admin.dispose()
 
     request.session.config.add_cleanup(drop)
-    _BUILT[backend] = populate(server.set(database=name).render_as_string(hide_password=False), root, client)
+    _BUILT[backend] = populate(server.set(database=name).render_as_string(hide_password=False), root)
     return _BUILT[backend]
 
 

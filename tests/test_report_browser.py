@@ -13,10 +13,11 @@ import unicodedata
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
+
 from defectscan.errors import ConfigError, DataError
 from defectscan.report import pdf
-from PIL import Image as PILImage
-from report_helpers import report_cluster, sqlite_report_db  # noqa: F401 (fixtures)
+from report_helpers import sqlite_report_db  # noqa: F401 (fixtures)
 
 HEADINGS = ("QA report: Line A", "Key figures", "Model evaluation", "Failed images per lot: p-chart", "Defects", "Worst images",
             "Lot disposition", "Errors and skipped images")
@@ -40,6 +41,7 @@ def console_messages(log: str) -> list[str]:
 @pytest.fixture(scope="module")
 def report_files(chromium, sqlite_report_db, tmp_path_factory):
     from click.testing import CliRunner
+
     from defectscan.cli import main
 
     out = tmp_path_factory.mktemp("browser")
@@ -109,3 +111,11 @@ def test_missing_html_and_missing_browser_are_errors(chromium, tmp_path, monkeyp
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ConfigError, match="apt-get install chromium"):
         pdf.find_chromium()
+
+
+def test_a_browser_that_fails_is_reported(tmp_path, monkeypatch):
+    page = tmp_path / "page.html"
+    page.write_text("<p>x</p>")
+    monkeypatch.setenv(pdf.CHROMIUM_ENV, shutil.which("false"))
+    with pytest.raises(DataError, match="Chromium could not render page.pdf"):
+        pdf.print_pdf(page, tmp_path / "page.pdf")

@@ -11,16 +11,16 @@ import sqlite3
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
+
 from defectscan.errors import DataError
 from defectscan.report.build import HoldRules, ReportOptions, Scope, build_report
 from defectscan.report.overlay import class_color
-from PIL import Image as PILImage
 from report_helpers import (  # noqa: F401
     ERROR_LOT,
     LOTS,
     NOT_INSPECTED_LOT,
     SCRIPT_LOT,
-    report_cluster,
     session_for,
     sqlite_report_db,
 )
@@ -177,3 +177,19 @@ def test_cli_writes_the_report_and_refuses_bad_scopes(cli, sqlite_report_db, tmp
     unwritable.write_text("")
     bad = cli("--database-url", sqlite_report_db.url, "report", "--lot", "L1", "-o", str(unwritable / "x.html"))
     assert bad.exit_code == 1 and "cannot write the report" in bad.output
+
+
+def test_large_images_are_cropped_to_their_defects(sqlite_report_db, monkeypatch):
+    from defectscan.report import build
+
+    monkeypatch.setattr(build, "WHOLE_IMAGE_PIXELS", 16 * 16)  # every 32x32 test image counts as large
+    monkeypatch.setattr(build, "CROP_MARGIN", 2)
+    report = _build(sqlite_report_db.url, Scope(lot="L3"), ReportOptions(worst=1))
+    assert "cropped to its defects" in report.html
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', report.html).group(1)
+    picture = np.asarray(PILImage.open(io.BytesIO(base64.b64decode(first))).convert("RGB"))
+    # L3's worst image has a 9x9 square at (16, 16): cropped with 2 pixels around it to 13x13 (of 32x32),
+    # enlarged 36 times to fit the thumbnail
+    assert picture.shape[:2] == (13 * 36, 13 * 36)
+    contour = np.all(picture == class_color(0), axis=2)
+    assert contour[2 * 36 : 3 * 36, 2 * 36 : 11 * 36].all()  # the square's top edge, two pixels into the crop

@@ -10,6 +10,7 @@ import math
 from collections import Counter
 
 import pytest
+
 from defectscan.db import queries_report as q
 from defectscan.db.queries import Filters
 from defectscan.errors import DataError
@@ -23,7 +24,6 @@ from report_helpers import (  # noqa: F401 (fixtures)
     NOT_INSPECTED_LOT,
     SCRIPT_LOT,
     SIZE,
-    report_cluster,
     report_db,
     session_for,
 )

@@ -30,6 +30,7 @@ TEMPLATES = Path(__file__).with_name("templates")
 # Overlays larger than this many pixels are cropped to their defects; shown at most THUMBNAIL wide/high.
 WHOLE_IMAGE_PIXELS = 2048 * 2048
 THUMBNAIL = 480
+CROP_MARGIN = 64  # pixels of context around the defects of a cropped overlay
 LABELLED_FROM = 256
 
 
@@ -189,7 +190,7 @@ def _overlay(image: dict[str, Any]) -> dict[str, Any]:
     if source.height * source.width > WHOLE_IMAGE_PIXELS and image["defects"]:
         boxes = [d["bbox"] for d in image["defects"]]
         union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-        window = crop_window(union, (source.height, source.width), margin=64)
+        window = crop_window(union, (source.height, source.width), margin=CROP_MARGIN)
     try:
         pixels = load_image(source, window)
         scores = load_scores(source, window)
