@@ -62,6 +62,7 @@ def test_line_report_has_every_part_and_is_self_contained(line_report):
     assert html.count('src="data:image/png;base64,') == ReportOptions().worst
     # nothing is fetched: every src/href is inline or an in-document reference
     assert not re.findall(r'(?:src|href)="(?!data:|#)', html)
+    assert "@import" not in html and not re.findall(r"url\((?!#)", html)
     assert "<script" not in html.lower()
     assert "@media print" in html and "@page" in html
     n_failed = sum(len(d) for d in LOTS.values())
