@@ -50,7 +50,7 @@ def test_unknown_key_in_file_names_file_key_and_accepted_keys(tmp_path):
     message = str(info.value)
     assert str(config) in message
     assert "unknown key 'databse_url'" in message
-    assert "accepted keys: cluster, data_dir, database_url, inspection, log_level" in message
+    assert "accepted keys: cluster, data_dir, database_url, inspection, log_level, qa" in message
 
 
 def test_unknown_environment_variable_is_named():

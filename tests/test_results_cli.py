@@ -244,7 +244,7 @@ def test_strip_overlay_and_unknown_image(run, results_db, tmp_path):
 # --- lots ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_lots_list_counts_match_the_stored_rows(run, results_db):
+def test_lots_list_counts_match_the_stored_rows(run, results_db, monkeypatch):
     rows = _json(run("lots", "list", "--format", "json"))
     assert [list(r) for r in rows] == [list(LOT_COLUMNS)] * 2
     assert [r["lot"] for r in rows] == ["L043", "L042"]  # most recent first
@@ -263,6 +263,9 @@ def test_lots_list_counts_match_the_stored_rows(run, results_db):
     assert {r["lot"]: r["images"] for r in rows} == {"L042": 6, "L043": 5}
     relaxed = _json(run("lots", "list", "--format", "json", "--hold-above", "0.45"))
     assert {r["lot"]: r["verdict"] for r in relaxed} == {"L042": "hold", "L043": "release"}
+    monkeypatch.setenv("DEFECTSCAN_QA__HOLD_ABOVE", "0.45")  # the setting is the default of --hold-above
+    assert _json(run("lots", "list", "--format", "json")) == relaxed
+    monkeypatch.delenv("DEFECTSCAN_QA__HOLD_ABOVE")
     only_b = _json(run("lots", "list", "--format", "json", "--line", "B"))
     assert [(r["lot"], r["images"], r["failed"]) for r in only_b] == [("L043", 4, 1)]
     table = run("lots", "list", "--format", "table")

@@ -81,6 +81,10 @@ class InspectionSettings(_Section):
         return self
 
 
+class QASettings(_Section):
+    hold_above: float = Field(ge=0, le=1)
+
+
 class Settings(BaseModel):
     """Validated settings. Defaults live in configs/defaults.yaml, not here."""
 
@@ -91,6 +95,7 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
     cluster: ClusterSettings
     inspection: InspectionSettings
+    qa: QASettings
 
     @field_validator("database_url")
     @classmethod

@@ -258,7 +258,11 @@ def _write_overlay(record: dict[str, Any], path: Path) -> Path:
 # --- lots -------------------------------------------------------------------------------------------------------------------
 
 
-_HOLD_HELP = "Failed-image share above which a lot is on hold (default 0.05; meant to become a setting)."
+def _hold_above(app: AppContext, flag: float | None) -> float:
+    return flag if flag is not None else app.settings.qa.hold_above
+
+
+_HOLD_HELP = "Failed-image share above which a lot is on hold (default: the qa.hold_above setting)."
 
 
 @click.group("lots")
@@ -274,7 +278,7 @@ def lots() -> None:
 
 @lots.command("list")
 @filter_options
-@click.option("--hold-above", type=click.FloatRange(0, 1), default=0.05, show_default=True, help=_HOLD_HELP)
+@click.option("--hold-above", type=click.FloatRange(0, 1), help=_HOLD_HELP)
 @limit_options()
 @output_options
 @pass_app
@@ -292,7 +296,7 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
     from defectscan.db.queries import LOT_COLUMNS, list_lots
 
     with app.session() as session:
-        page = list_lots(session, filters, hold_above=hold_above, limit=limit, offset=offset)
+        page = list_lots(session, filters, hold_above=_hold_above(app, hold_above), limit=limit, offset=offset)
     print_rows(page.rows, LOT_COLUMNS, fmt, empty=_empty("lots", filters), more_hint=_more_hint(page, limit))
 
 
@@ -300,7 +304,7 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
 @click.argument("lot", required=False)
 @click.option("--latest", is_flag=True, help="The lot of the most recently captured image set that has been inspected.")
 @click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only this model's results.")
-@click.option("--hold-above", type=click.FloatRange(0, 1), default=0.05, show_default=True, help=_HOLD_HELP)
+@click.option("--hold-above", type=click.FloatRange(0, 1), help=_HOLD_HELP)
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many defect classes to list.")
 @output_options
 @pass_app
@@ -318,7 +322,7 @@ def lots_show(app: AppContext, lot: str | None, latest: bool, model_ref: str | N
     if (lot is None) == (not latest):
         raise DataError("give a LOT or --latest (not both)")
     with app.session() as session:
-        summary = lot_summary(session, lot or latest_lot(session), Filters(model=model_ref), hold_above=hold_above, top=top)
+        summary = lot_summary(session, lot or latest_lot(session), Filters(model=model_ref), hold_above=_hold_above(app, hold_above), top=top)
     if fmt != "table":
         print_record(summary, fmt)
         return
