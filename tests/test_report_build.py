@@ -194,3 +194,12 @@ def test_large_images_are_cropped_to_their_defects(sqlite_report_db, monkeypatch
     assert picture.shape[:2] == (13 * 36, 13 * 36)
     contour = np.all(picture == class_color(0), axis=2)
     assert contour[2 * 36 : 3 * 36, 2 * 36 : 11 * 36].all()  # the square's top edge, two pixels into the crop
+
+
+def test_job_run_scope_reports_that_run(sqlite_report_db):
+    report = _build(sqlite_report_db.url, Scope(job_run=sqlite_report_db.job_run_id), ReportOptions(worst=0))
+    assert report.summary["images"] == 12 * len(LOTS) and report.summary["scope"] == f"Job run {sqlite_report_db.job_run_id}"
+    assert "Not requested (--worst 0)" in report.html and 'src="data:image/png' not in report.html
+    assert "the images it skipped are counted in the table below" in report.html
+    with pytest.raises(DataError, match="unknown job run 999"):
+        _build(sqlite_report_db.url, Scope(job_run=999))
