@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from defectscan.errors import DataError
 from defectscan.report.build import HoldRules, ReportOptions, Scope, build_report
 from defectscan.report.overlay import class_color
+from queries_helpers import results_db  # noqa: F401 (fixture)
 from report_helpers import (  # noqa: F401
     ERROR_LOT,
     LOTS,
@@ -203,3 +204,16 @@ def test_job_run_scope_reports_that_run(sqlite_report_db):
     assert "the images it skipped are counted in the table below" in report.html
     with pytest.raises(DataError, match="unknown job run 999"):
         _build(sqlite_report_db.url, Scope(job_run=999))
+
+
+def test_two_class_report_on_both_backends(results_db):
+    from queries_helpers import query
+
+    report = _build(results_db.url, Scope(lot="L043"))
+    expected = query(results_db.url, "SELECT count(*) FROM inspections i JOIN images m ON i.image_id = m.id JOIN image_sets s "
+                                     "ON m.image_set_id = s.id WHERE s.lot = 'L043'")[0][0]
+    assert report.summary["images"] == expected and report.summary["model"] == "twoclass:1"
+    assert "Pareto of defect class" in report.html and "Failed images per hour (UTC)" in report.html
+    classes = report.html.split('id="kpis"', 1)[1].split("</table>", 1)[0]
+    assert "<td>bright</td>" in classes and "<td>dark</td>" in classes
+    assert report.html.count("<svg") == 4
