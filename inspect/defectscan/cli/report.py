@@ -23,8 +23,8 @@ _OPTIONS = ReportOptions()
 @click.option("--model", "model_ref", metavar="NAME:VERSION", help="The model version to report on (needed when the scope has several).")
 @click.option("-o", "--output", "html_path", type=_FILE, required=True, help="Write the HTML report here (one self-contained file).")
 @click.option("--pdf", "pdf_path", type=_FILE, help="Also print the report to this PDF (needs Chromium).")
-@click.option("--hold-above", type=click.FloatRange(0, 1), default=_RULES.hold_above, show_default=True,
-              help="Hold a lot whose share of failed images is above this.")
+@click.option("--hold-above", type=click.FloatRange(0, 1),
+              help="Hold a lot whose share of failed images is above this (default: the qa.hold_above setting).")
 @click.option("--max-errors", type=click.IntRange(min=0), default=_RULES.max_errors, show_default=True,
               help="Hold a lot with more images in error than this.")
 @click.option("--hold-out-of-control/--no-hold-out-of-control", default=_RULES.out_of_control, show_default=True,
@@ -33,7 +33,7 @@ _OPTIONS = ReportOptions()
               help="Failed images shown with overlays.")
 @pass_app
 def report(app: AppContext, lot: str | None, line: str | None, since: str | None, until: str | None, job_run: int | None,
-           model_ref: str | None, html_path: Path, pdf_path: Path | None, hold_above: float, max_errors: int,
+           model_ref: str | None, html_path: Path, pdf_path: Path | None, hold_above: float | None, max_errors: int,
            hold_out_of_control: bool, worst: int) -> None:
     """Write a QA report for a lot, a line and period, or a job run.
 
@@ -58,6 +58,8 @@ def report(app: AppContext, lot: str | None, line: str | None, since: str | None
         since=parse_when(since, "--since") if since else None,
         until=parse_when(until, "--until", end_of_day=True) if until else None,
     )
+    if hold_above is None:
+        hold_above = app.settings.qa.hold_above
     options = ReportOptions(rules=HoldRules(hold_above=hold_above, max_errors=max_errors, out_of_control=hold_out_of_control), worst=worst)
     with app.session() as session:
         summary = write_report(session, scope, html_path, pdf_path=pdf_path, options=options)
