@@ -24,6 +24,11 @@ def test_reduced_demo_runs_and_reruns_with_nothing_to_do(tmp_path, monkeypatch):
     first = run_demo(tmp_path / "demo", job_file, images_per_lot=4, image_size=128, mosaic_size=512, echo=lines.append)
     assert first.status == "succeeded", "\n".join(lines)
     assert (first.inspected, first.skipped) == (3 * 4 + 1, 0)
+    shown = "\n".join(lines)
+    assert "$ defectscan lots list --format table" in shown and "L-2026-1101" in shown
+    assert "$ defectscan defects list" in shown
+    assert {p.name for p in first.reports} >= {"line-1.html", "line-2.html"}
+    assert all(p.stat().st_size > 1000 for p in first.reports)
 
     engine = make_engine(url)
     with session_factory(engine)() as session:

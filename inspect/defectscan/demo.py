@@ -37,6 +37,7 @@ class DemoResult:
     job_run_id: int | None = None
     inspected: int = 0
     skipped: int = 0
+    reports: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -132,9 +133,52 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
         )
         for error in outcome.errors[:5]:
             echo(f"  error: {error}")
+
+        show_results(settings.resolved_database_url, echo)
+        began = time.perf_counter()
+        echo("QA reports:")
+        result.reports = write_reports(engine, folder / "reports", settings.qa.hold_above, echo)
+        result.seconds["reports"] = time.perf_counter() - began
     finally:
         engine.dispose()
     return result
+
+
+def show_results(database_url: str, echo: Callable[[str], None]) -> None:
+    """What a QA engineer looks at first: the lots, then a few defects (the CLI's own commands)."""
+    from click.testing import CliRunner
+
+    from defectscan.cli import main
+
+    for args in (["lots", "list", "--format", "table"], ["defects", "list", "--sort", "score", "--limit", "5", "--format", "table"]):
+        echo(f"$ defectscan {' '.join(args)}")
+        output = CliRunner().invoke(main, ["--database-url", database_url, *args], catch_exceptions=False).output
+        echo(output.rstrip())
+
+
+def write_reports(engine, folder: Path, hold_above: float, echo: Callable[[str], None]) -> list[Path]:
+    """One QA report per line (HTML, and PDF when Chromium is there)."""
+    from defectscan.db.session import session_factory
+    from defectscan.errors import DefectscanError
+    from defectscan.report.build import HoldRules, ReportOptions, Scope, write_report
+    from defectscan.report.pdf import find_chromium
+
+    try:
+        find_chromium()
+        pdf = True
+    except DefectscanError as exc:
+        echo(f"  no PDF: {exc}")
+        pdf = False
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for line in sorted({line for _, line, *_ in (*LOTS, MOSAIC)}):
+        html = folder / f"{line}.html"
+        with session_factory(engine)() as session:
+            summary = write_report(session, Scope(line=line), html, pdf_path=html.with_suffix(".pdf") if pdf else None,
+                                   options=ReportOptions(rules=HoldRules(hold_above=hold_above)))
+        written += [Path(summary["html"])] + ([Path(summary["pdf"])] if "pdf" in summary else [])
+        echo(f"  QA report {line}: {summary['html']}" + (f" and {summary['pdf']}" if "pdf" in summary else ""))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_demo(args.folder.resolve(), args.job.resolve(), images_per_lot=args.images_per_lot)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     print(f"demo done in {time.perf_counter() - began:.0f} s ({timings})")
+    if result.reports:
+        print(f"open the QA report: {result.reports[0]}")
     return 0 if result.status in ("succeeded",) else 1
 
 
