@@ -57,18 +57,6 @@ def test_usage_error_exits_2(cli):
     assert "No such command" in result.output
 
 
-def test_unavailable_command_fails_with_one_line():
-    from click.testing import CliRunner
-
-    from defectscan.cli.app import DefectscanGroup, not_yet_available
-
-    group = DefectscanGroup("defectscan")
-    group.add_command(not_yet_available("later", "Something for later.", "defectscan later"))
-    result = CliRunner().invoke(group, ["later", "--any", "x"])
-    assert result.exit_code == 1
-    assert result.output.strip() == "Error: `defectscan later` is not available in this version of defectscan yet"
-
-
 def test_bad_setting_is_one_line_without_traceback(cli, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("log_level: 7\n")

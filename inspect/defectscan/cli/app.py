@@ -110,19 +110,3 @@ def main(ctx: click.Context, config_file: Path | None, database_url: str | None,
         defectscan --database-url postgresql://qa@db/defectscan db current
     """
     ctx.obj = AppContext(ctx, config_file, database_url, log_level.upper() if log_level else None)
-
-
-def not_yet_available(name: str, summary: str, example: str) -> click.Command:
-    """A command whose implementation has not landed: it says so, and exits 1."""
-
-    @click.command(
-        name,
-        help=f"{summary}\n\nNot available in this version of defectscan yet.\n\n\b\nExample:\n    {example}",
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    )
-    def command() -> None:
-        raise DefectscanError(f"`defectscan {name}` is not available in this version of defectscan yet")
-
-    return command
-
-
