@@ -3,7 +3,8 @@
     python benchmarks/bench_queries.py [--images 1000000] [--defects 10000000] [--repeats 40] [--keep]
 
 Creates the database `defectscan_bench` on the server at DEFECTSCAN_TEST_POSTGRES_URL (or --url),
-applies the schema with the migrations, bulk-loads it with COPY, then times the common QA
+applies the schema with the migrations, bulk-loads it with COPY (and fills the per-day rollup
+`inspection_daily` from it, as the pipeline keeps it), then times the common QA
 queries through db/queries.py (what the CLI runs) and prints p50/p95 with the EXPLAIN ANALYZE
 plans of the statements they issue. The database is dropped at the end unless --keep
 (--reuse times an existing one without loading). Writes benchmarks/results/bench_queries.json.
@@ -160,9 +161,25 @@ def load(engine, n_images: int, n_defects: int, seed: int = 0) -> dict[str, floa
             raw.commit()
             print(f"  loaded images {stop:,}/{n_images:,}, defects {d1:,}", file=sys.stderr, flush=True)
         timings["copy_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        with raw.cursor() as cursor:
+            fill_rollup(cursor)
+        raw.commit()
+        timings["rollup_s"] = round(time.perf_counter() - t, 1)
         return timings
     finally:
         raw.close()
+
+
+def fill_rollup(cursor) -> None:
+    """inspection_daily as the pipeline would have kept it (schema.InspectionDaily), in one pass after COPY."""
+    cursor.execute(
+        "INSERT INTO inspection_daily (image_set_id, model_id, day, images, failed, errors, defects, first_at, last_at) "
+        "SELECT i.image_set_id, n.model_id, coalesce((i.acquired_at AT TIME ZONE 'UTC')::date, DATE '0001-01-01'), count(*), "
+        "count(*) FILTER (WHERE n.verdict = 'fail'), count(*) FILTER (WHERE n.verdict = 'error'), sum(n.n_defects), "
+        "min(i.acquired_at), max(i.acquired_at) "
+        "FROM inspections n JOIN images i ON i.id = n.image_id GROUP BY 1, 2, 3"
+    )
 
 
 def _drop_constraints_raw(cursor, tables) -> None:
@@ -333,7 +350,7 @@ def main() -> None:
         with engine.connect() as connection:
             report["sizes"] = dict(connection.exec_driver_sql(
                 "SELECT relname, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class WHERE relname IN "
-                "('images', 'inspections', 'defects', 'image_sets')").all())
+                "('images', 'inspections', 'defects', 'image_sets', 'inspection_daily')").all())
         # Latency on a shared machine moves with its load: record it next to the figures.
         report["load_average_before"] = os.getloadavg()
         report["queries"] = measure(engine, args.repeats)

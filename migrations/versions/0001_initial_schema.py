@@ -137,6 +137,22 @@ def upgrade() -> None:
     op.create_index(op.f('ix_inspections_job_run_id'), 'inspections', ['job_run_id'], unique=False)
     op.create_index(op.f('ix_inspections_model_id_verdict'), 'inspections', ['model_id', 'verdict'], unique=False)
 
+    op.create_table('inspection_daily',
+    sa.Column('image_set_id', sa.Integer(), nullable=False),
+    sa.Column('model_id', sa.Integer(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('images', sa.Integer(), nullable=False),
+    sa.Column('failed', sa.Integer(), nullable=False),
+    sa.Column('errors', sa.Integer(), nullable=False),
+    sa.Column('defects', sa.BigInteger(), nullable=False),
+    sa.Column('first_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_at', sa.DateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['image_set_id'], ['image_sets.id'], name=op.f('fk_inspection_daily_image_set_id_image_sets'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_inspection_daily_model_id_models'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('image_set_id', 'model_id', 'day', name=op.f('pk_inspection_daily'))
+    )
+    op.create_index(op.f('ix_inspection_daily_day'), 'inspection_daily', ['day'], unique=False)
+
     op.create_table('defects',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('inspection_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -171,6 +187,8 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_inspections_job_run_id'), table_name='inspections')
     op.drop_index(op.f('ix_inspections_inspected_at'), table_name='inspections')
 
+    op.drop_index(op.f('ix_inspection_daily_day'), table_name='inspection_daily')
+    op.drop_table('inspection_daily')
     op.drop_table('inspections')
     op.drop_table('job_locks')
     op.drop_index(op.f('ix_job_runs_status'), table_name='job_runs')

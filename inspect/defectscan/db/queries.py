@@ -15,10 +15,10 @@ import difflib
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Select, and_, case, distinct, func, literal, select
+from sqlalchemy import Select, and_, case, distinct, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
-from defectscan.db.schema import VERDICTS, Defect, Image, ImageSet, Inspection, JobRun, Model
+from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model
 from defectscan.errors import DataError
 
 DEFECT_COLUMNS = (
@@ -414,33 +414,115 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
 
 
 def _lot_aggregates():
-    images = func.count(Inspection.id)
-    failed = func.sum(case((Inspection.verdict == "fail", 1), else_=0))
-    errors = func.sum(case((Inspection.verdict == "error", 1), else_=0))
-    return images, failed, errors, func.sum(Inspection.n_defects), func.min(Image.acquired_at), func.max(Image.acquired_at)
+    # labelled like inspection_daily's columns, so raw and rollup rows line up in one union
+    images = func.count(Inspection.id).label("images")
+    failed = func.sum(case((Inspection.verdict == "fail", 1), else_=0)).label("failed")
+    errors = func.sum(case((Inspection.verdict == "error", 1), else_=0)).label("errors")
+    defects = func.sum(Inspection.n_defects).label("defects")
+    return images, failed, errors, defects, func.min(Image.acquired_at).label("first_at"), func.max(Image.acquired_at).label("last_at")
 
 
 def _lot_row(row, hold_above: float) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
+    # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
+    images, failed, errors, defects = (int(v or 0) for v in (images, failed, errors, defects))
     rate = failed / images if images else 0.0
     record = dict(zip(LOT_COLUMNS, (
-        lot, _model_label(name, version), images, int(failed or 0), int(errors or 0), int(defects or 0), round(rate, 4),
+        lot, _model_label(name, version), images, failed, errors, defects, round(rate, 4),
         iso_utc(first), iso_utc(last), "hold" if rate > hold_above else "release",
     ), strict=True))
     record["model_id"] = model_id
     return record
 
 
-def _lots_query(session: Session, filters: Filters) -> Select:
-    query = (
-        select(ImageSet.lot, Model.id, Model.name, Model.version, *_lot_aggregates())
+# Filters the rollup `inspection_daily` can answer exactly; any other one needs the raw rows.
+_ROLLUP_FILTERS = {"lot", "line", "product", "camera", "model", "since", "until"}
+
+
+def _midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+
+
+def _rollup_window(filters: Filters) -> tuple[dt.date | None, dt.date | None, list[tuple[dt.datetime | None, dt.datetime | None]]] | None:
+    """Whole UTC days [first_day, end_day) for the rollup and the partial-day edges for the raw rows.
+
+    None when the filters need the raw rows anyway, or the window holds no whole day.
+    """
+    if not set(filters.given()) <= _ROLLUP_FILTERS:
+        return None
+    first_day = end_day = None
+    edges = []
+    if filters.since is not None:
+        since = filters.since.astimezone(dt.timezone.utc)
+        first_day = since.date() if since == _midnight(since.date()) else since.date() + dt.timedelta(days=1)
+        if since < _midnight(first_day):
+            edges.append((since, _midnight(first_day)))
+    if filters.until is not None:
+        until = filters.until.astimezone(dt.timezone.utc)
+        end_day = until.date()
+        if _midnight(end_day) < until:
+            edges.append((_midnight(end_day), until))
+    if first_day is not None and end_day is not None and first_day >= end_day:
+        return None
+    return first_day, end_day, edges
+
+
+def _lots_raw(session: Session, filters: Filters) -> Select:
+    return _where(session, (
+        select(ImageSet.lot, Inspection.model_id, *_lot_aggregates())
         .select_from(Inspection)
         .join(Image, Inspection.image_id == Image.id)
         .join(ImageSet, Image.image_set_id == ImageSet.id)
-        .join(Model, Inspection.model_id == Model.id)
-        .group_by(ImageSet.lot, Model.id, Model.name, Model.version)
+        .group_by(ImageSet.lot, Inspection.model_id)
+    ), filters, defects=False)
+
+
+def _lots_rollup(session: Session, filters: Filters, first_day: dt.date | None, end_day: dt.date | None) -> Select:
+    daily = InspectionDaily
+    query = (
+        select(ImageSet.lot, daily.model_id, func.sum(daily.images).label("images"), func.sum(daily.failed).label("failed"),
+               func.sum(daily.errors).label("errors"), func.sum(daily.defects).label("defects"),
+               func.min(daily.first_at).label("first_at"), func.max(daily.last_at).label("last_at"))
+        .select_from(daily)
+        .join(ImageSet, daily.image_set_id == ImageSet.id)
+        .group_by(ImageSet.lot, daily.model_id)
     )
-    return _where(session, query, filters, defects=False)
+    conditions = [getattr(ImageSet, name) == getattr(filters, name) for name in ("lot", "line", "product", "camera")
+                  if getattr(filters, name) is not None]
+    if filters.model is not None:
+        conditions.append(daily.model_id.in_(_model_ids(session, filters.model)))
+    if first_day is not None or end_day is not None:
+        # a time filter leaves out images without a capture time, as `acquired_at >= since` does
+        conditions.append(daily.day != NO_DAY)
+    if first_day is not None:
+        conditions.append(daily.day >= first_day)
+    if end_day is not None:
+        conditions.append(daily.day < end_day)
+    return query.where(*conditions) if conditions else query
+
+
+def _lots_query(session: Session, filters: Filters, *, rollup: bool = True) -> Select:
+    """Per lot and model: lot, model id, name, version, images, failed, errors, defects, first_at, last_at.
+
+    Whole days come from the rollup and the partial days at the window's edges from the raw rows,
+    added together, so the result equals the raw query (`rollup=False`, and any filter the
+    rollup does not hold) while reading a few rows per lot and day instead of every inspection.
+    """
+    window = _rollup_window(filters) if rollup else None
+    if window is None:
+        parts = [_lots_raw(session, filters)]
+    else:
+        first_day, end_day, edges = window
+        parts = [_lots_rollup(session, filters, first_day, end_day)]
+        parts += [_lots_raw(session, Filters(**{**filters.given(), "since": a, "until": b})) for a, b in edges]
+    part = union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
+    c = part.c
+    return (
+        select(c["lot"].label("lot"), Model.id, Model.name, Model.version, func.sum(c["images"]), func.sum(c["failed"]),
+               func.sum(c["errors"]), func.sum(c["defects"]), func.min(c["first_at"]), func.max(c["last_at"]).label("last_at"))
+        .join_from(part, Model, Model.id == c["model_id"])
+        .group_by(c["lot"], Model.id, Model.name, Model.version)
+    )
 
 
 def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: float = HOLD_ABOVE, limit: int = 50, offset: int = 0) -> Page:
@@ -449,7 +531,8 @@ def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: flo
     A lot is on "hold" when its share of failed images is above `hold_above`.
     """
     check_filters(session, filters)
-    query = _lots_query(session, filters).order_by(func.max(Image.acquired_at).desc(), ImageSet.lot, Model.id)
+    query = _lots_query(session, filters)
+    query = query.order_by(query.selected_columns.last_at.desc(), query.selected_columns.lot, Model.id)
     page = _page(session, query, limit, offset, lambda row: _lot_row(row, hold_above))
     for row in page.rows:
         row.pop("model_id")

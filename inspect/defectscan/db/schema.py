@@ -14,6 +14,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -279,17 +280,49 @@ class Defect(Base):
     inspection: Mapped[Inspection] = relationship(back_populates="defects")
 
 
+# `inspection_daily.day` of images without a capture time: a real date that no capture has, so
+# the key stays NULL-free; time-filtered queries leave this day out, as `acquired_at >= ...`
+# leaves out NULL capture times.
+NO_DAY = dt.date(1, 1, 1)
+
+
+class InspectionDaily(Base):
+    """Inspection counts per image set, model and UTC capture day, kept by the pipeline as it records.
+
+    The lots listing sums these few rows instead of joining every inspection to its image (the
+    join is what made `lots list --since` slow at millions of images). pipeline/record.py keeps it
+    equal to a recount of `inspections`, in the same transaction that writes them.
+    """
+
+    __tablename__ = "inspection_daily"
+    __table_args__ = (Index(None, "day"),)
+
+    image_set_id: Mapped[int] = mapped_column(ForeignKey("image_sets.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    # UTC date of images.acquired_at, NO_DAY when it is NULL.
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    images: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    defects: Mapped[int] = mapped_column(BigInteger)
+    # Earliest and latest images.acquired_at of the bucket (for the listing's first_at/last_at).
+    first_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
 __all__ = [
     "Base",
     "Defect",
     "Image",
     "ImageSet",
     "Inspection",
+    "InspectionDaily",
     "JobLock",
     "JobRun",
     "Model",
     "IMAGE_SET_KINDS",
     "MODEL_STAGES",
+    "NO_DAY",
     "RUN_STATUSES",
     "VERDICTS",
     "utcnow",

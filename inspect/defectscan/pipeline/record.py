@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from defectscan.db.schema import Defect, Image, Inspection, JobRun, utcnow
+from defectscan.db.schema import NO_DAY, Defect, Image, Inspection, InspectionDaily, JobRun, utcnow
 from defectscan.errors import DatabaseError
 from defectscan.pipeline.postprocess import ImageResult
 from defectscan.secrets import mask_secrets
@@ -56,6 +58,60 @@ def with_retries(action: Callable[[], T], retry: Retry, what: str) -> T:
     raise AssertionError("unreachable")
 
 
+class _Daily:
+    """Changes to `inspection_daily` of one shard, per capture day: counts to add (or subtract) and times seen."""
+
+    def __init__(self) -> None:
+        self.days: dict[dt.date, list] = {}
+
+    def add(self, acquired_at: dt.datetime | None, verdict: str, n_defects: int, sign: int = 1) -> None:
+        day = acquired_at.astimezone(dt.timezone.utc).date() if acquired_at is not None else NO_DAY
+        bucket = self.days.setdefault(day, [0, 0, 0, 0, None, None])
+        bucket[0] += sign
+        bucket[1] += sign * (verdict == "fail")
+        bucket[2] += sign * (verdict == "error")
+        bucket[3] += sign * n_defects
+        if sign > 0 and acquired_at is not None:
+            bucket[4] = acquired_at if bucket[4] is None else min(bucket[4], acquired_at)
+            bucket[5] = acquired_at if bucket[5] is None else max(bucket[5], acquired_at)
+
+    def write(self, session: Session, image_set_id: int, model_id: int) -> None:
+        """One upsert that adds the counts to the stored ones (a row per day is created when missing)."""
+        if not self.days:
+            return
+        dialect = session.get_bind().dialect.name
+        table = InspectionDaily.__table__
+        statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+        new = statement.excluded
+        statement = statement.on_conflict_do_update(
+            index_elements=[table.c.image_set_id, table.c.model_id, table.c.day],
+            set_={
+                "images": table.c.images + new.images,
+                "failed": table.c.failed + new.failed,
+                "errors": table.c.errors + new.errors,
+                "defects": table.c.defects + new.defects,
+                "first_at": _least(dialect, table.c.first_at, new.first_at),
+                "last_at": _greatest(dialect, table.c.last_at, new.last_at),
+            },
+        )
+        # In key order, so concurrent shards of one image set lock the rows in the same order.
+        session.execute(statement, [
+            {"image_set_id": image_set_id, "model_id": model_id, "day": day, "images": b[0], "failed": b[1], "errors": b[2],
+             "defects": b[3], "first_at": b[4], "last_at": b[5]}
+            for day, b in sorted(self.days.items())
+        ])
+
+
+# PostgreSQL's least()/greatest() skip NULLs; SQLite has neither, and its two-argument min()/max()
+# return NULL when either side is NULL, hence the coalesce on both sides.
+def _least(dialect: str, a, b):
+    return func.least(a, b) if dialect == "postgresql" else func.min(func.coalesce(a, b), func.coalesce(b, a))
+
+
+def _greatest(dialect: str, a, b):
+    return func.greatest(a, b) if dialect == "postgresql" else func.max(func.coalesce(a, b), func.coalesce(b, a))
+
+
 def record_results(
     session: Session,
     *,
@@ -71,19 +127,28 @@ def record_results(
 
     Images already inspected by this model are left alone unless `replace`, which deletes their
     rows (defects go with them) and writes the new ones: either way the table holds one row
-    per (image, model).
+    per (image, model). The per-day rollup `inspection_daily` changes by the same rows, in the
+    same transaction, so it always equals a recount of `inspections`.
     """
     counts = Counts()
     if not results:
         return counts
     by_position = {r.position: r for r in results}
-    image_ids = dict(
-        session.execute(
-            select(Image.position, Image.id).where(Image.image_set_id == image_set_id, Image.position.in_(list(by_position)))
-        ).all()
-    )
+    found = session.execute(
+        select(Image.position, Image.id, Image.acquired_at).where(Image.image_set_id == image_set_id, Image.position.in_(list(by_position)))
+    ).all()
+    image_ids = {position: image_id for position, image_id, _ in found}
+    acquired = {image_id: when for _, image_id, when in found}
+    daily = _Daily()
     if replace:
-        session.execute(delete(Inspection).where(Inspection.model_id == model_id, Inspection.image_id.in_(list(image_ids.values()))))
+        # The deleted rows (exactly those, via RETURNING) leave the rollup; all their images are
+        # written again below, so first_at/last_at, which cannot be un-merged, stay exact.
+        deleted = session.execute(
+            delete(Inspection).where(Inspection.model_id == model_id, Inspection.image_id.in_(list(image_ids.values())))
+            .returning(Inspection.image_id, Inspection.verdict, Inspection.n_defects)
+        )
+        for image_id, verdict, n_defects in deleted:
+            daily.add(acquired[image_id], verdict, n_defects, sign=-1)
         done = set()
     else:
         done = set(
@@ -138,6 +203,9 @@ def record_results(
     ]
     if defect_rows:
         session.execute(insert(Defect), defect_rows)
+    for row in rows:
+        daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
+    daily.write(session, image_set_id, model_id)
     counts.inspected = sum(1 for r in pending if r.verdict != "error")
     counts.errors = sum(1 for r in pending if r.verdict == "error")
     counts.failed = sum(1 for r in pending if r.verdict == "fail")
