@@ -135,8 +135,9 @@ def load_settings(
 ) -> Settings:
     """Merge the layers and validate them.
 
-    `overrides` maps a dotted key to (value, source), the source being the flag that set it,
-    e.g. {"database_url": (url, "--database-url")}; None values are left out.
+    `overrides` maps a key to (value, source), the source being the flag that set it, e.g.
+    {"database_url": (url, "--database-url")}; nested keys are joined by "." or "__" (as in the
+    environment: "inspection__batch_size"); None values are left out.
     """
     merged: dict[str, Any] = {}
     origin: dict[tuple[str, ...], str] = {}
@@ -148,7 +149,7 @@ def load_settings(
         _merge(merged, origin, _nest(key, value), source)
     for key, (value, source) in (overrides or {}).items():
         if value is not None:
-            _merge(merged, origin, _nest(tuple(key.split(".")), value), source)
+            _merge(merged, origin, _nest(tuple(key.replace(_NESTED, ".").split(".")), value), source)
 
     try:
         return Settings.model_validate(merged)

@@ -37,10 +37,8 @@ class AppContext:
         return settings
 
     def settings_with(self, **flags: tuple[object, str]) -> Settings:
-        """Settings with a command's own flags as the top layer: key=(value, "--flag"), dots as "__"."""
-        overrides = dict(self._overrides)
-        overrides.update({key.replace("__", "."): value for key, value in flags.items()})
-        return load_settings(self._config_file, overrides=overrides)
+        """Settings with a command's own flags as the top layer: section__key=(value, "--flag")."""
+        return load_settings(self._config_file, overrides={**self._overrides, **flags})
 
     @cached_property
     def engine(self) -> Engine:
