@@ -131,3 +131,10 @@ def test_cross_field_rules(tmp_path):
     message = str(info.value)
     assert f"{config}: section 'inspection': images_per_shard (20) must be a multiple of batch_size (8)" in message
     assert f"{config}: section 'cluster.tls': give all three of ca_file, cert_file, key_file, or none" in message
+
+
+def test_library_defaults_agree_with_defaults_yaml():
+    """Library functions keep a default for callers without settings; it must be the configured one."""
+    from defectscan.db.queries import HOLD_ABOVE
+
+    assert load_settings(environ={}).qa.hold_above == HOLD_ABOVE

@@ -422,11 +422,20 @@ def _lot_aggregates():
     return images, failed, errors, defects, func.min(Image.acquired_at).label("first_at"), func.max(Image.acquired_at).label("last_at")
 
 
+def failed_share(images: int, failed: int, errors: int) -> float:
+    """The share of failed images among those judged: images in error are neither pass nor fail.
+
+    The one definition behind `defect_rate` in `defectscan lots` and the hold rule of lots and reports.
+    """
+    judged = images - errors
+    return failed / judged if judged > 0 else 0.0
+
+
 def _lot_row(row, hold_above: float) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
     # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
     images, failed, errors, defects = (int(v or 0) for v in (images, failed, errors, defects))
-    rate = failed / images if images else 0.0
+    rate = failed_share(images, failed, errors)
     record = dict(zip(LOT_COLUMNS, (
         lot, _model_label(name, version), images, failed, errors, defects, round(rate, 4),
         iso_utc(first), iso_utc(last), "hold" if rate > hold_above else "release",

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.db import queries_report as q
-from defectscan.db.queries import HOLD_ABOVE, Filters, check_filters, iso_utc
+from defectscan.db.queries import HOLD_ABOVE, Filters, check_filters, failed_share, iso_utc
 from defectscan.errors import DataError
 from defectscan.report import charts
 from defectscan.report.spc import SIGMA, PChart, p_chart
@@ -167,7 +167,7 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
     rows = []
     for g in groups:
         judged = g["images"] - g["errors"]
-        share = g["failed"] / judged if judged else 0.0
+        share = failed_share(g["images"], g["failed"], g["errors"])
         reasons = []
         if share > rules.hold_above:
             reasons.append(f"failed {100 * share:.1f} % > {100 * rules.hold_above:g} %")
