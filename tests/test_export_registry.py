@@ -116,7 +116,9 @@ def test_metadata_files_and_their_errors(tmp_path):
 def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
     meta = read_metadata(DEMO_METADATA)
     assert DEMO_MODEL.stat().st_size < 10 * 2**20
-    assert meta.classes == ["defect"] and meta.metrics["thresholds"]["0.5"]["dice"] >= 0.9
+    assert meta.classes == ["defect"] and meta.threshold == 0.5
+    assert meta.metrics["images"] == 200 and len(meta.metrics["thresholds"]) == 8
+    assert meta.training["sha256"] == file_sha256(DEMO_MODEL)
     assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
     result = _db(cli, sqlite_url, "models", "register", "--demo")
     assert result.exit_code == 0, result.output
