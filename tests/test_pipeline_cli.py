@@ -139,6 +139,11 @@ def test_gpu_workers_get_a_gpu_resource_and_tasks_ask_for_it(cli, prepared, monk
         assert info.gpu and info.n_workers == 1
         resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
         assert resources == [{"GPU": 1}]
+        # TensorFlow's memory arena must not pause an inference worker (it would wait forever)
+        import dask
+
+        paused = client.run(lambda: dask.config.get("distributed.worker.memory.pause"))
+        assert list(paused.values()) == [False]
     url, factory, image_set = prepared
     result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(image_set.id), "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 0, result.output

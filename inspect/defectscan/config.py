@@ -61,6 +61,7 @@ class InspectionSettings(_Section):
     images_per_shard: int = Field(ge=1)
     tile_size: int = Field(ge=16)
     halo: int = Field(ge=0)
+    tile_batch_size: int = Field(ge=1)
     threshold: float | None = Field(gt=0, lt=1)
     min_defect_area: int = Field(ge=1)
     fail_score: float = Field(ge=0, le=1)

@@ -28,6 +28,15 @@ class ClusterInfo:
     dashboard: str | None
 
 
+# Dask worker memory settings for inference workers (local clusters get them here; `dask worker`
+# processes of a deployment get them from the environment, see docs/deploy.md).
+WORKER_MEMORY = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+}
+
+
 def count_gpus() -> int:
     """NVIDIA GPUs visible to this machine, without importing TensorFlow."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -64,6 +73,15 @@ def security(tls: TLSSettings):
 
 
 def _local_cluster(settings: ClusterSettings, n_workers: int | None):
+    # TensorFlow keeps its memory arena: to Dask that is "unmanaged" memory that never goes down, and
+    # a worker paused for it would wait forever. Only the nanny's restart at `terminate` stays on.
+    import dask
+
+    with dask.config.set(WORKER_MEMORY):
+        return _start_local_cluster(settings, n_workers)
+
+
+def _start_local_cluster(settings: ClusterSettings, n_workers: int | None):
     gpus = count_gpus()
     sec = security(settings.tls)
     protocol = {"protocol": "tls", "security": sec} if sec is not None else {}

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -212,9 +212,10 @@ def _tasks(client, model: Model, ref: ModelRef, rules: VerdictRules, settings: I
                 yield future, _Task(image_set.id, shard.todo, output)
         else:
             height, width = image_set.shape
+            tile_ref = replace(ref, batch_size=settings.tile_batch_size)
             tiles = [
                 client.submit(
-                    inspect_tiles, shard, source, output, ref,
+                    inspect_tiles, shard, source, output, tile_ref,
                     key=f"tiles-{run_id}-{image_set.id}-{i}", resources=resources, pure=False,
                 )
                 for i, shard in enumerate(plan_strip(image_set.id, height, width, settings.tile_size, settings.halo, settings.batch_size))
