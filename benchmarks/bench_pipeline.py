@@ -61,6 +61,15 @@ def _save_tinyunet(path: Path) -> Path:
     return path
 
 
+def _bench_model(args, folder: Path) -> Path:
+    """The shipped demo model (trained: realistic defect counts), or a fresh TinyUNet with --untrained."""
+    if args.untrained:
+        return _model_file(_save_tinyunet, folder / "tinyunet.keras")
+    from defectscan.model.registry import DEMO_MODEL
+
+    return DEMO_MODEL
+
+
 def _save_threshold(path: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from pipeline_helpers import save_threshold_model
@@ -149,7 +158,7 @@ def throughput(args) -> dict:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     factory = _database(folder)
-    image_set, model = _register(factory, _stack(folder, args.images, args.size), _model_file(_save_tinyunet, folder / "tinyunet.keras"), "tinyunet-bench")
+    image_set, model = _register(factory, _stack(folder, args.images, args.size), _bench_model(args, folder), "tinyunet-bench")
     settings = _settings(args.batch_size, args.batch_size * 4)
     with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
         ref = model_ref(model, args.batch_size)
@@ -181,7 +190,7 @@ def scaling(args) -> dict:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     factory = _database(folder)
-    image_set, model = _register(factory, _stack(folder, args.images, args.size), _model_file(_save_tinyunet, folder / "tinyunet.keras"), "tinyunet-bench")
+    image_set, model = _register(factory, _stack(folder, args.images, args.size), _bench_model(args, folder), "tinyunet-bench")
     settings = _settings(args.batch_size, args.batch_size * 2)
     figures = {"benchmark": "pipeline scaling", "images": args.images, "size": args.size, "cores": os.cpu_count()}
     for workers in (1, 2):
@@ -244,6 +253,7 @@ def main() -> None:
     parser.add_argument("--images", type=int)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--untrained", action="store_true", help="a freshly initialised TinyUNet instead of the demo model")
     args = parser.parse_args()
     args.images = args.images or {"throughput": 96, "scaling": 64, "million": 1_000_000}[args.which]
     figures = {"throughput": throughput, "scaling": scaling, "million": million}[args.which](args)
