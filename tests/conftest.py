@@ -101,6 +101,25 @@ def session(migrated_url):
 
 
 @pytest.fixture
+def factory(migrated_url):
+    """A sessionmaker on a fresh database with the current schema (SQLite and PostgreSQL)."""
+    from defectscan.db.session import make_engine, session_factory
+
+    engine = make_engine(migrated_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real Dask LocalCluster with one worker process, shared by the tests that only need one."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
+        yield client
+
+
+@pytest.fixture
 def cli():
     """Run `defectscan ARGS...` in-process; returns click's Result (output, exit_code)."""
     from defectscan.cli import main

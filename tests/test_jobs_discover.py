@@ -6,22 +6,14 @@ import datetime as dt
 import threading
 import time
 
-import pytest
 from defectscan.data import imageset as layout
 from defectscan.db.schema import ImageSet, JobLock
-from defectscan.db.session import make_engine, session_factory
+from defectscan.db.session import make_engine
 from defectscan.jobs.discover import discover, image_sets_with_work
 from defectscan.jobs.lock import Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec
 from pipeline_helpers import add_model, save_threshold_model, square_images, write_stack
 from sqlalchemy import select, update
-
-
-@pytest.fixture
-def factory(migrated_url):
-    engine = make_engine(migrated_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _spec(**source) -> JobSpec:

@@ -36,13 +36,6 @@ def model_file(tmp_path_factory):
 
 
 @pytest.fixture
-def factory(migrated_url):
-    engine = make_engine(migrated_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
 def env(tls, scheduler):
     return tls_environment(tls, scheduler)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import zarr
 from sqlalchemy import func, select
 
 from defectscan.config import load_settings
 from defectscan.db.schema import Defect, Image, Inspection, JobRun
-from defectscan.db.session import make_engine, session_factory
 from defectscan.errors import DataError, ModelError
 from defectscan.pipeline import rle
 from defectscan.pipeline.outputs import masks_uri
@@ -18,21 +16,6 @@ from defectscan.pipeline.run import inspect_image_sets
 from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack, write_strip
 
 DEFECTS = {1: (10, 10, 6), 5: (30, 40, 8), 17: (0, 0, 5)}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
-        yield client
-
-
-@pytest.fixture
-def factory(migrated_url):
-    engine = make_engine(migrated_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

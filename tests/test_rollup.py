@@ -14,7 +14,6 @@ from sqlalchemy import select
 from defectscan.config import load_settings
 from defectscan.db.queries import Filters, _lot_row, _lots_query, list_lots
 from defectscan.db.schema import NO_DAY, Image, Inspection, InspectionDaily
-from defectscan.db.session import make_engine, session_factory
 from defectscan.pipeline.run import inspect_image_sets
 from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
 from queries_helpers import _add_keys_and_times
@@ -22,21 +21,6 @@ from queries_helpers import _add_keys_and_times
 UTC = dt.timezone.utc
 # Twelve images a minute apart from 23:55: five on March 1st, seven on March 2nd (UTC).
 START = dt.datetime(2026, 3, 1, 23, 55, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
-        yield client
-
-
-@pytest.fixture
-def factory(migrated_url):
-    engine = make_engine(migrated_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _run(factory, client, model, image_sets, **kwargs):

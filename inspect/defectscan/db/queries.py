@@ -154,12 +154,12 @@ def check_filters(session: Session, filters: Filters) -> None:
         if filters.defect_class not in known:
             raise DataError(f"unknown defect class {filters.defect_class!r}: no registered model has it{_suggest(filters.defect_class, known)}")
     if filters.model is not None:
-        _model_ids(session, filters.model)
+        model_ids(session, filters.model)
     if filters.job_run is not None and session.get(JobRun, filters.job_run) is None:
         raise DataError(f"unknown job run {filters.job_run}: see `defectscan jobs history` for run ids")
 
 
-def _model_ids(session: Session, reference: str) -> list[int]:
+def model_ids(session: Session, reference: str) -> list[int]:
     name, _, version = reference.partition(":")
     query = select(Model.id).where(Model.name == name)
     if version:
@@ -175,8 +175,8 @@ def _model_ids(session: Session, reference: str) -> list[int]:
 # --- shared filtering -------------------------------------------------------------------------------
 
 
-def _where(session: Session, query: Select, filters: Filters, *, defects: bool) -> Select:
-    """Add the filters to a query that joins inspections, images and image_sets (and defects when `defects`)."""
+def image_scope(filters: Filters) -> list:
+    """The filters on where and when images were taken (image_sets and images columns)."""
     conditions = []
     for name in ("lot", "line", "product", "camera"):
         value = getattr(filters, name)
@@ -186,8 +186,14 @@ def _where(session: Session, query: Select, filters: Filters, *, defects: bool) 
         conditions.append(Image.acquired_at >= filters.since)
     if filters.until is not None:
         conditions.append(Image.acquired_at < filters.until)
+    return conditions
+
+
+def apply_filters(session: Session, query: Select, filters: Filters, *, defects: bool) -> Select:
+    """Add the filters to a query that joins inspections, images and image_sets (and defects when `defects`)."""
+    conditions = image_scope(filters)
     if filters.model is not None:
-        conditions.append(Inspection.model_id.in_(_model_ids(session, filters.model)))
+        conditions.append(Inspection.model_id.in_(model_ids(session, filters.model)))
     if filters.job_run is not None:
         conditions.append(Inspection.job_run_id == filters.job_run)
     if filters.verdict is not None:
@@ -279,7 +285,7 @@ def list_defects(
 ) -> Page:
     """Defects matching `filters`, newest first by default."""
     check_filters(session, filters)
-    query = _where(session, _defects_select(), filters, defects=True)
+    query = apply_filters(session, _defects_select(), filters, defects=True)
     query = _order(query, DEFECT_SORTS, sort, descending, Defect.id, filters)
     return _page(session, query, limit, offset, _defect_row)
 
@@ -289,7 +295,7 @@ def count_defects(session: Session, filters: Filters = Filters()) -> int:
         select(func.count()).select_from(Defect).join(Inspection, Defect.inspection_id == Inspection.id)
         .join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id)
     )
-    return session.scalar(_where(session, query, filters, defects=True))
+    return session.scalar(apply_filters(session, query, filters, defects=True))
 
 
 def get_defect(session: Session, defect_id: int) -> dict[str, Any]:
@@ -359,7 +365,7 @@ def list_images(
 ) -> Page:
     """Inspected images (one row per image and model version) matching `filters`; area filters apply to defect pixels."""
     check_filters(session, filters)
-    query = _where(session, _images_select(), filters, defects=False)
+    query = apply_filters(session, _images_select(), filters, defects=False)
     query = _order(query, IMAGE_SORTS, sort, descending, Inspection.id, filters)
     return _page(session, query, limit, offset, _image_row)
 
@@ -383,7 +389,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
     ).one()
     inspections = select(Inspection, Model).join(Model, Inspection.model_id == Model.id).where(Inspection.image_id == image_id)
     if model is not None:
-        inspections = inspections.where(Inspection.model_id.in_(_model_ids(session, model)))
+        inspections = inspections.where(Inspection.model_id.in_(model_ids(session, model)))
     found = session.execute(inspections.order_by(Inspection.inspected_at.desc(), Inspection.id.desc())).all()
     record: dict[str, Any] = {
         "image_id": image.id, "image_key": image.key, "image_set_id": image_set.id, "image_set_uri": image_set.uri,
@@ -477,7 +483,7 @@ def _rollup_window(filters: Filters) -> tuple[dt.date | None, dt.date | None, li
 
 
 def _lots_raw(session: Session, filters: Filters) -> Select:
-    return _where(session, (
+    return apply_filters(session, (
         select(ImageSet.lot, Inspection.model_id, *_lot_aggregates())
         .select_from(Inspection)
         .join(Image, Inspection.image_id == Image.id)
@@ -499,7 +505,7 @@ def _lots_rollup(session: Session, filters: Filters, first_day: dt.date | None, 
     conditions = [getattr(ImageSet, name) == getattr(filters, name) for name in ("lot", "line", "product", "camera")
                   if getattr(filters, name) is not None]
     if filters.model is not None:
-        conditions.append(daily.model_id.in_(_model_ids(session, filters.model)))
+        conditions.append(daily.model_id.in_(model_ids(session, filters.model)))
     if first_day is not None or end_day is not None:
         # a time filter leaves out images without a capture time, as `acquired_at >= since` does
         conditions.append(daily.day != NO_DAY)
@@ -577,7 +583,7 @@ def lot_summary(
     if not n_sets:
         check_filters(session, filters)  # names the unknown lot, with suggestions
     if filters.model is not None:
-        _model_ids(session, filters.model)
+        model_ids(session, filters.model)
     summaries = [_lot_row(row, hold_above) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
     labels = {s["model_id"]: s["model"] for s in summaries}
     classes = (
@@ -589,7 +595,7 @@ def lot_summary(
         .group_by(Inspection.model_id, Defect.class_name)
     )
     by_model: dict[str, list[dict[str, Any]]] = {}
-    found = session.execute(_where(session, classes, filters, defects=True)).all()
+    found = session.execute(apply_filters(session, classes, filters, defects=True)).all()
     for model_id, cls, n, mean_area, peak in sorted(found, key=lambda r: (r[0], -r[2], r[1])):
         entries = by_model.setdefault(labels.get(model_id, str(model_id)), [])
         if len(entries) < top:

@@ -2,7 +2,7 @@
 
 Counts per lot or hour (the p-chart's subgroups), per defect class, per area bin and per cell of
 a position grid run as GROUP BY in the database, so a report over millions of defects reads only
-what it shows. The selection is db/queries.py's `Filters`, applied by its `_where`: one definition
+what it shows. The selection is db/queries.py's `Filters`, applied by its `apply_filters`: one definition
 of what "lot L", "line X since D" or "job run N" select, shared with the listing commands.
 
 Works the same on SQLite and PostgreSQL; the two dialect differences (hour buckets, float to
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Integer, Select, case, cast, distinct, func, literal, select
 from sqlalchemy.orm import Session
 
-from defectscan.db.queries import Filters, ImageSource, _model_ids, _where, iso_utc
+from defectscan.db.queries import Filters, ImageSource, model_ids, apply_filters, image_scope, iso_utc
 from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import DataError
 
@@ -41,7 +41,7 @@ def _scope_defects(session: Session, filters: Filters, *columns) -> Select:
     let SQLite walk the whole defects table in class-index order (7 s instead of 1 s at 1M rows).
     Only inspection-level filters apply: a report's scope has no defect-level ones.
     """
-    scope = _where(session, _inspections().add_columns(Inspection.id), filters, defects=False)
+    scope = apply_filters(session, _inspections().add_columns(Inspection.id), filters, defects=False)
     return select(*columns).select_from(Defect).where(Defect.inspection_id.in_(scope))
 
 
@@ -81,7 +81,7 @@ def _int(value) -> int:
 
 def scope_models(session: Session, filters: Filters) -> list[dict[str, Any]]:
     """The model versions with results in the scope, most inspections first."""
-    query = _where(
+    query = apply_filters(
         session,
         _inspections().add_columns(Model.id, Model.name, Model.version, func.count(Inspection.id))
         .join(Model, Inspection.model_id == Model.id)
@@ -95,7 +95,7 @@ def scope_models(session: Session, filters: Filters) -> list[dict[str, Any]]:
 
 def model_info(session: Session, reference: str) -> dict[str, Any]:
     """A model version's identity and its evaluation metrics (`models.metrics`)."""
-    ids = _model_ids(session, reference)
+    ids = model_ids(session, reference)
     if len(ids) != 1:
         raise DataError(f"model {reference!r} names {len(ids)} versions: give NAME:VERSION")
     model = session.get(Model, ids[0])
@@ -108,7 +108,7 @@ def model_info(session: Session, reference: str) -> dict[str, Any]:
 
 def totals(session: Session, filters: Filters) -> dict[str, Any]:
     """Images inspected, passed, failed, in error, defects and defect pixels, first and last capture time."""
-    query = _where(
+    query = apply_filters(
         session,
         _inspections().add_columns(
             func.count(Inspection.id), _failed(), _errors(), func.sum(Inspection.n_defects), func.sum(Inspection.defect_pixels),
@@ -143,9 +143,9 @@ def _group_columns():
 
 def lot_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list[dict[str, Any]], int]:
     """Per lot: images, failed, errors, defects, capture times; the `limit` most recent lots in time order, and the lot count."""
-    query = _where(session, _inspections().add_columns(ImageSet.lot, *_group_columns()).group_by(ImageSet.lot), filters, defects=False)
+    query = apply_filters(session, _inspections().add_columns(ImageSet.lot, *_group_columns()).group_by(ImageSet.lot), filters, defects=False)
     rows = session.execute(query.order_by(func.max(Image.acquired_at).desc(), ImageSet.lot).limit(limit)).all()
-    count = session.scalar(_where(session, _inspections().add_columns(func.count(distinct(ImageSet.lot))), filters, defects=False))
+    count = session.scalar(apply_filters(session, _inspections().add_columns(func.count(distinct(ImageSet.lot))), filters, defects=False))
     groups = _group_rows(rows, lambda lot: lot if lot is not None else "(no lot)")
     return sorted(groups, key=lambda g: (g["first_at"] or "", g["label"])), _int(count)
 
@@ -153,10 +153,10 @@ def lot_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list[
 def hour_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list[dict[str, Any]], int]:
     """Per capture hour (UTC): the same counts as `lot_groups`, the `limit` latest hours in time order."""
     hour = _hour_bucket(session).label("hour")
-    query = _where(session, _inspections().add_columns(hour, *_group_columns()).group_by(hour), filters, defects=False)
+    query = apply_filters(session, _inspections().add_columns(hour, *_group_columns()).group_by(hour), filters, defects=False)
     rows = session.execute(query.order_by(hour.desc()).limit(limit)).all()
     count = session.scalar(select(func.count()).select_from(
-        _where(session, _inspections().add_columns(hour).group_by(hour), filters, defects=False).subquery()))
+        apply_filters(session, _inspections().add_columns(hour).group_by(hour), filters, defects=False).subquery()))
 
     def label(value) -> str:
         if value is None:
@@ -212,7 +212,7 @@ def position_grid(session: Session, filters: Filters, size: int) -> list[list[in
 
 def worst_images(session: Session, filters: Filters, n: int) -> list[dict[str, Any]]:
     """The `n` failed images with the most defect pixels (then highest score), with their largest defects' masks."""
-    query = _where(
+    query = apply_filters(
         session,
         _inspections().add_columns(
             Inspection.id, Image.id, Image.key, ImageSet.lot, ImageSet.line, Image.acquired_at, Inspection.n_defects,
@@ -248,7 +248,7 @@ def worst_images(session: Session, filters: Filters, n: int) -> list[dict[str, A
 
 def error_images(session: Session, filters: Filters, *, limit: int) -> list[dict[str, Any]]:
     """Images whose inspection ended in error, with the reason (the first `limit`, in capture order)."""
-    query = _where(
+    query = apply_filters(
         session,
         _inspections().add_columns(Image.id, Image.key, ImageSet.lot, ImageSet.uri, Image.position, Inspection.job_run_id, Inspection.error)
         .where(Inspection.verdict == "error").order_by(Image.acquired_at, Image.id),
@@ -265,15 +265,7 @@ def not_inspected(session: Session, filters: Filters, model_id: int, *, limit: i
     Only the image-level filters apply (a job run's scope has no such images by definition).
     """
     inspected = select(literal(1)).where(Inspection.image_id == Image.id, Inspection.model_id == model_id).exists()
-    conditions = [~inspected]
-    for name in ("lot", "line", "product", "camera"):
-        value = getattr(filters, name)
-        if value is not None:
-            conditions.append(getattr(ImageSet, name) == value)
-    if filters.since is not None:
-        conditions.append(Image.acquired_at >= filters.since)
-    if filters.until is not None:
-        conditions.append(Image.acquired_at < filters.until)
+    conditions = [~inspected, *image_scope(filters)]
     base = select().select_from(Image).join(ImageSet, Image.image_set_id == ImageSet.id).where(*conditions)
     count = session.scalar(base.add_columns(func.count(Image.id)))
     rows = session.execute(base.add_columns(Image.id, Image.key, ImageSet.lot, ImageSet.uri, Image.position)
@@ -283,7 +275,7 @@ def not_inspected(session: Session, filters: Filters, model_id: int, *, limit: i
 
 def job_runs(session: Session, filters: Filters) -> list[dict[str, Any]]:
     """The job runs that wrote the scope's results, oldest first, with their own counts and status."""
-    ids = _where(session, _inspections().add_columns(Inspection.job_run_id).where(Inspection.job_run_id.is_not(None))
+    ids = apply_filters(session, _inspections().add_columns(Inspection.job_run_id).where(Inspection.job_run_id.is_not(None))
                  .group_by(Inspection.job_run_id), filters, defects=False)
     runs = session.execute(
         select(JobRun).where(JobRun.id.in_(ids.scalar_subquery())).order_by(JobRun.started_at, JobRun.id)
