@@ -22,6 +22,13 @@ def pytest_addoption(parser):
     parser.addoption("--run-large", action="store_true", help="also run tests marked large (slow)")
 
 
+def pytest_configure(config):
+    # The developer's own settings must not reach any test, session-scoped fixtures included.
+    for name in list(os.environ):
+        if name.startswith("DEFECTSCAN_") and not name.startswith("DEFECTSCAN_TEST_"):
+            del os.environ[name]
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-large"):
         return
