@@ -225,22 +225,22 @@ def million(args) -> dict:
     began = time.perf_counter()
     with factory() as session:
         pending, _ = pending_positions(session, image_set, model, force=False)
-    shards = sum(1 for _ in plan_stack(image_set.id, args.images, 512, pending))
+    shards = sum(1 for _ in plan_stack(image_set.id, args.images, args.images_per_shard, pending))
     plan_s = time.perf_counter() - began
     del pending
 
-    settings = _settings(512, 512)
+    settings = _settings(min(512, args.images_per_shard), args.images_per_shard)
     with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
         with _PeakRss() as rss:
             summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=4)
     mib = 2**20
     figures = {
-        "benchmark": "pipeline million", "images": args.images, "shards": shards, "setup_s": round(setup_s, 1),
+        "benchmark": "pipeline million", "images": args.images, "shards": shards, "images_per_shard": args.images_per_shard, "setup_s": round(setup_s, 1),
         "plan_s": round(plan_s, 2), "run_s": round(seconds, 1), "img_s": round(summary.counts.inspected / seconds, 1),
         "client_rss_at_start_mib": round(rss.start / mib, 1), "client_peak_rss_mib": round(rss.peak / mib, 1),
         "status": summary.status, "tensorflow_in_client": "tensorflow" in sys.modules,
     }
-    print(f"{args.images} images (16x16, stand-in threshold model), {shards} shards of 512")
+    print(f"{args.images} images (16x16, stand-in threshold model), {shards} shards of {args.images_per_shard}")
     print(f"plan (pending query + shard plan): {plan_s:.2f} s")
     print(f"run: {seconds:.1f} s, {figures['img_s']} img/s recorded to SQLite")
     print(f"client RSS during the run: start {rss.start / mib:.0f} MiB, peak {rss.peak / mib:.0f} MiB (TensorFlow in client: {figures['tensorflow_in_client']})")
@@ -253,6 +253,7 @@ def main() -> None:
     parser.add_argument("--images", type=int)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--images-per-shard", type=int, default=512, help="million: shard size (more shards, same images)")
     parser.add_argument("--untrained", action="store_true", help="a freshly initialised TinyUNet instead of the demo model")
     args = parser.parse_args()
     args.images = args.images or {"throughput": 96, "scaling": 64, "million": 1_000_000}[args.which]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.config import InspectionSettings
@@ -74,12 +74,13 @@ def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
 def pending_positions(session: Session, image_set: ImageSet, model: Model, force: bool) -> tuple[np.ndarray, int]:
     """Positions that need results (images with a row, not yet inspected by this model), and how many are skipped."""
     positions = select(Image.position).where(Image.image_set_id == image_set.id)
-    every = np.fromiter(session.scalars(positions.order_by(Image.position)), dtype=np.int64)
-    if force:
-        return every, 0
-    done = select(Inspection.image_id).where(Inspection.model_id == model.id)
-    todo = np.fromiter(session.scalars(positions.where(Image.id.not_in(done)).order_by(Image.position)), dtype=np.int64)
-    return todo, len(every) - len(todo)
+    if not force:
+        positions = positions.where(Image.id.not_in(select(Inspection.image_id).where(Inspection.model_id == model.id)))
+    # Streamed in blocks: a million-image set never sits in client memory as a million Python rows.
+    rows = session.scalars(positions.order_by(Image.position), execution_options={"yield_per": 50_000})
+    todo = np.fromiter(rows, dtype=np.int64)
+    total = session.scalar(select(func.count()).select_from(Image).where(Image.image_set_id == image_set.id))
+    return todo, total - len(todo)
 
 
 def check_store_unchanged(image_set: ImageSet) -> None:
