@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscan.data.dataset import LabelledImages, keep_common_shape
-from defectscan.data.imagefiles import read_image
+from defectscan.data.imagefiles import read_image, read_labelled
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
 from defectscan.model.preprocess import as_uint8
@@ -116,17 +116,10 @@ def read_dagm(
                 else:
                     problems.add(image_path, "listed in Labels.txt but missing")
                 continue
-            try:
-                image = read_image(image_path)
-                if label_path is not None:
-                    label = read_image(label_path)
-                    if label.shape != image.shape:
-                        problems.add(label_path, f"wrong size: label {label.shape[0]}x{label.shape[1]} for image {image.shape[0]}x{image.shape[1]}")
-                        continue
-            except DataError as exc:
-                bad, reason = str(exc).split(": ", 1)
-                problems.add(bad, f"unreadable: {reason}")
+            pair = read_labelled(image_path, label_path, problems, "label")
+            if pair is None:
                 continue
+            image, _ = pair
             candidates.append(((image_path, label_path, class_id), image.shape))
     items, shape = keep_common_shape(candidates, problems, path_of=lambda item: item[0])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscan.data.dataset import LabelledImages, keep_common_shape
-from defectscan.data.imagefiles import IMAGE_SUFFIXES, read_image
+from defectscan.data.imagefiles import IMAGE_SUFFIXES, read_image, read_labelled
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
 from defectscan.model.preprocess import as_uint8
@@ -65,20 +65,16 @@ def read_folders(
     candidates: list[tuple[tuple[Path, Path | None], tuple[int, int]]] = []
     for stem, image_path in image_files.items():
         mask_path = masks.get(stem)
-        try:
-            image = read_image(image_path)
-            if mask_path is not None:
-                mask = read_image(mask_path)
-                if mask.shape != image.shape:
-                    problems.add(mask_path, f"wrong size: mask {mask.shape[0]}x{mask.shape[1]} for image {image.shape[0]}x{image.shape[1]}")
-                    continue
-                mask_to_classes(mask, len(classes))
-        except DataError as exc:
-            bad, _, reason = str(exc).partition(": ")
-            if bad != str(image_path) and bad != str(mask_path):
-                bad, reason = str(mask_path or image_path), str(exc)
-            problems.add(bad, f"unreadable: {reason}")
+        pair = read_labelled(image_path, mask_path, problems, "mask")
+        if pair is None:
             continue
+        image, mask = pair
+        if mask is not None:
+            try:
+                mask_to_classes(mask, len(classes))
+            except DataError as exc:
+                problems.add(mask_path, f"unreadable: {exc}")
+                continue
         candidates.append(((image_path, mask_path), image.shape))
     items, shape = keep_common_shape(candidates, problems, path_of=lambda item: item[0])
 

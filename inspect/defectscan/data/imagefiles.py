@@ -35,6 +35,23 @@ def read_image(path: str | Path) -> np.ndarray:
     return _to_gray(path, array)
 
 
+def read_labelled(image_path: Path, label_path: Path | None, problems, what: str = "label") -> tuple[np.ndarray, np.ndarray | None] | None:
+    """An image and its label (or mask) of the same size; a bad file is recorded in `problems` (a ProblemLog) and None returned."""
+    try:
+        image = read_image(image_path)
+        label = read_image(label_path) if label_path is not None else None
+    except DataError as exc:
+        bad, _, reason = str(exc).partition(": ")
+        if bad not in (str(image_path), str(label_path)):
+            bad, reason = str(label_path or image_path), str(exc)
+        problems.add(bad, f"unreadable: {reason}")
+        return None
+    if label is not None and label.shape != image.shape:
+        problems.add(label_path, f"wrong size: {what} {label.shape[0]}x{label.shape[1]} for image {image.shape[0]}x{image.shape[1]}")
+        return None
+    return image, label
+
+
 def _read_pillow(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
