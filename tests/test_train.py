@@ -145,3 +145,41 @@ def test_mixed_precision_and_one_class_per_dagm_folder(synth, tmp_path):
     assert model.get_layer("output_conv1").compute_dtype == "float32"
     assert model.get_layer("probabilities").dtype_policy.name == "float32"
     assert json.loads((tmp_path / "training.json").read_text())["classes"] == ["Class1", "Class2"]
+
+
+def test_init_from_starts_from_another_models_weights_and_a_resume_keeps_its_checkpoint(uninterrupted, synth, tmp_path):
+    from defectscan.model.train import init_weights
+    from defectscan.model.unet import build_model
+
+    donor = uninterrupted[0].model_path
+    fresh = build_model("tinyunet", num_classes=1, filters=load_recipe(CPU_RECIPE).model.filters, seed=5)
+    init_weights(fresh, donor)
+    for a, b in zip(_weights(donor), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+    recipe = load_recipe(CPU_RECIPE, [f"model.init_from={donor}", "train.steps=4"], str(synth))
+    whole = train(recipe, tmp_path / "whole", progress=False)
+    assert json.loads((tmp_path / "whole" / "training.json").read_text())["recipe"]["model"]["init_from"] == str(donor)
+    # A fine-tuned run is not a run from He init with the same seed.
+    scratch = train(load_recipe(CPU_RECIPE, ["train.steps=4"], str(synth)), tmp_path / "scratch", progress=False)
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(whole.model_path), _weights(scratch.model_path)))
+    # Resuming restores the checkpoint (weights and optimizer), not the donor's weights again.
+    train(recipe, tmp_path / "paused", stop_at=2, progress=False)
+    resumed = train(recipe, tmp_path / "paused", progress=False)
+    assert (resumed.resumed_from, resumed.step) == (2, 4)
+    for a, b in zip(_weights(whole.model_path), _weights(resumed.model_path)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_from_refuses_a_missing_file_other_classes_or_another_structure(uninterrupted, synth, tmp_path):
+    from defectscan.errors import ModelError
+
+    donor = uninterrupted[0].model_path
+    missing = tmp_path / "absent.keras"
+    with pytest.raises(ModelError, match=f"{missing}: model file does not exist"):
+        train(load_recipe(CPU_RECIPE, [f"model.init_from={missing}"], str(synth)), tmp_path / "a", progress=False)
+    with pytest.raises(ModelError, match=f"{donor}: cannot initialise from it: it has 1 output classes, the recipe's dataset 2"):
+        train(load_recipe(CPU_RECIPE, [f"model.init_from={donor}", "data.per_class=true"], str(synth)), tmp_path / "b", progress=False)
+    with pytest.raises(ModelError, match=f"{donor}: cannot initialise from it: its layers differ from the recipe's model"):
+        train(load_recipe(CPU_RECIPE, [f"model.init_from={donor}", "model.filters=[4, 8, 8, 8, 16]"], str(synth)), tmp_path / "c", progress=False)
+    assert not list(tmp_path.glob("*/checkpoints/*.index")), "a refused run leaves no checkpoint to resume from"

@@ -26,6 +26,9 @@ class ModelSpec(_Section):
     name: str = "tinyunet-defects"
     version: str = "1"
     threshold: float = Field(0.5, gt=0, lt=1)
+    # A .keras model (same structure and classes) whose weights start the run instead of He init:
+    # fine-tuning, e.g. on a new line's images. A resumed run restores its checkpoint instead.
+    init_from: str | None = None
 
 
 class DataSpec(_Section):

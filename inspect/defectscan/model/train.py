@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectscan.data.dataset import LabelledImages
-from defectscan.errors import ConfigError, DataError
+from defectscan.errors import ConfigError, DataError, ModelError
 from defectscan.model.recipe import Recipe
 
 log = logging.getLogger("defectscan.train")
@@ -114,6 +114,23 @@ def _optimizer(recipe: Recipe):
     return optimizer
 
 
+def init_weights(model, source: str | Path) -> None:
+    """Copy the weights of the .keras model `source` into `model`; both must have one structure."""
+    from defectscan.model.export import load_model
+
+    donor = load_model(source)
+    theirs, ours = donor.get_weights(), model.get_weights()
+    if donor.output_shape[-1] != model.output_shape[-1]:
+        raise ModelError(f"{source}: cannot initialise from it: it has {donor.output_shape[-1]} output classes, the recipe's dataset {model.output_shape[-1]}")
+    shapes = [w.shape for w in theirs], [w.shape for w in ours]
+    if shapes[0] != shapes[1]:
+        raise ModelError(
+            f"{source}: cannot initialise from it: its layers differ from the recipe's model "
+            f"({len(theirs)} weight arrays, {donor.count_params():,} parameters; the recipe builds {len(ours)}, {model.count_params():,})"
+        )
+    model.set_weights(theirs)
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -156,6 +173,9 @@ def train(
         if manager.latest_checkpoint:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
             log.info("resuming from %s", manager.latest_checkpoint)
+        elif recipe.model.init_from is not None:
+            init_weights(model, recipe.model.init_from)
+            log.info("weights initialised from %s", recipe.model.init_from)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
         if start >= spec.steps:
