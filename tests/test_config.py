@@ -86,7 +86,7 @@ def test_unsupported_backend_is_refused_and_password_masked():
 def test_invalid_yaml_names_file_and_line(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("log_level: INFO\ndatabase_url: [unclosed\n")
-    with pytest.raises(ConfigError, match=rf"{config} \(line \d+\): not valid YAML"):
+    with pytest.raises(ConfigError, match=rf"{config} line \d+: not valid YAML"):
         load_settings(config, environ={})
 
 

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defectscan.errors import ConfigError
 from defectscan.paths import DEFAULTS_FILE
 from defectscan.secrets import mask_secrets
+from defectscan.yamlfile import read_mapping
 
 ENV_PREFIX = "DEFECTSCAN_"
 # Not settings: DEFECTSCAN_CONFIG names the --config file, DEFECTSCAN_TEST_* configure the test suite.
@@ -159,23 +159,7 @@ def load_settings(
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: settings file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read settings file: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
+    return read_mapping(path, what="settings file", contents="settings", error=ConfigError)
 
 
 def _environment_layer(environ: Mapping[str, str]):

@@ -28,6 +28,7 @@ from pydantic import (
 from defectscan.config import InspectionSettings, Settings, load_settings
 from defectscan.errors import ConfigError
 from defectscan.secrets import mask_secrets
+from defectscan.yamlfile import parse_mapping, read_text
 
 SPEC_SUFFIX = ".yaml"
 # A Kubernetes CronJob name holds at most 52 characters; "defectscan-" is prepended to job names.
@@ -276,19 +277,9 @@ def find_spec(jobs_dir: Path, name: str) -> Path:
 
 def load_spec(path: Path) -> JobSpec:
     """Read and validate one spec file; SpecError names the file, line, key, value and what is accepted."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read job spec: {exc.strerror}") from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping of job settings at the top level, got {type(data).__name__}")
+    text = read_text(path, "job spec", SpecError)
+    data = parse_mapping(text, path, "job settings", SpecError)
+    node = yaml.compose(text)
     lines = _key_lines(node)
     _refuse_secrets(path, data, lines)
     data.setdefault("name", path.stem)

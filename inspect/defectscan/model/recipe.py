@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from defectscan.errors import ConfigError
+from defectscan.yamlfile import read_mapping
 
 
 class _Section(BaseModel):
@@ -101,14 +102,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: training recipe not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of recipe sections, got {type(raw).__name__}")
+        raw = read_mapping(Path(path), what="training recipe", contents="recipe sections", error=ConfigError)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

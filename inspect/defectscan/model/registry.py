@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from defectscan.db.schema import MODEL_STAGES, Model
 from defectscan.errors import ModelError
 from defectscan.model.export import file_sha256, load_model
+from defectscan.yamlfile import read_mapping
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "tinyunet-synth-demo.keras"
@@ -42,14 +42,7 @@ class ModelMetadata:
 
 def read_metadata(path: str | Path) -> ModelMetadata:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())  # JSON is YAML
-    except FileNotFoundError:
-        raise ModelError(f"{path}: metadata file does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ModelError(f"{path}: not valid JSON or YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a mapping of model metadata, got {type(data).__name__}")
+    data = read_mapping(path, what="model metadata file", contents="model metadata", error=ModelError)  # JSON is YAML
     known = set(ModelMetadata.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:

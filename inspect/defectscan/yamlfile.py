@@ -1,0 +1,44 @@
+"""The YAML files defectscan reads (settings, training recipes, job specs, model metadata): one reader, one set of errors.
+
+Each error names the file, the line where the parser stopped, and what the file should have held.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from defectscan.errors import DefectscanError
+
+
+def read_text(path: Path, what: str, error: type[DefectscanError]) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder; expected a {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def parse_mapping(text: str, path: Path, contents: str, error: type[DefectscanError]) -> dict[str, Any]:
+    """The top-level mapping of a YAML (or JSON) text; an empty file is an empty mapping."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of {contents} at the top level, got {type(data).__name__}")
+    return data
+
+
+def read_mapping(path: Path, *, what: str, contents: str, error: type[DefectscanError]) -> dict[str, Any]:
+    """read_text + parse_mapping: e.g. what="settings file", contents="settings"."""
+    return parse_mapping(read_text(path, what, error), path, contents, error)

@@ -1,0 +1,34 @@
+"""The one YAML reader behind settings, recipes, job specs and model metadata: the same clear errors from each."""
+
+from __future__ import annotations
+
+import pytest
+from defectscan.config import load_settings
+from defectscan.errors import ConfigError, ModelError
+from defectscan.jobs.spec import SpecError, load_spec
+from defectscan.model.recipe import load_recipe
+from defectscan.model.registry import read_metadata
+
+READERS = [
+    (lambda p: load_settings(config_file=p), ConfigError, "settings file", "settings"),
+    (load_recipe, ConfigError, "training recipe", "recipe sections"),
+    (load_spec, SpecError, "job spec", "job settings"),
+    (read_metadata, ModelError, "model metadata file", "model metadata"),
+]
+
+
+@pytest.mark.parametrize(("read", "error", "what", "contents"), READERS)
+def test_each_reader_names_the_file_and_the_problem(tmp_path, read, error, what, contents):
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(error, match=f"^{missing}: {what} not found$"):
+        read(missing)
+    with pytest.raises(error, match=f"^{tmp_path}: is a folder; expected a {what}$"):
+        read(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: 1\nb: [unclosed\n")
+    with pytest.raises(error, match=f"^{broken} line 3: not valid YAML: "):
+        read(broken)
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(error, match=f"^{listed}: expected a mapping of {contents} at the top level, got list$"):
+        read(listed)
