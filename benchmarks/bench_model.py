@@ -1,5 +1,5 @@
 """TinyUNet throughput: inference img/s at 512x512 (batch 1/8/16, with and without XLA; mixed
-precision on GPUs), training img/s, and on CPUs the achieved GFLOP/s against the FMA peak.
+precision on GPUs, bfloat16 on CPUs that have it), training img/s, and on CPUs the achieved GFLOP/s against the FMA peak.
 
     .venv/bin/python benchmarks/bench_model.py                 # full run
     .venv/bin/python benchmarks/bench_model.py --quick         # fewer repeats, smaller training batch
@@ -151,7 +151,9 @@ def main(argv=None) -> int:
     print(f"device: {device}; TensorFlow {tf.__version__}, Keras {keras.__version__}")
     print(f"TinyUNet forward at {args.size}x{args.size}: {forward_flops / 1e9:.2f} GFLOP per image (conv layers)")
 
-    precisions = ["float32"] + (["mixed_float16"] if gpus else [])
+    # bfloat16 on CPUs whose vector units have it (AVX512-BF16, AMX): the demo model's stage 2 trains so.
+    cpu_bf16 = not gpus and bool({"avx512_bf16", "amx_bf16"} & set(lscpu().get("Flags", "").split()))
+    precisions = ["float32"] + (["mixed_float16"] if gpus else ["mixed_bfloat16"] if cpu_bf16 else [])
     inference = []
     for precision in precisions:
         keras.mixed_precision.set_global_policy(precision)
