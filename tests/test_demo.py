@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 from sqlalchemy import func, select
 
@@ -40,8 +42,23 @@ def test_reduced_demo_runs_and_reruns_with_nothing_to_do(tmp_path, monkeypatch):
     with session_factory(engine)() as session:
         assert session.scalar(select(func.count()).select_from(Inspection)) == 13
         assert session.scalar(select(func.count()).select_from(JobRun)) == 2
-    engine.dispose()
     assert any("already there" in line for line in lines)
+
+    # A new defectscan ships a new demo model version: it inspects everything again, and the
+    # reports cover the new version although the database also holds the old one's results.
+    from defectscan.model import registry
+
+    meta = json.loads(registry.DEMO_METADATA.read_text())
+    newer_model, newer_meta = tmp_path / "demo-next.keras", tmp_path / "demo-next.json"
+    newer_model.write_bytes(registry.DEMO_MODEL.read_bytes())
+    newer_meta.write_text(json.dumps({**meta, "version": meta["version"] + "-next"}))
+    monkeypatch.setattr(registry, "DEMO_MODEL", newer_model)
+    monkeypatch.setattr(registry, "DEMO_METADATA", newer_meta)
+    third = run_demo(tmp_path / "demo", job_file, images_per_lot=4, image_size=128, mosaic_size=512, echo=lines.append)
+    assert (third.status, third.inspected) == ("succeeded", 13), "\n".join(lines)
+    assert {p.name for p in third.reports} >= {"line-1.html", "line-2.html"}
+    assert f"{meta['name']} version {meta['version']}-next" in (tmp_path / "demo" / "reports" / "line-1.html").read_text()
+    engine.dispose()
 
 
 def test_demo_job_spec_points_at_the_demo_folder():

@@ -160,6 +160,7 @@ def write_reports(engine, folder: Path, hold_above: float, echo: Callable[[str],
     """One QA report per line (HTML, and PDF when Chromium is there)."""
     from defectscan.db.session import session_factory
     from defectscan.errors import DefectscanError
+    from defectscan.model.registry import register_demo
     from defectscan.report.build import HoldRules, ReportOptions, Scope, write_report
     from defectscan.report.pdf import find_chromium
 
@@ -174,7 +175,11 @@ def write_reports(engine, folder: Path, hold_above: float, echo: Callable[[str],
     for line in sorted({line for _, line, *_ in (*LOTS, MOSAIC)}):
         html = folder / f"{line}.html"
         with session_factory(engine)() as session:
-            summary = write_report(session, Scope(line=line), html, pdf_path=html.with_suffix(".pdf") if pdf else None,
+            # The shipped demo model's version: a database kept from an older defectscan also holds
+            # the results of the demo model it shipped, and a report covers one model version.
+            demo = register_demo(session)
+            scope = Scope(line=line, model=f"{demo.name}:{demo.version}")
+            summary = write_report(session, scope, html, pdf_path=html.with_suffix(".pdf") if pdf else None,
                                    options=ReportOptions(rules=HoldRules(hold_above=hold_above)))
         written += [Path(summary["html"])] + ([Path(summary["pdf"])] if "pdf" in summary else [])
         echo(f"  QA report {line}: {summary['html']}" + (f" and {summary['pdf']}" if "pdf" in summary else ""))
