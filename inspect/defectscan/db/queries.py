@@ -175,13 +175,15 @@ def model_ids(session: Session, reference: str) -> list[int]:
 # --- shared filtering -------------------------------------------------------------------------------
 
 
+def set_scope(filters: Filters) -> list:
+    """The filters on where images were taken (image_sets columns)."""
+    return [getattr(ImageSet, name) == getattr(filters, name) for name in ("lot", "line", "product", "camera")
+            if getattr(filters, name) is not None]
+
+
 def image_scope(filters: Filters) -> list:
     """The filters on where and when images were taken (image_sets and images columns)."""
-    conditions = []
-    for name in ("lot", "line", "product", "camera"):
-        value = getattr(filters, name)
-        if value is not None:
-            conditions.append(getattr(ImageSet, name) == value)
+    conditions = set_scope(filters)
     if filters.since is not None:
         conditions.append(Image.acquired_at >= filters.since)
     if filters.until is not None:
@@ -502,8 +504,7 @@ def _lots_rollup(session: Session, filters: Filters, first_day: dt.date | None, 
         .join(ImageSet, daily.image_set_id == ImageSet.id)
         .group_by(ImageSet.lot, daily.model_id)
     )
-    conditions = [getattr(ImageSet, name) == getattr(filters, name) for name in ("lot", "line", "product", "camera")
-                  if getattr(filters, name) is not None]
+    conditions = set_scope(filters)
     if filters.model is not None:
         conditions.append(daily.model_id.in_(model_ids(session, filters.model)))
     if first_day is not None or end_day is not None:
