@@ -171,15 +171,16 @@ def write_reports(engine, folder: Path, hold_above: float, echo: Callable[[str],
         echo(f"  no PDF: {exc}")
         pdf = False
     folder.mkdir(parents=True, exist_ok=True)
+    # The shipped demo model's version: a database kept from an older defectscan also holds the
+    # results of the demo model it shipped, and a report covers one model version.
+    with session_factory(engine)() as session:
+        demo = register_demo(session)
+        model = f"{demo.name}:{demo.version}"
     written = []
     for line in sorted({line for _, line, *_ in (*LOTS, MOSAIC)}):
         html = folder / f"{line}.html"
         with session_factory(engine)() as session:
-            # The shipped demo model's version: a database kept from an older defectscan also holds
-            # the results of the demo model it shipped, and a report covers one model version.
-            demo = register_demo(session)
-            scope = Scope(line=line, model=f"{demo.name}:{demo.version}")
-            summary = write_report(session, scope, html, pdf_path=html.with_suffix(".pdf") if pdf else None,
+            summary = write_report(session, Scope(line=line, model=model), html, pdf_path=html.with_suffix(".pdf") if pdf else None,
                                    options=ReportOptions(rules=HoldRules(hold_above=hold_above)))
         written += [Path(summary["html"])] + ([Path(summary["pdf"])] if "pdf" in summary else [])
         echo(f"  QA report {line}: {summary['html']}" + (f" and {summary['pdf']}" if "pdf" in summary else ""))
