@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     print(f"TinyUNet forward at {args.size}x{args.size}: {forward_flops / 1e9:.2f} GFLOP per image (conv layers)")
 
     # bfloat16 on CPUs whose vector units have it (AVX512-BF16, AMX): the demo model's stage 2 trains so.
-    cpu_bf16 = not gpus and bool({"avx512_bf16", "amx_bf16"} & set(lscpu().get("Flags", "").split()))
+    cpu = {} if gpus else lscpu()
+    cpu_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu.get("Flags", "").split()))
     precisions = ["float32"] + (["mixed_float16"] if gpus else ["mixed_bfloat16"] if cpu_bf16 else [])
     inference = []
     for precision in precisions:
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
         "python": sys.version.split()[0],
     }
     if not gpus:
-        peak = cpu_peak(lscpu(), args.fma_pipes, args.lanes, args.clock_ghz)
+        peak = cpu_peak(cpu, args.fma_pipes, args.lanes, args.clock_ghz)
         # The FMA peak is a float32 one: a bfloat16 dot product (VDPBF16PS) does twice the FLOPs per
         # lane, so bfloat16 rows are measured against twice the peak.
         best = max((r for r in inference if r["precision"] == "float32"), key=lambda r: r["gflops"])
