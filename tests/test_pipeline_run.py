@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from defectscan.config import load_settings
 from defectscan.db.schema import Defect, Image, Inspection, JobRun
 from defectscan.errors import DataError, ModelError
-from defectscan.pipeline import rle
+from defectscan.model import rle
 from defectscan.pipeline.outputs import masks_uri
 from defectscan.pipeline.run import inspect_image_sets
 

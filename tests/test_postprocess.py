@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from defectscan.errors import DataError
-from defectscan.pipeline import rle
-from defectscan.pipeline.postprocess import VerdictRules, find_defects, judge, to_uint8
+from defectscan.model import rle
+from defectscan.model.verdict import VerdictRules, find_defects, judge, to_uint8
 
 RULES = VerdictRules(threshold=0.5, min_defect_area=3, fail_score=0.9)
 
@@ -78,3 +78,30 @@ def test_verdict_rules():
 def test_score_map_must_match_the_classes():
     with pytest.raises(ValueError, match=r"expected a \(2, H, W\) score map"):
         find_defects(np.zeros((1, 4, 4), np.uint8), ["a", "b"], RULES)
+
+
+def test_per_class_rules_override_the_common_ones():
+    scores = np.zeros((2, 8, 8), np.uint8)
+    scores[0, 0:2, 0:2] = 200  # 4 pixels, score 0.78
+    scores[1, 4:6, 4:6] = 200
+    rules = VerdictRules(threshold=0.5, min_defect_area=3, fail_score=0.9, per_class={"spot": {"min_defect_area": 5, "fail_score": 0.7}})
+    assert rules.for_class("scratch") == VerdictRules(0.5, 3, 0.9)
+    assert rules.for_class("spot") == VerdictRules(0.5, 5, 0.7)
+    assert [d.class_name for d in find_defects(scores, ["scratch", "spot"], rules)] == ["scratch"]
+    # the scratch is recorded but scores below its class's fail score: a pass
+    assert judge(0, scores, ["scratch", "spot"], rules).verdict == "pass"
+    looser = VerdictRules(threshold=0.5, min_defect_area=3, fail_score=0.9, per_class={"scratch": {"fail_score": 0.7}})
+    assert judge(0, scores, ["scratch", "spot"], looser).verdict == "fail"
+    assert VerdictRules.from_dict(looser.as_dict()) == looser
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"threshold": 1.0}, "threshold 1.0 must be between 0 and 1"),
+    ({"fail_score": 1.5}, "fail_score 1.5 must be within 0..1"),
+    ({"min_defect_area": 0}, "min_defect_area 0 must be at least 1"),
+    ({"per_class": {"spot": {"area": 3}}}, "verdict rule for class spot: unknown field"),
+])
+def test_a_bad_rule_is_refused_by_name(bad, message):
+    fields = {"threshold": 0.5, "min_defect_area": 3, "fail_score": 0.5, **bad}
+    with pytest.raises(ValueError, match=message):
+        VerdictRules(**fields)

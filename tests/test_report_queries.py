@@ -14,7 +14,7 @@ import pytest
 from defectscan.db import queries_report as q
 from defectscan.db.queries import Filters
 from defectscan.errors import DataError
-from defectscan.pipeline import rle
+from defectscan.model import rle
 from queries_helpers import query, results_db  # noqa: F401 (fixture)
 from report_helpers import (  # noqa: F401 (fixtures)
     ERROR_LOT,

@@ -2,7 +2,7 @@
 
 The score map is the pipeline's uint8 array (probability x 255), (N, C, H, W) for a stack and
 (C, H, W) for a strip, indexed by the image's position (pipeline/outputs.py). Defect masks are
-decoded from their run-length text (pipeline/rle.py) into boolean arrays the size of their box.
+decoded from their run-length text (model/rle.py) into boolean arrays the size of their box.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from defectscan.db.queries import ImageSource
 from defectscan.errors import DataError
-from defectscan.pipeline import rle
+from defectscan.model import rle
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.db.schema import NO_DAY, Defect, Image, Inspection, InspectionDaily, JobRun, utcnow
 from defectscan.errors import DatabaseError
-from defectscan.pipeline.postprocess import ImageResult
+from defectscan.model.verdict import ImageResult
 from defectscan.secrets import mask_secrets
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from defectscan.errors import DataError
 from defectscan.model.export import load_model, verify_sha256
 from defectscan.model.preprocess import pad_to_multiple, to_model_input
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
-from defectscan.pipeline.postprocess import ImageResult, VerdictRules, judge, to_uint8
+from defectscan.model.verdict import ImageResult, VerdictRules, judge, to_uint8
 
 
 @dataclass(frozen=True)

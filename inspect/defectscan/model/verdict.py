@@ -1,0 +1,185 @@
+"""The verdict rule: a probability map -> defect records and a pass/fail verdict per image.
+
+This is the one rule. `inspect` (pipeline/worker.py) applies it to what it stores, `evaluate`
+and training-time validation (model/evaluate.py, model/operating_point.py) apply it to what they
+score, so the evaluation predicts what the line will record.
+
+The rule, per class channel of a (C, H, W) uint8 score map (score = value / 255):
+  1. pixels scoring at least `threshold` are candidate defect pixels;
+  2. their connected regions (8-connectivity) smaller than `min_defect_area` are noise;
+  3. the remaining regions are the image's defects;
+  4. the image fails when one of its defects has a maximum score of at least `fail_score`.
+The image's *verdict score* is the highest maximum score among its defects (0 without defects):
+the image fails exactly when its verdict score reaches `fail_score`, so it ranks images for ROC
+curves and for choosing `fail_score`.
+
+Works on the uint8 maps that are stored, so that what the database says can always be
+recomputed from the stored score maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from defectscan.model import rle
+
+
+RULE_FIELDS = ("threshold", "min_defect_area", "fail_score")
+
+
+@dataclass(frozen=True)
+class VerdictRules:
+    """The operating point: recorded with a model version, overridable per job (inspection settings)."""
+
+    threshold: float
+    min_defect_area: int
+    fail_score: float
+    # Models with several classes: {class name: {field: value}} overriding the fields above for that class.
+    per_class: dict[str, dict[str, float]] | None = None
+
+    def __post_init__(self):
+        for name, rule in (self.per_class or {}).items():
+            unknown = set(rule) - set(RULE_FIELDS)
+            if unknown:
+                raise ValueError(f"verdict rule for class {name}: unknown field(s) {', '.join(sorted(unknown))}; accepted: {', '.join(RULE_FIELDS)}")
+        for rule in (self, *[self.for_class(n) for n in self.per_class or {}]):
+            if not 0 < rule.threshold < 1:
+                raise ValueError(f"verdict rule: threshold {rule.threshold} must be between 0 and 1")
+            if not 0 <= rule.fail_score <= 1:
+                raise ValueError(f"verdict rule: fail_score {rule.fail_score} must be within 0..1")
+            if int(rule.min_defect_area) < 1:
+                raise ValueError(f"verdict rule: min_defect_area {rule.min_defect_area} must be at least 1")
+
+    def for_class(self, name: str) -> VerdictRules:
+        """The rule for one class channel (the per-class fields over the common ones)."""
+        override = (self.per_class or {}).get(name)
+        if not override:
+            return self if self.per_class is None else VerdictRules(self.threshold, self.min_defect_area, self.fail_score)
+        return VerdictRules(**{f: override.get(f, getattr(self, f)) for f in RULE_FIELDS})
+
+    def as_dict(self) -> dict:
+        data = {f: getattr(self, f) for f in RULE_FIELDS}
+        if self.per_class:
+            data["per_class"] = self.per_class
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VerdictRules:
+        return cls(float(data["threshold"]), int(data["min_defect_area"]), float(data["fail_score"]), data.get("per_class") or None)
+
+
+# The rule of a model registered without a chosen operating point (the reference's 0.5 threshold).
+DEFAULT_RULES = VerdictRules(threshold=0.5, min_defect_area=16, fail_score=0.5)
+
+
+@dataclass(frozen=True)
+class DefectRecord:
+    class_index: int
+    class_name: str
+    bbox: tuple[int, int, int, int]  # y0, x0, y1, x1 (half-open), image pixels
+    area: int
+    centroid: tuple[float, float]  # y, x
+    orientation: float  # radians from the row axis to the major axis, -pi/2..pi/2 (scikit-image)
+    eccentricity: float
+    mean_score: float
+    max_score: float
+    rle: str
+
+
+@dataclass
+class ImageResult:
+    """What a worker sends back for one image: small, no pixel arrays."""
+
+    position: int
+    verdict: str
+    max_score: float = 0.0
+    defect_pixels: int = 0
+    defects: list[DefectRecord] = field(default_factory=list)
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+def to_uint8(probabilities: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def find_defects(scores: np.ndarray, classes: list[str], rules: VerdictRules, origin: tuple[int, int] = (0, 0)) -> list[DefectRecord]:
+    """Connected regions (8-connectivity) of each class channel of a (C, H, W) uint8 map.
+
+    Regions smaller than `rules.min_defect_area` are noise and not recorded. `origin` shifts
+    coordinates when `scores` is a window of a larger image.
+    """
+    from skimage.measure import regionprops
+
+    _check_shape(scores, classes)
+    found: list[DefectRecord] = []
+    for index, name in enumerate(classes):
+        channel = scores[index]
+        labels = _defect_labels(channel, rules.for_class(name))
+        for region in regionprops(labels, intensity_image=channel):
+            y0, x0, y1, x1 = region.bbox
+            cy, cx = region.centroid
+            found.append(
+                DefectRecord(
+                    class_index=index,
+                    class_name=name,
+                    bbox=(y0 + origin[0], x0 + origin[1], y1 + origin[0], x1 + origin[1]),
+                    area=int(region.area),
+                    centroid=(float(cy + origin[0]), float(cx + origin[1])),
+                    orientation=float(region.orientation),
+                    eccentricity=float(region.eccentricity),
+                    mean_score=float(region.intensity_mean) / 255.0,
+                    max_score=float(region.intensity_max) / 255.0,
+                    rle=rle.encode(region.image),
+                )
+            )
+    return found
+
+
+def _check_shape(scores: np.ndarray, classes: list[str]) -> None:
+    if scores.ndim != 3 or scores.shape[0] != len(classes):
+        raise ValueError(f"expected a ({len(classes)}, H, W) score map, got shape {scores.shape}")
+
+
+def _defect_labels(channel: np.ndarray, rule: VerdictRules) -> np.ndarray:
+    """Steps 1-2 of the rule on one (H, W) uint8 channel: labelled regions, noise removed (label 0)."""
+    from skimage.measure import label
+
+    cutoff = int(np.ceil(rule.threshold * 255.0 - 1e-9))
+    labels = label(channel >= cutoff, connectivity=2)
+    # Drop noise in one vectorised pass: per-region properties are costly when specks are many.
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    labels[areas[labels] < rule.min_defect_area] = 0
+    return labels
+
+
+def defect_mask(scores: np.ndarray, classes: list[str], rules: VerdictRules) -> np.ndarray:
+    """(C, H, W) bool: the pixels of the defects the rule records (what Dice at the operating point scores)."""
+    _check_shape(scores, classes)
+    return np.stack([_defect_labels(scores[i], rules.for_class(name)) > 0 for i, name in enumerate(classes)])
+
+
+def verdict_score(defects: list[DefectRecord]) -> float:
+    """The image's verdict score: the highest maximum score among its defects, 0 without defects."""
+    return max((d.max_score for d in defects), default=0.0)
+
+
+def fails(defects: list[DefectRecord], rules: VerdictRules) -> bool:
+    """Step 4 of the rule: a defect scoring at least its class's fail_score fails the image."""
+    return any(d.max_score >= rules.for_class(d.class_name).fail_score for d in defects)
+
+
+def judge(position: int, scores: np.ndarray, classes: list[str], rules: VerdictRules) -> ImageResult:
+    """The verdict for one image's (C, H, W) uint8 map: fail when a recorded defect scores at least fail_score."""
+    defects = find_defects(scores, classes, rules)
+    failed = fails(defects, rules)
+    return ImageResult(
+        position=position,
+        verdict="fail" if failed else "pass",
+        max_score=float(scores.max()) / 255.0 if scores.size else 0.0,
+        defect_pixels=sum(d.area for d in defects),
+        defects=defects,
+    )
