@@ -116,7 +116,8 @@ def test_metadata_files_and_their_errors(tmp_path):
 def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
     meta = read_metadata(DEMO_METADATA)
     assert DEMO_MODEL.stat().st_size < 10 * 2**20
-    assert meta.classes == ["defect"] and meta.threshold == 0.5
+    assert meta.classes == ["defect"] and meta.threshold == meta.operating_point["threshold"]
+    assert meta.operating_point["figures"]["images"] == 80, "chosen on the validation part of its training images"
     assert meta.metrics["images"] == 200 and len(meta.metrics["thresholds"]) == 8
     assert meta.training["sha256"] == file_sha256(DEMO_MODEL)
     assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
@@ -127,6 +128,7 @@ def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
     assert len(_db(cli, sqlite_url, "models", "list").output.splitlines()) == 2
     shown = json.loads(_db(cli, sqlite_url, "models", "show", meta.name, "--verify").output.split("\n" + str(DEMO_MODEL))[0])
     assert shown["version"] == meta.version and shown["training"]["command"].startswith("defectscan train")
+    assert shown["operating_point"] == meta.operating_point
     model = load_model(DEMO_MODEL, expected_sha256=shown["sha256"])
     assert model.count_params() == 1_850_305
 

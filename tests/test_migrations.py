@@ -69,3 +69,29 @@ def test_history_lists_the_initial_revision():
     revisions = history()
     assert revisions[-1][1] is None
     assert revisions[-1][0] == "0001"
+
+
+def test_0002_gives_models_registered_before_it_the_rule_they_were_inspected_with(engine):
+    """A version registered under 0001 keeps being judged as before: its threshold, area 16, fail score 0.5."""
+    from alembic import command
+
+    from defectscan.model.registry import get_model, operating_rules
+    from defectscan.model.verdict import VerdictRules
+
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0001")
+        connection.execute(text(
+            "INSERT INTO models (name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at) "
+            "VALUES ('old', '1', '/m.keras', 'ab', 'x', '{}', '[\"defect\"]', 0.35, 'staging', '2026-01-01 00:00:00+00:00')"
+        ))
+    upgrade(engine)
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        row = get_model(session, "old:1")
+        assert operating_rules(row) == VerdictRules(threshold=0.35, min_defect_area=16, fail_score=0.5)
+        assert row.operating_point["chosen_by"] == "schema 0001 defaults"
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0001")
+    assert "operating_point" not in {c["name"] for c in sa_inspect(engine).get_columns("models")}
+    upgrade(engine)

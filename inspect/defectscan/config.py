@@ -63,8 +63,8 @@ class InspectionSettings(_Section):
     halo: int = Field(ge=0)
     tile_batch_size: int = Field(ge=1)
     threshold: float | None = Field(gt=0, lt=1)
-    min_defect_area: int = Field(ge=1)
-    fail_score: float = Field(ge=0, le=1)
+    min_defect_area: int | None = Field(ge=1)
+    fail_score: float | None = Field(ge=0, le=1)
     output_dir: Path | None
 
     @field_validator("tile_size", "halo")

@@ -102,6 +102,10 @@ class Model(Base):
     # Class names in output-channel order.
     classes: Mapped[list[str]] = mapped_column(Json)
     threshold: Mapped[float] = mapped_column(Float)
+    # The verdict rule chosen for this version (model/verdict.py: threshold, min_defect_area,
+    # fail_score, per_class) and the held-out figures it was chosen on; `threshold` above repeats
+    # its threshold for older readers.
+    operating_point: Mapped[dict[str, Any] | None] = mapped_column(Json)
     training: Mapped[dict[str, Any] | None] = mapped_column(Json)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)
     stage: Mapped[str] = mapped_column(String(16), default="staging")
@@ -274,7 +278,7 @@ class Defect(Base):
     eccentricity: Mapped[float] = mapped_column(Float)
     mean_score: Mapped[float] = mapped_column(Float)
     max_score: Mapped[float] = mapped_column(Float)
-    # Mask inside the bounding box, run-length encoded (format in pipeline/postprocess.py).
+    # Mask inside the bounding box, run-length encoded (format in model/verdict.py).
     rle: Mapped[str] = mapped_column(Text)
 
     inspection: Mapped[Inspection] = relationship(back_populates="defects")

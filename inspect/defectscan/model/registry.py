@@ -9,7 +9,7 @@ first, so a replaced or damaged file is refused instead of silently used.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from defectscan.db.schema import MODEL_STAGES, Model
 from defectscan.errors import ModelError
 from defectscan.model.export import file_sha256, load_model
+from defectscan.model.verdict import DEFAULT_RULES, VerdictRules
 from defectscan.yamlfile import read_mapping
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -38,6 +39,34 @@ class ModelMetadata:
     training: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     description: str | None = None
+    # The verdict rule chosen on held-out images (model/operating_point.py) with the figures it was chosen on.
+    operating_point: dict[str, Any] | None = None
+
+    def rules(self) -> VerdictRules:
+        """The verdict rule these metadata give the model (the default rule when none was chosen)."""
+        if self.operating_point:
+            return VerdictRules.from_dict(self.operating_point)
+        return replace(DEFAULT_RULES, threshold=self.threshold) if self.threshold is not None else DEFAULT_RULES
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """The metadata file that travels with a model file: model.keras -> model.json."""
+    return Path(model_path).with_suffix(".json")
+
+
+def sidecar_metadata(model_path: str | Path) -> ModelMetadata:
+    """The sidecar's metadata, or empty metadata when the model file has none."""
+    path = sidecar_path(model_path)
+    return read_metadata(path) if path.is_file() else ModelMetadata()
+
+
+def record_operating_point(sidecar: str | Path, point: dict[str, Any]) -> Path:
+    """Write `point` (and its threshold) into the sidecar JSON, keeping what else it holds."""
+    sidecar = Path(sidecar)
+    data = read_mapping(sidecar, what="model metadata file", contents="model metadata", error=ModelError) if sidecar.is_file() else {}
+    data.update(operating_point=point, threshold=point["threshold"])
+    sidecar.write_text(json.dumps(data, indent=2) + "\n")
+    return sidecar
 
 
 def read_metadata(path: str | Path) -> ModelMetadata:
@@ -70,6 +99,7 @@ def register_model(
     metrics: dict[str, Any] | None = None,
     stage: str = "staging",
     description: str | None = None,
+    operating_point: dict[str, Any] | None = None,
 ) -> Model:
     """Check the file loads and agrees with its class list, then add its row. Arguments beat metadata."""
     from defectscan.model.preprocess import INPUT_SPEC
@@ -92,9 +122,7 @@ def register_model(
     classes = classes or meta.classes or (["defect"] if outputs == 1 else [f"class{i + 1}" for i in range(outputs)])
     if len(classes) != outputs:
         raise ModelError(f"{path}: the model has {outputs} output classes but {len(classes)} class names were given ({', '.join(classes)})")
-    threshold = threshold if threshold is not None else (meta.threshold if meta.threshold is not None else 0.5)
-    if not 0 < threshold < 1:
-        raise ModelError(f"threshold {threshold} must be between 0 and 1")
+    point = _operating_point(path, operating_point or meta.operating_point, threshold if threshold is not None else meta.threshold)
     config = model.get_config()
     input_spec = dict(meta.input_spec or INPUT_SPEC)
     input_spec["multiple_of"] = getattr(model, "size_multiple", input_spec.get("multiple_of", 16))
@@ -106,7 +134,8 @@ def register_model(
         architecture=f"{type(model).__name__}({','.join(str(f) for f in config.get('filters', []))})",
         input_spec=input_spec,
         classes=list(classes),
-        threshold=float(threshold),
+        threshold=float(point["threshold"]),
+        operating_point=point,
         training=meta.training,
         metrics=metrics if metrics is not None else meta.metrics,
         stage=stage,
@@ -115,6 +144,43 @@ def register_model(
     session.add(row)
     session.commit()
     return row
+
+
+def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: float | None) -> dict[str, Any]:
+    """The rule to store: the recorded operating point (an explicit threshold over its own), else the default rule."""
+    point = dict(recorded) if recorded else {**DEFAULT_RULES.as_dict(), "chosen_by": "default rule (no operating point recorded with the model)"}
+    if threshold is not None:
+        point["threshold"] = threshold
+    try:
+        VerdictRules.from_dict(point)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: invalid operating point {point!r}: {exc}") from None
+    return point
+
+
+def operating_rules(row: Model) -> VerdictRules:
+    """The verdict rule a registered version is inspected with (unless settings or a job override it)."""
+    if row.operating_point:
+        return VerdictRules.from_dict(row.operating_point)
+    return replace(DEFAULT_RULES, threshold=row.threshold)
+
+
+def describe_operating_point(point: dict[str, Any] | None) -> str:
+    """One line: the rule, and the held-out figures it was chosen on."""
+    if not point:
+        return "none recorded (the default rule)"
+    text = f"threshold {point['threshold']:g}, min_defect_area {point['min_defect_area']}, fail_score {point['fail_score']:g}"
+    figures = point.get("figures")
+    if not figures:
+        return f"{text} ({point.get('chosen_by', 'given at registration')})"
+    def f(key: str) -> str:
+        return "-" if figures.get(key) is None else f"{figures[key]:.3f}"
+
+    return (
+        f"{text}; chosen on {figures['images']} held-out images ({figures['defective_images']} defective) for a false-call rate "
+        f"<= {point['target_false_call_rate']:g}: escape rate {f('escape_rate')}, false-call rate {f('false_call_rate')}, "
+        f"Dice {f('dice')} (defective images {f('dice_defective')})"
+    )
 
 
 def list_models(session: Session, name: str | None = None) -> list[Model]:
@@ -155,6 +221,7 @@ def describe(row: Model) -> dict[str, Any]:
         "input_spec": row.input_spec,
         "classes": row.classes,
         "threshold": row.threshold,
+        "operating_point": row.operating_point,
         "training": row.training,
         "metrics": row.metrics,
         "description": row.description,

@@ -24,7 +24,7 @@ from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model, utc
 from defectscan.errors import DataError, DefectscanError
 from defectscan.pipeline.outputs import prepare_output
 from defectscan.pipeline.plan import plan_stack, plan_strip
-from defectscan.pipeline.postprocess import ImageResult, VerdictRules
+from defectscan.model.verdict import RULE_FIELDS, ImageResult, VerdictRules
 from defectscan.pipeline.record import Counts, Retry, record_shard, with_retries
 from defectscan.pipeline.worker import ArrayRef, ModelRef, ShardResult, inspect_stack_shard, inspect_tiles, judge_strip, verify_model_file
 
@@ -64,11 +64,12 @@ def model_ref(model: Model, batch_size: int) -> ModelRef:
 
 
 def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
-    return VerdictRules(
-        threshold=settings.threshold if settings.threshold is not None else model.threshold,
-        min_defect_area=settings.min_defect_area,
-        fail_score=settings.fail_score,
-    )
+    """The model version's operating point, with what the settings (or the job) set explicitly over it."""
+    from defectscan.model.registry import operating_rules
+
+    recorded = operating_rules(model)
+    overrides = {f: getattr(settings, f) for f in RULE_FIELDS if getattr(settings, f) is not None}
+    return replace(recorded, **overrides) if overrides else recorded
 
 
 def pending_positions(session: Session, image_set: ImageSet, model: Model, force: bool) -> tuple[np.ndarray, int]:
