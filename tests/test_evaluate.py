@@ -9,7 +9,7 @@ import pytest
 from defectscan.data.dagm import read_dagm
 from defectscan.data.synth import SynthSpec, write_synthetic_dagm
 from defectscan.errors import ModelError
-from defectscan.model.evaluate import evaluate_model, format_table
+from defectscan.model.evaluate import evaluate_model, format_reference, format_table, format_verdicts
 from defectscan.model.metrics import SegmentationScores
 from defectscan.model.preprocess import predict_probabilities
 from defectscan.model.unet import TinyUNet
@@ -40,8 +40,10 @@ def test_evaluation_equals_scoring_the_predictions_directly(synth):
             assert metrics["thresholds"][threshold][key] == pytest.approx(value), (threshold, key)
     assert metrics["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])
     assert metrics["classes"] == ["defect"] and metrics["images_per_second"] > 0
+    reference = format_reference(metrics)
+    assert "pixel AUROC" in reference and "Dice(def)" in reference and len(reference.splitlines()) == 2 + 8
     table = format_table(metrics)
-    assert "pixel AUROC" in table and "Dice(def)" in table and len(table.splitlines()) == 2 + 8
+    assert table.startswith(format_verdicts(metrics)) and table.endswith(reference) and "escape" in table
 
 
 def test_a_model_with_other_classes_is_refused(synth):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
+from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
 
 _RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
@@ -23,8 +24,12 @@ _RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
 def train(recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[str, ...], strict: bool, export_dir: Path | None, quiet: bool) -> None:
     """Train a TinyUNet defect model from a recipe; a rerun resumes from the last checkpoint.
 
+    With validation (the default), the model saved is the best validated step's and OUT/model.json
+    records the operating point chosen on the held-out images (`models register` reads it).
+
     \b
     Example:
+        defectscan train configs/model/tinyunet-finetune.yaml --data data/line3 --out runs/line3
         defectscan train configs/model/tinyunet-dagm.yaml --data data/dagm --out runs/dagm
         defectscan train configs/model/tinyunet-dagm.yaml --data data/dagm --out runs/quick --set train.steps=200
     """
@@ -38,7 +43,11 @@ def train(recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[s
     click.echo(f"trained to step {result.step} (resumed from {result.resumed_from}) in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")
     click.echo(f"last loss {_fmt(result.last_loss)}, Dice@0.5 on the last batch {_fmt(result.last_dice)}")
     if result.finished:
-        click.echo(f"model: {result.model_path}")
+        from defectscan.model.registry import describe_operating_point, sidecar_metadata
+
+        kept = f" (the best validated step, {result.best_step})" if result.best_step is not None else ""
+        click.echo(f"model: {result.model_path}{kept}")
+        click.echo(f"operating point: {describe_operating_point(sidecar_metadata(result.model_path).operating_point)}")
         if export_dir is not None:
             from defectscan.model.export import export_saved_model
 
@@ -62,6 +71,18 @@ def _fmt(value: float | None) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
+@click.option(
+    "--choose-operating-point",
+    is_flag=True,
+    help="Choose the verdict rule on these images (use held-out ones, e.g. a validation split) and write it to the model file's sidecar JSON.",
+)
+@click.option(
+    "--target-false-call-rate",
+    type=float,
+    default=DEFAULT_TARGET_FALSE_CALL_RATE,
+    show_default=True,
+    help="Highest share of good images failed that the chosen operating point may have.",
+)
 @pass_app
 def evaluate(
     app: AppContext,
@@ -75,41 +96,55 @@ def evaluate(
     batch_size: int,
     json_path: Path | None,
     strict: bool,
+    choose_operating_point: bool,
+    target_false_call_rate: float,
 ) -> None:
-    """Score a model on a labelled dataset: Dice, IoU, image-level TPR/TNR per threshold, pixel AUROC.
+    """Score a model on a labelled dataset under its verdict rule (TPR, TNR, escape and false-call rates, Dice, image ROC AUC), then the reference's per-threshold figures.
 
-    MODEL is a .keras file or a registered NAME[:VERSION] (checked against its sha256).
+    MODEL is a .keras file (its operating point read from the sidecar JSON beside it) or a
+    registered NAME[:VERSION] (checked against its sha256; its recorded operating point).
 
     \b
     Example:
         defectscan evaluate runs/dagm/model.keras --data data/dagm --json runs/dagm/evaluation.json
         defectscan evaluate tinyunet-dagm:1 --data data/dagm --class Class1
+        defectscan evaluate runs/new/model.keras --data data/line3-reviewed --split Train --choose-operating-point
     """
     from defectscan.model.evaluate import evaluate_model, format_table, write_metrics
+    from defectscan.model.operating_point import check_target
     from defectscan.model.recipe import DataSpec, Recipe
+    from defectscan.model.registry import record_operating_point
     from defectscan.model.train import open_dataset
 
-    model = _load(app, model_ref)
+    if choose_operating_point:
+        check_target(target_false_call_rate)
+    model, rules, sidecar = _load(app, model_ref)
     spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict)
     images = open_dataset(Recipe(data=spec), split=split)
     for problem in images.problems:
         click.echo(f"skipped {problem}", err=True)
-    metrics = evaluate_model(model, images, batch_size=batch_size)
+    target = target_false_call_rate if choose_operating_point else None
+    metrics = evaluate_model(model, images, batch_size=batch_size, rules=rules, choose_for=target, chosen_on=f"{images.name}, {len(images)} images")
     click.echo(format_table(metrics))
     if json_path is not None:
         click.echo(f"metrics: {write_metrics(metrics, json_path)}")
+    if choose_operating_point:
+        if sidecar is None:
+            click.echo("operating point not recorded: a registered version's rule is fixed; register the file again under a new version with it")
+        else:
+            click.echo(f"operating point recorded in {record_operating_point(sidecar, metrics['operating_point'])}")
 
 
 def _load(app: AppContext, reference: str):
-    """A model from a .keras path, or from the registry by NAME[:VERSION]."""
+    """(model, its verdict rule, its sidecar path or None) from a .keras path or a registered NAME[:VERSION]."""
     from defectscan.model.export import load_model
+    from defectscan.model.registry import load_registered, operating_rules, sidecar_metadata, sidecar_path
 
     if reference.endswith(".keras") or Path(reference).exists():
-        return load_model(reference)
-    from defectscan.model.registry import load_registered
-
+        return load_model(reference), sidecar_metadata(reference).rules(), sidecar_path(reference)
     with app.session() as session:
-        return load_registered(session, reference)[1]
+        row, model = load_registered(session, reference)
+        return model, operating_rules(row), None
 
 
 @click.group("models")
@@ -127,7 +162,7 @@ def models() -> None:
 @click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=False)
 @click.option("--name", help="Model name (default: from --metadata).")
 @click.option("--version", "version", help="Version within the name (default: from --metadata).")
-@click.option("--metadata", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="JSON/YAML: name, version, classes, threshold, training, metrics.")
+@click.option("--metadata", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="JSON/YAML: name, version, classes, threshold, operating_point, training, metrics (default: the sidecar PATH.json when present).")
 @click.option("--class", "classes", multiple=True, metavar="NAME", help="Class names in output-channel order (repeatable).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Probability above which a pixel is a defect.")
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Evaluation JSON from `defectscan evaluate --json`.")
@@ -156,7 +191,7 @@ def register_command(
         defectscan models register --demo
     """
     from defectscan.errors import ModelError
-    from defectscan.model.registry import read_metadata, register_demo, register_model
+    from defectscan.model.registry import describe_operating_point, read_metadata, register_demo, register_model, sidecar_metadata
 
     if demo:
         with app.session() as session:
@@ -165,7 +200,8 @@ def register_command(
         return
     if path is None:
         raise ModelError("give the model file PATH, or --demo for the demo model")
-    meta = read_metadata(metadata) if metadata is not None else None
+    # Without --metadata, the sidecar that `train` writes beside the model (model.json) is used.
+    meta = read_metadata(metadata) if metadata is not None else sidecar_metadata(path)
     metrics = json.loads(metrics_path.read_text()) if metrics_path is not None else None
     with app.session() as session:
         row = register_model(
@@ -181,6 +217,7 @@ def register_command(
             description=description,
         )
         click.echo(f"registered {row.name}:{row.version} ({row.architecture}, classes {', '.join(row.classes)}) sha256 {row.sha256[:12]} from {row.uri}")
+        click.echo(f"operating point: {describe_operating_point(row.operating_point)}")
 
 
 @models.command("list")
@@ -201,11 +238,13 @@ def list_command(app: AppContext, name: str | None) -> None:
     if not rows:
         click.echo("no models registered")
         return
-    click.echo(f"{'name':<28} {'version':<10} {'stage':<11} {'classes':<24} {'threshold':>9}  {'Dice@0.5':>8}  sha256")
+    click.echo(f"{'name':<28} {'version':<10} {'stage':<11} {'classes':<24} {'threshold':>9}  {'Dice':>6}  {'Dice(def)':>9}  sha256")
     for row in rows:
-        dice = ((row.metrics or {}).get("thresholds") or {}).get("0.5", {}).get("dice")
-        shown = "-" if dice is None else f"{dice:.4f}"
-        click.echo(f"{row.name:<28} {row.version:<10} {row.stage:<11} {','.join(row.classes):<24} {row.threshold:>9.3f}  {shown:>8}  {row.sha256[:12]}")
+        # The verdict rule's figures where the metrics have them, else the reference's at 0.5.
+        metrics = row.metrics or {}
+        figures = metrics.get("verdict_rule") or (metrics.get("thresholds") or {}).get("0.5", {})
+        dice, defective = (("-" if figures.get(k) is None else f"{figures[k]:.4f}") for k in ("dice", "dice_defective"))
+        click.echo(f"{row.name:<28} {row.version:<10} {row.stage:<11} {','.join(row.classes):<24} {row.threshold:>9.3f}  {dice:>6}  {defective:>9}  {row.sha256[:12]}")
 
 
 @models.command("show")
@@ -213,7 +252,7 @@ def list_command(app: AppContext, name: str | None) -> None:
 @click.option("--verify", is_flag=True, help="Also check the file against the recorded sha256.")
 @pass_app
 def show_command(app: AppContext, reference: str, verify: bool) -> None:
-    """Show one registered model as JSON (the latest version when VERSION is left out).
+    """Show one registered model as JSON (the latest version when VERSION is left out), its operating point with the figures it was chosen on.
 
     \b
     Example:

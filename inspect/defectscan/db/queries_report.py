@@ -94,7 +94,7 @@ def scope_models(session: Session, filters: Filters) -> list[dict[str, Any]]:
 
 
 def model_info(session: Session, reference: str) -> dict[str, Any]:
-    """A model version's identity and its evaluation metrics (`models.metrics`)."""
+    """A model version's identity, its evaluation metrics (`models.metrics`) and its operating point."""
     ids = model_ids(session, reference)
     if len(ids) != 1:
         raise DataError(f"model {reference!r} names {len(ids)} versions: give NAME:VERSION")
@@ -102,7 +102,8 @@ def model_info(session: Session, reference: str) -> dict[str, Any]:
     return {
         "id": model.id, "name": model.name, "version": model.version, "sha256": model.sha256, "uri": model.uri,
         "architecture": model.architecture, "classes": list(model.classes or []), "threshold": model.threshold,
-        "stage": model.stage, "metrics": model.metrics or {}, "registered_at": iso_utc(model.registered_at),
+        "stage": model.stage, "metrics": model.metrics or {}, "operating_point": model.operating_point or {},
+        "registered_at": iso_utc(model.registered_at),
     }
 
 

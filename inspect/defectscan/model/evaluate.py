@@ -1,18 +1,49 @@
-"""Evaluate a model on a labelled dataset: the metrics of model/metrics.py, as a dict, a table and JSON."""
+"""Evaluate a model on a labelled dataset, as a dict, tables and JSON.
+
+Two views of one pass over the images:
+- "verdict_rule": the model's verdicts under the rule `inspect` applies (model/verdict.py), with
+  image TPR/TNR, escape and false-call rates, Dice of the recorded defects and image ROC AUC
+  (model/operating_point.py): what the line will see;
+- "thresholds": the reference's figures (Dice/IoU per threshold, an image is defective when its
+  maximum probability passes the threshold; model/metrics.py): for model development.
+With `choose_operating_point`, the rule is chosen on these images for a target false-call rate.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 from pathlib import Path
 
 from defectscan.data.dataset import LabelledImages
 from defectscan.errors import DataError, ModelError
 from defectscan.model.metrics import THRESHOLDS, SegmentationScores
+from defectscan.model.operating_point import RuleGrid, RuleScores
+from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, to_uint8
 
 
-def evaluate_model(model, images: LabelledImages, *, batch_size: int = 4, thresholds=THRESHOLDS) -> dict:
-    """Run `model` over every image of `images` (whole images, no augmentation) and score it."""
+def image_group(key: str) -> str:
+    """The stratum of an image: its DAGM class folder (the first part of its key), "" without one."""
+    return key.split("/", 1)[0] if "/" in key else ""
+
+
+def evaluate_model(
+    model,
+    images: LabelledImages,
+    *,
+    batch_size: int = 4,
+    thresholds=THRESHOLDS,
+    rules: VerdictRules = DEFAULT_RULES,
+    choose_for: float | None = None,
+    chosen_on: str = "evaluation images",
+) -> dict:
+    """Run `model` over every image of `images` (whole images, no augmentation) and score it.
+
+    `rules` is the verdict rule to score (the model's operating point); with `choose_for` (a target
+    false-call rate) an operating point is chosen on these images and scored instead.
+    """
     import tensorflow as tf
 
     from defectscan.data.dataset import evaluation_dataset
@@ -28,12 +59,35 @@ def evaluate_model(model, images: LabelledImages, *, batch_size: int = 4, thresh
         raise DataError(f"{images.name}: images are {height}x{width}; the model needs multiples of {multiple}")
 
     forward = tf.function(lambda x: model(x, training=False))
-    scores = SegmentationScores(thresholds=tuple(thresholds))
+    reference = SegmentationScores(thresholds=tuple(thresholds))
+    classes = list(images.classes)
+    groups = [image_group(key) for key in images.keys]
     started = time.perf_counter()
+    # Choosing needs every map twice (the grid, then the chosen rule): they are kept, N x H x W bytes.
+    grid, kept = (RuleGrid(), []) if choose_for is not None else (None, None)
+    verdicts = RuleScores(rules, classes)
+    index = 0
     for x, y in evaluation_dataset(images, batch_size=batch_size):
-        scores.update(forward(x).numpy(), y.numpy())
+        probs, targets = forward(x).numpy(), y.numpy()
+        reference.update(probs, targets)
+        # As inspect stores them: one (C, H, W) uint8 map per image.
+        for score_map, truth in zip(to_uint8(probs).transpose(0, 3, 1, 2), targets.transpose(0, 3, 1, 2) > 0.5, strict=True):
+            if grid is not None:
+                grid.update(score_map, truth)
+                kept.append((score_map, truth, groups[index]))
+            else:
+                verdicts.update(score_map, truth, groups[index])
+            index += 1
+    operating_point = None
+    if grid is not None:
+        operating_point = grid.choose(choose_for, what=chosen_on)
+        verdicts = RuleScores(VerdictRules.from_dict(operating_point), classes)
+        for score_map, truth, group in kept:
+            verdicts.update(score_map, truth, group)
     seconds = time.perf_counter() - started
-    result = scores.result()
+    result = {"verdict_rule": verdicts.result(), **reference.result()}
+    if operating_point is not None:
+        result["operating_point"] = operating_point
     result.update(
         {
             "dataset": images.name,
@@ -47,13 +101,39 @@ def evaluate_model(model, images: LabelledImages, *, batch_size: int = 4, thresh
 
 
 def format_table(metrics: dict) -> str:
-    """The per-threshold table that `defectscan evaluate` prints."""
+    """What `defectscan evaluate` prints: the verdict-rule table, then the reference's per-threshold table."""
+    return format_verdicts(metrics) + "\n\n" + format_reference(metrics)
+
+
+def format_verdicts(metrics: dict) -> str:
+    figures = metrics["verdict_rule"]
+    rule = figures["rule"]
+    point = metrics.get("operating_point")
+    how = (
+        f"chosen on these images for a false-call rate of at most {point['target_false_call_rate']:g}"
+        if point
+        else "the model's operating point"
+    )
+    lines = [
+        f"{metrics['dataset']}: {figures['images']} images, {figures['defective_images']} defective",
+        f"verdict rule ({how}): threshold {rule['threshold']:g}, min_defect_area {rule['min_defect_area']}, fail_score {rule['fail_score']:g}",
+        f"{'images':<14} {'TP':>5} {'TN':>5} {'FP':>5} {'FN':>5}  {'TPR':>6} {'TNR':>6}  {'escape':>6} {'f-call':>6}  {'Dice':>6} {'Dice(def)':>9}  {'ROC AUC':>7}",
+    ]
+    rows = [("all", figures), *figures.get("groups", {}).items()]
+    for name, row in rows:
+        lines.append(
+            f"{name:<14} {row['tp']:>5} {row['tn']:>5} {row['fp']:>5} {row['fn']:>5}  {_f(row['tpr'], 3):>6} {_f(row['tnr'], 3):>6}  "
+            f"{_f(row['escape_rate'], 3):>6} {_f(row['false_call_rate'], 3):>6}  {_f(row['dice']):>6} {_f(row['dice_defective']):>9}  {_f(row['image_auroc']):>7}"
+        )
+    lines.append(f"failed defective images with a defect box overlapping a labelled one: {figures['detected_with_box_overlap']}")
+    return "\n".join(lines)
+
+
+def format_reference(metrics: dict) -> str:
+    """The reference's table: an image is defective when its maximum probability passes the threshold."""
     header = f"{'threshold':>9}  {'Dice':>6}  {'Dice(def)':>9}  {'IoU':>6}  {'TP':>5}  {'TN':>5}  {'FP':>5}  {'FN':>5}  {'TPR':>6}  {'TNR':>6}"
     lines = [
-        (
-            f"{metrics['dataset']}: {metrics['images']} images, {metrics['defective_images']} defective; "
-            f"pixel AUROC {_f(metrics['pixel_auroc'])}"
-        ),
+        f"reference figures (image defective when its maximum probability passes the threshold); pixel AUROC {_f(metrics['pixel_auroc'])}",
         header,
     ]
     for threshold, row in metrics["thresholds"].items():
@@ -64,8 +144,8 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _f(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write_metrics(metrics: dict, path: str | Path) -> Path:

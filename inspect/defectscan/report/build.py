@@ -159,6 +159,34 @@ def _metrics(model: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[str, An
     return scalars, row
 
 
+def _verdict_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """The verdict rule the lot was judged by, and the held-out figures it was chosen on and scored."""
+    point = model.get("operating_point") or {}
+    rows = []
+    if point:
+        rows.append(("verdict rule", f"threshold {point['threshold']:g}, min defect area {point['min_defect_area']} px, fail score {point['fail_score']:g}"))
+        if point.get("figures"):
+            rows.append(("chosen on", f"{point.get('chosen_on', 'held-out images')}, for a false-call rate of at most {point['target_false_call_rate']:g}"))
+            rows.extend(_figure_rows("validation", point["figures"]))
+        elif point.get("chosen_by"):
+            rows.append(("chosen by", point["chosen_by"]))
+    if isinstance((model["metrics"] or {}).get("verdict_rule"), dict):
+        rows.extend(_figure_rows("evaluation", model["metrics"]["verdict_rule"]))
+    return rows
+
+
+def _figure_rows(where: str, figures: dict[str, Any]) -> list[tuple[str, str]]:
+    def f(key: str) -> str:
+        value = figures.get(key)
+        return "-" if value is None else f"{value:.3f}"
+
+    return [
+        (f"{where}: images", f"{figures['images']} ({figures['defective_images']} defective)"),
+        (f"{where}: escape rate / false-call rate", f"{f('escape_rate')} / {f('false_call_rate')}"),
+        (f"{where}: Dice (all / defective images)", f"{f('dice')} / {f('dice_defective')}"),
+    ]
+
+
 # --- parts ----------------------------------------------------------------------------------------------------------
 
 
@@ -247,6 +275,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     context["totals"] = totals
     context["empty"] = totals["images"] == 0
     context["metrics"], context["metrics_row"] = _metrics(model)
+    context["verdict_rows"] = _verdict_rows(model)
     context["job_runs"] = q.job_runs(session, filters)
     if scope.job_run is None:
         context["not_inspected_count"], context["not_inspected"] = q.not_inspected(session, filters, model["id"], limit=options.listed)
