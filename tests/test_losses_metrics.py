@@ -112,3 +112,21 @@ def test_streaming_scores_match_the_direct_computation():
     assert result["pixel_auroc"] == pytest.approx(pixel_auroc(probs, targets), abs=1e-4)
     with pytest.raises(ValueError, match="no images"):
         SegmentationScores().result()
+
+
+def test_cross_entropy_from_logits_keeps_a_gradient_where_probabilities_saturate():
+    import tensorflow as tf
+
+    y_true = _4d([[1, 0]])
+    logits = tf.constant(np.array([[-40.0, 0.5]], np.float32).reshape(1, 1, 2, 1))
+    moderate = tf.constant(np.array([[0.3, 0.5]], np.float32).reshape(1, 1, 2, 1))
+    # Same value where nothing is clipped ...
+    assert float(bce_loss(y_true, tf.sigmoid(moderate), logits=moderate)) == pytest.approx(float(bce_loss(y_true, tf.sigmoid(moderate))), rel=1e-5)
+    # ... but a defect pixel scored p = sigmoid(-40) still pulls its logit up (p - y = -1), where the
+    # clipped probability gives it no gradient at all: a saturated model could never recover.
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        from_logits = bce_loss(y_true, tf.sigmoid(logits), logits=logits)
+        from_probabilities = bce_loss(y_true, tf.sigmoid(logits))
+    assert float(tape.gradient(from_logits, logits)[0, 0, 0, 0]) == pytest.approx(-0.5)
+    assert float(tape.gradient(from_probabilities, logits)[0, 0, 0, 0]) == 0.0

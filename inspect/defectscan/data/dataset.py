@@ -43,8 +43,53 @@ class LabelledImages:
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.loader(index)
 
+    def subset(self, indices: Sequence[int], name: str) -> LabelledImages:
+        """The images at `indices`, read through this dataset's loader."""
+        indices = [int(i) for i in indices]
+        return LabelledImages(
+            name=name,
+            keys=[self.keys[i] for i in indices],
+            classes=self.classes,
+            shape=self.shape,
+            loader=lambda i: self.loader(indices[i]),
+            defective=[self.defective[i] for i in indices],
+            problems=self.problems,
+        )
+
     def describe(self) -> str:
         return f"{self.name}: {len(self)} images {self.shape[0]}x{self.shape[1]}, {sum(self.defective)} defective, classes {', '.join(self.classes)}; {self.problems.summary()}"
+
+
+def split_validation(images: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """(training, validation): a reproducible, stratified share of the images held out for validation.
+
+    Strata are (group, defective) with group the image's class folder (the first part of its key,
+    DAGM's ClassN), so every class contributes good and defective images in its own proportions;
+    a stratum of at least two images gives at least one to each side. The same images, seed and
+    fraction always give the same split, whatever order the images were listed in.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"{images.name}: validation fraction {fraction} must be strictly between 0 and 1")
+    strata: dict[tuple[str, bool], list[int]] = {}
+    for index, (key, defective) in enumerate(zip(images.keys, images.defective, strict=True)):
+        group = key.split("/", 1)[0] if "/" in key else ""
+        strata.setdefault((group, defective), []).append(index)
+    held: list[int] = []
+    for (group, defective), members in sorted(strata.items()):
+        members = sorted(members, key=lambda i: images.keys[i])
+        rng = np.random.default_rng([seed, len(members), int(defective)] + [ord(c) for c in group])
+        order = rng.permutation(len(members))
+        count = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        held.extend(members[i] for i in order[:count])
+    held_set = set(held)
+    train = [i for i in range(len(images)) if i not in held_set]
+    validation = sorted(held_set)
+    return (
+        images.subset(train, f"{images.name} [training part]"),
+        images.subset(validation, f"{images.name} [validation part, {fraction:g} held out, seed {seed}]"),
+    )
 
 
 def _require_images(images: LabelledImages) -> None:
@@ -109,6 +154,41 @@ def _flip_rotate(image, target, seed):
     return tf.image.rot90(image, k), tf.image.rot90(target, k)
 
 
+@dataclass(frozen=True)
+class Photometric:
+    """What a camera varies between images: each image gets its own draw of each (0 turns it off).
+
+    brightness: added offset, up to +-this (in the -1..1 model input scale);
+    contrast: scale about the image mean by 1 +- this; gamma: exponent exp(+-this) on 0..1 pixels;
+    noise: Gaussian pixel noise with a standard deviation drawn up to this (model input scale).
+    """
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any((self.brightness, self.contrast, self.gamma, self.noise))
+
+
+def _photometric(x, photometric: Photometric, seed):
+    """Camera variation on a (h, w, 1) float image in -1..1 (after scaling)."""
+    import tensorflow as tf
+
+    u = tf.random.stateless_uniform([4], seed=seed, minval=-1.0, maxval=1.0)
+    unit = tf.clip_by_value((x + 1.0) / 2.0, 0.0, 1.0)
+    unit = tf.pow(unit, tf.exp(photometric.gamma * u[0]))
+    x = unit * 2.0 - 1.0
+    mean = tf.reduce_mean(x)
+    x = (x - mean) * (1.0 + photometric.contrast * u[1]) + mean + photometric.brightness * u[2]
+    if photometric.noise:
+        sigma = photometric.noise * (u[3] + 1.0) / 2.0
+        x = x + sigma * tf.random.stateless_normal(tf.shape(x), seed=seed + [0, 7])
+    return tf.clip_by_value(x, -1.0, 1.0)
+
+
 def training_dataset(
     images: LabelledImages,
     *,
@@ -120,6 +200,7 @@ def training_dataset(
     shuffle_buffer: int = 1024,
     start_step: int = 0,
     augment: bool = True,
+    photometric: Photometric = Photometric(),
     parallel: int | None = None,
 ):
     """An endless, seeded stream of (x (B, h, w, 1) float32, y (B, h, w, classes) float32) batches.
@@ -153,7 +234,10 @@ def training_dataset(
             image, target = _flip_rotate(image, target, element_seed)
         from defectscan.model.preprocess import scale_tensor
 
-        return scale_tensor(image), target
+        x = scale_tensor(image)
+        if augment and photometric.active:
+            x = _photometric(x, photometric, element_seed + [0, 1 << 41])
+        return x, target
 
     stream = stream.map(prepare, num_parallel_calls=parallel, deterministic=True)
     return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -1,6 +1,11 @@
 """Training losses of the reference recipe (TensorFlow ops on probability maps).
 
-Shapes: y_true and y_pred are (B, H, W, classes), y_pred being sigmoid probabilities.
+Shapes: y_true and y_pred are (B, H, W, classes), y_pred being sigmoid probabilities. Training
+also passes `logits` (the values before the sigmoid): cross-entropy is then computed from them,
+whose gradient (p - y) never vanishes. Through clipped probabilities it does: a model whose
+outputs saturate (a Dice-trained one on an unseen surface, p < 1e-7 on a defect) gets no
+gradient at all there and never recovers; a fine-tune from such a model collapsed to "no defect
+anywhere" within 50 steps.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ DICE_SMOOTHING = 1.0
 SWITCH_AT = 0.3
 
 
-def dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING):
+def dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING, logits=None):
     """1 - soft Dice per image (over H, W and classes), averaged over the batch."""
     y_true = tf.cast(y_true, tf.float32)
     y_pred = tf.cast(y_pred, tf.float32)
@@ -20,24 +25,36 @@ def dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING):
     return 1.0 - tf.reduce_mean((2.0 * intersection + smoothing) / (total + smoothing))
 
 
-def bce_loss(y_true, y_pred):
-    """Mean binary cross-entropy over every pixel and class."""
+def bce_loss(y_true, y_pred, logits=None):
+    """Mean binary cross-entropy over every pixel and class (from `logits` when given)."""
     y_true = tf.cast(y_true, tf.float32)
+    if logits is not None:
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=tf.cast(logits, tf.float32)))
     y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
     return -tf.reduce_mean(y_true * tf.math.log(y_pred) + (1.0 - y_true) * tf.math.log(1.0 - y_pred))
 
 
-def adaptive_loss(y_true, y_pred, switch_at: float = SWITCH_AT, smoothing: float = DICE_SMOOTHING):
+def adaptive_loss(y_true, y_pred, switch_at: float = SWITCH_AT, smoothing: float = DICE_SMOOTHING, logits=None):
     """BCE while the batch's Dice loss is at or above `switch_at`, the Dice loss once it falls below.
 
     As in the reference, the choice is made per batch: BCE gets the probabilities off the ground,
     Dice then sharpens the overlap without the background pixels dominating.
     """
     dice = dice_loss(y_true, y_pred, smoothing)
-    return tf.where(dice < switch_at, dice, bce_loss(y_true, y_pred))
+    return tf.where(dice < switch_at, dice, bce_loss(y_true, y_pred, logits))
 
 
-LOSSES = {"adaptive": adaptive_loss, "dice": dice_loss, "bce": bce_loss}
+def bce_dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING, bce_weight: float = 1.0, logits=None):
+    """bce_weight x BCE + Dice loss, on every batch.
+
+    The Dice term keeps the overlap sharp on small defects; the BCE term is a proper scoring rule
+    on every pixel, so probabilities keep ranking (a Dice loss alone drives them to 0 or 1: the
+    same verdicts at every threshold, and no threshold or fail score left to trade with).
+    """
+    return bce_weight * bce_loss(y_true, y_pred, logits) + dice_loss(y_true, y_pred, smoothing)
+
+
+LOSSES = {"adaptive": adaptive_loss, "dice": dice_loss, "bce": bce_loss, "bce_dice": bce_dice_loss}
 
 
 def l2_penalty(variables, weight_decay: float):

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from defectscan.errors import ConfigError
+from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
 from defectscan.yamlfile import read_mapping
 
 
@@ -28,8 +29,16 @@ class ModelSpec(_Section):
     version: str = "1"
     threshold: float = Field(0.5, gt=0, lt=1)
     # A .keras model (same structure and classes) whose weights start the run instead of He init:
-    # fine-tuning, e.g. on a new line's images. A resumed run restores its checkpoint instead.
+    # fine-tuning, e.g. on a new line's images ("demo": the shipped demo model). A resumed run
+    # restores its checkpoint instead.
     init_from: str | None = None
+
+
+class PhotometricSpec(_Section):
+    brightness: float = Field(0.0, ge=0, le=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
+    gamma: float = Field(0.0, ge=0, le=1)
+    noise: float = Field(0.0, ge=0, le=1)
 
 
 class DataSpec(_Section):
@@ -47,10 +56,13 @@ class DataSpec(_Section):
     cache: str = "memory"
     shuffle_buffer: int = Field(1024, ge=1)
     strict: bool = False
+    # Camera variation per training image (data/dataset.py: Photometric); all 0 = off.
+    photometric: PhotometricSpec = PhotometricSpec()
 
 
 class OptimizerSpec(_Section):
-    name: Literal["rmsprop"] = "rmsprop"
+    # rmsprop: the reference's (rho, momentum, centered apply); adam: Keras's Adam (beta 0.9/0.999).
+    name: Literal["rmsprop", "adam"] = "rmsprop"
     learning_rate: float = Field(1e-4, gt=0)
     decay_rate: float = Field(0.8, gt=0, le=1)
     decay_steps: int = Field(500, ge=1)
@@ -62,10 +74,25 @@ class OptimizerSpec(_Section):
 
 
 class LossSpec(_Section):
-    name: Literal["adaptive", "bce", "dice"] = "adaptive"
+    name: Literal["adaptive", "bce", "dice", "bce_dice"] = "adaptive"
     switch_at: float = 0.3
     smoothing: float = 1.0
+    # bce_dice: loss = bce_weight x BCE + Dice loss.
+    bce_weight: float = Field(1.0, ge=0)
     weight_decay: float = Field(1e-5, ge=0)
+
+
+class ValidationSpec(_Section):
+    """Held-out images for checkpoint selection and the operating point (model/operating_point.py)."""
+
+    # Share of the training images carved out (stratified by class folder and defective/good,
+    # reproducible from train.seed) and never trained on; null: no validation, the last step is
+    # kept and the model gets the default verdict rule.
+    fraction: float | None = Field(0.2, gt=0, lt=1)
+    # Validate every this many steps (and at the end); the best step by the validation figure
+    # (escape rate, then false-call rate at the operating point, then Dice) is the model saved.
+    every: int = Field(100, ge=1)
+    target_false_call_rate: float = Field(DEFAULT_TARGET_FALSE_CALL_RATE, gt=0, lt=1)
 
 
 class TrainSpec(_Section):
@@ -80,6 +107,13 @@ class TrainSpec(_Section):
     # mirrored: devices to replicate over, e.g. ["/gpu:0", "/gpu:1"]; empty = all GPUs (or the CPU).
     devices: list[str] | None = None
     deterministic: bool = True
+    # The learning rate rises linearly from 0 over these first steps: a cold centered RMSProp
+    # moves every weight by about 3x the rate at first, which undoes a donor's training.
+    warmup_steps: int = Field(0, ge=0)
+    # The last steps train on whole images (true borders, whole-image context) instead of crops,
+    # this many at a time (default: batch_size).
+    whole_image_steps: int = Field(0, ge=0)
+    whole_image_batch_size: int | None = Field(None, ge=1)
 
 
 class Recipe(_Section):
@@ -88,11 +122,14 @@ class Recipe(_Section):
     optimizer: OptimizerSpec = OptimizerSpec()
     loss: LossSpec = LossSpec()
     train: TrainSpec = TrainSpec()
+    validation: ValidationSpec = ValidationSpec()
 
     @model_validator(mode="after")
     def _crop_fits(self):
         if self.data.crop_size is not None and self.data.crop_size % 16:
             raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of 16")
+        if self.train.whole_image_steps > self.train.steps:
+            raise ValueError(f"train.whole_image_steps {self.train.whole_image_steps} is more than train.steps {self.train.steps}")
         return self
 
 

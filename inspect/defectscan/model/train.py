@@ -39,6 +39,8 @@ class TrainResult:
     last_dice: float | None
     # What the convolutions computed in (float16 under mixed_float16); the saved model loads as float32.
     compute_dtype: str = "float32"
+    # The validated step whose weights were saved (None without validation).
+    best_step: int | None = None
 
 
 def open_dataset(recipe: Recipe, split: str | None = None) -> LabelledImages:
@@ -108,7 +110,14 @@ def _optimizer(recipe: Recipe):
 
     o = recipe.optimizer
     schedule = keras.optimizers.schedules.ExponentialDecay(o.learning_rate, o.decay_steps, o.decay_rate, staircase=o.staircase)
-    optimizer = keras.optimizers.RMSprop(schedule, rho=o.rho, momentum=o.momentum, centered=o.centered, epsilon=o.epsilon)
+    if recipe.train.warmup_steps:
+        from defectscan.model.schedules import WarmUp
+
+        schedule = WarmUp(schedule, recipe.train.warmup_steps)
+    if o.name == "adam":
+        optimizer = keras.optimizers.Adam(schedule, epsilon=o.epsilon)
+    else:
+        optimizer = keras.optimizers.RMSprop(schedule, rho=o.rho, momentum=o.momentum, centered=o.centered, epsilon=o.epsilon)
     if recipe.train.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -117,7 +126,10 @@ def _optimizer(recipe: Recipe):
 def init_weights(model, source: str | Path) -> None:
     """Copy the weights of the .keras model `source` into `model`; both must have one structure."""
     from defectscan.model.export import load_model
+    from defectscan.model.registry import DEMO_MODEL
 
+    # "demo": the demo model shipped inside the package, wherever it is installed.
+    source = DEMO_MODEL if str(source) == "demo" else source
     donor = load_model(source)
     theirs, ours = donor.get_weights(), model.get_weights()
     if donor.output_shape[-1] != model.output_shape[-1]:
@@ -131,6 +143,149 @@ def init_weights(model, source: str | Path) -> None:
     model.set_weights(theirs)
 
 
+def _loss(recipe: Recipe):
+    """The recipe's loss as a function of (y_true, y_pred)."""
+    from functools import partial
+
+    from defectscan.model.losses import LOSSES
+
+    spec = recipe.loss
+    kwargs = {}
+    if spec.name != "bce":
+        kwargs["smoothing"] = spec.smoothing
+    if spec.name == "adaptive":
+        kwargs["switch_at"] = spec.switch_at
+    if spec.name == "bce_dice":
+        kwargs["bce_weight"] = spec.bce_weight
+    return partial(LOSSES[spec.name], **kwargs)
+
+
+def _split(recipe: Recipe, images: LabelledImages) -> tuple[LabelledImages, LabelledImages | None]:
+    """(images to train on, validation images or None): the validation part is never trained on."""
+    from defectscan.data.dataset import split_validation
+
+    if recipe.validation.fraction is None:
+        return images, None
+    training, validation = split_validation(images, recipe.validation.fraction, recipe.train.seed)
+    kinds = sum(validation.defective), len(validation) - sum(validation.defective)
+    if not kinds[0] or not kinds[1]:
+        missing = "defective" if not kinds[0] else "defect-free"
+        raise DataError(
+            f"{images.name}: the validation part ({len(validation)} of {len(images)} images) has no {missing} image; "
+            f"the operating point needs both (add {missing} images or raise validation.fraction)"
+        )
+    if len(training) == 0:
+        raise DataError(f"{images.name}: no image left to train on after holding out validation.fraction {recipe.validation.fraction}")
+    return training, validation
+
+
+class _Phases:
+    """The training stream: crops until the last `whole_image_steps`, then whole images."""
+
+    def __init__(self, recipe: Recipe, images: LabelledImages, strategy):
+        from defectscan.data.dataset import Photometric
+
+        self.recipe, self.images, self.strategy = recipe, images, strategy
+        spec = recipe.train
+        whole = spec.whole_image_steps if recipe.data.crop_size is not None else 0
+        self.switch_at = spec.steps - whole
+        self.photometric = Photometric(**recipe.data.photometric.model_dump())
+
+    def batches(self, step: int):
+        """The stream from `step` on (a pure function of the seed and the step, so a resumed run matches)."""
+        from defectscan.data.dataset import training_dataset
+
+        spec, data = self.recipe.train, self.recipe.data
+        whole = step >= self.switch_at
+        stream = training_dataset(
+            self.images,
+            batch_size=(spec.whole_image_batch_size or spec.batch_size) if whole else spec.batch_size,
+            seed=spec.seed + (1 if whole else 0),
+            crop_size=None if whole else data.crop_size,
+            defect_crop_fraction=data.defect_crop_fraction,
+            cache=data.cache,
+            shuffle_buffer=data.shuffle_buffer,
+            start_step=step - self.switch_at if whole else step,
+            photometric=self.photometric,
+        )
+        return iter(self.strategy.experimental_distribute_dataset(stream))
+
+
+class _Validator:
+    """Scores the model on the validation images every `validation.every` steps; keeps the best weights.
+
+    The figure is the verdict rule's at the operating point chosen on the validation images for the
+    target false-call rate: lowest escape rate, then lowest false-call rate, then highest Dice. The
+    history and the best step survive an interruption (validation.json beside the checkpoints).
+    """
+
+    def __init__(self, recipe: Recipe, images: LabelledImages, out_dir: Path):
+        self.recipe, self.images = recipe, images
+        self.state_path = out_dir / "validation.json"
+        self.weights_path = out_dir / "best.weights.h5"
+        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.history: list[dict] = state.get("history", [])
+        self.best: dict | None = state.get("best")
+
+    @staticmethod
+    def key(entry: dict) -> tuple:
+        figures = entry["operating_point"]["figures"] if entry.get("operating_point") else None
+        if figures is None:
+            return (1.0, 1.0, -(entry.get("dice") or 0.0))
+        return (figures["escape_rate"], figures["false_call_rate"], -round(figures["dice"], 4))
+
+    def due(self, step: int, end: bool) -> bool:
+        done = {entry["step"] for entry in self.history}
+        return step not in done and (end or step % self.recipe.validation.every == 0)
+
+    def run(self, model, step: int) -> dict:
+        from defectscan.model.evaluate import evaluate_model
+
+        target = self.recipe.validation.target_false_call_rate
+        try:
+            metrics = evaluate_model(model, self.images, choose_for=target, chosen_on=self.images.name)
+            point = metrics["operating_point"]
+        except DataError as exc:  # no rule of the grid meets the target: the worst figure, Dice decides among such steps
+            log.info("step %d: %s", step, exc)
+            metrics, point = evaluate_model(model, self.images), None
+        entry = {"step": step, "operating_point": point, "dice": metrics["verdict_rule"]["dice"], "pixel_auroc": metrics["pixel_auroc"]}
+        self.history.append(entry)
+        if self.best is None or self.key(entry) < self.key(self.best):
+            self.best = entry
+            model.save_weights(self.weights_path)
+        self.state_path.write_text(json.dumps({"history": self.history, "best": self.best}, indent=2) + "\n")
+        figures = (point or {}).get("figures") or metrics["verdict_rule"]
+        log.info(
+            "step %d validation: escape %.3f, false calls %.3f, Dice %.4f (best: step %d)",
+            step, figures["escape_rate"] or 0.0, figures["false_call_rate"] or 0.0, figures["dice"], self.best["step"],
+        )
+        return entry
+
+
+def write_sidecar(recipe: Recipe, classes: list[str], model_path: Path, summary: dict, best: dict | None) -> Path:
+    """model.json beside model.keras: what `models register` records (name, version, classes, operating point, training)."""
+    from defectscan.model.registry import sidecar_path
+    from defectscan.model.verdict import DEFAULT_RULES
+
+    point = (best or {}).get("operating_point")
+    if point is not None:
+        point = {**point, "step": best["step"]}
+    else:
+        reason = "no validation images (validation.fraction is null)" if best is None else "no rule met the target false-call rate on the validation images"
+        point = {**DEFAULT_RULES.as_dict(), "threshold": recipe.model.threshold, "chosen_by": f"default rule: {reason}"}
+    metadata = {
+        "name": recipe.model.name,
+        "version": recipe.model.version,
+        "classes": classes,
+        "threshold": point["threshold"],
+        "operating_point": point,
+        "training": {k: summary[k] for k in ("recipe", "dataset", "validation_dataset", "steps", "best_step", "seconds_this_run")},
+    }
+    path = sidecar_path(model_path)
+    path.write_text(json.dumps(metadata, indent=2) + "\n")
+    return path
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -139,12 +294,16 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train until recipe.train.steps (or `stop_at`, to pause a run); resumes from checkpoints in out_dir."""
+    """Train until recipe.train.steps (or `stop_at`, to pause a run); resumes from checkpoints in out_dir.
+
+    With validation (recipe.validation.fraction), a stratified share of the images is held out;
+    the model saved is the best validated step's, and its sidecar (model.json) records the
+    operating point chosen on the validation images.
+    """
     import keras
     import tensorflow as tf
 
-    from defectscan.data.dataset import training_dataset
-    from defectscan.model.losses import LOSSES, hard_dice, l2_penalty
+    from defectscan.model.losses import hard_dice, l2_penalty
     from defectscan.model.unet import build_model
 
     spec = recipe.train
@@ -157,6 +316,7 @@ def train(
             log.warning("skipped %s", problem)
     if len(images) == 0:
         raise DataError(f"{images.name}: no usable training images ({images.problems.summary()})")
+    training_images, validation_images = _split(recipe, images)
 
     keras.utils.set_random_seed(spec.seed)
     _set_determinism(spec.deterministic, spec.jit_compile)
@@ -181,27 +341,19 @@ def train(
         if start >= spec.steps:
             log.info("already trained to step %d", start)
 
-        data = training_dataset(
-            images,
-            batch_size=spec.batch_size,
-            seed=spec.seed,
-            crop_size=recipe.data.crop_size,
-            defect_crop_fraction=recipe.data.defect_crop_fraction,
-            cache=recipe.data.cache,
-            shuffle_buffer=recipe.data.shuffle_buffer,
-            start_step=start,
-        )
-        batches = iter(strategy.experimental_distribute_dataset(data))
-        loss_fn = LOSSES[recipe.loss.name]
-        loss_kwargs = {"switch_at": recipe.loss.switch_at} if recipe.loss.name == "adaptive" else {}
-        if recipe.loss.name != "bce":
-            loss_kwargs["smoothing"] = recipe.loss.smoothing
+        phases = _Phases(recipe, training_images, strategy)
+        validator = _Validator(recipe, validation_images, out_dir) if validation_images is not None else None
+        batches = phases.batches(start)
+        loss_fn = _loss(recipe)
         replicas = strategy.num_replicas_in_sync
+
+        # The same layers, also giving the logits: the losses take cross-entropy from them (model/losses.py).
+        with_logits = keras.Model(model.inputs, [model.outputs[0], model.get_layer("output_logits").output])
 
         def replica_step(x, y):
             with tf.GradientTape() as tape:
-                probs = model(x, training=True)
-                loss = loss_fn(y, probs, **loss_kwargs)
+                probs, logits = with_logits(x, training=True)
+                loss = loss_fn(y, probs, logits=logits)
                 total = (loss + l2_penalty(model.trainable_variables, recipe.loss.weight_decay)) / replicas
                 if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                     total = optimizer.scale_loss(total)
@@ -228,6 +380,8 @@ def train(
         current = start
         try:
             while current < end:
+                if current == phases.switch_at and current > start:
+                    batches = phases.batches(current)
                 loss, dice = step(next(batches))
                 current = int(optimizer.iterations.numpy())
                 window_steps += 1
@@ -249,6 +403,8 @@ def train(
                     bar.update(current, [("loss", last_loss), ("dice", last_dice), ("img/s", rate)])
                 if current % spec.checkpoint_every == 0:
                     manager.save(checkpoint_number=current)
+                if validator is not None and validator.due(current, current >= spec.steps):
+                    validator.run(model, current)
         except KeyboardInterrupt:
             manager.save(checkpoint_number=int(optimizer.iterations.numpy()))
             raise
@@ -259,13 +415,14 @@ def train(
         trained = current - start
         finished = current >= spec.steps
         model_path = out_dir / "model.keras"
-        if finished:
-            model.save(model_path)
+        best = validator.best if validator is not None else None
         summary = {
             "recipe": recipe.model_dump(mode="json"),
             "classes": images.classes,
-            "dataset": images.describe(),
+            "dataset": training_images.describe(),
+            "validation_dataset": validation_images.describe() if validation_images is not None else None,
             "steps": current,
+            "best_step": best["step"] if best else None,
             "resumed_from": start,
             "finished": finished,
             "seconds_this_run": round(seconds, 2),
@@ -275,6 +432,11 @@ def train(
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
         }
+        if finished:
+            if best is not None:
+                model.load_weights(validator.weights_path)
+            model.save(model_path)
+            write_sidecar(recipe, images.classes, model_path, summary, best)
         (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -289,4 +451,5 @@ def train(
         last_loss=last_loss,
         last_dice=last_dice,
         compute_dtype=model.get_layer("output_conv1").compute_dtype,
+        best_step=summary["best_step"],
     )

@@ -1,0 +1,95 @@
+"""Training with a validation split: held-out images, the best step kept, the operating point recorded and used."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from defectscan.config import load_settings
+from defectscan.data.dagm import read_dagm
+from defectscan.data.synth import SynthSpec, write_synthetic_dagm
+from defectscan.errors import DataError
+from defectscan.model.export import load_model
+from defectscan.model.recipe import load_recipe
+from defectscan.model.registry import read_metadata, register_model, sidecar_path
+from defectscan.model.train import train
+from defectscan.model.verdict import VerdictRules
+from defectscan.paths import CONFIGS_DIR
+from defectscan.pipeline.run import verdict_rules
+
+CPU_RECIPE = CONFIGS_DIR / "model" / "tinyunet-cpu-test.yaml"
+VALIDATED = ("validation.fraction=0.5", "validation.every=2", "validation.target_false_call_rate=0.5", "train.steps=6")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_dagm(root, SynthSpec(classes=2, train=6, test=2, size=32, seed=0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def validated(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("validated")
+    result = train(load_recipe(CPU_RECIPE, VALIDATED, data_path=str(synth)), out, progress=False)
+    return result, out
+
+
+def test_the_validation_images_are_held_out_and_the_best_step_is_saved(validated, synth):
+    result, out = validated
+    state = json.loads((out / "validation.json").read_text())
+    assert [entry["step"] for entry in state["history"]] == [2, 4, 6]
+    assert result.best_step == state["best"]["step"]
+    summary = json.loads((out / "training.json").read_text())
+    # 12 training images in 4 strata of 3 (class x good/defective): round(0.5 x 3) = 2 of each held out
+    assert "4 images" in summary["dataset"] and "8 images" in summary["validation_dataset"]
+    best = load_model(out / "model.keras")
+    reference = load_model(result.model_path)
+    reference.load_weights(out / "best.weights.h5")
+    for a, b in zip(best.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_sidecar_records_the_operating_point_and_registration_takes_it(validated, session):
+    result, out = validated
+    meta = read_metadata(sidecar_path(result.model_path))
+    point = meta.operating_point
+    assert point["target_false_call_rate"] == 0.5 and point["step"] == result.best_step
+    assert {"tpr", "tnr", "escape_rate", "false_call_rate", "dice", "dice_defective", "image_auroc"} <= set(point["figures"])
+    row = register_model(session, result.model_path, metadata=meta)
+    assert row.operating_point == point and row.threshold == point["threshold"]
+    rules = VerdictRules.from_dict(point)
+    # inspect uses the recorded rule unless the settings (or a job) override a field of it
+    assert verdict_rules(row, load_settings(environ={}).inspection) == rules
+    overridden = load_settings(environ={"DEFECTSCAN_INSPECTION__MIN_DEFECT_AREA": "7"}).inspection
+    assert verdict_rules(row, overridden) == VerdictRules(rules.threshold, 7, rules.fail_score)
+
+
+def test_resuming_keeps_the_validation_history(synth, validated, tmp_path):
+    recipe = load_recipe(CPU_RECIPE, VALIDATED, data_path=str(synth))
+    train(recipe, tmp_path, stop_at=4, progress=False)
+    resumed = train(recipe, tmp_path, progress=False)
+    state = json.loads((tmp_path / "validation.json").read_text())
+    assert [entry["step"] for entry in state["history"]] == [2, 4, 6]
+    assert resumed.best_step == validated[0].best_step
+
+
+def test_a_validation_part_without_good_images_is_refused(tmp_path):
+    root = tmp_path / "all-defective"
+    write_synthetic_dagm(root, SynthSpec(classes=1, train=6, test=0, size=32, defect_fraction=1.0, seed=0))
+    with pytest.raises(DataError, match=r"the validation part \(3 of 6 images\) has no defect-free image"):
+        train(load_recipe(CPU_RECIPE, VALIDATED, data_path=str(root)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_validation_images_are_never_trained_on(synth):
+    from defectscan.model.train import _split
+
+    recipe = load_recipe(CPU_RECIPE, VALIDATED, data_path=str(synth))
+    images = read_dagm(synth, "Train")
+    training, validation = _split(recipe, images)
+    assert not set(training.keys) & set(validation.keys)
+    assert sorted(training.keys + validation.keys) == sorted(images.keys)
+    assert np.array_equal(training.load(0)[0], images.load(images.keys.index(training.keys[0]))[0])
