@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from skimage import draw
 from defectscan.errors import DataError
 
 DEFECT_KINDS = ("scratch", "spot", "crack", "stain")
+
+# Makes one image (uint8) and its weak label (uint8 0/255, None when defect-free) from the stream.
+SampleMaker = Callable[[np.random.Generator, bool], tuple[np.ndarray, np.ndarray | None]]
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,13 @@ def make_sample(rng: np.random.Generator, size: int, class_index: int, defective
     kind = DEFECT_KINDS[class_index % len(DEFECT_KINDS)]
     defect = _SHAPES[kind](rng, size)
     contrast = rng.uniform(0.12, 0.25) * rng.choice([-1.0, 1.0])
+    return _to_uint8(blend_defect(surface, defect, contrast)), (ellipse_label(defect) * 255).astype(np.uint8)
+
+
+def blend_defect(surface: np.ndarray, defect: np.ndarray, contrast: float) -> np.ndarray:
+    """`surface` with the defect mask added at `contrast` (signed), its edge softened over about a pixel."""
     soft = ndimage.gaussian_filter(defect.astype(np.float64), 0.8)
-    surface = surface + contrast * soft
-    return _to_uint8(surface), (ellipse_label(defect) * 255).astype(np.uint8)
+    return surface + contrast * soft
 
 
 def _to_uint8(surface: np.ndarray) -> np.ndarray:
@@ -179,31 +187,44 @@ def _to_uint8(surface: np.ndarray) -> np.ndarray:
 
 def write_synthetic_dagm(root: str | Path, spec: SynthSpec) -> SynthSummary:
     """Write Class1..ClassN/{Train,Test} in the DAGM 2007 layout under `root`."""
-    from PIL import Image
-
     root = Path(root)
     images = defective_count = 0
     for class_index in range(spec.classes):
         for split, count in (("Train", spec.train), ("Test", spec.test)):
-            split_dir = root / f"Class{class_index + 1}" / split
-            label_dir = split_dir / "Label"
-            label_dir.mkdir(parents=True, exist_ok=True)
             # One stream per (seed, class, split): adding classes never changes the existing ones.
             rng = np.random.default_rng([spec.seed, class_index, 0 if split == "Train" else 1])
-            n_defective = round(count * spec.defect_fraction)
-            flags = np.zeros(count, bool)
-            flags[rng.permutation(count)[:n_defective]] = True
-            lines = []
-            for i in range(count):
-                name = f"{i + 1:04d}"
-                image, label = make_sample(rng, spec.size, class_index, bool(flags[i]))
-                Image.fromarray(image).save(split_dir / f"{name}.PNG")
-                if label is not None:
-                    Image.fromarray(label).save(label_dir / f"{name}_label.PNG")
-                    lines.append(f"{i + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
-                else:
-                    lines.append(f"{i + 1}\t0\t{name}.PNG\t0\t0")
-            (label_dir / "Labels.txt").write_text("1\n" + "\n".join(lines) + ("\n" if lines else ""))
+            sample = partial(_class_sample, size=spec.size, class_index=class_index)
+            defective_count += write_dagm_split(root / f"Class{class_index + 1}" / split, rng, count, spec.defect_fraction, sample)
             images += count
-            defective_count += n_defective
     return SynthSummary(root=root, images=images, defective=defective_count)
+
+
+def _class_sample(rng: np.random.Generator, defective: bool, *, size: int, class_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    return make_sample(rng, size, class_index, defective)
+
+
+def write_dagm_split(split_dir: Path, rng: np.random.Generator, count: int, defect_fraction: float, sample: SampleMaker) -> int:
+    """Write one split folder (NNNN.PNG, Label/Labels.txt, Label/NNNN_label.PNG); the number of defective images.
+
+    round(count x defect_fraction) images, picked at random from `rng`, are defective; then
+    `sample(rng, defective)` makes each image and its label (None when defect-free), in order.
+    """
+    from PIL import Image
+
+    label_dir = split_dir / "Label"
+    label_dir.mkdir(parents=True, exist_ok=True)
+    n_defective = round(count * defect_fraction)
+    flags = np.zeros(count, bool)
+    flags[rng.permutation(count)[:n_defective]] = True
+    lines = []
+    for i in range(count):
+        name = f"{i + 1:04d}"
+        image, label = sample(rng, bool(flags[i]))
+        Image.fromarray(image).save(split_dir / f"{name}.PNG")
+        if label is not None:
+            Image.fromarray(label).save(label_dir / f"{name}_label.PNG")
+            lines.append(f"{i + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
+        else:
+            lines.append(f"{i + 1}\t0\t{name}.PNG\t0\t0")
+    (label_dir / "Labels.txt").write_text("1\n" + "\n".join(lines) + ("\n" if lines else ""))
+    return n_defective
