@@ -91,6 +91,9 @@ def test_a_higher_target_false_call_rate_trades_false_calls_for_escapes(tmp_path
     # The verdict table scores the chosen rule through the same function inspect uses.
     assert strict["verdict_rule"]["rule"]["fail_score"] == s["fail_score"]
     assert strict["verdict_rule"]["false_call_rate"] == s["figures"]["false_call_rate"]
+    # 20 defect-free images cannot show a rate of 2 %: the point says so; 40 % they can
+    assert s["caution"].startswith("only 20 defect-free images: one false call would be 0.050, above the target 0.02; at least 50")
+    assert "caution" not in l
 
 
 @pytest.mark.parametrize("rate", [0, 1, -0.1, 1.5])

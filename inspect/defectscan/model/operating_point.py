@@ -19,6 +19,7 @@ what evaluation and training-time validation measure:
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ import numpy as np
 from defectscan.errors import DataError
 from defectscan.model.metrics import EPS, pixel_auroc
 from defectscan.model.verdict import VerdictRules, defect_mask, judge
+
+log = logging.getLogger(__name__)
 
 # Candidate rules for `choose`: thresholds on the 1/255 grid of the stored maps, areas in pixels.
 GRID_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -177,12 +180,17 @@ class RuleGrid:
         score = np.array(self.score[(t, a)])
         failed = score >= rules.fail_score
         figures = image_figures(score, defective, failed, np.array(self.dice[(t, a)]))
-        return {
-            **rules.as_dict(),
-            "target_false_call_rate": target_false_call_rate,
-            "chosen_on": what,
-            "figures": figures,
-        }
+        point = {**rules.as_dict(), "target_false_call_rate": target_false_call_rate, "chosen_on": what, "figures": figures}
+        good = int((~defective).sum())
+        if good * target_false_call_rate < 1:
+            # One false call among `good` images is already above the target: the rule only shows
+            # it makes none here, and may not hold on other images (say so wherever it is shown).
+            point["caution"] = (
+                f"only {good} defect-free images: one false call would be {1 / good:.3f}, above the target "
+                f"{target_false_call_rate:g}; at least {int(np.ceil(1 / target_false_call_rate))} are needed to measure it"
+            )
+            log.warning("operating point: %s", point["caution"])
+        return point
 
 
 def _lowest_fail_score(good: np.ndarray, threshold: float, target: float) -> float | None:

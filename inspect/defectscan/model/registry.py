@@ -176,10 +176,11 @@ def describe_operating_point(point: dict[str, Any] | None) -> str:
     def f(key: str) -> str:
         return "-" if figures.get(key) is None else f"{figures[key]:.3f}"
 
+    caution = f" (caution: {point['caution']})" if point.get("caution") else ""
     return (
         f"{text}; chosen on {figures['images']} held-out images ({figures['defective_images']} defective) for a false-call rate "
         f"<= {point['target_false_call_rate']:g}: escape rate {f('escape_rate')}, false-call rate {f('false_call_rate')}, "
-        f"Dice {f('dice')} (defective images {f('dice_defective')})"
+        f"Dice {f('dice')} (defective images {f('dice_defective')}){caution}"
     )
 
 

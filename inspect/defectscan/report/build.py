@@ -168,6 +168,8 @@ def _verdict_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
         if point.get("figures"):
             rows.append(("chosen on", f"{point.get('chosen_on', 'held-out images')}, for a false-call rate of at most {point['target_false_call_rate']:g}"))
             rows.extend(_figure_rows("validation", point["figures"]))
+            if point.get("caution"):
+                rows.append(("caution", point["caution"]))
         elif point.get("chosen_by"):
             rows.append(("chosen by", point["chosen_by"]))
     if isinstance((model["metrics"] or {}).get("verdict_rule"), dict):
