@@ -151,3 +151,25 @@ def test_a_threshold_setting_overrides_the_registered_one(factory, cluster, sett
     assert (summary.status, summary.counts.defects) == ("succeeded", 0)
     forced = _run(factory, cluster, model, [image_set], settings, force=True)
     assert forced.counts.defects == 1
+
+
+def test_a_lot_whose_every_image_is_in_error_is_incomplete_never_released(factory, cluster, settings, model_path, tmp_path):
+    """lots list, lots show and the QA report share one disposition: no judged image, no release."""
+    from defectscan.db.queries import Filters, list_lots, lot_disposition, lot_summary
+    from defectscan.report.build import HoldRules, ReportOptions, Scope, collect
+
+    path = write_stack(tmp_path / "LE.zarr", square_images(3), lot="LE")
+    image_set = register(factory, path)
+    model = add_model(factory, model_path)
+    for position in range(3):
+        (path / "images" / "c" / str(position) / "0" / "0").write_bytes(b"not zstd at all")
+    summary = _run(factory, cluster, model, [image_set], settings)
+    assert summary.counts.errors == 3 and summary.counts.inspected == 0
+    with factory() as session:
+        assert [(r["lot"], r["errors"], r["verdict"]) for r in list_lots(session, Filters(lot="LE")).rows] == [("LE", 3, "incomplete")]
+        assert [m["verdict"] for m in lot_summary(session, "LE")["models"]] == ["incomplete"]
+        # even with errors allowed by the report's own rule, a lot nobody judged is not released
+        context = collect(session, Scope(lot="LE"), ReportOptions(rules=HoldRules(max_errors=10)))
+    assert [(lot["label"], lot["disposition"]) for lot in context["lots"]] == [("LE", "incomplete")]
+    assert context["held"] == 1
+    assert (lot_disposition(3, 0, 2, 0.05), lot_disposition(3, 1, 0, 0.05), lot_disposition(40, 1, 0, 0.05)) == ("release", "hold", "release")

@@ -285,8 +285,9 @@ def lots() -> None:
 def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: int, fmt: str) -> None:
     """One row per lot and model version, most recently captured lots first.
 
-    defect_rate is failed images / judged images (images in error left out); a lot is "hold" when it is above
-    --hold-above, else "release". Filters select the images counted.
+    defect_rate is failed images / judged images (images in error left out); a lot is "incomplete" when none
+    of its images could be judged (all in error), "hold" when it is above --hold-above, else "release".
+    Filters select the images counted.
 
     \b
     Example:

@@ -439,6 +439,17 @@ def failed_share(images: int, failed: int, errors: int) -> float:
     return failed / judged if judged > 0 else 0.0
 
 
+def lot_disposition(images: int, failed: int, errors: int, hold_above: float) -> str:
+    """"incomplete", "hold" or "release": the one definition for `defectscan lots` and the QA report.
+
+    A lot with images in error and none judged is "incomplete": its failed share of zero judged
+    images says nothing, and a release would ship parts nobody looked at.
+    """
+    if errors > 0 and images - errors <= 0:
+        return "incomplete"
+    return "hold" if failed_share(images, failed, errors) > hold_above else "release"
+
+
 def _lot_row(row, hold_above: float) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
     # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
@@ -446,7 +457,7 @@ def _lot_row(row, hold_above: float) -> dict[str, Any]:
     rate = failed_share(images, failed, errors)
     record = dict(zip(LOT_COLUMNS, (
         lot, _model_label(name, version), images, failed, errors, defects, round(rate, 4),
-        iso_utc(first), iso_utc(last), "hold" if rate > hold_above else "release",
+        iso_utc(first), iso_utc(last), lot_disposition(images, failed, errors, hold_above),
     ), strict=True))
     record["model_id"] = model_id
     return record
@@ -544,7 +555,7 @@ def _lots_query(session: Session, filters: Filters, *, rollup: bool = True) -> S
 def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: float = HOLD_ABOVE, limit: int = 50, offset: int = 0) -> Page:
     """One row per lot and model version: images, failed, errors, defects, failed share, verdict; newest lots first.
 
-    A lot is on "hold" when its share of failed images is above `hold_above`.
+    Its verdict is `lot_disposition`: "incomplete" without a judged image, "hold" above `hold_above`.
     """
     check_filters(session, filters)
     query = _lots_query(session, filters)

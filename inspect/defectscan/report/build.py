@@ -4,8 +4,9 @@ The HTML has inline CSS (with a print stylesheet), inline SVG charts and the wor
 PNG data URIs: it opens offline and needs no JavaScript. Every value from the data goes
 through Jinja2's autoescaping; chart labels are escaped by the SVG writer (report/charts.py).
 
-Lot disposition: a lot is put on "hold" (else "release", as `defectscan lots` says) when any
-rule of `HoldRules` fires; the defaults are documented there and are `defectscan report` options.
+Lot disposition: a lot is "incomplete" when none of its images was judged (all in error), and
+otherwise put on "hold" (else "release", as `defectscan lots` says) when any rule of `HoldRules`
+fires; the defaults are documented there and are `defectscan report` options.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.db import queries_report as q
-from defectscan.db.queries import HOLD_ABOVE, Filters, check_filters, failed_share, iso_utc
+from defectscan.db.queries import HOLD_ABOVE, Filters, check_filters, failed_share, iso_utc, lot_disposition
 from defectscan.errors import DataError
 from defectscan.report import charts
 from defectscan.report.spc import SIGMA, PChart, p_chart
@@ -199,6 +200,10 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
         judged = g["images"] - g["errors"]
         share = failed_share(g["images"], g["failed"], g["errors"])
         reasons = []
+        if lot_disposition(g["images"], g["failed"], g["errors"], rules.hold_above) == "incomplete":
+            rows.append({**g, "judged": judged, "share": "-", "disposition": "incomplete",
+                         "reasons": [f"no image judged: {g['errors']} in error"]})
+            continue
         if share > rules.hold_above:
             reasons.append(f"failed {100 * share:.1f} % > {100 * rules.hold_above:g} %")
         if g["errors"] > rules.max_errors:
@@ -298,7 +303,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     lots_total = n_groups if not by_hour else 1
     context["lots"] = _disposition(lots, None if by_hour else chart, options.rules)
     context["lots_total"] = lots_total
-    context["held"] = sum(1 for lot in context["lots"] if lot["disposition"] == "hold")
+    context["held"] = sum(1 for lot in context["lots"] if lot["disposition"] != "release")
 
     classes = q.class_counts(session, filters)
     context["classes"] = classes
