@@ -68,7 +68,7 @@ def report(app: AppContext, lot: str | None, line: str | None, since: str | None
     else:
         click.echo(
             f"{summary['scope']} ({summary['model']}): {summary['images']} images, {summary['failed']} failed, "
-            f"{summary['errors']} in error, {summary['defects']} defects; {summary['held']} of {summary['lots']} lots on hold, "
+            f"{summary['errors']} in error, {summary['defects']} defects; {summary['held']} of {summary['lots']} lots on hold or incomplete, "
             f"{summary['out_of_control']} out-of-control point(s)"
         )
         click.echo(f"wrote {summary['html']}")
