@@ -60,6 +60,11 @@ class LabelledImages:
         return f"{self.name}: {len(self)} images {self.shape[0]}x{self.shape[1]}, {sum(self.defective)} defective, classes {', '.join(self.classes)}; {self.problems.summary()}"
 
 
+def image_group(key: str) -> str:
+    """The stratum of an image: its DAGM class folder (the first part of its key), "" without one."""
+    return key.split("/", 1)[0] if "/" in key else ""
+
+
 def split_validation(images: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
     """(training, validation): a reproducible, stratified share of the images held out for validation.
 
@@ -72,8 +77,7 @@ def split_validation(images: LabelledImages, fraction: float, seed: int) -> tupl
         raise DataError(f"{images.name}: validation fraction {fraction} must be strictly between 0 and 1")
     strata: dict[tuple[str, bool], list[int]] = {}
     for index, (key, defective) in enumerate(zip(images.keys, images.defective, strict=True)):
-        group = key.split("/", 1)[0] if "/" in key else ""
-        strata.setdefault((group, defective), []).append(index)
+        strata.setdefault((image_group(key), defective), []).append(index)
     held: list[int] = []
     for (group, defective), members in sorted(strata.items()):
         members = sorted(members, key=lambda i: images.keys[i])

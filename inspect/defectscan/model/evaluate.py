@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-
-import numpy as np
 from pathlib import Path
 
-from defectscan.data.dataset import LabelledImages
+from defectscan.data.dataset import LabelledImages, image_group
 from defectscan.errors import DataError, ModelError
 from defectscan.model.metrics import THRESHOLDS, SegmentationScores
 from defectscan.model.operating_point import RuleGrid, RuleScores
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, to_uint8
-
-
-def image_group(key: str) -> str:
-    """The stratum of an image: its DAGM class folder (the first part of its key), "" without one."""
-    return key.split("/", 1)[0] if "/" in key else ""
 
 
 def evaluate_model(
