@@ -209,3 +209,23 @@ def test_evaluate_refuses_a_target_outside_zero_one_in_one_line(cli, tmp_path, r
     result = cli("evaluate", str(model_path), "--data", str(tmp_path), "--choose-operating-point", "--target-false-call-rate", rate)
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: target false-call rate {float(rate)} must be strictly between 0 and 1 (e.g. 0.01 for 1 %)"
+
+
+def test_when_no_rule_meets_the_target_the_images_are_still_scored_and_the_cli_says_why(cli, tmp_path):
+    images = _graded_images(8)
+    bright = []
+    for i in range(len(images)):
+        image, label = images.load(i)
+        image = image.copy()
+        image[40:62, 40:62] = 255  # on every image, good ones too: a defect no rule of the grid can drop
+        bright.append((image, label))
+    loud = LabelledImages("loud", images.keys, images.classes, images.shape, lambda i: bright[i], images.defective)
+    model_path = save_threshold_model(tmp_path / "threshold.keras")
+    metrics = evaluate_model(load_model(model_path), loud, choose_for=0.01)
+    assert metrics["operating_point"] is None
+    assert metrics["no_operating_point"] == "no rule of the grid keeps the false-call rate on the evaluation images within 0.01"
+    assert metrics["verdict_rule"]["images"] == 8 and metrics["verdict_rule"]["false_call_rate"] == 1.0
+    data = _write_graded_dagm(tmp_path / "loud", loud)
+    result = cli("evaluate", str(model_path), "--data", str(data), "--split", "Train", "--choose-operating-point")
+    assert result.exit_code == 1 and result.output.strip().startswith("Error: no rule of the grid keeps the false-call rate on the ")
+    assert not (tmp_path / "threshold.json").exists()

@@ -110,6 +110,7 @@ def evaluate(
         defectscan evaluate tinyunet-dagm:1 --data data/dagm --class Class1
         defectscan evaluate runs/new/model.keras --data data/line3-reviewed --split Train --choose-operating-point
     """
+    from defectscan.errors import DataError
     from defectscan.model.evaluate import evaluate_model, format_table, write_metrics
     from defectscan.model.operating_point import check_target
     from defectscan.model.recipe import DataSpec, Recipe
@@ -125,6 +126,8 @@ def evaluate(
         click.echo(f"skipped {problem}", err=True)
     target = target_false_call_rate if choose_operating_point else None
     metrics = evaluate_model(model, images, batch_size=batch_size, rules=rules, choose_for=target, chosen_on=f"{images.name}, {len(images)} images")
+    if choose_operating_point and metrics["operating_point"] is None:
+        raise DataError(metrics["no_operating_point"])
     click.echo(format_table(metrics))
     if json_path is not None:
         click.echo(f"metrics: {write_metrics(metrics, json_path)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from defectscan.data.dataset import LabelledImages, image_group
 from defectscan.errors import DataError, ModelError
 from defectscan.model.metrics import THRESHOLDS, SegmentationScores
-from defectscan.model.operating_point import RuleGrid, RuleScores
+from defectscan.model.operating_point import NoOperatingPoint, RuleGrid, RuleScores
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, to_uint8
 
 
@@ -35,7 +35,8 @@ def evaluate_model(
     """Run `model` over every image of `images` (whole images, no augmentation) and score it.
 
     `rules` is the verdict rule to score (the model's operating point); with `choose_for` (a target
-    false-call rate) an operating point is chosen on these images and scored instead.
+    false-call rate) an operating point is chosen on these images and scored instead. When no rule
+    meets the target, "operating_point" is None, "no_operating_point" says why and `rules` is scored.
     """
     import tensorflow as tf
 
@@ -71,16 +72,18 @@ def evaluate_model(
             else:
                 verdicts.update(score_map, truth, groups[index])
             index += 1
-    operating_point = None
+    chosen = {}
     if grid is not None:
-        operating_point = grid.choose(choose_for, what=chosen_on)
-        verdicts = RuleScores(VerdictRules.from_dict(operating_point), classes)
+        try:
+            chosen["operating_point"] = grid.choose(choose_for, what=chosen_on)
+            verdicts = RuleScores(VerdictRules.from_dict(chosen["operating_point"]), classes)
+        except NoOperatingPoint as exc:
+            # The images were scored all the same: `rules` is scored instead and the caller decides.
+            chosen = {"operating_point": None, "no_operating_point": str(exc)}
         for score_map, truth, group in kept:
             verdicts.update(score_map, truth, group)
     seconds = time.perf_counter() - started
-    result = {"verdict_rule": verdicts.result(), **reference.result()}
-    if operating_point is not None:
-        result["operating_point"] = operating_point
+    result = {"verdict_rule": verdicts.result(), **reference.result(), **chosen}
     result.update(
         {
             "dataset": images.name,

@@ -27,7 +27,7 @@ import numpy as np
 
 from defectscan.errors import DataError
 from defectscan.model.metrics import EPS, pixel_auroc
-from defectscan.model.verdict import VerdictRules, defect_mask, judge
+from defectscan.model.verdict import VerdictRules, judge, recorded_mask, score_cutoff, verdict_score
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 GRID_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 GRID_AREAS = (1, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_TARGET_FALSE_CALL_RATE = 0.01
+
+
+class NoOperatingPoint(DataError):
+    """No rule of the grid keeps the false-call rate within the target on these images."""
 
 
 def check_target(rate: float) -> float:
@@ -92,10 +96,10 @@ class RuleScores:
     def update(self, scores: np.ndarray, truth: np.ndarray, group: str = "") -> None:
         """`scores`: (C, H, W) uint8 map as stored; `truth`: (C, H, W) bool labels."""
         result = judge(0, scores, self.classes, self.rules)
-        self.score.append(max((d.max_score for d in result.defects), default=0.0))
+        self.score.append(verdict_score(result.defects))
         self.failed.append(result.verdict == "fail")
         self.defective.append(bool(truth.any()))
-        self.dice.append(_dice(defect_mask(scores, self.classes, self.rules), truth))
+        self.dice.append(_dice(recorded_mask(result.defects, scores.shape), truth))
         self.groups.append(group)
         self.box_hit.append(boxes_overlap([d.bbox for d in result.defects], truth) if truth.any() else None)
 
@@ -140,9 +144,8 @@ class RuleGrid:
 
         self.defective.append(bool(truth.any()))
         for t in self.thresholds:
-            cutoff = int(np.ceil(t * 255.0 - 1e-9))
             # One labelling per threshold; each area keeps the regions at least that large (verdict.py's steps 1-2).
-            labels = [label(channel >= cutoff, connectivity=2) for channel in scores]
+            labels = [label(channel >= score_cutoff(t), connectivity=2) for channel in scores]
             sizes = [np.bincount(lab.ravel()) for lab in labels]
             for a in self.areas:
                 kept = np.stack([(lab > 0) & (size[lab] >= a) for lab, size in zip(labels, sizes, strict=True)])
@@ -172,7 +175,7 @@ class RuleGrid:
             if best is None or key < best[0]:
                 best = (key, t, a, fail_score, upper)
         if best is None:
-            raise DataError(f"no rule of the grid keeps the false-call rate on the {what} within {target_false_call_rate:g}")
+            raise NoOperatingPoint(f"no rule of the grid keeps the false-call rate on the {what} within {target_false_call_rate:g}")
         _, t, a, low, high = best
         # Any fail_score in [low, high] gives these figures: take the middle, on the maps' 1/255 grid.
         fail_score = min(max(np.ceil((low + high) / 2 * 255.0 - 1e-9) / 255.0, low), high, 1.0)

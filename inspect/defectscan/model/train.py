@@ -242,12 +242,10 @@ class _Validator:
         from defectscan.model.evaluate import evaluate_model
 
         target = self.recipe.validation.target_false_call_rate
-        try:
-            metrics = evaluate_model(model, self.images, choose_for=target, chosen_on=self.images.name)
-            point = metrics["operating_point"]
-        except DataError as exc:  # no rule of the grid meets the target: the worst figure, Dice decides among such steps
-            log.info("step %d: %s", step, exc)
-            metrics, point = evaluate_model(model, self.images), None
+        metrics = evaluate_model(model, self.images, choose_for=target, chosen_on=self.images.name)
+        point = metrics["operating_point"]
+        if point is None:  # no rule of the grid meets the target: the worst figure, Dice decides among such steps
+            log.info("step %d: %s", step, metrics["no_operating_point"])
         entry = {"step": step, "operating_point": point, "dice": metrics["verdict_rule"]["dice"], "pixel_auroc": metrics["pixel_auroc"]}
         self.history.append(entry)
         if self.best is None or self.key(entry) < self.key(self.best):

@@ -143,12 +143,16 @@ def _check_shape(scores: np.ndarray, classes: list[str]) -> None:
         raise ValueError(f"expected a ({len(classes)}, H, W) score map, got shape {scores.shape}")
 
 
+def score_cutoff(threshold: float) -> int:
+    """Step 1 of the rule on the stored uint8 scale: the lowest stored value that reaches `threshold`."""
+    return int(np.ceil(threshold * 255.0 - 1e-9))
+
+
 def _defect_labels(channel: np.ndarray, rule: VerdictRules) -> np.ndarray:
     """Steps 1-2 of the rule on one (H, W) uint8 channel: labelled regions, noise removed (label 0)."""
     from skimage.measure import label
 
-    cutoff = int(np.ceil(rule.threshold * 255.0 - 1e-9))
-    labels = label(channel >= cutoff, connectivity=2)
+    labels = label(channel >= score_cutoff(rule.threshold), connectivity=2)
     # Drop noise in one vectorised pass: per-region properties are costly when specks are many.
     areas = np.bincount(labels.ravel())
     areas[0] = 0
@@ -156,10 +160,13 @@ def _defect_labels(channel: np.ndarray, rule: VerdictRules) -> np.ndarray:
     return labels
 
 
-def defect_mask(scores: np.ndarray, classes: list[str], rules: VerdictRules) -> np.ndarray:
-    """(C, H, W) bool: the pixels of the defects the rule records (what Dice at the operating point scores)."""
-    _check_shape(scores, classes)
-    return np.stack([_defect_labels(scores[i], rules.for_class(name)) > 0 for i, name in enumerate(classes)])
+def recorded_mask(defects: list[DefectRecord], shape: tuple[int, int, int]) -> np.ndarray:
+    """(C, H, W) bool: the pixels of the recorded defects, from their RLE masks (what Dice at the operating point scores)."""
+    mask = np.zeros(shape, bool)
+    for d in defects:
+        y0, x0, y1, x1 = d.bbox
+        mask[d.class_index, y0:y1, x0:x1] |= rle.decode(d.rle, (y1 - y0, x1 - x0))
+    return mask
 
 
 def verdict_score(defects: list[DefectRecord]) -> float:
