@@ -44,9 +44,19 @@ class ModelMetadata:
 
     def rules(self) -> VerdictRules:
         """The verdict rule these metadata give the model (the default rule when none was chosen)."""
-        if self.operating_point:
-            return VerdictRules.from_dict(self.operating_point)
-        return replace(DEFAULT_RULES, threshold=self.threshold) if self.threshold is not None else DEFAULT_RULES
+        return rules_for(self.operating_point, self.threshold)
+
+
+def rules_for(point: dict[str, Any] | None, threshold: float | None) -> VerdictRules:
+    """The rule of a recorded operating point, else the default rule (at `threshold` when one is known)."""
+    if point:
+        return VerdictRules.from_dict(point)
+    return replace(DEFAULT_RULES, threshold=threshold) if threshold is not None else DEFAULT_RULES
+
+
+def default_point(threshold: float | None, reason: str) -> dict[str, Any]:
+    """An operating point for a model without a chosen one: the default rule, and why it is used."""
+    return {**rules_for(None, threshold).as_dict(), "chosen_by": f"default rule: {reason}"}
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -148,7 +158,7 @@ def register_model(
 
 def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: float | None) -> dict[str, Any]:
     """The rule to store: the recorded operating point (an explicit threshold over its own), else the default rule."""
-    point = dict(recorded) if recorded else {**DEFAULT_RULES.as_dict(), "chosen_by": "default rule (no operating point recorded with the model)"}
+    point = dict(recorded) if recorded else default_point(None, "no operating point recorded with the model")
     if threshold is not None:
         point["threshold"] = threshold
     try:
@@ -160,9 +170,7 @@ def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: flo
 
 def operating_rules(row: Model) -> VerdictRules:
     """The verdict rule a registered version is inspected with (unless settings or a job override it)."""
-    if row.operating_point:
-        return VerdictRules.from_dict(row.operating_point)
-    return replace(DEFAULT_RULES, threshold=row.threshold)
+    return rules_for(row.operating_point, row.threshold)
 
 
 def describe_operating_point(point: dict[str, Any] | None) -> str:

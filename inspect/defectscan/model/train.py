@@ -262,15 +262,14 @@ class _Validator:
 
 def write_sidecar(recipe: Recipe, classes: list[str], model_path: Path, summary: dict, best: dict | None) -> Path:
     """model.json beside model.keras: what `models register` records (name, version, classes, operating point, training)."""
-    from defectscan.model.registry import sidecar_path
-    from defectscan.model.verdict import DEFAULT_RULES
+    from defectscan.model.registry import default_point, sidecar_path
 
     point = (best or {}).get("operating_point")
     if point is not None:
         point = {**point, "step": best["step"]}
     else:
         reason = "no validation images (validation.fraction is null)" if best is None else "no rule met the target false-call rate on the validation images"
-        point = {**DEFAULT_RULES.as_dict(), "threshold": recipe.model.threshold, "chosen_by": f"default rule: {reason}"}
+        point = default_point(recipe.model.threshold, reason)
     metadata = {
         "name": recipe.model.name,
         "version": recipe.model.version,
