@@ -41,8 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_RECIPE = "configs/model/tinyunet-finetune.yaml"
@@ -109,23 +107,13 @@ def group_names(root: Path) -> dict[str, str]:
     return {folder.name: surfaces.get(folder.name, folder.name) for folder in class_folders(root)}
 
 
-def read_truth(split_dir: Path) -> dict[str, dict]:
-    """file name -> {"defective": bool, "box": (y0, x0, y1, x1) half-open of label > 0, or None}."""
-    from PIL import Image
+def read_truth(root: Path, group: str, split: str) -> dict[str, dict]:
+    """file name -> {"defective": bool, "label": (H, W) bool weak label}, read as training and evaluate read them."""
+    from defectscan.data.dagm import read_dagm
 
-    truth = {}
-    for line in (split_dir / "Label" / "Labels.txt").read_text().splitlines()[1:]:
-        fields = line.split("\t") if "\t" in line else line.split()
-        if len(fields) != 5:
-            continue
-        _, defective, image, _, label = fields
-        box = None
-        if defective == "1":
-            rows, cols = np.nonzero(np.asarray(Image.open(split_dir / "Label" / label)) > 0)
-            if rows.size:
-                box = (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
-        truth[image] = {"defective": defective == "1", "box": box}
-    return truth
+    images = read_dagm(root, split=split, classes=[group])
+    return {Path(key).name: {"defective": defective, "label": images.load(i)[1] > 0}
+            for i, (key, defective) in enumerate(zip(images.keys, images.defective, strict=True))}
 
 
 # ---- model: train, register, operating point ----
@@ -181,13 +169,10 @@ def query(env, what: str, lot: str, ref: str) -> list[dict]:
             return rows
 
 
-def overlaps(a, b) -> bool:
-    """Half-open (y0, x0, y1, x1) boxes."""
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
 def score_lot(truth: dict[str, dict], images: list[dict], defects: list[dict]) -> dict:
     """Confusion counts of inspect's verdicts against the labels, and box overlap of the detections."""
+    from defectscan.model.operating_point import boxes_overlap
+
     verdicts = {row["image_key"]: row["verdict"] for row in images}
     unknown = sorted(set(verdicts) - set(truth))
     if unknown:
@@ -205,7 +190,7 @@ def score_lot(truth: dict[str, dict], images: list[dict], defects: list[dict]) -
             continue
         failed = verdict == "fail"
         counts[("tp" if failed else "fn") if t["defective"] else ("fp" if failed else "tn")] += 1
-        if failed and t["defective"] and t["box"] and any(overlaps(b, t["box"]) for b in boxes.get(key, [])):
+        if failed and t["defective"] and boxes_overlap(boxes.get(key, []), t["label"][None]):
             hits += 1
     return finish({**counts, "errors": errors, "not_inspected": missing, "box_hits": hits})
 
@@ -317,7 +302,7 @@ def run(args, out: Path) -> dict:
     per_lot, stage_s = {}, {}
     for group, name in groups.items():
         split_dir = root / group / args.dagm_split
-        truth = read_truth(split_dir)
+        truth = read_truth(root, group, args.dagm_split)
         stage_s[name] = ingest_and_inspect(name, split_dir, list(truth), ref, out, env)
         per_lot[group] = score_lot(truth, query(env, "images", name, ref), query(env, "defects", name, ref))
         print(f"{name}: ingested in {stage_s[name]['ingest_s']} s, inspected in {stage_s[name]['inspect_s']} s")
