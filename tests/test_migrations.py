@@ -95,3 +95,25 @@ def test_0002_gives_models_registered_before_it_the_rule_they_were_inspected_wit
         command.downgrade(alembic_config(connection), "0001")
     assert "operating_point" not in {c["name"] for c in sa_inspect(engine).get_columns("models")}
     upgrade(engine)
+
+
+def test_0003_admits_abandoned_runs_and_its_downgrade_keeps_them_as_interrupted(engine):
+    from alembic import command
+    from sqlalchemy.exc import IntegrityError
+
+    upgrade(engine)
+    insert = text("INSERT INTO job_runs (job, status, started_at, n_images, n_skipped, n_inspected, n_errors, n_defects) "
+                  "VALUES ('line-a', :status, '2026-01-01 00:00:00+00:00', 0, 0, 0, 0, 0)")
+    with engine.begin() as connection:
+        connection.execute(insert, {"status": "abandoned"})
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT status FROM job_runs")).scalars().all() == ["interrupted"]
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(insert, {"status": "abandoned"})
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(insert, {"status": "abandoned"})
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(insert, {"status": "lost"})

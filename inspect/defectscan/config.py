@@ -66,6 +66,9 @@ class InspectionSettings(_Section):
     min_defect_area: int | None = Field(ge=1)
     fail_score: float | None = Field(ge=0, le=1)
     output_dir: Path | None
+    heartbeat_s: float = Field(gt=0)
+    stale_run_after_s: float = Field(gt=0)
+    stop_within_s: float = Field(gt=0)
 
     @field_validator("tile_size", "halo")
     @classmethod
@@ -79,6 +82,9 @@ class InspectionSettings(_Section):
     def _whole_batches(self) -> InspectionSettings:
         if self.images_per_shard % self.batch_size:
             raise ValueError(f"images_per_shard ({self.images_per_shard}) must be a multiple of batch_size ({self.batch_size})")
+        if self.stale_run_after_s < 3 * self.heartbeat_s:
+            # A live run must beat several times within the staleness window, or a slow beat abandons it.
+            raise ValueError(f"stale_run_after_s ({self.stale_run_after_s:g}) must be at least 3 x heartbeat_s ({self.heartbeat_s:g})")
         return self
 
 

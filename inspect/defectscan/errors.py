@@ -19,3 +19,7 @@ class DataError(DefectscanError):
 
 class ModelError(DefectscanError):
     """A model file is missing, does not match its record, or cannot be loaded."""
+
+
+class StorageError(DefectscanError):
+    """Where results go cannot take them (a full disk, a read-only or vanished filesystem): the machine's fault, not the data's."""

@@ -5,7 +5,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 # Finished, but some items were left out (files skipped, images in error), each reported.
 EXIT_PARTIAL = 3
+# Some images were left pending because the machinery failed (a worker lost past the retry
+# budget, a full disk): nothing was recorded for them and the next run inspects them.
+EXIT_PENDING = 4
 # Another runner holds the job's lock: this trigger did nothing (EX_TEMPFAIL).
 EXIT_ALREADY_RUNNING = 75
-# Stopped by SIGTERM (128 + 15); the next run resumes.
+# Stopped by SIGTERM (128 + 15) or SIGINT/Ctrl-C (128 + 2); the next run resumes.
 EXIT_INTERRUPTED = 143
+EXIT_SIGINT = 130

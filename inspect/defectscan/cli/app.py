@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 from defectscan import __version__
 from defectscan.config import Settings, load_settings
 from defectscan.errors import DefectscanError
+from defectscan.exitcodes import EXIT_SIGINT
+from defectscan.interrupts import Interrupted
 from defectscan.logs import configure_logging
 
 
@@ -82,6 +84,13 @@ class DefectscanGroup(click.Group):
             return super().invoke(ctx)
         except DefectscanError as exc:
             raise click.ClickException(str(exc)) from None
+        except Interrupted as exc:
+            # Not click's "Aborted!" and status 1: schedulers read 143 (SIGTERM) and 130 (SIGINT) as "stopped".
+            click.echo(f"Stopped by {exc}; a rerun continues where this one stopped.", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Stopped by SIGINT.", err=True)
+            ctx.exit(EXIT_SIGINT)
 
 
 @click.group(cls=DefectscanGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,6 @@ import sys
 import click
 
 from defectscan.cli.app import AppContext, pass_app
-from defectscan.exitcodes import EXIT_PARTIAL
 
 
 @click.command("inspect")
@@ -19,14 +18,18 @@ from defectscan.exitcodes import EXIT_PARTIAL
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call.")
 @click.option("--force", is_flag=True, help="Inspect images again that this model version already inspected, replacing their results.")
+@click.option("--retry-errors", is_flag=True,
+              help="Inspect again the images recorded as errors (unreadable data since fixed, e.g. a restored chunk); others stay as they are.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @pass_app
-def inspect(app: AppContext, model_reference, image_set_ids, scheduler, workers, batch_size, force, progress) -> None:
+def inspect(app: AppContext, model_reference, image_set_ids, scheduler, workers, batch_size, force, retry_errors, progress) -> None:
     """Run a model over image sets on a Dask cluster; masks go to Zarr, verdicts and defects to the database.
 
     Images this model version already inspected are skipped, so an interrupted or repeated run
-    only does what is left. Exit status: 0 all inspected, 3 some images could not be read
-    (recorded as errors), 1 the run failed.
+    only does what is left. Exit status: 0 all inspected; 3 some images could not be read
+    (recorded as errors: fix the data, then --retry-errors); 4 some images were left pending
+    because the machinery failed (a worker lost, a full disk: nothing recorded for them, a
+    rerun inspects them); 1 the run failed; 143 stopped by SIGTERM, 130 by SIGINT (a rerun resumes).
 
     \b
     Example:
@@ -35,16 +38,27 @@ def inspect(app: AppContext, model_reference, image_set_ids, scheduler, workers,
     """
     from defectscan.pipeline.cli_run import run_inspect
 
+    if force and retry_errors:
+        raise click.UsageError("--force already inspects every image again; --retry-errors is for the images in error only: give one")
     settings = app.settings_with(cluster__scheduler=(scheduler, "--scheduler"), inspection__batch_size=(batch_size, "--batch-size"))
     show_progress = sys.stderr.isatty() if progress is None else progress
-    summary = run_inspect(app.session, settings, model_reference, list(image_set_ids), force=force, n_workers=workers,
-                          progress=show_progress, echo=lambda line: click.echo(line, err=True))
-    click.echo(
-        f"job run {summary.job_run_id}: {summary.status}, {summary.n_images} images: {summary.counts.inspected} inspected "
-        f"({summary.counts.failed} failed), {summary.counts.errors} errors, {summary.n_skipped} already done; "
-        f"{summary.counts.defects} defects; {summary.images_per_second:.1f} images/s"
-    )
+    summary = run_inspect(app.session, settings, model_reference, list(image_set_ids), force=force, retry_errors=retry_errors,
+                          n_workers=workers, progress=show_progress, echo=lambda line: click.echo(line, err=True))
+    click.echo(describe_summary(summary))
     for error in summary.errors[:5]:
         click.echo(f"  error: {error}", err=True)
-    if summary.status == "partial":
-        sys.exit(EXIT_PARTIAL)
+    sys.exit(summary.exit_code)
+
+
+def describe_summary(summary) -> str:
+    """One line: what the run did with every image it was given."""
+    counts = summary.counts
+    parts = [f"{counts.inspected} inspected ({counts.failed} failed)", f"{counts.errors} errors"]
+    if counts.pending:
+        parts.append(f"{counts.pending} left pending")
+    if counts.meanwhile:
+        runs = ", ".join(map(str, counts.meanwhile_runs)) or "another run"
+        parts.append(f"{counts.meanwhile} recorded meanwhile by run {runs}")
+    parts.append(f"{summary.n_skipped} already done")
+    return (f"job run {summary.job_run_id}: {summary.status}, {summary.n_images} images: {', '.join(parts)}; "
+            f"{counts.defects} defects; {summary.images_per_second:.1f} images/s")

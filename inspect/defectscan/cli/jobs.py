@@ -30,8 +30,11 @@ def jobs(ctx: click.Context, jobs_dir: Path | None) -> None:
     """List, run and schedule the factory inspection jobs in jobs/*.yaml.
 
     A scheduler (cron, a systemd timer, a Kubernetes CronJob) starts `jobs run NAME`; its
-    exit status is 0 succeeded, 3 partial (some images or stores left out), 1 failed,
-    75 already running (another trigger holds the job's lock), 143 interrupted (SIGTERM).
+    exit status is 0 succeeded, 3 partial (some images in error or stores left out), 4 some
+    images left pending by a machine failure (the next run inspects them), 1 failed, 75 already
+    running (another trigger holds the job's lock), 143 interrupted (SIGTERM; 130 for SIGINT).
+    A run whose client died without closing it (no heartbeat for inspection.stale_run_after_s)
+    is shown `abandoned`.
 
     \b
     Example:
@@ -44,6 +47,15 @@ def jobs(ctx: click.Context, jobs_dir: Path | None) -> None:
 
 def _jobs_dir() -> Path:
     return click.get_current_context().meta["jobs_dir"]
+
+
+def _close_abandoned_runs(app: AppContext) -> None:
+    """Runs whose client died show as `abandoned`, not `running` forever (skipped on a database this user cannot write)."""
+    from defectscan.db.session import session_factory
+    from defectscan.pipeline.job_runs import abandon_stale_runs_if_writable
+
+    app.session().close()  # the schema check
+    abandon_stale_runs_if_writable(session_factory(app.engine), app.settings.inspection.stale_run_after_s)
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -67,6 +79,7 @@ def list_command(app: AppContext) -> None:
 
     found = load_all(_jobs_dir())
     specs = [spec for _, spec in found if not isinstance(spec, Exception)]
+    _close_abandoned_runs(app)
     with app.session() as session:
         last = last_runs(session, [s.name for s in specs])
         locks = running(session, [s.name for s in specs])
@@ -96,7 +109,8 @@ def list_command(app: AppContext) -> None:
 def run_command(app: AppContext, name: str, scheduler: str | None) -> None:
     """Run a job once: discover and register new stores, inspect what is new, record the run.
 
-    Exit status: 0 succeeded, 3 partial, 1 failed, 75 already running, 143 interrupted.
+    Exit status: 0 succeeded, 3 partial, 4 images left pending (machine failure), 1 failed,
+    75 already running, 143 interrupted (130 for SIGINT).
 
     \b
     Example:
@@ -142,6 +156,7 @@ def history_command(app: AppContext, name: str, limit: int) -> None:
     """
     from defectscan.jobs.history import duration_s, job_history
 
+    _close_abandoned_runs(app)
     with app.session() as session:
         runs = job_history(session, name, limit)
     if not runs:
@@ -168,6 +183,7 @@ def show_command(app: AppContext, run_id: int) -> None:
     """
     from defectscan.jobs.history import describe_run, get_run
 
+    _close_abandoned_runs(app)
     with app.session() as session:
         data = describe_run(session, get_run(session, run_id))
     click.echo(json.dumps(data, indent=2))

@@ -39,7 +39,7 @@ NAMING_CONVENTION = {
 }
 
 VERDICTS = ("pass", "fail", "error")
-RUN_STATUSES = ("running", "succeeded", "partial", "failed", "interrupted")
+RUN_STATUSES = ("running", "succeeded", "partial", "failed", "interrupted", "abandoned")
 IMAGE_SET_KINDS = ("stack", "strip")
 MODEL_STAGES = ("staging", "production", "archived")
 

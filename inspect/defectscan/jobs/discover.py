@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from defectscan.data import imageset as layout
 from defectscan.data.register import register_store
 from defectscan.db.schema import Image, ImageSet, Inspection, Model
+from defectscan import interrupts
 from defectscan.errors import DataError
 from defectscan.jobs.spec import JobSpec, resolve_glob, since_time
 from defectscan.pipeline.outputs import SUFFIX as MASKS_SUFFIX
@@ -73,6 +74,7 @@ def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
         return found
     known = set(session.scalars(select(ImageSet.uri).where(ImageSet.uri.in_(found.matched))))
     for uri in found.matched:
+        interrupts.check()  # between stores: each registration is whole or absent
         if uri in known:
             continue
         if _is_incomplete(uri):

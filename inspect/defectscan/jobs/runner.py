@@ -8,39 +8,31 @@ the lock; the next run resumes where it stopped, because finished images are nev
 
 from __future__ import annotations
 
-import _thread
 import logging
-import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from defectscan import interrupts
 from defectscan.config import Settings
-from defectscan.db.schema import JobRun, Model, utcnow
+from defectscan.db.schema import Model, utcnow
 from defectscan.errors import DefectscanError, ModelError
-from defectscan.exitcodes import (
-    EXIT_ALREADY_RUNNING,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PARTIAL,
-)
-from defectscan.interrupts import sigterm_interrupts
+from defectscan.exitcodes import EXIT_ALREADY_RUNNING
+from defectscan.interrupts import Interrupted
+from defectscan.pipeline.job_runs import close_run, record_closed_run
+from defectscan.pipeline.record import Retry
+from defectscan.pipeline.run import run_exit_code
 from defectscan.jobs.discover import Discovery, discover, image_sets_with_work
 from defectscan.jobs.lock import AlreadyRunning, Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec, describe_spec
-from defectscan.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
-
-EXIT_CODES = {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
 
 
 @dataclass
@@ -55,12 +47,14 @@ class JobOutcome:
     n_skipped: int = 0
     n_errors: int = 0
     n_defects: int = 0
+    n_pending: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    signal: int | None = None
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.status]
+        return run_exit_code(self.status, pending=self.n_pending, signal=self.signal)
 
 
 def resolve_model(session: Session, spec: JobSpec) -> Model:
@@ -95,36 +89,40 @@ def run_job(
     factory = session_factory(engine)
     began = time.perf_counter()
     started_at = utcnow()
-    handle = acquire(engine, spec.name, stale_after=spec.lock.stale_after_s)
-    if handle.taken_over is not None:
-        echo(f"took over the lock of a runner that stopped: {handle.taken_over.owner}")
     outcome = JobOutcome(job=spec.name, status="failed", job_run_id=None)
-    heartbeat = Heartbeat(handle, interval=spec.lock.stale_after_s / 5, on_lost=lambda: _thread.interrupt_main(signal.SIGTERM))
-    try:
-        with sigterm_interrupts(), heartbeat:
-            try:
-                _run(factory, spec, spec_file, settings, outcome, heartbeat, started_at, echo, on_started)
-            except (KeyboardInterrupt, SystemExit) as exc:
-                outcome.status = "interrupted"
-                outcome.errors.append(f"interrupted ({exc or type(exc).__name__})")
-            except DefectscanError as exc:
-                outcome.status = "failed"
-                outcome.errors.append(str(exc))
-            except Exception as exc:
-                log.exception("job '%s' failed", spec.name)
-                outcome.status = "failed"
-                outcome.errors.append(f"{type(exc).__name__}: {exc}")
-            outcome.seconds = time.perf_counter() - began
-            _close_record(factory, spec, spec_file, outcome, started_at)
-    finally:
-        handle.release()
+    with interrupts.stop_on_signals(settings.inspection.stop_within_s):
+        handle = acquire(engine, spec.name, stale_after=spec.lock.stale_after_s)
+        if handle.taken_over is not None:
+            echo(f"took over the lock of a runner that stopped: {handle.taken_over.owner}")
+        heartbeat = Heartbeat(handle, interval=spec.lock.stale_after_s / 5, on_lost=lambda: interrupts.request_stop(signal.SIGTERM))
+        try:
+            with heartbeat:
+                try:
+                    _run(factory, spec, spec_file, settings, outcome, heartbeat, echo, on_started)
+                except Interrupted as exc:
+                    outcome.status, outcome.signal = "interrupted", exc.signum
+                    outcome.errors.append(f"interrupted by {exc}")
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    outcome.status = "interrupted"
+                    outcome.errors.append(f"interrupted ({exc or type(exc).__name__})")
+                except DefectscanError as exc:
+                    outcome.status = "failed"
+                    outcome.errors.append(str(exc))
+                except Exception as exc:
+                    log.exception("job '%s' failed", spec.name)
+                    outcome.status = "failed"
+                    outcome.errors.append(f"{type(exc).__name__}: {exc}")
+                outcome.seconds = time.perf_counter() - began
+                _close_record(factory, spec, spec_file, outcome, started_at)
+        finally:
+            handle.release()
     if handle.lost:
         outcome.errors.append("the lock was taken over by another runner during this run")
     return outcome
 
 
 def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, settings: Settings, outcome: JobOutcome,
-         heartbeat: Heartbeat, started_at, echo: Callable[[str], None], on_started: Callable[[int], None] | None) -> None:
+         heartbeat: Heartbeat, echo: Callable[[str], None], on_started: Callable[[int], None] | None) -> None:
     from defectscan.pipeline.run import check_store_unchanged, inspect_image_sets
 
     with factory() as session:
@@ -138,6 +136,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         model = resolve_model(session, spec)
         candidates = image_sets_with_work(session, spec, model, found.matched)
 
+    interrupts.check()
     image_sets = []
     for image_set in candidates:
         try:
@@ -154,10 +153,11 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         return
 
     from defectscan.pipeline.cluster import connect
-    from defectscan.pipeline.record import Retry
 
     record = _spec_record(spec, spec_file, found)
+    interrupts.check()
     with connect(settings.cluster) as (client, info):
+        interrupts.check()
         echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
         in_flight = spec.max_in_flight or info.n_workers * settings.cluster.shards_in_flight_per_worker
 
@@ -177,6 +177,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     outcome.n_inspected = summary.counts.inspected
     outcome.n_errors = summary.counts.errors
     outcome.n_defects = summary.counts.defects
+    outcome.n_pending = summary.counts.pending
     outcome.errors.extend(summary.errors)
 
 
@@ -185,26 +186,14 @@ def _spec_record(spec: JobSpec, spec_file: Path, found: Discovery) -> dict[str, 
 
 
 def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, outcome: JobOutcome, started_at) -> None:
-    """Every trigger leaves a row: the pipeline's row gets the final status; otherwise one is written here."""
-    error = mask_secrets("; ".join(outcome.errors))[:4000] or None
+    """Every trigger leaves a row: the pipeline's row gets the job's final status; otherwise one is written here."""
     record = _spec_record(spec, spec_file, outcome.discovery)
-    try:
-        with factory.begin() as session:
-            if outcome.job_run_id is not None:
-                session.execute(
-                    update(JobRun).where(JobRun.id == outcome.job_run_id)
-                    .values(status=outcome.status, spec=record, error=error, finished_at=utcnow())
-                )
-            else:
-                run = JobRun(
-                    job=spec.name, spec=record, status=outcome.status, started_at=started_at, finished_at=utcnow(), heartbeat_at=utcnow(),
-                    host=socket.gethostname(), pid=os.getpid(), error=error, timings={"seconds": round(outcome.seconds, 3)},
-                )
-                session.add(run)
-                session.flush()
-                outcome.job_run_id = run.id
-    except Exception as exc:  # the database is gone: the exit status still tells the scheduler
-        log.error("job '%s': could not record the run: %s", spec.name, mask_secrets(str(exc)))
+    if outcome.job_run_id is not None:
+        close_run(factory, Retry(spec.retries.attempts, spec.retries.backoff_s), outcome.job_run_id,
+                  status=outcome.status, errors=outcome.errors, spec=record)
+    else:
+        outcome.job_run_id = record_closed_run(factory, job=spec.name, spec=record, status=outcome.status, errors=outcome.errors,
+                                               started_at=started_at, seconds=outcome.seconds)
 
 
-__all__ = ["EXIT_ALREADY_RUNNING", "EXIT_CODES", "AlreadyRunning", "JobOutcome", "run_job"]
+__all__ = ["EXIT_ALREADY_RUNNING", "AlreadyRunning", "JobOutcome", "run_job"]

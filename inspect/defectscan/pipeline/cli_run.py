@@ -7,7 +7,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session
 
 from defectscan.config import Settings
-from defectscan.interrupts import sigterm_interrupts
+from defectscan import interrupts
 from defectscan.pipeline.run import RunSummary, inspect_image_sets
 
 DEMO = "demo"
@@ -20,6 +20,7 @@ def run_inspect(
     image_set_ids: list[str],
     *,
     force: bool = False,
+    retry_errors: bool = False,
     n_workers: int | None = None,
     progress: bool = False,
     echo: Callable[[str], None] = print,
@@ -30,19 +31,21 @@ def run_inspect(
     from defectscan.model.registry import get_model, register_demo
     from defectscan.pipeline.cluster import connect
 
-    with new_session() as session:
-        model = register_demo(session) if model_reference == DEMO else get_model(session, model_reference)
-        session.commit()
-        image_sets = [get_image_set(session, ident) for ident in image_set_ids]
-        factory = sessionmaker(session.get_bind(), expire_on_commit=False)
-
-    with connect(settings.cluster, n_workers=n_workers) as (client, info):
-        echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
-        in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
-        with sigterm_interrupts(), _progress(progress) as on_progress:
-            return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,
-                                      force=force, gpu=info.gpu, spec={"command": "inspect", "model": model_reference,
-                                      "image_sets": image_set_ids, "force": force}, on_progress=on_progress)
+    spec = {"command": "inspect", "model": model_reference, "image_sets": image_set_ids, "force": force, "retry_errors": retry_errors}
+    with interrupts.stop_on_signals(settings.inspection.stop_within_s):
+        with new_session() as session:
+            model = register_demo(session) if model_reference == DEMO else get_model(session, model_reference)
+            session.commit()
+            image_sets = [get_image_set(session, ident) for ident in image_set_ids]
+            factory = sessionmaker(session.get_bind(), expire_on_commit=False)
+        interrupts.check()
+        with connect(settings.cluster, n_workers=n_workers) as (client, info):
+            interrupts.check()
+            echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
+            in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
+            with _progress(progress) as on_progress:
+                return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,
+                                          force=force, retry_errors=retry_errors, gpu=info.gpu, spec=spec, on_progress=on_progress)
 
 
 class _progress:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defectscan.errors import DataError
-from defectscan.pipeline.worker import ArrayRef
+from defectscan.errors import DataError, StorageError
+from defectscan.pipeline.worker import ArrayRef, free_space
 
 SUFFIX = ".masks.zarr"
 
@@ -63,7 +63,7 @@ def prepare_output(
     except (TypeError, ValueError) as exc:
         raise DataError(f"{uri}: existing score array '{path}' does not fit this image set ({full}, chunks {chunks}): {exc}") from None
     except OSError as exc:
-        raise DataError(f"{uri}: cannot create the score array '{path}': {exc}") from None
+        raise StorageError(f"{uri}: cannot create the score array '{path}': {exc.strerror or exc}{free_space(uri)}") from None
     if kind == "stack" and array.shards is not None and images_per_shard % array.shards[0]:
         # Two pipeline shards writing one Zarr shard would overwrite each other's images.
         raise DataError(

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sqlalchemy import delete, func, insert, select, update
@@ -35,12 +35,20 @@ class Counts:
     errors: int = 0
     defects: int = 0
     failed: int = 0
+    # Computed, but already recorded by a concurrent run (whose ids are kept) when this one came to write.
+    meanwhile: int = 0
+    meanwhile_runs: list[int] = field(default_factory=list)
+    # Not judged: the machinery failed (worker lost, disk full); the next run does them.
+    pending: int = 0
 
     def add(self, other: Counts) -> None:
         self.inspected += other.inspected
         self.errors += other.errors
         self.defects += other.defects
         self.failed += other.failed
+        self.meanwhile += other.meanwhile
+        self.meanwhile_runs = sorted({*self.meanwhile_runs, *other.meanwhile_runs})
+        self.pending += other.pending
 
 
 def with_retries(action: Callable[[], T], retry: Retry, what: str) -> T:
@@ -112,6 +120,11 @@ def _greatest(dialect: str, a, b):
     return func.greatest(a, b) if dialect == "postgresql" else func.max(func.coalesce(a, b), func.coalesce(b, a))
 
 
+# What a run does with images this model version already has rows for: keep them, redo the
+# `error` ones (data errors that may have been fixed, e.g. a restored chunk), or redo all of them.
+REDO = ("none", "errors", "all")
+
+
 def record_results(
     session: Session,
     *,
@@ -121,12 +134,12 @@ def record_results(
     results: list[ImageResult],
     mask_uri: str,
     mask_array: str,
-    replace: bool,
+    redo: str = "none",
 ) -> Counts:
     """Insert inspections and defects of one shard (call inside a transaction).
 
-    Images already inspected by this model are left alone unless `replace`, which deletes their
-    rows (defects go with them) and writes the new ones: either way the table holds one row
+    Images already inspected by this model are left alone, except the rows `redo` names, which
+    are deleted (defects go with them) and written again: either way the table holds one row
     per (image, model). The per-day rollup `inspection_daily` changes by the same rows, in the
     same transaction, so it always equals a recount of `inspections`.
     """
@@ -140,20 +153,19 @@ def record_results(
     image_ids = {position: image_id for position, image_id, _ in found}
     acquired = {image_id: when for _, image_id, when in found}
     daily = _Daily()
-    if replace:
+    ours = (Inspection.model_id == model_id) & Inspection.image_id.in_(list(image_ids.values()))
+    if redo != "none":
         # The deleted rows (exactly those, via RETURNING) leave the rollup; all their images are
         # written again below, so first_at/last_at, which cannot be un-merged, stay exact.
-        deleted = session.execute(
-            delete(Inspection).where(Inspection.model_id == model_id, Inspection.image_id.in_(list(image_ids.values())))
-            .returning(Inspection.image_id, Inspection.verdict, Inspection.n_defects)
-        )
+        doomed = ours & (Inspection.verdict == "error") if redo == "errors" else ours
+        deleted = session.execute(delete(Inspection).where(doomed).returning(Inspection.image_id, Inspection.verdict, Inspection.n_defects))
         for image_id, verdict, n_defects in deleted:
             daily.add(acquired[image_id], verdict, n_defects, sign=-1)
-        done = set()
-    else:
-        done = set(
-            session.scalars(select(Inspection.image_id).where(Inspection.model_id == model_id, Inspection.image_id.in_(list(image_ids.values()))))
-        )
+    # What is left was recorded by a concurrent run after this one planned its work.
+    done = dict(session.execute(select(Inspection.image_id, Inspection.job_run_id).where(ours)).all())
+    if done:
+        counts.meanwhile = len(done)
+        counts.meanwhile_runs = sorted({run for run in done.values() if run is not None and run != job_run_id})
     now = utcnow()
     rows, pending = [], []
     for position, image_id in sorted(image_ids.items()):

@@ -8,8 +8,6 @@ at most the shards in flight: a rerun skips every image already recorded for the
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -19,13 +17,17 @@ import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from defectscan import interrupts
 from defectscan.config import InspectionSettings
-from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model, utcnow
+from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import DataError, DefectscanError
+from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
+from defectscan.interrupts import Interrupted
+from defectscan.pipeline.job_runs import abandon_stale_runs, beat, close_run, open_run
 from defectscan.pipeline.outputs import prepare_output
 from defectscan.pipeline.plan import plan_stack, plan_strip
-from defectscan.model.verdict import RULE_FIELDS, ImageResult, VerdictRules
-from defectscan.pipeline.record import Counts, Retry, record_shard, with_retries
+from defectscan.model.verdict import RULE_FIELDS, VerdictRules
+from defectscan.pipeline.record import Counts, Retry, record_shard
 from defectscan.pipeline.worker import ArrayRef, ModelRef, ShardResult, inspect_stack_shard, inspect_tiles, judge_strip, verify_model_file
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,33 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
     # Seconds spent on the workers, summed over shards: read, predict, write, postprocess.
     worker_seconds: dict[str, float] = field(default_factory=dict)
+    # The signal that stopped the run, when one did.
+    signal: int | None = None
 
     @property
     def images_per_second(self) -> float:
         done = self.counts.inspected + self.counts.errors
         return done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return run_exit_code(self.status, pending=self.counts.pending, signal=self.signal)
+
+
+def run_exit_code(status: str, *, pending: int = 0, signal: int | None = None) -> int:
+    """The documented exit status of a run (defectscan.exitcodes): what happened, and what a scheduler should do."""
+    if status == "interrupted":
+        return Interrupted(signal).exit_code if signal is not None else EXIT_INTERRUPTED
+    if pending and status in ("partial", "failed"):
+        return EXIT_PENDING
+    return {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL}.get(status, EXIT_FAILED)
+
+
+def final_status(counts: Counts) -> str:
+    """succeeded: every image judged; partial: some in error or left pending; failed: pending and none judged."""
+    if counts.pending:
+        return "partial" if counts.inspected + counts.errors + counts.meanwhile else "failed"
+    return "partial" if counts.errors else "succeeded"
 
 
 @dataclass(frozen=True)
@@ -72,11 +96,14 @@ def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
     return replace(recorded, **overrides) if overrides else recorded
 
 
-def pending_positions(session: Session, image_set: ImageSet, model: Model, force: bool) -> tuple[np.ndarray, int]:
-    """Positions that need results (images with a row, not yet inspected by this model), and how many are skipped."""
+def pending_positions(session: Session, image_set: ImageSet, model: Model, redo: str = "none") -> tuple[np.ndarray, int]:
+    """Positions that need results under `redo` (see record.REDO), and how many are skipped as done."""
     positions = select(Image.position).where(Image.image_set_id == image_set.id)
-    if not force:
-        positions = positions.where(Image.id.not_in(select(Inspection.image_id).where(Inspection.model_id == model.id)))
+    if redo != "all":
+        done = select(Inspection.image_id).where(Inspection.model_id == model.id)
+        if redo == "errors":
+            done = done.where(Inspection.verdict != "error")
+        positions = positions.where(Image.id.not_in(done))
     # Streamed in blocks: a million-image set never sits in client memory as a million Python rows.
     rows = session.scalars(positions.order_by(Image.position), execution_options={"yield_per": 50_000})
     todo = np.fromiter(rows, dtype=np.int64)
@@ -94,6 +121,22 @@ def check_store_unchanged(image_set: ImageSet) -> None:
         raise DataError(f"{image_set.uri}: the store changed since it was registered ({changes}); refusing to inspect it")
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every shard of one run shares."""
+
+    factory: sessionmaker[Session]
+    client: Any
+    model: Model
+    ref: ModelRef
+    rules: VerdictRules
+    settings: InspectionSettings
+    run_id: int
+    retry: Retry
+    redo: str
+    gpu: bool
+
+
 def inspect_image_sets(
     factory: sessionmaker[Session],
     client,
@@ -103,6 +146,7 @@ def inspect_image_sets(
     *,
     max_in_flight: int,
     force: bool = False,
+    retry_errors: bool = False,
     gpu: bool = False,
     job: str = "inspect",
     spec: dict[str, Any] | None = None,
@@ -113,44 +157,39 @@ def inspect_image_sets(
     """Inspect every pending image of `image_sets` with `model` on the Dask `client`; returns the run's summary.
 
     Refuses before any work when the model file does not match its recorded sha256 or a store
-    changed since registration. `on_started(job_run_id)` is called once the run's row exists,
-    `on_progress(done, total)` as shards finish.
+    changed since registration. `force` redoes every image, `retry_errors` only those recorded
+    as errors. A shard the machinery lost (worker killed past the retry budget, disk full) is
+    not a verdict: its images stay pending for the next run. `on_started(job_run_id)` is called
+    once the run's row exists, `on_progress(done, total)` as shards finish. SIGTERM/SIGINT
+    (under `interrupts.stop_on_signals`) stop it at the next checkpoint, recorded `interrupted`.
     """
     ref = model_ref(model, settings.batch_size)
     verify_model_file(ref)
     for image_set in image_sets:
         check_store_unchanged(image_set)
     rules = verdict_rules(model, settings)
-
-    def start_run() -> JobRun:
-        with factory.begin() as session:
-            run = JobRun(job=job, spec=spec, model_id=model.id, status="running", host=socket.gethostname(), pid=os.getpid(), heartbeat_at=utcnow())
-            session.add(run)
-            session.flush()
-            return run
-
-    run = with_retries(start_run, retry, "starting the job run")
-    summary = RunSummary(job_run_id=run.id, status="running")
+    with factory.begin() as session:
+        abandon_stale_runs(session, settings.stale_run_after_s)
+    interrupts.check()
+    run_id = open_run(factory, retry, job=job, spec=spec, model_id=model.id)
+    summary = RunSummary(job_run_id=run_id, status="running")
     if on_started:
-        on_started(run.id)
+        on_started(run_id)
+    redo = "all" if force else "errors" if retry_errors else "none"
+    context = RunContext(factory, client, model, ref, rules, settings, run_id, retry, redo, gpu)
     began = time.perf_counter()
     try:
-        plans = []
-        with factory() as session:
-            for image_set in image_sets:
-                todo, skipped = pending_positions(session, image_set, model, force)
-                summary.n_images += len(todo) + skipped
-                summary.n_skipped += skipped
-                if len(todo):
-                    plans.append((image_set, todo))
-        with factory.begin() as session:
-            session.execute(update(JobRun).where(JobRun.id == run.id).values(n_images=summary.n_images, n_skipped=summary.n_skipped))
-        total = summary.n_images - summary.n_skipped
+        plans = _plan(context, image_sets, summary)
+        interrupts.check()
         if on_progress:
-            on_progress(0, total)
-        done = _run_tasks(factory, client, model, ref, rules, settings, plans, max_in_flight, force, gpu, run.id, retry, summary, on_progress, total)
-        summary.status = "partial" if summary.counts.errors else "succeeded"
-        log.info("job run %d: %d images recorded", run.id, done)
+            on_progress(0, summary.n_images - summary.n_skipped)
+        _run_tasks(context, plans, summary, max_in_flight=max_in_flight, on_progress=on_progress)
+        summary.status = final_status(summary.counts)
+        log.info("job run %d: %s", run_id, summary.status)
+    except Interrupted as exc:
+        summary.status, summary.signal = "interrupted", exc.signum
+        summary.errors.append(f"interrupted by {exc}")
+        raise
     except (KeyboardInterrupt, SystemExit):
         summary.status = "interrupted"
         summary.errors.append("interrupted")
@@ -165,34 +204,30 @@ def inspect_image_sets(
         raise
     finally:
         summary.seconds = time.perf_counter() - began
-        _finish_run(factory, retry, summary)
+        close_run(factory, retry, run_id, status=summary.status, errors=summary.errors, images_per_second=summary.images_per_second,
+                  timings={"seconds": round(summary.seconds, 3), "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}})
     return summary
 
 
-def _finish_run(factory: sessionmaker[Session], retry: Retry, summary: RunSummary) -> None:
-    def write() -> None:
-        with factory.begin() as session:
-            session.execute(
-                update(JobRun)
-                .where(JobRun.id == summary.job_run_id)
-                .values(
-                    status=summary.status,
-                    finished_at=utcnow(),
-                    images_per_second=summary.images_per_second,
-                    timings={"seconds": round(summary.seconds, 3), "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}},
-                    error="; ".join(summary.errors)[:4000] or None,
-                )
-            )
-
-    try:
-        with_retries(write, Retry(attempts=min(retry.attempts, 3), backoff_s=retry.backoff_s), f"closing job run {summary.job_run_id}")
-    except DefectscanError as exc:
-        log.error("%s (the run stays 'running' in the database)", exc)
+def _plan(context: RunContext, image_sets: list[ImageSet], summary: RunSummary) -> list[tuple[ImageSet, np.ndarray]]:
+    """The positions each image set needs; counts go to the summary and the run's row."""
+    plans = []
+    with context.factory() as session:
+        for image_set in image_sets:
+            todo, skipped = pending_positions(session, image_set, context.model, context.redo)
+            summary.n_images += len(todo) + skipped
+            summary.n_skipped += skipped
+            if len(todo):
+                plans.append((image_set, todo))
+    with context.factory.begin() as session:
+        session.execute(update(JobRun).where(JobRun.id == context.run_id).values(n_images=summary.n_images, n_skipped=summary.n_skipped))
+    return plans
 
 
-def _tasks(client, model: Model, ref: ModelRef, rules: VerdictRules, settings: InspectionSettings, plans, gpu: bool, run_id: int) -> Iterator[tuple[object, _Task]]:
+def _tasks(context: RunContext, plans) -> Iterator[tuple[object, _Task]]:
     """Futures in submission order, created lazily so only the in-flight ones exist."""
-    resources = {"GPU": 1} if gpu else None
+    client, model, settings, ref, run_id = context.client, context.model, context.settings, context.ref, context.run_id
+    resources = {"GPU": 1} if context.gpu else None
     for image_set, todo in plans:
         source = ArrayRef(image_set.uri, image_set.array_path)
         attributes = {
@@ -208,7 +243,7 @@ def _tasks(client, model: Model, ref: ModelRef, rules: VerdictRules, settings: I
         if image_set.kind == "stack":
             for shard in plan_stack(image_set.id, image_set.shape[0], settings.images_per_shard, todo):
                 future = client.submit(
-                    inspect_stack_shard, shard, source, output, ref, rules,
+                    inspect_stack_shard, shard, source, output, ref, context.rules,
                     key=f"inspect-{run_id}-{image_set.id}-{shard.start}", resources=resources, pure=False,
                 )
                 yield future, _Task(image_set.id, shard.todo, output)
@@ -222,56 +257,97 @@ def _tasks(client, model: Model, ref: ModelRef, rules: VerdictRules, settings: I
                 )
                 for i, shard in enumerate(plan_strip(image_set.id, height, width, settings.tile_size, settings.halo, settings.batch_size))
             ]
-            future = client.submit(judge_strip, image_set.id, output, ref, rules, *tiles, key=f"strip-{run_id}-{image_set.id}", pure=False)
+            future = client.submit(judge_strip, image_set.id, output, ref, context.rules, *tiles, key=f"strip-{run_id}-{image_set.id}", pure=False)
             yield future, _Task(image_set.id, (0,), output, strip_tiles=True)
 
 
-def _run_tasks(factory, client, model, ref, rules, settings, plans, max_in_flight, force, gpu, run_id, retry, summary, on_progress, total) -> int:
-    from distributed import as_completed
+# How long the run loop waits for a shard before it looks at the stop flag and the heartbeat again.
+POLL_S = 0.5
 
+
+def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight: int,
+               on_progress: Callable[[int, int], None] | None) -> None:
+    """Keep `max_in_flight` shards submitted and record each as it finishes; stop at once when asked to."""
+    from distributed import wait
+
+    total = summary.n_images - summary.n_skipped
     pending: dict[str, tuple[object, _Task]] = {}
-    tasks = _tasks(client, model, ref, rules, settings, plans, gpu, run_id)
-    window = as_completed()
+    tasks = _tasks(context, plans)
+    lost = _LostShards()
 
-    def submit_next() -> bool:
+    def submit_next() -> None:
         item = next(tasks, None)
-        if item is None:
-            return False
-        future, task = item
-        pending[future.key] = (future, task)
-        window.add(future)
-        return True
+        if item is not None:
+            pending[item[0].key] = item
 
     for _ in range(max_in_flight):
-        if not submit_next():
-            break
+        submit_next()
     done = 0
+    last_beat = time.monotonic()
     try:
-        for future in window:
-            _, task = pending.pop(future.key)
+        while pending:
+            interrupts.check()
             try:
-                result: ShardResult = future.result()
-                results = result.results
-                for name, seconds in result.timings.items():
-                    summary.worker_seconds[name] = summary.worker_seconds.get(name, 0.0) + seconds
-            except Exception as exc:  # the shard failed on the worker: its images are recorded as errors
-                reason = f"{type(exc).__name__}: {exc}"
-                log.warning("image set %d, positions %d..%d: %s", task.image_set_id, task.positions[0], task.positions[-1], reason)
-                if len(summary.errors) < 20:
-                    summary.errors.append(reason)
-                results = [ImageResult(position=p, verdict="error", error=reason) for p in task.positions]
-            counts = record_shard(
-                factory, retry, job_run_id=run_id, model_id=model.id, image_set_id=task.image_set_id,
-                results=results, mask_uri=task.output.uri, mask_array=task.output.path, replace=force,
-            )
-            summary.counts.add(counts)
-            done += len(results)
-            future.release()
-            if on_progress:
-                on_progress(done, total)
-            submit_next()
+                finished = wait([future for future, _ in pending.values()], timeout=POLL_S, return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                finished = set()
+            for future in finished:
+                _, task = pending.pop(future.key)
+                done += _record_task(context, future, task, summary, lost)
+                future.release()
+                if on_progress:
+                    on_progress(done, total)
+                submit_next()
+            if time.monotonic() - last_beat > context.settings.heartbeat_s:
+                beat(context.factory, context.run_id)
+                last_beat = time.monotonic()
     finally:
         # Interrupted or failed: nothing more should run for this run.
         if pending:
-            client.cancel([future for future, _ in pending.values()])
-    return done
+            context.client.cancel([future for future, _ in pending.values()])
+    summary.errors.extend(lost.reasons())
+
+
+def _record_task(context: RunContext, future, task: _Task, summary: RunSummary, lost: _LostShards) -> int:
+    """Record one finished shard; a shard the machinery lost is counted pending, not recorded."""
+    try:
+        result: ShardResult = future.result()
+    except Exception as exc:
+        lost.add(task, exc)
+        summary.counts.pending += len(task.positions)
+        log.warning("image set %d, positions %d..%d left pending: %s", task.image_set_id, task.positions[0], task.positions[-1], _reason(exc))
+        return len(task.positions)
+    for name, seconds in result.timings.items():
+        summary.worker_seconds[name] = summary.worker_seconds.get(name, 0.0) + seconds
+    counts = record_shard(
+        context.factory, context.retry, job_run_id=context.run_id, model_id=context.model.id, image_set_id=task.image_set_id,
+        results=result.results, mask_uri=task.output.uri, mask_array=task.output.path, redo=context.redo,
+    )
+    summary.counts.add(counts)
+    for result_ in result.results:
+        if result_.verdict == "error" and len(summary.errors) < 20:
+            summary.errors.append(result_.error)
+    return len(result.results)
+
+
+def _reason(exc: BaseException) -> str:
+    if type(exc).__name__ == "KilledWorker":
+        return "worker lost: the workers running it died more often than distributed.scheduler.allowed-failures allows"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, DefectscanError) else text
+
+
+class _LostShards:
+    """Shards the machinery failed, grouped by reason, for one line each in the run's error."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, list[int]] = {}
+
+    def add(self, task: _Task, exc: BaseException) -> None:
+        self.by_reason.setdefault(_reason(exc), []).append(len(task.positions))
+
+    def reasons(self) -> list[str]:
+        return [
+            f"{sum(sizes)} images ({len(sizes)} shards) left pending, the next run inspects them: {reason}"
+            for reason, sizes in self.by_reason.items()
+        ]

@@ -7,13 +7,17 @@ calls it through one tf.function with one input shape, and sends back small resu
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from defectscan.errors import DataError
+from defectscan.errors import DataError, StorageError
 from defectscan.model.export import load_model, verify_sha256
 from defectscan.model.preprocess import pad_to_multiple, to_model_input
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
@@ -121,6 +125,29 @@ def _open(ref: ArrayRef, mode: str):
         raise DataError(f"{ref.uri}: cannot open array '{ref.path}': {exc}") from None
 
 
+@contextmanager
+def _writing(output: ArrayRef) -> Iterator[None]:
+    """Name the store and its free space when the filesystem refuses a write (a full disk, above all)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{output.uri}: cannot write score maps: {exc.strerror or exc}{free_space(output.uri)}") from None
+
+
+def free_space(uri: str) -> str:
+    """"; N MB free on PATH" for a local path (its nearest existing folder), "" for a URL."""
+    if "://" in uri:
+        return ""
+    path = Path(uri)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f"; {free / 1e6:.1f} MB free on {path}"
+
+
 def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
     """Read [start, stop); an image whose chunk cannot be read is zero-filled and reported."""
     try:
@@ -151,7 +178,8 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
     timings["predict_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    _open(output, "r+")[shard.start : shard.stop] = scores
+    with _writing(output):
+        _open(output, "r+")[shard.start : shard.stop] = scores
     timings["write_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -181,10 +209,11 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
 
     began = time.perf_counter()
     out = _open(output, "r+")
-    for i, tile in enumerate(shard.tiles):
-        y0, x0, y1, x1 = tile.core
-        wy, wx = tile.window
-        out[:, y0:y1, x0:x1] = scores[i, :, y0 - wy : y1 - wy, x0 - wx : x1 - wx]
+    with _writing(output):
+        for i, tile in enumerate(shard.tiles):
+            y0, x0, y1, x1 = tile.core
+            wy, wx = tile.window
+            out[:, y0:y1, x0:x1] = scores[i, :, y0 - wy : y1 - wy, x0 - wx : x1 - wx]
     return {"read_s": read_s, "predict_s": predict_s, "write_s": time.perf_counter() - began}
 
 
