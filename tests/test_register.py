@@ -186,6 +186,22 @@ def test_validate_an_unregistered_store_and_unknown_ids(tmp_path, migrated_url, 
     assert cli("--database-url", migrated_url, "imagesets", "list").output.strip() == "no image sets registered"
 
 
+def test_validate_deep_decodes_every_chunk_and_names_a_garbage_one(tmp_path, migrated_url, cli):
+    acquisition_store(tmp_path / "acq.zarr", zarr_format=3, array="images")
+    chunk = tmp_path / "acq.zarr" / "images" / "c" / "2" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"garbage, not zstd")
+    quick = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))
+    assert quick.exit_code == 0 and "every chunk stored (presence only; --deep decodes them)" in quick.output
+    deep = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"), "--deep")
+    assert deep.exit_code == 1, deep.output
+    assert "1 chunk(s) cannot be read: (2, 0, 0): " in deep.output
+    assert "image positions in unreadable chunks: 2" in deep.output
+    acquisition_store(tmp_path / "acq.zarr", zarr_format=3, array="images")  # restored
+    again = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"), "--deep")
+    assert again.exit_code == 0 and "every chunk stored and decoded" in again.output
+
+
 def test_ingest_then_list_filters_and_table(tmp_path, migrated_url, cli):
     for lot in ("L1", "L2"):
         folder = tmp_path / lot

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from defectscan import __version__
@@ -84,6 +85,10 @@ class DefectscanGroup(click.Group):
             return super().invoke(ctx)
         except DefectscanError as exc:
             raise click.ClickException(str(exc)) from None
+        except DBAPIError as exc:
+            from defectscan.db.session import database_error
+
+            raise click.ClickException(str(database_error(exc, "database error"))) from None
         except Interrupted as exc:
             # Not click's "Aborted!" and status 1: schedulers read 143 (SIGTERM) and 130 (SIGINT) as "stopped".
             click.echo(f"Stopped by {exc}; a rerun continues where this one stopped.", err=True)

@@ -257,28 +257,33 @@ def show_command(app: AppContext, ident, n_keys, as_json) -> None:
 @imagesets.command("validate")
 @click.argument("ident", metavar="ID|URI")
 @click.option("--array", "array_path", metavar="PATH", help="Image array of an unregistered store (default: images).")
+@click.option("--deep", is_flag=True, help="Also read and decode every chunk (slow: reads the whole store).")
 @pass_app
-def validate_command(app: AppContext, ident, array_path) -> None:
-    """Re-check an image set's store: layout, the checksum recorded at registration, every chunk.
+def validate_command(app: AppContext, ident, array_path, deep) -> None:
+    """Re-check an image set's store: layout, the checksum recorded at registration, every chunk present.
 
-    Works on an unregistered store path too (no checksum to compare then). Exit status 1
-    when the store changed or chunks are missing (listed by chunk index and image position).
+    The quick check looks at which chunks are stored; --deep reads and decodes each one, which
+    finds damaged chunks too. Works on an unregistered store path (no checksum to compare then).
+    Exit status 1 when the store changed or chunks are missing or unreadable (listed by chunk
+    index and image position).
 
     \b
     Example:
         defectscan imagesets validate 7
         defectscan imagesets validate /data/L042.zarr
         defectscan imagesets validate /acq/line3.zarr --array cam0/images
+        defectscan imagesets validate 7 --deep
     """
     from defectscan.data.imageset import describe_missing_for_stack
     from defectscan.data.register import validate_image_set
 
     with app.session() as session:
-        report = validate_image_set(session, ident, array_path)
+        report = validate_image_set(session, ident, array_path, deep=deep)
     name = f"image set {report.image_set.id} ({report.uri})" if report.image_set is not None else f"{report.uri} (not registered)"
     if report.ok:
         checksum = "checksum matches, " if report.image_set is not None else ""
-        click.echo(f"{name}: OK: {report.info.n_images} images, {checksum}every chunk stored")
+        chunks = "every chunk stored and decoded" if deep else "every chunk stored (presence only; --deep decodes them)"
+        click.echo(f"{name}: OK: {report.info.n_images} images, {checksum}{chunks}")
         return
     if report.changed:
         click.echo(f"{name}: {report.changed}", err=True)
@@ -286,4 +291,8 @@ def validate_command(app: AppContext, ident, array_path) -> None:
         click.echo(f"{name}: {report.missing.describe()}", err=True)
         if report.info.kind == "stack":
             click.echo(f"{name}: {describe_missing_for_stack(report.missing)}", err=True)
+    if report.unreadable:
+        click.echo(f"{name}: {report.unreadable.describe()}", err=True)
+        if report.info.kind == "stack":
+            click.echo(f"{name}: image positions in unreadable chunks: {', '.join(map(str, report.unreadable.images[:20]))}", err=True)
     raise click.exceptions.Exit(1)

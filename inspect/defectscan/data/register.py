@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from defectscan.data import imageset as layout
+from defectscan.data.chunk_reads import UnreadableChunks, unreadable_chunks
 from defectscan.data.problems import ProblemLog
 from defectscan.db.schema import Image, ImageSet
 from defectscan.errors import DataError
@@ -241,17 +242,19 @@ class Validation:
     # Why the store no longer matches its registration (None: it matches, or it is not registered).
     changed: str | None
     missing: layout.MissingChunks
+    # Stored chunks that do not decode; None when they were not read (the quick check).
+    unreadable: UnreadableChunks | None = None
 
     @property
     def ok(self) -> bool:
-        return self.changed is None and not self.missing
+        return self.changed is None and not self.missing and not self.unreadable
 
 
-def validate_image_set(session: Session, ident: str | int, array_path: str | None = None) -> Validation:
-    """Re-check a registered set (by id or URI), or any store by path: layout, checksum, every chunk.
+def validate_image_set(session: Session, ident: str | int, array_path: str | None = None, *, deep: bool = False) -> Validation:
+    """Re-check a registered set (by id or URI), or any store by path: layout, checksum, every chunk present.
 
-    A store that cannot be opened or fails the layout raises DataError; a changed checksum and
-    missing chunks are reported in the result, all of them.
+    `deep` also reads and decodes every chunk. A store that cannot be opened or fails the layout
+    raises DataError; a changed checksum, missing and unreadable chunks are reported in the result, all of them.
     """
     image_set = find_image_set(session, ident)
     if image_set is None and str(ident).isdigit():
@@ -264,4 +267,5 @@ def validate_image_set(session: Session, ident: str | int, array_path: str | Non
     info = layout.describe(group, uri, array_path)
     changed = store_changes(image_set, info) if image_set is not None else None
     missing = layout.missing_chunks(group[array_path])
-    return Validation(uri, image_set, info, changed, missing)
+    unreadable = unreadable_chunks(group[array_path]) if deep else None
+    return Validation(uri, image_set, info, changed, missing, unreadable)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
@@ -11,6 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.errors import DatabaseError
 from defectscan.secrets import mask_secrets
+
+log = logging.getLogger(__name__)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -34,12 +39,17 @@ def make_engine(url: str | URL) -> Engine:
 
 
 def _sqlite_engine(url: URL) -> Engine:
+    path = None
     if url.database and url.database != ":memory:":
         path = Path(url.database).expanduser()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatabaseError(f"cannot create the directory for SQLite database {path}: {exc.strerror}") from None
+    if path is not None and path.is_file() and not os.access(path.parent, os.W_OK):
+        # A WAL database needs its -shm file beside it, which a read-only folder (a read-only mount,
+        # an archive copy) cannot hold: open it immutable, so QA can still query it; writes say read-only.
+        return _read_only_sqlite_engine(url, path)
     # Several processes (job runner, CLI queries) share the file: wait for locks instead of failing.
     engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -51,6 +61,28 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor.close()
 
     return engine
+
+
+def _read_only_sqlite_engine(url: URL, path: Path) -> Engine:
+    import sqlite3
+
+    log.info("%s: its folder is read-only, the database is opened read-only", path)
+    target = f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
+    return create_engine(url, creator=lambda: sqlite3.connect(target, uri=True, timeout=30, check_same_thread=False))
+
+
+def is_read_only_error(exc: BaseException) -> bool:
+    """SQLite's "attempt to write a readonly database", PostgreSQL's read-only transaction (SQLSTATE 25006)."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None) == "25006" or "readonly database" in str(orig) or "read-only" in str(orig)
+
+
+def database_error(exc: DBAPIError, what: str) -> DatabaseError:
+    """One line for a driver error (password masked): read-only says so, anything else gives the driver's first line."""
+    reason = mask_secrets((str(exc.orig) if exc.orig is not None else str(exc)).strip().splitlines()[0])
+    if is_read_only_error(exc):
+        return DatabaseError(f"{what}: the database is read-only ({reason}); commands that only read results still work")
+    return DatabaseError(f"{what}: {reason}")
 
 
 def check_connection(engine: Engine) -> None:

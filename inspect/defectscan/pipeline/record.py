@@ -11,10 +11,11 @@ from typing import TypeVar
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.db.schema import NO_DAY, Defect, Image, Inspection, InspectionDaily, JobRun, utcnow
+from defectscan.db.session import database_error, is_read_only_error
 from defectscan.errors import DatabaseError
 from defectscan.model.verdict import ImageResult
 from defectscan.secrets import mask_secrets
@@ -56,7 +57,12 @@ def with_retries(action: Callable[[], T], retry: Retry, what: str) -> T:
     for attempt in range(1, retry.attempts + 1):
         try:
             return action()
-        except (OperationalError, InterfaceError) as exc:
+        except (OperationalError, InterfaceError, InternalError) as exc:
+            if is_read_only_error(exc):
+                # Waiting does not make a read-only database writable.
+                raise database_error(exc, what) from None
+            if isinstance(exc, InternalError):
+                raise
             reason = mask_secrets(str(exc.orig or exc).strip().splitlines()[0])
             if attempt == retry.attempts:
                 raise DatabaseError(f"{what}: database unavailable after {retry.attempts} attempts: {reason}") from None
