@@ -165,7 +165,9 @@ def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, exter
         time.sleep(0.05)
     client.send_signal(signal.SIGTERM)
     output = client.communicate(timeout=60)[0].decode()
-    assert client.returncode != 0, output
+    assert client.returncode == 143, output
+    assert "Stopped by signal SIGTERM; a rerun continues where this one stopped." in output
+    assert "Aborted!" not in output and "Traceback" not in output
     with factory() as session:
         run = session.scalars(select(JobRun)).one()
         assert run.status == "interrupted", output
