@@ -43,6 +43,7 @@ class _StopRequest:
         self.signum: int | None = None
         self.grace_s = 30.0
         self.watchdog: threading.Timer | None = None
+        self.depth = 0
 
     def request(self, signum: int) -> None:
         if self.signum is None:
@@ -90,15 +91,18 @@ def stop_on_signals(grace_s: float = 30.0) -> Iterator[None]:
     A signal that arrives after the run's last checkpoint (its row already closed) changes nothing:
     the command ends with the status it recorded, so the exit status always matches the row.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or _stop.depth:
+        # Nested (a command that wraps a library call that wraps itself too): the outer block owns the flag.
         yield
         return
     _stop.clear()
     _stop.grace_s = grace_s
     previous = {s: signal.signal(s, lambda signum, _frame: _stop.request(signum)) for s in EXIT_STATUS}
+    _stop.depth += 1
     try:
         yield
     finally:
+        _stop.depth -= 1
         for s, handler in previous.items():
             signal.signal(s, handler)
         _stop.clear()

@@ -16,9 +16,22 @@ class MaskSecrets(logging.Filter):
         return True
 
 
+# Libraries that log their own housekeeping ("Worker process still alive after 4.0 seconds,
+# killing" when a cluster closes): only their errors reach the user unless --log-level DEBUG.
+LIBRARY_LOGGERS = ("distributed", "bokeh", "tornado", "asyncio", "absl")
+
+
+def quiet_libraries() -> None:
+    """Library loggers to ERROR (DEBUG when defectscan's is); call again after importing distributed, which sets its own."""
+    debug = logging.getLogger("defectscan").isEnabledFor(logging.DEBUG)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
 def configure_logging(level: str) -> None:
     logger = logging.getLogger("defectscan")
     logger.setLevel(level)
+    quiet_libraries()
     if not any(isinstance(f, MaskSecrets) for h in logger.handlers for f in h.filters):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

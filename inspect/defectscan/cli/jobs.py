@@ -117,6 +117,7 @@ def run_command(app: AppContext, name: str, scheduler: str | None) -> None:
         defectscan jobs run demo
         DEFECTSCAN_DATABASE_URL=postgresql://qa@db/defectscan defectscan jobs run line-a-nightly
     """
+    from defectscan import interrupts
     from defectscan.exitcodes import EXIT_ALREADY_RUNNING
     from defectscan.jobs.lock import AlreadyRunning
     from defectscan.jobs.runner import run_job
@@ -127,12 +128,14 @@ def run_command(app: AppContext, name: str, scheduler: str | None) -> None:
     settings = app.settings_with(**spec.setting_overrides(str(path)), cluster__scheduler=(scheduler, "--scheduler"))
     if scheduler is None:
         settings = spec.apply_to(settings)
-    app.session().close()  # checks the schema before the lock is taken
-    try:
-        outcome = run_job(app.engine, spec, path, settings, echo=lambda line: click.echo(line, err=True))
-    except AlreadyRunning as exc:
-        click.echo(f"{exc}; this trigger does nothing", err=True)
-        sys.exit(EXIT_ALREADY_RUNNING)
+    # From here on a signal is a flag the run acts on, so one that arrives before the lock is taken still leaves a row.
+    with interrupts.stop_on_signals(settings.inspection.stop_within_s):
+        app.session().close()  # checks the schema before the lock is taken
+        try:
+            outcome = run_job(app.engine, spec, path, settings, echo=lambda line: click.echo(line, err=True))
+        except AlreadyRunning as exc:
+            click.echo(f"{exc}; this trigger does nothing", err=True)
+            sys.exit(EXIT_ALREADY_RUNNING)
     click.echo(
         f"job {spec.name}: run {outcome.job_run_id} {outcome.status}: {len(outcome.discovery.new)} new stores, "
         f"{outcome.n_image_sets} image sets with work, {outcome.n_inspected} images inspected, {outcome.n_errors} errors, "

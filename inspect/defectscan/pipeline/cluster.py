@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from defectscan.config import ClusterSettings, TLSSettings
 from defectscan.errors import DefectscanError
+from defectscan.logs import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def _start_local_cluster(settings: ClusterSettings, n_workers: int | None):
         resources={"GPU": 1} if gpus else None,
         dashboard_address=":0",
         env=env,
+        # The workers' own housekeeping lines stay out of the user's terminal (see defectscan.logs).
+        silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR,
         **protocol,
     )
 
@@ -116,6 +119,7 @@ def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout:
     """A distributed Client on the configured scheduler, or on a local cluster started for the run."""
     from distributed import Client
 
+    quiet_libraries()
     cluster = None
     try:
         if settings.scheduler:
