@@ -136,6 +136,17 @@ def test_a_worker_lost_past_the_retry_budget_leaves_its_images_pending_and_a_rer
         _assert_equal(line.outcome(), undisturbed)
 
 
+def test_a_shard_past_the_timeout_is_cancelled_and_left_pending(probe_cluster, database_url, tmp_path, model_file, undisturbed):
+    with plant(database_url, tmp_path, model_file) as line:
+        hurried = line.run(probe_cluster, _settings(DEFECTSCAN_INSPECTION__SHARD_TIMEOUT_S="0.001"))
+        assert hurried.counts.pending > 0 and hurried.exit_code == EXIT_PENDING, hurried.errors
+        assert any("ShardTimeout: a shard did not finish within inspection.shard_timeout_s (0.001 s)" in e for e in hurried.errors)
+        assert "error" not in _verdicts(line.factory)
+        rerun = line.run(probe_cluster)
+        assert rerun.status == "succeeded" and rerun.counts.inspected == hurried.counts.pending
+        _assert_equal(line.outcome(), undisturbed)
+
+
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:

@@ -69,6 +69,7 @@ class InspectionSettings(_Section):
     heartbeat_s: float = Field(gt=0)
     stale_run_after_s: float = Field(gt=0)
     stop_within_s: float = Field(gt=0)
+    shard_timeout_s: float | None = Field(gt=0)
 
     @field_validator("tile_size", "halo")
     @classmethod

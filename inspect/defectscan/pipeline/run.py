@@ -271,14 +271,14 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
     from distributed import wait
 
     total = summary.n_images - summary.n_skipped
-    pending: dict[str, tuple[object, _Task]] = {}
+    pending: dict[str, tuple[object, _Task, float]] = {}
     tasks = _tasks(context, plans)
     lost = _LostShards()
 
     def submit_next() -> None:
         item = next(tasks, None)
         if item is not None:
-            pending[item[0].key] = item
+            pending[item[0].key] = (*item, time.monotonic())
 
     for _ in range(max_in_flight):
         submit_next()
@@ -288,11 +288,13 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
         while pending:
             interrupts.check()
             try:
-                finished = wait([future for future, _ in pending.values()], timeout=POLL_S, return_when="FIRST_COMPLETED").done
+                finished = wait([future for future, _, _ in pending.values()], timeout=POLL_S, return_when="FIRST_COMPLETED").done
             except TimeoutError:
                 finished = set()
-            for future in finished:
-                _, task = pending.pop(future.key)
+            overdue = _overdue(pending, finished, context.settings.shard_timeout_s)
+            lost.timed_out.update(future.key for future in overdue)
+            for future in [*finished, *overdue]:
+                _, task, _ = pending.pop(future.key)
                 done += _record_task(context, future, task, summary, lost)
                 future.release()
                 if on_progress:
@@ -304,13 +306,31 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
     finally:
         # Interrupted or failed: nothing more should run for this run.
         if pending:
-            context.client.cancel([future for future, _ in pending.values()])
+            context.client.cancel([future for future, _, _ in pending.values()])
     summary.errors.extend(lost.reasons())
+
+
+class ShardTimeout(Exception):
+    """A shard ran past inspection.shard_timeout_s: a hung worker or device, not a property of the images."""
+
+
+def _overdue(pending: dict, finished, timeout_s: float | None) -> list:
+    """Futures in flight for longer than `timeout_s` (counted from submission): cancelled, to be counted pending."""
+    if timeout_s is None:
+        return []
+    now, late = time.monotonic(), []
+    for future, _, submitted in pending.values():
+        if future not in finished and now - submitted > timeout_s:
+            future.cancel()
+            late.append(future)
+    return late
 
 
 def _record_task(context: RunContext, future, task: _Task, summary: RunSummary, lost: _LostShards) -> int:
     """Record one finished shard; a shard the machinery lost is counted pending, not recorded."""
     try:
+        if future.key in lost.timed_out:
+            raise ShardTimeout(f"a shard did not finish within inspection.shard_timeout_s ({context.settings.shard_timeout_s:g} s)")
         result: ShardResult = future.result()
     except Exception as exc:
         lost.add(task, exc)
@@ -342,6 +362,8 @@ class _LostShards:
 
     def __init__(self) -> None:
         self.by_reason: dict[str, list[int]] = {}
+        # Keys of the futures this run cancelled for running past inspection.shard_timeout_s.
+        self.timed_out: set[str] = set()
 
     def add(self, task: _Task, exc: BaseException) -> None:
         self.by_reason.setdefault(_reason(exc), []).append(len(task.positions))
