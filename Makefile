@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# PostgreSQL tests run when DEFECTSCAN_TEST_POSTGRES_URL is set: export DEFECTSCAN_TEST_POSTGRES_URL=$$(.ci/postgres)
+# The PostgreSQL tests use DEFECTSCAN_TEST_POSTGRES_URL, else a throwaway cluster that tests/conftest.py
+# starts with .ci/postgres when PostgreSQL's server binaries are installed (else it says how to get them).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

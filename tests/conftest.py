@@ -1,14 +1,19 @@
 """Shared fixtures: isolated settings, real SQLite and PostgreSQL databases, a CLI runner.
 
 PostgreSQL tests use the server named by DEFECTSCAN_TEST_POSTGRES_URL (`.ci/run` always sets
-it; locally `export DEFECTSCAN_TEST_POSTGRES_URL=$(.ci/postgres)`). Without it they are
-skipped, except under CI=true, where a missing server is an error.
+it). Without it, a throwaway cluster is started for the run with `.ci/postgres` where PostgreSQL's
+server binaries are installed (and stopped after it); elsewhere they are skipped with one line
+saying how to get them, except under CI=true, where a missing server is an error.
 """
 
 from __future__ import annotations
 
+import getpass
+import glob
 import os
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -47,14 +52,47 @@ def isolated_settings(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
 
 
+REPO = Path(__file__).resolve().parent.parent
+THROWAWAY_POSTGRES = REPO / ".ci" / "postgres"
+_postgres_note: list[str] = []
+
+
+def _postgres_binaries() -> bool:
+    return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb")) and (os.geteuid() == 0 or getpass.getuser() == "postgres")
+
+
 @pytest.fixture(scope="session")
 def postgres_server_url() -> str:
+    """The server of DEFECTSCAN_TEST_POSTGRES_URL; else a throwaway cluster started here (.ci/postgres) when
+    PostgreSQL's server binaries are installed, stopped at the end; else the PostgreSQL tests are skipped."""
     url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
-        pytest.skip(f"no PostgreSQL: set {POSTGRES_ENV} (e.g. export {POSTGRES_ENV}=$(.ci/postgres))")
-    return url
+    if url:
+        return url
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
+    if not _postgres_binaries():
+        _postgres_note.append(
+            "PostgreSQL tests skipped: no PostgreSQL server here. Install it (Debian: apt-get install postgresql) and run make test "
+            f"as root, or point {POSTGRES_ENV} at a server"
+        )
+        pytest.skip(_postgres_note[-1])
+    already_running = (Path(os.environ.get("DEFECTSCAN_TEST_PG_DIR", "/tmp/defectscan-pg")) / "data" / "postmaster.pid").exists()
+    started = subprocess.run([str(THROWAWAY_POSTGRES)], capture_output=True, text=True, check=False)
+    if started.returncode != 0:
+        _postgres_note.append(f"PostgreSQL tests skipped: .ci/postgres could not start a cluster: {started.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(_postgres_note[-1])
+    if already_running:
+        _postgres_note.append("PostgreSQL: the throwaway cluster of .ci/postgres was already running; it was used and left running")
+        yield started.stdout.strip()
+        return
+    _postgres_note.append("PostgreSQL: a throwaway cluster was started for this run (.ci/postgres) and stopped after it")
+    yield started.stdout.strip()
+    subprocess.run([str(THROWAWAY_POSTGRES), "--stop"], capture_output=True, check=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in dict.fromkeys(_postgres_note):
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ from defectscan.paths import REPO_ROOT
 
 
 def test_reduced_demo_runs_and_reruns_with_nothing_to_do(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
-    monkeypatch.setenv("DEFECTSCAN_DATABASE_URL", url)
+    # No database set: the demo's own, under its folder; the user's data directory stays empty.
+    user_data = tmp_path / "xdg"
+    user_data.mkdir()
+    monkeypatch.setenv("XDG_DATA_HOME", str(user_data))
+    url = f"sqlite:///{tmp_path / 'demo' / 'defectscan.sqlite'}"
     spec = yaml.safe_load((REPO_ROOT / "jobs" / "demo.yaml").read_text())
     spec["source"]["glob"] = str(tmp_path / "demo" / "imagesets" / "*.zarr")
     job_file = tmp_path / "jobs" / "demo.yaml"
@@ -31,6 +34,8 @@ def test_reduced_demo_runs_and_reruns_with_nothing_to_do(tmp_path, monkeypatch):
     assert "$ defectscan defects list" in shown
     assert {p.name for p in first.reports} >= {"line-1.html", "line-2.html"}
     assert all(p.stat().st_size > 1000 for p in first.reports)
+    assert f"database: {url} " in shown
+    assert list(user_data.iterdir()) == []
 
     engine = make_engine(url)
     with session_factory(engine)() as session:
@@ -64,3 +69,14 @@ def test_reduced_demo_runs_and_reruns_with_nothing_to_do(tmp_path, monkeypatch):
 def test_demo_job_spec_points_at_the_demo_folder():
     spec = yaml.safe_load((REPO_ROOT / "jobs" / "demo.yaml").read_text())
     assert (REPO_ROOT / "jobs" / spec["source"]["glob"]).parent.resolve() == (REPO_ROOT / "var" / "demo" / "imagesets").resolve()
+
+
+def test_a_database_set_explicitly_is_the_demos_database_too(tmp_path, monkeypatch):
+    from defectscan.demo import demo_settings
+    from defectscan.jobs.spec import load_spec
+
+    job_file = REPO_ROOT / "jobs" / "demo.yaml"
+    spec = load_spec(job_file)
+    assert demo_settings(spec, job_file, tmp_path).resolved_database_url == f"sqlite:///{tmp_path / 'defectscan.sqlite'}"
+    monkeypatch.setenv("DEFECTSCAN_DATABASE_URL", "postgresql://qa@db/defectscan")
+    assert demo_settings(spec, job_file, tmp_path).resolved_database_url == "postgresql://qa@db/defectscan"

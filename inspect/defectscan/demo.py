@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscan.config import load_settings
+from defectscan.native_logs import quiet_tensorflow_startup
 
 # (lot, line, product, camera, capture time): three lots from two lines.
 LOTS = (
@@ -101,7 +102,8 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
              echo: Callable[[str], None] = print) -> DemoResult:
     """Write the image sets, then run the demo's scheduled job on them as cron would (`defectscan jobs run demo`).
 
-    Settings are what `defectscan jobs run` would use: configs/defaults.yaml, DEFECTSCAN_* and the job's own.
+    Settings are what `defectscan jobs run` would use: configs/defaults.yaml, DEFECTSCAN_* and the job's own,
+    except the database: unless one is set explicitly, the demo's own `folder/defectscan.sqlite`.
     """
     from defectscan.db.migrate import upgrade
     from defectscan.db.session import display_url, make_engine
@@ -110,7 +112,7 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
 
     result = DemoResult()
     spec = load_spec(job_file)
-    settings = spec.apply_to(load_settings(overrides=spec.setting_overrides(str(job_file))))
+    settings = demo_settings(spec, job_file, folder)
     engine = make_engine(settings.resolved_database_url)
     try:
         _, state = upgrade(engine)
@@ -142,6 +144,17 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
     finally:
         engine.dispose()
     return result
+
+
+def demo_settings(spec, job_file: Path, folder: Path):
+    """The job's settings, with the demo's own database under `folder` unless one is set explicitly.
+
+    The user's default database (`data_dir`) holds their real results: a demo never creates or touches it.
+    """
+    settings = spec.apply_to(load_settings(overrides=spec.setting_overrides(str(job_file))))
+    if settings.database_url is None:
+        settings = settings.model_copy(update={"database_url": f"sqlite:///{folder / 'defectscan.sqlite'}"})
+    return settings
 
 
 def show_results(database_url: str, echo: Callable[[str], None]) -> None:
@@ -195,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=Path, default=REPO_ROOT / "jobs" / "demo.yaml", help="the scheduled job to run (its source glob must match --folder)")
     parser.add_argument("--images-per-lot", type=int, default=64)
     args = parser.parse_args(argv)
+    quiet_tensorflow_startup()
     began = time.perf_counter()
     result = run_demo(args.folder.resolve(), args.job.resolve(), images_per_lot=args.images_per_lot)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from defectscan.native_logs import quiet_tensorflow_startup
 from defectscan.secrets import mask_secrets
 
 
@@ -32,6 +33,7 @@ def configure_logging(level: str) -> None:
     logger = logging.getLogger("defectscan")
     logger.setLevel(level)
     quiet_libraries()
+    quiet_tensorflow_startup(quiet=level != "DEBUG")
     if not any(isinstance(f, MaskSecrets) for h in logger.handlers for f in h.filters):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

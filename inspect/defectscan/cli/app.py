@@ -6,6 +6,7 @@ Command modules import heavy libraries (TensorFlow, Dask, Zarr) inside their fun
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property, update_wrapper
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from defectscan.errors import DefectscanError
 from defectscan.exitcodes import EXIT_SIGINT
 from defectscan.interrupts import Interrupted
 from defectscan.logs import configure_logging
+from defectscan.native_logs import quiet_tensorflow_startup
+from defectscan.secrets import mask_secrets
 
 
 class AppContext:
@@ -96,6 +99,14 @@ class DefectscanGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Stopped by SIGINT.", err=True)
             ctx.exit(EXIT_SIGINT)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            # A bug or a failure nobody foresaw: one line for the user, the traceback on request.
+            if logging.getLogger("defectscan").isEnabledFor(logging.DEBUG):
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise click.ClickException(f"{type(exc).__name__}: {mask_secrets(reason)} (rerun with --log-level DEBUG for the traceback)") from None
 
 
 @click.group(cls=DefectscanGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,4 +132,6 @@ def main(ctx: click.Context, config_file: Path | None, database_url: str | None,
         defectscan db upgrade
         defectscan --database-url postgresql://qa@db/defectscan db current
     """
+    # Before any command can import TensorFlow; the settings' log level (DEBUG) can still undo it.
+    quiet_tensorflow_startup(quiet=(log_level or "").upper() != "DEBUG")
     ctx.obj = AppContext(ctx, config_file, database_url, log_level.upper() if log_level else None)

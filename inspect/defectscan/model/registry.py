@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from defectscan.db.schema import MODEL_STAGES, Model
@@ -124,7 +125,7 @@ def register_model(
         raise ModelError(f"stage {stage!r} is not one of {', '.join(MODEL_STAGES)}")
     existing = session.scalar(select(Model).where(Model.name == name, Model.version == version))
     if existing is not None:
-        raise ModelError(f"model {name}:{version} is already registered (file {existing.uri}); choose another version")
+        raise AlreadyRegistered(f"model {name}:{version} is already registered (file {existing.uri}); choose another version")
 
     sha256 = file_sha256(path)
     model = load_model(path)
@@ -152,8 +153,20 @@ def register_model(
         description=description or meta.description,
     )
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another process registered the same name and version between our look-up and this insert.
+        session.rollback()
+        winner = session.scalar(select(Model).where(Model.name == name, Model.version == version))
+        if winner is None:
+            raise
+        raise AlreadyRegistered(f"model {name}:{version} is already registered (file {winner.uri}); choose another version") from None
     return row
+
+
+class AlreadyRegistered(ModelError):
+    """The name and version are taken (possibly by a process that registered them a moment ago)."""
 
 
 def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: float | None) -> dict[str, Any]:
@@ -247,7 +260,11 @@ def register_demo(session: Session) -> Model:
     meta = read_metadata(DEMO_METADATA)
     existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
     if existing is None:
-        return register_model(session, DEMO_MODEL, metadata=meta)
+        try:
+            return register_model(session, DEMO_MODEL, metadata=meta)
+        except AlreadyRegistered:
+            # Two first runs at once (two cron jobs on a new database): the loser uses the winner's row.
+            existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
     shipped = file_sha256(DEMO_MODEL)
     if existing.sha256 != shipped:
         raise ModelError(

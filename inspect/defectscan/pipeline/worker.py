@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from defectscan.errors import DataError, StorageError
+from defectscan.native_logs import quiet_tensorflow_startup
 from defectscan.model.export import load_model, verify_sha256
 from defectscan.model.preprocess import pad_to_multiple, to_model_input
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
@@ -46,6 +47,9 @@ class ShardResult:
     results: list[ImageResult]
     timings: dict[str, float] = field(default_factory=dict)
 
+
+# Worker processes import this module before their first task: TensorFlow loads quietly there too.
+quiet_tensorflow_startup()
 
 # sha256 -> callable(batch float32 (B, H, W, 1)) -> probabilities (B, H, W, C); one per worker process.
 _MODELS: dict[str, Any] = {}
