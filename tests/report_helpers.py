@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from pipeline_helpers import (
     add_model,
@@ -110,8 +111,11 @@ def _build(backend: str, request, tmp_path_factory) -> ReportDB:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
 
     def drop():
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        except OperationalError:
+            pass  # the throwaway cluster conftest started has been stopped already, and the database with it
         admin.dispose()
 
     request.session.config.add_cleanup(drop)

@@ -109,3 +109,29 @@ def test_an_unexpected_error_is_one_line_with_a_hint_and_the_traceback_under_deb
     assert result.output == "Error: RuntimeError: something nobody foresaw (rerun with --log-level DEBUG for the traceback)\n"
     with pytest.raises(RuntimeError, match="something nobody foresaw"):
         cli("--database-url", migrated_url, "--log-level", "DEBUG", "lots", "list")
+
+
+def test_images_another_run_recorded_meanwhile_are_counted_as_such(factory, cluster, tmp_path):
+    """Run B plans, then run A inspects everything before B records: B says so, never "0 inspected, 0 already done"."""
+    from defectscan.cli.inspect import describe_summary
+    from defectscan.config import load_settings
+    from defectscan.pipeline.run import inspect_image_sets
+
+    from pipeline_helpers import add_model
+
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "8"}).inspection
+    image_set = register(factory, write_stack(tmp_path / "L5.zarr", square_images(16, size=32)))
+    model = add_model(factory, save_threshold_model(tmp_path / "threshold.keras"))
+    other = []
+
+    def planned(done, total):
+        if done == 0 and not other:
+            other.append(inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2))
+
+    late = inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2, on_progress=planned)
+    [first] = other
+    assert (first.counts.inspected, late.counts.inspected, late.counts.meanwhile, late.counts.meanwhile_runs) == (16, 0, 16, [first.job_run_id])
+    assert late.status == "succeeded"
+    assert f"0 inspected (0 failed), 0 errors, 16 recorded meanwhile by run {first.job_run_id}, 0 already done" in describe_summary(late)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 16
