@@ -51,7 +51,7 @@ def test_of_racing_processes_exactly_one_takes_the_lock(migrated_url, tmp_path):
     assert sorted(race(migrated_url, "line-a", 3, tmp_path / "start")) == ["busy", "busy", "won"]
 
 
-def test_the_lock_of_a_killed_process_on_this_host_is_taken_over_and_its_run_marked_interrupted(engine):
+def test_the_lock_of_a_killed_process_on_this_host_is_taken_over_and_its_run_marked_abandoned(engine):
     holder = hold_lock_process(engine.url.render_as_string(hide_password=False), "line-a")
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
@@ -67,7 +67,7 @@ def test_the_lock_of_a_killed_process_on_this_host_is_taken_over_and_its_run_mar
     assert read_lock(engine, "line-a").owner == handle.owner
     with engine.connect() as connection:
         status, error = connection.execute(select(JobRun.status, JobRun.error).where(JobRun.id == run_id)).one()
-    assert status == "interrupted" and f"runner {dead.owner} stopped (its process is gone)" in error
+    assert status == "abandoned" and f"runner {dead.owner} stopped (its process is gone)" in error
     handle.release()
     assert read_lock(engine, "line-a") is None
 

@@ -5,7 +5,7 @@ runners in); the holder refreshes `heartbeat_at` while it works and DELETEs the 
 stops. A runner that crashed leaves its row behind: once the heartbeat is older than
 `stale_after`, or at once when the holder was a process on this machine that no longer
 exists, the next runner takes it over with a compare-and-swap UPDATE, so two runners that
-find the same stale row cannot both win. Times are the runners' clocks (keep hosts on NTP;
+find the same stale row cannot both win; the dead runner's run is closed as `abandoned`. Times are the runners' clocks (keep hosts on NTP;
 `stale_after` is minutes, clock skew is not).
 """
 
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from defectscan.db.schema import JobLock, JobRun, utcnow
+from defectscan.db.schema import JobLock, utcnow
 from defectscan.errors import DefectscanError
+from defectscan.pipeline.job_runs import abandon_run, touch_run
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class JobLockHandle:
         with self.engine.begin() as connection:
             held = connection.execute(update(JobLock).where(JobLock.job == self.job, JobLock.owner == self.owner).values(**values)).rowcount == 1
             if held and job_run_id is not None:
-                connection.execute(update(JobRun).where(JobRun.id == job_run_id).values(heartbeat_at=now))
+                touch_run(connection, job_run_id, now)
         if not held:
             self.lost = True
         return held
@@ -161,11 +162,7 @@ def acquire(engine: Engine, job: str, *, stale_after: float, owner: str | None =
     log.warning("job '%s': took over the lock of %s (%s)", job, holder.owner, reason)
     if holder.job_run_id is not None:
         with engine.begin() as connection:
-            connection.execute(
-                update(JobRun)
-                .where(JobRun.id == holder.job_run_id, JobRun.status == "running")
-                .values(status="interrupted", finished_at=now, error=f"runner {holder.owner} stopped ({reason}); lock taken over by {owner}")
-            )
+            abandon_run(connection, holder.job_run_id, f"runner {holder.owner} stopped ({reason}); lock taken over by {owner}")
     return JobLockHandle(engine, job, owner, holder)
 
 

@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import Connection, func, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,7 +45,7 @@ def beat(factory: sessionmaker[Session], run_id: int) -> None:
     """Refresh the run's heartbeat; a failed beat is only logged (staleness is many beats away)."""
     try:
         with factory.begin() as session:
-            session.execute(update(JobRun).where(JobRun.id == run_id, JobRun.status == "running").values(heartbeat_at=utcnow()))
+            touch_run(session, run_id, utcnow())
     except SQLAlchemyError as exc:
         log.warning("job run %d: heartbeat not written: %s", run_id, mask_secrets(str(exc).splitlines()[0]))
 
@@ -80,6 +80,19 @@ def record_closed_run(factory: sessionmaker[Session], *, job: str, spec: dict[st
     except SQLAlchemyError as exc:  # the database is gone: the exit status still tells the scheduler
         log.error("job '%s': could not record the run: %s", job, mask_secrets(str(exc).splitlines()[0]))
         return None
+
+
+def abandon_run(connection: Connection | Session, run_id: int, reason: str) -> None:
+    """Close one `running` row whose client is known to be gone (its job lock was taken over); inside the caller's transaction."""
+    connection.execute(
+        update(JobRun).where(JobRun.id == run_id, JobRun.status == "running")
+        .values(status="abandoned", finished_at=utcnow(), error=f"abandoned: {reason}")
+    )
+
+
+def touch_run(connection: Connection | Session, run_id: int, now: dt.datetime) -> None:
+    """The heartbeat write itself, inside the caller's transaction (the job lock refreshes both at once)."""
+    connection.execute(update(JobRun).where(JobRun.id == run_id, JobRun.status == "running").values(heartbeat_at=now))
 
 
 def abandon_stale_runs(session: Session, stale_after_s: float) -> list[int]:

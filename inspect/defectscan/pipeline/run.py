@@ -333,10 +333,9 @@ def _record_task(context: RunContext, future, task: _Task, summary: RunSummary, 
             raise ShardTimeout(f"a shard did not finish within inspection.shard_timeout_s ({context.settings.shard_timeout_s:g} s)")
         result: ShardResult = future.result()
     except Exception as exc:
-        lost.add(task, exc)
-        summary.counts.pending += len(task.positions)
-        log.warning("image set %d, positions %d..%d left pending: %s", task.image_set_id, task.positions[0], task.positions[-1], _reason(exc))
-        return len(task.positions)
+        return _left_pending(task, _reason(exc), summary, lost)
+    if result.failure is not None:
+        return _left_pending(task, result.failure, summary, lost)
     for name, seconds in result.timings.items():
         summary.worker_seconds[name] = summary.worker_seconds.get(name, 0.0) + seconds
     counts = record_shard(
@@ -348,6 +347,13 @@ def _record_task(context: RunContext, future, task: _Task, summary: RunSummary, 
         if result_.verdict == "error" and len(summary.errors) < 20:
             summary.errors.append(result_.error)
     return len(result.results)
+
+
+def _left_pending(task: _Task, reason: str, summary: RunSummary, lost: _LostShards) -> int:
+    lost.add(task, reason)
+    summary.counts.pending += len(task.positions)
+    log.warning("image set %d, positions %d..%d left pending: %s", task.image_set_id, task.positions[0], task.positions[-1], reason)
+    return len(task.positions)
 
 
 def _reason(exc: BaseException) -> str:
@@ -365,8 +371,8 @@ class _LostShards:
         # Keys of the futures this run cancelled for running past inspection.shard_timeout_s.
         self.timed_out: set[str] = set()
 
-    def add(self, task: _Task, exc: BaseException) -> None:
-        self.by_reason.setdefault(_reason(exc), []).append(len(task.positions))
+    def add(self, task: _Task, reason: str) -> None:
+        self.by_reason.setdefault(reason, []).append(len(task.positions))
 
     def reasons(self) -> list[str]:
         return [

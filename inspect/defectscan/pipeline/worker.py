@@ -46,6 +46,9 @@ class ShardResult:
     image_set_id: int
     results: list[ImageResult]
     timings: dict[str, float] = field(default_factory=dict)
+    # Why the machinery could not finish the shard (a full disk): returned, not raised, so the
+    # worker does not log a traceback for what the client reports in one line; no results then.
+    failure: str | None = None
 
 
 # Worker processes import this module before their first task: TensorFlow loads quietly there too.
@@ -182,8 +185,11 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
     timings["predict_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    with _writing(output):
-        _open(output, "r+")[shard.start : shard.stop] = scores
+    try:
+        with _writing(output):
+            _open(output, "r+")[shard.start : shard.stop] = scores
+    except StorageError as exc:
+        return ShardResult(shard.image_set_id, [], timings, failure=str(exc))
     timings["write_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -200,8 +206,8 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
     return ShardResult(shard.image_set_id, results, timings)
 
 
-def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: ModelRef) -> dict[str, float]:
-    """Score each tile's window and write its core into the strip's (C, H, W) map."""
+def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: ModelRef) -> dict[str, Any]:
+    """Score each tile's window and write its core into the strip's (C, H, W) map; timings, and a failure if the write failed."""
     began = time.perf_counter()
     image = _open(source, "r")
     windows = np.stack([window_input(image, tile, shard.window_shape) for tile in shard.tiles])
@@ -212,27 +218,35 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
     predict_s = time.perf_counter() - began
 
     began = time.perf_counter()
-    out = _open(output, "r+")
-    with _writing(output):
-        for i, tile in enumerate(shard.tiles):
-            y0, x0, y1, x1 = tile.core
-            wy, wx = tile.window
-            out[:, y0:y1, x0:x1] = scores[i, :, y0 - wy : y1 - wy, x0 - wx : x1 - wx]
+    try:
+        with _writing(output):
+            out = _open(output, "r+")
+            for i, tile in enumerate(shard.tiles):
+                y0, x0, y1, x1 = tile.core
+                wy, wx = tile.window
+                out[:, y0:y1, x0:x1] = scores[i, :, y0 - wy : y1 - wy, x0 - wx : x1 - wx]
+    except StorageError as exc:
+        return {"read_s": read_s, "predict_s": predict_s, "failure": str(exc)}
     return {"read_s": read_s, "predict_s": predict_s, "write_s": time.perf_counter() - began}
 
 
-def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: VerdictRules, *tile_timings: dict[str, float]) -> ShardResult:
+def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: VerdictRules, *tile_timings: dict[str, Any]) -> ShardResult:
     """Label defects over the whole strip map, so a defect across tile borders is one defect.
 
     Runs after every tile of the strip: the tile tasks' timings are passed in, which makes them dependencies.
     """
+    timings: dict[str, float] = {}
+    for tile in tile_timings:
+        for name, seconds in tile.items():
+            if name != "failure":
+                timings[name] = timings.get(name, 0.0) + seconds
+    failures = [tile["failure"] for tile in tile_timings if "failure" in tile]
+    if failures:
+        return ShardResult(image_set_id, [], timings, failure=failures[0])
     began = time.perf_counter()
     scores = np.asarray(_open(output, "r")[...])
     result = judge(0, scores, list(model.classes), rules)
-    timings = {"postprocess_s": time.perf_counter() - began}
-    for tile in tile_timings:
-        for name, seconds in tile.items():
-            timings[name] = timings.get(name, 0.0) + seconds
+    timings["postprocess_s"] = time.perf_counter() - began
     return ShardResult(image_set_id, [result], timings)
 
 
