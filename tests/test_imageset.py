@@ -70,8 +70,11 @@ def test_open_refuses_missing_paths_and_non_zarr(tmp_path):
     with pytest.raises(DataError, match="broken.zarr"):
         layout.open_group(layout.resolve_uri(tmp_path / "broken.zarr"))
     make_store(tmp_path / "s.zarr")
+    # Read, a store that is one array is adopted as it is (issue: other writers); writing into one is refused.
+    root_array = layout.open_group(layout.resolve_uri(tmp_path / "s.zarr" / "images"))
+    assert root_array.root_is_array and layout.root_array_path(root_array, "images") == ""
     with pytest.raises(DataError, match="is a Zarr array, not a group"):
-        layout.open_group(layout.resolve_uri(tmp_path / "s.zarr" / "images"))
+        layout.open_group(layout.resolve_uri(tmp_path / "s.zarr" / "images"), mode="a")
     with pytest.raises(DataError, match=r"no array 'cam0' in the store \(arrays at its root: images\)"):
         describe(tmp_path / "s.zarr", "cam0")
 

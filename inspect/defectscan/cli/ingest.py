@@ -124,13 +124,17 @@ def imagesets() -> None:
 @click.argument("url")
 @click.option("--array", "array_path", default="images", show_default=True, metavar="PATH", help="Path of the image array inside the store.")
 @_provenance_options
+@click.option("--bit-depth", type=click.IntRange(9, 16), metavar="BITS",
+              help="Significant bits of uint16 images (12 for a 12-bit camera); default: all 16.")
 @click.option("--no-chunk-check", is_flag=True, help="Do not list the store's chunks (faster on huge remote stores).")
 @pass_app
-def register_command(app: AppContext, url, array_path, lot, line, product, camera, acquired_at, no_chunk_check) -> None:
+def register_command(app: AppContext, url, array_path, lot, line, product, camera, acquired_at, bit_depth, no_chunk_check) -> None:
     """Adopt an existing Zarr store (v2 or v3; local path or fsspec URL) without copying it.
 
-    The image array must be (N, H, W) or (H, W), uint8 or uint16, at least 16x16, with
-    whole-image chunks for stacks. Images with missing chunks are listed and left out
+    The image array must be (N, H, W) or (H, W), uint8 or uint16 (--bit-depth 12 for 12-bit
+    data in 16-bit words), at least 16x16, with whole-image chunks for stacks. Stores of other
+    writers are adopted as they are: no group metadata above the array, a store that is one array,
+    any standard codec, several images per chunk, sharding. Images with missing chunks are listed and left out
     (exit status 3). Registering an unchanged store again changes nothing; a store that
     changed since it was registered is refused.
 
@@ -143,7 +147,7 @@ def register_command(app: AppContext, url, array_path, lot, line, product, camer
     with app.session() as session:
         registration = register_store(
             session, url, array_path, lot=lot, line=line, product=product, camera=camera,
-            acquired_at=_time(acquired_at), check_chunks=not no_chunk_check,
+            acquired_at=_time(acquired_at), bit_depth=bit_depth, check_chunks=not no_chunk_check,
         )  # fmt: skip
         image_set = registration.image_set
         _report_problems(registration.problems)

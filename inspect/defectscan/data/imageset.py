@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from defectscan.data.implicit import ImplicitGroup, holds_zarr
 from defectscan.errors import DataError
 
 FORMAT_NAME = "defectscan.imageset"
@@ -95,7 +96,11 @@ def is_local(uri: str) -> bool:
 
 
 def open_group(uri: str, mode: str = "r"):
-    """Open the Zarr group at `uri` (local path or fsspec URL), v2 or v3, or raise DataError."""
+    """Open the Zarr group at `uri` (local path or fsspec URL), v2 or v3, or raise DataError.
+
+    Read-only, a store without group metadata (an implicit v3 group, a v2 store written without
+    .zgroup) or a store that is one array opens as an `ImplicitGroup`, as other writers make them.
+    """
     import zarr
     from zarr.errors import ContainsArrayError, GroupNotFoundError, NodeTypeValidationError
 
@@ -104,11 +109,24 @@ def open_group(uri: str, mode: str = "r"):
     try:
         return zarr.open_group(uri, mode=mode)
     except (GroupNotFoundError, FileNotFoundError):
-        raise DataError(f"{uri}: not a Zarr store (no zarr.json or .zgroup at its root)") from None
+        if mode == "r" and (not is_local(uri) or holds_zarr(Path(uri))):
+            return ImplicitGroup(uri)
+        raise DataError(f"{uri}: not a Zarr store (no zarr.json, .zgroup or .zarray in it)") from None
     except (ContainsArrayError, NodeTypeValidationError):
-        raise DataError(f"{uri}: is a Zarr array, not a group; give the store's root and the array path with --array") from None
+        if mode == "r":
+            return ImplicitGroup(uri, root_is_array=True)
+        raise DataError(f"{uri}: is a Zarr array, not a group") from None
     except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{uri}: not a readable Zarr store: {exc}") from None
+
+
+def root_array_path(group, array_path: str) -> str:
+    """The array to use: "" (the root) for a store that is one array, else `array_path`."""
+    if isinstance(group, ImplicitGroup) and group.root_is_array:
+        if array_path not in ("", IMAGES):
+            raise DataError(f"{group.uri}: the store is one array; it has no array '{array_path}' below it")
+        return ""
+    return array_path
 
 
 def open_images(group, uri: str, array_path: str = IMAGES):

@@ -45,6 +45,7 @@ def register_store(
     product: str | None = None,
     camera: str | None = None,
     acquired_at: dt.datetime | None = None,
+    bit_depth: int | None = None,
     check_chunks: bool = True,
     strict: bool = False,
 ) -> Registration:
@@ -56,7 +57,9 @@ def register_store(
     """
     uri = layout.resolve_uri(location)
     group = layout.open_group(uri)
+    array_path = layout.root_array_path(group, array_path)
     info = layout.describe(group, uri, array_path)
+    check_bit_depth(uri, info.dtype, bit_depth)
     problems = ProblemLog(strict=strict)
 
     existing = session.scalar(select(ImageSet).where(ImageSet.uri == uri))
@@ -64,6 +67,8 @@ def register_store(
         _check_unchanged(existing, info)
         given = {"lot": lot, "line": line, "product": product, "camera": camera}
         conflicts = [f"{name} {getattr(existing, name)!r} (given {value!r})" for name, value in given.items() if value is not None and value != getattr(existing, name)]
+        if bit_depth is not None and (existing.attrs or {}).get("bit_depth") != bit_depth:
+            conflicts.append(f"bit depth {(existing.attrs or {}).get('bit_depth')!r} (given {bit_depth!r})")
         if acquired_at is not None and existing.acquired_at != acquired_at:
             conflicts.append(f"acquired_at {existing.acquired_at.isoformat() if existing.acquired_at else None!r} (given {acquired_at.isoformat()!r})")
         if conflicts:
@@ -122,7 +127,7 @@ def register_store(
         chunks=list(info.chunks),
         n_images=len(rows),
         checksum=info.checksum,
-        attrs=_recorded_attrs(info, skipped),
+        attrs={**_recorded_attrs(info, skipped), **({"bit_depth": bit_depth} if bit_depth is not None else {})},
     )
     try:
         session.add(image_set)
@@ -144,6 +149,14 @@ def register_store(
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def check_bit_depth(uri: str, dtype: str, bit_depth: int | None) -> None:
+    """A bit depth only means something for uint16 data of 9 to 16 significant bits."""
+    if bit_depth is None:
+        return
+    if dtype != "uint16" or not 9 <= bit_depth <= 16:
+        raise DataError(f"{uri}: bit depth {bit_depth} does not fit {dtype} images; give 9..16 for uint16 data (e.g. 12 for a 12-bit camera), none for uint8")
 
 
 def _recorded_attrs(info: layout.ImageSetInfo, skipped: list[dict[str, str]]) -> dict[str, Any]:
@@ -264,6 +277,7 @@ def validate_image_set(session: Session, ident: str | int, array_path: str | Non
         raise DataError(f"{uri}: registered as image set {image_set.id} with array '{image_set.array_path}', not '{array_path}'")
     array_path = image_set.array_path if image_set is not None else array_path or layout.IMAGES
     group = layout.open_group(uri)
+    array_path = layout.root_array_path(group, array_path)
     info = layout.describe(group, uri, array_path)
     changed = store_changes(image_set, info) if image_set is not None else None
     missing = layout.missing_chunks(group[array_path])

@@ -1,8 +1,8 @@
 """What the model expects as input: the one definition of pixel scaling and size padding.
 
 The network sees one channel scaled as x / 127.5 - 1 from 8-bit pixels (the reference
-recipe). 16-bit images are first brought to 8 bits (x / 257, rounded), so one model serves
-both. Height and width are padded up to a multiple of 16 (mirrored, edge pixel repeated: numpy's
+recipe). 16-bit images are first brought to 8 bits (x / 257, rounded; data of fewer bits in
+16-bit words, e.g. a 12-bit camera's, by their own range: x / 4095 x 255), so one model serves all. Height and width are padded up to a multiple of 16 (mirrored, edge pixel repeated: numpy's
 "symmetric", TensorFlow's SYMMETRIC), and outputs are cropped back.
 """
 
@@ -17,24 +17,26 @@ INPUT_SPEC = {
     "channels": 1,
     "dtype": "uint8",
     "accepts": ["uint8", "uint16"],
-    "scaling": "x / 127.5 - 1 (uint16: x / 257 first)",
+    "scaling": "x / 127.5 - 1 (uint16: x / 257 first, or x / (2^bits - 1) x 255 for a recorded bit depth)",
     "multiple_of": SIZE_MULTIPLE,
     "layout": "NHWC",
 }
 
 
-def as_uint8(image: np.ndarray) -> np.ndarray:
-    """8-bit pixels from uint8 or uint16 input."""
+def as_uint8(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
+    """8-bit pixels from uint8 or uint16 input; `bit_depth` (9..16) for data of fewer bits in 16-bit words (12-bit cameras)."""
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.uint16:
-        return np.round(image / 257.0).astype(np.uint8)
+        top = 2**bit_depth - 1 if bit_depth else 65535
+        # Bits above the depth are noise in a 12-bit word: clipped, so they cannot wrap around.
+        return np.round(np.minimum(image, top) * (255.0 / top)).astype(np.uint8)
     raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
 
 
-def to_model_input(images: np.ndarray) -> np.ndarray:
+def to_model_input(images: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     """(N, H, W) or (N, H, W, 1) uint8/uint16 -> (N, H, W, 1) float32 in -1..1."""
-    images = as_uint8(np.asarray(images))
+    images = as_uint8(np.asarray(images), bit_depth)
     if images.ndim == 3:
         images = images[..., None]
     return images.astype(np.float32) / SCALE + OFFSET

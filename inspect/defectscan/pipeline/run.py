@@ -229,7 +229,7 @@ def _tasks(context: RunContext, plans) -> Iterator[tuple[object, _Task]]:
     client, model, settings, ref, run_id = context.client, context.model, context.settings, context.ref, context.run_id
     resources = {"GPU": 1} if context.gpu else None
     for image_set, todo in plans:
-        source = ArrayRef(image_set.uri, image_set.array_path)
+        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=(image_set.attrs or {}).get("bit_depth"))
         attributes = {
             "model": {"name": model.name, "version": model.version, "sha256": model.sha256, "classes": list(model.classes)},
             "source": {"uri": image_set.uri, "array": image_set.array_path},

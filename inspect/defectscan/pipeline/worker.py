@@ -39,6 +39,8 @@ class ModelRef:
 class ArrayRef:
     uri: str
     path: str
+    # Significant bits of a uint16 image array (12 for a 12-bit camera); None: the dtype's own.
+    bit_depth: int | None = None
 
 
 @dataclass
@@ -83,13 +85,13 @@ def _load(ref: ModelRef):
     return predict
 
 
-def score_images(ref: ModelRef, images: np.ndarray) -> np.ndarray:
+def score_images(ref: ModelRef, images: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     """(N, H, W) pixels -> (N, C, H, W) uint8 scores, in calls of one fixed (batch_size, H16, W16, 1) shape.
 
     Scaling and padding are the model's own (defectscan.model.preprocess), so the pipeline and
     `defectscan evaluate` see the same numbers.
     """
-    x, (height, width) = pad_to_multiple(to_model_input(images))
+    x, (height, width) = pad_to_multiple(to_model_input(images, bit_depth))
     return _score(ref, x)[:, :, :height, :width]
 
 
@@ -111,7 +113,7 @@ def probabilities(ref: ModelRef, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def window_input(image, tile: Tile, shape: tuple[int, int]) -> np.ndarray:
+def window_input(image, tile: Tile, shape: tuple[int, int], bit_depth: int | None = None) -> np.ndarray:
     """The model input (H, W, 1) for one tile's window of a (H, W) image array.
 
     A window may reach into the padding below/right of the image: it is padded as the whole
@@ -120,7 +122,7 @@ def window_input(image, tile: Tile, shape: tuple[int, int]) -> np.ndarray:
     height, width = image.shape
     wy, wx = tile.window
     part = np.asarray(image[wy : min(wy + shape[0], height), wx : min(wx + shape[1], width)])
-    return pad_to_multiple(to_model_input(part[None]))[0][0]
+    return pad_to_multiple(to_model_input(part[None], bit_depth))[0][0]
 
 
 def _open(ref: ArrayRef, mode: str):
@@ -179,7 +181,7 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
     timings["read_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    scores = score_images(model, images)
+    scores = score_images(model, images, source.bit_depth)
     for position in errors:
         scores[position - shard.start] = 0
     timings["predict_s"] = time.perf_counter() - began
@@ -210,7 +212,7 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
     """Score each tile's window and write its core into the strip's (C, H, W) map; timings, and a failure if the write failed."""
     began = time.perf_counter()
     image = _open(source, "r")
-    windows = np.stack([window_input(image, tile, shard.window_shape) for tile in shard.tiles])
+    windows = np.stack([window_input(image, tile, shard.window_shape, source.bit_depth) for tile in shard.tiles])
     read_s = time.perf_counter() - began
 
     began = time.perf_counter()
