@@ -13,6 +13,7 @@ import glob
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,13 @@ def _postgres_binaries() -> bool:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url() -> str:
+def postgres_server_url() -> Iterator[str]:
     """The server of DEFECTSCAN_TEST_POSTGRES_URL; else a throwaway cluster started here (.ci/postgres) when
     PostgreSQL's server binaries are installed, stopped at the end; else the PostgreSQL tests are skipped."""
     url = os.environ.get(POSTGRES_ENV)
     if url:
-        return url
+        yield url
+        return
     if os.environ.get("CI") == "true":
         pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL")
     if not _postgres_binaries():
