@@ -4,6 +4,7 @@ s3:// URL and inspected on worker processes that read it, and write its score ma
 from __future__ import annotations
 
 import socket
+import uuid
 
 import numpy as np
 import pytest
@@ -43,8 +44,9 @@ def test_a_store_in_a_bucket_is_registered_and_inspected(s3_environment, monkeyp
     for name, value in s3_environment.items():
         monkeypatch.setenv(name, value)
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("plant-a")
-    uri = "s3://plant-a/line3/2026-03-01.zarr"
+    bucket = f"plant-{uuid.uuid4().hex[:8]}"  # the server is shared by the test's SQLite and PostgreSQL runs
+    s3fs.S3FileSystem().mkdir(bucket)
+    uri = f"s3://{bucket}/line3/2026-03-01.zarr"
     group = zarr.open_group(uri, mode="w")
     group.create_array("cam0/images", shape=(8, 48, 48), chunks=(2, 48, 48), dtype="uint8")[...] = square_images(8, size=48, defects=DEFECTS)
 
@@ -64,6 +66,6 @@ def test_a_store_in_a_bucket_is_registered_and_inspected(s3_environment, monkeyp
     with factory() as session:
         failed = session.scalars(select(Image.position).join(Inspection, Inspection.image_id == Image.id).where(Inspection.verdict == "fail")).all()
     assert sorted(failed) == sorted(DEFECTS)
-    scores = zarr.open_array("s3://plant-a/line3/2026-03-01.masks.zarr", path="threshold/1", mode="r")[...]
+    scores = zarr.open_array(f"s3://{bucket}/line3/2026-03-01.masks.zarr", path="threshold/1", mode="r")[...]
     assert scores.shape == (8, 1, 48, 48) and scores[2].max() > 128 and scores[0].max() < 128
     assert np.count_nonzero(scores[5]) >= 8 * 8

@@ -53,3 +53,37 @@ def test_train_evaluate_and_inspect_print_no_tensorflow_lines(tmp_path, sqlite_u
     # Asked for, everything is there.
     status, output = _defectscan("--log-level", "DEBUG", "evaluate", str(run / "model.keras"), "--data", str(data))
     assert status == 0 and _noise(output), output
+
+
+def test_a_killed_client_leaves_no_leaked_semaphore_warning_on_the_terminal(tmp_path, sqlite_url):
+    """Its local cluster's resource tracker cleans up after it, silently."""
+    import time
+
+    from sqlalchemy import func, select
+
+    from defectscan.db.schema import Inspection
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    image_set = register(factory, write_stack(tmp_path / "L1.zarr", square_images(64, size=32)))
+    status, output = _defectscan("--database-url", sqlite_url, "models", "register", str(save_threshold_model(tmp_path / "t.keras")),
+                                 "--name", "threshold", "--version", "1")
+    assert status == 0, output
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEFECTSCAN_") or k.startswith("DEFECTSCAN_TEST_")}
+    env.update({"DEFECTSCAN_INSPECTION__BATCH_SIZE": "1", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "1",
+                "DEFECTSCAN_CLUSTER__SHARDS_IN_FLIGHT_PER_WORKER": "1"})
+    client = subprocess.Popen([sys.executable, "-m", "defectscan", "--database-url", sqlite_url, "inspect", "--model", "threshold",
+                               "--imageset", str(image_set.id), "--workers", "1", "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while client.poll() is None and time.monotonic() < deadline:
+        with factory() as session:
+            if session.scalar(select(func.count()).select_from(Inspection)):
+                break
+        time.sleep(0.05)
+    assert client.poll() is None, client.communicate()[0]
+    client.kill()
+    output, _ = client.communicate(timeout=120)  # until the tracker and the orphaned worker let go of the pipe
+    engine.dispose()
+    assert "leaked semaphore" not in output and _noise(output) == [], output

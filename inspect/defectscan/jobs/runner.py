@@ -159,6 +159,8 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     with connect(settings.cluster) as (client, info):
         interrupts.check()
         echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
+        for warning in info.warnings:
+            echo(f"warning: {warning}")
         in_flight = spec.max_in_flight or info.n_workers * settings.cluster.shards_in_flight_per_worker
 
         def started(run_id: int) -> None:

@@ -42,6 +42,8 @@ def run_inspect(
         with connect(settings.cluster, n_workers=n_workers) as (client, info):
             interrupts.check()
             echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
+            for warning in info.warnings:
+                echo(f"warning: {warning}")
             in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
             with _progress(progress) as on_progress:
                 return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,

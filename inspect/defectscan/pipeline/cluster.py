@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from defectscan.config import ClusterSettings, TLSSettings
 from defectscan.errors import DefectscanError
 from defectscan.logs import quiet_libraries
+from defectscan.native_logs import quiet_stderr
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,30 @@ class ClusterInfo:
     # Inference tasks ask for resources={"GPU": 1} when the workers advertise GPUs.
     gpu: bool
     dashboard: str | None
+    # What the user should know about the workers, one line each (a GPU asked for but not usable).
+    warnings: tuple[str, ...] = ()
+
+
+def tensorflow_gpus() -> int:
+    """GPUs TensorFlow can use in this (worker) process; its own start-up lines stay quiet."""
+    from defectscan.native_logs import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def gpu_warnings(client, workers: dict) -> tuple[str, ...]:
+    """One line per worker that advertises a GPU its TensorFlow cannot use (no driver, no CUDA build): it runs on the CPU."""
+    gpu_workers = [address for address, w in workers.items() if w.get("resources", {}).get("GPU")]
+    if not gpu_workers:
+        return ()
+    found = client.run(tensorflow_gpus, workers=gpu_workers)
+    return tuple(
+        f"worker {address} was given a GPU, but TensorFlow there finds none (no NVIDIA driver, or a CPU-only build): it inspects on the CPU"
+        for address, n in sorted(found.items()) if n == 0
+    )
 
 
 # Dask worker memory settings for inference workers (local clusters get them here; `dask worker`
@@ -82,7 +107,23 @@ def _local_cluster(settings: ClusterSettings, n_workers: int | None):
         return _start_local_cluster(settings, n_workers)
 
 
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with its stderr off the terminal (not under DEBUG).
+
+    The local cluster's processes register semaphores with it; when the client is killed (SIGKILL,
+    an evicted pod) the tracker cleans them up itself and then warns "There appear to be 12 leaked
+    semaphore objects" on the terminal, about nothing the user can act on.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        return
+    from multiprocessing import resource_tracker
+
+    with quiet_stderr():
+        resource_tracker.ensure_running()
+
+
 def _start_local_cluster(settings: ClusterSettings, n_workers: int | None):
+    _quiet_resource_tracker()
     gpus = count_gpus()
     sec = security(settings.tls)
     protocol = {"protocol": "tls", "security": sec} if sec is not None else {}
@@ -141,7 +182,7 @@ def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout:
                 client.wait_for_workers(1, timeout=timeout)
                 workers = client.scheduler_info()["workers"]
             gpu = any(w.get("resources", {}).get("GPU") for w in workers.values())
-            info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link)
+            info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link, warnings=gpu_warnings(client, workers))
             log.info("Dask cluster: %d workers%s, dashboard %s", info.n_workers, " with GPUs" if gpu else "", info.dashboard)
             yield client, info
     finally:
