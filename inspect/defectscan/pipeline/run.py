@@ -27,7 +27,7 @@ from defectscan.pipeline.job_runs import abandon_stale_runs, beat, close_run, op
 from defectscan.pipeline.outputs import prepare_output
 from defectscan.pipeline.plan import plan_stack, plan_strip
 from defectscan.model.verdict import RULE_FIELDS, VerdictRules
-from defectscan.pipeline.record import Counts, Retry, record_shard
+from defectscan.pipeline.record import Counts, Retry, record_shard, with_retries
 from defectscan.pipeline.worker import ArrayRef, ModelRef, ShardResult, inspect_stack_shard, inspect_tiles, judge_strip, verify_model_file
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,11 @@ def inspect_image_sets(
     for image_set in image_sets:
         check_store_unchanged(image_set)
     rules = verdict_rules(model, settings)
-    with factory.begin() as session:
-        abandon_stale_runs(session, settings.stale_run_after_s)
+    def close_abandoned() -> None:
+        with factory.begin() as session:
+            abandon_stale_runs(session, settings.stale_run_after_s)
+
+    with_retries(close_abandoned, retry, "closing runs whose clients died")
     interrupts.check()
     run_id = open_run(factory, retry, job=job, spec=spec, model_id=model.id)
     summary = RunSummary(job_run_id=run_id, status="running")
