@@ -39,8 +39,8 @@ PROVENANCE_ATTRS = ("lot", "line", "product", "camera", "acquired_at")
 CLASSES_ATTR = "classes"
 
 PIXEL_DTYPES = ("uint8", "uint16")
-# The smallest image side the UNet accepts: three 2x2 poolings plus a 3x3 convolution at the
-# bottleneck need 16 pixels; anything smaller cannot be inspected and is refused at ingest.
+# The smallest image side the UNet accepts: its four 2x2 poolings (input block and three down
+# blocks) need 16 pixels; anything smaller cannot be inspected and is refused at ingest.
 MIN_IMAGE_SIZE = 16
 # Large strips are cut into square tiles of this side (the pipeline tiles along them).
 STRIP_TILE = 1024

@@ -278,7 +278,7 @@ class Defect(Base):
     eccentricity: Mapped[float] = mapped_column(Float)
     mean_score: Mapped[float] = mapped_column(Float)
     max_score: Mapped[float] = mapped_column(Float)
-    # Mask inside the bounding box, run-length encoded (format in model/verdict.py).
+    # Mask inside the bounding box, run-length encoded (format in model/rle.py).
     rle: Mapped[str] = mapped_column(Text)
 
     inspection: Mapped[Inspection] = relationship(back_populates="defects")

@@ -1,6 +1,7 @@
 """TinyUNet: the Keras 3 re-creation of NVIDIA's UNet_Industrial segmentation network.
 
-Structure (filters = (32, 32, 64, 128, 256) by default, see DESIGN.md "Reference model"):
+Structure (filters = (32, 32, 64, 128, 256) by default, as in NVIDIA's DeepLearningExamples,
+TensorFlow/Segmentation/UNet_Industrial):
 
     input block   conv3x3(f0) x2            -> skip0, maxpool
     down block i  conv3x3(fi) x2            -> skip i, maxpool        (f1, f2, f3)
