@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscan.data.synth import _SHAPES, DEFECT_KINDS, SynthSummary, blend_defect, ellipse_label, write_dagm_split
+from defectscan.data.synth import _SHAPES, DEFECT_KINDS, SynthSummary, blend_defect, check_split_spec, ellipse_label, write_dagm_split
 from defectscan.errors import DataError
 
 # The only scikit-image photo files the surfaces read; some of the others are kept unseen for an
@@ -122,12 +122,7 @@ class SurfaceSpec:
         for kind in self.defects:
             if kind not in _SHAPES:
                 raise DataError(f"surface dataset: defects: unknown defect kind {kind!r}; known: {', '.join(_SHAPES)}")
-        if self.size < 32 or self.size % 16:
-            raise DataError(f"surface dataset: size must be a multiple of 16 and at least 32, got {self.size}")
-        if not 0.0 <= self.defect_fraction <= 1.0:
-            raise DataError(f"surface dataset: defect_fraction must be within 0..1, got {self.defect_fraction}")
-        if self.train < 0 or self.test < 0:
-            raise DataError(f"surface dataset: train and test counts must not be negative, got {self.train}, {self.test}")
+        check_split_spec("surface dataset", self.size, self.defect_fraction, self.train, self.test)
         if self.seed < 0:
             raise DataError(f"surface dataset: seed must not be negative, got {self.seed}")
 

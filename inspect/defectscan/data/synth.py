@@ -38,12 +38,17 @@ class SynthSpec:
     def __post_init__(self):
         if self.classes < 1:
             raise DataError(f"synthetic dataset: classes must be at least 1, got {self.classes}")
-        if self.size < 32 or self.size % 16:
-            raise DataError(f"synthetic dataset: size must be a multiple of 16 and at least 32, got {self.size}")
-        if not 0.0 <= self.defect_fraction <= 1.0:
-            raise DataError(f"synthetic dataset: defect_fraction must be within 0..1, got {self.defect_fraction}")
-        if self.train < 0 or self.test < 0:
-            raise DataError(f"synthetic dataset: train and test counts must not be negative, got {self.train}, {self.test}")
+        check_split_spec("synthetic dataset", self.size, self.defect_fraction, self.train, self.test)
+
+
+def check_split_spec(what: str, size: int, defect_fraction: float, train: int, test: int) -> None:
+    """The checks every generated DAGM-layout dataset shares: image size, defective share, split sizes."""
+    if size < 32 or size % 16:
+        raise DataError(f"{what}: size must be a multiple of 16 and at least 32, got {size}")
+    if not 0.0 <= defect_fraction <= 1.0:
+        raise DataError(f"{what}: defect_fraction must be within 0..1, got {defect_fraction}")
+    if train < 0 or test < 0:
+        raise DataError(f"{what}: train and test counts must not be negative, got {train}, {test}")
 
 
 @dataclass(frozen=True)
