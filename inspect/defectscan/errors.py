@@ -1,5 +1,13 @@
 """Exceptions for failures a user can fix: the CLI prints them as one line, no traceback."""
 
+from defectscan.secrets import mask_secrets
+
+
+def first_line(exc: BaseException | object) -> str:
+    """The first line of an exception's (or a driver error's) text, passwords masked; "" when it has none."""
+    lines = str(exc).strip().splitlines()
+    return mask_secrets(lines[0]) if lines else ""
+
 
 class DefectscanError(Exception):
     """Base class: a problem with input, settings or stored state that the user can act on."""

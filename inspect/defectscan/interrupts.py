@@ -68,11 +68,6 @@ class _StopRequest:
 _stop = _StopRequest()
 
 
-def stop_requested() -> int | None:
-    """The signal number that asked the run to stop, or None."""
-    return _stop.signum
-
-
 def check() -> None:
     """Raise `Interrupted` when a stop was requested: call where leaving is safe."""
     if _stop.signum is not None:

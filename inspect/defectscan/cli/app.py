@@ -17,12 +17,11 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.config import Settings, load_settings
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, first_line
 from defectscan.exitcodes import EXIT_SIGINT
 from defectscan.interrupts import Interrupted
 from defectscan.logs import configure_logging
 from defectscan.native_logs import quiet_tensorflow_startup
-from defectscan.secrets import mask_secrets
 
 
 class AppContext:
@@ -105,8 +104,7 @@ class DefectscanGroup(click.Group):
             # A bug or a failure nobody foresaw: one line for the user, the traceback on request.
             if logging.getLogger("defectscan").isEnabledFor(logging.DEBUG):
                 raise
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise click.ClickException(f"{type(exc).__name__}: {mask_secrets(reason)} (rerun with --log-level DEBUG for the traceback)") from None
+            raise click.ClickException(f"{type(exc).__name__}: {first_line(exc)} (rerun with --log-level DEBUG for the traceback)") from None
 
 
 @click.group(cls=DefectscanGroup, context_settings={"help_option_names": ["-h", "--help"]})

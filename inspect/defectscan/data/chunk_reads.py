@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from defectscan.errors import first_line
+
 
 @dataclass
 class UnreadableChunks:
@@ -41,8 +43,7 @@ def unreadable_chunks(array, on_chunk: Callable[[int, int], None] | None = None)
         try:
             array[region]
         except Exception as exc:  # codecs raise many types for damaged bytes
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            found.chunks.append((coords, f"{type(exc).__name__}: {reason}"[:200]))
+            found.chunks.append((coords, f"{type(exc).__name__}: {first_line(exc)}"[:200]))
             if len(shape) == 3:
                 found.images.extend(range(region[0].start, region[0].stop))
         if on_chunk:

@@ -12,8 +12,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from defectscan.errors import DatabaseError
-from defectscan.secrets import mask_secrets
+from defectscan.errors import DatabaseError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def is_read_only_error(exc: BaseException) -> bool:
 
 def database_error(exc: DBAPIError, what: str) -> DatabaseError:
     """One line for a driver error (password masked): read-only says so, anything else gives the driver's first line."""
-    reason = mask_secrets((str(exc.orig) if exc.orig is not None else str(exc)).strip().splitlines()[0])
+    reason = first_line(exc.orig if exc.orig is not None else exc)
     if is_read_only_error(exc):
         return DatabaseError(f"{what}: the database is read-only ({reason}); commands that only read results still work")
     return DatabaseError(f"{what}: {reason}")
@@ -91,8 +90,8 @@ def check_connection(engine: Engine) -> None:
         with engine.connect():
             pass
     except DBAPIError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-        raise DatabaseError(f"cannot connect to database {display_url(engine.url)}: {mask_secrets(reason)}") from None
+        reason = first_line(exc.orig if exc.orig is not None else exc)
+        raise DatabaseError(f"cannot connect to database {display_url(engine.url)}: {reason}") from None
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -19,13 +19,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.db.schema import JobRun, UTCDateTime, utcnow
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, first_line
 from defectscan.pipeline.record import Retry, with_retries
 from defectscan.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
 ERROR_CHARS = 4000
+
+
+def _error_text(errors: list[str]) -> str | None:
+    """What `job_runs.error` keeps of a run's errors: joined, passwords masked, bounded."""
+    return mask_secrets("; ".join(errors))[:ERROR_CHARS] or None
 
 
 def open_run(factory: sessionmaker[Session], retry: Retry, *, job: str, spec: dict[str, Any] | None, model_id: int | None) -> int:
@@ -47,12 +52,12 @@ def beat(factory: sessionmaker[Session], run_id: int) -> None:
         with factory.begin() as session:
             touch_run(session, run_id, utcnow())
     except SQLAlchemyError as exc:
-        log.warning("job run %d: heartbeat not written: %s", run_id, mask_secrets(str(exc).splitlines()[0]))
+        log.warning("job run %d: heartbeat not written: %s", run_id, first_line(exc))
 
 
 def close_run(factory: sessionmaker[Session], retry: Retry, run_id: int, *, status: str, errors: list[str], **values: Any) -> bool:
     """Write the run's final status, error text and any other columns; False (logged) when the database refused."""
-    error = mask_secrets("; ".join(errors))[:ERROR_CHARS] or None
+    error = _error_text(errors)
 
     def write() -> None:
         with factory.begin() as session:
@@ -72,13 +77,13 @@ def record_closed_run(factory: sessionmaker[Session], *, job: str, spec: dict[st
     try:
         with factory.begin() as session:
             run = JobRun(job=job, spec=spec, status=status, started_at=started_at, finished_at=utcnow(), heartbeat_at=utcnow(),
-                         host=socket.gethostname(), pid=os.getpid(), error=mask_secrets("; ".join(errors))[:ERROR_CHARS] or None,
+                         host=socket.gethostname(), pid=os.getpid(), error=_error_text(errors),
                          timings={"seconds": round(seconds, 3)})
             session.add(run)
             session.flush()
             return run.id
     except SQLAlchemyError as exc:  # the database is gone: the exit status still tells the scheduler
-        log.error("job '%s': could not record the run: %s", job, mask_secrets(str(exc).splitlines()[0]))
+        log.error("job '%s': could not record the run: %s", job, first_line(exc))
         return None
 
 

@@ -16,9 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.db.schema import NO_DAY, Defect, Image, Inspection, InspectionDaily, JobRun, utcnow
 from defectscan.db.session import database_error, is_read_only_error
-from defectscan.errors import DatabaseError
+from defectscan.errors import DatabaseError, first_line
 from defectscan.model.verdict import ImageResult
-from defectscan.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,7 +62,7 @@ def with_retries(action: Callable[[], T], retry: Retry, what: str) -> T:
                 raise database_error(exc, what) from None
             if isinstance(exc, InternalError):
                 raise
-            reason = mask_secrets(str(exc.orig or exc).strip().splitlines()[0])
+            reason = first_line(exc.orig or exc)
             if attempt == retry.attempts:
                 raise DatabaseError(f"{what}: database unavailable after {retry.attempts} attempts: {reason}") from None
             delay = retry.backoff_s * 2 ** (attempt - 1)
@@ -126,11 +125,6 @@ def _greatest(dialect: str, a, b):
     return func.greatest(a, b) if dialect == "postgresql" else func.max(func.coalesce(a, b), func.coalesce(b, a))
 
 
-# What a run does with images this model version already has rows for: keep them, redo the
-# `error` ones (data errors that may have been fixed, e.g. a restored chunk), or redo all of them.
-REDO = ("none", "errors", "all")
-
-
 def record_results(
     session: Session,
     *,
@@ -144,9 +138,10 @@ def record_results(
 ) -> Counts:
     """Insert inspections and defects of one shard (call inside a transaction).
 
-    Images already inspected by this model are left alone, except the rows `redo` names, which
-    are deleted (defects go with them) and written again: either way the table holds one row
-    per (image, model). The per-day rollup `inspection_daily` changes by the same rows, in the
+    Images already inspected by this model are left alone, except the rows `redo` names ("none";
+    "errors": the `error` ones, data errors that may have been fixed, e.g. a restored chunk;
+    "all": every one, for --force), which are deleted (defects go with them) and written again:
+    either way the table holds one row per (image, model). The per-day rollup `inspection_daily` changes by the same rows, in the
     same transaction, so it always equals a recount of `inspections`.
     """
     counts = Counts()

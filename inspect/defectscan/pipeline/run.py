@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from defectscan import interrupts
 from defectscan.config import InspectionSettings
 from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model
-from defectscan.errors import DataError, DefectscanError
+from defectscan.errors import DataError, DefectscanError, first_line
 from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
 from defectscan.interrupts import Interrupted
 from defectscan.pipeline.job_runs import abandon_stale_runs, beat, close_run, open_run
@@ -97,7 +97,7 @@ def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
 
 
 def pending_positions(session: Session, image_set: ImageSet, model: Model, redo: str = "none") -> tuple[np.ndarray, int]:
-    """Positions that need results under `redo` (see record.REDO), and how many are skipped as done."""
+    """Positions that need results under `redo` (see record_results), and how many are skipped as done."""
     positions = select(Image.position).where(Image.image_set_id == image_set.id)
     if redo != "all":
         done = select(Inspection.image_id).where(Inspection.model_id == model.id)
@@ -362,7 +362,7 @@ def _left_pending(task: _Task, reason: str, summary: RunSummary, lost: _LostShar
 def _reason(exc: BaseException) -> str:
     if type(exc).__name__ == "KilledWorker":
         return "worker lost: the workers running it died more often than distributed.scheduler.allowed-failures allows"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc)
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, DefectscanError) else text
 
 
