@@ -12,7 +12,6 @@ is hidden.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import os
 import sys
