@@ -135,3 +135,61 @@ def test_images_another_run_recorded_meanwhile_are_counted_as_such(factory, clus
     assert f"0 inspected (0 failed), 0 errors, 16 recorded meanwhile by run {first.job_run_id}, 0 already done" in describe_summary(late)
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(Inspection)) == 16
+
+
+def test_a_shard_recorded_by_another_run_between_our_look_up_and_insert_is_counted_meanwhile(factory, tmp_path, monkeypatch):
+    """The race made certain: run B looks up what is done, run A commits the same images, B inserts.
+    B writes its shard again instead of failing on the unique (image, model) row."""
+    from defectscan.model.verdict import ImageResult
+    from defectscan.pipeline import record
+    from defectscan.pipeline.job_runs import open_run
+
+    from pipeline_helpers import add_model
+
+    image_set = register(factory, write_stack(tmp_path / "L6.zarr", square_images(4, size=32)))
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"not read by this test")
+    model = add_model(factory, weights)
+    first, second = (open_run(factory, record.Retry(), job="race", spec=None, model_id=model.id) for _ in range(2))
+    results = [ImageResult(position=p, verdict="pass", max_score=0.1) for p in range(4)]
+    shard = dict(model_id=model.id, image_set_id=image_set.id, results=results, mask_uri="m.zarr", mask_array="scores")
+    real, calls = record.utcnow, []
+
+    def meanwhile():
+        calls.append(1)
+        if len(calls) == 1:  # run B has looked up what is done; run A records the same shard now, in full
+            assert record.record_shard(factory, record.Retry(), job_run_id=first, **shard).inspected == 4
+        return real()
+
+    monkeypatch.setattr(record, "utcnow", meanwhile)
+    counts = record.record_shard(factory, record.Retry(), job_run_id=second, **shard)
+    assert (counts.inspected, counts.meanwhile, counts.meanwhile_runs) == (0, 4, [first])
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 4
+        assert {run.id: run.n_inspected for run in session.scalars(select(JobRun))} == {first: 4, second: 0}
+
+
+def test_two_runs_creating_one_score_array_at_once_both_use_it(tmp_path, monkeypatch):
+    """The race made certain: the other run creates the array after our look-up, so our creation finds it there."""
+    import zarr
+    from zarr.errors import ContainsArrayError
+
+    from defectscan.pipeline.outputs import prepare_output
+
+    args = dict(image_set_uri=str(tmp_path / "L7.zarr"), kind="stack", shape=(4, 32, 32), n_classes=1, model_name="m", model_version="1")
+    options = dict(images_per_file=2, images_per_shard=2, tile_size=32, output_dir=None, attributes={"by": "test"})
+    real, calls = zarr.Group.require_array, []
+
+    def created_meanwhile(self, name, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            monkeypatch.setattr(zarr.Group, "require_array", real)
+            prepare_output(**args, **options)  # the other run, in full
+            monkeypatch.setattr(zarr.Group, "require_array", created_meanwhile)
+            raise ContainsArrayError(f"An array exists in store at path {name!r}.")
+        return real(self, name, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "require_array", created_meanwhile)
+    ref = prepare_output(**args, **options)
+    assert len(calls) == 2
+    assert zarr.open_array(ref.uri, path=ref.path, mode="r").shape == (4, 1, 32, 32)

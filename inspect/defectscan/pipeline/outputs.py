@@ -7,12 +7,16 @@ pipeline's shards write them (whole images; strip tiles), so every writer owns w
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from defectscan.errors import DataError, StorageError
 from defectscan.pipeline.worker import ArrayRef, free_space
 
 SUFFIX = ".masks.zarr"
+# Two runs starting on one image set at once both create its score array; the loser reopens it.
+_CREATE_ATTEMPTS = 3
 
 
 def masks_uri(image_set_uri: str, output_dir: Path | None) -> str:
@@ -41,6 +45,7 @@ def prepare_output(
     """Create (or reopen, after checking its shape) the score array for one image set and model version."""
     import zarr
     from zarr.codecs import ZstdCodec
+    from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
 
     uri = masks_uri(image_set_uri, output_dir)
     path = f"{model_name}/{model_version}"
@@ -55,11 +60,20 @@ def prepare_output(
         chunks = (n_classes, tile_size, tile_size)
         shards = None
     try:
-        group = zarr.open_group(uri, mode="a")
-        array = group.require_array(
-            path, shape=full, chunks=chunks, shards=shards, dtype="uint8", fill_value=0,
-            compressors=ZstdCodec(level=3), attributes=attributes,
-        )
+        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+            try:
+                group = zarr.open_group(uri, mode="a")
+                array = group.require_array(
+                    path, shape=full, chunks=chunks, shards=shards, dtype="uint8", fill_value=0,
+                    compressors=ZstdCodec(level=3), attributes=attributes,
+                )
+                break
+            except (ContainsArrayError, ContainsGroupError, ContainsArrayAndGroupError, json.JSONDecodeError):
+                # Another run created the store or array between our look-up and our creation (or is
+                # writing its metadata now): open what it made.
+                if attempt == _CREATE_ATTEMPTS:
+                    raise
+                time.sleep(0.1 * attempt)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{uri}: existing score array '{path}' does not fit this image set ({full}, chunks {chunks}): {exc}") from None
     except OSError as exc:

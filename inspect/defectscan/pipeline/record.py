@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, InternalError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.db.schema import NO_DAY, Defect, Image, Inspection, InspectionDaily, JobRun, utcnow
@@ -236,9 +236,28 @@ def record_results(
     return counts
 
 
+# A shard of images is recorded by at most this many concurrent runs, each conflict costing one more try.
+_CONFLICT_ATTEMPTS = 5
+
+
 def record_shard(factory: sessionmaker[Session], retry: Retry, **kwargs) -> Counts:
     def write() -> Counts:
-        with factory.begin() as session:
-            return record_results(session, **kwargs)
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                with factory.begin() as session:
+                    return record_results(session, **kwargs)
+            except IntegrityError as exc:
+                # A concurrent run committed some of these images between our look-up and our insert
+                # (PostgreSQL makes the insert wait for it; SQLite reads outside the write lock).
+                # Writing again finds its rows and counts them as recorded meanwhile.
+                if not _is_inspection_conflict(exc) or attempt == _CONFLICT_ATTEMPTS:
+                    raise
+                log.info("image set %s: images recorded by a concurrent run meanwhile, writing the shard again", kwargs["image_set_id"])
+        raise AssertionError("unreachable")
 
     return with_retries(write, retry, f"recording results of image set {kwargs['image_set_id']}")
+
+
+def _is_inspection_conflict(exc: IntegrityError) -> bool:
+    text = str(exc.orig)
+    return "uq_inspections_image_id_model_id" in text or "inspections.image_id, inspections.model_id" in text
