@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from defectscan.data.dataset import LabelledImages, evaluation_dataset, training_dataset
+from defectscan.data.dataset import LabelledImages
+from defectscan.model.feed import evaluation_dataset, training_dataset
 from defectscan.errors import DataError
 
 

@@ -59,11 +59,10 @@ def check_command(path: Path, data_format: str, masks: Path | None, split: str, 
         defectscan data check data/dagm --split Test
         defectscan data check images/ --format folders --masks masks/
     """
-    from defectscan.model.recipe import DataSpec, Recipe
-    from defectscan.model.train import open_dataset
+    from defectscan.model.recipe import DataSpec
 
     spec = DataSpec(format=data_format, path=str(path), masks=str(masks) if masks else None, split=split, strict=strict)
-    images = open_dataset(Recipe(data=spec))
+    images = spec.open()
     for problem in images.problems:
         click.echo(f"bad file: {problem}")
     click.echo(images.describe())

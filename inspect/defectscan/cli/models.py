@@ -113,15 +113,14 @@ def evaluate(
     from defectscan.errors import DataError
     from defectscan.model.evaluate import evaluate_model, format_table, write_metrics
     from defectscan.model.operating_point import check_target
-    from defectscan.model.recipe import DataSpec, Recipe
+    from defectscan.model.recipe import DataSpec
     from defectscan.model.registry import record_operating_point
-    from defectscan.model.train import open_dataset
 
     if choose_operating_point:
         check_target(target_false_call_rate)
     model, rules, sidecar = _load(app, model_ref)
     spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict)
-    images = open_dataset(Recipe(data=spec), split=split)
+    images = spec.open(split)
     for problem in images.problems:
         click.echo(f"skipped {problem}", err=True)
     target = target_false_call_rate if choose_operating_point else None

@@ -20,9 +20,9 @@ import numpy as np
 
 from defectscan.data.dataset import LabelledImages, keep_common_shape
 from defectscan.data.imagefiles import read_image, read_labelled
+from defectscan.data.pixels import as_uint8
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
-from defectscan.model.preprocess import as_uint8
 
 SPLITS = ("Train", "Test")
 MERGED_CLASS = "defect"

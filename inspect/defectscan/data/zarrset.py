@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from defectscan.data.dataset import LabelledImages
+from defectscan.data.pixels import as_uint8
 from defectscan.errors import DataError
-from defectscan.model.preprocess import as_uint8
 
 
 def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:

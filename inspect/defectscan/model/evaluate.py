@@ -40,7 +40,7 @@ def evaluate_model(
     """
     import tensorflow as tf
 
-    from defectscan.data.dataset import evaluation_dataset
+    from defectscan.model.feed import evaluation_dataset
 
     if len(images) == 0:
         raise DataError(f"{images.name}: no usable images to evaluate ({images.problems.summary()})")

@@ -1,14 +1,16 @@
 """What the model expects as input: the one definition of pixel scaling and size padding.
 
-The network sees one channel scaled as x / 127.5 - 1 from 8-bit pixels (the reference
-recipe). 16-bit images are first brought to 8 bits (x / 257, rounded; data of fewer bits in
-16-bit words, e.g. a 12-bit camera's, by their own range: x / 4095 x 255), so one model serves all. Height and width are padded up to a multiple of 16 (mirrored, edge pixel repeated: numpy's
-"symmetric", TensorFlow's SYMMETRIC), and outputs are cropped back.
+The network sees one channel scaled as x / 127.5 - 1 from 8-bit pixels (the reference recipe);
+16-bit images are first brought to 8 bits by data/pixels.py, so one model serves all. Height and
+width are padded up to a multiple of 16 (mirrored, edge pixel repeated: numpy's "symmetric",
+TensorFlow's SYMMETRIC), and outputs are cropped back.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from defectscan.data.pixels import as_uint8
 
 SCALE = 127.5
 OFFSET = -1.0
@@ -21,17 +23,6 @@ INPUT_SPEC = {
     "multiple_of": SIZE_MULTIPLE,
     "layout": "NHWC",
 }
-
-
-def as_uint8(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
-    """8-bit pixels from uint8 or uint16 input; `bit_depth` (9..16) for data of fewer bits in 16-bit words (12-bit cameras)."""
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == np.uint16:
-        top = 2**bit_depth - 1 if bit_depth else 65535
-        # Bits above the depth are noise in a 12-bit word: clipped, so they cannot wrap around.
-        return np.round(np.minimum(image, top) * (255.0 / top)).astype(np.uint8)
-    raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
 
 
 def to_model_input(images: np.ndarray, bit_depth: int | None = None) -> np.ndarray:

@@ -56,8 +56,19 @@ class DataSpec(_Section):
     cache: str = "memory"
     shuffle_buffer: int = Field(1024, ge=1)
     strict: bool = False
-    # Camera variation per training image (data/dataset.py: Photometric); all 0 = off.
+    # Camera variation per training image (model/feed.py: Photometric); all 0 = off.
     photometric: PhotometricSpec = PhotometricSpec()
+
+    def open(self, split: str | None = None):
+        """The labelled images this section names (its own split unless another is given, for evaluation)."""
+        from defectscan.data.dataset import open_dataset
+
+        if self.path is None:
+            raise ConfigError("data.path is not set: give --data PATH or set data.path in the recipe")
+        if self.format == "folders" and self.masks is None:
+            raise ConfigError("data.masks is not set: the folders format needs the masks folder")
+        return open_dataset(self.path, format=self.format, split=split or self.split, masks=self.masks, classes=self.classes,
+                            per_class=self.per_class, strict=self.strict, tile=self.tile)
 
 
 class OptimizerSpec(_Section):

@@ -43,26 +43,6 @@ class TrainResult:
     best_step: int | None = None
 
 
-def open_dataset(recipe: Recipe, split: str | None = None) -> LabelledImages:
-    """The recipe's training data (or another split of it, for evaluation)."""
-    data = recipe.data
-    if data.path is None:
-        raise ConfigError("data.path is not set: give --data PATH or set data.path in the recipe")
-    if data.format == "dagm":
-        from defectscan.data.dagm import read_dagm
-
-        return read_dagm(data.path, split=split or data.split, classes=data.classes, per_class=data.per_class, strict=data.strict)
-    if data.format == "folders":
-        from defectscan.data.folders import read_folders
-
-        if data.masks is None:
-            raise ConfigError("data.masks is not set: the folders format needs the masks folder")
-        return read_folders(data.path, data.masks, classes=data.classes or ["defect"], strict=data.strict)
-    from defectscan.data.zarrset import read_zarr
-
-    return read_zarr(data.path, tile=data.tile)
-
-
 def write_scalars(values: dict[str, float]) -> None:
     """TensorBoard scalars through core TensorFlow (tf.summary.scalar needs the tensorboard package).
 
@@ -183,7 +163,7 @@ class _Phases:
     """The training stream: crops until the last `whole_image_steps`, then whole images."""
 
     def __init__(self, recipe: Recipe, images: LabelledImages, strategy):
-        from defectscan.data.dataset import Photometric
+        from defectscan.model.feed import Photometric
 
         self.recipe, self.images, self.strategy = recipe, images, strategy
         spec = recipe.train
@@ -193,7 +173,7 @@ class _Phases:
 
     def batches(self, step: int):
         """The stream from `step` on (a pure function of the seed and the step, so a resumed run matches)."""
-        from defectscan.data.dataset import training_dataset
+        from defectscan.model.feed import training_dataset
 
         spec, data = self.recipe.train, self.recipe.data
         whole = step >= self.switch_at
@@ -306,7 +286,7 @@ def train(
     spec = recipe.train
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = dataset if dataset is not None else open_dataset(recipe)
+    images = dataset if dataset is not None else recipe.data.open()
     if images.problems:
         log.warning("%s", images.problems.summary())
         for problem in images.problems:

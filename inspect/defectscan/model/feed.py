@@ -1,0 +1,179 @@
+"""The one tf.data pipeline that feeds the model, from a `LabelledImages` (data/dataset.py).
+
+In this order: decode (through the reader, in parallel), cache (memory or a file, so large sets
+need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect),
+random horizontal flip + rot90, the model's input scaling (model/preprocess.py), camera-like
+photometric changes, one sigmoid target channel per class, batch, prefetch.
+
+The training stream is a pure function of the seed: element i of the stream always gets the
+same image and the same augmentation, so a resumed run sees exactly what an uninterrupted one
+would (`start_step` skips what was already trained on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from defectscan.data.dataset import LabelledImages
+from defectscan.errors import DataError
+from defectscan.model.preprocess import scale_tensor
+
+
+def _require_images(images: LabelledImages) -> None:
+    if len(images) == 0:
+        raise DataError(f"{images.name}: no usable images ({images.problems.summary()})")
+
+
+def _decode_fn(images: LabelledImages):
+    import tensorflow as tf
+
+    height, width = images.shape
+
+    def load(index):
+        image, classes = images.load(int(index))
+        return image, classes
+
+    def decode(index):
+        image, classes = tf.numpy_function(load, [index], (tf.uint8, tf.uint8), stateful=False)
+        image = tf.ensure_shape(image, (height, width))[..., None]
+        classes = tf.ensure_shape(classes, (height, width))[..., None]
+        return image, classes
+
+    return decode
+
+
+def _targets(classes, num_classes: int):
+    import tensorflow as tf
+
+    ids = tf.cast(tf.range(1, num_classes + 1), tf.uint8)
+    return tf.cast(tf.equal(classes, ids), tf.float32)
+
+
+def _crop(image, classes, crop_size: int, defect_fraction: float, seed):
+    """A crop_size square; with probability defect_fraction it contains a defect pixel (when there is one)."""
+    import tensorflow as tf
+
+    height, width = image.shape[0], image.shape[1]
+    u = tf.random.stateless_uniform([5], seed=seed)
+    foreground = tf.where(classes[..., 0] > 0)
+    count = tf.shape(foreground)[0]
+    use_defect = tf.logical_and(u[0] < defect_fraction, count > 0)
+    pick = tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), tf.maximum(count - 1, 0))
+    centre = tf.cond(use_defect, lambda: tf.cast(foreground[pick], tf.float32), lambda: tf.constant([-1.0, -1.0]))
+    # Defect-centred crops are jittered by up to a quarter crop so the defect is not always central.
+    jitter = (u[2:4] - 0.5) * (crop_size / 2)
+    corner_defect = centre - crop_size / 2 + jitter
+    corner_random = u[3:5] * tf.constant([height - crop_size, width - crop_size], tf.float32)
+    corner = tf.where(use_defect, corner_defect, corner_random)
+    top = tf.clip_by_value(tf.cast(corner[0], tf.int32), 0, height - crop_size)
+    left = tf.clip_by_value(tf.cast(corner[1], tf.int32), 0, width - crop_size)
+    return image[top : top + crop_size, left : left + crop_size], classes[top : top + crop_size, left : left + crop_size]
+
+
+def _flip_rotate(image, target, seed):
+    import tensorflow as tf
+
+    u = tf.random.stateless_uniform([2], seed=seed)
+    flip = u[0] < 0.5
+    image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    target = tf.cond(flip, lambda: tf.reverse(target, [1]), lambda: target)
+    k = tf.cast(u[1] * 4, tf.int32)
+    return tf.image.rot90(image, k), tf.image.rot90(target, k)
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """What a camera varies between images: each image gets its own draw of each (0 turns it off).
+
+    brightness: added offset, up to +-this (in the -1..1 model input scale);
+    contrast: scale about the image mean by 1 +- this; gamma: exponent exp(+-this) on 0..1 pixels;
+    noise: Gaussian pixel noise with a standard deviation drawn up to this (model input scale).
+    """
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any((self.brightness, self.contrast, self.gamma, self.noise))
+
+
+def _photometric(x, photometric: Photometric, seed):
+    """Camera variation on a (h, w, 1) float image in -1..1 (after scaling)."""
+    import tensorflow as tf
+
+    u = tf.random.stateless_uniform([4], seed=seed, minval=-1.0, maxval=1.0)
+    unit = tf.clip_by_value((x + 1.0) / 2.0, 0.0, 1.0)
+    unit = tf.pow(unit, tf.exp(photometric.gamma * u[0]))
+    x = unit * 2.0 - 1.0
+    mean = tf.reduce_mean(x)
+    x = (x - mean) * (1.0 + photometric.contrast * u[1]) + mean + photometric.brightness * u[2]
+    if photometric.noise:
+        sigma = photometric.noise * (u[3] + 1.0) / 2.0
+        x = x + sigma * tf.random.stateless_normal(tf.shape(x), seed=seed + [0, 7])
+    return tf.clip_by_value(x, -1.0, 1.0)
+
+
+def training_dataset(
+    images: LabelledImages,
+    *,
+    batch_size: int,
+    seed: int,
+    crop_size: int | None = None,
+    defect_crop_fraction: float = 0.5,
+    cache: str = "memory",
+    shuffle_buffer: int = 1024,
+    start_step: int = 0,
+    augment: bool = True,
+    photometric: Photometric = Photometric(),
+    parallel: int | None = None,
+):
+    """An endless, seeded stream of (x (B, h, w, 1) float32, y (B, h, w, classes) float32) batches.
+
+    cache: "memory", "none", or a file path prefix (TensorFlow's file cache) for sets larger than memory.
+    """
+    import tensorflow as tf
+
+    _require_images(images)
+    height, width = images.shape
+    if crop_size is not None and (crop_size > min(height, width) or crop_size % 16):
+        raise DataError(f"{images.name}: crop_size {crop_size} must be a multiple of 16 and at most the image size {height}x{width}")
+    num_classes = len(images.classes)
+    parallel = parallel or tf.data.AUTOTUNE
+
+    decoded = tf.data.Dataset.range(len(images)).map(_decode_fn(images), num_parallel_calls=parallel, deterministic=True)
+    if cache == "memory":
+        decoded = decoded.cache()
+    elif cache != "none":
+        decoded = decoded.cache(cache)
+    stream = decoded.repeat().shuffle(min(shuffle_buffer, len(images)), seed=seed, reshuffle_each_iteration=True)
+    stream = stream.enumerate().skip(start_step * batch_size)
+
+    def prepare(position, sample):
+        image, classes = sample
+        element_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        if crop_size is not None:
+            image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40])
+        target = _targets(classes, num_classes)
+        if augment:
+            image, target = _flip_rotate(image, target, element_seed)
+        x = scale_tensor(image)
+        if augment and photometric.active:
+            x = _photometric(x, photometric, element_seed + [0, 1 << 41])
+        return x, target
+
+    stream = stream.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(images: LabelledImages, *, batch_size: int = 4, parallel: int | None = None):
+    """Whole images in order, no augmentation: (x float32, y float32 targets) batches."""
+    import tensorflow as tf
+
+    _require_images(images)
+    num_classes = len(images.classes)
+    decoded = tf.data.Dataset.range(len(images)).map(_decode_fn(images), num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+    batches = decoded.map(lambda image, classes: (scale_tensor(image), _targets(classes, num_classes)))
+    return batches.batch(batch_size).prefetch(tf.data.AUTOTUNE)
