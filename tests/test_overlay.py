@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from defectscan.db.queries_pixels import DefectMask
+from defectscan.report.pixels import DefectMask
 from defectscan.errors import DataError
 from defectscan.report.overlay import CROP_MARGIN, TINT_FROM, class_color, crop_window, outline, render, save_png, to_rgb
 

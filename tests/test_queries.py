@@ -1,4 +1,4 @@
-"""db/queries.py and db/queries_pixels.py as a library: parsing, validation, counts, pixel loading errors."""
+"""db/queries.py and report/pixels.py as a library: parsing, validation, counts, pixel loading errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from defectscan.db.queries import Filters, count_defects, get_defect, get_image, list_defects, list_lots, lot_summary, parse_when
-from defectscan.db.queries_pixels import defect_masks, load_image, load_scores
 from defectscan.db.session import make_engine, session_factory
 from defectscan.errors import DataError
+from defectscan.report.pixels import defect_masks, load_image, load_scores
 
 from queries_helpers import L042_START, query, results_db  # noqa: F401 (fixture)
 

@@ -144,7 +144,7 @@ def defects_show(app: AppContext, defect_id: int, crop_path: Path | None, fmt: s
     with app.session() as session:
         record = get_defect(session, defect_id)
     if crop_path is not None:
-        from defectscan.db.queries_pixels import defect_masks, load_image, load_scores
+        from defectscan.report.pixels import defect_masks, load_image, load_scores
         from defectscan.report.overlay import crop_window, render, save_png
 
         source = record["_source"]
@@ -242,7 +242,7 @@ def images_show(app: AppContext, ident: str, by_key: bool, model_ref: str | None
 def _write_overlay(record: dict[str, Any], path: Path) -> Path:
     from dataclasses import replace
 
-    from defectscan.db.queries_pixels import defect_masks, load_image, load_scores
+    from defectscan.report.pixels import defect_masks, load_image, load_scores
     from defectscan.errors import DataError
     from defectscan.report.overlay import render, save_png
 

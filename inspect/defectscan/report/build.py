@@ -217,7 +217,7 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
 
 def _overlay(image: dict[str, Any]) -> dict[str, Any]:
     """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn)."""
-    from defectscan.db.queries_pixels import defect_masks, load_image, load_scores
+    from defectscan.report.pixels import defect_masks, load_image, load_scores
     from defectscan.report.overlay import crop_window, render
 
     source = image["source"]

@@ -57,7 +57,7 @@ def render(
 
     `image` is the picture (or a window of it whose top-left pixel is `origin` in image
     coordinates); `defects` have `bbox` (y0, x0, y1, x1, image coordinates), `mask`, `class_index`,
-    `class_name`, `id`, `max_score` (db/queries_pixels.DefectMask); `scores` is the (C, H, W) uint8
+    `class_name`, `id`, `max_score` (report/pixels.DefectMask); `scores` is the (C, H, W) uint8
     map over the same window, tinted red by its maximum over classes.
     """
     from PIL import Image as PILImage
