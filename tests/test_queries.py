@@ -77,8 +77,7 @@ def test_lots_and_summary_library_shapes(session):
 
 def test_pixels_of_an_image_and_of_its_scores(session, results_db):
     (image_id,), = query(results_db.url, "SELECT i.id FROM images i JOIN image_sets s ON s.id = i.image_set_id WHERE s.lot = 'L042' AND i.position = 1")
-    record = get_image(session, str(image_id))
-    source = record["_source"]
+    record, source = get_image(session, str(image_id))
     image = load_image(source)
     assert image.shape == (64, 64) and image[10:16, 10:16].min() == 250
     inspection = record["inspections"][0]
@@ -91,8 +90,8 @@ def test_pixels_of_an_image_and_of_its_scores(session, results_db):
 
 def test_missing_stores_and_corrupt_masks_are_named(session, results_db, tmp_path):
     (defect_id,), = query(results_db.url, "SELECT min(id) FROM defects")
-    record = get_defect(session, defect_id)
-    gone = replace(record["_source"], uri=str(tmp_path / "gone.zarr"), mask_uri=str(tmp_path / "gone.masks.zarr"))
+    record, source = get_defect(session, defect_id)
+    gone = replace(source, uri=str(tmp_path / "gone.zarr"), mask_uri=str(tmp_path / "gone.masks.zarr"))
     with pytest.raises(DataError, match=r"gone\.zarr: cannot open the image array 'images'"):
         load_image(gone)
     with pytest.raises(DataError, match=r"gone\.masks\.zarr: cannot open the score array"):

@@ -92,15 +92,14 @@ def print_rows(
 
 def print_record(record: dict[str, Any], fmt: str, *, title: str | None = None) -> None:
     """One object: a two-column field/value table, or JSON/NDJSON/CSV (one row) for scripts."""
-    public = {k: v for k, v in record.items() if not k.startswith("_")}
     if fmt == "json":
-        click.echo(json.dumps(public, indent=2))
+        click.echo(json.dumps(record, indent=2))
     elif fmt == "ndjson":
-        click.echo(json.dumps(public))
+        click.echo(json.dumps(record))
     elif fmt == "csv":
-        _csv([public], list(public))
+        _csv([record], list(record))
     else:
-        _table([{"field": k, "value": _text(v)} for k, v in public.items() if not isinstance(v, list)], ["field", "value"], title)
+        _table([{"field": k, "value": _text(v)} for k, v in record.items() if not isinstance(v, list)], ["field", "value"], title)
 
 
 def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

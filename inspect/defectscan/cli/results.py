@@ -142,16 +142,14 @@ def defects_show(app: AppContext, defect_id: int, crop_path: Path | None, fmt: s
     from defectscan.db.queries import get_defect
 
     with app.session() as session:
-        record = get_defect(session, defect_id)
+        record, source = get_defect(session, defect_id)
     if crop_path is not None:
-        from defectscan.report.pixels import defect_masks, load_image, load_scores
-        from defectscan.report.overlay import crop_window, render, save_png
+        from defectscan.report.overlay import crop_window, save_png
+        from defectscan.report.pixels import draw
 
-        source = record["_source"]
         bbox = (record["bbox_y0"], record["bbox_x0"], record["bbox_y1"], record["bbox_x1"])
         window = crop_window(bbox, (source.height, source.width))
-        picture = render(load_image(source, window), defect_masks([record]), load_scores(source, window), origin=window[:2])
-        record["crop"] = str(save_png(picture, crop_path))
+        record["crop"] = str(save_png(draw(source, [record], window), crop_path))
     record.pop("rle")
     print_record(record, fmt, title=f"defect {defect_id}")
 
@@ -218,9 +216,9 @@ def images_show(app: AppContext, ident: str, by_key: bool, model_ref: str | None
     from defectscan.db.queries import get_image
 
     with app.session() as session:
-        record = get_image(session, ident, model_ref, by_key=by_key)
+        record, source = get_image(session, ident, model_ref, by_key=by_key)
     if overlay_path is not None:
-        record["overlay"] = str(_write_overlay(record, overlay_path))
+        record["overlay"] = str(_write_overlay(record, source, overlay_path))
     if fmt != "table":
         for inspection in record["inspections"]:
             for d in inspection["defects"]:
@@ -239,20 +237,19 @@ def images_show(app: AppContext, ident: str, by_key: bool, model_ref: str | None
         print_rows(rows, ("id", "class", "area", "bbox", "max_score"), fmt, empty="no defects")
 
 
-def _write_overlay(record: dict[str, Any], path: Path) -> Path:
+def _write_overlay(record: dict[str, Any], source, path: Path) -> Path:
     from dataclasses import replace
 
-    from defectscan.report.pixels import defect_masks, load_image, load_scores
     from defectscan.errors import DataError
-    from defectscan.report.overlay import render, save_png
+    from defectscan.report.overlay import save_png
+    from defectscan.report.pixels import draw, load_image
 
-    source = record["_source"]
-    image = load_image(source)
     if not record["inspections"]:
+        load_image(source)  # a missing image store is named before the missing inspection
         raise DataError(f"image {record['image_id']} has no inspection: nothing to draw (see `defectscan inspect`)")
     inspection = record["inspections"][0]
-    scores = load_scores(replace(source, mask_uri=inspection["mask_uri"], mask_array=inspection["mask_array"]))
-    return save_png(render(image, defect_masks(inspection["defects"]), scores), path)
+    scored = replace(source, mask_uri=inspection["mask_uri"], mask_array=inspection["mask_array"])
+    return save_png(draw(scored, inspection["defects"]), path)
 
 
 # --- lots -------------------------------------------------------------------------------------------------------------------

@@ -274,11 +274,10 @@ def _defects_select() -> Select:
 
 
 def _defect_row(row) -> dict[str, Any]:
-    (id_, image_id, key, lot, line, product, camera, when, name, version, job_run, verdict, cls, area,
-     y0, x0, y1, x1, cy, cx, mean, peak) = row
     return dict(zip(DEFECT_COLUMNS, (
-        id_, image_id, key, lot, line, product, camera, iso_utc(when), _model_label(name, version), job_run, verdict, cls,
-        area, y0, x0, y1, x1, round(cy, 2), round(cx, 2), round(mean, 4), round(peak, 4),
+        row.id, row.image_id, row.key, row.lot, row.line, row.product, row.camera, iso_utc(row.acquired_at),
+        _model_label(row.name, row.version), row.job_run_id, row.verdict, row.class_name, row.area, row.bbox_y0, row.bbox_x0,
+        row.bbox_y1, row.bbox_x1, round(row.centroid_y, 2), round(row.centroid_x, 2), round(row.mean_score, 4), round(row.max_score, 4),
     ), strict=True))
 
 
@@ -300,25 +299,24 @@ def count_defects(session: Session, filters: Filters = Filters()) -> int:
     return session.scalar(apply_filters(session, query, filters, defects=True))
 
 
-def get_defect(session: Session, defect_id: int) -> dict[str, Any]:
-    """One defect with its image's location, its run-length mask and where its score map is."""
+def get_defect(session: Session, defect_id: int) -> tuple[dict[str, Any], ImageSource]:
+    """One defect with its run-length mask, and where its image and score map are stored."""
     row = session.execute(
         _defects_select().add_columns(
-            Defect.class_index, Defect.orientation, Defect.eccentricity, Defect.rle, Inspection.id, Inspection.mask_uri,
-            Inspection.mask_array, Image.position, Image.height, Image.width, ImageSet.uri, ImageSet.array_path, ImageSet.kind,
+            Defect.class_index, Defect.orientation, Defect.eccentricity, Defect.rle, Inspection.id.label("inspection_id"),
+            Inspection.mask_uri, Inspection.mask_array, Image.position, Image.height, Image.width, ImageSet.uri, ImageSet.array_path,
+            ImageSet.kind,
         ).where(Defect.id == defect_id)
     ).one_or_none()
     if row is None:
         raise DataError(f"no defect with id {defect_id}")
-    record = _defect_row(row[:22])
-    (class_index, orientation, eccentricity, rle, inspection_id, mask_uri, mask_array, position, height, width, uri,
-     array_path, kind) = row[22:]
+    record = _defect_row(row)
     record.update(
-        class_index=class_index, orientation=round(orientation, 4), eccentricity=round(eccentricity, 4),
-        inspection_id=inspection_id, rle=rle,
+        class_index=row.class_index, orientation=round(row.orientation, 4), eccentricity=round(row.eccentricity, 4),
+        inspection_id=row.inspection_id, rle=row.rle,
     )
-    record["_source"] = ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array)
-    return record
+    source = ImageSource(row.uri, row.array_path, row.kind, row.position, row.height, row.width, row.mask_uri, row.mask_array)
+    return record, source
 
 
 # --- images ---------------------------------------------------------------------------------------------------
@@ -372,8 +370,9 @@ def list_images(
     return _page(session, query, limit, offset, _image_row)
 
 
-def get_image(session: Session, ident: str, model: str | None = None, *, by_key: bool = False) -> dict[str, Any]:
-    """An image (by id, or by key when not a number or when `by_key`) with its inspections and their defects.
+def get_image(session: Session, ident: str, model: str | None = None, *, by_key: bool = False) -> tuple[dict[str, Any], ImageSource]:
+    """An image (by id, or by key when not a number or when `by_key`) with its inspections and their defects,
+    and where its pixels are stored (each inspection names its own score map).
 
     An image inspected by several model versions has one inspection each; `model` picks one.
     """
@@ -414,8 +413,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
                 for d in defects
             ],
         })
-    record["_source"] = ImageSource(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width)
-    return record
+    return record, ImageSource(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width)
 
 
 # --- lots ------------------------------------------------------------------------------------------------------------

@@ -217,8 +217,8 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
 
 def _overlay(image: dict[str, Any]) -> dict[str, Any]:
     """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn)."""
-    from defectscan.report.pixels import defect_masks, load_image, load_scores
-    from defectscan.report.overlay import crop_window, render
+    from defectscan.report.overlay import crop_window
+    from defectscan.report.pixels import draw
 
     source = image["source"]
     window = None
@@ -227,11 +227,9 @@ def _overlay(image: dict[str, Any]) -> dict[str, Any]:
         union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
         window = crop_window(union, (source.height, source.width), margin=CROP_MARGIN)
     try:
-        pixels = load_image(source, window)
-        scores = load_scores(source, window)
         # labels are drawn in a fixed-size font: on small images they would cover the defects
-        picture = render(pixels, defect_masks(image["defects"]), scores, origin=window[:2] if window else (0, 0),
-                         labels=max(pixels.shape) >= LABELLED_FROM)
+        side = max(window[2] - window[0], window[3] - window[1]) if window else max(source.height, source.width)
+        picture = draw(source, image["defects"], window, labels=side >= LABELLED_FROM)
     except DataError as exc:
         return {"overlay": None, "overlay_error": str(exc), "window": window}
     from PIL import Image as PILImage

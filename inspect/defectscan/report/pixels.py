@@ -77,3 +77,11 @@ def defect_masks(defects: list[dict]) -> list[DefectMask]:
             raise DataError(f"defect {d['id']}: {exc}") from None
         masks.append(DefectMask(d["id"], d["class_index"], d["class"], (y0, x0, y1, x1), mask, d["max_score"]))
     return masks
+
+
+def draw(source: ImageSource, defects: list[dict], window: tuple[int, int, int, int] | None = None, *, labels: bool = True):
+    """The stored image (the part in `window`, when given) tinted by its score map, with the defects' contours and labels."""
+    from defectscan.report.overlay import render
+
+    origin = window[:2] if window else (0, 0)
+    return render(load_image(source, window), defect_masks(defects), load_scores(source, window), origin=origin, labels=labels)
