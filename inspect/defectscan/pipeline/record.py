@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 from sqlalchemy import delete, func, insert, select, update
@@ -71,22 +71,34 @@ def with_retries(action: Callable[[], T], retry: Retry, what: str) -> T:
     raise AssertionError("unreachable")
 
 
+@dataclass
+class _Day:
+    """Counts to add to (or subtract from) one capture day's rollup row, and the capture times seen."""
+
+    images: int = 0
+    failed: int = 0
+    errors: int = 0
+    defects: int = 0
+    first_at: dt.datetime | None = None
+    last_at: dt.datetime | None = None
+
+
 class _Daily:
-    """Changes to `inspection_daily` of one shard, per capture day: counts to add (or subtract) and times seen."""
+    """Changes to `inspection_daily` of one shard, per capture day."""
 
     def __init__(self) -> None:
-        self.days: dict[dt.date, list] = {}
+        self.days: dict[dt.date, _Day] = {}
 
     def add(self, acquired_at: dt.datetime | None, verdict: str, n_defects: int, sign: int = 1) -> None:
         day = acquired_at.astimezone(dt.timezone.utc).date() if acquired_at is not None else NO_DAY
-        bucket = self.days.setdefault(day, [0, 0, 0, 0, None, None])
-        bucket[0] += sign
-        bucket[1] += sign * (verdict == "fail")
-        bucket[2] += sign * (verdict == "error")
-        bucket[3] += sign * n_defects
+        change = self.days.setdefault(day, _Day())
+        change.images += sign
+        change.failed += sign * (verdict == "fail")
+        change.errors += sign * (verdict == "error")
+        change.defects += sign * n_defects
         if sign > 0 and acquired_at is not None:
-            bucket[4] = acquired_at if bucket[4] is None else min(bucket[4], acquired_at)
-            bucket[5] = acquired_at if bucket[5] is None else max(bucket[5], acquired_at)
+            change.first_at = acquired_at if change.first_at is None else min(change.first_at, acquired_at)
+            change.last_at = acquired_at if change.last_at is None else max(change.last_at, acquired_at)
 
     def write(self, session: Session, image_set_id: int, model_id: int) -> None:
         """One upsert that adds the counts to the stored ones (a row per day is created when missing)."""
@@ -109,9 +121,8 @@ class _Daily:
         )
         # In key order, so concurrent shards of one image set lock the rows in the same order.
         session.execute(statement, [
-            {"image_set_id": image_set_id, "model_id": model_id, "day": day, "images": b[0], "failed": b[1], "errors": b[2],
-             "defects": b[3], "first_at": b[4], "last_at": b[5]}
-            for day, b in sorted(self.days.items())
+            {"image_set_id": image_set_id, "model_id": model_id, "day": day, **asdict(change)}
+            for day, change in sorted(self.days.items())
         ])
 
 
@@ -156,69 +167,28 @@ def record_results(
     daily = _Daily()
     ours = (Inspection.model_id == model_id) & Inspection.image_id.in_(list(image_ids.values()))
     if redo != "none":
-        # The deleted rows (exactly those, via RETURNING) leave the rollup; all their images are
-        # written again below, so first_at/last_at, which cannot be un-merged, stay exact.
-        doomed = ours & (Inspection.verdict == "error") if redo == "errors" else ours
-        deleted = session.execute(delete(Inspection).where(doomed).returning(Inspection.image_id, Inspection.verdict, Inspection.n_defects))
-        for image_id, verdict, n_defects in deleted:
-            daily.add(acquired[image_id], verdict, n_defects, sign=-1)
+        _delete_for_redo(session, ours, redo, acquired, daily)
     # What is left was recorded by a concurrent run after this one planned its work.
     done = dict(session.execute(select(Inspection.image_id, Inspection.job_run_id).where(ours)).all())
     if done:
         counts.meanwhile = len(done)
         counts.meanwhile_runs = sorted({run for run in done.values() if run is not None and run != job_run_id})
     now = utcnow()
-    rows, pending = [], []
-    for position, image_id in sorted(image_ids.items()):
-        if image_id in done:
-            continue
-        result = by_position[position]
-        rows.append(
-            {
-                "image_id": image_id,
-                "model_id": model_id,
-                "job_run_id": job_run_id,
-                "verdict": result.verdict,
-                "n_defects": len(result.defects),
-                "defect_pixels": result.defect_pixels,
-                "max_score": result.max_score,
-                "mask_uri": mask_uri,
-                "mask_array": mask_array,
-                "error": result.error,
-                "duration_ms": result.duration_ms,
-                "inspected_at": now,
-            }
-        )
-        pending.append(result)
-    if not rows:
+    todo = [(image_ids[position], by_position[position]) for position in sorted(image_ids) if image_ids[position] not in done]
+    if not todo:
         return counts
-    inserted = session.execute(insert(Inspection).returning(Inspection.id, sort_by_parameter_order=True), rows).scalars().all()
-    defect_rows = [
-        {
-            "inspection_id": inspection_id,
-            "class_index": d.class_index,
-            "class_name": d.class_name,
-            "bbox_y0": d.bbox[0],
-            "bbox_x0": d.bbox[1],
-            "bbox_y1": d.bbox[2],
-            "bbox_x1": d.bbox[3],
-            "area": d.area,
-            "centroid_y": d.centroid[0],
-            "centroid_x": d.centroid[1],
-            "orientation": d.orientation,
-            "eccentricity": d.eccentricity,
-            "mean_score": d.mean_score,
-            "max_score": d.max_score,
-            "rle": d.rle,
-        }
-        for inspection_id, result in zip(inserted, pending, strict=True)
-        for d in result.defects
+    rows = [
+        _inspection_row(image_id, result, model_id=model_id, job_run_id=job_run_id, mask_uri=mask_uri, mask_array=mask_array, now=now)
+        for image_id, result in todo
     ]
+    inserted = session.execute(insert(Inspection).returning(Inspection.id, sort_by_parameter_order=True), rows).scalars().all()
+    defect_rows = [_defect_row(inspection_id, d) for inspection_id, (_, result) in zip(inserted, todo, strict=True) for d in result.defects]
     if defect_rows:
         session.execute(insert(Defect), defect_rows)
     for row in rows:
         daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
     daily.write(session, image_set_id, model_id)
+    pending = [result for _, result in todo]
     counts.inspected = sum(1 for r in pending if r.verdict != "error")
     counts.errors = sum(1 for r in pending if r.verdict == "error")
     counts.failed = sum(1 for r in pending if r.verdict == "fail")
@@ -234,6 +204,52 @@ def record_results(
         )
     )
     return counts
+
+
+def _delete_for_redo(session: Session, ours, redo: str, acquired: dict[int, dt.datetime | None], daily: _Daily) -> None:
+    """Delete the rows to be written again; they leave the rollup. Exactly those (via RETURNING): all their
+    images are written again afterwards, so first_at/last_at, which cannot be un-merged, stay exact."""
+    doomed = ours & (Inspection.verdict == "error") if redo == "errors" else ours
+    deleted = session.execute(delete(Inspection).where(doomed).returning(Inspection.image_id, Inspection.verdict, Inspection.n_defects))
+    for image_id, verdict, n_defects in deleted:
+        daily.add(acquired[image_id], verdict, n_defects, sign=-1)
+
+
+def _inspection_row(image_id: int, result: ImageResult, *, model_id: int, job_run_id: int, mask_uri: str, mask_array: str, now: dt.datetime) -> dict:
+    return {
+        "image_id": image_id,
+        "model_id": model_id,
+        "job_run_id": job_run_id,
+        "verdict": result.verdict,
+        "n_defects": len(result.defects),
+        "defect_pixels": result.defect_pixels,
+        "max_score": result.max_score,
+        "mask_uri": mask_uri,
+        "mask_array": mask_array,
+        "error": result.error,
+        "duration_ms": result.duration_ms,
+        "inspected_at": now,
+    }
+
+
+def _defect_row(inspection_id: int, d) -> dict:
+    return {
+        "inspection_id": inspection_id,
+        "class_index": d.class_index,
+        "class_name": d.class_name,
+        "bbox_y0": d.bbox[0],
+        "bbox_x0": d.bbox[1],
+        "bbox_y1": d.bbox[2],
+        "bbox_x1": d.bbox[3],
+        "area": d.area,
+        "centroid_y": d.centroid[0],
+        "centroid_x": d.centroid[1],
+        "orientation": d.orientation,
+        "eccentricity": d.eccentricity,
+        "mean_score": d.mean_score,
+        "max_score": d.max_score,
+        "rle": d.rle,
+    }
 
 
 # A shard of images is recorded by at most this many concurrent runs, each conflict costing one more try.
