@@ -133,8 +133,12 @@ def test_cross_field_rules(tmp_path):
     assert f"{config}: section 'cluster.tls': give all three of ca_file, cert_file, key_file, or none" in message
 
 
-def test_library_defaults_agree_with_defaults_yaml():
-    """Library functions keep a default for callers without settings; it must be the configured one."""
-    from defectscan.db.queries import HOLD_ABOVE
+def test_library_defaults_are_those_of_defaults_yaml(monkeypatch):
+    """Library functions called without settings take the shipped defaults, never a copy of them,
+    and the environment a process runs in does not change them."""
+    from defectscan.config import shipped_defaults
+    from defectscan.report.build import HoldRules
 
-    assert load_settings(environ={}).qa.hold_above == HOLD_ABOVE
+    monkeypatch.setenv("DEFECTSCAN_QA__HOLD_ABOVE", "0.5")
+    assert shipped_defaults().qa.hold_above == load_settings(environ={}).qa.hold_above == 0.05
+    assert HoldRules().hold_above == 0.05 and HoldRules(hold_above=0.2).hold_above == 0.2

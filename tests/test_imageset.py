@@ -11,6 +11,7 @@ import zarr
 
 from defectscan.data import imageset as layout
 from defectscan.errors import DataError
+from defectscan.times import iso_utc
 
 
 def make_store(path, shape=(6, 32, 32), dtype="uint8", chunks=None, shards=None, zarr_format=3, name="images", attrs=None):
@@ -151,7 +152,7 @@ def test_chunking_rules():
 def test_times_round_trip_and_parse():
     when = dt.datetime(2026, 3, 1, 8, 0, 0, 123456, tzinfo=dt.timezone.utc)
     assert layout.from_micros(layout.to_micros(when)) == when
-    assert layout.iso_utc(when) == "2026-03-01T08:00:00.123456Z"
+    assert iso_utc(when) == "2026-03-01T08:00:00.123456Z"
     assert layout.parse_time("2026-03-01T09:00:00+01:00") == dt.datetime(2026, 3, 1, 8, tzinfo=dt.timezone.utc)
     assert layout.parse_time("2026-03-01T08:00:00") == dt.datetime(2026, 3, 1, 8, tzinfo=dt.timezone.utc)
     with pytest.raises(DataError, match="'yesterday' is not an ISO 8601 time"):

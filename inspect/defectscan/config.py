@@ -7,6 +7,7 @@ from, the key, the value and what is accepted.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -163,6 +164,12 @@ def load_settings(
         return Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, merged, origin)) from None
+
+
+@functools.cache
+def shipped_defaults() -> Settings:
+    """configs/defaults.yaml alone: the defaults of library functions called without settings."""
+    return load_settings(environ={})
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -16,29 +16,27 @@ _OUT_PNG = click.Path(dir_okay=False, writable=True, path_type=Path)
 
 def filter_options(f: Callable) -> Callable:
     """The selection options shared by the listing commands; the command receives them as `filters`."""
-    options = [
-        click.option("--lot", help="Only this lot."),
-        click.option("--line", help="Only this production line."),
-        click.option("--product", help="Only this product."),
-        click.option("--camera", help="Only this camera."),
-        click.option("--since", metavar="WHEN", help="Captured at or after WHEN (ISO 8601 date or time, UTC unless given)."),
-        click.option("--until", metavar="WHEN", help="Captured before WHEN; a bare date includes that whole day."),
-        click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only results of this model (all versions when no version)."),
-        click.option("--job-run", type=int, metavar="ID", help="Only results written by this job run."),
-        click.option("--verdict", type=click.Choice(["pass", "fail", "error"]), help="Only images with this verdict."),
-        click.option("--class", "defect_class", metavar="NAME", help="Only defects of this class (images: having one)."),
-        click.option("--min-area", type=click.IntRange(min=0), help="Smallest defect area in pixels (images: defect pixels)."),
-        click.option("--max-area", type=click.IntRange(min=0), help="Largest defect area in pixels (images: defect pixels)."),
-        click.option("--min-score", type=click.FloatRange(0, 1), help="Lowest peak score, 0..1."),
-        click.option("--max-score", type=click.FloatRange(0, 1), help="Highest peak score, 0..1."),
-    ]
-    names = ("lot", "line", "product", "camera", "since", "until", "model_ref", "job_run", "verdict", "defect_class",
-             "min_area", "max_area", "min_score", "max_score")
+    from defectscan import provenance
+
+    # Keyed by the parameter each option fills.
+    options = {name: click.option(f"--{name}", help=f"Only this {provenance.MEANING[name]}.") for name in provenance.LABELS}
+    options.update({
+        "since": click.option("--since", metavar="WHEN", help="Captured at or after WHEN (ISO 8601 date or time, UTC unless given)."),
+        "until": click.option("--until", metavar="WHEN", help="Captured before WHEN; a bare date includes that whole day."),
+        "model_ref": click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only results of this model (all versions when no version)."),
+        "job_run": click.option("--job-run", type=int, metavar="ID", help="Only results written by this job run."),
+        "verdict": click.option("--verdict", type=click.Choice(["pass", "fail", "error"]), help="Only images with this verdict."),
+        "defect_class": click.option("--class", "defect_class", metavar="NAME", help="Only defects of this class (images: having one)."),
+        "min_area": click.option("--min-area", type=click.IntRange(min=0), help="Smallest defect area in pixels (images: defect pixels)."),
+        "max_area": click.option("--max-area", type=click.IntRange(min=0), help="Largest defect area in pixels (images: defect pixels)."),
+        "min_score": click.option("--min-score", type=click.FloatRange(0, 1), help="Lowest peak score, 0..1."),
+        "max_score": click.option("--max-score", type=click.FloatRange(0, 1), help="Highest peak score, 0..1."),
+    })
 
     def wrapper(*args, **kwargs):
         from defectscan.db.queries import Filters, parse_when
 
-        given = {name: kwargs.pop(name) for name in names}
+        given = {name: kwargs.pop(name) for name in options}
         since, until = given.pop("since"), given.pop("until")
         kwargs["filters"] = Filters(
             since=parse_when(since, "--since") if since else None,
@@ -49,7 +47,7 @@ def filter_options(f: Callable) -> Callable:
         return f(*args, **kwargs)
 
     wrapper = _wraps(wrapper, f)
-    for option in reversed(options):
+    for option in reversed(options.values()):
         wrapper = option(wrapper)
     return wrapper
 
@@ -81,7 +79,7 @@ def _empty(what: str, filters) -> str:
 
 
 def _show(value: Any) -> str:
-    from defectscan.db.queries import iso_utc
+    from defectscan.times import iso_utc
 
     return iso_utc(value) if hasattr(value, "tzinfo") else repr(value) if isinstance(value, str) else str(value)
 

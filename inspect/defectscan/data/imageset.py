@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from defectscan import provenance
 from defectscan.data.implicit import ImplicitGroup, holds_zarr
 from defectscan.errors import DataError
+from defectscan.times import as_utc, iso_utc, parse_iso
 
 FORMAT_NAME = "defectscan.imageset"
 FORMAT_VERSION = 1
@@ -35,7 +37,7 @@ TIMES = "acquired_at"
 SIZES = "image_shapes"
 
 # Provenance attributes on the group; acquired_at is ISO 8601 UTC.
-PROVENANCE_ATTRS = ("lot", "line", "product", "camera", "acquired_at")
+PROVENANCE_ATTRS = (*provenance.LABELS, provenance.TIME)
 CLASSES_ATTR = "classes"
 
 PIXEL_DTYPES = ("uint8", "uint16")
@@ -331,24 +333,16 @@ def from_micros(value: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=value)
 
 
-def iso_utc(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def parse_time(value: Any) -> dt.datetime | None:
     """An ISO 8601 attribute as an aware UTC datetime; naive times are taken as UTC."""
     if value is None or value == "":
         return None
     if isinstance(value, dt.datetime):
-        when = value
-    else:
-        try:
-            when = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            raise DataError(f"acquired_at {value!r} is not an ISO 8601 time such as 2026-03-01T08:00:00Z") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone(dt.timezone.utc)
+        return as_utc(value)
+    try:
+        return parse_iso(value)
+    except ValueError:
+        raise DataError(f"acquired_at {value!r} is not an ISO 8601 time such as 2026-03-01T08:00:00Z") from None
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from defectscan.data.imagefiles import read_image
 from defectscan.data.problems import ProblemLog
 from defectscan.data.sources import Source, Sources, collect_sources
 from defectscan.errors import DataError
+from defectscan.times import iso_utc
 
 # (advance, total): called as images are processed, for a progress bar.
 Progress = Callable[[int, int], None]
@@ -167,7 +168,7 @@ def _source_digest(sources: Sources, options: IngestOptions) -> str:
         "kind": options.kind,
         "pad": options.pad,
         "provenance": options.provenance(),
-        "acquired_at": layout.iso_utc(options.acquired_at) if options.acquired_at else None,
+        "acquired_at": iso_utc(options.acquired_at) if options.acquired_at else None,
         "classes": sources.classes,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -450,7 +451,7 @@ class _Writer:
             keys=self.keys[:n],
             times=self.times[:n],
             sizes=self.sizes[:n],
-            attrs={**self.options.provenance(), "acquired_at": layout.iso_utc(acquired)},
+            attrs={**self.options.provenance(), "acquired_at": iso_utc(acquired)},
             classes=self.sources.classes if self.sources.labelled else None,
             meta={
                 "padded": self.options.pad,

@@ -17,6 +17,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from defectscan import provenance
 from defectscan.data import imageset as layout
 from defectscan.data.chunk_reads import UnreadableChunks, unreadable_chunks
 from defectscan.data.problems import ProblemLog
@@ -61,67 +62,29 @@ def register_store(
     info = layout.describe(group, uri, array_path)
     check_bit_depth(uri, info.dtype, bit_depth)
     problems = ProblemLog(strict=strict)
+    labels = {"lot": lot, "line": line, "product": product, "camera": camera}
 
     existing = session.scalar(select(ImageSet).where(ImageSet.uri == uri))
     if existing is not None:
-        _check_unchanged(existing, info)
-        given = {"lot": lot, "line": line, "product": product, "camera": camera}
-        conflicts = [f"{name} {getattr(existing, name)!r} (given {value!r})" for name, value in given.items() if value is not None and value != getattr(existing, name)]
-        if bit_depth is not None and (existing.attrs or {}).get("bit_depth") != bit_depth:
-            conflicts.append(f"bit depth {(existing.attrs or {}).get('bit_depth')!r} (given {bit_depth!r})")
-        if acquired_at is not None and existing.acquired_at != acquired_at:
-            conflicts.append(f"acquired_at {existing.acquired_at.isoformat() if existing.acquired_at else None!r} (given {acquired_at.isoformat()!r})")
-        if conflicts:
-            raise DataError(f"{uri}: already registered as image set {existing.id} with {', '.join(conflicts)}")
-        # Images left out when it was registered are still left out; files an ingest skipped are
-        # the ingest's report, not this registration's.
-        from_ingest = info.meta.get("skipped", [])
-        for problem in (existing.attrs or {}).get("skipped", []):
-            if problem not in from_ingest:
-                problems.add(problem["path"], problem["reason"])
-        return Registration(existing, created=False, problems=problems)
+        _check_same_registration(existing, info, labels, acquired_at, bit_depth)
+        return Registration(existing, created=False, problems=_problems_left_out(existing, info, problems))
 
-    array = group[array_path]
-    missing = layout.missing_chunks(array) if check_chunks else layout.MissingChunks([], [])
+    missing = layout.missing_chunks(group[array_path]) if check_chunks else layout.MissingChunks([], [])
     if missing and info.kind == "strip":
         raise DataError(f"{uri}: the strip '{array_path}' is incomplete: {missing.describe()}")
-
-    n = info.n_images
-    keys = layout.read_keys(group, n)
-    provenance = info.provenance()
-    for name, value in (("lot", lot), ("line", line), ("product", product), ("camera", camera)):
-        if value is not None:
-            provenance[name] = value
+    origin = {**info.provenance(), **{name: value for name, value in labels.items() if value is not None}}
     try:
-        set_time = acquired_at or layout.parse_time(provenance.get("acquired_at"))
+        set_time = acquired_at or layout.parse_time(origin.get(provenance.TIME))
     except DataError as exc:
         raise DataError(f"{uri}: group attribute {exc}; pass --acquired-at to give the time") from None
-    times = layout.read_times(group, n, default=set_time)
-    if acquired_at is not None:
-        times = [acquired_at] * n
-    sizes = layout.read_sizes(group, info.shape)
-
-    skipped_positions = set(missing.images)
-    for position in missing.images:
-        problems.add(f"{uri} [{array_path} image {position}, key {keys[position]}]", "chunk not stored (would read as blank pixels)")
+    rows = _image_rows(group, info, missing, problems, set_time=set_time, override_time=acquired_at is not None)
     skipped = list(info.meta.get("skipped", [])) + [{"path": p.path, "reason": p.reason} for p in problems]
-    if len(skipped_positions) == n:
-        raise DataError(f"{uri}: every image of '{array_path}' has missing chunks: {missing.describe()}")
-
-    rows = [
-        {"position": i, "key": keys[i], "acquired_at": times[i], "height": sizes[i][0], "width": sizes[i][1]}
-        for i in range(n)
-        if i not in skipped_positions
-    ]
     image_set = ImageSet(
         uri=uri,
         array_path=array_path,
         kind=info.kind,
-        lot=_text(provenance.get("lot")),
-        line=_text(provenance.get("line")),
-        product=_text(provenance.get("product")),
-        camera=_text(provenance.get("camera")),
-        acquired_at=set_time or min((t for t in times if t is not None), default=None),
+        **{name: _text(origin.get(name)) for name in provenance.LABELS},
+        acquired_at=set_time or min((row["acquired_at"] for row in rows if row["acquired_at"] is not None), default=None),
         shape=list(info.shape),
         dtype=info.dtype,
         chunks=list(info.chunks),
@@ -130,12 +93,7 @@ def register_store(
         attrs={**_recorded_attrs(info, skipped), **({"bit_depth": bit_depth} if bit_depth is not None else {})},
     )
     try:
-        session.add(image_set)
-        session.flush()
-        for start in range(0, len(rows), _BATCH):
-            batch = [{**row, "image_set_id": image_set.id} for row in rows[start : start + _BATCH]]
-            session.execute(insert(Image), batch)
-        session.commit()
+        _insert(session, image_set, rows)
     except IntegrityError:
         # Another process registered the same store between our look-up and insert.
         session.rollback()
@@ -145,6 +103,58 @@ def register_store(
         _check_unchanged(existing, info)
         return Registration(existing, created=False, problems=problems)
     return Registration(image_set, created=True, problems=problems)
+
+
+def _check_same_registration(
+    existing: ImageSet, info: layout.ImageSetInfo, labels: dict[str, str | None], acquired_at: dt.datetime | None, bit_depth: int | None,
+) -> None:
+    """Registering a store again is a no-op only for the same store with the same options."""
+    _check_unchanged(existing, info)
+    conflicts = [f"{name} {getattr(existing, name)!r} (given {value!r})" for name, value in labels.items() if value is not None and value != getattr(existing, name)]
+    if bit_depth is not None and (existing.attrs or {}).get("bit_depth") != bit_depth:
+        conflicts.append(f"bit depth {(existing.attrs or {}).get('bit_depth')!r} (given {bit_depth!r})")
+    if acquired_at is not None and existing.acquired_at != acquired_at:
+        conflicts.append(f"acquired_at {existing.acquired_at.isoformat() if existing.acquired_at else None!r} (given {acquired_at.isoformat()!r})")
+    if conflicts:
+        raise DataError(f"{info.uri}: already registered as image set {existing.id} with {', '.join(conflicts)}")
+
+
+def _problems_left_out(existing: ImageSet, info: layout.ImageSetInfo, problems: ProblemLog) -> ProblemLog:
+    """Images left out when the set was registered are still left out; files an ingest skipped are
+    the ingest's report, not this registration's."""
+    from_ingest = info.meta.get("skipped", [])
+    for problem in (existing.attrs or {}).get("skipped", []):
+        if problem not in from_ingest:
+            problems.add(problem["path"], problem["reason"])
+    return problems
+
+
+def _image_rows(group, info: layout.ImageSetInfo, missing: layout.MissingChunks, problems: ProblemLog, *,
+                set_time: dt.datetime | None, override_time: bool) -> list[dict[str, Any]]:
+    """One `images` row per image whose chunks are stored (the others go to `problems`)."""
+    n = info.n_images
+    keys = layout.read_keys(group, n)
+    times = [set_time] * n if override_time else layout.read_times(group, n, default=set_time)
+    sizes = layout.read_sizes(group, info.shape)
+    for position in missing.images:
+        problems.add(f"{info.uri} [{info.array_path} image {position}, key {keys[position]}]", "chunk not stored (would read as blank pixels)")
+    if len(set(missing.images)) == n:
+        raise DataError(f"{info.uri}: every image of '{info.array_path}' has missing chunks: {missing.describe()}")
+    skipped = set(missing.images)
+    return [
+        {"position": i, "key": keys[i], "acquired_at": times[i], "height": sizes[i][0], "width": sizes[i][1]}
+        for i in range(n)
+        if i not in skipped
+    ]
+
+
+def _insert(session: Session, image_set: ImageSet, rows: list[dict[str, Any]]) -> None:
+    session.add(image_set)
+    session.flush()
+    for start in range(0, len(rows), _BATCH):
+        batch = [{**row, "image_set_id": image_set.id} for row in rows[start : start + _BATCH]]
+        session.execute(insert(Image), batch)
+    session.commit()
 
 
 def _text(value: Any) -> str | None:

@@ -18,16 +18,19 @@ from typing import Any
 from sqlalchemy import Select, and_, case, distinct, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
+from defectscan import provenance
+from defectscan.config import shipped_defaults
 from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model
 from defectscan.errors import DataError
+from defectscan.times import iso_utc, parse_iso
 
 DEFECT_COLUMNS = (
-    "id", "image_id", "image_key", "lot", "line", "product", "camera", "acquired_at", "model", "job_run_id",
+    "id", "image_id", "image_key", *provenance.LABELS, provenance.TIME, "model", "job_run_id",
     "verdict", "class", "area", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "centroid_y", "centroid_x",
     "mean_score", "max_score",
 )
 IMAGE_COLUMNS = (
-    "id", "image_id", "image_key", "image_set_id", "position", "lot", "line", "product", "camera", "acquired_at",
+    "id", "image_id", "image_key", "image_set_id", "position", *provenance.LABELS, provenance.TIME,
     "model", "job_run_id", "verdict", "n_defects", "defect_pixels", "max_score", "inspected_at", "error",
 )
 LOT_COLUMNS = (
@@ -49,10 +52,6 @@ IMAGE_SORTS = {
     "defects": Inspection.n_defects,
     "key": Image.key,
 }
-
-# Default share of failed images above which a lot is put on hold (the `--hold-above` option).
-HOLD_ABOVE = 0.05
-
 
 @dataclass(frozen=True)
 class Filters:
@@ -107,20 +106,9 @@ def parse_when(value: str, option: str, *, end_of_day: bool = False) -> dt.datet
             day = dt.date.fromisoformat(text)
             when = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
             return when + dt.timedelta(days=1) if end_of_day else when
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_iso(text)
     except (ValueError, IndexError):
         raise DataError(f"{option} {value!r}: expected an ISO 8601 date or time such as 2026-03-01 or 2026-03-01T08:00:00Z") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone(dt.timezone.utc)
-
-
-def iso_utc(when: dt.datetime | None) -> str | None:
-    if when is None:
-        return None
-    if when.tzinfo is None:  # SQLite aggregates (min/max) come back without the type's conversion
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 # --- checks of filter values, with suggestions -----------------------------------------------------
@@ -141,7 +129,7 @@ def check_filters(session: Session, filters: Filters) -> None:
     Each check is one indexed lookup, or a scan of the small `image_sets`/`models` tables; the
     class names come from the registered models, not from the (large) defects table.
     """
-    for name in ("lot", "line", "product", "camera"):
+    for name in provenance.LABELS:
         value = getattr(filters, name)
         if value is None:
             continue
@@ -177,8 +165,7 @@ def model_ids(session: Session, reference: str) -> list[int]:
 
 def set_scope(filters: Filters) -> list:
     """The filters on where images were taken (image_sets columns)."""
-    return [getattr(ImageSet, name) == getattr(filters, name) for name in ("lot", "line", "product", "camera")
-            if getattr(filters, name) is not None]
+    return [getattr(ImageSet, name) == getattr(filters, name) for name in provenance.LABELS if getattr(filters, name) is not None]
 
 
 def image_scope(filters: Filters) -> list:
@@ -437,6 +424,10 @@ def failed_share(images: int, failed: int, errors: int) -> float:
     return failed / judged if judged > 0 else 0.0
 
 
+def _hold_above(given: float | None) -> float:
+    return shipped_defaults().qa.hold_above if given is None else given
+
+
 def lot_disposition(images: int, failed: int, errors: int, hold_above: float) -> str:
     """"incomplete", "hold" or "release": the one definition for `defectscan lots` and the QA report.
 
@@ -462,7 +453,7 @@ def _lot_row(row, hold_above: float) -> dict[str, Any]:
 
 
 # Filters the rollup `inspection_daily` can answer exactly; any other one needs the raw rows.
-_ROLLUP_FILTERS = {"lot", "line", "product", "camera", "model", "since", "until"}
+_ROLLUP_FILTERS = {*"model", "since", "until"}
 
 
 def _midnight(day: dt.date) -> dt.datetime:
@@ -550,11 +541,13 @@ def _lots_query(session: Session, filters: Filters, *, rollup: bool = True) -> S
     )
 
 
-def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: float = HOLD_ABOVE, limit: int = 50, offset: int = 0) -> Page:
+def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: float | None = None, limit: int = 50, offset: int = 0) -> Page:
     """One row per lot and model version: images, failed, errors, defects, failed share, verdict; newest lots first.
 
-    Its verdict is `lot_disposition`: "incomplete" without a judged image, "hold" above `hold_above`.
+    Its verdict is `lot_disposition`: "incomplete" without a judged image, "hold" above `hold_above`
+    (default: the qa.hold_above setting of configs/defaults.yaml).
     """
+    hold_above = _hold_above(hold_above)
     check_filters(session, filters)
     query = _lots_query(session, filters)
     query = query.order_by(query.selected_columns.last_at.desc(), query.selected_columns.lot, Model.id)
@@ -582,9 +575,10 @@ def latest_lot(session: Session) -> str:
 
 
 def lot_summary(
-    session: Session, lot: str, filters: Filters = Filters(), *, hold_above: float = HOLD_ABOVE, top: int = 5,
+    session: Session, lot: str, filters: Filters = Filters(), *, hold_above: float | None = None, top: int = 5,
 ) -> dict[str, Any]:
     """A lot per model version, with its most frequent defect classes."""
+    hold_above = _hold_above(hold_above)
     filters = Filters(**{**filters.given(), "lot": lot})
     n_sets, n_images = session.execute(
         select(func.count(distinct(ImageSet.id)), func.count(Image.id))

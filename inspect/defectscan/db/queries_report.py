@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy import Integer, Select, case, cast, distinct, func, literal, select
 from sqlalchemy.orm import Session
 
-from defectscan.db.queries import Filters, ImageSource, model_ids, apply_filters, image_scope, iso_utc
+from defectscan.db.queries import Filters, ImageSource, apply_filters, image_scope, model_ids
 from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import DataError
+from defectscan.times import iso_utc
 
 # Most defects drawn on one worst-image overlay (largest first): more only clutter the picture.
 MAX_DRAWN_DEFECTS = 25

@@ -28,6 +28,7 @@ from pydantic import (
 from defectscan.config import InspectionSettings, Settings, load_settings
 from defectscan.errors import ConfigError
 from defectscan.secrets import mask_secrets
+from defectscan.times import parse_iso
 from defectscan.yamlfile import parse_mapping, read_text
 
 SPEC_SUFFIX = ".yaml"
@@ -248,10 +249,9 @@ def since_time(value: str, now: dt.datetime | None = None) -> dt.datetime:
     if match:
         return now - dt.timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
     try:
-        when = dt.datetime.fromisoformat(value)
+        return parse_iso(value)
     except ValueError:
         raise ValueError("expected a window such as 30m, 12h, 7d, 2w, or an ISO 8601 time such as 2026-01-31T06:00Z") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 # ---- reading specs ----------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.db import queries_report as q
-from defectscan.db.queries import HOLD_ABOVE, Filters, check_filters, failed_share, iso_utc, lot_disposition
+from defectscan.config import shipped_defaults
+from defectscan.db.queries import Filters, check_filters, failed_share, lot_disposition
 from defectscan.errors import DataError
 from defectscan.report import charts
 from defectscan.report.spc import SIGMA, PChart, p_chart
+from defectscan.times import iso_utc
 
 TEMPLATES = Path(__file__).with_name("templates")
 # Overlays larger than this many pixels are cropped to their defects; shown at most THUMBNAIL wide/high.
@@ -74,17 +76,19 @@ class Scope:
 class HoldRules:
     """When a lot is held instead of released.
 
-    - failed share above `hold_above` (default: the `defectscan lots` threshold, 5 %);
+    - failed share above `hold_above` (default: the qa.hold_above setting of configs/defaults.yaml);
     - more than `max_errors` images in error (default 0: unjudged parts block a release);
     - its failed share above its p-chart upper control limit, when `out_of_control` (default on;
       lot-level charts only: a one-lot report charts hours, which does not judge the lot).
     """
 
-    hold_above: float = HOLD_ABOVE
+    hold_above: float | None = None
     max_errors: int = 0
     out_of_control: bool = True
 
     def __post_init__(self) -> None:
+        if self.hold_above is None:
+            object.__setattr__(self, "hold_above", shipped_defaults().qa.hold_above)
         if not 0 <= self.hold_above <= 1:
             raise DataError(f"--hold-above {self.hold_above}: expected a share between 0 and 1")
         if self.max_errors < 0:
