@@ -280,19 +280,12 @@ def train(
     import keras
     import tensorflow as tf
 
-    from defectscan.model.losses import hard_dice, l2_penalty
     from defectscan.model.unet import build_model
 
     spec = recipe.train
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = dataset if dataset is not None else recipe.data.open()
-    if images.problems:
-        log.warning("%s", images.problems.summary())
-        for problem in images.problems:
-            log.warning("skipped %s", problem)
-    if len(images) == 0:
-        raise DataError(f"{images.name}: no usable training images ({images.problems.summary()})")
+    images = _usable_images(dataset if dataset is not None else recipe.data.open())
     training_images, validation_images = _split(recipe, images)
 
     keras.utils.set_random_seed(spec.seed)
@@ -307,12 +300,7 @@ def train(
             optimizer.build(model.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         manager = tf.train.CheckpointManager(checkpoint, out_dir / "checkpoints", max_to_keep=3)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            log.info("resuming from %s", manager.latest_checkpoint)
-        elif recipe.model.init_from is not None:
-            init_weights(model, recipe.model.init_from)
-            log.info("weights initialised from %s", recipe.model.init_from)
+        _restore_or_initialise(recipe, model, checkpoint, manager)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
         if start >= spec.steps:
@@ -320,40 +308,9 @@ def train(
 
         phases = _Phases(recipe, training_images, strategy)
         validator = _Validator(recipe, validation_images, out_dir) if validation_images is not None else None
+        step = _step_function(recipe, model, optimizer, strategy)
+        report = _StepReport(spec, out_dir, end, progress)
         batches = phases.batches(start)
-        loss_fn = _loss(recipe)
-        replicas = strategy.num_replicas_in_sync
-
-        # The same layers, also giving the logits: the losses take cross-entropy from them (model/losses.py).
-        with_logits = keras.Model(model.inputs, [model.outputs[0], model.get_layer("output_logits").output])
-
-        def replica_step(x, y):
-            with tf.GradientTape() as tape:
-                probs, logits = with_logits(x, training=True)
-                loss = loss_fn(y, probs, logits=logits)
-                total = (loss + l2_penalty(model.trainable_variables, recipe.loss.weight_decay)) / replicas
-                if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                    total = optimizer.scale_loss(total)
-            grads = tape.gradient(total, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-            return loss, hard_dice(y, probs)
-
-        @tf.function(jit_compile=spec.jit_compile)
-        def compiled_step(x, y):
-            return replica_step(x, y)
-
-        @tf.function
-        def step(batch):
-            loss, dice = strategy.run(compiled_step, args=batch)
-            mean = tf.distribute.ReduceOp.MEAN
-            return strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, dice, axis=None)
-
-        writer = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
-        bar = keras.utils.Progbar(end, stateful_metrics=["loss", "dice", "img/s"], verbose=1 if progress else 0)
-        started = time.perf_counter()
-        window_start, window_steps = started, 0
-        last_loss = last_dice = None
-        rate = 0.0
         current = start
         try:
             while current < end:
@@ -361,23 +318,7 @@ def train(
                     batches = phases.batches(current)
                 loss, dice = step(next(batches))
                 current = int(optimizer.iterations.numpy())
-                window_steps += 1
-                if current % spec.log_every == 0 or current == end:
-                    last_loss, last_dice = float(loss), float(dice)
-                    now = time.perf_counter()
-                    rate = window_steps * spec.batch_size / max(now - window_start, 1e-9)
-                    window_start, window_steps = now, 0
-                    lr = optimizer.learning_rate
-                    with writer.as_default(step=current):
-                        write_scalars(
-                            {
-                                "loss": last_loss,
-                                "dice": last_dice,
-                                "learning_rate": float(lr(current) if callable(lr) else lr),
-                                "images_per_second": rate,
-                            }
-                        )
-                    bar.update(current, [("loss", last_loss), ("dice", last_dice), ("img/s", rate)])
+                report.step(current, end, loss, dice, optimizer.learning_rate)
                 if current % spec.checkpoint_every == 0:
                     manager.save(checkpoint_number=current)
                 if validator is not None and validator.due(current, current >= spec.steps):
@@ -387,46 +328,152 @@ def train(
             raise
         if current != start and (manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{current}")):
             manager.save(checkpoint_number=current)
-        writer.flush()
-        seconds = time.perf_counter() - started
-        trained = current - start
-        finished = current >= spec.steps
-        model_path = out_dir / "model.keras"
-        best = validator.best if validator is not None else None
-        summary = {
-            "recipe": recipe.model_dump(mode="json"),
-            "classes": images.classes,
-            "dataset": training_images.describe(),
-            "validation_dataset": validation_images.describe() if validation_images is not None else None,
-            "steps": current,
-            "best_step": best["step"] if best else None,
-            "resumed_from": start,
-            "finished": finished,
-            "seconds_this_run": round(seconds, 2),
-            "images_per_second": round(trained * spec.batch_size / seconds, 2) if trained else None,
-            "last_loss": last_loss,
-            "last_dice": last_dice,
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-        }
-        if finished:
-            if best is not None:
-                model.load_weights(validator.weights_path)
-            model.save(model_path)
-            write_sidecar(recipe, images.classes, model_path, summary, best)
-        (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        seconds = report.close()
+        summary = _finish(recipe, model, out_dir, validator, images=images, training_images=training_images,
+                          validation_images=validation_images, start=start, current=current, seconds=seconds, report=report)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return TrainResult(
-        model_path=model_path,
+        model_path=out_dir / "model.keras",
         out_dir=out_dir,
         step=current,
         resumed_from=start,
-        finished=finished,
+        finished=summary["finished"],
         seconds=seconds,
         images_per_second=summary["images_per_second"] or 0.0,
-        last_loss=last_loss,
-        last_dice=last_dice,
+        last_loss=report.last_loss,
+        last_dice=report.last_dice,
         compute_dtype=model.get_layer("output_conv1").compute_dtype,
         best_step=summary["best_step"],
     )
+
+
+def _finish(recipe: Recipe, model, out_dir: Path, validator, *, images: LabelledImages, training_images: LabelledImages,
+            validation_images: LabelledImages | None, start: int, current: int, seconds: float, report: _StepReport) -> dict:
+    """training.json (what this run did); once the last step is done, also the model (the best validated
+    step's, when validating) and its sidecar."""
+    import keras
+    import tensorflow as tf
+
+    spec = recipe.train
+    finished = current >= spec.steps
+    best = validator.best if validator is not None else None
+    summary = {
+        "recipe": recipe.model_dump(mode="json"),
+        "classes": images.classes,
+        "dataset": training_images.describe(),
+        "validation_dataset": validation_images.describe() if validation_images is not None else None,
+        "steps": current,
+        "best_step": best["step"] if best else None,
+        "resumed_from": start,
+        "finished": finished,
+        "seconds_this_run": round(seconds, 2),
+        "images_per_second": round((current - start) * spec.batch_size / seconds, 2) if current != start else None,
+        "last_loss": report.last_loss,
+        "last_dice": report.last_dice,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+    if finished:
+        model_path = out_dir / "model.keras"
+        if best is not None:
+            model.load_weights(validator.weights_path)
+        model.save(model_path)
+        write_sidecar(recipe, images.classes, model_path, summary, best)
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _usable_images(images: LabelledImages) -> LabelledImages:
+    """The dataset, its skipped files logged; refused when nothing is left to train on."""
+    if images.problems:
+        log.warning("%s", images.problems.summary())
+        for problem in images.problems:
+            log.warning("skipped %s", problem)
+    if len(images) == 0:
+        raise DataError(f"{images.name}: no usable training images ({images.problems.summary()})")
+    return images
+
+
+def _restore_or_initialise(recipe: Recipe, model, checkpoint, manager) -> None:
+    """Resume from the run's own latest checkpoint; a new run starts from `model.init_from` when given."""
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        log.info("resuming from %s", manager.latest_checkpoint)
+    elif recipe.model.init_from is not None:
+        init_weights(model, recipe.model.init_from)
+        log.info("weights initialised from %s", recipe.model.init_from)
+
+
+def _step_function(recipe: Recipe, model, optimizer, strategy):
+    """One optimiser step on a (distributed) batch; returns the mean loss and hard Dice over replicas."""
+    import keras
+    import tensorflow as tf
+
+    from defectscan.model.losses import hard_dice, l2_penalty
+
+    loss_fn = _loss(recipe)
+    replicas = strategy.num_replicas_in_sync
+    # The same layers, also giving the logits: the losses take cross-entropy from them (model/losses.py).
+    with_logits = keras.Model(model.inputs, [model.outputs[0], model.get_layer("output_logits").output])
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            probs, logits = with_logits(x, training=True)
+            loss = loss_fn(y, probs, logits=logits)
+            total = (loss + l2_penalty(model.trainable_variables, recipe.loss.weight_decay)) / replicas
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                total = optimizer.scale_loss(total)
+        grads = tape.gradient(total, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss, hard_dice(y, probs)
+
+    @tf.function(jit_compile=recipe.train.jit_compile)
+    def compiled_step(x, y):
+        return replica_step(x, y)
+
+    @tf.function
+    def step(batch):
+        loss, dice = strategy.run(compiled_step, args=batch)
+        mean = tf.distribute.ReduceOp.MEAN
+        return strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, dice, axis=None)
+
+    return step
+
+
+class _StepReport:
+    """Every `log_every` steps (and the last): loss, Dice, learning rate and speed to TensorBoard and the progress bar."""
+
+    def __init__(self, spec, out_dir: Path, end: int, progress: bool) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.spec = spec
+        self.writer = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
+        self.bar = keras.utils.Progbar(end, stateful_metrics=["loss", "dice", "img/s"], verbose=1 if progress else 0)
+        self.started = self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.last_loss: float | None = None
+        self.last_dice: float | None = None
+
+    def step(self, current: int, end: int, loss, dice, learning_rate) -> None:
+        self.window_steps += 1
+        if current % self.spec.log_every and current != end:
+            return
+        self.last_loss, self.last_dice = float(loss), float(dice)
+        now = time.perf_counter()
+        rate = self.window_steps * self.spec.batch_size / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_steps = now, 0
+        with self.writer.as_default(step=current):
+            write_scalars({
+                "loss": self.last_loss,
+                "dice": self.last_dice,
+                "learning_rate": float(learning_rate(current) if callable(learning_rate) else learning_rate),
+                "images_per_second": rate,
+            })
+        self.bar.update(current, [("loss", self.last_loss), ("dice", self.last_dice), ("img/s", rate)])
+
+    def close(self) -> float:
+        """Seconds since the first step began."""
+        self.writer.flush()
+        return time.perf_counter() - self.started
