@@ -36,7 +36,7 @@ def inspect(app: AppContext, model_reference, image_set_ids, scheduler, workers,
         defectscan inspect --model demo --imageset /data/L042.zarr
         defectscan inspect --model tinyunet-dagm:3 --imageset 12 --imageset 13 --scheduler tcp://dask:8786
     """
-    from defectscan.pipeline.cli_run import run_inspect
+    from defectscan.pipeline.by_name import run_inspect
 
     if force and retry_errors:
         raise click.UsageError("--force already inspects every image again; --retry-errors is for the images in error only: give one")

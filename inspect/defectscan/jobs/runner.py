@@ -59,7 +59,7 @@ class JobOutcome:
 
 def resolve_model(session: Session, spec: JobSpec) -> Model:
     from defectscan.model.registry import get_model, register_demo
-    from defectscan.pipeline.cli_run import DEMO
+    from defectscan.pipeline.by_name import DEMO
 
     ref = spec.model
     if ref.name == DEMO and ref.stage is None:
@@ -98,7 +98,7 @@ def run_job(
         try:
             with heartbeat:
                 try:
-                    _run(factory, spec, spec_file, settings, outcome, heartbeat, echo, on_started)
+                    _run(factory, spec, spec_file, settings, outcome, heartbeat=heartbeat, echo=echo, on_started=on_started)
                 except Interrupted as exc:
                     outcome.status, outcome.signal = "interrupted", exc.signum
                     outcome.errors.append(f"interrupted by {exc}")
@@ -121,7 +121,7 @@ def run_job(
     return outcome
 
 
-def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, settings: Settings, outcome: JobOutcome,
+def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, settings: Settings, outcome: JobOutcome, *,
          heartbeat: Heartbeat, echo: Callable[[str], None], on_started: Callable[[int], None] | None) -> None:
     from defectscan.pipeline.run import check_store_unchanged, inspect_image_sets
 

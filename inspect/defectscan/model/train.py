@@ -278,7 +278,6 @@ def train(
     operating point chosen on the validation images.
     """
     import keras
-    import tensorflow as tf
 
     from defectscan.model.unet import build_model
 
@@ -298,13 +297,9 @@ def train(
             model = build_model(recipe.model.variant, num_classes=len(images.classes), filters=recipe.model.filters, seed=spec.seed)
             optimizer = _optimizer(recipe)
             optimizer.build(model.trainable_variables)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-        manager = tf.train.CheckpointManager(checkpoint, out_dir / "checkpoints", max_to_keep=3)
-        _restore_or_initialise(recipe, model, checkpoint, manager)
+        manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
-        if start >= spec.steps:
-            log.info("already trained to step %d", start)
 
         phases = _Phases(recipe, training_images, strategy)
         validator = _Validator(recipe, validation_images, out_dir) if validation_images is not None else None
@@ -395,14 +390,22 @@ def _usable_images(images: LabelledImages) -> LabelledImages:
     return images
 
 
-def _restore_or_initialise(recipe: Recipe, model, checkpoint, manager) -> None:
-    """Resume from the run's own latest checkpoint; a new run starts from `model.init_from` when given."""
+def _restore_or_initialise(recipe: Recipe, model, optimizer, out_dir: Path):
+    """The run's checkpoint manager, after resuming from its latest checkpoint; a new run starts from
+    `model.init_from` when given."""
+    import tensorflow as tf
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, out_dir / "checkpoints", max_to_keep=3)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         log.info("resuming from %s", manager.latest_checkpoint)
+        if int(optimizer.iterations.numpy()) >= recipe.train.steps:
+            log.info("already trained to step %d", int(optimizer.iterations.numpy()))
     elif recipe.model.init_from is not None:
         init_weights(model, recipe.model.init_from)
         log.info("weights initialised from %s", recipe.model.init_from)
+    return manager
 
 
 def _step_function(recipe: Recipe, model, optimizer, strategy):

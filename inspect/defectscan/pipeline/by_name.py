@@ -1,4 +1,4 @@
-"""The `inspect` command's work, callable from tests: resolve names, connect, run with a progress bar."""
+"""Inspect image sets named by the user (ids or URIs, a model reference or "demo"): resolve, connect, run with a progress bar."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
-from defectscan.config import Settings
 from defectscan import interrupts
+from defectscan.config import Settings
 from defectscan.pipeline.run import RunSummary, inspect_image_sets
 
 DEMO = "demo"
