@@ -117,8 +117,8 @@ def test_nested_keys_from_environment_and_their_errors():
     assert settings.inspection.batch_size == 4
     assert settings.inspection.tile_size == 1024  # untouched keys keep their defaults
 
-    with pytest.raises(ConfigError, match="environment variable DEFECTSCAN_INSPECTION__HALO: key 'inspection.halo' has value '100': expected a multiple of 16"):
-        load_settings(environ={"DEFECTSCAN_INSPECTION__HALO": "100"})
+    with pytest.raises(ConfigError, match="environment variable DEFECTSCAN_INSPECTION__HALO: key 'inspection.halo' has value '-16': Input should be greater than or equal to 0"):
+        load_settings(environ={"DEFECTSCAN_INSPECTION__HALO": "-16"})
     with pytest.raises(ConfigError, match="unknown key 'cluster.workers'; accepted keys: memory_limit, n_workers, scheduler, shards_in_flight_per_worker, threads_per_worker, tls"):
         load_settings(environ={"DEFECTSCAN_CLUSTER__WORKERS": "3"})
 

@@ -72,14 +72,6 @@ class InspectionSettings(_Section):
     stop_within_s: float = Field(gt=0)
     shard_timeout_s: float | None = Field(gt=0)
 
-    @field_validator("tile_size", "halo")
-    @classmethod
-    def _multiple_of_16(cls, value: int) -> int:
-        # The UNet pools four times: tiles and halos on a 16-pixel grid keep tiled output equal to whole-image output.
-        if value % 16:
-            raise ValueError("expected a multiple of 16")
-        return value
-
     @model_validator(mode="after")
     def _whole_batches(self) -> InspectionSettings:
         if self.images_per_shard % self.batch_size:

@@ -19,6 +19,7 @@ from defectscan.data.dataset import LabelledImages, image_group
 from defectscan.errors import DataError, ModelError
 from defectscan.model.metrics import THRESHOLDS, SegmentationScores
 from defectscan.model.operating_point import NoOperatingPoint, RuleGrid, RuleScores
+from defectscan.model.preprocess import contract_of
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, to_uint8
 
 
@@ -47,7 +48,7 @@ def evaluate_model(
     outputs = model.output_shape[-1]
     if outputs != len(images.classes):
         raise ModelError(f"the model has {outputs} output classes but the dataset {images.name} has {len(images.classes)} ({', '.join(images.classes)})")
-    multiple = getattr(model, "size_multiple", 16)
+    multiple = contract_of(model).multiple_of
     height, width = images.shape
     if height % multiple or width % multiple:
         raise DataError(f"{images.name}: images are {height}x{width}; the model needs multiples of {multiple}")

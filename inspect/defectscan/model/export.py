@@ -60,11 +60,11 @@ def export_saved_model(model, out_dir: str | Path) -> Path:
     import keras
     import tensorflow as tf
 
-    from defectscan.model.preprocess import SIZE_MULTIPLE, scale_tensor
+    from defectscan.model.preprocess import contract_of, scale_tensor
 
     if isinstance(model, (str, Path)):
         model = load_model(model)
-    multiple = getattr(model, "size_multiple", SIZE_MULTIPLE)
+    multiple = contract_of(model).multiple_of
 
     def serve(images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]

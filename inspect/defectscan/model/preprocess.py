@@ -8,21 +8,69 @@ TensorFlow's SYMMETRIC), and outputs are cropped back.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
 import numpy as np
 
 from defectscan.data.pixels import as_uint8
 
 SCALE = 127.5
 OFFSET = -1.0
+# The UNets built here pool four times; a model's own contract says its multiple.
 SIZE_MULTIPLE = 16
-INPUT_SPEC = {
-    "channels": 1,
-    "dtype": "uint8",
-    "accepts": ["uint8", "uint16"],
-    "scaling": "x / 127.5 - 1 (uint16: x / 257 first, or x / (2^bits - 1) x 255 for a recorded bit depth)",
-    "multiple_of": SIZE_MULTIPLE,
-    "layout": "NHWC",
-}
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What one model version accepts, saved with it (the registry's `input_spec`) and read by everything
+    that pads, tiles or checks a halo: workers, tile planning, evaluation, export.
+
+    `multiple_of`: height and width are padded to multiples of it (2 ** poolings);
+    `receptive_radius`: pixels on each side of an output pixel that can change it, so the least halo
+    a tile needs for tiled output to equal whole-image output (None: not recorded, not checked).
+    """
+
+    multiple_of: int = SIZE_MULTIPLE
+    receptive_radius: int | None = None
+    channels: int = 1
+    dtype: str = "uint8"
+    accepts: tuple[str, ...] = ("uint8", "uint16")
+    scaling: str = "x / 127.5 - 1 (uint16: x / 257 first, or x / (2^bits - 1) x 255 for a recorded bit depth)"
+    layout: str = "NHWC"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "accepts": list(self.accepts)}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any] | None) -> InputContract:
+        """A registry row's `input_spec`; keys it lacks (older rows) take the defaults."""
+        known = {f.name for f in fields(cls)}
+        given = {k: v for k, v in (spec or {}).items() if k in known}
+        if "accepts" in given:
+            given["accepts"] = tuple(given["accepts"])
+        return cls(**given)
+
+    def pad(self, images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        return pad_to_multiple(images, self.multiple_of)
+
+    def padded(self, size: int) -> int:
+        return padded_size(size, self.multiple_of)
+
+    def tiling_problem(self, tile_size: int, halo: int) -> str | None:
+        """Why tiles of `tile_size` with `halo` would not reproduce whole-image output, or None."""
+        if tile_size % self.multiple_of or halo % self.multiple_of:
+            return f"tile_size ({tile_size}) and halo ({halo}) must be multiples of {self.multiple_of}, the model's input multiple"
+        if self.receptive_radius is not None and halo < self.receptive_radius:
+            least = padded_size(self.receptive_radius, self.multiple_of)
+            return f"halo ({halo}) is less than the model's receptive radius ({self.receptive_radius} pixels): tile borders would show; use {least} or more"
+        return None
+
+
+def contract_of(model) -> InputContract:
+    """The contract of a loaded Keras model (a UNet of this package knows its own; others get the defaults)."""
+    own = getattr(model, "input_contract", None)
+    return own if isinstance(own, InputContract) else InputContract()
 
 
 def to_model_input(images: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
@@ -57,7 +105,7 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 8) -> np.
     """Probabilities (N, H, W, classes) float32 for raw images of any size (padded, then cropped back)."""
     import tensorflow as tf
 
-    x, (height, width) = pad_to_multiple(to_model_input(images))
+    x, (height, width) = contract_of(model).pad(to_model_input(images))
     forward = tf.function(lambda batch: model(batch, training=False))
     out = [forward(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(out)[:, :height, :width, :]

@@ -113,7 +113,7 @@ def register_model(
     operating_point: dict[str, Any] | None = None,
 ) -> Model:
     """Check the file loads and agrees with its class list, then add its row. Arguments beat metadata."""
-    from defectscan.model.preprocess import INPUT_SPEC
+    from defectscan.model.preprocess import contract_of
 
     path = Path(path).resolve()
     meta = metadata or ModelMetadata()
@@ -135,8 +135,8 @@ def register_model(
         raise ModelError(f"{path}: the model has {outputs} output classes but {len(classes)} class names were given ({', '.join(classes)})")
     point = _operating_point(path, operating_point or meta.operating_point, threshold if threshold is not None else meta.threshold)
     config = model.get_config()
-    input_spec = dict(meta.input_spec or INPUT_SPEC)
-    input_spec["multiple_of"] = getattr(model, "size_multiple", input_spec.get("multiple_of", 16))
+    # The file's own structure decides its input multiple and receptive radius, whatever a sidecar says.
+    input_spec = contract_of(model).to_dict()
     row = Model(
         name=name,
         version=version,

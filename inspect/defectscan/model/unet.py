@@ -144,6 +144,12 @@ class TinyUNet(keras.Model):
         """Input height and width must be multiples of this."""
         return 2 ** (len(self.filters) - 1)
 
+    @property
+    def input_contract(self):
+        from defectscan.model.preprocess import InputContract
+
+        return InputContract(multiple_of=self.size_multiple, receptive_radius=receptive_radius(len(self.filters) - 1))
+
     def get_config(self):
         return {
             "name": self.name,
@@ -157,6 +163,19 @@ class TinyUNet(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def receptive_radius(poolings: int) -> int:
+    """Pixels on either side of an output pixel that can change it, for the structure above with `poolings` levels.
+
+    Per side, on the grid of stride s (1, 2, 4, ... 2 ** poolings): each 3x3 convolution reaches s
+    further; each 2x2 pooling, and each up-conv's 2x2 'same' convolution (TensorFlow pads an even
+    kernel after), reaches s further on one side. With S = 2 ** poolings - 1, the sum of the strides
+    below the bottom: the input block's two convolutions 2, the down blocks' and bottleneck's 4S, the up
+    and output blocks' 2S, poolings and up-convs 2S on the far side: 2 + 8S (122 for four poolings).
+    """
+    strides = 2**poolings - 1
+    return 2 + 8 * strides
 
 
 def build_model(variant: str = "tinyunet", num_classes: int = 1, filters: Sequence[int] | None = None, seed: int | None = None) -> TinyUNet:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from defectscan.model.preprocess import SIZE_MULTIPLE, padded_size
+from defectscan.model.preprocess import InputContract
 
 
 @dataclass(frozen=True)
@@ -61,18 +61,18 @@ def plan_stack(image_set_id: int, n_images: int, images_per_shard: int, pending:
             yield StackShard(image_set_id, start, stop, tuple(int(p) for p in todo))
 
 
-def window_shape(height: int, width: int, tile_size: int, halo: int) -> tuple[int, int]:
+def window_shape(height: int, width: int, tile_size: int, halo: int, *, contract: InputContract) -> tuple[int, int]:
     """The one window shape every tile of an image uses (so the model is traced once)."""
     side = tile_size + 2 * halo
-    return min(side, padded_size(height)), min(side, padded_size(width))
+    return min(side, contract.padded(height)), min(side, contract.padded(width))
 
 
-def plan_tiles(height: int, width: int, tile_size: int, halo: int) -> list[Tile]:
-    """Core tiles of `tile_size` covering the image; windows shifted inside the (16-padded) image."""
-    if tile_size % SIZE_MULTIPLE or halo % SIZE_MULTIPLE:
-        raise ValueError(f"tile_size ({tile_size}) and halo ({halo}) must be multiples of {SIZE_MULTIPLE}")
-    win_h, win_w = window_shape(height, width, tile_size, halo)
-    padded_h, padded_w = padded_size(height), padded_size(width)
+def plan_tiles(height: int, width: int, tile_size: int, halo: int, *, contract: InputContract) -> list[Tile]:
+    """Core tiles of `tile_size` covering the image; windows shifted inside the image padded to the model's multiple."""
+    if tile_size % contract.multiple_of or halo % contract.multiple_of:
+        raise ValueError(f"tile_size ({tile_size}) and halo ({halo}) must be multiples of {contract.multiple_of}")
+    win_h, win_w = window_shape(height, width, tile_size, halo, contract=contract)
+    padded_h, padded_w = contract.padded(height), contract.padded(width)
     tiles = []
     for y0 in range(0, height, tile_size):
         for x0 in range(0, width, tile_size):
@@ -83,8 +83,9 @@ def plan_tiles(height: int, width: int, tile_size: int, halo: int) -> list[Tile]
     return tiles
 
 
-def plan_strip(image_set_id: int, height: int, width: int, tile_size: int, halo: int, tiles_per_shard: int) -> Iterator[TileShard]:
-    tiles = plan_tiles(height, width, tile_size, halo)
-    shape = window_shape(height, width, tile_size, halo)
+def plan_strip(image_set_id: int, height: int, width: int, tile_size: int, halo: int, *, tiles_per_shard: int,
+               contract: InputContract) -> Iterator[TileShard]:
+    tiles = plan_tiles(height, width, tile_size, halo, contract=contract)
+    shape = window_shape(height, width, tile_size, halo, contract=contract)
     for start in range(0, len(tiles), tiles_per_shard):
         yield TileShard(image_set_id, tuple(tiles[start : start + tiles_per_shard]), shape)

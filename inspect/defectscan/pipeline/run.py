@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from defectscan import interrupts
 from defectscan.config import InspectionSettings
 from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model
-from defectscan.errors import DataError, DefectscanError, first_line
+from defectscan.errors import ConfigError, DataError, DefectscanError, first_line
 from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
 from defectscan.interrupts import Interrupted
 from defectscan.pipeline.job_runs import abandon_stale_runs, beat, close_run, open_run
 from defectscan.pipeline.outputs import prepare_output
 from defectscan.pipeline.plan import plan_stack, plan_strip
+from defectscan.model.preprocess import InputContract
 from defectscan.model.verdict import RULE_FIELDS, VerdictRules
 from defectscan.pipeline.record import Counts, Retry, record_shard, with_retries
 from defectscan.pipeline.worker import ArrayRef, ModelRef, ShardResult, inspect_stack_shard, inspect_tiles, judge_strip, verify_model_file
@@ -84,7 +85,16 @@ class _Task:
 
 
 def model_ref(model: Model, batch_size: int) -> ModelRef:
-    return ModelRef(uri=model.uri, sha256=model.sha256, classes=tuple(model.classes), batch_size=batch_size)
+    return ModelRef(uri=model.uri, sha256=model.sha256, classes=tuple(model.classes), batch_size=batch_size,
+                    contract=InputContract.from_dict(model.input_spec))
+
+
+def check_tiling(model: Model, contract: InputContract, settings: InspectionSettings, image_sets: list[ImageSet]) -> None:
+    """Strips are inspected in tiles: their size and halo must suit this model version's input contract."""
+    strips = [image_set for image_set in image_sets if image_set.kind == "strip"]
+    problem = contract.tiling_problem(settings.tile_size, settings.halo) if strips else None
+    if problem:
+        raise ConfigError(f"inspection.tile_size/halo for model {model.name}:{model.version} on image set {strips[0].id}: {problem}")
 
 
 def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
@@ -167,7 +177,9 @@ def inspect_image_sets(
     verify_model_file(ref)
     for image_set in image_sets:
         check_store_unchanged(image_set)
+    check_tiling(model, ref.contract, settings, image_sets)
     rules = verdict_rules(model, settings)
+
     def close_abandoned() -> None:
         with factory.begin() as session:
             abandon_stale_runs(session, settings.stale_run_after_s)
@@ -258,7 +270,8 @@ def _tasks(context: RunContext, plans) -> Iterator[tuple[object, _Task]]:
                     inspect_tiles, shard, source, output, tile_ref,
                     key=f"tiles-{run_id}-{image_set.id}-{i}", resources=resources, pure=False,
                 )
-                for i, shard in enumerate(plan_strip(image_set.id, height, width, settings.tile_size, settings.halo, settings.batch_size))
+                for i, shard in enumerate(plan_strip(image_set.id, height, width, settings.tile_size, settings.halo,
+                                                     tiles_per_shard=settings.batch_size, contract=ref.contract))
             ]
             future = client.submit(judge_strip, image_set.id, output, ref, context.rules, *tiles, key=f"strip-{run_id}-{image_set.id}", pure=False)
             yield future, _Task(image_set.id, (0,), output, strip_tiles=True)

@@ -20,7 +20,7 @@ import numpy as np
 from defectscan.errors import DataError, StorageError
 from defectscan.native_logs import quiet_tensorflow_startup
 from defectscan.model.export import load_model, verify_sha256
-from defectscan.model.preprocess import pad_to_multiple, to_model_input
+from defectscan.model.preprocess import InputContract, to_model_input
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
 from defectscan.model.verdict import ImageResult, VerdictRules, judge, to_uint8
 
@@ -33,6 +33,8 @@ class ModelRef:
     sha256: str
     classes: tuple[str, ...]
     batch_size: int
+    # The registered input contract: the multiple inputs are padded to.
+    contract: InputContract = InputContract()
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def score_images(ref: ModelRef, images: np.ndarray, bit_depth: int | None = None
     Scaling and padding are the model's own (defectscan.model.preprocess), so the pipeline and
     `defectscan evaluate` see the same numbers.
     """
-    x, (height, width) = pad_to_multiple(to_model_input(images, bit_depth))
+    x, (height, width) = ref.contract.pad(to_model_input(images, bit_depth))
     return _score(ref, x)[:, :, :height, :width]
 
 
@@ -113,7 +115,7 @@ def probabilities(ref: ModelRef, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def window_input(image, tile: Tile, shape: tuple[int, int], bit_depth: int | None = None) -> np.ndarray:
+def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputContract, bit_depth: int | None = None) -> np.ndarray:
     """The model input (H, W, 1) for one tile's window of a (H, W) image array.
 
     A window may reach into the padding below/right of the image: it is padded as the whole
@@ -122,7 +124,7 @@ def window_input(image, tile: Tile, shape: tuple[int, int], bit_depth: int | Non
     height, width = image.shape
     wy, wx = tile.window
     part = np.asarray(image[wy : min(wy + shape[0], height), wx : min(wx + shape[1], width)])
-    return pad_to_multiple(to_model_input(part[None], bit_depth))[0][0]
+    return contract.pad(to_model_input(part[None], bit_depth))[0][0]
 
 
 def _open(ref: ArrayRef, mode: str):
@@ -212,7 +214,7 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
     """Score each tile's window and write its core into the strip's (C, H, W) map; timings, and a failure if the write failed."""
     began = time.perf_counter()
     image = _open(source, "r")
-    windows = np.stack([window_input(image, tile, shard.window_shape, source.bit_depth) for tile in shard.tiles])
+    windows = np.stack([window_input(image, tile, shard.window_shape, contract=model.contract, bit_depth=source.bit_depth) for tile in shard.tiles])
     read_s = time.perf_counter() - began
 
     began = time.perf_counter()
