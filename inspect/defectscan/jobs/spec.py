@@ -290,7 +290,7 @@ def load_spec(path: Path) -> JobSpec:
     if spec.name != path.stem:
         raise SpecError(f"{path}{_at(lines, ('name',))}: key 'name' has value {spec.name!r}: expected the file's name without .yaml, {path.stem!r}")
     try:
-        # The settings layers check the inspection values (ranges, multiples of 16, ...), naming this file.
+        # The settings layers check the inspection values (ranges, whole batches, ...), naming this file.
         load_settings(environ={}, overrides={k.replace("__", "."): v for k, v in spec.setting_overrides(str(path)).items()})
     except ConfigError as exc:
         raise SpecError(_with_lines(str(exc), str(path), lines)) from None

@@ -3,7 +3,7 @@
 A `.keras` file is what defectscan registers and runs (loaded with safe_mode=True, so a file
 cannot execute code). The SavedModel is for other serving stacks: its `serve` signature takes
 raw uint8 images (batch, H, W, 1) of any size, scales them like training did, pads H and W up
-to a multiple of 16 and crops the probabilities back to (batch, H, W, classes).
+to the model's input multiple and crops the probabilities back to (batch, H, W, classes).
 """
 
 from __future__ import annotations

@@ -138,8 +138,9 @@ def training_dataset(
 
     _require_images(images)
     height, width = images.shape
-    if crop_size is not None and (crop_size > min(height, width) or crop_size % 16):
-        raise DataError(f"{images.name}: crop_size {crop_size} must be a multiple of 16 and at most the image size {height}x{width}")
+    if crop_size is not None and crop_size > min(height, width):
+        # (The recipe checks that a crop is a multiple of the model's input multiple.)
+        raise DataError(f"{images.name}: crop_size {crop_size} must be at most the image size {height}x{width}")
     num_classes = len(images.classes)
     parallel = parallel or tf.data.AUTOTUNE
 

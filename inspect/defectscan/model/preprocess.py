@@ -2,8 +2,9 @@
 
 The network sees one channel scaled as x / 127.5 - 1 from 8-bit pixels (the reference recipe);
 16-bit images are first brought to 8 bits by data/pixels.py, so one model serves all. Height and
-width are padded up to a multiple of 16 (mirrored, edge pixel repeated: numpy's "symmetric",
-TensorFlow's SYMMETRIC), and outputs are cropped back.
+width are padded up to the model's input multiple (16 for the UNets here; mirrored, edge pixel
+repeated: numpy's "symmetric", TensorFlow's SYMMETRIC), and outputs are cropped back. What one model
+version accepts is its `InputContract`, saved with it in the registry.
 """
 
 from __future__ import annotations

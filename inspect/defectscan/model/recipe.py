@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from defectscan.errors import ConfigError
+from defectscan.model import variants
 from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
 from defectscan.yamlfile import read_mapping
 
@@ -137,8 +138,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _crop_fits(self):
-        if self.data.crop_size is not None and self.data.crop_size % 16:
-            raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of 16")
+        multiple = variants.size_multiple(variants.widths(self.model.variant, self.model.filters))
+        if self.data.crop_size is not None and self.data.crop_size % multiple:
+            raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of {multiple}, the model's input multiple")
         if self.train.whole_image_steps > self.train.steps:
             raise ValueError(f"train.whole_image_steps {self.train.whole_image_steps} is more than train.steps {self.train.steps}")
         return self

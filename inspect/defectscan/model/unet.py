@@ -24,9 +24,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-TINY_FILTERS = (32, 32, 64, 128, 256)
-ORIGINAL_FILTERS = (64, 128, 256, 512, 1024)
-VARIANTS = {"tinyunet": TINY_FILTERS, "unet": ORIGINAL_FILTERS}
+from defectscan.model import variants
 
 
 @keras.saving.register_keras_serializable(package="defectscan")
@@ -81,7 +79,7 @@ class TinyUNet(keras.Model):
     def __init__(
         self,
         num_classes: int = 1,
-        filters: Sequence[int] = TINY_FILTERS,
+        filters: Sequence[int] = variants.TINY_FILTERS,
         input_channels: int = 1,
         seed: int | None = None,
         **kwargs,
@@ -142,13 +140,13 @@ class TinyUNet(keras.Model):
     @property
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
-        return 2 ** (len(self.filters) - 1)
+        return variants.size_multiple(self.filters)
 
     @property
     def input_contract(self):
         from defectscan.model.preprocess import InputContract
 
-        return InputContract(multiple_of=self.size_multiple, receptive_radius=receptive_radius(len(self.filters) - 1))
+        return InputContract(multiple_of=self.size_multiple, receptive_radius=variants.receptive_radius(self.filters))
 
     def get_config(self):
         return {
@@ -165,24 +163,6 @@ class TinyUNet(keras.Model):
         return cls(**config)
 
 
-def receptive_radius(poolings: int) -> int:
-    """Pixels on either side of an output pixel that can change it, for the structure above with `poolings` levels.
-
-    Per side, on the grid of stride s (1, 2, 4, ... 2 ** poolings): each 3x3 convolution reaches s
-    further; each 2x2 pooling, and each up-conv's 2x2 'same' convolution (TensorFlow pads an even
-    kernel after), reaches s further on one side. With S = 2 ** poolings - 1, the sum of the strides
-    below the bottom: the input block's two convolutions 2, the down blocks' and bottleneck's 4S, the up
-    and output blocks' 2S, poolings and up-convs 2S on the far side: 2 + 8S (122 for four poolings).
-    """
-    strides = 2**poolings - 1
-    return 2 + 8 * strides
-
-
 def build_model(variant: str = "tinyunet", num_classes: int = 1, filters: Sequence[int] | None = None, seed: int | None = None) -> TinyUNet:
     """The named variant, or explicit `filters` when given."""
-    if filters is None:
-        try:
-            filters = VARIANTS[variant]
-        except KeyError:
-            raise ValueError(f"unknown model variant {variant!r}; accepted: {', '.join(VARIANTS)}") from None
-    return TinyUNet(num_classes=num_classes, filters=filters, seed=seed, name=variant)
+    return TinyUNet(num_classes=num_classes, filters=variants.widths(variant, filters), seed=seed, name=variant)
