@@ -130,3 +130,16 @@ def test_cross_entropy_from_logits_keeps_a_gradient_where_probabilities_saturate
         from_probabilities = bce_loss(y_true, tf.sigmoid(logits))
     assert float(tape.gradient(from_logits, logits)[0, 0, 0, 0]) == pytest.approx(-0.5)
     assert float(tape.gradient(from_probabilities, logits)[0, 0, 0, 0]) == 0.0
+
+
+def test_pos_weight_multiplies_the_defect_pixels_cross_entropy_from_logits_and_probabilities():
+    import tensorflow as tf
+
+    y_true = _4d([[1, 0]])
+    logits = tf.constant([[[[0.3], [-0.7]]]])
+    p = tf.sigmoid(logits)
+    plain = -(math.log(float(p[0, 0, 0, 0])) + math.log(1 - float(p[0, 0, 1, 0]))) / 2
+    weighted = -(5 * math.log(float(p[0, 0, 0, 0])) + math.log(1 - float(p[0, 0, 1, 0]))) / 2
+    assert float(bce_loss(y_true, p, logits=logits)) == pytest.approx(plain, rel=1e-5)
+    assert float(bce_loss(y_true, p, logits=logits, pos_weight=5.0)) == pytest.approx(weighted, rel=1e-5)
+    assert float(bce_loss(y_true, p, pos_weight=5.0)) == pytest.approx(weighted, rel=1e-5)

@@ -91,6 +91,8 @@ class LossSpec(_Section):
     smoothing: float = 1.0
     # bce_dice: loss = bce_weight x BCE + Dice loss.
     bce_weight: float = Field(1.0, ge=0)
+    # bce, bce_dice: weight of the defect pixels' cross-entropy against the background's.
+    pos_weight: float = Field(1.0, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
 
 

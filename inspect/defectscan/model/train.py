@@ -137,6 +137,8 @@ def _loss(recipe: Recipe):
         kwargs["switch_at"] = spec.switch_at
     if spec.name == "bce_dice":
         kwargs["bce_weight"] = spec.bce_weight
+    if spec.name in ("bce", "bce_dice"):
+        kwargs["pos_weight"] = spec.pos_weight
     return partial(LOSSES[spec.name], **kwargs)
 
 
