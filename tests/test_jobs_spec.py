@@ -150,7 +150,9 @@ def test_model_forms():
     base = {"name": "x", "schedule": "* * * * *", "source": {"lot": "L1"}}
     assert JobSpec.model_validate({**base, "model": "demo"}).model.reference == "demo"
     assert JobSpec.model_validate({**base, "model": "tinyunet:7"}).model.reference == "tinyunet:7"
-    assert JobSpec.model_validate({**base, "model": {"name": "tinyunet", "stage": "production"}}).model.reference == "tinyunet@production"
+    assert JobSpec.model_validate({**base, "model": {"name": "tinyunet", "stage": "production"}}).model.reference == "tinyunet:production"
+    short = JobSpec.model_validate({**base, "model": "tinyunet:production"}).model
+    assert (short.name, short.version, short.stage, short.reference) == ("tinyunet", "latest", "production", "tinyunet:production")
     with pytest.raises(ValueError, match="give a version, or `version: latest` with a stage, not both"):
         JobSpec.model_validate({**base, "model": {"name": "tinyunet", "version": "2", "stage": "production"}})
 

@@ -31,3 +31,15 @@ class ModelError(DefectscanError):
 
 class StorageError(DefectscanError):
     """Where results go cannot take them (a full disk, a read-only or vanished filesystem): the machine's fault, not the data's."""
+
+
+def suggest(value: str, known: list[str]) -> str:
+    """"; did you mean A or B?" for close matches of a mistyped name, else the short list of known ones, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+    if close:
+        return "; did you mean " + " or ".join(close) + "?"
+    if 0 < len(known) <= 8:
+        return "; known: " + ", ".join(known)
+    return ""

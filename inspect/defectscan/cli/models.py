@@ -102,7 +102,8 @@ def evaluate(
     """Score a model on a labelled dataset under its verdict rule (TPR, TNR, escape and false-call rates, Dice, image ROC AUC), then the reference's per-threshold figures.
 
     MODEL is a .keras file (its operating point read from the sidecar JSON beside it) or a
-    registered NAME[:VERSION] (checked against its sha256; its recorded operating point).
+    registered model (NAME, NAME:VERSION or NAME:STAGE; checked against its sha256; its recorded
+    operating point).
 
     \b
     Example:
@@ -138,7 +139,7 @@ def evaluate(
 
 
 def _load(app: AppContext, reference: str):
-    """(model, its verdict rule, its sidecar path or None) from a .keras path or a registered NAME[:VERSION]."""
+    """(model, its verdict rule, its sidecar path or None) from a .keras path or a registered model reference."""
     from defectscan.model.export import load_model
     from defectscan.model.registry import load_registered, operating_rules, sidecar_metadata, sidecar_path
 
@@ -250,7 +251,7 @@ def list_command(app: AppContext, name: str | None) -> None:
 
 
 @models.command("show")
-@click.argument("reference", metavar="NAME[:VERSION]")
+@click.argument("reference", metavar="MODEL")
 @click.option("--verify", is_flag=True, help="Also check the file against the recorded sha256.")
 @pass_app
 def show_command(app: AppContext, reference: str, verify: bool) -> None:

@@ -23,7 +23,7 @@ def filter_options(f: Callable) -> Callable:
     options.update({
         "since": click.option("--since", metavar="WHEN", help="Captured at or after WHEN (ISO 8601 date or time, UTC unless given)."),
         "until": click.option("--until", metavar="WHEN", help="Captured before WHEN; a bare date includes that whole day."),
-        "model_ref": click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only results of this model (all versions when no version)."),
+        "model_ref": click.option("--model", "model_ref", metavar="MODEL", help="Only results of this model version (NAME: its latest; NAME:* every version)."),
         "job_run": click.option("--job-run", type=int, metavar="ID", help="Only results written by this job run."),
         "verdict": click.option("--verdict", type=click.Choice(["pass", "fail", "error"]), help="Only images with this verdict."),
         "defect_class": click.option("--class", "defect_class", metavar="NAME", help="Only defects of this class (images: having one)."),
@@ -196,7 +196,7 @@ def images_list(app: AppContext, filters, sort: str, ascending: bool, limit: int
 @images.command("show")
 @click.argument("ident", metavar="IMAGE")
 @click.option("--key", "by_key", is_flag=True, help="IMAGE is a key (serial number, file name) even if it looks like a number.")
-@click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only this model's inspection of the image.")
+@click.option("--model", "model_ref", metavar="MODEL", help="Only this model version's inspection of the image (NAME:* every version's).")
 @click.option("--overlay", "overlay_path", type=_OUT_PNG, help="Write the image with score tint, defect contours and labels here (PNG).")
 @output_options
 @pass_app
@@ -299,7 +299,7 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
 @lots.command("show")
 @click.argument("lot", required=False)
 @click.option("--latest", is_flag=True, help="The lot of the most recently captured image set that has been inspected.")
-@click.option("--model", "model_ref", metavar="NAME[:VERSION]", help="Only this model's results.")
+@click.option("--model", "model_ref", metavar="MODEL", help="Only this model version's results (NAME:* every version's).")
 @click.option("--hold-above", type=click.FloatRange(0, 1), help=_HOLD_HELP)
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many defect classes to list.")
 @output_options

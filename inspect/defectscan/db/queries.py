@@ -11,7 +11,6 @@ image its set's time when the store has no per-image times).
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -20,8 +19,9 @@ from sqlalchemy.orm import Session
 
 from defectscan import provenance
 from defectscan.config import shipped_defaults
+from defectscan.db.model_refs import matching_ids
 from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model
-from defectscan.errors import DataError
+from defectscan.errors import DataError, suggest
 from defectscan.times import iso_utc, parse_iso
 
 DEFECT_COLUMNS = (
@@ -114,14 +114,6 @@ def parse_when(value: str, option: str, *, end_of_day: bool = False) -> dt.datet
 # --- checks of filter values, with suggestions -----------------------------------------------------
 
 
-def _suggest(value: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
-    if close:
-        return "; did you mean " + " or ".join(close) + "?"
-    if 0 < len(known) <= 8:
-        return "; known: " + ", ".join(known)
-    return ""
-
 
 def check_filters(session: Session, filters: Filters) -> None:
     """Refuse a lot, line, product, camera, class, model or job run that no row has, naming close ones.
@@ -136,28 +128,15 @@ def check_filters(session: Session, filters: Filters) -> None:
         column = getattr(ImageSet, name)
         if session.scalar(select(literal(1)).where(column == value).limit(1)) is None:
             known = list(session.scalars(select(column).distinct().where(column.is_not(None)).limit(10000)))
-            raise DataError(f"unknown {name} {value!r}: no image set has it{_suggest(value, sorted(known))}")
+            raise DataError(f"unknown {name} {value!r}: no image set has it{suggest(value, sorted(known))}")
     if filters.defect_class is not None:
         known = sorted({c for classes in session.scalars(select(Model.classes)) for c in (classes or [])})
         if filters.defect_class not in known:
-            raise DataError(f"unknown defect class {filters.defect_class!r}: no registered model has it{_suggest(filters.defect_class, known)}")
+            raise DataError(f"unknown defect class {filters.defect_class!r}: no registered model has it{suggest(filters.defect_class, known)}")
     if filters.model is not None:
-        model_ids(session, filters.model)
+        matching_ids(session, filters.model)
     if filters.job_run is not None and session.get(JobRun, filters.job_run) is None:
         raise DataError(f"unknown job run {filters.job_run}: see `defectscan jobs history` for run ids")
-
-
-def model_ids(session: Session, reference: str) -> list[int]:
-    name, _, version = reference.partition(":")
-    query = select(Model.id).where(Model.name == name)
-    if version:
-        query = query.where(Model.version == version)
-    ids = list(session.scalars(query))
-    if not ids:
-        known = sorted(f"{n}:{v}" for n, v in session.execute(select(Model.name, Model.version)))
-        names = sorted({k.split(":")[0] for k in known})
-        raise DataError(f"unknown model {reference!r}: expected NAME or NAME:VERSION of a registered model{_suggest(reference, known + names)}")
-    return ids
 
 
 # --- shared filtering -------------------------------------------------------------------------------
@@ -182,7 +161,7 @@ def apply_filters(session: Session, query: Select, filters: Filters, *, defects:
     """Add the filters to a query that joins inspections, images and image_sets (and defects when `defects`)."""
     conditions = image_scope(filters)
     if filters.model is not None:
-        conditions.append(Inspection.model_id.in_(model_ids(session, filters.model)))
+        conditions.append(Inspection.model_id.in_(matching_ids(session, filters.model)))
     if filters.job_run is not None:
         conditions.append(Inspection.job_run_id == filters.job_run)
     if filters.verdict is not None:
@@ -377,7 +356,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
     ).one()
     inspections = select(Inspection, Model).join(Model, Inspection.model_id == Model.id).where(Inspection.image_id == image_id)
     if model is not None:
-        inspections = inspections.where(Inspection.model_id.in_(model_ids(session, model)))
+        inspections = inspections.where(Inspection.model_id.in_(matching_ids(session, model)))
     found = session.execute(inspections.order_by(Inspection.inspected_at.desc(), Inspection.id.desc())).all()
     record: dict[str, Any] = {
         "image_id": image.id, "image_key": image.key, "image_set_id": image_set.id, "image_set_uri": image_set.uri,
@@ -506,7 +485,7 @@ def _lots_rollup(session: Session, filters: Filters, first_day: dt.date | None, 
     )
     conditions = set_scope(filters)
     if filters.model is not None:
-        conditions.append(daily.model_id.in_(model_ids(session, filters.model)))
+        conditions.append(daily.model_id.in_(matching_ids(session, filters.model)))
     if first_day is not None or end_day is not None:
         # a time filter leaves out images without a capture time, as `acquired_at >= since` does
         conditions.append(daily.day != NO_DAY)
@@ -587,7 +566,7 @@ def lot_summary(
     if not n_sets:
         check_filters(session, filters)  # names the unknown lot, with suggestions
     if filters.model is not None:
-        model_ids(session, filters.model)
+        matching_ids(session, filters.model)
     summaries = [_lot_row(row, hold_above) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
     labels = {s["model_id"]: s["model"] for s in summaries}
     classes = (

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import Integer, Select, case, cast, distinct, func, literal, select
 from sqlalchemy.orm import Session
 
-from defectscan.db.queries import Filters, ImageSource, apply_filters, image_scope, model_ids
+from defectscan.db.model_refs import matching_ids
+from defectscan.db.queries import Filters, ImageSource, apply_filters, image_scope
 from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import DataError
 from defectscan.times import iso_utc
@@ -96,7 +97,7 @@ def scope_models(session: Session, filters: Filters) -> list[dict[str, Any]]:
 
 def model_info(session: Session, reference: str) -> dict[str, Any]:
     """A model version's identity, its evaluation metrics (`models.metrics`) and its operating point."""
-    ids = model_ids(session, reference)
+    ids = matching_ids(session, reference)
     if len(ids) != 1:
         raise DataError(f"model {reference!r} names {len(ids)} versions: give NAME:VERSION")
     model = session.get(Model, ids[0])

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan import interrupts
 from defectscan.config import Settings
 from defectscan.db.schema import Model, utcnow
-from defectscan.errors import DefectscanError, ModelError
+from defectscan.errors import DefectscanError
 from defectscan.exitcodes import EXIT_ALREADY_RUNNING
 from defectscan.interrupts import Interrupted
 from defectscan.pipeline.job_runs import close_run, record_closed_run
@@ -62,14 +62,9 @@ def resolve_model(session: Session, spec: JobSpec) -> Model:
     from defectscan.pipeline.by_name import DEMO
 
     ref = spec.model
-    if ref.name == DEMO and ref.stage is None:
-        model = register_demo(session) if ref.version == "latest" else get_model(session, ref.reference)
+    if ref.name == DEMO and ref.stage is None and ref.version == "latest":
+        model = register_demo(session)
         session.commit()
-        return model
-    if ref.stage is not None:
-        model = session.scalars(select(Model).where(Model.name == ref.name, Model.stage == ref.stage).order_by(Model.id.desc())).first()
-        if model is None:
-            raise ModelError(f"job '{spec.name}': no model {ref.name} in stage {ref.stage} is registered (see `defectscan models list`)")
         return model
     return get_model(session, ref.reference)
 

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from defectscan.config import InspectionSettings, Settings, load_settings
-from defectscan.errors import ConfigError
+from defectscan.errors import ConfigError, DefectscanError
 from defectscan.secrets import mask_secrets
 from defectscan.times import parse_iso
 from defectscan.yamlfile import parse_mapping, read_text
@@ -76,7 +76,8 @@ class SourceSpec(_Part):
 
 class ModelSpec(_Part):
     name: str = Field(min_length=1)
-    # A registered version, or `latest` (the most recently registered one, of `stage` when given).
+    # A registered version, or `latest` (the most recently registered one, of `stage` when given);
+    # `model: NAME:VERSION` or `model: NAME:STAGE` is the short form (db/model_refs.py).
     version: str = "latest"
     stage: str | None = None
 
@@ -103,9 +104,10 @@ class ModelSpec(_Part):
 
     @property
     def reference(self) -> str:
-        if self.stage:
-            return f"{self.name}@{self.stage}"
-        return self.name if self.version == "latest" else f"{self.name}:{self.version}"
+        """The model reference this names (db/model_refs.py)."""
+        from defectscan.db.model_refs import ModelReference
+
+        return str(ModelReference(self.name, self.stage or self.version))
 
 
 class TLSSpec(_Part):
@@ -186,8 +188,16 @@ class JobSpec(_Part):
     def _model_shorthand(cls, value: Any) -> Any:
         # `model: demo` or `model: tinyunet-dagm:3`
         if isinstance(value, str):
-            name, _, version = value.partition(":")
-            return {"name": name, "version": version or "latest"}
+            from defectscan.db.model_refs import parse
+            from defectscan.db.schema import MODEL_STAGES
+
+            try:
+                ref = parse(value)
+            except DefectscanError as exc:
+                raise ValueError(str(exc)) from None
+            if ref.selector in MODEL_STAGES:
+                return {"name": ref.name, "stage": ref.selector}
+            return {"name": ref.name, "version": ref.selector}
         return value
 
     @field_validator("inspection")

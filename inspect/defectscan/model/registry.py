@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from defectscan.db import model_refs
 from defectscan.db.schema import MODEL_STAGES, Model
 from defectscan.errors import ModelError
 from defectscan.model.export import file_sha256, load_model
@@ -90,14 +91,6 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     return ModelMetadata(**data)
 
 
-def parse_reference(reference: str) -> tuple[str, str | None]:
-    """NAME or NAME:VERSION."""
-    name, _, version = reference.partition(":")
-    if not name:
-        raise ModelError(f"model reference {reference!r}: expected NAME or NAME:VERSION")
-    return name, version or None
-
-
 def register_model(
     session: Session,
     path: str | Path,
@@ -121,6 +114,7 @@ def register_model(
     version = version or meta.version
     if not name or not version:
         raise ModelError(f"{path}: registering needs a name and a version (--name, --version or the metadata file)")
+    model_refs.check_version_name(version)
     if stage not in MODEL_STAGES:
         raise ModelError(f"stage {stage!r} is not one of {', '.join(MODEL_STAGES)}")
     existing = session.scalar(select(Model).where(Model.name == name, Model.version == version))
@@ -213,16 +207,8 @@ def list_models(session: Session, name: str | None = None) -> list[Model]:
 
 
 def get_model(session: Session, reference: str) -> Model:
-    """NAME:VERSION, or NAME for its most recently registered version."""
-    name, version = parse_reference(reference)
-    query = select(Model).where(Model.name == name)
-    if version is not None:
-        query = query.where(Model.version == version)
-    row = session.scalars(query.order_by(Model.id.desc())).first()
-    if row is None:
-        known = ", ".join(f"{m.name}:{m.version}" for m in list_models(session)) or "none registered"
-        raise ModelError(f"no model {reference} in the registry; known: {known}")
-    return row
+    """The one version a model reference names (db/model_refs.py: NAME, NAME:VERSION, NAME:STAGE)."""
+    return model_refs.resolve(session, reference)
 
 
 def load_registered(session: Session, reference: str):

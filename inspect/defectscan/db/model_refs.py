@@ -1,0 +1,86 @@
+"""Model references: one grammar and one meaning wherever a command takes --model or a job names its model.
+
+    NAME            the version of NAME registered last (the same as NAME:latest)
+    NAME:VERSION    that version
+    NAME:STAGE      the version of NAME in that stage registered last (staging, production, archived)
+    NAME:*          every version of NAME; only where results are selected (lots, images, defects, report)
+
+A version may not be named `latest`, `*` or after a stage, so a reference never has two readings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from defectscan.db.schema import MODEL_STAGES, Model
+from defectscan.errors import DataError, ModelError, suggest
+
+LATEST = "latest"
+EVERY = "*"
+# Words that select a version rather than name one.
+SELECTORS = (LATEST, EVERY, *MODEL_STAGES)
+GRAMMAR = "NAME, NAME:VERSION, NAME:STAGE or NAME:*"
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    name: str
+    # A version name, `latest`, a stage, or `*`.
+    selector: str = LATEST
+
+    @property
+    def every(self) -> bool:
+        return self.selector == EVERY
+
+    def __str__(self) -> str:
+        return self.name if self.selector == LATEST else f"{self.name}:{self.selector}"
+
+
+def parse(text: str) -> ModelReference:
+    name, _, selector = str(text).strip().partition(":")
+    if not name or (":" in text and not selector):
+        raise ModelError(f"model reference {text!r}: expected {GRAMMAR}")
+    return ModelReference(name, selector or LATEST)
+
+
+def check_version_name(version: str) -> None:
+    """Registration refuses version names that would read as a selector."""
+    if version in SELECTORS or ":" in version:
+        raise ModelError(f"version {version!r} would read as a selector in a model reference ({', '.join(SELECTORS)}); choose another name")
+
+
+def resolve(session: Session, reference: str | ModelReference) -> Model:
+    """The one registered version a reference names (commands that run or show one model)."""
+    ref = parse(reference) if isinstance(reference, str) else reference
+    if ref.every:
+        raise ModelError(f"model reference {ref}: names every version of {ref.name}; give one ({GRAMMAR[:-9]})")
+    query = select(Model).where(Model.name == ref.name)
+    if ref.selector in MODEL_STAGES:
+        query = query.where(Model.stage == ref.selector)
+    elif ref.selector != LATEST:
+        query = query.where(Model.version == ref.selector)
+    row = session.scalars(query.order_by(Model.id.desc())).first()
+    if row is None:
+        known = ", ".join(f"{n}:{v}" for n, v in session.execute(select(Model.name, Model.version).order_by(Model.name, Model.id))) or "none registered"
+        raise ModelError(f"no model {ref} in the registry; known: {known}")
+    return row
+
+
+def matching_ids(session: Session, reference: str) -> list[int]:
+    """Ids of the versions a reference selects results of (every version for NAME:*); unknown ones are named with close matches."""
+    try:
+        ref = parse(reference)
+        if ref.every:
+            ids = list(session.scalars(select(Model.id).where(Model.name == ref.name)))
+        else:
+            ids = [resolve(session, ref).id]
+    except ModelError:
+        ids = []
+    if not ids:
+        known = sorted(f"{n}:{v}" for n, v in session.execute(select(Model.name, Model.version)))
+        names = sorted({k.split(":")[0] for k in known})
+        raise DataError(f"unknown model {reference!r}: expected {GRAMMAR} of a registered model{suggest(reference, known + names)}")
+    return ids

@@ -1,0 +1,66 @@
+"""Model references: one grammar and one meaning (db/model_refs.py), on a real registry."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from defectscan.db import model_refs
+from defectscan.db.schema import Model
+from defectscan.errors import DataError, ModelError
+
+
+def _add(session, name, version, stage="staging"):
+    session.add(Model(name=name, version=version, uri=f"/m/{name}-{version}.keras", sha256="0" * 64, architecture="test",
+                      input_spec={}, classes=["defect"], threshold=0.5, stage=stage))
+    session.flush()
+
+
+@pytest.fixture
+def registry(factory):
+    with factory.begin() as session:
+        _add(session, "tiny", "1", stage="production")
+        _add(session, "tiny", "2")
+        _add(session, "other", "1")
+    with factory() as session:
+        yield session
+
+
+def test_parse_and_print():
+    assert model_refs.parse("tiny") == model_refs.ModelReference("tiny", "latest")
+    assert model_refs.parse("tiny:3") == model_refs.ModelReference("tiny", "3")
+    assert str(model_refs.parse("tiny")) == "tiny" and str(model_refs.parse("tiny:production")) == "tiny:production"
+    for bad in ("", ":3", "tiny:"):
+        with pytest.raises(ModelError, match="expected NAME, NAME:VERSION, NAME:STAGE or NAME:\\*"):
+            model_refs.parse(bad)
+
+
+def test_one_meaning_for_each_form(registry):
+    resolve = lambda text: (lambda row: f"{row.name}:{row.version}")(model_refs.resolve(registry, text))  # noqa: E731
+    assert resolve("tiny") == resolve("tiny:latest") == "tiny:2"
+    assert resolve("tiny:1") == resolve("tiny:production") == "tiny:1"
+    assert resolve("tiny:staging") == "tiny:2"
+    ids = lambda text: sorted(model_refs.matching_ids(registry, text))  # noqa: E731
+    assert ids("tiny") == [model_refs.resolve(registry, "tiny:2").id]  # results of the latest version, as for every command
+    assert len(ids("tiny:*")) == 2
+
+
+def test_unknown_and_ambiguous_references_are_one_line_errors(registry):
+    with pytest.raises(ModelError, match="no model tiny:archived in the registry; known: other:1, tiny:1, tiny:2"):
+        model_refs.resolve(registry, "tiny:archived")
+    with pytest.raises(ModelError, match="names every version of tiny; give one"):
+        model_refs.resolve(registry, "tiny:*")
+    with pytest.raises(DataError, match="unknown model 'tiyn': expected .* of a registered model; did you mean tiny"):
+        model_refs.matching_ids(registry, "tiyn")
+
+
+@pytest.mark.parametrize("version", ["latest", "*", "production", "staging", "archived", "a:b"])
+def test_a_version_named_like_a_selector_is_refused_at_registration(factory, tmp_path, version):
+    from defectscan.model.registry import register_model
+
+    from pipeline_helpers import save_threshold_model
+
+    path = save_threshold_model(tmp_path / "t.keras")
+    with factory() as session, pytest.raises(ModelError, match=re.escape(f"version {version!r} would read as a selector")):
+        register_model(session, path, name="t", version=version)
