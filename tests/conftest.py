@@ -12,14 +12,13 @@ import getpass
 import glob
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+
+from db_helpers import create_database, drop_database
 
 POSTGRES_ENV = "DEFECTSCAN_TEST_POSTGRES_URL"
 
@@ -100,17 +99,9 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def postgres_url(postgres_server_url):
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    server = make_url(postgres_server_url).set(drivername="postgresql+psycopg")
-    name = f"defectscan_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    url = create_database(postgres_server_url)
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture
@@ -164,6 +155,60 @@ def cluster():
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, Client(local) as client:
         yield client
+
+
+def _shared_database(request, tmp_path_factory, what: str, backend: str, populate):
+    """A database written once per backend for the whole session (by `populate(url, folder)`), then only read."""
+    root = tmp_path_factory.mktemp(f"{what}-{backend}")
+    if backend == "sqlite":
+        return populate(f"sqlite:///{root / (what + '.sqlite')}", root)
+    url = create_database(request.getfixturevalue("postgres_server_url"))
+    request.session.config.add_cleanup(lambda: drop_database(url))
+    return populate(url, root)
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def results_sqlite(request, tmp_path_factory):
+    import queries_helpers
+
+    return _shared_database(request, tmp_path_factory, "results", "sqlite", queries_helpers.populate)
+
+
+@pytest.fixture(scope="session")
+def results_postgres(request, tmp_path_factory):
+    import queries_helpers
+
+    return _shared_database(request, tmp_path_factory, "results", "postgres", queries_helpers.populate)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def results_db(request):
+    """queries_helpers' pipeline results on SQLite and on PostgreSQL (each test using it runs on both)."""
+    return request.getfixturevalue(f"results_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def sqlite_report_db(request, tmp_path_factory):
+    """report_helpers' five lots on SQLite only, for the HTML/browser tests (the rendering does not depend on the backend)."""
+    import report_helpers
+
+    return _shared_database(request, tmp_path_factory, "report", "sqlite", report_helpers.populate)
+
+
+@pytest.fixture(scope="session")
+def postgres_report_db(request, tmp_path_factory):
+    import report_helpers
+
+    return _shared_database(request, tmp_path_factory, "report", "postgres", report_helpers.populate)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def report_db(request):
+    """report_helpers' five lots on SQLite and on PostgreSQL (each test using it runs on both)."""
+    return request.getfixturevalue(f"{request.param}_report_db")
 
 
 @pytest.fixture

@@ -83,3 +83,17 @@ def square_images(n: int, size: int = 64, defects: dict[int, tuple[int, int, int
     for position, (y, x, side) in (defects or {}).items():
         images[position, y : y + side, x : x + side] = 250
     return images
+
+
+def corrupt_chunk(store: Path, position: int, array: str = "images") -> bytes:
+    """Overwrite the stored chunk of image `position` (a v3 stack chunked one image per chunk) with bytes
+    no codec decodes, as a failing disk or an interrupted copy leaves it; returns the good bytes, to restore."""
+    chunk = Path(store) / array / "c" / str(position) / "0" / "0"
+    assert chunk.is_file(), f"{chunk}: no such chunk (is the store chunked one image per chunk?)"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not zstd at all")
+    return good
+
+
+def restore_chunk(store: Path, position: int, good: bytes, array: str = "images") -> None:
+    (Path(store) / array / "c" / str(position) / "0" / "0").write_bytes(good)

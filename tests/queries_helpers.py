@@ -3,20 +3,16 @@
 Three image sets in two lots and three lines, inspected by a two-class model whose output is
 known (bright squares are class "bright", dark squares class "dark"), on a real LocalCluster;
 and lot L044, registered but not inspected.
-Built once per backend for the whole session; tests only read it.
+Built once per backend for the whole session (the `results_db` fixture of conftest.py); tests only read it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from pipeline_helpers import add_model, register, textured, write_stack, write_strip
 
@@ -61,7 +57,7 @@ def _images(n: int, size: tuple[int, int], defects: dict[int, list], seed: int) 
     return images
 
 
-def _add_keys_and_times(path: Path, keys: list[str], times: list[dt.datetime]) -> None:
+def add_keys_and_times(path: Path, keys: list[str], times: list[dt.datetime]) -> None:
     """Per-image serial numbers and capture times, as the image-set layout stores them."""
     import zarr
 
@@ -89,7 +85,7 @@ def populate(url: str, root: Path) -> ResultsDB:
         "L043": write_stack(root / "L043.zarr", _images(4, (64, 64), L043_DEFECTS, 2), lot="L043", line="B", product="P1",
                             camera="C2", acquired_at="2026-03-05T08:00:00Z"),
     }
-    _add_keys_and_times(stores["L042"], [f"L042-{i:03d}" for i in range(6)], [L042_START + dt.timedelta(minutes=i) for i in range(6)])
+    add_keys_and_times(stores["L042"], [f"L042-{i:03d}" for i in range(6)], [L042_START + dt.timedelta(minutes=i) for i in range(6)])
     strip = _images(1, (160, 200), {0: [STRIP_DEFECT]}, 3)[0]
     stores["S7"] = write_strip(root / "S7.zarr", strip, chunk=64, lot="L043", line="C", product="P2", camera="C3",
                                acquired_at="2026-03-06T12:30:00Z")
@@ -106,41 +102,3 @@ def populate(url: str, root: Path) -> ResultsDB:
     register(factory, stores["L044"])
     engine.dispose()
     return ResultsDB(url, stores, expected={"L042": L042_DEFECTS, "L043": L043_DEFECTS})
-
-
-# Test modules import the fixture, and pytest keeps one instance per importing module: the
-# databases are built once per session here, whichever module asks first.
-_BUILT: dict[str, ResultsDB] = {}
-
-
-@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def results_db(request, tmp_path_factory) -> ResultsDB:
-    """The pipeline's rows on SQLite and on PostgreSQL (each test using it runs on both)."""
-    if request.param in _BUILT:
-        yield _BUILT[request.param]
-        return
-    root = tmp_path_factory.mktemp(f"results-{request.param}")
-    if request.param == "sqlite":
-        yield _BUILT.setdefault("sqlite", populate(f"sqlite:///{root / 'results.sqlite'}", root))
-        return
-    server = make_url(request.getfixturevalue("postgres_server_url")).set(drivername="postgresql+psycopg")
-    name = f"defectscan_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield _BUILT.setdefault("postgres", populate(server.set(database=name).render_as_string(hide_password=False), root))
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def query(url: str, sql: str, **params):
-    """Rows of a raw SQL query: the tests' independent view of what is stored."""
-    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg") if url.startswith("postgresql") else url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(text(sql), params).all()
-    finally:
-        engine.dispose()

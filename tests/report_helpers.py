@@ -4,29 +4,25 @@ Five lots of one line, inspected by the single-class threshold model (pipeline_h
 fails far more often than the others (its p-chart point is out of control), lot L4 has an
 unreadable image (an error row), the fifth lot's name carries markup, L1's images carry their
 own capture times over three hours, and lot L6 is registered but never inspected.
-Built once per backend per test session.
+Built once per backend per test session (the `report_db` fixtures of conftest.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from pipeline_helpers import (
     add_model,
+    corrupt_chunk,
     register,
     save_threshold_model,
     square_images,
     write_stack,
 )
-from queries_helpers import _add_keys_and_times
+from queries_helpers import add_keys_and_times
 
 UTC = dt.UTC
 SCRIPT_LOT = "L5<script>alert(1)</script>"
@@ -78,10 +74,8 @@ def _populate(url: str, root: Path, client) -> ReportDB:
         name = f"lot{day}.zarr"
         stores[lot] = write_stack(root / name, square_images(N_IMAGES, size=SIZE, defects=defects, seed=day), lot=lot, line="A",
                                   acquired_at=f"2026-03-0{day + 2}T09:00:00Z")
-    _add_keys_and_times(stores["L1"], [f"L1-{i:03d}" for i in range(N_IMAGES)], L1_TIMES)
-    chunk = stores[ERROR_LOT] / "images" / "c" / str(ERROR_POSITION) / "0" / "0"
-    assert chunk.is_file()
-    chunk.write_bytes(b"not zstd at all")
+    add_keys_and_times(stores["L1"], [f"L1-{i:03d}" for i in range(N_IMAGES)], L1_TIMES)
+    corrupt_chunk(stores[ERROR_LOT], ERROR_POSITION)
     image_sets = [register(factory, path) for path in stores.values()]
     register(factory, write_stack(root / "lot6.zarr", square_images(N_IMAGES, size=SIZE, seed=6), lot=NOT_INSPECTED_LOT, line="A",
                                   acquired_at="2026-03-08T09:00:00Z"))
@@ -92,47 +86,6 @@ def _populate(url: str, root: Path, client) -> ReportDB:
     assert summary.status == "partial" and summary.counts.errors == 1, summary
     engine.dispose()
     return ReportDB(url, root, stores, summary.job_run_id)
-
-
-_BUILT: dict[str, ReportDB] = {}
-
-
-def _build(backend: str, request, tmp_path_factory) -> ReportDB:
-    if backend in _BUILT:
-        return _BUILT[backend]
-    root = tmp_path_factory.mktemp(f"report-{backend}")
-    if backend == "sqlite":
-        _BUILT[backend] = populate(f"sqlite:///{root / 'report.sqlite'}", root)
-        return _BUILT[backend]
-    server = make_url(request.getfixturevalue("postgres_server_url")).set(drivername="postgresql+psycopg")
-    name = f"defectscan_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop():
-        try:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        except OperationalError:
-            pass  # the throwaway cluster conftest started has been stopped already, and the database with it
-        admin.dispose()
-
-    request.session.config.add_cleanup(drop)
-    _BUILT[backend] = populate(server.set(database=name).render_as_string(hide_password=False), root)
-    return _BUILT[backend]
-
-
-@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def report_db(request, tmp_path_factory) -> ReportDB:
-    """The report test rows on SQLite and on PostgreSQL (each test using it runs on both)."""
-    return _build(request.param, request, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def sqlite_report_db(request, tmp_path_factory) -> ReportDB:
-    """The same rows on SQLite only, for the HTML/browser tests (the rendering does not depend on the backend)."""
-    return _build("sqlite", request, tmp_path_factory)
 
 
 def session_for(url: str):

@@ -12,7 +12,7 @@ from defectscan.errors import ModelError
 from defectscan.model.evaluate import evaluate_model, format_reference, format_table, format_verdicts
 from defectscan.model.metrics import SegmentationScores
 from defectscan.model.preprocess import predict_probabilities
-from defectscan.model.unet import TinyUNet
+from defectscan.model.unet import UNet
 from defectscan.paths import CONFIGS_DIR
 
 
@@ -25,7 +25,7 @@ def synth(tmp_path_factory):
 
 def test_evaluation_equals_scoring_the_predictions_directly(synth):
     images = read_dagm(synth, "Test")
-    model = TinyUNet(filters=(4, 4, 8, 8, 16), seed=0)
+    model = UNet(filters=(4, 4, 8, 8, 16), seed=0)
     metrics = evaluate_model(model, images, batch_size=4)
 
     raw = np.stack([images.load(i)[0] for i in range(len(images))])
@@ -49,7 +49,7 @@ def test_evaluation_equals_scoring_the_predictions_directly(synth):
 def test_a_model_with_other_classes_is_refused(synth):
     images = read_dagm(synth, "Test")
     with pytest.raises(ModelError, match=r"the model has 3 output classes but the dataset .* has 1 \(defect\)"):
-        evaluate_model(TinyUNet(num_classes=3, filters=(4, 4, 8, 8, 16)), images)
+        evaluate_model(UNet(num_classes=3, filters=(4, 4, 8, 8, 16)), images)
 
 
 def test_synth_train_evaluate_register_end_to_end(cli, tmp_path, sqlite_url):

@@ -10,13 +10,13 @@ from defectscan.errors import ModelError
 from defectscan.model.export import export_saved_model, file_sha256, load_model, load_saved_model
 from defectscan.model.preprocess import predict_probabilities
 from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, ModelMetadata, read_metadata, register_demo
-from defectscan.model.unet import TinyUNet
+from defectscan.model.unet import UNet
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    TinyUNet(num_classes=2, filters=(4, 4, 8, 8, 16), seed=1).save(path)
+    UNet(num_classes=2, filters=(4, 4, 8, 8, 16), seed=1).save(path)
     return path
 
 
@@ -62,7 +62,7 @@ def test_register_list_show_on_both_databases(cli, migrated_url, model_file, tmp
     result = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "1",
                  "--class", "scratch", "--class", "spot", "--threshold", "0.4", "--metrics", str(metrics))
     assert result.exit_code == 0, result.output
-    assert "registered tiny:1 (TinyUNet(4,4,8,8,16), classes scratch, spot)" in result.output
+    assert "registered tiny:1 (UNet(4,4,8,8,16), classes scratch, spot)" in result.output
     assert _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "2", "--class", "a", "--class", "b").exit_code == 0
 
     listed = _db(cli, migrated_url, "models", "list").output.splitlines()

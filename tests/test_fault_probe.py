@@ -25,10 +25,10 @@ from defectscan.db.migrate import upgrade
 from defectscan.db.schema import Inspection, JobRun
 from defectscan.db.session import make_engine, session_factory
 from defectscan.exitcodes import EXIT_PARTIAL, EXIT_PENDING
-from defectscan.pipeline.outputs import masks_uri
+from defectscan.pipeline.outputs import scores_uri
 from defectscan.pipeline.run import inspect_image_sets
 
-from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
+from pipeline_helpers import add_model, corrupt_chunk, register, restore_chunk, save_threshold_model, square_images, write_stack
 from test_pipeline_run import _table
 
 N_IMAGES = 48
@@ -66,7 +66,7 @@ class Plant:
 
     def outcome(self, output_dir: Path | None = None):
         """What a run leaves: the inspection and defect rows, and the score maps."""
-        scores = zarr.open_array(masks_uri(str(self.store), output_dir), path="threshold/1", mode="r")[...]
+        scores = zarr.open_array(scores_uri(str(self.store), output_dir), path="threshold/1", mode="r")[...]
         return _table(self.factory), scores
 
     def run(self, client, settings=None, **kwargs):
@@ -174,14 +174,14 @@ def test_a_full_disk_leaves_images_pending_names_the_store_and_its_free_space(pr
                     session.execute(text("DELETE FROM defects"))
                     session.execute(text("DELETE FROM inspections"))
                     session.execute(text("DELETE FROM inspection_daily"))
-                chunks = Path(masks_uri(str(line.store), out)) / "threshold" / "1" / "c"
+                chunks = Path(scores_uri(str(line.store), out)) / "threshold" / "1" / "c"
                 shutil.rmtree(chunks)
                 chunks.write_text("not a folder")
                 clear_fault, expected = chunks.unlink, "Not a directory"
             summary = line.run(probe_cluster, settings)
             assert summary.counts.pending > 0 and summary.exit_code == EXIT_PENDING, summary.errors
             reason = next(e for e in summary.errors if "left pending" in e)
-            assert f"{masks_uri(str(line.store), out)}: cannot write score maps: {expected}" in reason
+            assert f"{scores_uri(str(line.store), out)}: cannot write score maps: {expected}" in reason
             assert "MB free on" in reason
             assert "error" not in _verdicts(line.factory)
 
@@ -196,14 +196,12 @@ def test_a_full_disk_leaves_images_pending_names_the_store_and_its_free_space(pr
 
 def test_a_corrupt_chunk_is_an_error_a_plain_rerun_keeps_and_retry_errors_redoes_once_restored(probe_cluster, database_url, tmp_path, model_file, undisturbed):
     with plant(database_url, tmp_path, model_file) as line:
-        chunk = line.store / "images" / "c" / "20" / "0" / "0"
-        good = chunk.read_bytes()
-        chunk.write_bytes(b"not zstd at all")
+        good = corrupt_chunk(line.store, 20)
         first = line.run(probe_cluster)
         assert (first.status, first.exit_code, first.counts.errors) == ("partial", EXIT_PARTIAL, 1)
         assert _verdicts(line.factory)["error"] == 1
 
-        chunk.write_bytes(good)  # restored from the acquisition system's copy
+        restore_chunk(line.store, 20, good)  # restored from the acquisition system's copy
         plain = line.run(probe_cluster)
         assert (plain.status, plain.counts.inspected, plain.n_skipped) == ("succeeded", 0, N_IMAGES)
         assert _verdicts(line.factory)["error"] == 1  # a data error stays until asked for

@@ -17,7 +17,7 @@ from defectscan.db.migrate import upgrade
 from defectscan.db.schema import Inspection, JobRun
 from defectscan.db.session import make_engine, session_factory
 
-from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
+from pipeline_helpers import add_model, corrupt_chunk, register, save_threshold_model, square_images, write_stack
 from test_pipeline_run import _table
 
 DEFECTS = {2: (10, 10, 6), 33: (30, 40, 8), 60: (0, 0, 5)}
@@ -62,7 +62,7 @@ def test_unknown_model_and_image_set_are_one_line_errors(cli, prepared):
 
 def test_unreadable_image_gives_exit_status_3(cli, prepared, tmp_path):
     url, factory, _ = prepared
-    (tmp_path / "L7.zarr" / "images" / "c" / "5" / "0" / "0").write_bytes(b"garbage")
+    corrupt_chunk(tmp_path / "L7.zarr", 5)
     result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", "1", "--workers", "1", "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 3, result.output
     assert "partial, 64 images: 63 inspected (3 failed), 1 errors" in result.output

@@ -10,10 +10,10 @@ from defectscan.config import load_settings
 from defectscan.db.schema import Defect, Image, Inspection, JobRun
 from defectscan.errors import DataError, ModelError
 from defectscan.model import rle
-from defectscan.pipeline.outputs import masks_uri
+from defectscan.pipeline.outputs import scores_uri
 from defectscan.pipeline.run import inspect_image_sets
 
-from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack, write_strip
+from pipeline_helpers import add_model, corrupt_chunk, register, save_threshold_model, square_images, write_stack, write_strip
 
 DEFECTS = {1: (10, 10, 6), 5: (30, 40, 8), 17: (0, 0, 5)}
 
@@ -75,7 +75,7 @@ def test_stack_and_strip_are_inspected_recorded_and_rerun_safely(factory, cluste
     assert rle.decode(strip_defects[0][7], (10, 340)).all()
 
     # probability maps next to the image set, one array per model version
-    scores = zarr.open_array(masks_uri(str(stack_path), None), path="threshold/1", mode="r")
+    scores = zarr.open_array(scores_uri(str(stack_path), None), path="threshold/1", mode="r")
     assert scores.shape == (20, 1, 64, 64)
     y, x, side = DEFECTS[5]
     assert scores[5, 0, y : y + side, x : x + side].min() > 230
@@ -116,9 +116,7 @@ def test_unreadable_chunk_is_an_error_row_and_the_run_partial(factory, cluster, 
     path = write_stack(tmp_path / "L3.zarr", square_images(12, defects={3: (5, 5, 6)}))
     image_set = register(factory, path)
     model = add_model(factory, model_path)
-    chunk = path / "images" / "c" / "7" / "0" / "0"
-    assert chunk.is_file()
-    chunk.write_bytes(b"not zstd at all")
+    corrupt_chunk(path, 7)
 
     summary = _run(factory, cluster, model, [image_set], settings)
     assert (summary.status, summary.counts.inspected, summary.counts.errors) == ("partial", 11, 1)

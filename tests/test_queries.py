@@ -12,7 +12,8 @@ from defectscan.db.session import make_engine, session_factory
 from defectscan.errors import DataError
 from defectscan.report.pixels import defect_masks, load_image, load_scores
 
-from queries_helpers import L042_START, query, results_db  # noqa: F401 (fixture)
+from db_helpers import query
+from queries_helpers import L042_START
 
 UTC = dt.timezone.utc
 

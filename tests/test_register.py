@@ -19,6 +19,8 @@ from defectscan.db.schema import ImageSet
 from defectscan.db.session import make_engine
 from defectscan.errors import DataError
 
+from pipeline_helpers import corrupt_chunk
+
 
 def counts(url) -> tuple[int, int]:
     engine = make_engine(url)
@@ -188,9 +190,7 @@ def test_validate_an_unregistered_store_and_unknown_ids(tmp_path, migrated_url, 
 
 def test_validate_deep_decodes_every_chunk_and_names_a_garbage_one(tmp_path, migrated_url, cli):
     acquisition_store(tmp_path / "acq.zarr", zarr_format=3, array="images")
-    chunk = tmp_path / "acq.zarr" / "images" / "c" / "2" / "0" / "0"
-    assert chunk.is_file()
-    chunk.write_bytes(b"garbage, not zstd")
+    corrupt_chunk(tmp_path / "acq.zarr", 2)
     quick = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))
     assert quick.exit_code == 0 and "every chunk stored (presence only; --deep decodes them)" in quick.output
     deep = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"), "--deep")

@@ -17,7 +17,6 @@ from PIL import Image as PILImage
 
 from defectscan.errors import ConfigError, DataError
 from defectscan.report import pdf
-from report_helpers import sqlite_report_db  # noqa: F401 (fixtures)
 
 HEADINGS = ("QA report: Line A", "Key figures", "Model evaluation", "Failed images per lot: p-chart", "Defects", "Worst images",
             "Lot disposition", "Errors and skipped images")

@@ -16,15 +16,7 @@ from PIL import Image as PILImage
 from defectscan.errors import DataError
 from defectscan.report.build import HoldRules, ReportOptions, Scope, build_report
 from defectscan.report.overlay import class_color
-from queries_helpers import results_db  # noqa: F401 (fixture)
-from report_helpers import (  # noqa: F401
-    ERROR_LOT,
-    LOTS,
-    NOT_INSPECTED_LOT,
-    SCRIPT_LOT,
-    session_for,
-    sqlite_report_db,
-)
+from report_helpers import ERROR_LOT, LOTS, NOT_INSPECTED_LOT, SCRIPT_LOT, session_for
 
 SECTIONS = ("kpis", "model", "p-chart", "defects", "worst", "disposition", "errors")
 
@@ -207,7 +199,7 @@ def test_job_run_scope_reports_that_run(sqlite_report_db):
 
 
 def test_two_class_report_on_both_backends(results_db):
-    from queries_helpers import query
+    from db_helpers import query
 
     report = _build(results_db.url, Scope(lot="L043"))
     expected = query(results_db.url, "SELECT count(*) FROM inspections i JOIN images m ON i.image_id = m.id JOIN image_sets s "

@@ -15,18 +15,8 @@ from defectscan.db import queries_report as q
 from defectscan.db.queries import Filters
 from defectscan.errors import DataError
 from defectscan.model import rle
-from queries_helpers import query, results_db  # noqa: F401 (fixture)
-from report_helpers import (  # noqa: F401 (fixtures)
-    ERROR_LOT,
-    ERROR_POSITION,
-    LOTS,
-    N_IMAGES,
-    NOT_INSPECTED_LOT,
-    SCRIPT_LOT,
-    SIZE,
-    report_db,
-    session_for,
-)
+from db_helpers import query
+from report_helpers import ERROR_LOT, ERROR_POSITION, LOTS, N_IMAGES, NOT_INSPECTED_LOT, SCRIPT_LOT, SIZE, session_for
 
 ALL = Filters(line="A")
 

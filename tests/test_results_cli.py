@@ -14,7 +14,8 @@ from defectscan.db.queries import DEFECT_COLUMNS, IMAGE_COLUMNS, LOT_COLUMNS
 from defectscan.model import rle
 from defectscan.report.overlay import CROP_MARGIN, class_color, outline
 
-from queries_helpers import L042_DEFECTS, L043_DEFECTS, STRIP_DEFECT, query, results_db  # noqa: F401 (fixture)
+from db_helpers import query
+from queries_helpers import L042_DEFECTS, STRIP_DEFECT
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from defectscan.db.queries import Filters, _lot_row, _lots_query, list_lots
 from defectscan.db.schema import NO_DAY, Image, Inspection, InspectionDaily
 from defectscan.pipeline.run import inspect_image_sets
 from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
-from queries_helpers import _add_keys_and_times
+from queries_helpers import add_keys_and_times
 
 UTC = dt.timezone.utc
 # Twelve images a minute apart from 23:55: five on March 1st, seven on March 2nd (UTC).
@@ -57,7 +57,7 @@ def _rollup(factory) -> dict:
 @pytest.fixture
 def inspected(factory, cluster, tmp_path):
     timed = write_stack(tmp_path / "T1.zarr", square_images(12, defects={3: (5, 5, 6), 6: (10, 10, 4), 9: (0, 0, 5)}), lot="T1")
-    _add_keys_and_times(timed, [f"T1-{i:02d}" for i in range(12)], [START + dt.timedelta(minutes=i) for i in range(12)])
+    add_keys_and_times(timed, [f"T1-{i:02d}" for i in range(12)], [START + dt.timedelta(minutes=i) for i in range(12)])
     chunk = timed / "images" / "c" / "7" / "0" / "0"
     good_chunk = chunk.read_bytes()
     chunk.write_bytes(b"not zstd at all")

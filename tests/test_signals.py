@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from defectscan.db.migrate import upgrade
 from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobLock, JobRun
 from defectscan.db.session import make_engine, session_factory
 
+from db_helpers import create_database, drop_database
 from jobs_helpers import write_spec
 from pipeline_helpers import add_model, save_threshold_model, square_images, write_stack
 
@@ -110,20 +111,12 @@ class Databases:
             copy = self.folder / f"moment-{n}.sqlite"
             shutil.copy(self.url.database, copy)
             return f"sqlite:///{copy}"
-        name = f"{self.url.database}_m{n}"
-        with create_engine(self.url.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT").connect() as admin:
-            admin.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.url.database}"'))
-        self.made.append(name)
-        return self.url.set(database=name).render_as_string(hide_password=False)
+        self.made.append(create_database(self.url.render_as_string(hide_password=False), template=self.url.database))
+        return self.made[-1]
 
     def drop(self) -> None:
-        if not self.made:
-            return
-        engine = create_engine(self.url.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
-        with engine.connect() as admin:
-            for name in self.made:
-                admin.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+        for url in self.made:
+            drop_database(url)
 
 
 def _rerun(url: str, folder: Path, scheduler: str, output: Path) -> str:

@@ -1,4 +1,4 @@
-"""TinyUNet: reference structure, parameter count, any multiple-of-16 size, config and .keras round trips."""
+"""UNet (TinyUNet preset): reference structure, parameter count, any multiple-of-16 size, config and .keras round trips."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 from defectscan.model.preprocess import pad_to_multiple, predict_probabilities, to_model_input
-from defectscan.model.unet import TinyUNet, UpConv, build_model
+from defectscan.model.unet import UNet, UpConv, build_model
 
 SMALL = (4, 4, 8, 8, 16)
 
@@ -74,14 +74,14 @@ def test_original_unet_variant_and_multi_class_heads():
 
 @pytest.mark.parametrize("height,width", [(16, 16), (32, 48), (64, 16)])
 def test_any_multiple_of_16_gives_a_same_sized_probability_map(height, width):
-    model = TinyUNet(num_classes=2, filters=SMALL, seed=0)
+    model = UNet(num_classes=2, filters=SMALL, seed=0)
     out = model(np.zeros((2, height, width, 1), np.float32)).numpy()
     assert out.shape == (2, height, width, 2)
     assert ((out > 0) & (out < 1)).all()
 
 
 def test_other_sizes_are_padded_and_cropped_back():
-    model = TinyUNet(filters=SMALL, seed=0)
+    model = UNet(filters=SMALL, seed=0)
     images = np.random.default_rng(0).integers(0, 256, (3, 37, 50), dtype=np.uint8)
     padded, original = pad_to_multiple(to_model_input(images))
     assert padded.shape == (3, 48, 64, 1) and original == (37, 50)
@@ -101,16 +101,16 @@ def test_input_scaling_and_16_bit_images():
 
 def test_seeded_builds_are_identical_and_seeds_differ():
     x = np.random.default_rng(1).normal(size=(1, 32, 32, 1)).astype(np.float32)
-    a, b, c = (TinyUNet(filters=SMALL, seed=s) for s in (7, 7, 8))
+    a, b, c = (UNet(filters=SMALL, seed=s) for s in (7, 7, 8))
     np.testing.assert_array_equal(a(x), b(x))
     assert not np.array_equal(a(x), c(x))
 
 
 def test_config_round_trip_rebuilds_the_same_architecture():
-    model = TinyUNet(num_classes=2, filters=SMALL, seed=3, name="custom")
+    model = UNet(num_classes=2, filters=SMALL, seed=3, name="custom")
     config = model.get_config()
     assert config == {"name": "custom", "trainable": True, "num_classes": 2, "filters": list(SMALL), "input_channels": 1, "seed": 3}
-    clone = TinyUNet.from_config(config)
+    clone = UNet.from_config(config)
     assert clone.get_config() == config
     assert [layer.name for layer in clone.layers] == [layer.name for layer in model.layers]
     layer = UpConv(8, name="u")
@@ -118,10 +118,21 @@ def test_config_round_trip_rebuilds_the_same_architecture():
 
 
 def test_keras_file_round_trip_in_safe_mode_gives_identical_outputs(tmp_path):
-    model = TinyUNet(num_classes=2, filters=SMALL, seed=5)
+    model = UNet(num_classes=2, filters=SMALL, seed=5)
     x = np.random.default_rng(2).normal(size=(2, 32, 48, 1)).astype(np.float32)
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
-    assert isinstance(loaded, TinyUNet) and loaded.get_config() == model.get_config()
+    assert isinstance(loaded, UNet) and loaded.get_config() == model.get_config()
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_a_file_saved_under_the_old_class_name_loads_as_a_unet():
+    """The shipped demo model was saved as defectscan>TinyUNet; it loads, is a UNet, and knows its input contract."""
+    from defectscan.model.export import load_model
+    from defectscan.model.preprocess import contract_of
+    from defectscan.model.registry import DEMO_MODEL
+
+    model = load_model(DEMO_MODEL)
+    assert isinstance(model, UNet)
+    assert (contract_of(model).multiple_of, contract_of(model).receptive_radius) == (16, 122)

@@ -432,7 +432,7 @@ def _lot_row(row, hold_above: float) -> dict[str, Any]:
 
 
 # Filters the rollup `inspection_daily` can answer exactly; any other one needs the raw rows.
-_ROLLUP_FILTERS = {*"model", "since", "until"}
+_ROLLUP_FILTERS = {*provenance.LABELS, "model", "since", "until"}
 
 
 def _midnight(day: dt.date) -> dt.datetime:

@@ -1,4 +1,5 @@
-"""TinyUNet: the Keras 3 re-creation of NVIDIA's UNet_Industrial segmentation network.
+"""UNet: the Keras 3 re-creation of NVIDIA's UNet_Industrial segmentation network ("TinyUNet" is its
+`tinyunet` preset, model/variants.py).
 
 Structure (filters = (32, 32, 64, 128, 256) by default, as in NVIDIA's DeepLearningExamples,
 TensorFlow/Segmentation/UNet_Industrial):
@@ -66,7 +67,7 @@ class UpConv(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="defectscan")
-class TinyUNet(keras.Model):
+class UNet(keras.Model):
     """Per-pixel defect probabilities, one sigmoid channel per defect class.
 
     Args:
@@ -163,6 +164,11 @@ class TinyUNet(keras.Model):
         return cls(**config)
 
 
-def build_model(variant: str = "tinyunet", num_classes: int = 1, filters: Sequence[int] | None = None, seed: int | None = None) -> TinyUNet:
-    """The named variant, or explicit `filters` when given."""
-    return TinyUNet(num_classes=num_classes, filters=variants.widths(variant, filters), seed=seed, name=variant)
+@keras.saving.register_keras_serializable(package="defectscan")
+class TinyUNet(UNet):
+    """The class name files saved before the rename carry (the shipped demo model's among them): they load as a UNet."""
+
+
+def build_model(variant: str = "tinyunet", num_classes: int = 1, filters: Sequence[int] | None = None, seed: int | None = None) -> UNet:
+    """The named variant (a preset of widths), or explicit `filters` when given."""
+    return UNet(num_classes=num_classes, filters=variants.widths(variant, filters), seed=seed, name=variant)

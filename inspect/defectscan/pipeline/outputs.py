@@ -14,12 +14,15 @@ from pathlib import Path
 from defectscan.errors import DataError, StorageError
 from defectscan.pipeline.worker import ArrayRef, free_space
 
+# The store holds score maps, not defect masks (those are RLE text in `defects`); its suffix, like the
+# inspections.mask_uri/mask_array columns that point to it, keeps the name stores and external SQL
+# were written with.
 SUFFIX = ".masks.zarr"
 # Two runs starting on one image set at once both create its score array; the loser reopens it.
 _CREATE_ATTEMPTS = 3
 
 
-def masks_uri(image_set_uri: str, output_dir: Path | None) -> str:
+def scores_uri(image_set_uri: str, output_dir: Path | None) -> str:
     base = image_set_uri.rstrip("/")
     name = base.rsplit("/", 1)[-1]
     stem = name[: -len(".zarr")] if name.endswith(".zarr") else name
@@ -47,7 +50,7 @@ def prepare_output(
     from zarr.codecs import ZstdCodec
     from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
 
-    uri = masks_uri(image_set_uri, output_dir)
+    uri = scores_uri(image_set_uri, output_dir)
     path = f"{model_name}/{model_version}"
     if kind == "stack":
         n, height, width = shape
