@@ -318,11 +318,10 @@ def _images_select() -> Select:
 
 
 def _image_row(row) -> dict[str, Any]:
-    (id_, image_id, key, set_id, position, lot, line, product, camera, when, name, version, job_run, verdict, n, pixels,
-     peak, inspected, error) = row
     return dict(zip(IMAGE_COLUMNS, (
-        id_, image_id, key, set_id, position, lot, line, product, camera, iso_utc(when), _model_label(name, version), job_run,
-        verdict, n, pixels, round(peak, 4), iso_utc(inspected), error,
+        row.id, row.image_id, row.key, row.image_set_id, row.position, row.lot, row.line, row.product, row.camera,
+        iso_utc(row.acquired_at), _model_label(row.name, row.version), row.job_run_id, row.verdict, row.n_defects,
+        row.defect_pixels, round(row.max_score, 4), iso_utc(row.inspected_at), row.error,
     ), strict=True))
 
 
