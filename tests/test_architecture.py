@@ -26,8 +26,9 @@ ALLOWED = {
     "pipeline": {"db", "data", "model"},
     "jobs": {"db", "data", "model", "pipeline"},
     "report": {"db", "data", "model"},
-    "cli": {"db", "data", "model", "pipeline", "jobs", "report"},
-    "top": {"db", "data", "model", "pipeline", "jobs", "report", "cli"},  # demo.py, __main__.py
+    "review": {"db", "data", "model", "report"},
+    "cli": {"db", "data", "model", "pipeline", "jobs", "report", "review"},
+    "top": {"db", "data", "model", "pipeline", "jobs", "report", "review", "cli"},  # demo.py, __main__.py
 }
 # Libraries a layer must not import: the database layer reads no pixels, data loads no model runtime.
 FORBIDDEN = {

@@ -12,8 +12,9 @@ from defectscan.cli.jobs import jobs
 from defectscan.cli.models import evaluate, models, train
 from defectscan.cli.report import report
 from defectscan.cli.results import defects, images, lots
+from defectscan.cli.review import review
 
-for _command in (db, data, ingest, imagesets, train, evaluate, models, inspect, jobs, defects, images, lots, report):
+for _command in (db, data, ingest, imagesets, train, evaluate, models, inspect, jobs, defects, images, lots, review, report):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -257,6 +257,8 @@ def _hold_above(app: AppContext, flag: float | None) -> float:
     return flag if flag is not None else app.settings.qa.hold_above
 
 
+# QA's figures in the lots tables (csv/json carry all of db/reviews.REVIEW_COLUMNS).
+LOT_REVIEW_TABLE = ("false_call_rate", "escape_rate")
 _HOLD_HELP = "Failed-image share above which a lot is on hold (default: the qa.hold_above setting)."
 
 
@@ -282,7 +284,9 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
 
     defect_rate is failed images / judged images (images in error left out); a lot is "incomplete" when none
     of its images could be judged (all in error), "hold" when it is above --hold-above, else "release".
-    Filters select the images counted.
+    Filters select the images counted. QA's figures follow (`defectscan review`): false_call_rate
+    (failed images QA passed / failed images QA decided) and escape_rate (sampled passed images QA
+    failed / those QA decided, with its 95 % interval in csv/json); empty until QA decides.
 
     \b
     Example:
@@ -290,10 +294,13 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
         defectscan lots list --model tinyunet-dagm --format json
     """
     from defectscan.db.queries import LOT_COLUMNS, list_lots
+    from defectscan.db.reviews import REVIEW_COLUMNS, add_review_figures
 
     with app.session() as session:
         page = list_lots(session, filters, hold_above=_hold_above(app, hold_above), limit=limit, offset=offset)
-    print_rows(page.rows, LOT_COLUMNS, fmt, empty=_empty("lots", filters), more_hint=_more_hint(page, limit))
+        add_review_figures(session, page.rows, filters)
+    columns = LOT_COLUMNS + (LOT_REVIEW_TABLE if fmt == "table" else REVIEW_COLUMNS)
+    print_rows(page.rows, columns, fmt, empty=_empty("lots", filters), more_hint=_more_hint(page, limit))
 
 
 @lots.command("show")
@@ -313,18 +320,20 @@ def lots_show(app: AppContext, lot: str | None, latest: bool, model_ref: str | N
         defectscan lots show --latest --format json
     """
     from defectscan.db.queries import CLASS_COLUMNS, LOT_COLUMNS, Filters, latest_lot, lot_summary
+    from defectscan.db.reviews import add_review_figures
     from defectscan.errors import DataError
 
     if (lot is None) == (not latest):
         raise DataError("give a LOT or --latest (not both)")
     with app.session() as session:
         summary = lot_summary(session, lot or latest_lot(session), Filters(model=model_ref), hold_above=_hold_above(app, hold_above), top=top)
+        add_review_figures(session, summary["models"], Filters(lot=summary["lot"], model=model_ref))
     if fmt != "table":
         print_record(summary, fmt)
         return
     print_record({k: v for k, v in summary.items() if k != "models"}, fmt, title=f"lot {summary['lot']}")
     click.echo()
-    print_rows(summary["models"], LOT_COLUMNS, fmt, empty=f"no inspections of lot {summary['lot']!r} yet")
+    print_rows(summary["models"], LOT_COLUMNS + LOT_REVIEW_TABLE, fmt, empty=f"no inspections of lot {summary['lot']!r} yet")
     for entry in summary["models"]:
         click.echo()
         print_rows(entry["top_classes"], CLASS_COLUMNS, fmt, empty=f"{entry['model']}: no defects", title=f"top classes, {entry['model']}")

@@ -1,4 +1,4 @@
-"""Read a dataset in the DAGM 2007 layout.
+"""Read (and write) a dataset in the DAGM 2007 layout.
 
     ClassN/{Train,Test}/NNNN.PNG
     ClassN/{Train,Test}/Label/Labels.txt   first line: a count/header; then tab-separated lines
@@ -13,7 +13,7 @@ default, the first one raised with strict.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +139,24 @@ def read_dagm(
         defective=[label is not None for _, label, _ in items],
         problems=problems,
     )
+
+
+def write_split(split_dir: Path, samples: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> list[str]:
+    """Write one split folder: NNNN.PNG, Label/Labels.txt and Label/NNNN_label.PNG for each (image, label or
+    None when defect-free) in order, numbered from 0001; the image file names written."""
+    from PIL import Image
+
+    label_dir = Path(split_dir) / "Label"
+    label_dir.mkdir(parents=True, exist_ok=True)
+    lines, names = [], []
+    for i, (image, label) in enumerate(samples, start=1):
+        name = f"{i:04d}"
+        Image.fromarray(image).save(Path(split_dir) / f"{name}.PNG")
+        if label is not None:
+            Image.fromarray(label).save(label_dir / f"{name}_label.PNG")
+            lines.append(f"{i}\t1\t{name}.PNG\t0\t{name}_label.PNG")
+        else:
+            lines.append(f"{i}\t0\t{name}.PNG\t0\t0")
+        names.append(f"{name}.PNG")
+    (label_dir / "Labels.txt").write_text("1\n" + "\n".join(lines) + ("\n" if lines else ""))
+    return names

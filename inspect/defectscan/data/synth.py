@@ -214,22 +214,10 @@ def write_dagm_split(split_dir: Path, rng: np.random.Generator, count: int, defe
     round(count x defect_fraction) images, picked at random from `rng`, are defective; then
     `sample(rng, defective)` makes each image and its label (None when defect-free), in order.
     """
-    from PIL import Image
+    from defectscan.data.dagm import write_split
 
-    label_dir = split_dir / "Label"
-    label_dir.mkdir(parents=True, exist_ok=True)
     n_defective = round(count * defect_fraction)
     flags = np.zeros(count, bool)
     flags[rng.permutation(count)[:n_defective]] = True
-    lines = []
-    for i in range(count):
-        name = f"{i + 1:04d}"
-        image, label = sample(rng, bool(flags[i]))
-        Image.fromarray(image).save(split_dir / f"{name}.PNG")
-        if label is not None:
-            Image.fromarray(label).save(label_dir / f"{name}_label.PNG")
-            lines.append(f"{i + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
-        else:
-            lines.append(f"{i + 1}\t0\t{name}.PNG\t0\t0")
-    (label_dir / "Labels.txt").write_text("1\n" + "\n".join(lines) + ("\n" if lines else ""))
+    write_split(split_dir, (sample(rng, bool(flags[i])) for i in range(count)))
     return n_defective

@@ -42,6 +42,9 @@ VERDICTS = ("pass", "fail", "error")
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "interrupted", "abandoned")
 IMAGE_SET_KINDS = ("stack", "strip")
 MODEL_STAGES = ("staging", "production", "archived")
+# QA's decisions: on one defect the model found, and on a whole image (the part passes or fails).
+DEFECT_DECISIONS = ("confirmed", "false-call")
+IMAGE_DECISIONS = ("pass", "fail")
 
 # Row counts grow with images x defects: 64-bit keys on PostgreSQL, SQLite's rowid alias there.
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -282,6 +285,54 @@ class Defect(Base):
     rle: Mapped[str] = mapped_column(Text)
 
     inspection: Mapped[Inspection] = relationship(back_populates="defects")
+
+
+class DefectReview(Base):
+    """QA's decision on one defect the model found. Rows are only added: the newest row of a defect is
+    its decision, the older ones its history; the model's recorded results are never changed."""
+
+    __tablename__ = "defect_reviews"
+    __table_args__ = (
+        _one_of("decision", DEFECT_DECISIONS, "decision"),
+        Index(None, "defect_id", "id"),
+        Index(None, "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # SET NULL: a re-inspection (--force) replaces the defects; the decisions stay on record with their image.
+    defect_id: Mapped[int | None] = mapped_column(ForeignKey("defects.id", ondelete="SET NULL"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    decision: Mapped[str] = mapped_column(String(16))
+    reviewer: Mapped[str] = mapped_column(String(128))
+    reviewed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
+
+
+class ImageReview(Base):
+    """QA's decision on a whole image (pass or fail), with an optional drawn mask and class for a defect
+    the model missed. Only added, like DefectReview: the newest row of an image is its decision."""
+
+    __tablename__ = "image_reviews"
+    __table_args__ = (
+        _one_of("decision", IMAGE_DECISIONS, "decision"),
+        Index(None, "image_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    # The inspection QA looked at (its verdict is what the decision agrees or disagrees with).
+    inspection_id: Mapped[int | None] = mapped_column(ForeignKey("inspections.id", ondelete="SET NULL"))
+    decision: Mapped[str] = mapped_column(String(8))
+    class_name: Mapped[str | None] = mapped_column(String(64))
+    # A drawn mask: its bounding box (half-open, image pixels) and the mask inside it (model/rle.py).
+    bbox_y0: Mapped[int | None] = mapped_column(Integer)
+    bbox_x0: Mapped[int | None] = mapped_column(Integer)
+    bbox_y1: Mapped[int | None] = mapped_column(Integer)
+    bbox_x1: Mapped[int | None] = mapped_column(Integer)
+    rle: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(128))
+    reviewed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
 
 
 # `inspection_daily.day` of images without a capture time: a real date that no capture has, so

@@ -1,0 +1,117 @@
+"""Record QA's decisions on defects and images (rows are only ever added; db/reviews.py reads them back).
+
+Every id is checked before anything is written, so a mistyped id leaves no half-recorded batch;
+names are free text (`--by` defaults to the login name) and need not exist anywhere.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from defectscan.db.schema import DEFECT_DECISIONS, IMAGE_DECISIONS, Defect, DefectReview, Image, ImageReview, Inspection, utcnow
+from defectscan.errors import DataError
+from defectscan.model import rle
+
+
+def reviewer_name(given: str | None) -> str:
+    if given is not None and given.strip():
+        return given.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return "unknown"
+
+
+def _missing(asked: Sequence[int], found: set[int], what: str) -> None:
+    missing = sorted(set(asked) - found)
+    if missing:
+        listed = ", ".join(str(i) for i in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"no {what} with id {listed}; nothing was recorded")
+
+
+def review_defects(session: Session, defect_ids: Sequence[int], decision: str, *, by: str | None = None, note: str | None = None) -> list[int]:
+    """One DefectReview per defect (committed together); their ids."""
+    if decision not in DEFECT_DECISIONS:
+        raise DataError(f"decision {decision!r}: expected one of {', '.join(DEFECT_DECISIONS)}")
+    if not defect_ids:
+        raise DataError("no defect ids given")
+    ids = list(dict.fromkeys(int(i) for i in defect_ids))
+    images = dict(session.execute(
+        select(Defect.id, Inspection.image_id).join(Inspection, Defect.inspection_id == Inspection.id).where(Defect.id.in_(ids))
+    ).all())
+    _missing(ids, set(images), "defect")
+    reviewer, now = reviewer_name(by), utcnow()
+    rows = [DefectReview(defect_id=i, image_id=images[i], decision=decision, reviewer=reviewer, reviewed_at=now, note=note) for i in ids]
+    session.add_all(rows)
+    session.commit()
+    return [row.id for row in rows]
+
+
+def review_images(
+    session: Session,
+    image_ids: Sequence[int],
+    decision: str,
+    *,
+    by: str | None = None,
+    note: str | None = None,
+    mask: np.ndarray | None = None,
+    class_name: str | None = None,
+) -> list[int]:
+    """One ImageReview per image (committed together); their ids. A drawn `mask` (a defect the model
+    missed) goes with a `fail` decision, a class name and a single image of the mask's size."""
+    if decision not in IMAGE_DECISIONS:
+        raise DataError(f"decision {decision!r}: expected one of {', '.join(IMAGE_DECISIONS)}")
+    if not image_ids:
+        raise DataError("no image ids given")
+    ids = list(dict.fromkeys(int(i) for i in image_ids))
+    sizes = {row.id: (row.height, row.width) for row in session.execute(select(Image.id, Image.height, Image.width).where(Image.id.in_(ids)))}
+    _missing(ids, set(sizes), "image")
+    box = _drawn(mask, class_name, decision, ids, sizes)
+    newest = dict(session.execute(
+        select(Inspection.image_id, func.max(Inspection.id)).where(Inspection.image_id.in_(ids)).group_by(Inspection.image_id)
+    ).all())
+    reviewer, now = reviewer_name(by), utcnow()
+    rows = [
+        ImageReview(image_id=i, inspection_id=newest.get(i), decision=decision, class_name=class_name, reviewer=reviewer,
+                    reviewed_at=now, note=note, **box)
+        for i in ids
+    ]
+    session.add_all(rows)
+    session.commit()
+    return [row.id for row in rows]
+
+
+def _drawn(mask: np.ndarray | None, class_name: str | None, decision: str, ids: list[int], sizes: dict) -> dict:
+    """The bbox and RLE columns of a drawn mask (all None without one), after checking it fits its image."""
+    if mask is None:
+        if class_name is not None:
+            raise DataError("--class names the class of a drawn --mask; give the mask too")
+        return {"bbox_y0": None, "bbox_x0": None, "bbox_y1": None, "bbox_x1": None, "rle": None}
+    if decision != "fail":
+        raise DataError("a drawn mask marks a defect the model missed: it goes with --as fail")
+    if class_name is None:
+        raise DataError("a drawn mask needs --class (the defect class it shows)")
+    if len(ids) != 1:
+        raise DataError(f"a drawn mask belongs to one image; {len(ids)} were given")
+    mask = np.asarray(mask) > 0
+    if mask.shape != sizes[ids[0]]:
+        raise DataError(f"the mask is {mask.shape[0]}x{mask.shape[1]}, image {ids[0]} is {sizes[ids[0]][0]}x{sizes[ids[0]][1]}")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise DataError("the mask marks no pixel (expected the defect's pixels non-zero)")
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return {"bbox_y0": y0, "bbox_x0": x0, "bbox_y1": y1, "bbox_x1": x1, "rle": rle.encode(mask[y0:y1, x0:x1])}
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A drawn mask from a PNG (or any image file defectscan reads): non-zero pixels are the defect."""
+    from defectscan.data.imagefiles import read_image
+
+    image = read_image(path)
+    return image if image.ndim == 2 else image[..., 0]

@@ -1,0 +1,76 @@
+"""reviews
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-30 16:00:00.000000
+
+QA's decisions on the model's results: `defect_reviews` (confirmed or false-call, per defect) and
+`image_reviews` (pass or fail per image, with an optional drawn mask and class for a missed
+defect). Both only grow: the newest row of a defect or image is its decision, older rows its
+history. Nothing in the existing tables changes, so the upgrade of a database holding results
+is instant and the downgrade drops the two tables (and the decisions in them) only.
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _who_when_why() -> list[sa.Column]:
+    return [
+        sa.Column("reviewer", sa.String(length=128), nullable=False),
+        sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("note", sa.Text(), nullable=True),
+    ]
+
+
+def upgrade() -> None:
+    op.create_table(
+        "defect_reviews",
+        sa.Column("id", _ID, nullable=False),
+        sa.Column("defect_id", _ID, nullable=True),
+        sa.Column("image_id", _ID, nullable=False),
+        sa.Column("decision", sa.String(length=16), nullable=False),
+        *_who_when_why(),
+        sa.CheckConstraint("decision IN ('confirmed', 'false-call')", name=op.f("ck_defect_reviews_decision")),
+        sa.ForeignKeyConstraint(["defect_id"], ["defects.id"], name=op.f("fk_defect_reviews_defect_id_defects"), ondelete="SET NULL"),
+        sa.ForeignKeyConstraint(["image_id"], ["images.id"], name=op.f("fk_defect_reviews_image_id_images"), ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_defect_reviews")),
+    )
+    op.create_index(op.f("ix_defect_reviews_defect_id_id"), "defect_reviews", ["defect_id", "id"])
+    op.create_index(op.f("ix_defect_reviews_image_id"), "defect_reviews", ["image_id"])
+    op.create_table(
+        "image_reviews",
+        sa.Column("id", _ID, nullable=False),
+        sa.Column("image_id", _ID, nullable=False),
+        sa.Column("inspection_id", _ID, nullable=True),
+        sa.Column("decision", sa.String(length=8), nullable=False),
+        sa.Column("class_name", sa.String(length=64), nullable=True),
+        sa.Column("bbox_y0", sa.Integer(), nullable=True),
+        sa.Column("bbox_x0", sa.Integer(), nullable=True),
+        sa.Column("bbox_y1", sa.Integer(), nullable=True),
+        sa.Column("bbox_x1", sa.Integer(), nullable=True),
+        sa.Column("rle", sa.Text(), nullable=True),
+        *_who_when_why(),
+        sa.CheckConstraint("decision IN ('pass', 'fail')", name=op.f("ck_image_reviews_decision")),
+        sa.ForeignKeyConstraint(["image_id"], ["images.id"], name=op.f("fk_image_reviews_image_id_images"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["inspection_id"], ["inspections.id"], name=op.f("fk_image_reviews_inspection_id_inspections"),
+                                ondelete="SET NULL"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_image_reviews")),
+    )
+    op.create_index(op.f("ix_image_reviews_image_id_id"), "image_reviews", ["image_id", "id"])
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_image_reviews_image_id_id"), table_name="image_reviews")
+    op.drop_table("image_reviews")
+    op.drop_index(op.f("ix_defect_reviews_image_id"), table_name="defect_reviews")
+    op.drop_index(op.f("ix_defect_reviews_defect_id_id"), table_name="defect_reviews")
+    op.drop_table("defect_reviews")

@@ -1,0 +1,200 @@
+"""QA review: decisions on real pipeline results (SQLite and PostgreSQL), the queue, figures counted by hand, export, failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from defectscan.config import load_settings
+from defectscan.db.queries import Filters
+from defectscan.db.reviews import decided_images, review_figures, wilson_interval
+from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, Inspection
+from defectscan.errors import DataError
+from defectscan.pipeline.run import inspect_image_sets
+from defectscan.review.record import review_defects, review_images
+
+from pipeline_helpers import add_model, register, save_threshold_model, square_images, write_stack
+
+# Lot R1: 12 images, bright squares (the threshold model's defects) on 5 of them.
+SQUARES = {1: (4, 4, 6), 3: (20, 20, 5), 5: (30, 10, 8), 8: (10, 40, 4), 10: (44, 44, 6)}
+# QA: the squares on 3 and 8 are dust (false calls); image 6, which the model passed, has a
+# faint scratch it missed (an escape, drawn by QA).
+MISSED = (slice(50, 53), slice(5, 25))
+
+
+@pytest.fixture
+def lot(factory, cluster, tmp_path):
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    store = write_stack(tmp_path / "R1.zarr", square_images(12, size=64, defects=SQUARES, seed=2), lot="R1", line="A")
+    image_set = register(factory, store)
+    model = add_model(factory, save_threshold_model(tmp_path / "threshold.keras"))
+    summary = inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2)
+    assert summary.status == "succeeded"
+    with factory() as session:
+        rows = session.execute(select(Image.position, Image.id, Inspection.verdict).join(Inspection, Inspection.image_id == Image.id)).all()
+        defects = {p: list(session.scalars(select(Defect.id).join(Inspection, Defect.inspection_id == Inspection.id)
+                                           .join(Image, Inspection.image_id == Image.id).where(Image.position == p)))
+                   for p in SQUARES}
+    ids = {position: image_id for position, image_id, _ in rows}
+    assert sorted(p for p, _, v in rows if v == "fail") == sorted(SQUARES)
+    return ids, defects
+
+
+def _count(factory, table) -> int:
+    with factory() as session:
+        return session.scalar(select(func.count()).select_from(table))
+
+
+def test_decisions_give_the_false_call_and_escape_rates_counted_by_hand(factory, lot, cli, migrated_url):
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[1] + defects[5] + defects[10], "confirmed", by="anna")
+        review_defects(session, defects[3], "false-call", by="anna", note="dust")
+        review_images(session, [ids[8]], "pass", by="ben", note="dust on the lens")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[MISSED] = 255
+        review_images(session, [ids[6]], "fail", by="ben", mask=mask, class_name="scratch")
+        review_images(session, [ids[0], ids[2], ids[7]], "pass", by="ben")  # sampled passes, good
+    # By hand: the model failed 1, 3, 5, 8, 10; QA decided all five (3 via its defect, 8 explicitly):
+    # false calls 3 and 8 -> 2/5. Passed images QA decided: 0, 2, 6, 7 -> one escape (6) -> 1/4.
+    with factory() as session:
+        [(key, figures)] = review_figures(session, Filters(lot="R1")).items()
+    assert (figures.false_calls, figures.failed_reviewed, figures.false_call_rate) == (2, 5, 0.4)
+    assert (figures.escapes, figures.passed_reviewed, figures.escape_rate) == (1, 4, 0.25)
+    assert (figures.defects_confirmed, figures.defects_reviewed) == (3, 4)
+    low, high = figures.escape_interval
+    assert low < 0.25 < high and high < 0.75  # a sample of four says little: the interval shows it
+
+    listed = cli("--database-url", migrated_url, "lots", "list", "--format", "json")
+    assert listed.exit_code == 0, listed.output
+    [row] = json.loads(listed.output)
+    assert (row["false_calls"], row["failed_reviewed"], row["false_call_rate"], row["escape_rate"]) == (2, 5, 0.4, 0.25)
+    table = cli("--database-url", migrated_url, "lots", "show", "R1", "--format", "table")
+    assert "false_call_rate" in table.output and "0.4" in table.output
+
+
+def test_a_newer_decision_supersedes_and_both_are_kept(factory, lot, cli, migrated_url):
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[3], "confirmed", by="anna")
+        review_defects(session, defects[3], "false-call", by="ben", note="looked again: dust")
+        assert [d.decision for d in decided_images(session, Filters(lot="R1"))] == ["pass"]
+    assert _count(factory, DefectReview) == 2
+    listed = cli("--database-url", migrated_url, "review", "list", "--lot", "R1", "--format", "json")
+    rows = json.loads(listed.output)
+    assert [(r["decision"], r["reviewer"], r["current"]) for r in rows] == [("false-call", "ben", True), ("confirmed", "anna", False)]
+    with factory() as session:  # the model's results are untouched
+        assert session.scalar(select(func.count()).select_from(Defect)) == sum(len(v) for v in defects.values())
+        assert session.scalar(select(Inspection.verdict).where(Inspection.image_id == ids[3])) == "fail"
+
+
+def test_the_queue_lists_failed_images_and_a_reproducible_sample_of_passed_ones(factory, lot, cli, migrated_url):
+    ids, defects = lot
+    first = cli("--database-url", migrated_url, "review", "queue", "--lot", "R1", "--sample-passed", "3", "--format", "json")
+    assert first.exit_code == 0, first.output
+    rows = json.loads(first.output)
+    failed = [r["image_id"] for r in rows if r["why"] == "failed"]
+    sampled = [r["image_id"] for r in rows if r["why"] == "sampled pass"]
+    assert failed == sorted(ids[p] for p in SQUARES) and len(sampled) == 3
+    assert set(sampled) <= {ids[p] for p in range(12) if p not in SQUARES}
+    with factory() as session:
+        review_images(session, [ids[1], sampled[0]], "fail", by="anna")
+    again = json.loads(cli("--database-url", migrated_url, "review", "queue", "--lot", "R1", "--sample-passed", "3", "--format", "json").output)
+    assert [r["image_id"] for r in again] == [i for i in failed if i != ids[1]] + sampled[1:]  # same sample, decided ones gone
+    other = json.loads(cli("--database-url", migrated_url, "review", "queue", "--lot", "R1", "--sample-passed", "3", "--seed", "1",
+                           "--format", "json").output)
+    assert [r["image_id"] for r in other if r["why"] == "sampled pass"] != sampled[1:]
+
+
+def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, tmp_path, cli, migrated_url):
+    from defectscan.data.dagm import read_dagm
+
+    ids, defects = lot
+    mask = np.zeros((64, 64), np.uint8)
+    mask[MISSED] = 1
+    mask_file = tmp_path / "missed.png"
+    from PIL import Image as PILImage
+
+    PILImage.fromarray(mask * 255).save(mask_file)
+    run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731
+    assert run("review", "defects", *map(str, defects[1]), "--as", "confirmed").exit_code == 0
+    assert run("review", "images", str(ids[3]), "--as", "pass", "--note", "dust").exit_code == 0
+    recorded = run("review", "images", str(ids[6]), "--as", "fail", "--mask", str(mask_file), "--class", "scratch")
+    assert recorded.output == "recorded 1 image decision(s): fail with a drawn scratch mask\n"
+    assert run("review", "images", str(ids[0]), "--as", "pass").exit_code == 0
+
+    out = tmp_path / "reviewed"
+    exported = run("review", "export", "--lot", "R1", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    assert exported.output.startswith(f"wrote 4 reviewed images (2 with defects) of threshold:1 to {out}")
+    images = read_dagm(out, split="Train")
+    assert len(images) == 4 and sum(images.defective) == 2 and not images.problems
+    manifest = json.loads((out / "export.json").read_text())
+    by_image = {entry["image_id"]: entry for entry in manifest["images"]}
+    assert set(by_image) == {ids[0], ids[1], ids[3], ids[6]}
+    labels = {key: images.load(i)[1] for i, key in enumerate(images.keys)}
+    label_of = lambda image_id: labels[next(k for k in labels if k.endswith(by_image[image_id]["file"].split("/")[-1]))]  # noqa: E731
+    y, x, side = SQUARES[1]
+    assert label_of(ids[1])[y : y + side, x : x + side].all() and label_of(ids[1]).sum() == side * side
+    assert label_of(ids[6])[MISSED].all() and label_of(ids[6]).sum() == 3 * 20 and by_image[ids[6]]["classes"] == ["scratch"]
+    assert not label_of(ids[3]).any() and not label_of(ids[0]).any()
+
+    refused = run("review", "export", "--lot", "R1", "--out", str(out))
+    assert refused.exit_code == 1 and "folder is not empty; give --force" in refused.output
+    assert run("review", "export", "--lot", "R1", "--out", str(out), "--force").exit_code == 0
+    stranger = tmp_path / "photos"
+    stranger.mkdir()
+    (stranger / "holiday.jpg").write_bytes(b"x")
+    refused = run("review", "export", "--lot", "R1", "--out", str(stranger), "--force")
+    assert refused.exit_code == 1 and "not an earlier export" in refused.output and (stranger / "holiday.jpg").exists()
+
+
+def test_bad_review_input_is_one_line_and_records_nothing(factory, lot, cli, migrated_url, tmp_path):
+    ids, defects = lot
+    run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731
+    missing = run("review", "defects", str(defects[1][0]), "999999", "--as", "confirmed")
+    assert (missing.exit_code, missing.output) == (1, "Error: no defect with id 999999; nothing was recorded\n")
+    missing = run("review", "images", "999998", "--as", "pass")
+    assert (missing.exit_code, missing.output) == (1, "Error: no image with id 999998; nothing was recorded\n")
+    with factory() as session:
+        with pytest.raises(DataError, match="a drawn mask needs --class"):
+            review_images(session, [ids[6]], "fail", mask=np.ones((64, 64)))
+        with pytest.raises(DataError, match="the mask is 32x32, image .* is 64x64"):
+            review_images(session, [ids[6]], "fail", mask=np.ones((32, 32)), class_name="scratch")
+        with pytest.raises(DataError, match="goes with --as fail"):
+            review_images(session, [ids[6]], "pass", mask=np.ones((64, 64)), class_name="scratch")
+        with pytest.raises(DataError, match="marks no pixel"):
+            review_images(session, [ids[6]], "fail", mask=np.zeros((64, 64)), class_name="scratch")
+    assert _count(factory, DefectReview) == 0 and _count(factory, ImageReview) == 0
+    unknown = run("review", "queue", "--lot", "R9")
+    assert unknown.exit_code == 1 and "unknown lot 'R9'" in unknown.output
+    nothing = run("review", "export", "--lot", "R1", "--out", str(tmp_path / "x"))
+    assert nothing.exit_code == 1 and "no reviewed image in scope (lot R1)" in nothing.output
+
+
+def test_concurrent_reviews_of_one_defect_keep_both_and_the_newest_stands(factory, lot, migrated_url):
+    ids, defects = lot
+    target = defects[5][0]
+    script = ("import sys; from defectscan.db.session import make_engine, session_factory; from defectscan.review.record import review_defects;"
+              "s = session_factory(make_engine(sys.argv[1]))(); review_defects(s, [int(sys.argv[2])], sys.argv[3], by=sys.argv[4])")
+    processes = [subprocess.Popen([sys.executable, "-c", script, migrated_url, str(target), decision, who])
+                 for decision, who in (("confirmed", "anna"), ("false-call", "ben"))]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    with factory() as session:
+        rows = session.scalars(select(DefectReview).where(DefectReview.defect_id == target).order_by(DefectReview.id)).all()
+        assert len(rows) == 2
+        [decided] = [d for d in decided_images(session, Filters(lot="R1")) if d.image_id == ids[5]]
+        assert decided.defect_decisions[target] == rows[-1].decision
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 0) is None
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and 0.15 < high < 0.17
+    low, high = wilson_interval(10, 20)
+    assert low == pytest.approx(0.299, abs=1e-3) and high == pytest.approx(0.701, abs=1e-3)
