@@ -117,3 +117,38 @@ def test_0003_admits_abandoned_runs_and_its_downgrade_keeps_them_as_interrupted(
         connection.execute(insert, {"status": "abandoned"})
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(insert, {"status": "lost"})
+
+
+def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downgrade_drops_only_them(engine):
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0003")
+        connection.execute(text(
+            "INSERT INTO models (id, name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at) "
+            "VALUES (1, 'm', '1', '/m.keras', 'ab', 'x', '{}', '[\"defect\"]', 0.5, 'staging', '2026-01-01 00:00:00+00:00')"))
+        connection.execute(text(
+            "INSERT INTO image_sets (id, uri, array_path, kind, lot, shape, dtype, chunks, n_images, checksum, registered_at) "
+            "VALUES (1, '/s.zarr', 'images', 'stack', 'L1', '[1, 8, 8]', 'uint8', '[1, 8, 8]', 1, 'c', '2026-01-01 00:00:00+00:00')"))
+        connection.execute(text("INSERT INTO images (id, image_set_id, position, key, height, width) VALUES (1, 1, 0, 'k', 8, 8)"))
+        connection.execute(text(
+            "INSERT INTO inspections (id, image_id, model_id, verdict, n_defects, defect_pixels, max_score, inspected_at) "
+            "VALUES (1, 1, 1, 'fail', 1, 4, 0.9, '2026-01-01 00:00:00+00:00')"))
+        connection.execute(text(
+            "INSERT INTO defects (id, inspection_id, class_index, class_name, bbox_y0, bbox_x0, bbox_y1, bbox_x1, area, centroid_y, "
+            "centroid_x, orientation, eccentricity, mean_score, max_score, rle) VALUES (1, 1, 0, 'defect', 0, 0, 2, 2, 4, 0.5, 0.5, 0, 0, "
+            "0.8, 0.9, '0 4')"))
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO defect_reviews (defect_id, image_id, decision, reviewer, reviewed_at) "
+                                "VALUES (1, 1, 'false-call', 'anna', '2026-01-02 00:00:00+00:00')"))
+        connection.execute(text("INSERT INTO image_reviews (image_id, inspection_id, decision, reviewer, reviewed_at) "
+                                "VALUES (1, 1, 'pass', 'anna', '2026-01-02 00:00:00+00:00')"))
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0003")
+    tables = set(sa_inspect(engine).get_table_names())
+    assert not {"defect_reviews", "image_reviews"} & tables
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
+        assert connection.execute(text("SELECT verdict FROM inspections")).scalar() == "fail"
+    upgrade(engine)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image as PILImage
 
 from defectscan.db.queries import DEFECT_COLUMNS, IMAGE_COLUMNS, LOT_COLUMNS
+from defectscan.db.reviews import REVIEW_COLUMNS
 from defectscan.model import rle
 from defectscan.report.overlay import CROP_MARGIN, class_color, outline
 
@@ -187,7 +188,8 @@ def test_defects_show_and_crop_draws_the_contour(run, results_db, tmp_path):
 def test_images_list_filters_and_columns(run, results_db):
     rows = _json(run("images", "list", "--format", "json", "--limit", "100"))
     assert len(rows) == query(results_db.url, "SELECT count(*) FROM inspections")[0][0] == 11
-    assert list(rows[0]) == list(IMAGE_COLUMNS)
+    assert list(rows[0]) == [*IMAGE_COLUMNS, "qa"]  # QA's decision last (none here)
+    assert rows[0]["qa"] is None
     failed = _json(run("images", "list", "--format", "json", "--verdict", "fail"))
     assert sorted((r["lot"], r["position"]) for r in failed) == [("L042", 1), ("L042", 3), ("L042", 4), ("L043", 0), ("L043", 2)]
     dark = _json(run("images", "list", "--format", "json", "--class", "dark", "--lot", "L042"))
@@ -247,7 +249,8 @@ def test_strip_overlay_and_unknown_image(run, results_db, tmp_path):
 
 def test_lots_list_counts_match_the_stored_rows(run, results_db, monkeypatch):
     rows = _json(run("lots", "list", "--format", "json"))
-    assert [list(r) for r in rows] == [list(LOT_COLUMNS)] * 2
+    assert [list(r) for r in rows] == [[*LOT_COLUMNS, *REVIEW_COLUMNS]] * 2  # QA's figures last (none here)
+    assert all(r["false_call_rate"] is None and r["failed_reviewed"] == 0 for r in rows)
     assert [r["lot"] for r in rows] == ["L043", "L042"]  # most recent first
     stored = {
         lot: (n, failed, defects)
@@ -270,7 +273,7 @@ def test_lots_list_counts_match_the_stored_rows(run, results_db, monkeypatch):
     only_b = _json(run("lots", "list", "--format", "json", "--line", "B"))
     assert [(r["lot"], r["images"], r["failed"]) for r in only_b] == [("L043", 4, 1)]
     table = run("lots", "list", "--format", "table")
-    assert table.stdout.splitlines()[0].split() == list(LOT_COLUMNS)
+    assert table.stdout.splitlines()[0].split() == [*LOT_COLUMNS, "false_call_rate", "escape_rate"]
 
 
 def test_lots_show_top_classes_and_latest(run):

@@ -198,3 +198,13 @@ def test_wilson_interval():
     assert low == 0.0 and 0.15 < high < 0.17
     low, high = wilson_interval(10, 20)
     assert low == pytest.approx(0.299, abs=1e-3) and high == pytest.approx(0.701, abs=1e-3)
+
+
+def test_images_list_shows_qa_decisions(factory, lot, cli, migrated_url):
+    ids, defects = lot
+    with factory() as session:
+        review_images(session, [ids[8]], "pass", by="ben")
+        review_defects(session, defects[1], "confirmed", by="anna")
+    rows = json.loads(cli("--database-url", migrated_url, "images", "list", "--lot", "R1", "--format", "json").output)
+    qa = {row["image_id"]: row["qa"] for row in rows}
+    assert qa[ids[8]] == "pass" and qa[ids[1]] == "fail" and qa[ids[3]] is None and qa[ids[0]] is None

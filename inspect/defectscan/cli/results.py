@@ -180,6 +180,7 @@ def images_list(app: AppContext, filters, sort: str, ascending: bool, limit: int
 
     `id` is the inspection's id; `image_id` is what `images show` takes. Area options
     select by an image's total defect pixels; --class keeps images having such a defect.
+    `qa` is QA's decision on the image (`defectscan review`), empty while undecided.
 
     \b
     Example:
@@ -187,10 +188,15 @@ def images_list(app: AppContext, filters, sort: str, ascending: bool, limit: int
         defectscan images list --line A --since 2026-03-01T06:00:00Z --sort score --format json
     """
     from defectscan.db.queries import IMAGE_COLUMNS, list_images
+    from defectscan.db.reviews import qa_decisions
 
     with app.session() as session:
         page = list_images(session, filters, sort=sort, descending=not ascending, limit=limit, offset=offset)
-    print_rows(page.rows, IMAGE_TABLE if fmt == "table" else IMAGE_COLUMNS, fmt, empty=_empty("images", filters), more_hint=_more_hint(page, limit))
+        decided = qa_decisions(session, [row["id"] for row in page.rows])
+    for row in page.rows:
+        row["qa"] = decided.get(row["id"])
+    columns = (IMAGE_TABLE if fmt == "table" else IMAGE_COLUMNS) + ("qa",)
+    print_rows(page.rows, columns, fmt, empty=_empty("images", filters), more_hint=_more_hint(page, limit))
 
 
 @images.command("show")

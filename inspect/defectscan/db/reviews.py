@@ -113,7 +113,14 @@ def decided_images(session: Session, filters: Filters = Filters()) -> list[Decid
     return _decisions(session, filters)[0]
 
 
-def _decisions(session: Session, filters: Filters) -> tuple[list[Decided], list[tuple[int | None, int, str]]]:
+def qa_decisions(session: Session, inspection_ids: list[int]) -> dict[int, str]:
+    """QA's decision ("pass"/"fail") on the images of these inspections, for those QA decided."""
+    if not inspection_ids:
+        return {}
+    return {d.inspection_id: d.decision for d in _decisions(session, Filters(), inspection_ids)[0]}
+
+
+def _decisions(session: Session, filters: Filters, inspection_ids: list[int] | None = None) -> tuple[list[Decided], list[tuple[int | None, int, str]]]:
     """(the decided images, and (lot, model id, decision) of every decided defect) in scope."""
     latest_images = latest_image_reviews().subquery()
     latest_defects = latest_defect_reviews().subquery()
@@ -122,6 +129,8 @@ def _decisions(session: Session, filters: Filters) -> tuple[list[Decided], list[
         .join(Image, Inspection.image_id == Image.id)
         .join(ImageSet, Image.image_set_id == ImageSet.id)
     )
+    if inspection_ids is not None:
+        base = base.where(Inspection.id.in_(inspection_ids))
     explicit = apply_filters(session, base.add_columns(latest_images.c.decision).join(latest_images, latest_images.c.image_id == Image.id),
                              filters, defects=False)
     by_defects = apply_filters(
