@@ -208,3 +208,34 @@ def test_images_list_shows_qa_decisions(factory, lot, cli, migrated_url):
     rows = json.loads(cli("--database-url", migrated_url, "images", "list", "--lot", "R1", "--format", "json").output)
     qa = {row["image_id"]: row["qa"] for row in rows}
     assert qa[ids[8]] == "pass" and qa[ids[1]] == "fail" and qa[ids[3]] is None and qa[ids[0]] is None
+
+
+def test_the_report_shows_qa_figures_and_flags_a_lot_whose_false_call_rate_is_out_of_control(factory, cluster, lot, tmp_path):
+    """Line A: lot R1 (the fixture) and lots R2..R5, 5 failed images each. QA confirms every failed image of
+    R2..R5 and passes all 5 of R1: R1's false-call rate (1.0) is above its p-chart's upper limit (0.2 + 3 sigma = 0.737)."""
+    from defectscan.report.build import ReportOptions, Scope, build_report
+
+    ids, defects = lot
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    with factory() as session:
+        from defectscan.db.schema import Model
+
+        model = session.scalars(select(Model)).one()
+    for n in range(2, 6):
+        store = write_stack(tmp_path / f"R{n}.zarr", square_images(12, size=64, defects=SQUARES, seed=10 + n), lot=f"R{n}", line="A")
+        inspect_image_sets(factory, cluster, model, [register(factory, store)], settings, max_in_flight=2)
+    with factory() as session:
+        failed = session.execute(select(Image.id, Image.image_set_id).join(Inspection, Inspection.image_id == Image.id)
+                                 .where(Inspection.verdict == "fail").order_by(Image.id)).all()
+        by_set: dict[int, list[int]] = {}
+        for image_id, set_id in failed:
+            by_set.setdefault(set_id, []).append(image_id)
+        for set_id, images in by_set.items():
+            review_images(session, images, "pass" if ids[1] in images else "fail", by="qa")
+        html = build_report(session, Scope(line="A"), ReportOptions()).html
+    section = " ".join(html.split('id="qa-review"', 1)[1].split("</section>", 1)[0].split())
+    assert "false-call rate 0.200 (5 of 25 reviewed failed images passed by QA)" in section
+    assert "False-call rate out of control: R1 (1.000 above UCL" in section
+    (tmp_path / "report.html").write_text(html)
+    assert "<tr class=\"signal\"><td>R1</td>" in section, section[:3000]
+    assert "<svg" in section

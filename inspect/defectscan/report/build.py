@@ -24,6 +24,7 @@ from defectscan import __version__
 from defectscan.db import queries_report as q
 from defectscan.config import shipped_defaults
 from defectscan.db.queries import Filters, check_filters, failed_share, lot_disposition
+from defectscan.db.reviews import ReviewFigures, review_figures
 from defectscan.errors import DataError
 from defectscan.report import charts
 from defectscan.report.spc import SIGMA, PChart, p_chart
@@ -219,6 +220,26 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
     return rows
 
 
+def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: float) -> dict[str, Any] | None:
+    """QA's figures per lot (db/reviews.py) and a p-chart of the false-call rate per lot; None before any decision."""
+    per_lot = {lot: f for (lot, model_id), f in review_figures(session, filters).items() if model_id == model["id"]}
+    if not per_lot:
+        return None
+    total = ReviewFigures()
+    for f in per_lot.values():
+        for name in ("failed_reviewed", "false_calls", "passed_reviewed", "escapes", "defects_reviewed", "defects_confirmed"):
+            setattr(total, name, getattr(total, name) + getattr(f, name))
+    lots = sorted(per_lot, key=lambda lot: (lot is None, lot or ""))
+    chart = p_chart([(lot or "-", per_lot[lot].failed_reviewed, per_lot[lot].false_calls) for lot in lots], sigma)
+    flagged = {p.label for p in chart.points if p.signal == "above"}
+    return {
+        "rows": [{"lot": lot or "-", "flagged": (lot or "-") in flagged, **per_lot[lot].as_row()} for lot in lots],
+        "total": total.as_row(),
+        "chart": chart,
+        "out_of_control": [p for p in chart.points if p.signal == "above"],
+    }
+
+
 def _overlay(image: dict[str, Any]) -> dict[str, Any]:
     """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn)."""
     from defectscan.report.overlay import crop_window
@@ -272,7 +293,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     generated = iso_utc((now or dt.datetime.now(dt.UTC)).replace(microsecond=0))
     context: dict[str, Any] = {"scope": scope, "title": scope.title(), "period": scope.period(), "generated_at": generated,
                                "version": __version__, "rules": options.rules, "options": options, "job_runs": [],
-                               "not_inspected_count": 0, "not_inspected": []}
+                               "not_inspected_count": 0, "not_inspected": [], "review": None, "review_svg": None}
     model = _choose_model(session, scope)
     context["model"] = model
     if model is None:
@@ -286,6 +307,9 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     context["metrics"], context["metrics_row"] = _metrics(model)
     context["verdict_rows"] = _verdict_rows(model)
     context["job_runs"] = q.job_runs(session, filters)
+    context["review"] = review = _review(session, filters, model, options.sigma)
+    chart = review["chart"] if review else None
+    context["review_svg"] = charts.p_chart_svg(chart, "lot", what="fraction of failed images QA passed") if chart and len(chart.points) > 1 else None
     if scope.job_run is None:
         context["not_inspected_count"], context["not_inspected"] = q.not_inspected(session, filters, model["id"], limit=options.listed)
     else:
@@ -349,7 +373,7 @@ def build_report(session: Session, scope: Scope, options: ReportOptions = Report
     from markupsafe import Markup
 
     context = collect(session, scope, options, now=now)
-    for name in ("pchart_svg", "pareto_svg", "histogram_svg", "heatmap_svg"):
+    for name in ("pchart_svg", "pareto_svg", "histogram_svg", "heatmap_svg", "review_svg"):
         if context.get(name):
             context[name] = Markup(context[name])  # matplotlib's SVG: its text is XML-escaped by the writer
     html = _environment().get_template("report.html.j2").render(**context)

@@ -65,12 +65,12 @@ def _ticks(axes, labels: Sequence[str], rotate: bool = True) -> None:
                     ha="right" if rotate else "center", fontsize=8)
 
 
-def p_chart_svg(chart: PChart, subgroup: str) -> str:
-    """Fraction failed per subgroup, centre line, stepped 3-sigma limits, out-of-control points in red."""
+def p_chart_svg(chart: PChart, subgroup: str, what: str = "fraction of images failed") -> str:
+    """Fraction failed (or `what`) per subgroup, centre line, stepped 3-sigma limits, out-of-control points in red."""
     figure, axes = _figure()
     points = chart.points
     xs = list(range(len(points)))
-    axes.plot(xs, [p.p for p in points], color=BLUE, marker="o", markersize=4, linewidth=1.2, label="fraction failed")
+    axes.plot(xs, [p.p for p in points], color=BLUE, marker="o", markersize=4, linewidth=1.2, label=what.replace(" of images", ""))
     axes.axhline(chart.center, color=GRAY, linewidth=1.0, label=f"centre p̄ = {chart.center:.4f}")
     axes.step(xs, [p.ucl for p in points], where="mid", color=RED, linestyle="--", linewidth=1.0, label=f"UCL / LCL ({chart.sigma:g}σ)")
     axes.step(xs, [p.lcl for p in points], where="mid", color=RED, linestyle="--", linewidth=1.0)
@@ -82,7 +82,7 @@ def p_chart_svg(chart: PChart, subgroup: str) -> str:
     axes.set_xlim(-0.5, max(0.5, len(points) - 0.5))
     top = max([p.p for p in points] + [p.ucl for p in points] + [chart.center])
     axes.set_ylim(0, min(1.0, top * 1.1) or 0.05)
-    axes.set_ylabel("fraction of images failed")
+    axes.set_ylabel(what)
     axes.set_xlabel(subgroup)
     # above the plot, so that no legend hides a point
     figure.legend(loc="outside upper left", fontsize=8, frameon=False, ncols=4)
