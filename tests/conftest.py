@@ -157,57 +157,43 @@ def cluster():
         yield client
 
 
-def _shared_database(request, tmp_path_factory, what: str, backend: str, populate):
-    """A database written once per backend for the whole session (by `populate(url, folder)`), then only read."""
-    root = tmp_path_factory.mktemp(f"{what}-{backend}")
-    if backend == "sqlite":
-        return populate(f"sqlite:///{root / (what + '.sqlite')}", root)
-    url = create_database(request.getfixturevalue("postgres_server_url"))
-    request.session.config.add_cleanup(lambda: drop_database(url))
-    return populate(url, root)
-
-
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
-@pytest.fixture(scope="session")
-def results_sqlite(request, tmp_path_factory):
-    import queries_helpers
+def _shared_database(what: str, helpers: str, backend: str):
+    """A session fixture: the database `helpers`.populate(url, folder) writes once on `backend`, then only read."""
 
-    return _shared_database(request, tmp_path_factory, "results", "sqlite", queries_helpers.populate)
+    @pytest.fixture(scope="session")
+    def database(request, tmp_path_factory):
+        import importlib
+
+        populate = importlib.import_module(helpers).populate
+        root = tmp_path_factory.mktemp(f"{what}-{backend}")
+        if backend == "sqlite":
+            return populate(f"sqlite:///{root / (what + '.sqlite')}", root)
+        url = create_database(request.getfixturevalue("postgres_server_url"))
+        request.session.config.add_cleanup(lambda: drop_database(url))
+        return populate(url, root)
+
+    return database
 
 
-@pytest.fixture(scope="session")
-def results_postgres(request, tmp_path_factory):
-    import queries_helpers
-
-    return _shared_database(request, tmp_path_factory, "results", "postgres", queries_helpers.populate)
+# queries_helpers' pipeline results and report_helpers' five lots, each written once per backend.
+results_sqlite = _shared_database("results", "queries_helpers", "sqlite")
+results_postgres = _shared_database("results", "queries_helpers", "postgres")
+sqlite_report_db = _shared_database("report", "report_helpers", "sqlite")  # the HTML/browser tests: rendering is backend-free
+postgres_report_db = _shared_database("report", "report_helpers", "postgres")
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
 def results_db(request):
-    """queries_helpers' pipeline results on SQLite and on PostgreSQL (each test using it runs on both)."""
+    """The pipeline results on SQLite and on PostgreSQL (each test using it runs on both)."""
     return request.getfixturevalue(f"results_{request.param}")
-
-
-@pytest.fixture(scope="session")
-def sqlite_report_db(request, tmp_path_factory):
-    """report_helpers' five lots on SQLite only, for the HTML/browser tests (the rendering does not depend on the backend)."""
-    import report_helpers
-
-    return _shared_database(request, tmp_path_factory, "report", "sqlite", report_helpers.populate)
-
-
-@pytest.fixture(scope="session")
-def postgres_report_db(request, tmp_path_factory):
-    import report_helpers
-
-    return _shared_database(request, tmp_path_factory, "report", "postgres", report_helpers.populate)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
 def report_db(request):
-    """report_helpers' five lots on SQLite and on PostgreSQL (each test using it runs on both)."""
+    """The report lots on SQLite and on PostgreSQL (each test using it runs on both)."""
     return request.getfixturevalue(f"{request.param}_report_db")
 
 
