@@ -16,7 +16,8 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "inspect" / "defectscan"
 
 # Top-level modules every layer may import: errors, settings, paths, logging, times, provenance.
-FOUNDATION = {"errors", "exitcodes", "paths", "secrets", "yamlfile", "native_logs", "logs", "interrupts", "config", "provenance", "times"}
+FOUNDATION = {"errors", "exitcodes", "paths", "secrets", "yamlfile", "native_logs", "logs", "interrupts", "config", "provenance", "times",
+              "users"}
 # What each layer may import besides the foundation and itself.
 ALLOWED = {
     "foundation": set(),

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from defectscan import __version__
 from defectscan.cli import main
 
-GROUPS = ["db", "data", "ingest", "imagesets", "train", "evaluate", "models", "inspect", "jobs", "defects", "images", "lots", "report"]
+GROUPS = ["db", "data", "ingest", "imagesets", "train", "evaluate", "models", "inspect", "jobs", "defects", "images", "lots", "review", "report"]
 
 
 def _all_commands(command: click.Command, path: tuple[str, ...] = ()):
@@ -83,28 +83,28 @@ def test_db_upgrade_current_history_on_both_backends(cli, database_url):
 
     result = cli("--database-url", database_url, "db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert "upgraded from empty to 0003" in result.output
+    assert "upgraded from empty to 0004" in result.output
 
     result = cli("--database-url", database_url, "db", "upgrade")
-    assert "already at revision 0003, nothing to do" in result.output
+    assert "already at revision 0004, nothing to do" in result.output
 
     result = cli("--database-url", database_url, "db", "current")
     assert result.exit_code == 0
-    assert result.output.strip().endswith("0003 (head)")
+    assert result.output.strip().endswith("0004 (head)")
     password = make_url(database_url).password
     if password:
         assert f":{password}@" not in result.output
         assert ":***@" in result.output
 
     result = cli("--database-url", database_url, "db", "history")
-    assert result.output.strip().splitlines() == ["0002 -> 0003: run status abandoned", "0001 -> 0002: model operating point", "<base> -> 0001: initial schema"]
+    assert result.output.strip().splitlines() == ["0003 -> 0004: reviews and model stage history", "0002 -> 0003: run status abandoned", "0001 -> 0002: model operating point", "<base> -> 0001: initial schema"]
 
 
 def test_database_url_from_environment(cli, database_url):
     result = cli("db", "upgrade", env={"DEFECTSCAN_DATABASE_URL": database_url})
     assert result.exit_code == 0, result.output
     result = cli("db", "current", env={"DEFECTSCAN_DATABASE_URL": database_url})
-    assert "0003 (head)" in result.output
+    assert "0004 (head)" in result.output
 
 
 def test_default_database_is_sqlite_under_the_data_dir(cli, tmp_path, monkeypatch):

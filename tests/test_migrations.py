@@ -139,6 +139,8 @@ def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downg
             "centroid_x, orientation, eccentricity, mean_score, max_score, rle) VALUES (1, 1, 0, 'defect', 0, 0, 2, 2, 4, 0.5, 0.5, 0, 0, "
             "0.8, 0.9, '0 4')"))
     upgrade(engine)
+    with engine.connect() as connection:  # a version registered before gets its stage as the first history row
+        assert connection.execute(text("SELECT model_id, from_stage, to_stage FROM model_stage_changes")).all() == [(1, None, "staging")]
     with engine.begin() as connection:
         connection.execute(text("INSERT INTO defect_reviews (defect_id, image_id, decision, reviewer, reviewed_at) "
                                 "VALUES (1, 1, 'false-call', 'anna', '2026-01-02 00:00:00+00:00')"))
@@ -147,7 +149,7 @@ def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downg
     with engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0003")
     tables = set(sa_inspect(engine).get_table_names())
-    assert not {"defect_reviews", "image_reviews"} & tables
+    assert not {"defect_reviews", "image_reviews", "model_stage_changes"} & tables
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
         assert connection.execute(text("SELECT verdict FROM inspections")).scalar() == "fail"

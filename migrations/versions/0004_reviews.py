@@ -1,4 +1,4 @@
-"""reviews
+"""reviews and model stage history
 
 Revision ID: 0004
 Revises: 0003
@@ -9,6 +9,9 @@ QA's decisions on the model's results: `defect_reviews` (confirmed or false-call
 defect). Both only grow: the newest row of a defect or image is its decision, older rows its
 history. Nothing in the existing tables changes, so the upgrade of a database holding results
 is instant and the downgrade drops the two tables (and the decisions in them) only.
+
+`model_stage_changes` is each version's stage history (promote, archive: who, when, why);
+versions registered before it get one row, their registration stage as it stands.
 """
 
 from alembic import op
@@ -32,6 +35,28 @@ def _who_when_why() -> list[sa.Column]:
 
 
 def upgrade() -> None:
+    op.create_table(
+        "model_stage_changes",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("model_id", sa.Integer(), nullable=False),
+        sa.Column("from_stage", sa.String(length=16), nullable=True),
+        sa.Column("to_stage", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("changed_by", sa.String(length=128), nullable=False),
+        sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.CheckConstraint("to_stage IN ('staging', 'production', 'archived')", name=op.f("ck_model_stage_changes_to_stage")),
+        sa.ForeignKeyConstraint(["model_id"], ["models.id"], name=op.f("fk_model_stage_changes_model_id_models"), ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_stage_changes")),
+    )
+    op.create_index(op.f("ix_model_stage_changes_model_id_id"), "model_stage_changes", ["model_id", "id"])
+    models = sa.table("models", sa.column("id", sa.Integer), sa.column("stage", sa.String), sa.column("registered_at", sa.DateTime))
+    changes = sa.table("model_stage_changes", sa.column("model_id", sa.Integer), sa.column("to_stage", sa.String),
+                       sa.column("reason", sa.Text), sa.column("changed_by", sa.String), sa.column("changed_at", sa.DateTime))
+    op.execute(changes.insert().from_select(
+        ["model_id", "to_stage", "reason", "changed_by", "changed_at"],
+        sa.select(models.c.id, models.c.stage, sa.literal("registered (before stage history)"), sa.literal("defectscan"),
+                  models.c.registered_at),
+    ))
     op.create_table(
         "defect_reviews",
         sa.Column("id", _ID, nullable=False),
@@ -69,6 +94,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_model_stage_changes_model_id_id"), table_name="model_stage_changes")
+    op.drop_table("model_stage_changes")
     op.drop_index(op.f("ix_image_reviews_image_id_id"), table_name="image_reviews")
     op.drop_table("image_reviews")
     op.drop_index(op.f("ix_defect_reviews_image_id"), table_name="defect_reviews")

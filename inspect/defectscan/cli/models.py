@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
+from defectscan.cli.output import output_options, print_rows
 from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
 
 _RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
@@ -272,3 +273,66 @@ def show_command(app: AppContext, reference: str, verify: bool) -> None:
     click.echo(to_json(describe(row)))
     if verify:
         click.echo(f"{row.uri}: sha256 matches", err=True)
+
+
+_REASON = click.option("--reason", required=True, metavar="TEXT", help="Why (kept in the version's stage history).")
+_BY = click.option("--by", metavar="NAME", help="Who (default: the login name).")
+
+
+@models.command("promote")
+@click.argument("reference", metavar="MODEL")
+@_REASON
+@_BY
+@click.option("--without-comparison", is_flag=True,
+              help="Promote over the version in production although the two were never compared on the plant's images.")
+@pass_app
+def promote_command(app: AppContext, reference: str, reason: str, by: str | None, without_comparison: bool) -> None:
+    """Put a model version into production (jobs and inspect use it as NAME:production); the version there before is archived.
+
+    \b
+    Example:
+        defectscan models promote line3:2 --reason "fewer false calls on L041-L044" --without-comparison
+        defectscan models history line3
+    """
+    from defectscan.model.stages import promote
+
+    with app.session() as session:
+        promoted, archived = promote(session, reference, reason=reason, by=by, without_comparison=without_comparison)
+        click.echo(f"{promoted.name}:{promoted.version} is in production" + (f"; {archived.name}:{archived.version} archived" if archived else ""))
+
+
+@models.command("archive")
+@click.argument("reference", metavar="MODEL")
+@_REASON
+@_BY
+@pass_app
+def archive_command(app: AppContext, reference: str, reason: str, by: str | None) -> None:
+    """Take a model version out of use (its results stay).
+
+    \b
+    Example:
+        defectscan models archive line3:1 --reason "lamp changed, retrained as line3:2"
+    """
+    from defectscan.model.stages import archive
+
+    with app.session() as session:
+        row = archive(session, reference, reason=reason, by=by)
+        click.echo(f"{row.name}:{row.version} archived")
+
+
+@models.command("history")
+@click.argument("name")
+@output_options
+@pass_app
+def history_command(app: AppContext, name: str, fmt: str) -> None:
+    """Every stage change of a model name's versions, oldest first: who, when and why.
+
+    \b
+    Example:
+        defectscan models history line3
+    """
+    from defectscan.model.stages import HISTORY_COLUMNS, stage_history
+
+    with app.session() as session:
+        rows = stage_history(session, name)
+    print_rows(rows, HISTORY_COLUMNS, fmt, empty=f"no stage changes of {name}")

@@ -287,6 +287,27 @@ class Defect(Base):
     inspection: Mapped[Inspection] = relationship(back_populates="defects")
 
 
+class ModelStageChange(Base):
+    """One change of a model version's stage (promote, archive), with who, when and why: the version's history.
+    The first row of a version is its registration stage."""
+
+    __tablename__ = "model_stage_changes"
+    __table_args__ = (
+        _one_of("to_stage", MODEL_STAGES, "to_stage"),
+        Index(None, "model_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    from_stage: Mapped[str | None] = mapped_column(String(16))
+    to_stage: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    changed_by: Mapped[str] = mapped_column(String(128))
+    changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    model: Mapped[Model] = relationship()
+
+
 class DefectReview(Base):
     """QA's decision on one defect the model found. Rows are only added: the newest row of a defect is
     its decision, the older ones its history; the model's recorded results are never changed."""

@@ -18,10 +18,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from defectscan.db import model_refs
-from defectscan.db.schema import MODEL_STAGES, Model
+from defectscan.db.schema import MODEL_STAGES, Model, ModelStageChange
 from defectscan.errors import ModelError
 from defectscan.model.export import file_sha256, load_model
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules
+from defectscan.users import user_name
 from defectscan.yamlfile import read_mapping
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -147,6 +148,7 @@ def register_model(
         description=description or meta.description,
     )
     session.add(row)
+    session.add(ModelStageChange(model=row, to_stage=stage, reason="registered", changed_by=user_name()))
     try:
         session.commit()
     except IntegrityError:

@@ -6,7 +6,6 @@ names are free text (`--by` defaults to the login name) and need not exist anywh
 
 from __future__ import annotations
 
-import getpass
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,15 +16,7 @@ from sqlalchemy.orm import Session
 from defectscan.db.schema import DEFECT_DECISIONS, IMAGE_DECISIONS, Defect, DefectReview, Image, ImageReview, Inspection, utcnow
 from defectscan.errors import DataError
 from defectscan.model import rle
-
-
-def reviewer_name(given: str | None) -> str:
-    if given is not None and given.strip():
-        return given.strip()
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name in some containers
-        return "unknown"
+from defectscan.users import user_name
 
 
 def _missing(asked: Sequence[int], found: set[int], what: str) -> None:
@@ -46,7 +37,7 @@ def review_defects(session: Session, defect_ids: Sequence[int], decision: str, *
         select(Defect.id, Inspection.image_id).join(Inspection, Defect.inspection_id == Inspection.id).where(Defect.id.in_(ids))
     ).all())
     _missing(ids, set(images), "defect")
-    reviewer, now = reviewer_name(by), utcnow()
+    reviewer, now = user_name(by), utcnow()
     rows = [DefectReview(defect_id=i, image_id=images[i], decision=decision, reviewer=reviewer, reviewed_at=now, note=note) for i in ids]
     session.add_all(rows)
     session.commit()
@@ -76,7 +67,7 @@ def review_images(
     newest = dict(session.execute(
         select(Inspection.image_id, func.max(Inspection.id)).where(Inspection.image_id.in_(ids)).group_by(Inspection.image_id)
     ).all())
-    reviewer, now = reviewer_name(by), utcnow()
+    reviewer, now = user_name(by), utcnow()
     rows = [
         ImageReview(image_id=i, inspection_id=newest.get(i), decision=decision, class_name=class_name, reviewer=reviewer,
                     reviewed_at=now, note=note, **box)

@@ -1,0 +1,90 @@
+"""A model version's life: staging -> production -> archived, each change recorded with who, when and why.
+
+One version of a name is in production at a time: promoting a version archives the one that was.
+Jobs and `inspect` reach it as NAME:production (db/model_refs.py), so a newly registered version
+(staging) runs nowhere until someone promotes it. Shadow comparison of a candidate against the
+production version is not built yet; until it is, promoting over a version in production needs
+`without_comparison`, so that no promotion happens by accident.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from defectscan.db import model_refs
+from defectscan.db.schema import Model, ModelStageChange
+from defectscan.errors import ModelError
+from defectscan.times import iso_utc
+from defectscan.users import user_name
+
+HISTORY_COLUMNS = ("model", "from_stage", "to_stage", "changed_at", "changed_by", "reason")
+
+
+def _reason(reason: str | None) -> str:
+    if reason is None or not reason.strip():
+        raise ModelError("give --reason: why the stage changes (kept in the version's history)")
+    return reason.strip()
+
+
+def _lock_name(session: Session, name: str) -> list[Model]:
+    """The name's versions, locked for this transaction (PostgreSQL), so two promotions of one name serialise."""
+    query = select(Model).where(Model.name == name).order_by(Model.id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return list(session.scalars(query))
+
+
+def _change(session: Session, row: Model, stage: str, reason: str, by: str) -> None:
+    session.add(ModelStageChange(model_id=row.id, from_stage=row.stage, to_stage=stage, reason=reason, changed_by=by))
+    session.execute(update(Model).where(Model.id == row.id).values(stage=stage))
+
+
+def promote(session: Session, reference: str, *, reason: str | None, by: str | None = None, without_comparison: bool = False) -> tuple[Model, Model | None]:
+    """Put a version into production; the version there before goes to `archived`. Returns (promoted, archived or None)."""
+    reason, by = _reason(reason), user_name(by)
+    target = model_refs.resolve(session, reference)
+    if target.stage == "production":
+        raise ModelError(f"model {target.name}:{target.version} is already in production")
+    versions = _lock_name(session, target.name)
+    current = next((m for m in versions if m.stage == "production" and m.id != target.id), None)
+    if current is not None and not without_comparison:
+        raise ModelError(
+            f"model {current.name}:{current.version} is in production and {target.name}:{target.version} was never compared "
+            "against it on the plant's images (shadow comparison is not built yet): give --without-comparison to promote anyway"
+        )
+    if current is not None:
+        _change(session, current, "archived", f"replaced in production by {target.version}: {reason}", by)
+    _change(session, target, "production", reason, by)
+    session.commit()
+    session.refresh(target)
+    if current is not None:
+        session.refresh(current)
+    return target, current
+
+
+def archive(session: Session, reference: str, *, reason: str | None, by: str | None = None) -> Model:
+    """Take a version out of use (jobs on NAME:production find none until another is promoted, if it was there)."""
+    reason, by = _reason(reason), user_name(by)
+    target = model_refs.resolve(session, reference)
+    if target.stage == "archived":
+        raise ModelError(f"model {target.name}:{target.version} is already archived")
+    _lock_name(session, target.name)
+    _change(session, target, "archived", reason, by)
+    session.commit()
+    session.refresh(target)
+    return target
+
+
+def stage_history(session: Session, name: str) -> list[dict]:
+    """Every stage change of the name's versions, oldest first."""
+    rows = session.execute(
+        select(ModelStageChange, Model.version).join(Model, ModelStageChange.model_id == Model.id).where(Model.name == name)
+        .order_by(ModelStageChange.id)
+    ).all()
+    if not rows:
+        model_refs.resolve(session, name)  # names an unknown model, with the known ones
+    return [
+        dict(zip(HISTORY_COLUMNS, (f"{name}:{version}", c.from_stage, c.to_stage, iso_utc(c.changed_at), c.changed_by, c.reason), strict=True))
+        for c, version in rows
+    ]

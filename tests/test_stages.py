@@ -1,0 +1,91 @@
+"""Model version lifecycle: promote and archive with history, one version in production, jobs following NAME:production."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from defectscan.db.schema import Model, ModelStageChange
+from defectscan.errors import ModelError
+from defectscan.model.registry import register_model
+from defectscan.model.stages import archive, promote, stage_history
+
+from pipeline_helpers import save_threshold_model
+
+
+@pytest.fixture
+def versions(factory, tmp_path):
+    path = save_threshold_model(tmp_path / "t.keras")
+    with factory() as session:
+        for version in ("1", "2", "3"):
+            register_model(session, path, name="line3", version=version)
+    return factory
+
+
+def _stages(factory) -> dict[str, str]:
+    with factory() as session:
+        return {m.version: m.stage for m in session.scalars(select(Model).order_by(Model.id))}
+
+
+def test_promotion_archives_the_version_in_production_and_keeps_the_history(versions):
+    with versions() as session:
+        promoted, archived = promote(session, "line3:1", reason="first version", by="ml")
+        assert (promoted.version, archived) == ("1", None)
+        with pytest.raises(ModelError, match="line3:1 is in production and line3:2 was never compared .* give --without-comparison"):
+            promote(session, "line3:2", reason="better", by="ml")
+        promoted, archived = promote(session, "line3:2", reason="fewer false calls", by="ml", without_comparison=True)
+        assert (promoted.version, archived.version) == ("2", "1")
+        assert session.scalar(select(Model.version).where(Model.stage == "production")) == "2"
+        assert model_version(session, "line3:production") == "2"
+        history = stage_history(session, "line3")
+    assert _stages(versions) == {"1": "archived", "2": "production", "3": "staging"}
+    assert [(h["model"], h["from_stage"], h["to_stage"], h["changed_by"]) for h in history] == [
+        ("line3:1", None, "staging", history[0]["changed_by"]), ("line3:2", None, "staging", history[1]["changed_by"]),
+        ("line3:3", None, "staging", history[2]["changed_by"]),
+        ("line3:1", "staging", "production", "ml"), ("line3:1", "production", "archived", "ml"), ("line3:2", "staging", "production", "ml"),
+    ]
+    assert history[4]["reason"] == "replaced in production by 2: fewer false calls"
+
+
+def model_version(session, reference: str) -> str:
+    from defectscan.db.model_refs import resolve
+
+    return resolve(session, reference).version
+
+
+def test_archive_and_bad_requests_are_one_line_errors(versions, cli, migrated_url):
+    run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731
+    done = run("models", "promote", "line3:3", "--reason", "first in production", "--by", "ml")
+    assert (done.exit_code, done.output) == (0, "line3:3 is in production\n")
+    again = run("models", "promote", "line3:3", "--reason", "again")
+    assert (again.exit_code, again.output) == (1, "Error: model line3:3 is already in production\n")
+    blank = run("models", "archive", "line3:3", "--reason", " ")
+    assert blank.exit_code == 1 and "give --reason" in blank.output
+    assert run("models", "archive", "line3:3", "--reason", "lamp changed").output == "line3:3 archived\n"
+    with versions() as session:
+        with pytest.raises(ModelError, match="no model line3:production in the registry"):
+            model_version(session, "line3:production")
+        with pytest.raises(ModelError, match="already archived"):
+            archive(session, "line3:3", reason="twice")
+        with pytest.raises(ModelError, match="no model nope in the registry"):
+            stage_history(session, "nope")
+    history = json.loads(run("models", "history", "line3", "--format", "json").output)
+    assert [h["to_stage"] for h in history][-2:] == ["production", "archived"]
+    with versions() as session:
+        assert session.query(ModelStageChange).count() == 5
+
+
+def test_a_job_on_name_production_runs_the_promoted_version(versions, tmp_path):
+    from defectscan.jobs.runner import resolve_model
+    from defectscan.jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "line3", "schedule": "0 * * * *", "source": {"lot": "L1"}, "model": "line3:production"})
+    with versions() as session:
+        with pytest.raises(ModelError, match="no model line3:production"):
+            resolve_model(session, spec)
+        promote(session, "line3:2", reason="go", by="ml")
+        assert resolve_model(session, spec).version == "2"
+        promote(session, "line3:3", reason="better", by="ml", without_comparison=True)
+        assert resolve_model(session, spec).version == "3"
