@@ -118,3 +118,13 @@ def test_default_database_is_sqlite_under_the_data_dir(cli, tmp_path, monkeypatc
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "defectscan", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"defectscan, version {__version__}"
+
+
+def test_one_line_errors_take_tensorflows_own_message_not_its_traceback_header():
+    from defectscan.errors import first_line
+
+    graph_error = TypeError('in user code:\n\n    File "/x/train.py", line 3, in step  *\n        return f(x)\n\n    TypeError: cannot add str and int\n')
+    assert first_line(graph_error) == "TypeError: cannot add str and int"
+    assert first_line(ValueError("bad value\nsecond line")) == "bad value"
+    assert first_line(ValueError("")) == ""
+    assert first_line(ValueError("postgresql://u:secret@h/db unreachable")).count("secret") == 0

@@ -193,3 +193,14 @@ def test_two_runs_creating_one_score_array_at_once_both_use_it(tmp_path, monkeyp
     ref = prepare_output(**args, **options)
     assert len(calls) == 2
     assert zarr.open_array(ref.uri, path=ref.path, mode="r").shape == (4, 1, 32, 32)
+
+
+def test_an_unexpected_tensorflow_error_shows_its_own_message_not_the_traceback_header(migrated_url, cli, monkeypatch):
+    from defectscan.db import queries
+
+    def broken(*args, **kwargs):
+        raise TypeError('in user code:\n\n    File "/x/train.py", line 3, in step  *\n        return f(x)\n\n    TypeError: cannot add str and int\n')
+
+    monkeypatch.setattr(queries, "list_lots", broken)
+    result = cli("--database-url", migrated_url, "lots", "list")
+    assert result.output == "Error: TypeError: cannot add str and int (rerun with --log-level DEBUG for the traceback)\n"

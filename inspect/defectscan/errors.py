@@ -4,9 +4,15 @@ from defectscan.secrets import mask_secrets
 
 
 def first_line(exc: BaseException | object) -> str:
-    """The first line of an exception's (or a driver error's) text, passwords masked; "" when it has none."""
-    lines = str(exc).strip().splitlines()
-    return mask_secrets(lines[0]) if lines else ""
+    """The first line of an exception's (or a driver error's) text, passwords masked; "" when it has none.
+
+    TensorFlow's errors from inside a tf.function start with "in user code:" and a traceback, and end
+    with the error itself: that last line is the one that says what went wrong.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return mask_secrets(lines[-1] if lines[0] == "in user code:" else lines[0])
 
 
 class DefectscanError(Exception):

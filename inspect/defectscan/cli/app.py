@@ -104,7 +104,9 @@ class DefectscanGroup(click.Group):
             # A bug or a failure nobody foresaw: one line for the user, the traceback on request.
             if logging.getLogger("defectscan").isEnabledFor(logging.DEBUG):
                 raise
-            raise click.ClickException(f"{type(exc).__name__}: {first_line(exc)} (rerun with --log-level DEBUG for the traceback)") from None
+            text = first_line(exc)
+            named = text if text.startswith(f"{type(exc).__name__}:") else f"{type(exc).__name__}: {text}"
+            raise click.ClickException(f"{named} (rerun with --log-level DEBUG for the traceback)") from None
 
 
 @click.group(cls=DefectscanGroup, context_settings={"help_option_names": ["-h", "--help"]})
