@@ -97,7 +97,7 @@ def test_db_upgrade_current_history_on_both_backends(cli, database_url):
         assert ":***@" in result.output
 
     result = cli("--database-url", database_url, "db", "history")
-    assert result.output.strip().splitlines() == ["0003 -> 0004: reviews and model stage history", "0002 -> 0003: run status abandoned", "0001 -> 0002: model operating point", "<base> -> 0001: initial schema"]
+    assert result.output.strip().splitlines() == ["0003 -> 0004: reviews, model stage history and comparisons", "0002 -> 0003: run status abandoned", "0001 -> 0002: model operating point", "<base> -> 0001: initial schema"]
 
 
 def test_database_url_from_environment(cli, database_url):

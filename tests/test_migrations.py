@@ -149,7 +149,7 @@ def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downg
     with engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0003")
     tables = set(sa_inspect(engine).get_table_names())
-    assert not {"defect_reviews", "image_reviews", "model_stage_changes"} & tables
+    assert not {"defect_reviews", "image_reviews", "model_stage_changes", "model_comparisons"} & tables
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
         assert connection.execute(text("SELECT verdict FROM inspections")).scalar() == "fail"

@@ -1,4 +1,4 @@
-"""reviews and model stage history
+"""reviews, model stage history and comparisons
 
 Revision ID: 0004
 Revises: 0003
@@ -12,10 +12,12 @@ is instant and the downgrade drops the two tables (and the decisions in them) on
 
 `model_stage_changes` is each version's stage history (promote, archive: who, when, why);
 versions registered before it get one row, their registration stage as it stands.
+`model_comparisons` records each shadow comparison of a candidate version against another.
 """
 
 from alembic import op
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 
 revision = "0004"
@@ -24,6 +26,7 @@ branch_labels = None
 depends_on = None
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 
 
 def _who_when_why() -> list[sa.Column]:
@@ -49,6 +52,20 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_model_stage_changes")),
     )
     op.create_index(op.f("ix_model_stage_changes_model_id_id"), "model_stage_changes", ["model_id", "id"])
+    op.create_table(
+        "model_comparisons",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("candidate_id", sa.Integer(), nullable=False),
+        sa.Column("current_id", sa.Integer(), nullable=False),
+        sa.Column("scope", _JSON, nullable=False),
+        sa.Column("figures", _JSON, nullable=False),
+        sa.Column("compared_by", sa.String(length=128), nullable=False),
+        sa.Column("compared_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["candidate_id"], ["models.id"], name=op.f("fk_model_comparisons_candidate_id_models"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["current_id"], ["models.id"], name=op.f("fk_model_comparisons_current_id_models"), ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_comparisons")),
+    )
+    op.create_index(op.f("ix_model_comparisons_candidate_id_current_id"), "model_comparisons", ["candidate_id", "current_id"])
     models = sa.table("models", sa.column("id", sa.Integer), sa.column("stage", sa.String), sa.column("registered_at", sa.DateTime))
     changes = sa.table("model_stage_changes", sa.column("model_id", sa.Integer), sa.column("to_stage", sa.String),
                        sa.column("reason", sa.Text), sa.column("changed_by", sa.String), sa.column("changed_at", sa.DateTime))
@@ -94,6 +111,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_model_comparisons_candidate_id_current_id"), table_name="model_comparisons")
+    op.drop_table("model_comparisons")
     op.drop_index(op.f("ix_model_stage_changes_model_id_id"), table_name="model_stage_changes")
     op.drop_table("model_stage_changes")
     op.drop_index(op.f("ix_image_reviews_image_id_id"), table_name="image_reviews")

@@ -336,3 +336,42 @@ def history_command(app: AppContext, name: str, fmt: str) -> None:
     with app.session() as session:
         rows = stage_history(session, name)
     print_rows(rows, HISTORY_COLUMNS, fmt, empty=f"no stage changes of {name}")
+
+
+@models.command("compare")
+@click.argument("candidate", metavar="CANDIDATE")
+@click.option("--against", "current", required=True, metavar="MODEL", help="The version to compare with (e.g. NAME:production).")
+@click.option("--lot", help="Compare on this lot's image sets.")
+@click.option("--imageset", "image_set_ids", multiple=True, metavar="ID|PATH", help="Compare on this image set; repeat for several.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures and every flip here.")
+@click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler to use; default: a local cluster.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster.")
+@_BY
+@pass_app
+def compare_command(app: AppContext, candidate: str, current: str, lot: str | None, image_set_ids: tuple[str, ...], json_path: Path | None,
+                    scheduler: str | None, workers: int | None, by: str | None) -> None:
+    """Inspect with a candidate version where another version has results, and compare (shadow comparison).
+
+    The candidate's results are its own version's rows: what the current version recorded, and
+    the lot dispositions and reports made from it, stay as they are. Prints agreement, verdict
+    flips each way and, where QA decided images, false calls fixed, new false calls, escapes caught
+    and new escapes. The comparison is recorded for `models promote`.
+
+    \b
+    Example:
+        defectscan models compare line3:3 --against line3:production --lot L042 --json compare-L042.json
+    """
+    from defectscan.pipeline.shadow import shadow_compare
+
+    settings = app.settings_with(cluster__scheduler=(scheduler, "--scheduler"))
+    result = shadow_compare(app.session, settings, candidate, current, lot=lot, image_set_ids=list(image_set_ids), by=by,
+                            n_workers=workers, echo=lambda line: click.echo(line, err=True))
+    figures = result.figures()
+    agreement = "-" if figures["agreement"] is None else f"{100 * figures['agreement']:.1f} %"
+    click.echo(f"{result.candidate} against {result.current} on {figures['images']} images ({', '.join(result.lots) or 'no lot'}): "
+               f"agreement {agreement}; pass->fail {figures['pass_to_fail']}, fail->pass {figures['fail_to_pass']}")
+    click.echo(f"QA-reviewed images {figures['reviewed']}: false calls fixed {figures['false_calls_fixed']}, new false calls "
+               f"{figures['new_false_calls']}, escapes caught {figures['escapes_caught']}, new escapes {figures['new_escapes']}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}")

@@ -308,6 +308,22 @@ class ModelStageChange(Base):
     model: Mapped[Model] = relationship()
 
 
+class ModelComparison(Base):
+    """A shadow comparison: a candidate version inspected the same images as another version; the figures."""
+
+    __tablename__ = "model_comparisons"
+    __table_args__ = (Index(None, "candidate_id", "current_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    current_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    # The image sets compared (ids) and their lots, and the figures (db/comparisons.py).
+    scope: Mapped[dict[str, Any]] = mapped_column(Json)
+    figures: Mapped[dict[str, Any]] = mapped_column(Json)
+    compared_by: Mapped[str] = mapped_column(String(128))
+    compared_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class DefectReview(Base):
     """QA's decision on one defect the model found. Rows are only added: the newest row of a defect is
     its decision, the older ones its history; the model's recorded results are never changed."""

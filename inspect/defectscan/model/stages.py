@@ -2,9 +2,9 @@
 
 One version of a name is in production at a time: promoting a version archives the one that was.
 Jobs and `inspect` reach it as NAME:production (db/model_refs.py), so a newly registered version
-(staging) runs nowhere until someone promotes it. Shadow comparison of a candidate against the
-production version is not built yet; until it is, promoting over a version in production needs
-`without_comparison`, so that no promotion happens by accident.
+(staging) runs nowhere until someone promotes it. Promoting over a version in production asks for
+a recorded shadow comparison of the two (`models compare`, pipeline/shadow.py), or
+`without_comparison`, so that no untested version goes live by accident.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from defectscan.db import model_refs
+from defectscan.db.comparisons import last_comparison
 from defectscan.db.schema import Model, ModelStageChange
 from defectscan.errors import ModelError
 from defectscan.times import iso_utc
@@ -48,10 +49,11 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
         raise ModelError(f"model {target.name}:{target.version} is already in production")
     versions = _lock_name(session, target.name)
     current = next((m for m in versions if m.stage == "production" and m.id != target.id), None)
-    if current is not None and not without_comparison:
+    if current is not None and not without_comparison and last_comparison(session, target, current) is None:
         raise ModelError(
             f"model {current.name}:{current.version} is in production and {target.name}:{target.version} was never compared "
-            "against it on the plant's images (shadow comparison is not built yet): give --without-comparison to promote anyway"
+            f"against it on the plant's images: run `defectscan models compare {target.name}:{target.version} --against "
+            f"{current.name}:{current.version} --lot LOT`, or give --without-comparison to promote anyway"
         )
     if current is not None:
         _change(session, current, "archived", f"replaced in production by {target.version}: {reason}", by)

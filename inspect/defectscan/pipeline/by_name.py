@@ -23,6 +23,7 @@ def run_inspect(
     retry_errors: bool = False,
     n_workers: int | None = None,
     progress: bool = False,
+    job: str = "inspect",
     echo: Callable[[str], None] = print,
 ) -> RunSummary:
     from sqlalchemy.orm import sessionmaker
@@ -31,7 +32,7 @@ def run_inspect(
     from defectscan.model.registry import get_model, register_demo
     from defectscan.pipeline.cluster import connect
 
-    spec = {"command": "inspect", "model": model_reference, "image_sets": image_set_ids, "force": force, "retry_errors": retry_errors}
+    spec = {"command": job, "model": model_reference, "image_sets": image_set_ids, "force": force, "retry_errors": retry_errors}
     with interrupts.stop_on_signals(settings.inspection.stop_within_s):
         with new_session() as session:
             model = register_demo(session) if model_reference == DEMO else get_model(session, model_reference)
@@ -47,7 +48,7 @@ def run_inspect(
             in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
             with _progress(progress) as on_progress:
                 return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,
-                                          force=force, retry_errors=retry_errors, gpu=info.gpu, spec=spec, on_progress=on_progress)
+                                          force=force, retry_errors=retry_errors, gpu=info.gpu, job=job, spec=spec, on_progress=on_progress)
 
 
 class _progress:

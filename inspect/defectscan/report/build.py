@@ -25,6 +25,7 @@ from defectscan.db import queries_report as q
 from defectscan.config import shipped_defaults
 from defectscan.db.queries import Filters, check_filters, failed_share, lot_disposition
 from defectscan.db.reviews import ReviewFigures, review_figures
+from defectscan.db.schema import Model
 from defectscan.errors import DataError
 from defectscan.report import charts
 from defectscan.report.spc import SIGMA, PChart, p_chart
@@ -278,6 +279,10 @@ def _choose_model(session: Session, scope: Scope) -> dict[str, Any] | None:
     found = q.scope_models(session, scope.filters())
     if not found:
         return None
+    production = [m for m in found if session.get(Model, m["id"]).stage == "production"]
+    if len(found) > 1 and len(production) == 1:
+        # A candidate compared in the shadow of the production version: the report is the production one's.
+        return q.model_info(session, production[0]["label"])
     if len(found) > 1:
         listed = ", ".join(f"{m['label']} ({m['inspections']} images)" for m in found)
         raise DataError(f"{scope.title()} has results of several model versions: {listed}; choose one with --model NAME:VERSION")

@@ -1,0 +1,88 @@
+"""Shadow comparison: a candidate inspected where the production version has results, figures counted by hand,
+the comparison recorded for promotion, the production version's results and report untouched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from defectscan.config import load_settings
+from defectscan.db.schema import Image, Inspection, Model
+from defectscan.errors import ModelError
+from defectscan.model.registry import register_model
+from defectscan.model.stages import promote
+from defectscan.pipeline.run import inspect_image_sets
+from defectscan.review.record import review_images
+
+from pipeline_helpers import register, square_images, write_stack
+
+
+def _threshold_model(path, bias: float):
+    """A 1x1 convolution: fails pixels above (bias / 40 + 1) x 127.5 (bias 32: ~230; bias 28: ~217)."""
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="threshold")
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1), 40.0, np.float32), np.full((1,), -bias, np.float32)])
+    model.save(path)
+    return path
+
+
+@pytest.fixture
+def plant(factory, cluster, tmp_path):
+    images = square_images(8, size=64, defects={0: (5, 5, 6), 1: (20, 20, 6)}, seed=4)
+    images[2, 30:36, 30:36] = 225  # seen by the candidate only
+    images[3, 10:16, 40:46] = 225
+    image_set = register(factory, write_stack(tmp_path / "C1.zarr", images, lot="C1", line="A"))
+    with factory() as session:
+        current = register_model(session, _threshold_model(tmp_path / "v1.keras", 32.0), name="thr", version="1")
+        register_model(session, _threshold_model(tmp_path / "v2.keras", 28.0), name="thr", version="2")
+        promote(session, "thr:1", reason="first", by="ml")
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    assert inspect_image_sets(factory, cluster, current, [image_set], settings, max_in_flight=2).status == "succeeded"
+    with factory() as session:
+        ids = {p: i for p, i in session.execute(select(Image.position, Image.id))}
+    return ids
+
+
+def test_compare_counts_flips_and_qa_outcomes_and_lets_the_candidate_be_promoted(factory, plant, cli, migrated_url, cluster, tmp_path, monkeypatch):
+    ids = plant
+    with factory() as session:
+        review_images(session, [ids[2]], "fail", by="qa")  # a real defect the production version passes: an escape
+        review_images(session, [ids[3]], "pass", by="qa")  # nothing there: the candidate's fail is a new false call
+        review_images(session, [ids[0]], "fail", by="qa")
+        with pytest.raises(ModelError, match="thr:2 was never compared against it on the plant's images: run `defectscan models compare"):
+            promote(session, "thr:2", reason="more sensitive", by="ml")
+    monkeypatch.setenv("DEFECTSCAN_INSPECTION__BATCH_SIZE", "4")
+    monkeypatch.setenv("DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD", "4")
+    out = tmp_path / "compare.json"
+    result = cli("--database-url", migrated_url, "models", "compare", "thr:2", "--against", "thr:production", "--lot", "C1",
+                 "--scheduler", cluster.scheduler.address, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(("thr:2", "QA-"))]
+    assert lines == ["thr:2 against thr:1 on 8 images (C1): agreement 75.0 %; pass->fail 2, fail->pass 0",
+                     "QA-reviewed images 3: false calls fixed 0, new false calls 1, escapes caught 1, new escapes 0"]
+    flips = json.loads(out.read_text())["flips"]
+    assert [(f["image_id"], f["current"], f["candidate"], f["qa"]) for f in flips] == [(ids[2], "pass", "fail", "fail"), (ids[3], "pass", "fail", "pass")]
+    with factory() as session:  # the production version's rows are untouched; the candidate has its own
+        verdicts = dict(session.execute(select(Inspection.image_id, Inspection.verdict).join(Model).where(Model.version == "1")).all())
+        assert verdicts[ids[2]] == "pass" and verdicts[ids[3]] == "pass" and verdicts[ids[0]] == "fail"
+        promoted, archived = promote(session, "thr:2", reason="catches the 225 marks", by="ml")
+        assert (promoted.version, archived.version) == ("2", "1")
+
+
+def test_the_report_of_a_scope_with_a_shadow_version_is_the_production_versions(factory, plant, cluster, tmp_path):
+    from defectscan.pipeline.shadow import shadow_compare
+    from defectscan.report.build import Scope, build_report
+
+    settings = load_settings(overrides={"cluster.scheduler": (cluster.scheduler.address, "test"), "inspection.batch_size": (4, "test"),
+                                        "inspection.images_per_shard": (4, "test")})
+    comparison = shadow_compare(factory, settings, "thr:2", "thr:1", lot="C1", echo=lambda line: None)
+    assert (comparison.images, comparison.pass_to_fail) == (8, 2)
+    with factory() as session:
+        report = build_report(session, Scope(lot="C1"))
+    assert report.summary["model"] == "thr:1" and report.summary["failed"] == 2
