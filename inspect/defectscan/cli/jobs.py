@@ -125,7 +125,10 @@ def run_command(app: AppContext, name: str, scheduler: str | None) -> None:
 
     path = find_spec(_jobs_dir(), name)
     spec = load_spec(path)
-    settings = app.settings_with(**spec.setting_overrides(str(path)), cluster__scheduler=(scheduler, "--scheduler"))
+    overrides = spec.setting_overrides(str(path))
+    if scheduler is not None:  # the flag beats the spec's own scheduler
+        overrides["cluster__scheduler"] = (scheduler, "--scheduler")
+    settings = app.settings_with(**overrides)
     if scheduler is None:
         settings = spec.apply_to(settings)
     # From here on a signal is a flag the run acts on, so one that arrives before the lock is taken still leaves a row.
