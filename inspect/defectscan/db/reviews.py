@@ -42,6 +42,10 @@ class ReviewFigures:
     defects_reviewed: int = 0
     defects_confirmed: int = 0
 
+    def add(self, other: ReviewFigures) -> None:
+        for name in ("failed_reviewed", "false_calls", "passed_reviewed", "escapes", "defects_reviewed", "defects_confirmed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     @property
     def false_call_rate(self) -> float | None:
         return self.false_calls / self.failed_reviewed if self.failed_reviewed else None
@@ -157,12 +161,12 @@ def _decisions(session: Session, filters: Filters, inspection_ids: list[int] | N
     return sorted(decided.values(), key=lambda d: d.inspection_id), defects
 
 
-def review_figures(session: Session, filters: Filters = Filters(), *, per_lot: bool = True) -> dict[tuple, ReviewFigures]:
-    """ReviewFigures per (lot, model id) of the decided images and defects in scope (per (model id,) without `per_lot`)."""
+def review_figures(session: Session, filters: Filters = Filters()) -> dict[tuple, ReviewFigures]:
+    """ReviewFigures per (lot, model id) of the decided images and defects in scope."""
     figures: dict[tuple, ReviewFigures] = defaultdict(ReviewFigures)
     decided, defects = _decisions(session, filters)
     for item in decided:
-        f = figures[(item.lot, item.model_id) if per_lot else (item.model_id,)]
+        f = figures[(item.lot, item.model_id)]
         if item.verdict == "fail":
             f.failed_reviewed += 1
             f.false_calls += item.decision == "pass"
@@ -170,7 +174,7 @@ def review_figures(session: Session, filters: Filters = Filters(), *, per_lot: b
             f.passed_reviewed += 1
             f.escapes += item.decision == "fail"
     for lot, model_id, decision in defects:
-        f = figures[(lot, model_id) if per_lot else (model_id,)]
+        f = figures[(lot, model_id)]
         f.defects_reviewed += 1
         f.defects_confirmed += decision == "confirmed"
     return dict(figures)

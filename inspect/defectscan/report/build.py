@@ -228,16 +228,16 @@ def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: fl
         return None
     total = ReviewFigures()
     for f in per_lot.values():
-        for name in ("failed_reviewed", "false_calls", "passed_reviewed", "escapes", "defects_reviewed", "defects_confirmed"):
-            setattr(total, name, getattr(total, name) + getattr(f, name))
+        total.add(f)
     lots = sorted(per_lot, key=lambda lot: (lot is None, lot or ""))
     chart = p_chart([(lot or "-", per_lot[lot].failed_reviewed, per_lot[lot].false_calls) for lot in lots], sigma)
-    flagged = {p.label for p in chart.points if p.signal == "above"}
+    above = [p for p in chart.points if p.signal == "above"]
+    flagged = {p.label for p in above}
     return {
         "rows": [{"lot": lot or "-", "flagged": (lot or "-") in flagged, **per_lot[lot].as_row()} for lot in lots],
         "total": total.as_row(),
         "chart": chart,
-        "out_of_control": [p for p in chart.points if p.signal == "above"],
+        "out_of_control": above,
     }
 
 

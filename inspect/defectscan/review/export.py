@@ -64,13 +64,13 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
     drawn = {row.image_id: row for row in session.scalars(latest_image_reviews().where(ImageReview.image_id.in_(ids)))}
     for item in decided:
         image, source = _pixels(session, item)
-        label = None if item.decision == "pass" else _label(session, item, drawn.get(item.image_id), source)
+        label, classes = (None, set()) if item.decision == "pass" else _label(session, item, drawn.get(item.image_id), source)
         if item.decision == "fail" and label is None:
             result.skipped.append(f"image {item.image_id}: QA failed it, but no confirmed defect or drawn mask says where")
             continue
         samples.append((image, label))
         listing.append({"image_id": item.image_id, "decision": item.decision, "inspection_id": item.inspection_id,
-                        "classes": sorted(_classes(session, item, drawn.get(item.image_id)))})
+                        "classes": sorted(classes)})
     names = write_split(out / FOLDER, samples)
     for name, entry in zip(names, listing, strict=True):
         entry["file"] = str(FOLDER / name)
@@ -105,9 +105,10 @@ def _pixels(session: Session, item: Decided) -> tuple[np.ndarray, ImageSource]:
     return as_uint8(load_image(source), (image_set.attrs or {}).get("bit_depth")), source
 
 
-def _label(session: Session, item: Decided, drawn, source: ImageSource) -> np.ndarray | None:
-    """255 on the confirmed defects and the drawn mask, 0 elsewhere; None when nothing is marked."""
+def _label(session: Session, item: Decided, drawn, source: ImageSource) -> tuple[np.ndarray | None, set[str]]:
+    """255 on the confirmed defects and the drawn mask, 0 elsewhere (None when nothing is marked), and the classes painted."""
     label = np.zeros((source.height, source.width), np.uint8)
+    classes: set[str] = set()
     defects = session.scalars(select(Defect).where(Defect.inspection_id == item.inspection_id)).all()
     explicit = drawn is not None and drawn.decision == "fail"
     for defect in defects:
@@ -115,22 +116,14 @@ def _label(session: Session, item: Decided, drawn, source: ImageSource) -> np.nd
         if decision == "confirmed" or (decision is None and explicit):
             box = (defect.bbox_y0, defect.bbox_x0, defect.bbox_y1, defect.bbox_x1)
             _paint(label, box, rle.decode(defect.rle, (box[2] - box[0], box[3] - box[1])))
+            classes.add(defect.class_name)
     if explicit and drawn.rle:
         box = (drawn.bbox_y0, drawn.bbox_x0, drawn.bbox_y1, drawn.bbox_x1)
         _paint(label, box, rle.decode(drawn.rle, (box[2] - box[0], box[3] - box[1])))
-    return label if label.any() else None
+        classes.add(drawn.class_name)
+    return (label, classes) if label.any() else (None, set())
 
 
 def _paint(label: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray) -> None:
     y0, x0, y1, x1 = box
     label[y0:y1, x0:x1][mask] = 255
-
-
-def _classes(session: Session, item: Decided, drawn) -> set[str]:
-    if item.decision == "pass":
-        return set()
-    confirmed = [i for i, d in item.defect_decisions.items() if d == "confirmed"]
-    names = set(session.scalars(select(Defect.class_name).where(Defect.id.in_(confirmed)))) if confirmed else set()
-    if drawn is not None and drawn.class_name:
-        names.add(drawn.class_name)
-    return names

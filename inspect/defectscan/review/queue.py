@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from defectscan.db.queries import Filters, apply_filters
+from defectscan.db.queries import Filters, apply_filters, check_filters
 from defectscan.db.reviews import decided_images
 from defectscan.db.schema import Image, ImageSet, Inspection, Model
 from defectscan.errors import DataError
@@ -47,8 +47,6 @@ def review_queue(session: Session, lot: str, *, model: str | None = None, sample
     ), filters, defects=False)
     rows = session.execute(query.order_by(Image.id)).all()
     if not rows:
-        from defectscan.db.queries import check_filters
-
         check_filters(session, filters)  # names an unknown lot or model
         raise DataError(f"lot {lot!r} has no inspected image{' for model ' + model if model else ''}")
     models = sorted({f"{r.name}:{r.version}" for r in rows})

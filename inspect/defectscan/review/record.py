@@ -104,5 +104,4 @@ def read_mask(path: str | Path) -> np.ndarray:
     """A drawn mask from a PNG (or any image file defectscan reads): non-zero pixels are the defect."""
     from defectscan.data.imagefiles import read_image
 
-    image = read_image(path)
-    return image if image.ndim == 2 else image[..., 0]
+    return read_image(path)  # 2-D: colour files come back as their luminance
