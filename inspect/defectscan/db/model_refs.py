@@ -22,6 +22,7 @@ LATEST = "latest"
 EVERY = "*"
 # Words that select a version rather than name one.
 SELECTORS = (LATEST, EVERY, *MODEL_STAGES)
+ONE_VERSION = "NAME, NAME:VERSION or NAME:STAGE"
 GRAMMAR = "NAME, NAME:VERSION, NAME:STAGE or NAME:*"
 
 
@@ -56,7 +57,7 @@ def resolve(session: Session, reference: str | ModelReference) -> Model:
     """The one registered version a reference names (commands that run or show one model)."""
     ref = parse(reference) if isinstance(reference, str) else reference
     if ref.every:
-        raise ModelError(f"model reference {ref}: names every version of {ref.name}; give one ({GRAMMAR[:-9]})")
+        raise ModelError(f"model reference {ref}: names every version of {ref.name}; give one ({ONE_VERSION})")
     query = select(Model).where(Model.name == ref.name)
     if ref.selector in MODEL_STAGES:
         query = query.where(Model.stage == ref.selector)
