@@ -123,7 +123,7 @@ def test_a_missing_model_fails_the_run_and_records_it(cli, migrated_url, factory
     result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
     assert result.exit_code == 1, result.output
     [run] = _runs(factory, "line-a")
-    assert run.status == "failed" and run.error.startswith("no model no-such-model in the registry")
+    assert run.status == "failed" and run.error.startswith("no model no-such-model:production in the registry")
     shown = json.loads(cli("--database-url", migrated_url, "jobs", "show", str(run.id)).output)
     assert shown["status"] == "failed" and shown["spec"]["job"]["model"]["name"] == "no-such-model"
 

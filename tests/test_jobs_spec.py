@@ -148,12 +148,15 @@ def test_since_windows():
 
 def test_model_forms():
     base = {"name": "x", "schedule": "* * * * *", "source": {"lot": "L1"}}
-    assert JobSpec.model_validate({**base, "model": "demo"}).model.reference == "demo"
+    # A job runs the promoted version unless its spec names another: a bare name too.
+    assert JobSpec.model_validate({**base, "model": "demo"}).model.reference == "demo:production"
+    assert JobSpec.model_validate({**base, "model": {"name": "demo"}}).model.reference == "demo:production"
     assert JobSpec.model_validate({**base, "model": "tinyunet:7"}).model.reference == "tinyunet:7"
-    assert JobSpec.model_validate({**base, "model": {"name": "tinyunet", "stage": "production"}}).model.reference == "tinyunet:production"
+    assert JobSpec.model_validate({**base, "model": "tinyunet:latest"}).model.reference == "tinyunet"
+    assert JobSpec.model_validate({**base, "model": {"name": "tinyunet", "stage": "staging"}}).model.reference == "tinyunet:staging"
     short = JobSpec.model_validate({**base, "model": "tinyunet:production"}).model
-    assert (short.name, short.version, short.stage, short.reference) == ("tinyunet", "latest", "production", "tinyunet:production")
-    with pytest.raises(ValueError, match="give a version, or `version: latest` with a stage, not both"):
+    assert (short.name, short.version, short.reference) == ("tinyunet", "production", "tinyunet:production")
+    with pytest.raises(ValueError, match="give a version or a stage, not both"):
         JobSpec.model_validate({**base, "model": {"name": "tinyunet", "version": "2", "stage": "production"}})
 
 

@@ -47,8 +47,12 @@ def test_one_meaning_for_each_form(registry):
 
 
 def test_unknown_and_ambiguous_references_are_one_line_errors(registry):
-    with pytest.raises(ModelError, match="no model tiny:archived in the registry; known: other:1, tiny:1, tiny:2"):
+    with pytest.raises(ModelError, match=r"no model tiny:archived in the registry; known: other:1 \(staging\), tiny:1 \(production\), tiny:2 \(staging\)$"):
         model_refs.resolve(registry, "tiny:archived")
+    model_refs.resolve(registry, "tiny:1").stage = "archived"
+    registry.flush()
+    with pytest.raises(ModelError, match=r"no model tiny:production .*; promote one \(defectscan models promote tiny:VERSION\)$"):
+        model_refs.resolve(registry, "tiny:production")
     with pytest.raises(ModelError, match="names every version of tiny; give one"):
         model_refs.resolve(registry, "tiny:*")
     with pytest.raises(DataError, match="unknown model 'tiyn': expected .* of a registered model; did you mean tiny"):

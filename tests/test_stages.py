@@ -77,6 +77,15 @@ def test_archive_and_bad_requests_are_one_line_errors(versions, cli, migrated_ur
         assert session.query(ModelStageChange).count() == 5
 
 
+def test_registering_straight_into_production_is_refused_while_another_version_is_there(versions, tmp_path):
+    with versions() as session:
+        register_model(session, session.scalar(select(Model.uri)), name="line4", version="1", stage="production")
+        promote(session, "line3:1", reason="first", by="ml")
+        with pytest.raises(ModelError, match=r"line3:1 is in production; register line3:4 in staging and promote it \(defectscan models promote line3:4\)"):
+            register_model(session, session.scalar(select(Model.uri)), name="line3", version="4", stage="production")
+    assert "4" not in _stages(versions)
+
+
 def test_a_job_on_name_production_runs_the_promoted_version(versions, tmp_path):
     from defectscan.jobs.runner import resolve_model
     from defectscan.jobs.spec import JobSpec

@@ -5,6 +5,7 @@
     NAME:STAGE      the version of NAME in that stage registered last (staging, production, archived)
     NAME:*          every version of NAME; only where results are selected (lots, images, defects, report)
 
+A job spec that names no version runs NAME:production (jobs/spec.py): what nobody promoted runs nowhere.
 A version may not be named `latest`, `*` or after a stage, so a reference never has two readings.
 """
 
@@ -65,8 +66,12 @@ def resolve(session: Session, reference: str | ModelReference) -> Model:
         query = query.where(Model.version == ref.selector)
     row = session.scalars(query.order_by(Model.id.desc())).first()
     if row is None:
-        known = ", ".join(f"{n}:{v}" for n, v in session.execute(select(Model.name, Model.version).order_by(Model.name, Model.id))) or "none registered"
-        raise ModelError(f"no model {ref} in the registry; known: {known}")
+        versions = session.execute(select(Model.name, Model.version, Model.stage).order_by(Model.name, Model.id)).all()
+        known = ", ".join(f"{n}:{v} ({s})" for n, v, s in versions) or "none registered"
+        hint = ""
+        if ref.selector == "production" and any(n == ref.name for n, _, _ in versions):
+            hint = f"; promote one (defectscan models promote {ref.name}:VERSION)"
+        raise ModelError(f"no model {ref} in the registry; known: {known}{hint}")
     return row
 
 

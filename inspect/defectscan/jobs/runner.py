@@ -59,10 +59,12 @@ class JobOutcome:
 
 def resolve_model(session: Session, spec: JobSpec) -> Model:
     from defectscan.model.registry import get_model, register_demo
+    from defectscan.db.model_refs import LATEST
     from defectscan.pipeline.by_name import DEMO
 
     ref = spec.model
-    if ref.name == DEMO and ref.stage is None and ref.version == "latest":
+    # `demo` names the model shipped in the package, registered (in production) on first use.
+    if ref.name == DEMO and ref.version in (LATEST, "production"):
         model = register_demo(session)
         session.commit()
         return model

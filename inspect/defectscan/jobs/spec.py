@@ -37,6 +37,8 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,39}[a-z0-9])?$")
 _SINCE = re.compile(r"^(?P<n>\d+)(?P<unit>[mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # Keys that hold secrets or connection details of the deployment, not of a job.
+# What a job runs when its spec names no version: a stage (db/schema.MODEL_STAGES), not `latest`.
+DEFAULT_MODEL_SELECTOR = "production"
 _DEPLOYMENT_KEYS = {"database_url", "password", "secret", "token", "key_pem", "cert_pem"}
 
 
@@ -76,9 +78,11 @@ class SourceSpec(_Part):
 
 class ModelSpec(_Part):
     name: str = Field(min_length=1)
-    # A registered version, or `latest` (the most recently registered one, of `stage` when given);
-    # `model: NAME:VERSION` or `model: NAME:STAGE` is the short form (db/model_refs.py).
-    version: str = "latest"
+    # A registered version, a stage, or `latest` (db/model_refs.py). Jobs default to the version in
+    # production, so a newly registered version runs nowhere until someone promotes it (model/stages.py).
+    # `model: NAME:VERSION` is the short form; a bare `model: NAME` takes this default too.
+    version: str = DEFAULT_MODEL_SELECTOR
+    # The older spelling of `version: STAGE`.
     stage: str | None = None
 
     @field_validator("version", mode="before")
@@ -96,18 +100,21 @@ class ModelSpec(_Part):
             raise ValueError(f"expected one of {', '.join(MODEL_STAGES)}")
         return value
 
-    @model_validator(mode="after")
-    def _version_or_stage(self) -> ModelSpec:
-        if self.stage is not None and self.version != "latest":
-            raise ValueError("give a version, or `version: latest` with a stage, not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _version_or_stage(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("stage") is not None:
+            if "version" in value and str(value["version"]) != value["stage"]:
+                raise ValueError("give a version or a stage, not both")
+            value = {**value, "version": value["stage"]}
+        return value
 
     @property
     def reference(self) -> str:
         """The model reference this names (db/model_refs.py)."""
         from defectscan.db.model_refs import ModelReference
 
-        return str(ModelReference(self.name, self.stage or self.version))
+        return str(ModelReference(self.name, self.version))
 
 
 class TLSSpec(_Part):
@@ -186,18 +193,15 @@ class JobSpec(_Part):
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, value: Any) -> Any:
-        # `model: demo` or `model: tinyunet-dagm:3`
+        # `model: demo`, `model: tinyunet-dagm:3` or `model: line3:latest`
         if isinstance(value, str):
             from defectscan.db.model_refs import parse
-            from defectscan.db.schema import MODEL_STAGES
 
             try:
                 ref = parse(value)
             except DefectscanError as exc:
                 raise ValueError(str(exc)) from None
-            if ref.selector in MODEL_STAGES:
-                return {"name": ref.name, "stage": ref.selector}
-            return {"name": ref.name, "version": ref.selector}
+            return {"name": ref.name, "version": ref.selector} if ":" in value else {"name": ref.name}
         return value
 
     @field_validator("inspection")

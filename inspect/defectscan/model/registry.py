@@ -121,6 +121,11 @@ def register_model(
     existing = session.scalar(select(Model).where(Model.name == name, Model.version == version))
     if existing is not None:
         raise AlreadyRegistered(f"model {name}:{version} is already registered (file {existing.uri}); choose another version")
+    if stage == "production":
+        current = session.scalar(select(Model).where(Model.name == name, Model.stage == "production"))
+        if current is not None:
+            raise ModelError(f"model {current.name}:{current.version} is in production; register {name}:{version} in staging "
+                             f"and promote it (defectscan models promote {name}:{version}), which archives the other")
 
     sha256 = file_sha256(path)
     model = load_model(path)
@@ -249,7 +254,8 @@ def register_demo(session: Session) -> Model:
     existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
     if existing is None:
         try:
-            return register_model(session, DEMO_MODEL, metadata=meta)
+            # In production: it is what jobs naming `model: demo` run.
+            return register_model(session, DEMO_MODEL, metadata=meta, stage="production")
         except AlreadyRegistered:
             # Two first runs at once (two cron jobs on a new database): the loser uses the winner's row.
             existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
