@@ -4,6 +4,7 @@ the comparison recorded for promotion, the production version's results and repo
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -59,20 +60,51 @@ def test_compare_counts_flips_and_qa_outcomes_and_lets_the_candidate_be_promoted
             promote(session, "thr:2", reason="more sensitive", by="ml")
     monkeypatch.setenv("DEFECTSCAN_INSPECTION__BATCH_SIZE", "4")
     monkeypatch.setenv("DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD", "4")
-    out = tmp_path / "compare.json"
+    out, page = tmp_path / "compare.json", tmp_path / "compare.html"
     result = cli("--database-url", migrated_url, "models", "compare", "thr:2", "--against", "thr:production", "--lot", "C1",
-                 "--scheduler", cluster.scheduler.address, "--json", str(out))
+                 "--scheduler", cluster.scheduler.address, "--json", str(out), "--html", str(page))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith(("thr:2", "QA-"))]
     assert lines == ["thr:2 against thr:1 on 8 images (C1): agreement 75.0 %; pass->fail 2, fail->pass 0",
                      "QA-reviewed images 3: false calls fixed 0, new false calls 1, escapes caught 1, new escapes 0"]
     flips = json.loads(out.read_text())["flips"]
-    assert [(f["image_id"], f["current"], f["candidate"], f["qa"]) for f in flips] == [(ids[2], "pass", "fail", "fail"), (ids[3], "pass", "fail", "pass")]
+    assert [(f["image_id"], f["current"], f["candidate"], f["qa"], f["effect"]) for f in flips] == [
+        (ids[2], "pass", "fail", "fail", "escapes_caught"), (ids[3], "pass", "fail", "pass", "new_false_calls")]
+    _check_page(page, flips)
     with factory() as session:  # the production version's rows are untouched; the candidate has its own
         verdicts = dict(session.execute(select(Inspection.image_id, Inspection.verdict).join(Model).where(Model.version == "1")).all())
         assert verdicts[ids[2]] == "pass" and verdicts[ids[3]] == "pass" and verdicts[ids[0]] == "fail"
         promoted, archived = promote(session, "thr:2", reason="catches the 225 marks", by="ml")
         assert (promoted.version, archived.version) == ("2", "1")
+
+
+def _check_page(page, flips):
+    """The HTML lists every flip with what it means for QA and draws both versions' overlays of each; it renders in Chromium."""
+    import re
+
+    from PIL import Image as PILImage
+
+    from defectscan.report import pdf
+    from test_report_browser import console_messages
+
+    html = page.read_text()
+    assert "Shadow comparison: thr:2 against thr:1" in html and "lot C1" in html
+    rows = re.findall(r"<tr><td>(\d+)</td>.*?</tr>", html, flags=re.S)
+    assert [int(r) for r in rows] == [f["image_id"] for f in flips]
+    assert "escapes caught</td>" in html and "new false calls</td>" in html
+    assert html.count('<img src="data:image/png;base64,') == 2 * len(flips)
+    assert re.search(r'kpi worse"><div class="value">1</div><div class="label">new false calls', html)
+    try:
+        browser = pdf.find_chromium()
+    except Exception:
+        if os.environ.get("CI") == "true":
+            raise
+        return
+    del browser
+    run = pdf.screenshot(page, page.with_suffix(".png"), width=1200, height=1400)
+    assert console_messages(run.log) == []
+    shot = np.asarray(PILImage.open(run.output).convert("RGB")).astype(np.float32)
+    assert shot.mean(axis=2).std() > 20
 
 
 def test_the_report_of_a_scope_with_a_shadow_version_is_the_production_versions(factory, plant, cluster, tmp_path):

@@ -344,12 +344,14 @@ def history_command(app: AppContext, name: str, fmt: str) -> None:
 @click.option("--lot", help="Compare on this lot's image sets.")
 @click.option("--imageset", "image_set_ids", multiple=True, metavar="ID|PATH", help="Compare on this image set; repeat for several.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures and every flip here.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a page with the figures, every flip and the first flips drawn side by side.")
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler to use; default: a local cluster.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster.")
 @_BY
 @pass_app
 def compare_command(app: AppContext, candidate: str, current: str, lot: str | None, image_set_ids: tuple[str, ...], json_path: Path | None,
-                    scheduler: str | None, workers: int | None, by: str | None) -> None:
+                    html_path: Path | None, scheduler: str | None, workers: int | None, by: str | None) -> None:
     """Inspect with a candidate version where another version has results, and compare (shadow comparison).
 
     The candidate's results are its own version's rows: what the current version recorded, and
@@ -359,7 +361,7 @@ def compare_command(app: AppContext, candidate: str, current: str, lot: str | No
 
     \b
     Example:
-        defectscan models compare line3:3 --against line3:production --lot L042 --json compare-L042.json
+        defectscan models compare line3:3 --against line3:production --lot L042 --html compare-L042.html
     """
     from defectscan.pipeline.shadow import shadow_compare
 
@@ -375,3 +377,8 @@ def compare_command(app: AppContext, candidate: str, current: str, lot: str | No
     if json_path is not None:
         json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+    if html_path is not None:
+        from defectscan.report.comparison import write_comparison_html
+
+        with app.session() as session:
+            click.echo(f"wrote {write_comparison_html(session, result, html_path)}")

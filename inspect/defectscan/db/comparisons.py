@@ -20,7 +20,10 @@ from defectscan.db.schema import Image, ImageSet, Inspection, Model, ModelCompar
 from defectscan.times import iso_utc
 from defectscan.users import user_name
 
-FLIP_COLUMNS = ("image_id", "image_key", "lot", "current", "candidate", "qa")
+FLIP_COLUMNS = ("image_id", "image_key", "lot", "current", "candidate", "qa", "effect", "current_inspection", "candidate_inspection")
+# What a flip means for QA, by (QA's decision, current verdict, candidate verdict): the figure it counts in.
+FLIP_EFFECTS = {("pass", "fail", "pass"): "false_calls_fixed", ("pass", "pass", "fail"): "new_false_calls",
+                ("fail", "pass", "fail"): "escapes_caught", ("fail", "fail", "pass"): "new_escapes"}
 
 
 @dataclass
@@ -39,17 +42,19 @@ class Comparison:
     escapes_caught: int = 0
     new_escapes: int = 0
     flips: list[dict] = field(default_factory=list)
+    # The recorded comparison's row, once recorded.
+    id: int | None = None
 
     @property
     def agreement(self) -> float | None:
         return self.agree / self.images if self.images else None
 
     def figures(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k not in ("flips", "image_set_ids", "lots", "candidate", "current")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("flips", "image_set_ids", "lots", "candidate", "current", "id")}
         return {**data, "agreement": None if self.agreement is None else round(self.agreement, 4)}
 
     def as_dict(self) -> dict:
-        return {"candidate": self.candidate, "current": self.current, "image_set_ids": self.image_set_ids, "lots": self.lots,
+        return {"comparison_id": self.id, "candidate": self.candidate, "current": self.current, "image_set_ids": self.image_set_ids, "lots": self.lots,
                 **self.figures(), "flips": self.flips}
 
 
@@ -57,7 +62,7 @@ def compare_results(session: Session, candidate: Model, current: Model, image_se
     """The figures of `candidate` against `current` on the images of these image sets both judged."""
     mine, theirs = aliased(Inspection), aliased(Inspection)
     rows = session.execute(
-        select(Image.id, Image.key, ImageSet.lot, theirs.verdict, mine.verdict, theirs.id)
+        select(Image.id, Image.key, ImageSet.lot, theirs.verdict, mine.verdict, theirs.id, mine.id)
         .join(ImageSet, Image.image_set_id == ImageSet.id)
         .join(mine, (mine.image_id == Image.id) & (mine.model_id == candidate.id))
         .join(theirs, (theirs.image_id == Image.id) & (theirs.model_id == current.id))
@@ -67,20 +72,19 @@ def compare_results(session: Session, candidate: Model, current: Model, image_se
     lots = sorted({lot for lot in session.scalars(select(ImageSet.lot).where(ImageSet.id.in_(image_set_ids))) if lot})
     result = Comparison(f"{candidate.name}:{candidate.version}", f"{current.name}:{current.version}", sorted(image_set_ids), lots)
     qa = qa_decisions(session, [row[5] for row in rows])
-    for image_id, key, lot, before, after, inspection_id in rows:
+    for image_id, key, lot, before, after, inspection_id, candidate_inspection in rows:
         decision = qa.get(inspection_id)
         result.images += 1
         result.agree += before == after
         result.pass_to_fail += (before, after) == ("pass", "fail")
         result.fail_to_pass += (before, after) == ("fail", "pass")
-        if decision is not None:
-            result.reviewed += 1
-            result.false_calls_fixed += (decision, before, after) == ("pass", "fail", "pass")
-            result.new_false_calls += (decision, before, after) == ("pass", "pass", "fail")
-            result.escapes_caught += (decision, before, after) == ("fail", "pass", "fail")
-            result.new_escapes += (decision, before, after) == ("fail", "fail", "pass")
+        result.reviewed += decision is not None
+        effect = FLIP_EFFECTS.get((decision, before, after))
+        if effect is not None:
+            setattr(result, effect, getattr(result, effect) + 1)
         if before != after:
-            result.flips.append(dict(zip(FLIP_COLUMNS, (image_id, key, lot, before, after, decision), strict=True)))
+            values = (image_id, key, lot, before, after, decision, effect, inspection_id, candidate_inspection)
+            result.flips.append(dict(zip(FLIP_COLUMNS, values, strict=True)))
     return result
 
 
@@ -90,6 +94,7 @@ def record_comparison(session: Session, candidate: Model, current: Model, compar
                           figures=comparison.figures(), compared_by=user_name(by))
     session.add(row)
     session.commit()
+    comparison.id = row.id
     return row.id
 
 

@@ -217,36 +217,45 @@ def worst_images(session: Session, filters: Filters, n: int) -> list[dict[str, A
     """The `n` failed images with the most defect pixels (then highest score), with their largest defects' masks."""
     query = apply_filters(
         session,
-        _inspections().add_columns(
-            Inspection.id, Image.id, Image.key, ImageSet.lot, ImageSet.line, Image.acquired_at, Inspection.n_defects,
-            Inspection.defect_pixels, Inspection.max_score, Inspection.mask_uri, Inspection.mask_array, ImageSet.uri,
-            ImageSet.array_path, ImageSet.kind, Image.position, Image.height, Image.width,
-        ).where(Inspection.verdict == "fail")
+        _inspections().add_columns(Inspection.id).where(Inspection.verdict == "fail")
         .order_by(Inspection.defect_pixels.desc(), Inspection.max_score.desc(), Inspection.id),
         filters,
         defects=False,
     ).limit(n)
-    images = []
+    drawable = drawable_inspections(session, list(session.scalars(query)))
+    return [drawable[i] for i in drawable]
+
+
+def drawable_inspections(session: Session, inspection_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """What an overlay needs of these inspections (image source, largest defects with masks), by id in the order given."""
+    rows = session.execute(
+        select(Inspection.id, Image.id, Image.key, ImageSet.lot, ImageSet.line, Image.acquired_at, Inspection.n_defects,
+               Inspection.defect_pixels, Inspection.max_score, Inspection.mask_uri, Inspection.mask_array, ImageSet.uri,
+               ImageSet.array_path, ImageSet.kind, Image.position, Image.height, Image.width)
+        .join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id)
+        .where(Inspection.id.in_(inspection_ids))
+    )
+    found = {}
     for (inspection_id, image_id, key, lot, line, when, n_defects, pixels, peak, mask_uri, mask_array, uri, array_path, kind,
-         position, height, width) in session.execute(query):
-        images.append({
+         position, height, width) in rows:
+        found[inspection_id] = {
             "inspection_id": inspection_id, "image_id": image_id, "key": key, "lot": lot, "line": line, "acquired_at": iso_utc(when),
-            "n_defects": n_defects, "defect_pixels": pixels, "max_score": round(peak, 4), "height": height, "width": width,
+            "n_defects": n_defects, "defect_pixels": pixels, "max_score": None if peak is None else round(peak, 4),
+            "height": height, "width": width,
             "source": ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array), "defects": [],
-        })
-    if images:
-        by_id = {image["inspection_id"]: image for image in images}
+        }
+    if found:
         defects = session.execute(
             select(Defect.inspection_id, Defect.id, Defect.class_index, Defect.class_name, Defect.bbox_y0, Defect.bbox_x0,
                    Defect.bbox_y1, Defect.bbox_x1, Defect.area, Defect.max_score, Defect.rle)
-            .where(Defect.inspection_id.in_(list(by_id))).order_by(Defect.inspection_id, Defect.area.desc(), Defect.id)
+            .where(Defect.inspection_id.in_(list(found))).order_by(Defect.inspection_id, Defect.area.desc(), Defect.id)
         )
         for inspection_id, id_, index, name, y0, x0, y1, x1, area, peak, rle in defects:
-            drawn = by_id[inspection_id]["defects"]
+            drawn = found[inspection_id]["defects"]
             if len(drawn) < MAX_DRAWN_DEFECTS:
                 drawn.append({"id": id_, "class_index": index, "class": name, "bbox": [y0, x0, y1, x1], "area": area,
                               "max_score": round(peak, 4), "rle": rle})
-    return images
+    return {i: found[i] for i in inspection_ids if i in found}
 
 
 def error_images(session: Session, filters: Filters, *, limit: int) -> list[dict[str, Any]]:

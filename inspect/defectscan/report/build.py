@@ -241,7 +241,7 @@ def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: fl
     }
 
 
-def _overlay(image: dict[str, Any]) -> dict[str, Any]:
+def overlay(image: dict[str, Any]) -> dict[str, Any]:
     """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn)."""
     from defectscan.report.overlay import crop_window
     from defectscan.report.pixels import draw
@@ -355,7 +355,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
 
     worst = q.worst_images(session, filters, options.worst)
     for image in worst:
-        image.update(_overlay(image))
+        image.update(overlay(image))
     context["worst"] = worst
     context["errors"] = q.error_images(session, filters, limit=options.listed)
     return context
@@ -373,6 +373,10 @@ def _environment():
     return environment
 
 
+def render(template: str, context: dict[str, Any]) -> str:
+    return _environment().get_template(template).render(**context)
+
+
 def build_report(session: Session, scope: Scope, options: ReportOptions = ReportOptions(), *, now: dt.datetime | None = None) -> Report:
     """The report as HTML text, with a summary of its figures (what the CLI prints)."""
     from markupsafe import Markup
@@ -381,7 +385,7 @@ def build_report(session: Session, scope: Scope, options: ReportOptions = Report
     for name in ("pchart_svg", "pareto_svg", "histogram_svg", "heatmap_svg", "review_svg"):
         if context.get(name):
             context[name] = Markup(context[name])  # matplotlib's SVG: its text is XML-escaped by the writer
-    html = _environment().get_template("report.html.j2").render(**context)
+    html = render("report.html.j2", context)
     totals = context["totals"] or {}
     summary = {
         "scope": scope.title(), "model": f"{context['model']['name']}:{context['model']['version']}" if context["model"] else None,
