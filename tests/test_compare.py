@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -117,4 +118,11 @@ def test_the_report_of_a_scope_with_a_shadow_version_is_the_production_versions(
     assert (comparison.images, comparison.pass_to_fail) == (8, 2)
     with factory() as session:
         report = build_report(session, Scope(lot="C1"))
+        promote(session, "thr:2", reason="catches the 225 marks", by="ml")
+        shadow = build_report(session, Scope(lot="C1", model="thr:2"))
+        after = build_report(session, Scope(lot="C1"))
     assert report.summary["model"] == "thr:1" and report.summary["failed"] == 2
+    # which version was in production while each lot was inspected: thr:1, also for thr:2's shadow results
+    assert re.search(r"<td>thr:1</td><td class=\"(hold|release)\">", report.html)
+    assert re.search(r"<td class=\"signal\">thr:1</td><td class=\"(hold|release)\">", shadow.html)
+    assert after.summary["model"] == "thr:2" and re.search(r"<td class=\"signal\">thr:1</td>", after.html)

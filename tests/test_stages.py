@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -98,3 +99,26 @@ def test_a_job_on_name_production_runs_the_promoted_version(versions, tmp_path):
         assert resolve_model(session, spec).version == "2"
         promote(session, "line3:3", reason="better", by="ml", without_comparison=True)
         assert resolve_model(session, spec).version == "3"
+
+
+def test_the_versions_in_production_over_a_window_follow_the_history():
+    from defectscan.model.stages import in_production_between
+
+    t = lambda hour: dt.datetime(2026, 3, 1, hour, tzinfo=dt.UTC)  # noqa: E731
+    timeline = [(t(1), "1"), (t(5), None), (t(6), "2"), (t(9), "3")]
+    assert in_production_between([], t(2), t(3)) == [None]
+    assert in_production_between(timeline, t(0), t(0)) == [None]
+    assert in_production_between(timeline, t(2), t(4)) == ["1"]
+    assert in_production_between(timeline, t(4), t(7)) == ["1", None, "2"]
+    assert in_production_between(timeline, t(9), t(12)) == ["3"]
+
+
+def test_the_production_timeline_of_promotions_and_archives(versions):
+    from defectscan.model.stages import production_timeline
+
+    with versions() as session:
+        promote(session, "line3:1", reason="first", by="ml")
+        promote(session, "line3:2", reason="second", by="ml", without_comparison=True)
+        archive(session, "line3:2", reason="lamp changed", by="qa")
+        archive(session, "line3:3", reason="never used", by="qa")  # never in production: no change
+        assert [v for _, v in production_timeline(session, "line3")] == ["1", None, "2", None]

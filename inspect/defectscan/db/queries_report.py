@@ -134,18 +134,18 @@ def totals(session: Session, filters: Filters) -> dict[str, Any]:
 def _group_rows(rows, label) -> list[dict[str, Any]]:
     return [
         {"label": label(key), "images": _int(n), "failed": _int(f), "errors": _int(e), "defects": _int(d),
-         "first_at": iso_utc(first), "last_at": iso_utc(last)}
-        for key, n, f, e, d, first, last in rows
+         "first_at": iso_utc(first), "last_at": iso_utc(last), "inspected": (inspected_first, inspected_last)}
+        for key, n, f, e, d, first, last, inspected_first, inspected_last in rows
     ]
 
 
 def _group_columns():
     return (func.count(Inspection.id), _failed(), _errors(), func.sum(Inspection.n_defects), func.min(Image.acquired_at),
-            func.max(Image.acquired_at))
+            func.max(Image.acquired_at), func.min(Inspection.inspected_at), func.max(Inspection.inspected_at))
 
 
 def lot_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list[dict[str, Any]], int]:
-    """Per lot: images, failed, errors, defects, capture times; the `limit` most recent lots in time order, and the lot count."""
+    """Per lot: images, failed, errors, defects, capture times, inspection times; the `limit` most recent lots in time order, and the lot count."""
     query = apply_filters(session, _inspections().add_columns(ImageSet.lot, *_group_columns()).group_by(ImageSet.lot), filters, defects=False)
     rows = session.execute(query.order_by(func.max(Image.acquired_at).desc(), ImageSet.lot).limit(limit)).all()
     count = session.scalar(apply_filters(session, _inspections().add_columns(func.count(distinct(ImageSet.lot))), filters, defects=False))

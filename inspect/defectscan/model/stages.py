@@ -9,6 +9,8 @@ a recorded shadow comparison of the two (`models compare`, pipeline/shadow.py), 
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -90,3 +92,37 @@ def stage_history(session: Session, name: str) -> list[dict]:
         dict(zip(HISTORY_COLUMNS, (f"{name}:{version}", c.from_stage, c.to_stage, iso_utc(c.changed_at), c.changed_by, c.reason), strict=True))
         for c, version in rows
     ]
+
+
+def production_timeline(session: Session, name: str) -> list[tuple[dt.datetime, str | None]]:
+    """When the version in production of `name` changed, oldest first: (from when, version, or None while none was)."""
+    rows = session.execute(
+        select(ModelStageChange.changed_at, ModelStageChange.from_stage, ModelStageChange.to_stage, Model.version)
+        .join(Model, ModelStageChange.model_id == Model.id).where(Model.name == name).order_by(ModelStageChange.id)
+    )
+    timeline: list[tuple[dt.datetime, str | None]] = []
+    current = None
+    for at, before, after, version in rows:
+        if after == "production":
+            current = version
+        elif before == "production" and current == version:
+            current = None
+        else:
+            continue
+        timeline.append((at, current))
+    return timeline
+
+
+def in_production_between(timeline: list[tuple[dt.datetime, str | None]], first: dt.datetime, last: dt.datetime) -> list[str | None]:
+    """The versions in production at some moment from `first` to `last` (None: a moment with none), in order."""
+    versions: list[str | None] = []
+    standing = None
+    for at, version in timeline:
+        if at > last:
+            break
+        if at > first and (not versions or versions[-1] != standing):
+            versions.append(standing)
+        standing = version
+    if not versions or versions[-1] != standing:
+        versions.append(standing)
+    return versions

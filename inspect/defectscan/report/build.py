@@ -221,6 +221,17 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
     return rows
 
 
+def _in_production(session: Session, model: dict[str, Any], lots: list[dict[str, Any]]) -> None:
+    """Each lot's versions of the model's name in production while the report's version inspected it (its stage history)."""
+    from defectscan.model.stages import in_production_between, production_timeline
+
+    timeline = production_timeline(session, model["name"])
+    for lot in lots:
+        versions = in_production_between(timeline, *lot["inspected"])
+        lot["in_production"] = " → ".join("none" if v is None else f"{model['name']}:{v}" for v in versions)
+        lot["shadow"] = model["version"] not in versions
+
+
 def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: float) -> dict[str, Any] | None:
     """QA's figures per lot (db/reviews.py) and a p-chart of the false-call rate per lot; None before any decision."""
     per_lot = {lot: f for (lot, model_id), f in review_figures(session, filters).items() if model_id == model["id"]}
@@ -333,6 +344,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     lots = groups if not by_hour else q.lot_groups(session, filters, limit=options.max_subgroups)[0]
     lots_total = n_groups if not by_hour else 1
     context["lots"] = _disposition(lots, None if by_hour else chart, options.rules)
+    _in_production(session, model, context["lots"])
     context["lots_total"] = lots_total
     context["held"] = sum(1 for lot in context["lots"] if lot["disposition"] != "release")
 
