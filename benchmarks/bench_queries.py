@@ -1,12 +1,13 @@
 """Query latency at production size: 10M defects across 1M images in PostgreSQL.
 
-    python benchmarks/bench_queries.py [--images 1000000] [--defects 10000000] [--repeats 40] [--keep]
+    python benchmarks/bench_queries.py [--images 1000000] [--defects 10000000] [--reviewed 0.1] [--repeats 40] [--keep]
 
 Creates the database `defectscan_bench` on the server at DEFECTSCAN_TEST_POSTGRES_URL (or --url),
 applies the schema with the migrations, bulk-loads it with COPY (and fills the per-day rollup
 `inspection_daily` from it, as the pipeline keeps it), then times the common QA
-queries through db/queries.py (what the CLI runs) and prints p50/p95 with the EXPLAIN ANALYZE
-plans of the statements they issue. The database is dropped at the end unless --keep
+queries as the CLI runs them (db/queries.py, QA figures from db/reviews.py) and prints p50/p95
+with the EXPLAIN ANALYZE plans of the statements they issue; then adds QA decisions on --reviewed
+of the images (review tables) and times them again, printing the ratio measured in the one run. The database is dropped at the end unless --keep
 (--reuse times an existing one without loading). Writes benchmarks/results/bench_queries.json.
 
 Data shape: lots of 10 image sets x 100 images, spread evenly over one year, 4 lines,
@@ -182,6 +183,48 @@ def fill_rollup(cursor) -> None:
     )
 
 
+def fill_reviews(engine, fraction: float, seed: int = 2) -> float:
+    """QA decisions on `fraction` of the images, as a plant reviewing them would leave: an image decision on each
+    (failed images: 20 % passed by QA; passed ones: 3 % failed), a decision on every defect of the failed ones
+    (15 % false calls), and 5 % of all decisions superseded by a newer one; then the rollup review_daily.
+    Returns seconds."""
+    t = time.perf_counter()
+    with engine.begin() as connection:
+        run = connection.exec_driver_sql
+        run(f"SELECT setseed({seed / 10})")
+        run(f"CREATE TEMP TABLE reviewed AS SELECT image_id, id AS inspection_id, verdict, inspected_at FROM inspections "
+            f"WHERE verdict <> 'error' AND random() < {fraction}")
+        run("INSERT INTO image_reviews (image_id, inspection_id, decision, reviewer, reviewed_at) "
+            "SELECT image_id, inspection_id, CASE WHEN verdict = 'fail' THEN (CASE WHEN random() < 0.2 THEN 'pass' ELSE 'fail' END) "
+            "ELSE (CASE WHEN random() < 0.03 THEN 'fail' ELSE 'pass' END) END, 'qa' || (1 + floor(random() * 6))::int, "
+            "inspected_at + interval '1 day' FROM reviewed ORDER BY inspected_at")
+        run("INSERT INTO defect_reviews (defect_id, image_id, decision, reviewer, reviewed_at) "
+            "SELECT d.id, r.image_id, CASE WHEN random() < 0.15 THEN 'false-call' ELSE 'confirmed' END, 'qa' || (1 + floor(random() * 6))::int, "
+            "r.inspected_at + interval '1 day' FROM reviewed r JOIN defects d ON d.inspection_id = r.inspection_id "
+            "WHERE r.verdict = 'fail' ORDER BY r.inspected_at, d.id")
+        run("INSERT INTO image_reviews (image_id, inspection_id, decision, reviewer, reviewed_at, note) "
+            "SELECT image_id, inspection_id, CASE decision WHEN 'pass' THEN 'fail' ELSE 'pass' END, 'lead', reviewed_at + interval '2 days', "
+            "'second look' FROM image_reviews WHERE random() < 0.05 ORDER BY id")
+        run("INSERT INTO defect_reviews (defect_id, image_id, decision, reviewer, reviewed_at, note) "
+            "SELECT defect_id, image_id, CASE decision WHEN 'confirmed' THEN 'false-call' ELSE 'confirmed' END, 'lead', "
+            "reviewed_at + interval '2 days', 'second look' FROM defect_reviews WHERE random() < 0.05 ORDER BY id")
+    # review_daily as review/record.py keeps it, counted from the decisions by the same code
+    from sqlalchemy import text
+
+    from defectscan.db.reviews import refresh_review_daily_of_sets
+    from defectscan.db.session import session_factory
+
+    with session_factory(engine)() as session:
+        sets = list(session.scalars(text("SELECT DISTINCT i.image_set_id FROM images i JOIN image_reviews r ON r.image_id = i.id ORDER BY 1")))
+        for start in range(0, len(sets), 200):
+            refresh_review_daily_of_sets(session, sets[start:start + 200])
+            session.commit()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        for table in ("image_reviews", "defect_reviews", "review_daily"):
+            connection.exec_driver_sql(f"VACUUM ANALYZE {table}")
+    return time.perf_counter() - t
+
+
 def _drop_constraints_raw(cursor, tables) -> None:
     for table in tables:
         for constraint in sorted(table.constraints, key=lambda c: str(c.name)):
@@ -231,7 +274,7 @@ def finish(engine) -> float:
             for constraint in table.constraints:
                 if isinstance(constraint, ForeignKeyConstraint):
                     connection.execute(AddConstraint(constraint))
-        for table in ("models", "job_runs", "image_sets", "images", "inspections", "defects"):
+        for table in ("models", "job_runs", "image_sets", "images", "inspections", "defects", "image_reviews", "defect_reviews"):
             connection.exec_driver_sql(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT coalesce(max(id), 1) FROM {table}))"
             )
@@ -268,14 +311,35 @@ def measure(engine, repeats: int, seed: int = 1) -> dict:
         newest = session.scalar(text("SELECT max(acquired_at) FROM image_sets"))
     since = newest - dt.timedelta(days=30)
 
+    from defectscan.db.reviews import add_review_figures, list_reviews, qa_decisions
+    from defectscan.review.queue import review_queue
+
+    def lots_with_qa(s, filters: Filters, limit: int):  # what `lots list` runs
+        page = list_lots(s, filters, limit=limit)
+        add_review_figures(s, page.rows, filters)
+        return page
+
+    def lot_with_qa(s):  # what `lots show --latest` runs
+        summary = lot_summary(s, latest_lot(s))
+        add_review_figures(s, summary["models"], Filters(lot=summary["lot"]))
+        return summary
+
+    def images_with_qa(s, filters: Filters):  # what `images list` runs
+        page = list_images(s, filters, sort="score", limit=100)
+        return qa_decisions(s, [row["id"] for row in page.rows])
+
     cases = {
-        "latest lot summary (lots show --latest)": lambda s: lot_summary(s, latest_lot(s)),
+        "latest lot summary + QA figures (lots show --latest)": lot_with_qa,
         "defects of a lot, class + min area, limit 100 (defects list)": lambda s: list_defects(
             s, Filters(lot=str(rng.choice(lots)), defect_class="scratch", min_area=40), limit=100),
-        "defect rate per lot, last 30 days (lots list --since)": lambda s: list_lots(s, Filters(since=since), limit=1000),
-        "failed images of a lot, limit 100 (images list)": lambda s: list_images(
-            s, Filters(lot=str(rng.choice(lots)), verdict="fail"), sort="score", limit=100),
+        "defect rate per lot, last 30 days + QA figures (lots list --since)": lambda s: lots_with_qa(s, Filters(since=since), 1000),
+        "lots, no filter, limit 50 + QA figures (lots list)": lambda s: lots_with_qa(s, Filters(), 50),
+        "failed images of a lot + QA decisions, limit 100 (images list)": lambda s: images_with_qa(
+            s, Filters(lot=str(rng.choice(lots)), verdict="fail")),
         "newest defects, no filter, limit 100 (defects list)": lambda s: list_defects(s, Filters(), limit=100),
+        "review queue of a lot, 20 sampled passes (review queue)": lambda s: review_queue(s, str(rng.choice(lots)), sample_passed=20),
+        "reviews of a lot, limit 50 (review list --lot)": lambda s: list_reviews(s, Filters(lot=str(rng.choice(lots))), limit=50),
+        "newest reviews, no filter, limit 50 (review list)": lambda s: list_reviews(s, Filters(), limit=50),
     }
     recorder = Recorder()
     event.listen(engine, "before_cursor_execute", recorder)
@@ -319,6 +383,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--defects", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--reviewed", type=float, default=0.1, help="Share of the images QA decided (timed before and after).")
     parser.add_argument("--url", help="PostgreSQL server (default: DEFECTSCAN_TEST_POSTGRES_URL)")
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
     parser.add_argument("--reuse", action="store_true", help="Time the existing database; do not load.")
@@ -353,8 +418,22 @@ def main() -> None:
                 "('images', 'inspections', 'defects', 'image_sets', 'inspection_daily')").all())
         # Latency on a shared machine moves with its load: record it next to the figures.
         report["load_average_before"] = os.getloadavg()
+        print("before any QA decision:")
+        report["queries_without_reviews"] = measure(engine, args.repeats)
+        if not args.reuse:
+            seconds = fill_reviews(engine, args.reviewed)
+            with engine.connect() as connection:
+                counts = {table: connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+                          for table in ("image_reviews", "defect_reviews")}
+            report["reviews"] = {"fraction_of_images": args.reviewed, **counts, "fill_s": round(seconds, 1)}
+            print(f"QA decisions on {100 * args.reviewed:g} % of the images: {counts['image_reviews']:,} image and "
+                  f"{counts['defect_reviews']:,} defect decisions ({seconds:.1f} s); again:")
         report["queries"] = measure(engine, args.repeats)
         report["load_average_after"] = os.getloadavg()
+        print(f"{'with reviews / without (p95, measured in this run)':66s}")
+        for name, result in report["queries"].items():
+            before = report["queries_without_reviews"][name]["p95_ms"]
+            print(f"  {name:64s} {result['p95_ms'] / before:6.2f}x")
         print(f"load average (1, 5, 15 min) before {report['load_average_before']}, after {report['load_average_after']} "
               f"on {os.cpu_count()} CPUs")
         if args.plans:

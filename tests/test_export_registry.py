@@ -78,7 +78,7 @@ def test_register_list_show_on_both_databases(cli, migrated_url, model_file, tmp
     wrong_classes = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "t", "--version", "1", "--class", "only")
     assert wrong_classes.exit_code == 1 and "has 2 output classes but 1 class names were given (only)" in wrong_classes.output
     unknown = _db(cli, migrated_url, "models", "show", "nope:3")
-    assert unknown.exit_code == 1 and "no model nope:3 in the registry; known: tiny:1, tiny:2" in unknown.output
+    assert unknown.exit_code == 1 and "no model nope:3 in the registry; known: tiny:1 (staging), tiny:2 (staging)" in unknown.output
 
 
 def test_a_changed_file_is_refused_by_name_with_both_hashes(cli, migrated_url, model_file, tmp_path):

@@ -154,3 +154,42 @@ def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downg
         assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
         assert connection.execute(text("SELECT verdict FROM inspections")).scalar() == "fail"
     upgrade(engine)
+
+
+def test_0005_counts_the_decisions_already_recorded_and_its_downgrade_keeps_them(engine):
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0004")
+        connection.execute(text(
+            "INSERT INTO models (id, name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at) "
+            "VALUES (1, 'm', '1', '/m.keras', 'ab', 'x', '{}', '[\"defect\"]', 0.5, 'staging', '2026-01-01 00:00:00+00:00')"))
+        connection.execute(text(
+            "INSERT INTO image_sets (id, uri, array_path, kind, lot, shape, dtype, chunks, n_images, checksum, registered_at) "
+            "VALUES (1, '/s.zarr', 'images', 'stack', 'L1', '[2, 8, 8]', 'uint8', '[1, 8, 8]', 2, 'c', '2026-01-01 00:00:00+00:00')"))
+        connection.execute(text("INSERT INTO images (id, image_set_id, position, key, height, width, acquired_at) VALUES "
+                                "(1, 1, 0, 'a', 8, 8, '2026-01-05 10:00:00+00:00'), (2, 1, 1, 'b', 8, 8, '2026-01-05 10:01:00+00:00')"))
+        connection.execute(text(
+            "INSERT INTO inspections (id, image_id, model_id, verdict, n_defects, defect_pixels, max_score, inspected_at) "
+            "VALUES (1, 1, 1, 'fail', 1, 4, 0.9, '2026-01-05 11:00:00+00:00'), (2, 2, 1, 'pass', 0, 0, 0.1, '2026-01-05 11:00:00+00:00')"))
+        connection.execute(text(
+            "INSERT INTO defects (id, inspection_id, class_index, class_name, bbox_y0, bbox_x0, bbox_y1, bbox_x1, area, centroid_y, "
+            "centroid_x, orientation, eccentricity, mean_score, max_score, rle) VALUES (1, 1, 0, 'defect', 0, 0, 2, 2, 4, 0.5, 0.5, 0, 0, "
+            "0.8, 0.9, '0 4')"))
+        connection.execute(text("INSERT INTO defect_reviews (defect_id, image_id, decision, reviewer, reviewed_at) "
+                                "VALUES (1, 1, 'false-call', 'anna', '2026-01-06 00:00:00+00:00')"))
+        connection.execute(text("INSERT INTO image_reviews (image_id, inspection_id, decision, reviewer, reviewed_at) "
+                                "VALUES (2, 2, 'fail', 'ben', '2026-01-06 00:00:00+00:00')"))
+    upgrade(engine)
+    with engine.connect() as connection:
+        rows = connection.execute(text(
+            "SELECT image_set_id, model_id, day, failed_reviewed, false_calls, passed_reviewed, escapes, defects_reviewed, "
+            "defects_confirmed FROM review_daily")).all()
+    # image 1: decided pass by its one false call (a false call); image 2: failed by QA although passed (an escape)
+    assert [tuple(str(v) for v in row) for row in rows] == [("1", "1", "2026-01-05", "1", "1", "1", "1", "1", "0")]
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0004")
+    assert "review_daily" not in set(sa_inspect(engine).get_table_names())
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM defect_reviews")).scalar() == 1
+    upgrade(engine)

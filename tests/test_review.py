@@ -30,7 +30,8 @@ MISSED = (slice(50, 53), slice(5, 25))
 @pytest.fixture
 def lot(factory, cluster, tmp_path):
     settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
-    store = write_stack(tmp_path / "R1.zarr", square_images(12, size=64, defects=SQUARES, seed=2), lot="R1", line="A")
+    store = write_stack(tmp_path / "R1.zarr", square_images(12, size=64, defects=SQUARES, seed=2), lot="R1", line="A",
+                        acquired_at="2026-03-01T10:00:00Z")
     image_set = register(factory, store)
     model = add_model(factory, save_threshold_model(tmp_path / "threshold.keras"))
     summary = inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2)
@@ -76,6 +77,31 @@ def test_decisions_give_the_false_call_and_escape_rates_counted_by_hand(factory,
     assert (row["false_calls"], row["failed_reviewed"], row["false_call_rate"], row["escape_rate"]) == (2, 5, 0.4, 0.25)
     table = cli("--database-url", migrated_url, "lots", "show", "R1", "--format", "table")
     assert "false_call_rate" in table.output and "0.4" in table.output
+
+
+def test_the_figures_counted_by_the_database_agree_with_the_decisions_image_by_image(factory, lot):
+    """review_figures counts in SQL what decided_images decides in Python: an image decision beats its defects',
+    superseded rows do not count."""
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[1], "confirmed", by="anna")
+        review_images(session, [ids[1]], "pass", by="ben")  # explicit: beats the confirmed defect
+        review_defects(session, defects[3], "confirmed", by="anna")
+        review_defects(session, defects[3], "false-call", by="ben")  # supersedes: image 3 decided pass
+        review_defects(session, defects[5], "confirmed", by="anna")
+        review_images(session, [ids[0], ids[4]], "fail", by="ben")
+        review_images(session, [ids[4]], "pass", by="lead")
+        decided = decided_images(session, Filters(lot="R1"))
+        [figures] = review_figures(session, Filters(lot="R1")).values()
+        assert review_figures(session, Filters(lot="R1"), lots={"R2"}) == {}
+    by_hand = {"failed_reviewed": 0, "false_calls": 0, "passed_reviewed": 0, "escapes": 0}
+    for d in decided:
+        kind = "failed" if d.verdict == "fail" else "passed"
+        by_hand[f"{kind}_reviewed"] += 1
+        by_hand["false_calls" if kind == "failed" else "escapes"] += d.decision != d.verdict
+    assert {k: getattr(figures, k) for k in by_hand} == by_hand == {"failed_reviewed": 3, "false_calls": 2, "passed_reviewed": 2, "escapes": 1}
+    n = {p: len(defects[p]) for p in (1, 3, 5)}
+    assert (figures.defects_reviewed, figures.defects_confirmed) == (n[1] + n[3] + n[5], n[1] + n[5])
 
 
 def test_a_newer_decision_supersedes_and_both_are_kept(factory, lot, cli, migrated_url):
@@ -190,6 +216,7 @@ def test_concurrent_reviews_of_one_defect_keep_both_and_the_newest_stands(factor
         assert len(rows) == 2
         [decided] = [d for d in decided_images(session, Filters(lot="R1")) if d.image_id == ids[5]]
         assert decided.defect_decisions[target] == rows[-1].decision
+    assert _rollup_rows(factory) == _recounted(factory) != []  # the second recount saw the first decision
 
 
 def test_wilson_interval():
@@ -239,3 +266,65 @@ def test_the_report_shows_qa_figures_and_flags_a_lot_whose_false_call_rate_is_ou
     (tmp_path / "report.html").write_text(html)
     assert "<tr class=\"signal\"><td>R1</td>" in section, section[:3000]
     assert "<svg" in section
+
+
+def _rollup_rows(factory) -> list[tuple]:
+    from defectscan.db.schema import ReviewDaily
+
+    with factory() as session:
+        return [tuple(getattr(r, c.key) for c in ReviewDaily.__table__.columns)
+                for r in session.scalars(select(ReviewDaily).order_by(ReviewDaily.image_set_id, ReviewDaily.model_id, ReviewDaily.day))]
+
+
+def _recounted(factory) -> list[tuple]:
+    """review_daily as a recount from scratch gives it (in a transaction rolled back)."""
+    from defectscan.db.reviews import refresh_review_daily_of_sets
+    from defectscan.db.schema import ImageSet, ReviewDaily
+
+    with factory() as session:
+        refresh_review_daily_of_sets(session, list(session.scalars(select(ImageSet.id))))
+        rows = [tuple(getattr(r, c.key) for c in ReviewDaily.__table__.columns)
+                for r in session.scalars(select(ReviewDaily).order_by(ReviewDaily.image_set_id, ReviewDaily.model_id, ReviewDaily.day))]
+        session.rollback()
+    return rows
+
+
+def _listed_figures(factory, filters: Filters) -> dict:
+    from defectscan.db.queries import list_lots
+    from defectscan.db.reviews import REVIEW_COLUMNS, add_review_figures
+
+    with factory() as session:
+        rows = list_lots(session, filters).rows
+        add_review_figures(session, rows, filters)
+        live = {k[0]: f.as_row() for k, f in review_figures(session, filters).items()}
+    return {row["lot"]: {c: row[c] for c in REVIEW_COLUMNS} for row in rows}, live
+
+
+def test_the_lots_listing_reads_a_rollup_that_stays_equal_to_a_recount(factory, lot, cluster, tmp_path):
+    import datetime as dt
+
+    from defectscan.db.schema import ImageSet
+
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[1] + defects[5], "confirmed", by="anna")
+        review_defects(session, defects[3], "false-call", by="anna")
+        review_images(session, [ids[8]], "pass", by="ben")
+        review_images(session, [ids[0], ids[6]], "fail", by="ben")
+    assert _rollup_rows(factory) == _recounted(factory) != []
+    listed, live = _listed_figures(factory, Filters())
+    assert listed["R1"] == live["R1"] and listed["R1"]["false_calls"] == 2 and listed["R1"]["escapes"] == 2
+    # a window with a partial day at its edge: whole days from the rollup, the edge from the decisions
+    for since in (dt.datetime(2026, 2, 28, 7, tzinfo=dt.UTC), dt.datetime(2026, 3, 1, 7, tzinfo=dt.UTC)):
+        listed, live = _listed_figures(factory, Filters(since=since))
+        assert listed["R1"] == live["R1"] and listed["R1"]["false_calls"] == 2
+
+    # inspected again (--force): the model's defects are replaced, so the defect decisions no longer decide images 1, 3 and 5
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    with factory() as session:
+        image_set = session.scalars(select(ImageSet)).one()
+        model = session.get(Inspection, session.scalar(select(Inspection.id))).model
+    assert inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2, force=True).status == "succeeded"
+    assert _rollup_rows(factory) == _recounted(factory)
+    listed, live = _listed_figures(factory, Filters())
+    assert listed["R1"] == live["R1"] and (listed["R1"]["failed_reviewed"], listed["R1"]["defects_reviewed"]) == (1, 0)

@@ -122,3 +122,31 @@ def test_the_production_timeline_of_promotions_and_archives(versions):
         archive(session, "line3:2", reason="lamp changed", by="qa")
         archive(session, "line3:3", reason="never used", by="qa")  # never in production: no change
         assert [v for _, v in production_timeline(session, "line3")] == ["1", None, "2", None]
+
+
+def test_demo_stands_for_the_demo_models_name_and_jobs_run_its_production_version(factory, tmp_path):
+    from defectscan.jobs.runner import resolve_model
+    from defectscan.jobs.spec import JobSpec
+    from defectscan.model.registry import DEMO_METADATA, model_to_run, read_metadata
+
+    name = read_metadata(DEMO_METADATA).name
+    spec = JobSpec.model_validate({"name": "demo", "schedule": "* * * * *", "source": {"lot": "L1"}, "model": "demo"})
+    with factory() as session:
+        shipped = resolve_model(session, spec)  # registered on first use, in production
+        assert (shipped.name, shipped.stage) == (name, "production")
+        register_model(session, save_threshold_model(tmp_path / "t.keras"), name=name, version="tuned")
+        assert resolve_model(session, spec).id == shipped.id  # registered, not promoted: runs nowhere
+        assert model_to_run(session, "demo").version == "tuned"  # by hand, a bare name is the latest
+        promote(session, f"{name}:tuned", reason="fine-tuned on the plant's reviews", by="ml", without_comparison=True)
+        assert resolve_model(session, spec).version == "tuned"
+
+
+def test_a_shipped_demo_registered_in_staging_by_an_older_version_goes_to_production(factory):
+    from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, model_to_run, read_metadata
+
+    meta = read_metadata(DEMO_METADATA)
+    with factory() as session:
+        register_model(session, DEMO_MODEL, metadata=meta)
+        row = model_to_run(session, "demo:production")
+        assert (row.version, row.stage) == (meta.version, "production")
+        assert [h["to_stage"] for h in stage_history(session, meta.name)] == ["staging", "production"]

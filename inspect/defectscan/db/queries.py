@@ -438,7 +438,7 @@ def _midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), dt.timezone.utc)
 
 
-def _rollup_window(filters: Filters) -> tuple[dt.date | None, dt.date | None, list[tuple[dt.datetime | None, dt.datetime | None]]] | None:
+def rollup_window(filters: Filters) -> tuple[dt.date | None, dt.date | None, list[tuple[dt.datetime | None, dt.datetime | None]]] | None:
     """Whole UTC days [first_day, end_day) for the rollup and the partial-day edges for the raw rows.
 
     None when the filters need the raw rows anyway, or the window holds no whole day.
@@ -482,6 +482,12 @@ def _lots_rollup(session: Session, filters: Filters, first_day: dt.date | None, 
         .join(ImageSet, daily.image_set_id == ImageSet.id)
         .group_by(ImageSet.lot, daily.model_id)
     )
+    conditions = rollup_conditions(session, filters, daily, first_day, end_day)
+    return query.where(*conditions) if conditions else query
+
+
+def rollup_conditions(session: Session, filters: Filters, daily, first_day: dt.date | None, end_day: dt.date | None) -> list:
+    """The filters as conditions on a per-day rollup (inspection_daily, review_daily) joined to image_sets."""
     conditions = set_scope(filters)
     if filters.model is not None:
         conditions.append(daily.model_id.in_(matching_ids(session, filters.model)))
@@ -492,7 +498,7 @@ def _lots_rollup(session: Session, filters: Filters, first_day: dt.date | None, 
         conditions.append(daily.day >= first_day)
     if end_day is not None:
         conditions.append(daily.day < end_day)
-    return query.where(*conditions) if conditions else query
+    return conditions
 
 
 def _lots_query(session: Session, filters: Filters, *, rollup: bool = True) -> Select:
@@ -502,7 +508,7 @@ def _lots_query(session: Session, filters: Filters, *, rollup: bool = True) -> S
     added together, so the result equals the raw query (`rollup=False`, and any filter the
     rollup does not hold) while reading a few rows per lot and day instead of every inspection.
     """
-    window = _rollup_window(filters) if rollup else None
+    window = rollup_window(filters) if rollup else None
     if window is None:
         parts = [_lots_raw(session, filters)]
     else:

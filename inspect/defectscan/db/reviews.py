@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, and_, case, delete, exists, func, insert, or_, select
+from sqlalchemy.orm import Session, aliased
 
-from defectscan.db.queries import Filters, Page, apply_filters, check_filters, image_scope
-from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, ImageSet, Inspection, Model
+from defectscan.db.queries import Filters, Page, apply_filters, check_filters, image_scope, rollup_conditions, rollup_window
+from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, ImageSet, Inspection, Model, ReviewDaily, capture_day
 from defectscan.errors import DataError
 from defectscan.times import iso_utc
 
@@ -41,6 +41,17 @@ class ReviewFigures:
     escapes: int = 0
     defects_reviewed: int = 0
     defects_confirmed: int = 0
+
+    def count(self, verdict: str, decision: str | None, n: int = 1) -> None:
+        """`n` images the model judged `verdict` and QA decided `decision` (None: undecided)."""
+        if decision is None:
+            return
+        if verdict == "fail":
+            self.failed_reviewed += n
+            self.false_calls += n if decision == "pass" else 0
+        elif verdict == "pass":
+            self.passed_reviewed += n
+            self.escapes += n if decision == "fail" else 0
 
     def add(self, other: ReviewFigures) -> None:
         for name in ("failed_reviewed", "false_calls", "passed_reviewed", "escapes", "defects_reviewed", "defects_confirmed"):
@@ -87,16 +98,27 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+# "No newer row of the same image/defect" rather than max(id) per group: the database then finds the
+# current rows of the images in scope through the (image_id, id) and (defect_id, id) indexes instead
+# of grouping every review ever made (benchmarks/bench_queries.py).
+def _newest_image_review():
+    newer = aliased(ImageReview)
+    return ~exists().where(newer.image_id == ImageReview.image_id, newer.id > ImageReview.id)
+
+
+def _newest_defect_review():
+    newer = aliased(DefectReview)
+    return ~exists().where(newer.defect_id == DefectReview.defect_id, newer.id > DefectReview.id)
+
+
 def latest_image_reviews() -> Select:
     """The current decision row of every reviewed image."""
-    newest = select(func.max(ImageReview.id)).group_by(ImageReview.image_id)
-    return select(ImageReview).where(ImageReview.id.in_(newest))
+    return select(ImageReview).where(_newest_image_review())
 
 
 def latest_defect_reviews() -> Select:
     """The current decision row of every reviewed defect that still exists."""
-    newest = select(func.max(DefectReview.id)).where(DefectReview.defect_id.is_not(None)).group_by(DefectReview.defect_id)
-    return select(DefectReview).where(DefectReview.id.in_(newest))
+    return select(DefectReview).where(DefectReview.defect_id.is_not(None), _newest_defect_review())
 
 
 @dataclass(frozen=True)
@@ -124,8 +146,10 @@ def qa_decisions(session: Session, inspection_ids: list[int]) -> dict[int, str]:
     return {d.inspection_id: d.decision for d in _decisions(session, Filters(), inspection_ids)[0]}
 
 
-def _decisions(session: Session, filters: Filters, inspection_ids: list[int] | None = None) -> tuple[list[Decided], list[tuple[int | None, int, str]]]:
-    """(the decided images, and (lot, model id, decision) of every decided defect) in scope."""
+def _decisions(
+    session: Session, filters: Filters, inspection_ids: list[int] | None = None, image_set_ids: list[int] | None = None,
+) -> tuple[list[Decided], list[tuple[int, str]]]:
+    """(the decided images, and (inspection id, decision) of every decided defect) in scope."""
     latest_images = latest_image_reviews().subquery()
     latest_defects = latest_defect_reviews().subquery()
     base = (
@@ -135,6 +159,8 @@ def _decisions(session: Session, filters: Filters, inspection_ids: list[int] | N
     )
     if inspection_ids is not None:
         base = base.where(Inspection.id.in_(inspection_ids))
+    if image_set_ids is not None:
+        base = base.where(Image.image_set_id.in_(image_set_ids))
     explicit = apply_filters(session, base.add_columns(latest_images.c.decision).join(latest_images, latest_images.c.image_id == Image.id),
                              filters, defects=False)
     by_defects = apply_filters(
@@ -157,26 +183,51 @@ def _decisions(session: Session, filters: Filters, inspection_ids: list[int] | N
             continue
         decision = "fail" if "confirmed" in decisions.values() else "pass"
         decided[inspection_id] = Decided(inspection_id, image_id, model_id, lot, verdict, decision, decisions)
-    defects = [(facts[i][2], facts[i][1], d) for i, decisions in defect_decisions.items() for d in decisions.values()]
+    defects = [(i, d) for i, decisions in defect_decisions.items() for d in decisions.values()]
     return sorted(decided.values(), key=lambda d: d.inspection_id), defects
 
 
-def review_figures(session: Session, filters: Filters = Filters()) -> dict[tuple, ReviewFigures]:
-    """ReviewFigures per (lot, model id) of the decided images and defects in scope."""
+def review_figures(session: Session, filters: Filters = Filters(), *, lots: set[str | None] | None = None) -> dict[tuple, ReviewFigures]:
+    """ReviewFigures per (lot, model id) of the decided images and defects in scope (of these lots, when given).
+
+    The same decisions as `decided_images`, counted by the database: a page of lots must not carry
+    every decision of its lots into Python (benchmarks/bench_queries.py).
+    """
+    def scoped(query: Select) -> Select:
+        query = apply_filters(session, query.join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id),
+                              filters, defects=False)
+        return query if lots is None else query.where(_lot_condition(lots))
+
     figures: dict[tuple, ReviewFigures] = defaultdict(ReviewFigures)
-    decided, defects = _decisions(session, filters)
-    for item in decided:
-        f = figures[(item.lot, item.model_id)]
-        if item.verdict == "fail":
-            f.failed_reviewed += 1
-            f.false_calls += item.decision == "pass"
-        elif item.verdict == "pass":
-            f.passed_reviewed += 1
-            f.escapes += item.decision == "fail"
-    for lot, model_id, decision in defects:
+
+    images = latest_image_reviews().subquery()
+    explicit = scoped(select(ImageSet.lot, Inspection.model_id, Inspection.verdict, images.c.decision, func.count())
+                      .select_from(Inspection)).join(images, images.c.image_id == Image.id)
+    for lot, model_id, verdict, decision, n in session.execute(explicit.group_by(ImageSet.lot, Inspection.model_id, Inspection.verdict,
+                                                                                 images.c.decision)):
+        figures[(lot, model_id)].count(verdict, decision, int(n))
+
+    defects = latest_defect_reviews().subquery()
+    confirmed = func.sum(case((defects.c.decision == "confirmed", 1), else_=0))
+    per_image = scoped(
+        select(ImageSet.lot, Inspection.model_id, Inspection.verdict, Inspection.n_defects, Image.id.label("image_id"),
+               func.count().label("decided"), confirmed.label("confirmed"))
+        .select_from(Inspection).join(Defect, Defect.inspection_id == Inspection.id)
+    ).join(defects, defects.c.defect_id == Defect.id).group_by(Inspection.id, ImageSet.lot, Inspection.model_id, Inspection.verdict,
+                                                                Inspection.n_defects, Image.id).subquery()
+    # Without an image decision, an image whose every defect is decided is decided by them.
+    by_defects = case(
+        (and_(per_image.c.decided >= per_image.c.n_defects, ~exists().where(ImageReview.image_id == per_image.c.image_id)),
+         case((per_image.c.confirmed > 0, "fail"), else_="pass")),
+        else_=None,
+    ).label("decision")
+    totals = select(per_image.c.lot, per_image.c.model_id, per_image.c.verdict, by_defects, func.count(), func.sum(per_image.c.decided),
+                    func.sum(per_image.c.confirmed)).group_by(per_image.c.lot, per_image.c.model_id, per_image.c.verdict, by_defects)
+    for lot, model_id, verdict, decision, n, decided, n_confirmed in session.execute(totals):
         f = figures[(lot, model_id)]
-        f.defects_reviewed += 1
-        f.defects_confirmed += decision == "confirmed"
+        f.count(verdict, decision, int(n))
+        f.defects_reviewed += int(decided)
+        f.defects_confirmed += int(n_confirmed)
     return dict(figures)
 
 
@@ -193,36 +244,116 @@ def list_reviews(
     if limit < 1 or offset < 0:
         raise DataError(f"--limit {limit} / --offset {offset}: expected a limit of at least 1 and an offset of at least 0")
     check_filters(session, filters)
+    # Each kind's newest offset + limit + 1 rows, in SQL, merged here: the page and whether there is more.
+    # Rows are recorded at their review time, so id order is time order: unfiltered, the primary key serves it
+    # newest first. Filtered, the same order by time: otherwise the database walks the primary key backwards
+    # hoping to meet 50 rows of an old lot soon (half a second at a million decisions).
+    wanted = offset + limit + 1
     rows = []
     scope = image_scope(filters)
+    scoped = bool(scope) or reviewer is not None
     if kind in (None, "defect"):
-        current = set(session.scalars(select(latest_defect_reviews().subquery().c.id)))
-        query = (select(DefectReview, Image.key, ImageSet.lot, Defect.class_name).join(Image, DefectReview.image_id == Image.id)
-                 .join(ImageSet, Image.image_set_id == ImageSet.id).outerjoin(Defect, DefectReview.defect_id == Defect.id).where(*scope))
+        query = (select(DefectReview, Image.key, ImageSet.lot, Defect.class_name, _newest_defect_review())
+                 .join(Image, DefectReview.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id)
+                 .outerjoin(Defect, DefectReview.defect_id == Defect.id).where(*scope))
         if reviewer is not None:
             query = query.where(DefectReview.reviewer == reviewer)
-        rows += [("defect", r, key, lot, cls, r.id in current) for r, key, lot, cls in session.execute(query)]
+        query = query.order_by(*((DefectReview.reviewed_at.desc(),) if scoped else ()), DefectReview.id.desc()).limit(wanted)
+        rows += [("defect", r, key, lot, cls, is_current) for r, key, lot, cls, is_current in session.execute(query)]
     if kind in (None, "image"):
-        current = set(session.scalars(select(latest_image_reviews().subquery().c.id)))
-        query = (select(ImageReview, Image.key, ImageSet.lot).join(Image, ImageReview.image_id == Image.id)
-                 .join(ImageSet, Image.image_set_id == ImageSet.id).where(*scope))
+        query = (select(ImageReview, Image.key, ImageSet.lot, _newest_image_review())
+                 .join(Image, ImageReview.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id).where(*scope))
         if reviewer is not None:
             query = query.where(ImageReview.reviewer == reviewer)
-        rows += [("image", r, key, lot, r.class_name, r.id in current) for r, key, lot in session.execute(query)]
+        query = query.order_by(*((ImageReview.reviewed_at.desc(),) if scoped else ()), ImageReview.id.desc()).limit(wanted)
+        rows += [("image", r, key, lot, r.class_name, is_current) for r, key, lot, is_current in session.execute(query)]
     rows.sort(key=lambda x: (x[1].reviewed_at, x[0], x[1].id), reverse=True)
     page = [
         dict(zip(REVIEW_LIST_COLUMNS, (k, r.id, r.image_id, key, lot, getattr(r, "defect_id", None), r.decision, cls, r.reviewer,
-                                       iso_utc(r.reviewed_at), is_current, r.note), strict=True))
+                                       iso_utc(r.reviewed_at), bool(is_current) and (k == "image" or r.defect_id is not None), r.note),
+                 strict=True))
         for k, r, key, lot, cls, is_current in rows[offset : offset + limit]
     ]
     return Page(page, more=len(rows) > offset + limit, offset=offset)
 
 
 def add_review_figures(session: Session, rows: list[dict], filters: Filters = Filters()) -> None:
-    """Add QA's figures (REVIEW_COLUMNS) to lot rows (`lots list`, `lots show`), matched by lot and model version."""
-    figures = review_figures(session, filters)
+    """Add QA's figures (REVIEW_COLUMNS) to lot rows (`lots list`, `lots show`), matched by lot and model version.
+
+    Only the lots of these rows; whole capture days from the rollup review_daily, the partial days
+    at a time window's edges (and filters the rollup does not hold) from the decisions themselves.
+    """
+    if not rows:
+        return
+    lots = {row["lot"] for row in rows}
+    window = rollup_window(filters)
+    if window is None:
+        figures = review_figures(session, filters, lots=lots)
+    else:
+        first_day, end_day, edges = window
+        figures = _rollup_figures(session, filters, lots, first_day, end_day)
+        for since, until in edges:
+            for key, part in review_figures(session, Filters(**{**filters.given(), "since": since, "until": until}), lots=lots).items():
+                figures.setdefault(key, ReviewFigures()).add(part)
     labels = {model_id: f"{name}:{version}" for model_id, name, version in
               session.execute(select(Model.id, Model.name, Model.version).where(Model.id.in_({k[1] for k in figures})))}
     by_label = {(lot, labels[model_id]): f for (lot, model_id), f in figures.items()}
     for row in rows:
         row.update(by_label.get((row["lot"], row["model"]), ReviewFigures()).as_row())
+
+
+def _lot_condition(lots: set[str | None]):
+    named = [lot for lot in lots if lot is not None]
+    return or_(ImageSet.lot.in_(named), ImageSet.lot.is_(None)) if None in lots else ImageSet.lot.in_(named)
+
+
+def _rollup_figures(session: Session, filters: Filters, lots: set[str | None], first_day, end_day) -> dict[tuple, ReviewFigures]:
+    daily = ReviewDaily
+    counts = [daily.failed_reviewed, daily.false_calls, daily.passed_reviewed, daily.escapes, daily.defects_reviewed, daily.defects_confirmed]
+    query = (
+        select(ImageSet.lot, daily.model_id, *(func.sum(c) for c in counts))
+        .join(ImageSet, daily.image_set_id == ImageSet.id)
+        .where(_lot_condition(lots), *rollup_conditions(session, filters, daily, first_day, end_day))
+        .group_by(ImageSet.lot, daily.model_id)
+    )
+    return {(lot, model_id): ReviewFigures(**{c.key: int(v or 0) for c, v in zip(counts, values, strict=True)})
+            for lot, model_id, *values in session.execute(query)}
+
+
+def refresh_review_daily(session: Session, image_ids: list[int]) -> None:
+    """Recount review_daily for the image sets of these images (call inside the transaction that changed
+    their decisions or inspections; it commits nothing)."""
+    ids = sorted(set(image_ids))
+    if not ids:
+        return
+    sets = sorted(set(session.scalars(select(Image.image_set_id).where(Image.id.in_(ids)))))
+    refresh_review_daily_of_sets(session, sets)
+
+
+def refresh_review_daily_of_sets(session: Session, image_set_ids: list[int]) -> None:
+    if not image_set_ids:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        # One recount of an image set at a time: the later one then reads what the earlier committed. NO KEY UPDATE
+        # leaves the pipeline's inserts (which only key-share the image set) alone. SQLite: this transaction already
+        # holds the database's one write lock.
+        session.execute(select(ImageSet.id).where(ImageSet.id.in_(image_set_ids)).order_by(ImageSet.id).with_for_update(key_share=True))
+    keys = {
+        inspection_id: (image_set_id, model_id, capture_day(acquired_at))
+        for inspection_id, model_id, image_set_id, acquired_at in session.execute(
+            select(Inspection.id, Inspection.model_id, Image.image_set_id, Image.acquired_at)
+            .join(Image, Inspection.image_id == Image.id).where(Image.image_set_id.in_(image_set_ids))
+        )
+    }
+    decided, defects = _decisions(session, Filters(), image_set_ids=image_set_ids)
+    figures: dict[tuple, ReviewFigures] = defaultdict(ReviewFigures)
+    for item in decided:
+        figures[keys[item.inspection_id]].count(item.verdict, item.decision)
+    for inspection_id, decision in defects:
+        f = figures[keys[inspection_id]]
+        f.defects_reviewed += 1
+        f.defects_confirmed += decision == "confirmed"
+    session.execute(delete(ReviewDaily).where(ReviewDaily.image_set_id.in_(image_set_ids)))
+    rows = [{"image_set_id": key[0], "model_id": key[1], "day": key[2], **asdict(f)} for key, f in sorted(figures.items())]
+    if rows:
+        session.execute(insert(ReviewDaily), rows)

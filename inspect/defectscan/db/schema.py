@@ -378,6 +378,11 @@ class ImageReview(Base):
 NO_DAY = dt.date(1, 1, 1)
 
 
+def capture_day(acquired_at: dt.datetime | None) -> dt.date:
+    """The rollups' day of an image: the UTC date of its capture time, NO_DAY without one."""
+    return acquired_at.astimezone(dt.timezone.utc).date() if acquired_at is not None else NO_DAY
+
+
 class InspectionDaily(Base):
     """Inspection counts per image set, model and UTC capture day, kept by the pipeline as it records.
 
@@ -402,6 +407,30 @@ class InspectionDaily(Base):
     last_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
+class ReviewDaily(Base):
+    """QA's figures per image set, model and UTC capture day (db/reviews.py), kept as decisions are recorded.
+
+    The lots listing sums these rows for whole days instead of deciding every reviewed image of its
+    lots again (at 10 % of a million images reviewed that was a second per page). db/reviews.py
+    recomputes the rows of the image sets a decision or a re-inspection touches, in the same
+    transaction, so they always equal a recount of the decisions.
+    """
+
+    __tablename__ = "review_daily"
+    __table_args__ = (Index(None, "day"),)
+
+    image_set_id: Mapped[int] = mapped_column(ForeignKey("image_sets.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    # UTC date of images.acquired_at, NO_DAY when it is NULL (as inspection_daily).
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    failed_reviewed: Mapped[int] = mapped_column(Integer)
+    false_calls: Mapped[int] = mapped_column(Integer)
+    passed_reviewed: Mapped[int] = mapped_column(Integer)
+    escapes: Mapped[int] = mapped_column(Integer)
+    defects_reviewed: Mapped[int] = mapped_column(Integer)
+    defects_confirmed: Mapped[int] = mapped_column(Integer)
+
+
 __all__ = [
     "Base",
     "Defect",
@@ -409,6 +438,7 @@ __all__ = [
     "ImageSet",
     "Inspection",
     "InspectionDaily",
+    "ReviewDaily",
     "JobLock",
     "JobRun",
     "Model",

@@ -58,17 +58,9 @@ class JobOutcome:
 
 
 def resolve_model(session: Session, spec: JobSpec) -> Model:
-    from defectscan.model.registry import get_model, register_demo
-    from defectscan.db.model_refs import LATEST
-    from defectscan.pipeline.by_name import DEMO
+    from defectscan.model.registry import model_to_run
 
-    ref = spec.model
-    # `demo` names the model shipped in the package, registered (in production) on first use.
-    if ref.name == DEMO and ref.version in (LATEST, "production"):
-        model = register_demo(session)
-        session.commit()
-        return model
-    return get_model(session, ref.reference)
+    return model_to_run(session, spec.model.reference)
 
 
 def run_job(

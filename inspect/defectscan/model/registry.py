@@ -28,6 +28,8 @@ from defectscan.yamlfile import read_mapping
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "tinyunet-synth-demo.keras"
 DEMO_METADATA = DEMO_DIR / "tinyunet-synth-demo.json"
+# What runs and jobs may call the demo model instead of its registered name.
+DEMO_ALIAS = "demo"
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,18 @@ def get_model(session: Session, reference: str) -> Model:
     return model_refs.resolve(session, reference)
 
 
+def model_to_run(session: Session, reference: str) -> Model:
+    """The version a run (inspect, a job) uses. `demo` stands for the shipped demo model's name, whose
+    shipped version is registered on first use: `demo` then runs like any name (demo:production is
+    the promoted version, fine-tuned or shipped)."""
+    ref = model_refs.parse(reference)
+    if ref.name != DEMO_ALIAS:
+        return get_model(session, reference)
+    shipped = register_demo(session)
+    session.commit()
+    return get_model(session, str(model_refs.ModelReference(shipped.name, ref.selector)))
+
+
 def load_registered(session: Session, reference: str):
     """(row, Keras model) after checking the file against the recorded sha256."""
     row = get_model(session, reference)
@@ -247,18 +261,27 @@ def describe(row: Model) -> dict[str, Any]:
 def register_demo(session: Session) -> Model:
     """The demo model shipped inside the package: its row, registered on first use.
 
-    Idempotent, so that `make demo` and jobs naming `model: demo` can call it on every run; a
+    Idempotent, so that `make demo` and jobs naming `model: demo` can call it on every run (it puts
+    the shipped version in production, see below); a
     row whose checksum differs from the shipped file is refused rather than silently reused.
     """
+    from defectscan.model.stages import promote
+
     meta = read_metadata(DEMO_METADATA)
     existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
+    # `model: demo` jobs run the production version of its name: the shipped one, unless the plant promoted its own
+    # (a fine-tuned version); a newly shipped version replaces an older shipped one, whose file the upgrade replaced.
+    current = session.scalar(select(Model).where(Model.name == meta.name, Model.stage == "production"))
+    shipped_in_production = current is not None and Path(current.uri).parent == DEMO_DIR
     if existing is None:
         try:
-            # In production: it is what jobs naming `model: demo` run.
-            return register_model(session, DEMO_MODEL, metadata=meta, stage="production")
+            existing = register_model(session, DEMO_MODEL, metadata=meta, stage="staging" if current else "production")
         except AlreadyRegistered:
             # Two first runs at once (two cron jobs on a new database): the loser uses the winner's row.
             existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
+    if existing.stage == "staging" and (current is None or shipped_in_production):
+        replaced = f": replaces the shipped {current.version}" if current is not None else ""
+        existing, _ = promote(session, f"{meta.name}:{meta.version}", reason=f"the shipped demo model{replaced}", without_comparison=True)
     shipped = file_sha256(DEMO_MODEL)
     if existing.sha256 != shipped:
         raise ModelError(

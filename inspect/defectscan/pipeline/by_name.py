@@ -1,4 +1,4 @@
-"""Inspect image sets named by the user (ids or URIs, a model reference or "demo"): resolve, connect, run with a progress bar."""
+"""Inspect image sets named by the user (ids or URIs, a model reference, `demo` for the shipped model's name): resolve, connect, run with a progress bar."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from sqlalchemy.orm import Session
 from defectscan import interrupts
 from defectscan.config import Settings
 from defectscan.pipeline.run import RunSummary, inspect_image_sets
-
-DEMO = "demo"
 
 
 def run_inspect(
@@ -29,14 +27,13 @@ def run_inspect(
     from sqlalchemy.orm import sessionmaker
 
     from defectscan.data.register import get_image_set
-    from defectscan.model.registry import get_model, register_demo
+    from defectscan.model.registry import model_to_run
     from defectscan.pipeline.cluster import connect
 
     spec = {"command": job, "model": model_reference, "image_sets": image_set_ids, "force": force, "retry_errors": retry_errors}
     with interrupts.stop_on_signals(settings.inspection.stop_within_s):
         with new_session() as session:
-            model = register_demo(session) if model_reference == DEMO else get_model(session, model_reference)
-            session.commit()
+            model = model_to_run(session, model_reference)
             image_sets = [get_image_set(session, ident) for ident in image_set_ids]
             factory = sessionmaker(session.get_bind(), expire_on_commit=False)
         interrupts.check()

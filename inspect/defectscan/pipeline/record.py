@@ -14,7 +14,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, InternalError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from defectscan.db.schema import NO_DAY, Defect, Image, Inspection, InspectionDaily, JobRun, utcnow
+from defectscan.db.reviews import refresh_review_daily
+from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, Inspection, InspectionDaily, JobRun, capture_day, utcnow
 from defectscan.db.session import database_error, is_read_only_error
 from defectscan.errors import DatabaseError, first_line
 from defectscan.model.verdict import ImageResult
@@ -90,7 +91,7 @@ class _Daily:
         self.days: dict[dt.date, _Day] = {}
 
     def add(self, acquired_at: dt.datetime | None, verdict: str, n_defects: int, sign: int = 1) -> None:
-        day = acquired_at.astimezone(dt.timezone.utc).date() if acquired_at is not None else NO_DAY
+        day = capture_day(acquired_at)
         change = self.days.setdefault(day, _Day())
         change.images += sign
         change.failed += sign * (verdict == "fail")
@@ -188,6 +189,7 @@ def record_results(
     for row in rows:
         daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
     daily.write(session, image_set_id, model_id)
+    _refresh_reviewed(session, [image_id for image_id, _ in todo])
     pending = [result for _, result in todo]
     counts.inspected = sum(1 for r in pending if r.verdict != "error")
     counts.errors = sum(1 for r in pending if r.verdict == "error")
@@ -204,6 +206,14 @@ def record_results(
         )
     )
     return counts
+
+
+def _refresh_reviewed(session: Session, image_ids: list[int]) -> None:
+    """QA's figures of images QA already decided change with a new inspection (another model version, a redo): recount them."""
+    reviewed = session.scalar(select(ImageReview.id).where(ImageReview.image_id.in_(image_ids)).limit(1)) or session.scalar(
+        select(DefectReview.id).where(DefectReview.image_id.in_(image_ids)).limit(1))
+    if reviewed is not None:
+        refresh_review_daily(session, image_ids)
 
 
 def _delete_for_redo(session: Session, ours, redo: str, acquired: dict[int, dt.datetime | None], daily: _Daily) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from defectscan.db.reviews import refresh_review_daily
 from defectscan.db.schema import DEFECT_DECISIONS, IMAGE_DECISIONS, Defect, DefectReview, Image, ImageReview, Inspection, utcnow
 from defectscan.errors import DataError
 from defectscan.model import rle
@@ -39,9 +40,16 @@ def review_defects(session: Session, defect_ids: Sequence[int], decision: str, *
     _missing(ids, set(images), "defect")
     reviewer, now = user_name(by), utcnow()
     rows = [DefectReview(defect_id=i, image_id=images[i], decision=decision, reviewer=reviewer, reviewed_at=now, note=note) for i in ids]
-    session.add_all(rows)
-    session.commit()
+    _record(session, rows, list(images.values()))
     return [row.id for row in rows]
+
+
+def _record(session: Session, rows: list, image_ids: list[int]) -> None:
+    """Add the decisions and recount the lots listing's rollup of their image sets, in one transaction."""
+    session.add_all(rows)
+    session.flush()
+    refresh_review_daily(session, image_ids)
+    session.commit()
 
 
 def review_images(
@@ -73,8 +81,7 @@ def review_images(
                     reviewed_at=now, note=note, **box)
         for i in ids
     ]
-    session.add_all(rows)
-    session.commit()
+    _record(session, rows, ids)
     return [row.id for row in rows]
 
 
