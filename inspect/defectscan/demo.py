@@ -111,7 +111,7 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
     from defectscan.jobs.spec import load_spec
 
     result = DemoResult()
-    spec = load_spec(job_file)
+    spec = demo_spec(load_spec(job_file), folder)
     settings = demo_settings(spec, job_file, folder)
     engine = make_engine(settings.resolved_database_url)
     try:
@@ -139,11 +139,18 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
         show_results(settings.resolved_database_url, echo)
         began = time.perf_counter()
         echo("QA reports:")
-        result.reports = write_reports(engine, folder / "reports", settings.qa.hold_above, echo)
+        result.reports = write_reports(engine, spec, folder / "reports", settings.qa.hold_above, echo)
         result.seconds["reports"] = time.perf_counter() - began
     finally:
         engine.dispose()
     return result
+
+
+def demo_spec(spec, folder: Path):
+    """The job reads the image sets this demo writes, whatever folder it was given (the shipped job's glob
+    names var/demo: with another --folder it would inspect a previous demo's stores instead)."""
+    source = spec.source.model_copy(update={"glob": str(folder.resolve() / "imagesets" / "*.zarr")})
+    return spec.model_copy(update={"source": source})
 
 
 def demo_settings(spec, job_file: Path, folder: Path):
@@ -169,11 +176,11 @@ def show_results(database_url: str, echo: Callable[[str], None]) -> None:
         echo(output.rstrip())
 
 
-def write_reports(engine, folder: Path, hold_above: float, echo: Callable[[str], None]) -> list[Path]:
-    """One QA report per line (HTML, and PDF when Chromium is there)."""
+def write_reports(engine, spec, folder: Path, hold_above: float, echo: Callable[[str], None]) -> list[Path]:
+    """One QA report per line (HTML, and PDF when Chromium is there), of the version the job runs."""
     from defectscan.db.session import session_factory
     from defectscan.errors import DefectscanError
-    from defectscan.model.registry import register_demo
+    from defectscan.model.registry import model_to_run
     from defectscan.report.build import HoldRules, ReportOptions, Scope, write_report
     from defectscan.report.pdf import find_chromium
 
@@ -184,10 +191,10 @@ def write_reports(engine, folder: Path, hold_above: float, echo: Callable[[str],
         echo(f"  no PDF: {exc}")
         pdf = False
     folder.mkdir(parents=True, exist_ok=True)
-    # The shipped demo model's version: a database kept from an older defectscan also holds the
-    # results of the demo model it shipped, and a report covers one model version.
+    # The version the job runs (the shipped one, or a promoted fine-tuned one): a database kept from an
+    # older defectscan also holds the results of the demo model it shipped, and a report covers one version.
     with session_factory(engine)() as session:
-        demo = register_demo(session)
+        demo = model_to_run(session, spec.model.reference)
         model = f"{demo.name}:{demo.version}"
     written = []
     for line in sorted({line for _, line, *_ in (*LOTS, MOSAIC)}):
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m defectscan.demo", description="Run the defectscan demo on the embedded default.")
     parser.add_argument("--folder", type=Path, default=REPO_ROOT / "var" / "demo", help="where the demo's files and image sets go")
-    parser.add_argument("--job", type=Path, default=REPO_ROOT / "jobs" / "demo.yaml", help="the scheduled job to run (its source glob must match --folder)")
+    parser.add_argument("--job", type=Path, default=REPO_ROOT / "jobs" / "demo.yaml", help="the scheduled job to run (on the image sets under --folder)")
     parser.add_argument("--images-per-lot", type=int, default=64)
     args = parser.parse_args(argv)
     quiet_tensorflow_startup()
