@@ -92,7 +92,7 @@ def _check_page(page, flips):
     assert "Shadow comparison: thr:2 against thr:1" in html and "lot C1" in html
     rows = re.findall(r"<tr><td>(\d+)</td>.*?</tr>", html, flags=re.S)
     assert [int(r) for r in rows] == [f["image_id"] for f in flips]
-    assert "escapes caught</td>" in html and "new false calls</td>" in html
+    assert "escape caught</td>" in html and "new false call</td>" in html
     assert html.count('<img src="data:image/png;base64,') == 2 * len(flips)
     assert re.search(r'kpi worse"><div class="value">1</div><div class="label">new false calls', html)
     try:

@@ -91,8 +91,8 @@ def test_xla_and_mirrored_strategy_run_on_the_cpu(synth, tmp_path):
 
 
 def test_recipe_overrides_and_errors(tmp_path):
-    recipe = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml", ["train.steps=7", "optimizer.centered=false"], "data/x")
-    assert (recipe.train.steps, recipe.optimizer.centered, recipe.data.path) == (7, False, "data/x")
+    recipe = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml", ["train.steps=7", "optimizer.centered=false", "model.version=4"], "data/x")
+    assert (recipe.train.steps, recipe.optimizer.centered, recipe.data.path, recipe.model.version) == (7, False, "data/x", "4")
     reference = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml")
     assert (reference.train.batch_size, reference.optimizer.learning_rate, reference.optimizer.decay_steps) == (16, 1e-4, 500)
     assert (reference.optimizer.rho, reference.optimizer.momentum, reference.optimizer.centered) == (0.9, 0.8, True)

@@ -48,6 +48,11 @@ def parse(text: str) -> ModelReference:
     return ModelReference(name, selector or LATEST)
 
 
+def version_text(value):
+    """A version written as a number in YAML or `--set` (`version: 3`) is the name "3"; anything else as given."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def check_version_name(version: str) -> None:
     """Registration refuses version names that would read as a selector."""
     if version in SELECTORS or ":" in version:

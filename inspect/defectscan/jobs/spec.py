@@ -88,8 +88,9 @@ class ModelSpec(_Part):
     @field_validator("version", mode="before")
     @classmethod
     def _version_text(cls, value: Any) -> Any:
-        # `version: 3` in YAML is an int; versions are names.
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        from defectscan.db.model_refs import version_text
+
+        return version_text(value)
 
     @field_validator("stage")
     @classmethod

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from defectscan.db.model_refs import version_text
 from defectscan.errors import ConfigError
 from defectscan.model import variants
 from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
@@ -33,6 +34,11 @@ class ModelSpec(_Section):
     # fine-tuning, e.g. on a new line's images ("demo": the shipped demo model). A resumed run
     # restores its checkpoint instead.
     init_from: str | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return version_text(value)
 
 
 class PhotometricSpec(_Section):

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from defectscan.config import Settings
 from defectscan.db.comparisons import Comparison, compare_results, record_comparison
-from defectscan.db.schema import Image, ImageSet, Inspection
+from defectscan.db.schema import Image, ImageSet, Inspection, Model
 from defectscan.errors import DataError
 
 
@@ -33,13 +33,13 @@ def shadow_compare(
 ) -> Comparison:
     """Inspect with the candidate where the current version has results (a lot, or image sets), compare, record."""
     from defectscan.data.register import get_image_set
-    from defectscan.model.registry import get_model
+    from defectscan.model.registry import model_to_run
     from defectscan.pipeline.by_name import run_inspect
 
     if (lot is None) == (not image_set_ids):
         raise DataError("give --lot or --imageset (not both): where to compare")
     with new_session() as session:
-        candidate, current = get_model(session, candidate_ref), get_model(session, current_ref)
+        candidate, current = model_to_run(session, candidate_ref), model_to_run(session, current_ref)
         if candidate.id == current.id:
             raise DataError(f"{candidate.name}:{candidate.version} against itself: give two versions")
         if lot is not None:
@@ -54,12 +54,13 @@ def shadow_compare(
         )
         if not judged:
             raise DataError(f"{current.name}:{current.version} has no results there to compare with: inspect with it first")
-    summary = run_inspect(new_session, settings, f"{candidate.name}:{candidate.version}", [str(s.id) for s in sets], job="compare",
-                          n_workers=n_workers, echo=echo)
+        versions, set_ids = (candidate.id, current.id), [s.id for s in sets]
+        candidate_label = f"{candidate.name}:{candidate.version}"
+    summary = run_inspect(new_session, settings, candidate_label, [str(i) for i in set_ids], job="compare", n_workers=n_workers, echo=echo)
     if summary.status not in ("succeeded", "partial"):
         raise DataError(f"the candidate's inspection ended {summary.status}: {'; '.join(summary.errors[:3])}")
     with new_session() as session:
-        candidate, current = get_model(session, candidate_ref), get_model(session, current_ref)
-        comparison = compare_results(session, candidate, current, [s.id for s in sets])
+        candidate, current = (session.get(Model, i) for i in versions)
+        comparison = compare_results(session, candidate, current, set_ids)
         record_comparison(session, candidate, current, comparison, by=by)
     return comparison

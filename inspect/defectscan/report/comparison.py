@@ -24,6 +24,9 @@ DRAWN_FLIPS = 12  # flips drawn side by side; the table lists them all
 FIGURES = (("images", "images judged by both"), ("agreement", "agreement"), ("pass_to_fail", "pass → fail"),
            ("fail_to_pass", "fail → pass"), ("reviewed", "QA-decided"), ("false_calls_fixed", "false calls fixed"),
            ("new_false_calls", "new false calls"), ("escapes_caught", "escapes caught"), ("new_escapes", "new escapes"))
+# A flip's effect for QA (db/comparisons.FLIP_EFFECTS), one image's worth.
+EFFECTS = {"false_calls_fixed": "false call fixed", "new_false_calls": "new false call", "escapes_caught": "escape caught",
+           "new_escapes": "new escape"}
 # The figures a candidate should not raise.
 WORSE = ("new_false_calls", "new_escapes")
 
@@ -36,7 +39,7 @@ def comparison_html(session: Session, comparison: Comparison, *, drawn: int = DR
              for flip in flips[:drawn]]
     figures = comparison.figures()
     context: dict[str, Any] = {
-        "c": comparison, "figures": [(key, label, figures[key]) for key, label in FIGURES], "worse": WORSE, "pairs": pairs,
+        "c": comparison, "figures": [(key, label, figures[key]) for key, label in FIGURES], "worse": WORSE, "effects": EFFECTS, "pairs": pairs,
         "generated_at": iso_utc((now or dt.datetime.now(dt.UTC)).replace(microsecond=0)), "version": __version__,
     }
     return render("comparison.html.j2", context)
