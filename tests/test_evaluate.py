@@ -73,7 +73,7 @@ def test_synth_train_evaluate_register_end_to_end(cli, tmp_path, sqlite_url):
         "--name", "cpu-test", "--version", "1", "--metrics", str(run / "evaluation.json"),
     )
     assert registered.exit_code == 0, registered.output
-    listed = cli("--database-url", sqlite_url, "models", "list")
-    assert "cpu-test" in listed.output and f"{metrics['thresholds']['0.5']['dice']:.4f}" in listed.output
+    [listed] = json.loads(cli("--database-url", sqlite_url, "models", "list", "--format", "json").output)
+    assert listed["name"] == "cpu-test" and listed["dice"] == round(metrics["verdict_rule"]["dice"], 4)
     by_name = cli("--database-url", sqlite_url, "evaluate", "cpu-test:1", "--data", str(data))
     assert by_name.exit_code == 0 and by_name.output.splitlines()[-1] == evaluated.output.splitlines()[-2]

@@ -65,8 +65,10 @@ def test_register_list_show_on_both_databases(cli, migrated_url, model_file, tmp
     assert "registered tiny:1 (UNet(4,4,8,8,16), classes scratch, spot)" in result.output
     assert _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "2", "--class", "a", "--class", "b").exit_code == 0
 
-    listed = _db(cli, migrated_url, "models", "list").output.splitlines()
-    assert len(listed) == 3 and listed[1].split()[:3] == ["tiny", "1", "staging"] and "0.9321" in listed[1]
+    listed = _db(cli, migrated_url, "models", "list", "--format", "csv").output.splitlines()
+    assert len(listed) == 3 and listed[1].split(",")[:3] == ["tiny", "1", "staging"] and "0.9321" in listed[1]
+    [second] = json.loads(_db(cli, migrated_url, "models", "list", "--name", "tiny", "--format", "json").output)[1:]
+    assert (second["version"], second["classes"], second["threshold"]) == ("2", "a,b", 0.5)
     shown = json.loads(_db(cli, migrated_url, "models", "show", "tiny:1").output)
     assert shown["classes"] == ["scratch", "spot"] and shown["threshold"] == 0.4
     assert shown["sha256"] == file_sha256(model_file) and shown["uri"] == str(model_file)
@@ -125,7 +127,7 @@ def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
     assert result.exit_code == 0, result.output
     again = _db(cli, sqlite_url, "models", "register", "--demo")
     assert again.exit_code == 0 and again.output == result.output, "registering the demo twice is a no-op"
-    assert len(_db(cli, sqlite_url, "models", "list").output.splitlines()) == 2
+    assert len(_db(cli, sqlite_url, "models", "list", "--format", "csv").output.splitlines()) == 2
     shown = json.loads(_db(cli, sqlite_url, "models", "show", meta.name, "--verify").output.split("\n" + str(DEMO_MODEL))[0])
     assert shown["version"] == meta.version and shown["training"]["command"].startswith("defectscan train")
     assert shown["operating_point"] == meta.operating_point

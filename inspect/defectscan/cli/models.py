@@ -224,31 +224,35 @@ def register_command(
         click.echo(f"operating point: {describe_operating_point(row.operating_point)}")
 
 
+MODEL_COLUMNS = ("name", "version", "stage", "classes", "threshold", "dice", "dice_defective", "sha256", "registered_at")
+
+
 @models.command("list")
 @click.option("--name", help="Only this model name.")
+@output_options
 @pass_app
-def list_command(app: AppContext, name: str | None) -> None:
-    """List registered model versions.
+def list_command(app: AppContext, name: str | None, fmt: str) -> None:
+    """List registered model versions: stage, classes, threshold, Dice, checksum.
 
     \b
     Example:
         defectscan models list
-        defectscan models list --name tinyunet-dagm
+        defectscan models list --name tinyunet-dagm --format json
     """
     from defectscan.model.registry import list_models
+    from defectscan.times import iso_utc
 
     with app.session() as session:
-        rows = list_models(session, name)
-    if not rows:
-        click.echo("no models registered")
-        return
-    click.echo(f"{'name':<28} {'version':<10} {'stage':<11} {'classes':<24} {'threshold':>9}  {'Dice':>6}  {'Dice(def)':>9}  sha256")
-    for row in rows:
-        # The verdict rule's figures where the metrics have them, else the reference's at 0.5.
-        metrics = row.metrics or {}
-        figures = metrics.get("verdict_rule") or (metrics.get("thresholds") or {}).get("0.5", {})
-        dice, defective = (("-" if figures.get(k) is None else f"{figures[k]:.4f}") for k in ("dice", "dice_defective"))
-        click.echo(f"{row.name:<28} {row.version:<10} {row.stage:<11} {','.join(row.classes):<24} {row.threshold:>9.3f}  {dice:>6}  {defective:>9}  {row.sha256[:12]}")
+        rows = []
+        for row in list_models(session, name):
+            # The verdict rule's figures where the metrics have them, else the reference's at 0.5.
+            metrics = row.metrics or {}
+            figures = metrics.get("verdict_rule") or (metrics.get("thresholds") or {}).get("0.5", {})
+            dice, defective = (None if figures.get(k) is None else round(figures[k], 4) for k in ("dice", "dice_defective"))
+            values = (row.name, row.version, row.stage, ",".join(row.classes), round(row.threshold, 3), dice, defective, row.sha256[:12],
+                      iso_utc(row.registered_at))
+            rows.append(dict(zip(MODEL_COLUMNS, values, strict=True)))
+    print_rows(rows, MODEL_COLUMNS, fmt, empty="no models registered" + (f" named {name}" if name else ""))
 
 
 @models.command("show")
