@@ -78,6 +78,13 @@ def test_decisions_give_the_false_call_and_escape_rates_counted_by_hand(factory,
     table = cli("--database-url", migrated_url, "lots", "show", "R1", "--format", "table")
     assert "false_call_rate" in table.output and "0.4" in table.output
 
+    by_line = json.loads(cli("--database-url", migrated_url, "review", "figures", "--by", "line", "--format", "json").output)
+    assert [(r["line"], r["false_calls"], r["failed_reviewed"], r["escapes"], r["passed_reviewed"]) for r in by_line] == [("A", 2, 5, 1, 4)]
+    by_class = json.loads(cli("--database-url", migrated_url, "review", "figures", "--by", "class", "--format", "json").output)
+    # the model's defects: 3 confirmed, 1 false call (all of its one class); the escape QA drew as a scratch
+    assert sum(r["defects_reviewed"] for r in by_class) == 4 and sum(r["false_calls"] for r in by_class) == 1
+    assert [(r["class"], r["escapes"], r["defects_reviewed"]) for r in by_class if r["class"] == "scratch"] == [("scratch", 1, 0)]
+
 
 def test_the_figures_counted_by_the_database_agree_with_the_decisions_image_by_image(factory, lot):
     """review_figures counts in SQL what decided_images decides in Python: an image decision beats its defects',
@@ -266,6 +273,7 @@ def test_the_report_shows_qa_figures_and_flags_a_lot_whose_false_call_rate_is_ou
     (tmp_path / "report.html").write_text(html)
     assert "<tr class=\"signal\"><td>R1</td>" in section, section[:3000]
     assert "<svg" in section
+    assert "Per defect class" in section and "Per production line" not in section  # one line in scope: its figures are the total
 
 
 def _rollup_rows(factory) -> list[tuple]:

@@ -122,6 +122,39 @@ def list_command(app: AppContext, lot: str | None, line: str | None, reviewer: s
     print_rows(page.rows, REVIEW_LIST_COLUMNS, fmt, empty="no decisions match", more_hint=more)
 
 
+@review.command("figures")
+@click.option("--by", "group", type=click.Choice(["lot", "line", "class"]), default="lot", show_default=True,
+              help="One row per lot, per production line, or per defect class (and model version).")
+@click.option("--lot", help="Only this lot.")
+@click.option("--line", help="Only this production line.")
+@click.option("--since", metavar="WHEN", help="Captured at or after WHEN (ISO 8601).")
+@click.option("--until", metavar="WHEN", help="Captured before WHEN; a bare date includes that whole day.")
+@click.option("--model", "model_ref", metavar="MODEL", help="Only this model version's verdicts (NAME:* every version's).")
+@output_options
+@pass_app
+def figures_command(app: AppContext, group: str, lot, line, since, until, model_ref, fmt: str) -> None:
+    """QA's figures: false-call and escape rates (with the escape rate's 95 % interval) per lot or line,
+    or confirmed defects, false calls and escapes per defect class.
+
+    \b
+    Example:
+        defectscan review figures --by line --since 2026-03-01
+        defectscan review figures --by class --lot L042 --format json
+    """
+    from defectscan.db.queries import Filters, check_filters, parse_when
+    from defectscan.db.reviews import CLASS_COLUMNS, REVIEW_COLUMNS, class_figures, review_figures_rows
+
+    filters = Filters(lot=lot, line=line, model=model_ref, since=parse_when(since, "--since") if since else None,
+                      until=parse_when(until, "--until", end_of_day=True) if until else None)
+    with app.session() as session:
+        check_filters(session, filters)
+        if group == "class":
+            rows, columns = class_figures(session, filters), CLASS_COLUMNS
+        else:
+            rows, columns = review_figures_rows(session, filters, by=group), (group, "model", *REVIEW_COLUMNS)
+    print_rows(rows, columns, fmt, empty="no QA decision in scope")
+
+
 @review.command("export")
 @click.option("--lot", help="Reviewed images of this lot.")
 @click.option("--line", help="Reviewed images of this production line.")

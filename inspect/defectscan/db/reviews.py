@@ -187,8 +187,14 @@ def _decisions(
     return sorted(decided.values(), key=lambda d: d.inspection_id), defects
 
 
-def review_figures(session: Session, filters: Filters = Filters(), *, lots: set[str | None] | None = None) -> dict[tuple, ReviewFigures]:
-    """ReviewFigures per (lot, model id) of the decided images and defects in scope (of these lots, when given).
+# What QA's figures can be grouped by: an image set's lot or line.
+GROUPS = {"lot": ImageSet.lot, "line": ImageSet.line}
+
+
+def review_figures(
+    session: Session, filters: Filters = Filters(), *, lots: set[str | None] | None = None, by: str = "lot",
+) -> dict[tuple, ReviewFigures]:
+    """ReviewFigures per (lot or line, model id) of the decided images and defects in scope (of these lots, when given).
 
     The same decisions as `decided_images`, counted by the database: a page of lots must not carry
     every decision of its lots into Python (benchmarks/bench_queries.py).
@@ -198,22 +204,23 @@ def review_figures(session: Session, filters: Filters = Filters(), *, lots: set[
                               filters, defects=False)
         return query if lots is None else query.where(_lot_condition(lots))
 
+    group = GROUPS[by].label("group")
     figures: dict[tuple, ReviewFigures] = defaultdict(ReviewFigures)
 
     images = latest_image_reviews().subquery()
-    explicit = scoped(select(ImageSet.lot, Inspection.model_id, Inspection.verdict, images.c.decision, func.count())
+    explicit = scoped(select(group, Inspection.model_id, Inspection.verdict, images.c.decision, func.count())
                       .select_from(Inspection)).join(images, images.c.image_id == Image.id)
-    for lot, model_id, verdict, decision, n in session.execute(explicit.group_by(ImageSet.lot, Inspection.model_id, Inspection.verdict,
+    for key, model_id, verdict, decision, n in session.execute(explicit.group_by(GROUPS[by], Inspection.model_id, Inspection.verdict,
                                                                                  images.c.decision)):
-        figures[(lot, model_id)].count(verdict, decision, int(n))
+        figures[(key, model_id)].count(verdict, decision, int(n))
 
     defects = latest_defect_reviews().subquery()
     confirmed = func.sum(case((defects.c.decision == "confirmed", 1), else_=0))
     per_image = scoped(
-        select(ImageSet.lot, Inspection.model_id, Inspection.verdict, Inspection.n_defects, Image.id.label("image_id"),
+        select(group, Inspection.model_id, Inspection.verdict, Inspection.n_defects, Image.id.label("image_id"),
                func.count().label("decided"), confirmed.label("confirmed"))
         .select_from(Inspection).join(Defect, Defect.inspection_id == Inspection.id)
-    ).join(defects, defects.c.defect_id == Defect.id).group_by(Inspection.id, ImageSet.lot, Inspection.model_id, Inspection.verdict,
+    ).join(defects, defects.c.defect_id == Defect.id).group_by(Inspection.id, GROUPS[by], Inspection.model_id, Inspection.verdict,
                                                                 Inspection.n_defects, Image.id).subquery()
     # Without an image decision, an image whose every defect is decided is decided by them.
     by_defects = case(
@@ -221,14 +228,63 @@ def review_figures(session: Session, filters: Filters = Filters(), *, lots: set[
          case((per_image.c.confirmed > 0, "fail"), else_="pass")),
         else_=None,
     ).label("decision")
-    totals = select(per_image.c.lot, per_image.c.model_id, per_image.c.verdict, by_defects, func.count(), func.sum(per_image.c.decided),
-                    func.sum(per_image.c.confirmed)).group_by(per_image.c.lot, per_image.c.model_id, per_image.c.verdict, by_defects)
-    for lot, model_id, verdict, decision, n, decided, n_confirmed in session.execute(totals):
-        f = figures[(lot, model_id)]
+    totals = select(per_image.c.group, per_image.c.model_id, per_image.c.verdict, by_defects, func.count(), func.sum(per_image.c.decided),
+                    func.sum(per_image.c.confirmed)).group_by(per_image.c.group, per_image.c.model_id, per_image.c.verdict, by_defects)
+    for key, model_id, verdict, decision, n, decided, n_confirmed in session.execute(totals):
+        f = figures[(key, model_id)]
         f.count(verdict, decision, int(n))
         f.defects_reviewed += int(decided)
         f.defects_confirmed += int(n_confirmed)
     return dict(figures)
+
+
+def review_figures_rows(session: Session, filters: Filters = Filters(), *, by: str = "lot") -> list[dict]:
+    """review_figures as rows (`review figures`): the lot or line, the model version, REVIEW_COLUMNS."""
+    figures = review_figures(session, filters, by=by)
+    labels = _labels(session, {model_id for _, model_id in figures})
+    return [{by: key, "model": labels[model_id], **f.as_row()}
+            for (key, model_id), f in sorted(figures.items(), key=lambda item: (item[0][0] is None, item[0][0] or "", labels[item[0][1]]))]
+
+
+CLASS_COLUMNS = ("class", "model", "defects_reviewed", "defects_confirmed", "false_calls", "confirmed_rate", "escapes")
+
+
+def class_figures(session: Session, filters: Filters = Filters()) -> list[dict]:
+    """QA's figures per defect class and model version: the model's defects QA decided (confirmed, false calls)
+    and the defects QA drew on images the model passed (escapes, by the class QA gave them)."""
+    def scoped(query: Select) -> Select:
+        return apply_filters(session, query.join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id),
+                             filters, defects=False)
+
+    rows: dict[tuple, dict] = {}
+
+    def row(cls: str | None, model_id: int) -> dict:
+        return rows.setdefault((cls or "(no class)", model_id), {"defects_reviewed": 0, "defects_confirmed": 0, "escapes": 0})
+
+    defects = latest_defect_reviews().subquery()
+    confirmed = func.sum(case((defects.c.decision == "confirmed", 1), else_=0))
+    decided = scoped(select(Defect.class_name, Inspection.model_id, func.count(), confirmed).select_from(Inspection)
+                     .join(Defect, Defect.inspection_id == Inspection.id)).join(defects, defects.c.defect_id == Defect.id)
+    for cls, model_id, n, n_confirmed in session.execute(decided.group_by(Defect.class_name, Inspection.model_id)):
+        r = row(cls, model_id)
+        r["defects_reviewed"] += int(n)
+        r["defects_confirmed"] += int(n_confirmed)
+    images = latest_image_reviews().subquery()
+    missed = scoped(select(images.c.class_name, Inspection.model_id, func.count()).select_from(Inspection)).join(
+        images, images.c.image_id == Image.id).where(Inspection.verdict == "pass", images.c.decision == "fail")
+    for cls, model_id, n in session.execute(missed.group_by(images.c.class_name, Inspection.model_id)):
+        row(cls, model_id)["escapes"] += int(n)
+    labels = _labels(session, {model_id for _, model_id in rows})
+    return [
+        {"class": cls, "model": labels[model_id], **r, "false_calls": r["defects_reviewed"] - r["defects_confirmed"],
+         "confirmed_rate": _rounded(r["defects_confirmed"] / r["defects_reviewed"]) if r["defects_reviewed"] else None}
+        for (cls, model_id), r in sorted(rows.items(), key=lambda item: (labels[item[0][1]], item[0][0]))
+    ]
+
+
+def _labels(session: Session, model_ids: set[int]) -> dict[int, str]:
+    return {model_id: f"{name}:{version}" for model_id, name, version in
+            session.execute(select(Model.id, Model.name, Model.version).where(Model.id.in_(model_ids)))}
 
 
 REVIEW_LIST_COLUMNS = ("kind", "id", "image_id", "image_key", "lot", "defect_id", "decision", "class", "reviewer", "reviewed_at",
@@ -295,8 +351,7 @@ def add_review_figures(session: Session, rows: list[dict], filters: Filters = Fi
         for since, until in edges:
             for key, part in review_figures(session, Filters(**{**filters.given(), "since": since, "until": until}), lots=lots).items():
                 figures.setdefault(key, ReviewFigures()).add(part)
-    labels = {model_id: f"{name}:{version}" for model_id, name, version in
-              session.execute(select(Model.id, Model.name, Model.version).where(Model.id.in_({k[1] for k in figures})))}
+    labels = _labels(session, {k[1] for k in figures})
     by_label = {(lot, labels[model_id]): f for (lot, model_id), f in figures.items()}
     for row in rows:
         row.update(by_label.get((row["lot"], row["model"]), ReviewFigures()).as_row())

@@ -24,7 +24,7 @@ from defectscan import __version__
 from defectscan.db import queries_report as q
 from defectscan.config import shipped_defaults
 from defectscan.db.queries import Filters, check_filters, failed_share, lot_disposition
-from defectscan.db.reviews import ReviewFigures, review_figures
+from defectscan.db.reviews import ReviewFigures, class_figures, review_figures, review_figures_rows
 from defectscan.db.schema import Model
 from defectscan.errors import DataError
 from defectscan.report import charts
@@ -244,8 +244,11 @@ def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: fl
     chart = p_chart([(lot or "-", per_lot[lot].failed_reviewed, per_lot[lot].false_calls) for lot in lots], sigma)
     above = [p for p in chart.points if p.signal == "above"]
     flagged = {p.label for p in above}
+    label = f"{model['name']}:{model['version']}"
     return {
         "rows": [{"lot": lot or "-", "flagged": (lot or "-") in flagged, **per_lot[lot].as_row()} for lot in lots],
+        "lines": [row for row in review_figures_rows(session, filters, by="line") if row["model"] == label],
+        "classes": [row for row in class_figures(session, filters) if row["model"] == label],
         "total": total.as_row(),
         "chart": chart,
         "out_of_control": above,
