@@ -266,6 +266,7 @@ def test_the_report_shows_qa_figures_and_flags_a_lot_whose_false_call_rate_is_ou
             by_set.setdefault(set_id, []).append(image_id)
         for set_id, images in by_set.items():
             review_images(session, images, "pass" if ids[1] in images else "fail", by="qa")
+        review_defects(session, defects[3], "false-call", by="qa")  # image 3 is passed already: its defect adds to the class figures only
         html = build_report(session, Scope(line="A"), ReportOptions()).html
     section = " ".join(html.split('id="qa-review"', 1)[1].split("</section>", 1)[0].split())
     assert "false-call rate 0.200 (5 of 25 reviewed failed images passed by QA)" in section
@@ -274,6 +275,7 @@ def test_the_report_shows_qa_figures_and_flags_a_lot_whose_false_call_rate_is_ou
     assert "<tr class=\"signal\"><td>R1</td>" in section, section[:3000]
     assert "<svg" in section
     assert "Per defect class" in section and "Per production line" not in section  # one line in scope: its figures are the total
+    assert f"<td class=\"n\">{len(defects[3])}</td><td class=\"n\">0</td><td class=\"n\">{len(defects[3])}</td>" in section
 
 
 def _rollup_rows(factory) -> list[tuple]:
