@@ -153,6 +153,28 @@ def test_gpu_workers_get_a_gpu_resource_and_tasks_ask_for_it(cli, prepared, monk
     assert "64 inspected" in result.output
 
 
+def test_each_gpu_worker_sees_only_its_own_device_and_the_worker_count_is_honoured(monkeypatch):
+    """Two "GPUs" (3 and 5, as CUDA_VISIBLE_DEVICES names them): a worker per device, each process seeing only
+    its own; --workers 1 takes the first; asking for more workers than GPUs is refused with the reason."""
+    from defectscan.config import load_settings
+    from defectscan.errors import DefectscanError
+    from defectscan.pipeline.cluster import connect
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    settings = load_settings(environ={}).cluster
+    with connect(settings) as (client, info):
+        assert info.gpu and info.n_workers == 2
+        seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()))
+        assert sorted(device for device, _ in seen.values()) == ["3", "5"]
+        assert len({pid for _, pid in seen.values()} | {os.getpid()}) == 3  # separate worker processes
+        assert [w["resources"] for w in client.scheduler_info()["workers"].values()] == [{"GPU": 1}, {"GPU": 1}]
+    with connect(settings, n_workers=1) as (client, info):
+        assert list(client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values()) == ["3"]
+    with pytest.raises(DefectscanError, match=r"--workers\) 3: a local cluster runs one worker per GPU and this machine shows 2 \(3, 5\)"):
+        with connect(settings, n_workers=3):
+            pass
+
+
 def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, external_cluster, cli):
     url, factory, image_set = prepared
     env = {**os.environ, **SMALL_SHARDS, "DEFECTSCAN_CLUSTER__SHARDS_IN_FLIGHT_PER_WORKER": "1"}

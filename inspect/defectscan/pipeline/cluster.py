@@ -63,18 +63,22 @@ WORKER_MEMORY = {
 }
 
 
-def count_gpus() -> int:
-    """NVIDIA GPUs visible to this machine, without importing TensorFlow."""
+def gpu_ids() -> list[str]:
+    """The NVIDIA GPUs this machine lets us use, as CUDA device ids (CUDA_VISIBLE_DEVICES, else nvidia-smi), without TensorFlow."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+        return []
+    return [str(i) for i, line in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
+
+
+def count_gpus() -> int:
+    return len(gpu_ids())
 
 
 def security(tls: TLSSettings):
@@ -124,35 +128,66 @@ def _quiet_resource_tracker() -> None:
 
 def _start_local_cluster(settings: ClusterSettings, n_workers: int | None):
     _quiet_resource_tracker()
-    gpus = count_gpus()
+    devices = gpu_ids()
     sec = security(settings.tls)
     protocol = {"protocol": "tls", "security": sec} if sec is not None else {}
-    if gpus:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            LocalCUDACluster = None
-        if LocalCUDACluster is not None:
-            return LocalCUDACluster(threads_per_worker=1, resources={"GPU": 1}, **protocol)
+    if devices:
+        return _gpu_cluster(settings, devices, n_workers or settings.n_workers, protocol)
     from distributed import LocalCluster
 
     cores = os.cpu_count() or 1
-    workers = n_workers or settings.n_workers or (gpus or max(1, cores // 2))
+    workers = n_workers or settings.n_workers or max(1, cores // 2)
     threads = max(1, cores // workers)
-    # TensorFlow sizes its thread pools from the machine: share the cores between workers instead.
-    env = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return LocalCluster(
         n_workers=workers,
         threads_per_worker=settings.threads_per_worker,
         processes=True,
         memory_limit=settings.memory_limit,
-        resources={"GPU": 1} if gpus else None,
         dashboard_address=":0",
-        env=env,
+        env=_worker_env(threads),
         # The workers' own housekeeping lines stay out of the user's terminal (see defectscan.logs).
         silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR,
         **protocol,
     )
+
+
+def _worker_env(threads: int) -> dict[str, str]:
+    # TensorFlow sizes its thread pools from the machine: share the cores between workers instead.
+    return {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int | None, protocol: dict):
+    """One worker per GPU, each seeing only its own device (CUDA_VISIBLE_DEVICES): without it every
+    worker's TensorFlow would take GPU 0. dask-cuda does the same when installed; the settings are
+    honoured on both paths."""
+    if n_workers is not None and n_workers > len(devices):
+        raise DefectscanError(
+            f"cluster.n_workers (or --workers) {n_workers}: a local cluster runs one worker per GPU and this machine shows "
+            f"{len(devices)} ({', '.join(devices)}); give at most {len(devices)}, or CUDA_VISIBLE_DEVICES to choose which"
+        )
+    devices = devices[: n_workers or len(devices)]
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None
+    if LocalCUDACluster is not None:
+        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), n_workers=len(devices), threads_per_worker=settings.threads_per_worker,
+                                memory_limit=settings.memory_limit, resources={"GPU": 1}, dashboard_address=":0",
+                                silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR, **protocol)
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    security_options = {"security": protocol["security"]} if protocol else {}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "protocol": protocol.get("protocol", "tcp"), **security_options}}
+    workers = {
+        f"gpu{device}": {"cls": Nanny, "options": {
+            "nthreads": settings.threads_per_worker, "memory_limit": settings.memory_limit, "resources": {"GPU": 1},
+            "env": {**_worker_env(threads), "CUDA_VISIBLE_DEVICES": device}, "protocol": protocol.get("protocol", "tcp"),
+            "silence_logs": logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR, **security_options,
+        }}
+        for device in devices
+    }
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
 
 
 @contextmanager
