@@ -1,5 +1,6 @@
 """TinyUNet throughput: inference img/s at 512x512 (batch 1/8/16, with and without XLA; mixed
-precision on GPUs, bfloat16 on CPUs that have it), training img/s, and on CPUs the achieved GFLOP/s against the FMA peak.
+precision on GPUs, bfloat16 on CPUs that have it), training img/s, and each row's GFLOP/s as a
+share of a matrix multiply measured in the same process, in the same precision.
 
     .venv/bin/python benchmarks/bench_model.py                 # full run
     .venv/bin/python benchmarks/bench_model.py --quick         # fewer repeats, smaller training batch
@@ -11,16 +12,10 @@ FLOPs are counted from the traced graph: every Conv2D op contributes 2 * (output
 multiply-accumulate. Bias, ReLU, pooling and upsampling are left out (under 1% here).
 A training step is counted as 3x the forward FLOPs (forward, input gradients, weight gradients).
 
-CPU FMA peak = physical cores x clock x FLOP per cycle per core, where
-FLOP/cycle = 2 (an FMA is a multiply and an add) x FMA pipes x fp32 lanes per pipe.
-From `lscpu`: cores = "Core(s) per socket" x "Socket(s)"; clock = "CPU max MHz" when listed,
-else /proc/cpuinfo "cpu MHz", else BogoMIPS / 2 (x86 BogoMIPS is twice the TSC clock); lanes
-from the widest vector flag (avx512f: 16, avx2 + fma: 8, else 4). FMA pipes are not in `lscpu`:
-2 is assumed (Intel Skylake-SP and later server cores, AMD Zen 1-5). AMD Zen 4 (family 25 with
-avx512f) executes 512-bit FMAs on two 256-bit pipes, so its lanes are counted as 8 per pipe.
-Override with --fma-pipes / --lanes when the assumption does not hold. A VM often shows only the
-nominal clock while the cores boost above it: an achieved figure above 100% of the peak means
-the clock is higher than the one used; give the real (boost) clock with --clock-ghz.
+The reference is what this machine, at this moment, does on a large square matmul (TensorFlow,
+float32 and bfloat16 or float16; numpy's SGEMM too): the CPU model and its clock vary between
+machines and a shared machine's load varies between runs, so a ratio measured in one run is the
+figure to compare, not GFLOP/s against a peak computed from `lscpu`.
 """
 
 from __future__ import annotations
@@ -28,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -48,44 +41,20 @@ def lscpu() -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
-def cpu_peak(info: dict[str, str], fma_pipes: int | None, lanes: int | None, clock_ghz: float | None = None) -> dict:
-    cores = int(info.get("Core(s) per socket", "1")) * int(info.get("Socket(s)", "1"))
-    allowed = len(os.sched_getaffinity(0))
-    flags = set(info.get("Flags", "").split())
-    if clock_ghz is not None:
-        mhz, clock_source = clock_ghz * 1000, "--clock-ghz"
-    elif "CPU max MHz" in info:
-        mhz, clock_source = float(info["CPU max MHz"]), "lscpu CPU max MHz"
-    else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        match = re.search(r"cpu MHz\s*:\s*([\d.]+)", cpuinfo)
-        if match:
-            mhz, clock_source = float(match.group(1)), "/proc/cpuinfo cpu MHz"
-        else:
-            mhz, clock_source = float(info.get("BogoMIPS", "0")) / 2, "BogoMIPS / 2"
-    zen4 = info.get("Vendor ID") == "AuthenticAMD" and info.get("CPU family") == "25" and "avx512f" in flags
-    if lanes is None:
-        if "avx512f" in flags and not zen4:
-            lanes = 16
-        elif "avx2" in flags and "fma" in flags or zen4:
-            lanes = 8
-        else:
-            lanes = 4
-    fma_pipes = fma_pipes or 2
-    flop_per_cycle = 2 * fma_pipes * lanes
-    used_cores = min(cores, allowed)
-    return {
-        "model": info.get("Model name", platform.processor()),
-        "cores": cores,
-        "cores_used": used_cores,
-        "clock_ghz": round(mhz / 1000, 3),
-        "clock_source": clock_source,
-        "fma_pipes": fma_pipes,
-        "fp32_lanes_per_pipe": lanes,
-        "flop_per_cycle_per_core": flop_per_cycle,
-        "peak_gflops": round(used_cores * mhz / 1000 * flop_per_cycle, 1),
-        "formula": f"{used_cores} cores x {mhz / 1000:.3f} GHz x 2 x {fma_pipes} pipes x {lanes} lanes",
-    }
+def matmul_reference(tf, precisions: list[str], n: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of an n x n matmul in this process: numpy SGEMM, TensorFlow in each precision's compute dtype."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    flops = 2 * n**3
+    reference = {"numpy_float32": round(flops / time_calls(lambda x: np.matmul(x, b), a, repeats, min_seconds=1.0) / 1e9, 1)}
+    dtypes = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
+    for precision in precisions:
+        x, y = tf.constant(a, dtype=dtypes[precision]), tf.constant(b, dtype=dtypes[precision])
+        multiply = tf.function(lambda x, y=y: tf.matmul(x, y))
+        reference[precision] = round(flops / time_calls(multiply, x, repeats, min_seconds=1.0) / 1e9, 1)
+    return reference
 
 
 def conv_flops(model, size: int) -> int:
@@ -130,9 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats, training batch 4")
-    parser.add_argument("--fma-pipes", type=int)
-    parser.add_argument("--lanes", type=int)
-    parser.add_argument("--clock-ghz", type=float, help="Clock for the peak, e.g. the max boost clock when a VM only shows the nominal one")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="Side of the reference matmul")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_model.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -155,6 +122,8 @@ def main(argv=None) -> int:
     cpu = {} if gpus else lscpu()
     cpu_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu.get("Flags", "").split()))
     precisions = ["float32"] + (["mixed_float16"] if gpus else ["mixed_bfloat16"] if cpu_bf16 else [])
+    reference = matmul_reference(tf, precisions, args.matmul_size, args.repeats)
+    print("reference matmul in this process: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in reference.items()))
     inference = []
     for precision in precisions:
         keras.mixed_precision.set_global_policy(precision)
@@ -172,8 +141,10 @@ def main(argv=None) -> int:
                     "ms_per_batch": round(seconds * 1000, 1),
                     "gflops": round(forward_flops * batch / seconds / 1e9, 1),
                 }
+                row["of_matmul"] = round(row["gflops"] / reference[precision], 3)
                 inference.append(row)
-                print(f"inference {precision:<13} xla={jit!s:<5} batch {batch:>3}: {row['images_per_second']:>8.2f} img/s  {row['ms_per_batch']:>8.1f} ms/batch  {row['gflops']:>7.1f} GFLOP/s")
+                print(f"inference {precision:<13} xla={jit!s:<5} batch {batch:>3}: {row['images_per_second']:>8.2f} img/s  {row['ms_per_batch']:>8.1f} ms/batch  "
+                      f"{row['gflops']:>7.1f} GFLOP/s = {row['of_matmul']:.2f} of the {precision} matmul")
     keras.mixed_precision.set_global_policy("float32")
 
     from defectscan.model.losses import adaptive_loss
@@ -209,8 +180,10 @@ def main(argv=None) -> int:
                 "seconds_per_step": round(seconds, 3),
                 "gflops": round(3 * forward_flops * b / seconds / 1e9, 1),
             }
+            row["of_matmul"] = round(row["gflops"] / reference[precision], 3)
             training.append(row)
-            print(f"training  {precision:<13} xla={jit!s:<5} batch {b:>3}: {row['images_per_second']:>8.2f} img/s  {row['seconds_per_step']:>8.3f} s/step   {row['gflops']:>7.1f} GFLOP/s")
+            print(f"training  {precision:<13} xla={jit!s:<5} batch {b:>3}: {row['images_per_second']:>8.2f} img/s  {row['seconds_per_step']:>8.3f} s/step   "
+                  f"{row['gflops']:>7.1f} GFLOP/s = {row['of_matmul']:.2f} of the {precision} matmul")
     keras.mixed_precision.set_global_policy("float32")
 
     report = {
@@ -223,26 +196,16 @@ def main(argv=None) -> int:
         "keras": keras.__version__,
         "python": sys.version.split()[0],
     }
-    if not gpus:
-        peak = cpu_peak(cpu, args.fma_pipes, args.lanes, args.clock_ghz)
-        # The FMA peak is a float32 one: a bfloat16 dot product (VDPBF16PS) does twice the FLOPs per
-        # lane, so bfloat16 rows are measured against twice the peak.
-        best = max((r for r in inference if r["precision"] == "float32"), key=lambda r: r["gflops"])
-        report["cpu_peak"] = peak
-        report["best_inference_fraction_of_peak"] = round(best["gflops"] / peak["peak_gflops"], 3)
-        print(f"CPU FMA peak: {peak['peak_gflops']} GFLOP/s = {peak['formula']} (clock from {peak['clock_source']})")
-        print(
-            f"best float32 inference: batch {best['batch']} xla={best['xla']}: {best['gflops']} GFLOP/s = "
-            f"{100 * report['best_inference_fraction_of_peak']:.1f}% of FMA peak"
-        )
-        bf16 = [r for r in inference if r["precision"] == "mixed_bfloat16"]
-        if bf16:
-            top = max(bf16, key=lambda r: r["gflops"])
-            report["best_bfloat16_inference_fraction_of_peak"] = round(top["gflops"] / (2 * peak["peak_gflops"]), 3)
-            print(
-                f"best bfloat16 inference: batch {top['batch']} xla={top['xla']}: {top['gflops']} GFLOP/s = "
-                f"{100 * report['best_bfloat16_inference_fraction_of_peak']:.1f}% of the bfloat16 peak ({2 * peak['peak_gflops']:.1f} GFLOP/s)"
-            )
+    report["matmul_reference_gflops"] = reference
+    for precision in precisions:
+        best = max((r for r in inference if r["precision"] == precision), key=lambda r: r["gflops"])
+        print(f"best {precision} inference: batch {best['batch']} xla={best['xla']}: {best['images_per_second']} img/s, "
+              f"{best['gflops']} GFLOP/s = {best['of_matmul']:.2f} of the {precision} matmul ({reference[precision]} GFLOP/s)")
+    if len(precisions) > 1:
+        fast = max((r for r in inference if r["precision"] == precisions[1]), key=lambda r: r["images_per_second"])
+        slow = max((r for r in inference if r["precision"] == "float32"), key=lambda r: r["images_per_second"])
+        report["reduced_over_float32"] = round(fast["images_per_second"] / slow["images_per_second"], 2)
+        print(f"{precisions[1]} over float32 (best rows, this run): {report['reduced_over_float32']}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
