@@ -135,11 +135,12 @@ def _model_only(ref, size: int, batches: int) -> float:
     return len(x) / (time.perf_counter() - began)
 
 
-def _settings(batch_size: int, images_per_shard: int):
+def _settings(batch_size: int, images_per_shard: int, runtime: str = "tensorflow"):
     from defectscan.config import load_settings
 
     return load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": str(batch_size),
-                                  "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": str(images_per_shard)})
+                                  "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": str(images_per_shard),
+                                  "DEFECTSCAN_INSPECTION__RUNTIME": runtime})
 
 
 def _inspect(factory, client, model, image_set, settings, in_flight: int):
@@ -159,21 +160,21 @@ def throughput(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     factory = _database(folder)
     image_set, model = _register(factory, _stack(folder, args.images, args.size), _bench_model(args, folder), "tinyunet-bench")
-    settings = _settings(args.batch_size, args.batch_size * 4)
-    with _local_cluster(settings.cluster, 1) as cluster, Client(cluster) as client:
-        ref = model_ref(model, args.batch_size)
+    settings = _settings(args.batch_size, args.batch_size * 4, args.runtime)
+    with _local_cluster(settings.cluster, 1, args.runtime) as cluster, Client(cluster) as client:
+        ref = model_ref(model, args.batch_size, args.runtime)
         # warm the worker's model cache, so neither side pays the load
         client.submit(_model_only, ref, args.size, 1, pure=False).result()
         model_only = client.submit(_model_only, ref, args.size, args.images // args.batch_size, pure=False).result()
         summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=2)
     end_to_end = summary.counts.inspected / seconds
     figures = {
-        "benchmark": "pipeline throughput", "images": args.images, "size": args.size, "batch_size": args.batch_size,
+        "benchmark": "pipeline throughput", "runtime": args.runtime, "images": args.images, "size": args.size, "batch_size": args.batch_size,
         "workers": 1, "cores": os.cpu_count(),
         "model_only_img_s": round(model_only, 2), "end_to_end_img_s": round(end_to_end, 2),
         "ratio": round(end_to_end / model_only, 3), "status": summary.status,
     }
-    print(f"model only : {model_only:8.2f} img/s  ({args.size}x{args.size}, batch {args.batch_size}, one worker)")
+    print(f"model only : {model_only:8.2f} img/s  ({args.size}x{args.size}, batch {args.batch_size}, one worker, {args.runtime})")
     print(f"end to end : {end_to_end:8.2f} img/s  (Zarr in -> masks + SQLite out, {args.images} images)")
     print(f"ratio      : {figures['ratio']:.3f}  (target >= 0.9 on CPU)")
     figures["worker_seconds"] = {k: round(v, 2) for k, v in summary.worker_seconds.items()}
@@ -259,6 +260,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--images-per-shard", type=int, default=512, help="million: shard size (more shards, same images)")
     parser.add_argument("--untrained", action="store_true", help="a freshly initialised TinyUNet instead of the demo model")
+    parser.add_argument("--runtime", choices=["tensorflow", "jax"], default="tensorflow", help="throughput: the workers' Keras backend")
     args = parser.parse_args()
     args.images = args.images or {"throughput": 96, "scaling": 64, "million": 1_000_000}[args.which]
     figures = {"throughput": throughput, "scaling": scaling, "million": million}[args.which](args)

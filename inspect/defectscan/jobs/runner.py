@@ -145,7 +145,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
 
     record = _spec_record(spec, spec_file, found)
     interrupts.check()
-    with connect(settings.cluster) as (client, info):
+    with connect(settings.cluster, runtime=settings.inspection.runtime) as (client, info):
         interrupts.check()
         echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
         for warning in info.warnings:

@@ -37,7 +37,7 @@ def run_inspect(
             image_sets = [get_image_set(session, ident) for ident in image_set_ids]
             factory = sessionmaker(session.get_bind(), expire_on_commit=False)
         interrupts.check()
-        with connect(settings.cluster, n_workers=n_workers) as (client, info):
+        with connect(settings.cluster, n_workers=n_workers, runtime=settings.inspection.runtime) as (client, info):
             interrupts.check()
             echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
             for warning in info.warnings:

@@ -42,14 +42,25 @@ def tensorflow_gpus() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
-def gpu_warnings(client, workers: dict) -> tuple[str, ...]:
-    """One line per worker that advertises a GPU its TensorFlow cannot use (no driver, no CUDA build): it runs on the CPU."""
+def jax_gpus() -> int:
+    """GPUs JAX can use in this (worker) process (TensorFlow stays unimported)."""
+    import jax
+
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend in this jaxlib, or no device
+        return 0
+
+
+def gpu_warnings(client, workers: dict, runtime: str = "tensorflow") -> tuple[str, ...]:
+    """One line per worker that advertises a GPU its runtime cannot use (no driver, no CUDA build): it runs on the CPU."""
     gpu_workers = [address for address, w in workers.items() if w.get("resources", {}).get("GPU")]
     if not gpu_workers:
         return ()
-    found = client.run(tensorflow_gpus, workers=gpu_workers)
+    found = client.run(jax_gpus if runtime == "jax" else tensorflow_gpus, workers=gpu_workers)
+    name = "JAX" if runtime == "jax" else "TensorFlow"
     return tuple(
-        f"worker {address} was given a GPU, but TensorFlow there finds none (no NVIDIA driver, or a CPU-only build): it inspects on the CPU"
+        f"worker {address} was given a GPU, but {name} there finds none (no NVIDIA driver, or a CPU-only build): it inspects on the CPU"
         for address, n in sorted(found.items()) if n == 0
     )
 
@@ -102,13 +113,13 @@ def security(tls: TLSSettings):
     )
 
 
-def _local_cluster(settings: ClusterSettings, n_workers: int | None):
+def _local_cluster(settings: ClusterSettings, n_workers: int | None, runtime: str = "tensorflow"):
     # TensorFlow keeps its memory arena: to Dask that is "unmanaged" memory that never goes down, and
     # a worker paused for it would wait forever. Only the nanny's restart at `terminate` stays on.
     import dask
 
     with dask.config.set(WORKER_MEMORY):
-        return _start_local_cluster(settings, n_workers)
+        return _start_local_cluster(settings, n_workers, runtime)
 
 
 def _quiet_resource_tracker() -> None:
@@ -126,13 +137,13 @@ def _quiet_resource_tracker() -> None:
         resource_tracker.ensure_running()
 
 
-def _start_local_cluster(settings: ClusterSettings, n_workers: int | None):
+def _start_local_cluster(settings: ClusterSettings, n_workers: int | None, runtime: str = "tensorflow"):
     _quiet_resource_tracker()
     devices = gpu_ids()
     sec = security(settings.tls)
     protocol = {"protocol": "tls", "security": sec} if sec is not None else {}
     if devices:
-        return _gpu_cluster(settings, devices, n_workers or settings.n_workers, protocol)
+        return _gpu_cluster(settings, devices, n_workers or settings.n_workers, protocol, runtime)
     from distributed import LocalCluster
 
     cores = os.cpu_count() or 1
@@ -144,19 +155,24 @@ def _start_local_cluster(settings: ClusterSettings, n_workers: int | None):
         processes=True,
         memory_limit=settings.memory_limit,
         dashboard_address=":0",
-        env=_worker_env(threads),
+        env=_worker_env(threads, runtime),
         # The workers' own housekeeping lines stay out of the user's terminal (see defectscan.logs).
         silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR,
         **protocol,
     )
 
 
-def _worker_env(threads: int) -> dict[str, str]:
+def _worker_env(threads: int, runtime: str = "tensorflow") -> dict[str, str]:
     # TensorFlow sizes its thread pools from the machine: share the cores between workers instead.
-    return {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "KERAS_BACKEND": runtime}
+    if runtime == "jax":
+        # JAX takes 75 % of a GPU's memory up front otherwise: a worker takes what its batches need.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
 
 
-def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int | None, protocol: dict):
+def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int | None, protocol: dict, runtime: str):
     """One worker per GPU, each seeing only its own device (CUDA_VISIBLE_DEVICES): without it every
     worker's TensorFlow would take GPU 0. dask-cuda does the same when installed; the settings are
     honoured on both paths."""
@@ -182,7 +198,7 @@ def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int |
     workers = {
         f"gpu{device}": {"cls": Nanny, "options": {
             "nthreads": settings.threads_per_worker, "memory_limit": settings.memory_limit, "resources": {"GPU": 1},
-            "env": {**_worker_env(threads), "CUDA_VISIBLE_DEVICES": device}, "protocol": protocol.get("protocol", "tcp"),
+            "env": {**_worker_env(threads, runtime), "CUDA_VISIBLE_DEVICES": device}, "protocol": protocol.get("protocol", "tcp"),
             "silence_logs": logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR, **security_options,
         }}
         for device in devices
@@ -191,8 +207,11 @@ def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int |
 
 
 @contextmanager
-def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout: float = 30) -> Iterator[tuple[object, ClusterInfo]]:
-    """A distributed Client on the configured scheduler, or on a local cluster started for the run."""
+def connect(
+    settings: ClusterSettings, *, n_workers: int | None = None, timeout: float = 30, runtime: str = "tensorflow",
+) -> Iterator[tuple[object, ClusterInfo]]:
+    """A distributed Client on the configured scheduler, or on a local cluster started for the run (its workers
+    on `runtime`, inspection.runtime)."""
     from distributed import Client
 
     quiet_libraries()
@@ -209,7 +228,7 @@ def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout:
             except (OSError, TimeoutError) as exc:
                 raise DefectscanError(f"cannot connect to the Dask scheduler at {settings.scheduler}: {exc}") from None
         else:
-            cluster = _local_cluster(settings, n_workers)
+            cluster = _local_cluster(settings, n_workers, runtime)
             client = Client(cluster, timeout=timeout)
         with client:
             workers = client.scheduler_info()["workers"]
@@ -217,7 +236,7 @@ def connect(settings: ClusterSettings, *, n_workers: int | None = None, timeout:
                 client.wait_for_workers(1, timeout=timeout)
                 workers = client.scheduler_info()["workers"]
             gpu = any(w.get("resources", {}).get("GPU") for w in workers.values())
-            info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link, warnings=gpu_warnings(client, workers))
+            info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link, warnings=gpu_warnings(client, workers, runtime))
             log.info("Dask cluster: %d workers%s, dashboard %s", info.n_workers, " with GPUs" if gpu else "", info.dashboard)
             yield client, info
     finally:

@@ -84,9 +84,9 @@ class _Task:
     strip_tiles: bool = False
 
 
-def model_ref(model: Model, batch_size: int) -> ModelRef:
+def model_ref(model: Model, batch_size: int, runtime: str = "tensorflow") -> ModelRef:
     return ModelRef(uri=model.uri, sha256=model.sha256, classes=tuple(model.classes), batch_size=batch_size,
-                    contract=InputContract.from_dict(model.input_spec))
+                    contract=InputContract.from_dict(model.input_spec), runtime=runtime)
 
 
 def check_tiling(model: Model, contract: InputContract, settings: InspectionSettings, image_sets: list[ImageSet]) -> None:
@@ -173,7 +173,7 @@ def inspect_image_sets(
     once the run's row exists, `on_progress(done, total)` as shards finish. SIGTERM/SIGINT
     (under `interrupts.stop_on_signals`) stop it at the next checkpoint, recorded `interrupted`.
     """
-    ref = model_ref(model, settings.batch_size)
+    ref = model_ref(model, settings.batch_size, settings.runtime)
     verify_model_file(ref)
     for image_set in image_sets:
         check_store_unchanged(image_set)

@@ -1,13 +1,16 @@
 """What runs on a Dask worker: the per-process model cache, fixed-shape batches, shard tasks.
 
-TensorFlow is imported here only, inside functions that run on workers, never in the client.
-A worker loads each model once (cache keyed by the file's sha256, checked before loading),
-calls it through one tf.function with one input shape, and sends back small results.
+The model runtime (TensorFlow, or Keras on JAX) is imported here only, inside functions that run
+on workers, never in the client. A worker loads each model once (cache keyed by the file's sha256,
+checked before loading), calls it through one tf.function or jax.jit with one input shape, and
+sends back small results.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscan.errors import DataError, StorageError
+from defectscan.errors import DataError, ModelError, StorageError
 from defectscan.native_logs import quiet_tensorflow_startup
 from defectscan.model.export import load_model, verify_sha256
 from defectscan.model.preprocess import InputContract, to_model_input
@@ -35,6 +38,8 @@ class ModelRef:
     batch_size: int
     # The registered input contract: the multiple inputs are padded to.
     contract: InputContract = InputContract()
+    # The Keras backend to run it on (inspection.runtime): "tensorflow" or "jax".
+    runtime: str = "tensorflow"
 
 
 @dataclass(frozen=True)
@@ -76,15 +81,35 @@ def cached_model(ref: ModelRef):
 
 
 def _load(ref: ModelRef):
-    import tensorflow as tf
-
+    use_backend(ref.runtime)
     model = load_model(ref.uri, expected_sha256=ref.sha256)
+    if ref.runtime == "jax":
+        import jax
+
+        # One compiled program per input shape (every call of a shard has the same one).
+        return jax.jit(lambda batch: model(batch, training=False))
+    import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def predict(batch):
         return model(batch, training=False)
 
     return predict
+
+
+def use_backend(runtime: str) -> None:
+    """Make Keras in this process run on `runtime`'s backend: chosen before Keras is first imported
+    (the worker's first model), and a process already running the other one says so."""
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = runtime
+        return
+    import keras
+
+    if keras.backend.backend() != runtime:
+        raise ModelError(
+            f"inspection.runtime {runtime}: this worker process already runs Keras on {keras.backend.backend()}; a worker runs one "
+            f"runtime: start the workers for {runtime} (a local cluster does; `dask worker` with KERAS_BACKEND={runtime})"
+        )
 
 
 def score_images(ref: ModelRef, images: np.ndarray, bit_depth: int | None = None) -> np.ndarray:

@@ -1,0 +1,94 @@
+"""The JAX runtime (inspection.runtime: jax): the same .keras file on Keras's JAX backend, in worker
+processes that never import TensorFlow; probabilities and verdicts as the TensorFlow runtime's."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from defectscan.config import load_settings
+from defectscan.db.migrate import upgrade
+from defectscan.db.schema import Inspection
+from defectscan.db.session import make_engine, session_factory
+from defectscan.errors import ModelError
+from defectscan.pipeline.cluster import connect
+from defectscan.pipeline.worker import ModelRef, probabilities, use_backend
+
+from pipeline_helpers import SMALL_FILTERS, add_model, register, save_threshold_model, square_images, write_stack
+
+pytest.importorskip("jax")
+DEFECTS = {1: (10, 10, 6), 9: (30, 40, 8)}
+
+
+def _backend_and_tensorflow():
+    import sys
+
+    import keras
+
+    return keras.backend.backend(), "tensorflow" in sys.modules
+
+
+@pytest.fixture
+def unet_file(tmp_path):
+    from defectscan.model.unet import build_model
+
+    model = build_model(filters=SMALL_FILTERS, seed=3)
+    model(np.zeros((1, 64, 64, 1), np.float32))
+    path = tmp_path / "unet.keras"
+    model.save(path)
+    return path
+
+
+def test_probabilities_on_jax_equal_tensorflows_and_the_worker_never_imports_tensorflow(unet_file):
+    from defectscan.model.export import file_sha256
+
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 64, 96, 1)).astype(np.float32)
+    ref = ModelRef(uri=str(unet_file), sha256=file_sha256(unet_file), classes=("defect",), batch_size=4)
+    on_tensorflow = probabilities(ref, x)  # this process runs Keras on TensorFlow
+    with connect(load_settings(environ={}).cluster, n_workers=1, runtime="jax") as (client, info):
+        on_jax = client.submit(probabilities, ModelRef(**{**ref.__dict__, "runtime": "jax"}), x, pure=False).result()
+        assert list(client.run(_backend_and_tensorflow).values()) == [("jax", False)]
+    assert on_jax.shape == on_tensorflow.shape == (6, 1, 64, 96)
+    assert np.abs(on_jax - on_tensorflow).max() < 1e-3
+
+
+def test_inspect_end_to_end_on_jax_gives_the_tensorflow_runtimes_verdicts_and_scores(cli, tmp_path):
+    import zarr
+
+    runs = {}
+    store = write_stack(tmp_path / "J1.zarr", square_images(12, size=64, defects=DEFECTS, seed=5))
+    model_file = save_threshold_model(tmp_path / "threshold.keras")
+    for runtime in ("tensorflow", "jax"):
+        url = f"sqlite:///{tmp_path / runtime}.sqlite"
+        engine = make_engine(url)
+        upgrade(engine)
+        factory = session_factory(engine)
+        register(factory, store)
+        add_model(factory, model_file)
+        env = {"DEFECTSCAN_INSPECTION__RUNTIME": runtime, "DEFECTSCAN_INSPECTION__BATCH_SIZE": "4",
+               "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4", "DEFECTSCAN_INSPECTION__OUTPUT_DIR": str(tmp_path / f"masks-{runtime}")}
+        result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(store), "--workers", "1", "--no-progress", env=env)
+        assert result.exit_code == 0, result.output
+        assert "12 inspected (2 failed)" in result.output
+        with factory() as session:
+            rows = session.execute(select(Inspection.image_id, Inspection.verdict, Inspection.n_defects, Inspection.mask_uri,
+                                          Inspection.mask_array).order_by(Inspection.image_id)).all()
+        engine.dispose()
+        scores = zarr.open_array(rows[0].mask_uri, path=rows[0].mask_array, mode="r")[:]
+        runs[runtime] = ([tuple(r[:3]) for r in rows], scores)
+    assert runs["jax"][0] == runs["tensorflow"][0]
+    difference = np.abs(runs["jax"][1].astype(np.int16) - runs["tensorflow"][1].astype(np.int16))
+    assert difference.max() <= 1
+
+
+def test_a_worker_on_tensorflow_refuses_a_jax_model_and_says_why():
+    import keras  # this process: Keras on TensorFlow
+
+    assert keras.backend.backend() == "tensorflow"
+    with pytest.raises(ModelError, match="inspection.runtime jax: this worker process already runs Keras on tensorflow; a worker runs one runtime"):
+        use_backend("jax")
+    use_backend("tensorflow")
+    assert os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
