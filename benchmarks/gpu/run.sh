@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cpu=0
 for arg in "$@"; do [ "$arg" = --cpu ] && cpu=1; done
-if compgen -G ".whl/*.whl" > /dev/null; then
+# The carried wheels are for the GPU machine's Python 3.12; --cpu uses this checkout's .venv instead.
+if [ "$cpu" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
