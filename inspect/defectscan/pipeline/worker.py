@@ -201,37 +201,70 @@ def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, s
 
 
 def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, model: ModelRef, rules: VerdictRules) -> ShardResult:
-    """Run the model over whole images [start, stop), write their score maps, judge the `todo` ones."""
-    timings: dict[str, float] = {}
-    began = time.perf_counter()
-    images, errors = _read_images(_open(source, "r"), shard.start, shard.stop)
-    timings["read_s"] = time.perf_counter() - began
+    """Run the model over whole images [start, stop), write their score maps, judge the `todo` ones.
 
+    Batch by batch, in three overlapping stages: a reader thread decodes the next batch and a writer
+    thread writes and judges the previous one while the model computes this one, so the stages'
+    seconds hide behind the model's. At most four batches are in memory (one read ahead, one in the
+    model, one being written, one waiting for the writer).
+    """
+    timings = {"read_s": 0.0, "predict_s": 0.0, "write_s": 0.0, "postprocess_s": 0.0}
     began = time.perf_counter()
-    scores = score_images(model, images, source.bit_depth)
-    for position in errors:
-        scores[position - shard.start] = 0
-    timings["predict_s"] = time.perf_counter() - began
+    images = _open(source, "r")
+    with _writing(output):
+        scores_out = _open(output, "r+")
+    todo = set(shard.todo)
+    results: list[ImageResult] = []
+    step = model.batch_size
+    bounds = [(start, min(start + step, shard.stop)) for start in range(shard.start, shard.stop, step)]
 
-    began = time.perf_counter()
-    try:
+    def read(bound: tuple[int, int]) -> tuple[np.ndarray, dict[int, str]]:
+        t0 = time.perf_counter()
+        block = _read_images(images, *bound)
+        timings["read_s"] += time.perf_counter() - t0
+        return block
+
+    def write_and_judge(bound: tuple[int, int], scores: np.ndarray, errors: dict[int, str]) -> None:
+        t0 = time.perf_counter()
         with _writing(output):
-            _open(output, "r+")[shard.start : shard.stop] = scores
-    except StorageError as exc:
-        return ShardResult(shard.image_set_id, [], timings, failure=str(exc))
-    timings["write_s"] = time.perf_counter() - began
+            scores_out[bound[0] : bound[1]] = scores
+        t1 = time.perf_counter()
+        timings["write_s"] += t1 - t0
+        for position in range(*bound):
+            if position not in todo:
+                continue
+            if position in errors:
+                results.append(ImageResult(position=position, verdict="error", error=errors[position]))
+            else:
+                results.append(judge(position, scores[position - bound[0]], list(model.classes), rules))
+        timings["postprocess_s"] += time.perf_counter() - t1
 
-    began = time.perf_counter()
-    results = []
-    per_image_ms = 1000.0 * (timings["read_s"] + timings["predict_s"] + timings["write_s"]) / shard.size
-    for position in shard.todo:
-        if position in errors:
-            results.append(ImageResult(position=position, verdict="error", error=errors[position]))
-            continue
-        result = judge(position, scores[position - shard.start], list(model.classes), rules)
-        result.duration_ms = per_image_ms
-        results.append(result)
-    timings["postprocess_s"] = time.perf_counter() - began
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        ahead = reader.submit(read, bounds[0])
+        written = None
+        try:
+            for i, bound in enumerate(bounds):
+                block, errors = ahead.result()
+                if i + 1 < len(bounds):
+                    ahead = reader.submit(read, bounds[i + 1])
+                t0 = time.perf_counter()
+                scores = score_images(model, block, source.bit_depth)
+                for position in errors:
+                    scores[position - bound[0]] = 0
+                timings["predict_s"] += time.perf_counter() - t0
+                if written is not None:
+                    written.result()
+                written = writer.submit(write_and_judge, bound, scores, errors)
+            written.result()
+        except StorageError as exc:
+            return ShardResult(shard.image_set_id, [], timings, failure=str(exc))
+    per_image_ms = 1000.0 * (time.perf_counter() - began) / shard.size
+    for result in results:
+        if result.verdict != "error":
+            result.duration_ms = per_image_ms
+    results.sort(key=lambda r: r.position)
     return ShardResult(shard.image_set_id, results, timings)
 
 
