@@ -121,6 +121,10 @@ def test_a_newer_decision_supersedes_and_both_are_kept(factory, lot, cli, migrat
     listed = cli("--database-url", migrated_url, "review", "list", "--lot", "R1", "--format", "json")
     rows = json.loads(listed.output)
     assert [(r["decision"], r["reviewer"], r["current"]) for r in rows] == [("false-call", "ben", True), ("confirmed", "anna", False)]
+    window = ("review", "list", "--since", "2026-03-01", "--until", "2026-03-01", "--format", "json")  # the lot's capture day
+    assert json.loads(cli("--database-url", migrated_url, *window).output) == rows
+    later = cli("--database-url", migrated_url, "review", "list", "--since", "2026-03-02", "--format", "json")
+    assert later.exit_code == 0 and "no decisions match" in later.output
     with factory() as session:  # the model's results are untouched
         assert session.scalar(select(func.count()).select_from(Defect)) == sum(len(v) for v in defects.values())
         assert session.scalar(select(Inspection.verdict).where(Inspection.image_id == ids[3])) == "fail"

@@ -99,13 +99,16 @@ def queue_command(app: AppContext, lot: str, model_ref: str | None, sample_passe
 @review.command("list")
 @click.option("--lot", help="Only this lot.")
 @click.option("--line", help="Only this production line.")
+@click.option("--product", help="Only this product.")
+@click.option("--since", metavar="WHEN", help="Images captured at or after WHEN (ISO 8601).")
+@click.option("--until", metavar="WHEN", help="Images captured before WHEN; a bare date includes that whole day.")
 @click.option("--by", "reviewer", metavar="NAME", help="Only this reviewer's decisions.")
 @click.option("--kind", type=click.Choice(["defect", "image"]), help="Only decisions on defects, or on images.")
 @limit_options()
 @output_options
 @pass_app
-def list_command(app: AppContext, lot: str | None, line: str | None, reviewer: str | None, kind: str | None, limit: int, offset: int,
-                 fmt: str) -> None:
+def list_command(app: AppContext, lot: str | None, line: str | None, product: str | None, since: str | None, until: str | None,
+                 reviewer: str | None, kind: str | None, limit: int, offset: int, fmt: str) -> None:
     """List QA's decisions, newest first, superseded ones too (`current` says which stands).
 
     \b
@@ -113,11 +116,13 @@ def list_command(app: AppContext, lot: str | None, line: str | None, reviewer: s
         defectscan review list --lot L042
         defectscan review list --by anna --kind image --format csv
     """
-    from defectscan.db.queries import Filters
+    from defectscan.db.queries import Filters, parse_when
     from defectscan.db.reviews import REVIEW_LIST_COLUMNS, list_reviews
 
+    filters = Filters(lot=lot, line=line, product=product, since=parse_when(since, "--since") if since else None,
+                      until=parse_when(until, "--until", end_of_day=True) if until else None)
     with app.session() as session:
-        page = list_reviews(session, Filters(lot=lot, line=line), reviewer=reviewer, kind=kind, limit=limit, offset=offset)
+        page = list_reviews(session, filters, reviewer=reviewer, kind=kind, limit=limit, offset=offset)
     more = f"more rows follow: add --offset {page.offset + limit}" if page.more else None
     print_rows(page.rows, REVIEW_LIST_COLUMNS, fmt, empty="no decisions match", more_hint=more)
 
