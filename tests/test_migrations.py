@@ -119,25 +119,36 @@ def test_0003_admits_abandoned_runs_and_its_downgrade_keeps_them_as_interrupted(
         connection.execute(insert, {"status": "lost"})
 
 
+def _results(connection, images: list[tuple]) -> None:
+    """One model, one image set (lot L1) and its images' inspections: (id, capture time, verdict, defects); a failed image
+    gets one defect (ids follow the image's)."""
+    connection.execute(text(
+        "INSERT INTO models (id, name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at) "
+        "VALUES (1, 'm', '1', '/m.keras', 'ab', 'x', '{}', '[\"defect\"]', 0.5, 'staging', '2026-01-01 00:00:00+00:00')"))
+    connection.execute(text(
+        "INSERT INTO image_sets (id, uri, array_path, kind, lot, shape, dtype, chunks, n_images, checksum, registered_at) "
+        f"VALUES (1, '/s.zarr', 'images', 'stack', 'L1', '[{len(images)}, 8, 8]', 'uint8', '[1, 8, 8]', {len(images)}, 'c', "
+        "'2026-01-01 00:00:00+00:00')"))
+    for image_id, when, verdict, n_defects in images:
+        connection.execute(text("INSERT INTO images (id, image_set_id, position, key, height, width, acquired_at) "
+                                "VALUES (:id, 1, :position, :key, 8, 8, :when)"), {"id": image_id, "position": image_id - 1, "key": f"k{image_id}", "when": when})
+        connection.execute(text(
+            "INSERT INTO inspections (id, image_id, model_id, verdict, n_defects, defect_pixels, max_score, inspected_at) "
+            "VALUES (:id, :id, 1, :verdict, :n, :pixels, 0.9, '2026-01-05 11:00:00+00:00')"),
+            {"id": image_id, "verdict": verdict, "n": n_defects, "pixels": 4 * n_defects})
+        if n_defects:
+            connection.execute(text(
+                "INSERT INTO defects (id, inspection_id, class_index, class_name, bbox_y0, bbox_x0, bbox_y1, bbox_x1, area, centroid_y, "
+                "centroid_x, orientation, eccentricity, mean_score, max_score, rle) VALUES (:id, :id, 0, 'defect', 0, 0, 2, 2, 4, 0.5, 0.5, "
+                "0, 0, 0.8, 0.9, '0 4')"), {"id": image_id})
+
+
 def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downgrade_drops_only_them(engine):
     from alembic import command
 
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "0003")
-        connection.execute(text(
-            "INSERT INTO models (id, name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at) "
-            "VALUES (1, 'm', '1', '/m.keras', 'ab', 'x', '{}', '[\"defect\"]', 0.5, 'staging', '2026-01-01 00:00:00+00:00')"))
-        connection.execute(text(
-            "INSERT INTO image_sets (id, uri, array_path, kind, lot, shape, dtype, chunks, n_images, checksum, registered_at) "
-            "VALUES (1, '/s.zarr', 'images', 'stack', 'L1', '[1, 8, 8]', 'uint8', '[1, 8, 8]', 1, 'c', '2026-01-01 00:00:00+00:00')"))
-        connection.execute(text("INSERT INTO images (id, image_set_id, position, key, height, width) VALUES (1, 1, 0, 'k', 8, 8)"))
-        connection.execute(text(
-            "INSERT INTO inspections (id, image_id, model_id, verdict, n_defects, defect_pixels, max_score, inspected_at) "
-            "VALUES (1, 1, 1, 'fail', 1, 4, 0.9, '2026-01-01 00:00:00+00:00')"))
-        connection.execute(text(
-            "INSERT INTO defects (id, inspection_id, class_index, class_name, bbox_y0, bbox_x0, bbox_y1, bbox_x1, area, centroid_y, "
-            "centroid_x, orientation, eccentricity, mean_score, max_score, rle) VALUES (1, 1, 0, 'defect', 0, 0, 2, 2, 4, 0.5, 0.5, 0, 0, "
-            "0.8, 0.9, '0 4')"))
+        _results(connection, [(1, None, "fail", 1)])
     upgrade(engine)
     with engine.connect() as connection:  # a version registered before gets its stage as the first history row
         assert connection.execute(text("SELECT model_id, from_stage, to_stage FROM model_stage_changes")).all() == [(1, None, "staging")]
@@ -161,21 +172,7 @@ def test_0005_counts_the_decisions_already_recorded_and_its_downgrade_keeps_them
 
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "0004")
-        connection.execute(text(
-            "INSERT INTO models (id, name, version, uri, sha256, architecture, input_spec, classes, threshold, stage, registered_at) "
-            "VALUES (1, 'm', '1', '/m.keras', 'ab', 'x', '{}', '[\"defect\"]', 0.5, 'staging', '2026-01-01 00:00:00+00:00')"))
-        connection.execute(text(
-            "INSERT INTO image_sets (id, uri, array_path, kind, lot, shape, dtype, chunks, n_images, checksum, registered_at) "
-            "VALUES (1, '/s.zarr', 'images', 'stack', 'L1', '[2, 8, 8]', 'uint8', '[1, 8, 8]', 2, 'c', '2026-01-01 00:00:00+00:00')"))
-        connection.execute(text("INSERT INTO images (id, image_set_id, position, key, height, width, acquired_at) VALUES "
-                                "(1, 1, 0, 'a', 8, 8, '2026-01-05 10:00:00+00:00'), (2, 1, 1, 'b', 8, 8, '2026-01-05 10:01:00+00:00')"))
-        connection.execute(text(
-            "INSERT INTO inspections (id, image_id, model_id, verdict, n_defects, defect_pixels, max_score, inspected_at) "
-            "VALUES (1, 1, 1, 'fail', 1, 4, 0.9, '2026-01-05 11:00:00+00:00'), (2, 2, 1, 'pass', 0, 0, 0.1, '2026-01-05 11:00:00+00:00')"))
-        connection.execute(text(
-            "INSERT INTO defects (id, inspection_id, class_index, class_name, bbox_y0, bbox_x0, bbox_y1, bbox_x1, area, centroid_y, "
-            "centroid_x, orientation, eccentricity, mean_score, max_score, rle) VALUES (1, 1, 0, 'defect', 0, 0, 2, 2, 4, 0.5, 0.5, 0, 0, "
-            "0.8, 0.9, '0 4')"))
+        _results(connection, [(1, "2026-01-05 10:00:00+00:00", "fail", 1), (2, "2026-01-05 10:01:00+00:00", "pass", 0)])
         connection.execute(text("INSERT INTO defect_reviews (defect_id, image_id, decision, reviewer, reviewed_at) "
                                 "VALUES (1, 1, 'false-call', 'anna', '2026-01-06 00:00:00+00:00')"))
         connection.execute(text("INSERT INTO image_reviews (image_id, inspection_id, decision, reviewer, reviewed_at) "

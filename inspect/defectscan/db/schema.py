@@ -27,7 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
 # Stable constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -383,7 +383,20 @@ def capture_day(acquired_at: dt.datetime | None) -> dt.date:
     return acquired_at.astimezone(dt.timezone.utc).date() if acquired_at is not None else NO_DAY
 
 
-class InspectionDaily(Base):
+class _PerDay:
+    """The key of a per-day rollup: image set, model version, UTC capture day."""
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple:
+        return (Index(None, "day"),)
+
+    image_set_id: Mapped[int] = mapped_column(ForeignKey("image_sets.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    # UTC date of images.acquired_at, NO_DAY when it is NULL (capture_day).
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+
+
+class InspectionDaily(_PerDay, Base):
     """Inspection counts per image set, model and UTC capture day, kept by the pipeline as it records.
 
     The lots listing sums these few rows instead of joining every inspection to its image (the
@@ -392,12 +405,7 @@ class InspectionDaily(Base):
     """
 
     __tablename__ = "inspection_daily"
-    __table_args__ = (Index(None, "day"),)
 
-    image_set_id: Mapped[int] = mapped_column(ForeignKey("image_sets.id", ondelete="CASCADE"), primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
-    # UTC date of images.acquired_at, NO_DAY when it is NULL.
-    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
     images: Mapped[int] = mapped_column(Integer)
     failed: Mapped[int] = mapped_column(Integer)
     errors: Mapped[int] = mapped_column(Integer)
@@ -407,7 +415,7 @@ class InspectionDaily(Base):
     last_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
-class ReviewDaily(Base):
+class ReviewDaily(_PerDay, Base):
     """QA's figures per image set, model and UTC capture day (db/reviews.py), kept as decisions are recorded.
 
     The lots listing sums these rows for whole days instead of deciding every reviewed image of its
@@ -417,12 +425,7 @@ class ReviewDaily(Base):
     """
 
     __tablename__ = "review_daily"
-    __table_args__ = (Index(None, "day"),)
 
-    image_set_id: Mapped[int] = mapped_column(ForeignKey("image_sets.id", ondelete="CASCADE"), primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
-    # UTC date of images.acquired_at, NO_DAY when it is NULL (as inspection_daily).
-    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
     failed_reviewed: Mapped[int] = mapped_column(Integer)
     false_calls: Mapped[int] = mapped_column(Integer)
     passed_reviewed: Mapped[int] = mapped_column(Integer)
