@@ -222,8 +222,7 @@ def worst_images(session: Session, filters: Filters, n: int) -> list[dict[str, A
         filters,
         defects=False,
     ).limit(n)
-    drawable = drawable_inspections(session, list(session.scalars(query)))
-    return [drawable[i] for i in drawable]
+    return list(drawable_inspections(session, list(session.scalars(query))).values())
 
 
 def drawable_inspections(session: Session, inspection_ids: list[int]) -> dict[int, dict[str, Any]]:

@@ -187,6 +187,12 @@ def _decisions(
     return sorted(decided.values(), key=lambda d: d.inspection_id), defects
 
 
+def _in_scope(session: Session, query: Select, filters: Filters) -> Select:
+    """A query from inspections, joined to images and image sets and filtered."""
+    return apply_filters(session, query.join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id),
+                         filters, defects=False)
+
+
 # What QA's figures can be grouped by: an image set's lot or line.
 GROUPS = {"lot": ImageSet.lot, "line": ImageSet.line}
 
@@ -200,8 +206,7 @@ def review_figures(
     every decision of its lots into Python (benchmarks/bench_queries.py).
     """
     def scoped(query: Select) -> Select:
-        query = apply_filters(session, query.join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id),
-                              filters, defects=False)
+        query = _in_scope(session, query, filters)
         return query if lots is None else query.where(_lot_condition(lots))
 
     group = GROUPS[by].label("group")
@@ -252,10 +257,6 @@ CLASS_COLUMNS = ("class", "model", "defects_reviewed", "defects_confirmed", "fal
 def class_figures(session: Session, filters: Filters = Filters()) -> list[dict]:
     """QA's figures per defect class and model version: the model's defects QA decided (confirmed, false calls)
     and the defects QA drew on images the model passed (escapes, by the class QA gave them)."""
-    def scoped(query: Select) -> Select:
-        return apply_filters(session, query.join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id),
-                             filters, defects=False)
-
     rows: dict[tuple, dict] = {}
 
     def row(cls: str | None, model_id: int) -> dict:
@@ -263,14 +264,14 @@ def class_figures(session: Session, filters: Filters = Filters()) -> list[dict]:
 
     defects = latest_defect_reviews().subquery()
     confirmed = func.sum(case((defects.c.decision == "confirmed", 1), else_=0))
-    decided = scoped(select(Defect.class_name, Inspection.model_id, func.count(), confirmed).select_from(Inspection)
-                     .join(Defect, Defect.inspection_id == Inspection.id)).join(defects, defects.c.defect_id == Defect.id)
+    decided = _in_scope(session, select(Defect.class_name, Inspection.model_id, func.count(), confirmed).select_from(Inspection)
+                        .join(Defect, Defect.inspection_id == Inspection.id), filters).join(defects, defects.c.defect_id == Defect.id)
     for cls, model_id, n, n_confirmed in session.execute(decided.group_by(Defect.class_name, Inspection.model_id)):
         r = row(cls, model_id)
         r["defects_reviewed"] += int(n)
         r["defects_confirmed"] += int(n_confirmed)
     images = latest_image_reviews().subquery()
-    missed = scoped(select(images.c.class_name, Inspection.model_id, func.count()).select_from(Inspection)).join(
+    missed = _in_scope(session, select(images.c.class_name, Inspection.model_id, func.count()).select_from(Inspection), filters).join(
         images, images.c.image_id == Image.id).where(Inspection.verdict == "pass", images.c.decision == "fail")
     for cls, model_id, n in session.execute(missed.group_by(images.c.class_name, Inspection.model_id)):
         row(cls, model_id)["escapes"] += int(n)

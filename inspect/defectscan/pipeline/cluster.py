@@ -156,10 +156,14 @@ def _start_local_cluster(settings: ClusterSettings, n_workers: int | None, runti
         memory_limit=settings.memory_limit,
         dashboard_address=":0",
         env=_worker_env(threads, runtime),
-        # The workers' own housekeeping lines stay out of the user's terminal (see defectscan.logs).
-        silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR,
+        silence_logs=_worker_log_level(),
         **protocol,
     )
+
+
+def _worker_log_level() -> int:
+    """The workers' own housekeeping lines stay out of the user's terminal (see defectscan.logs), unless under DEBUG."""
+    return logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
 
 
 def _worker_env(threads: int, runtime: str = "tensorflow") -> dict[str, str]:
@@ -190,7 +194,7 @@ def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int |
     if LocalCUDACluster is not None:
         return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), n_workers=len(devices), threads_per_worker=settings.threads_per_worker,
                                 memory_limit=settings.memory_limit, resources={"GPU": 1}, dashboard_address=":0",
-                                silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR, **protocol)
+                                silence_logs=_worker_log_level(), **protocol)
     from distributed import Nanny, Scheduler, SpecCluster
 
     security_options = {"security": protocol["security"]} if protocol else {}
@@ -199,11 +203,11 @@ def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int |
         f"gpu{device}": {"cls": Nanny, "options": {
             "nthreads": settings.threads_per_worker, "memory_limit": settings.memory_limit, "resources": {"GPU": 1},
             "env": {**_worker_env(threads, runtime), "CUDA_VISIBLE_DEVICES": device}, "protocol": protocol.get("protocol", "tcp"),
-            "silence_logs": logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR, **security_options,
+            "silence_logs": _worker_log_level(), **security_options,
         }}
         for device in devices
     }
-    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=_worker_log_level())
 
 
 @contextmanager
