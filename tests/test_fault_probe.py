@@ -107,17 +107,23 @@ def _verdicts(factory) -> dict[str, int]:
         return dict(session.execute(select(Inspection.verdict, func.count()).group_by(Inspection.verdict)).all())
 
 
+def _die_if_executing(dask_worker) -> bool:
+    if dask_worker.state.executing_count:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return False
+
+
 def test_a_worker_lost_past_the_retry_budget_leaves_its_images_pending_and_a_rerun_completes(probe_cluster, database_url, tmp_path, model_file, undisturbed):
     killed = []
 
     def kill_a_busy_worker(done, total):
         if killed or done == 0:
             return
-        busy = [worker for worker, keys in probe_cluster.processing().items() if keys]
-        if busy:
-            pid = probe_cluster.run(os.getpid, workers=[busy[0]])[busy[0]]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(busy[0])
+        # The worker checks and dies in one step on its own event loop, so the task it is executing
+        # cannot be reported finished in between (a kill chosen from the scheduler's view could land
+        # after the worker had finished everything, and nothing was lost).
+        answers = probe_cluster.run(_die_if_executing, on_error="return")
+        killed.extend(worker for worker, answer in answers.items() if answer is not False)
 
     with plant(database_url, tmp_path, model_file) as line:
         summary = line.run(probe_cluster, on_progress=kill_a_busy_worker)
