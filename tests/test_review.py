@@ -342,3 +342,37 @@ def test_the_lots_listing_reads_a_rollup_that_stays_equal_to_a_recount(factory, 
     assert _rollup_rows(factory) == _recounted(factory)
     listed, live = _listed_figures(factory, Filters())
     assert listed["R1"] == live["R1"] and (listed["R1"]["failed_reviewed"], listed["R1"]["defects_reviewed"]) == (1, 0)
+
+
+def test_a_decision_committed_while_another_version_records_results_is_counted_in_the_rollup(factory, lot, cluster, tmp_path, database_url):
+    """The pipeline's recording waits for an open decision's recount (PostgreSQL: the image set's lock), then sees
+    the decision and recounts with its own new results, so review_daily stays equal to a recount."""
+    import threading
+    import time
+
+    from defectscan.db.reviews import lock_for_recount, refresh_review_daily_of_sets
+    from defectscan.db.schema import ImageSet
+
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time: the two transactions cannot overlap")
+    ids, defects = lot
+    other = add_model(factory, save_threshold_model(tmp_path / "other.keras"), name="other")
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "12"}).inspection
+    with factory() as deciding:
+        [image_set] = deciding.scalars(select(ImageSet)).all()
+        lock_for_recount(deciding, [image_set.id])
+        inspection = deciding.scalar(select(Inspection.id).where(Inspection.image_id == ids[3]))
+        deciding.add(ImageReview(image_id=ids[3], inspection_id=inspection, decision="pass", reviewer="anna"))
+        deciding.flush()
+        refresh_review_daily_of_sets(deciding, [image_set.id])
+        outcome = []
+        recording = threading.Thread(target=lambda: outcome.append(inspect_image_sets(factory, cluster, other, [image_set], settings, max_in_flight=1)))
+        recording.start()
+        time.sleep(3)
+        assert recording.is_alive(), "the recording did not wait for the open decision's recount"
+        deciding.commit()
+    recording.join(timeout=120)
+    assert outcome and outcome[0].status == "succeeded"
+    rows = _rollup_rows(factory)
+    assert rows == _recounted(factory) != []
+

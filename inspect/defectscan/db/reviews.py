@@ -386,14 +386,18 @@ def refresh_review_daily(session: Session, image_ids: list[int]) -> None:
     refresh_review_daily_of_sets(session, sets)
 
 
+def lock_for_recount(session: Session, image_set_ids: list[int]) -> None:
+    """One recount of an image set at a time: the later one then reads what the earlier committed. NO KEY
+    UPDATE leaves the pipeline's inserts (which only key-share the image set) alone. SQLite: a writing
+    transaction already holds the database's one write lock. Taking it again in one transaction is a no-op."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(ImageSet.id).where(ImageSet.id.in_(sorted(set(image_set_ids)))).order_by(ImageSet.id).with_for_update(key_share=True))
+
+
 def refresh_review_daily_of_sets(session: Session, image_set_ids: list[int]) -> None:
     if not image_set_ids:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        # One recount of an image set at a time: the later one then reads what the earlier committed. NO KEY UPDATE
-        # leaves the pipeline's inserts (which only key-share the image set) alone. SQLite: this transaction already
-        # holds the database's one write lock.
-        session.execute(select(ImageSet.id).where(ImageSet.id.in_(image_set_ids)).order_by(ImageSet.id).with_for_update(key_share=True))
+    lock_for_recount(session, image_set_ids)
     keys = {
         inspection_id: (image_set_id, model_id, capture_day(acquired_at))
         for inspection_id, model_id, image_set_id, acquired_at in session.execute(

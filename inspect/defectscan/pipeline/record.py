@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, InternalError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from defectscan.db.reviews import refresh_review_daily
+from defectscan.db.reviews import lock_for_recount, refresh_review_daily_of_sets
 from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, Inspection, InspectionDaily, JobRun, capture_day, utcnow
 from defectscan.db.session import database_error, is_read_only_error
 from defectscan.errors import DatabaseError, first_line
@@ -189,7 +189,7 @@ def record_results(
     for row in rows:
         daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
     daily.write(session, image_set_id, model_id)
-    _refresh_reviewed(session, [image_id for image_id, _ in todo])
+    _refresh_reviewed(session, image_set_id, [image_id for image_id, _ in todo])
     pending = [result for _, result in todo]
     counts.inspected = sum(1 for r in pending if r.verdict != "error")
     counts.errors = sum(1 for r in pending if r.verdict == "error")
@@ -208,12 +208,15 @@ def record_results(
     return counts
 
 
-def _refresh_reviewed(session: Session, image_ids: list[int]) -> None:
-    """QA's figures of images QA already decided change with a new inspection (another model version, a redo): recount them."""
+def _refresh_reviewed(session: Session, image_set_id: int, image_ids: list[int]) -> None:
+    """QA's figures of images QA already decided change with a new inspection (another model version, a redo): recount them.
+    The lock comes before the look for decisions: a decision committed meanwhile is then seen here, or its
+    own recount (which takes the same lock) waits for these inspections and counts them."""
+    lock_for_recount(session, [image_set_id])
     reviewed = session.scalar(select(ImageReview.id).where(ImageReview.image_id.in_(image_ids)).limit(1)) or session.scalar(
         select(DefectReview.id).where(DefectReview.image_id.in_(image_ids)).limit(1))
     if reviewed is not None:
-        refresh_review_daily(session, image_ids)
+        refresh_review_daily_of_sets(session, [image_set_id])
 
 
 def _delete_for_redo(session: Session, ours, redo: str, acquired: dict[int, dt.datetime | None], daily: _Daily) -> None:
