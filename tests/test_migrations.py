@@ -167,7 +167,7 @@ def test_0004_adds_the_review_tables_to_a_database_holding_results_and_its_downg
     upgrade(engine)
 
 
-def test_0005_counts_the_decisions_already_recorded_and_its_downgrade_keeps_them(engine):
+def test_the_upgrade_to_head_counts_the_decisions_recorded_before_0005_and_its_downgrade_keeps_them(engine):
     from alembic import command
 
     with engine.begin() as connection:
@@ -177,7 +177,9 @@ def test_0005_counts_the_decisions_already_recorded_and_its_downgrade_keeps_them
                                 "VALUES (1, 1, 'false-call', 'anna', '2026-01-06 00:00:00+00:00')"))
         connection.execute(text("INSERT INTO image_reviews (image_id, inspection_id, decision, reviewer, reviewed_at) "
                                 "VALUES (2, 2, 'fail', 'ben', '2026-01-06 00:00:00+00:00')"))
-    upgrade(engine)
+        command.upgrade(alembic_config(connection), "0005")  # alembic alone: the table, empty
+        assert connection.execute(text("SELECT count(*) FROM review_daily")).scalar() == 0
+    upgrade(engine)  # at this code's head, it counts them
     with engine.connect() as connection:
         rows = connection.execute(text(
             "SELECT image_set_id, model_id, day, failed_reviewed, false_calls, passed_reviewed, escapes, defects_reviewed, "

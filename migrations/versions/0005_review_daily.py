@@ -8,8 +8,10 @@ The lots listing's QA figures (false-call and escape rates) decided every review
 listed lots on each call: at QA decisions on 10 % of a million images, a second per page. Like
 `inspection_daily` for the inspection counts, `review_daily` holds them per image set, model and
 UTC capture day, recounted for an image set whenever a decision on it is recorded or one of its
-reviewed images is inspected again (db/reviews.py). The upgrade counts the decisions already
-recorded; the downgrade drops the table only (the decisions stay in their tables).
+reviewed images is inspected again (db/reviews.py). The decisions already recorded are counted
+by `defectscan db upgrade` once the schema is at this code's head (db/migrate.py), not here: the
+count uses the application's decision rules and models, which describe the head schema, not this
+revision's. The downgrade drops the table only (the decisions stay in their tables).
 """
 
 from alembic import op
@@ -39,25 +41,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("image_set_id", "model_id", "day", name=op.f("pk_review_daily")),
     )
     op.create_index(op.f("ix_review_daily_day"), "review_daily", ["day"], unique=False)
-    _count_recorded_decisions()
-
-
-def _count_recorded_decisions() -> None:
-    # The decision rules live in one place (db/reviews.py); the recount uses them on the image sets
-    # that hold decisions, a set at a time.
-    from sqlalchemy.orm import Session
-
-    from defectscan.db.reviews import refresh_review_daily_of_sets
-
-    connection = op.get_bind()
-    reviewed = sa.text(
-        "SELECT DISTINCT i.image_set_id FROM images i WHERE i.id IN (SELECT image_id FROM image_reviews) "
-        "OR i.id IN (SELECT image_id FROM defect_reviews) ORDER BY 1"
-    )
-    session = Session(bind=connection)
-    for (image_set_id,) in connection.execute(reviewed).all():
-        refresh_review_daily_of_sets(session, [image_set_id])
-    session.flush()
 
 
 def downgrade() -> None:

@@ -70,16 +70,29 @@ def schema_state(engine: Engine) -> SchemaState:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, SchemaState]:
-    """Bring the schema up to `revision`; a database already there is left untouched."""
+    """Bring the schema up to `revision`; a database already there is left untouched (but for rollups to fill)."""
     before = schema_state(engine)
-    if revision == "head" and before.is_current:
-        return before, before
     with _connected(engine) as connection:
-        try:
-            command.upgrade(alembic_config(connection), revision)
-        except CommandError as exc:
-            raise DatabaseError(f"cannot upgrade {display_url(engine.url)} to '{revision}': {exc}") from None
+        if not (revision == "head" and before.is_current):
+            try:
+                command.upgrade(alembic_config(connection), revision)
+            except CommandError as exc:
+                raise DatabaseError(f"cannot upgrade {display_url(engine.url)} to '{revision}': {exc}") from None
+        if MigrationContext.configure(connection).get_current_heads() == (before.head,):
+            _fill_rollups(connection)
     return before, schema_state(engine)
+
+
+def _fill_rollups(connection: Connection) -> None:
+    """Rollups that a migration created empty are counted here, in the upgrade's transaction, once the schema
+    is the one this code's models describe (a migration that used them would break when they change)."""
+    from sqlalchemy.orm import Session
+
+    from defectscan.db.reviews import fill_review_daily
+
+    session = Session(bind=connection)
+    fill_review_daily(session)
+    session.flush()
 
 
 def require_current(engine: Engine) -> None:

@@ -386,6 +386,16 @@ def refresh_review_daily(session: Session, image_ids: list[int]) -> None:
     refresh_review_daily_of_sets(session, sets)
 
 
+def fill_review_daily(session: Session) -> None:
+    """Count the decisions into an empty review_daily (the upgrade through 0005 creates it empty), a set at a time."""
+    if session.scalar(select(ReviewDaily.image_set_id).limit(1)) is not None:
+        return
+    reviewed = (select(Image.image_set_id).distinct()
+                .where(Image.id.in_(select(ImageReview.image_id)) | Image.id.in_(select(DefectReview.image_id))).order_by(Image.image_set_id))
+    for image_set_id in session.scalars(reviewed).all():
+        refresh_review_daily_of_sets(session, [image_set_id])
+
+
 def lock_for_recount(session: Session, image_set_ids: list[int]) -> None:
     """One recount of an image set at a time: the later one then reads what the earlier committed. NO KEY
     UPDATE leaves the pipeline's inserts (which only key-share the image set) alone. SQLite: a writing
