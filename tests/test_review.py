@@ -376,3 +376,36 @@ def test_a_decision_committed_while_another_version_records_results_is_counted_i
     rows = _rollup_rows(factory)
     assert rows == _recounted(factory) != []
 
+
+
+def test_review_list_pages_hold_every_decision_once_in_time_order_when_clocks_disagree_with_insert_order(factory, lot):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from defectscan.db.reviews import list_reviews
+
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[1] + defects[3] + defects[5], "confirmed", by="anna")
+        review_images(session, [ids[0], ids[2], ids[4], ids[6]], "pass", by="ben")
+    # ben's clock runs ahead: his decisions, inserted later, carry times older and newer than anna's
+    base = dt.datetime(2026, 3, 2, 12, tzinfo=dt.UTC)
+    with factory.begin() as session:
+        for n, review_id in enumerate(session.scalars(select(DefectReview.id).order_by(DefectReview.id))):
+            session.execute(update(DefectReview).where(DefectReview.id == review_id).values(reviewed_at=base + dt.timedelta(minutes=10 * n)))
+        for n, review_id in enumerate(session.scalars(select(ImageReview.id).order_by(ImageReview.id))):
+            session.execute(update(ImageReview).where(ImageReview.id == review_id).values(reviewed_at=base + dt.timedelta(minutes=25 - 10 * n, seconds=1)))
+    with factory() as session:
+        whole = list_reviews(session, limit=100).rows
+        paged, offset = [], 0
+        while True:
+            page = list_reviews(session, limit=2, offset=offset)
+            paged += page.rows
+            offset += 2
+            if not page.more:
+                break
+    keys = [(row["kind"], row["id"]) for row in paged]
+    assert keys == [(row["kind"], row["id"]) for row in whole] and len(set(keys)) == len(keys) == len(whole)
+    times = [row["reviewed_at"] for row in paged]
+    assert times == sorted(times, reverse=True)

@@ -301,28 +301,25 @@ def list_reviews(
     if limit < 1 or offset < 0:
         raise DataError(f"--limit {limit} / --offset {offset}: expected a limit of at least 1 and an offset of at least 0")
     check_filters(session, filters)
-    # Each kind's newest offset + limit + 1 rows, in SQL, merged here: the page and whether there is more.
-    # Rows are recorded at their review time, so id order is time order: unfiltered, the primary key serves it
-    # newest first. Filtered, the same order by time: otherwise the database walks the primary key backwards
-    # hoping to meet 50 rows of an old lot soon (half a second at a million decisions).
+    # Each kind's newest offset + limit + 1 rows by (reviewed_at, id), in SQL (an index each), merged here in
+    # the same order: the page and whether there is more. Time and id orders differ when reviewers' clocks do.
     wanted = offset + limit + 1
     rows = []
     scope = image_scope(filters)
-    scoped = bool(scope) or reviewer is not None
     if kind in (None, "defect"):
         query = (select(DefectReview, Image.key, ImageSet.lot, Defect.class_name, _newest_defect_review())
                  .join(Image, DefectReview.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id)
                  .outerjoin(Defect, DefectReview.defect_id == Defect.id).where(*scope))
         if reviewer is not None:
             query = query.where(DefectReview.reviewer == reviewer)
-        query = query.order_by(*((DefectReview.reviewed_at.desc(),) if scoped else ()), DefectReview.id.desc()).limit(wanted)
+        query = query.order_by(DefectReview.reviewed_at.desc(), DefectReview.id.desc()).limit(wanted)
         rows += [("defect", r, key, lot, cls, is_current) for r, key, lot, cls, is_current in session.execute(query)]
     if kind in (None, "image"):
         query = (select(ImageReview, Image.key, ImageSet.lot, _newest_image_review())
                  .join(Image, ImageReview.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id).where(*scope))
         if reviewer is not None:
             query = query.where(ImageReview.reviewer == reviewer)
-        query = query.order_by(*((ImageReview.reviewed_at.desc(),) if scoped else ()), ImageReview.id.desc()).limit(wanted)
+        query = query.order_by(ImageReview.reviewed_at.desc(), ImageReview.id.desc()).limit(wanted)
         rows += [("image", r, key, lot, r.class_name, is_current) for r, key, lot, is_current in session.execute(query)]
     rows.sort(key=lambda x: (x[1].reviewed_at, x[0], x[1].id), reverse=True)
     page = [

@@ -333,6 +333,7 @@ class DefectReview(Base):
         _one_of("decision", DEFECT_DECISIONS, "decision"),
         Index(None, "defect_id", "id"),
         Index(None, "image_id"),
+        Index(None, "reviewed_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -353,6 +354,7 @@ class ImageReview(Base):
     __table_args__ = (
         _one_of("decision", IMAGE_DECISIONS, "decision"),
         Index(None, "image_id", "id"),
+        Index(None, "reviewed_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
