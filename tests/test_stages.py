@@ -136,7 +136,8 @@ def test_demo_stands_for_the_demo_models_name_and_jobs_run_its_production_versio
         assert (shipped.name, shipped.stage) == (name, "production")
         register_model(session, save_threshold_model(tmp_path / "t.keras"), name=name, version="tuned")
         assert resolve_model(session, spec).id == shipped.id  # registered, not promoted: runs nowhere
-        assert model_to_run(session, "demo").version == "tuned"  # by hand, a bare name is the latest
+        assert model_to_run(session, "demo").id == shipped.id  # by hand too: `demo` is what the demo job runs
+        assert model_to_run(session, "demo:latest").version == "tuned"
         promote(session, f"{name}:tuned", reason="fine-tuned on the plant's reviews", by="ml", without_comparison=True)
         assert resolve_model(session, spec).version == "tuned"
 

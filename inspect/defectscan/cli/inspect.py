@@ -11,7 +11,7 @@ from defectscan.cli.app import AppContext, pass_app
 
 @click.command("inspect")
 @click.option("--model", "model_reference", required=True, metavar="MODEL",
-              help="Registered model: NAME (its latest version), NAME:VERSION or NAME:STAGE; `demo` registers and uses the shipped demo model.")
+              help="Registered model: NAME (its latest version), NAME:VERSION or NAME:STAGE; `demo` registers the shipped demo model and uses its production version.")
 @click.option("--imageset", "image_set_ids", multiple=True, required=True, metavar="ID|PATH",
               help="Registered image set, by id or store path/URL; repeat for several.")
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler to use (tcp://host:8786); default: a local cluster.")

@@ -222,14 +222,16 @@ def get_model(session: Session, reference: str) -> Model:
 
 def model_to_run(session: Session, reference: str) -> Model:
     """The version a run (inspect, a job) uses. `demo` stands for the shipped demo model's name, whose
-    shipped version is registered on first use: `demo` then runs like any name (demo:production is
-    the promoted version, fine-tuned or shipped)."""
+    shipped version is registered on first use. A bare `demo` is its production version (the shipped
+    one, or a fine-tuned one once promoted), as a job runs it: a version registered from a fine-tune
+    waits for promotion like any other; `demo:latest` names the newest registered."""
     ref = model_refs.parse(reference)
     if ref.name != DEMO_ALIAS:
         return get_model(session, reference)
     shipped = register_demo(session)
     session.commit()
-    return get_model(session, str(model_refs.ModelReference(shipped.name, ref.selector)))
+    selector = ref.selector if ":" in str(reference) else "production"
+    return get_model(session, str(model_refs.ModelReference(shipped.name, selector)))
 
 
 def load_registered(session: Session, reference: str):
