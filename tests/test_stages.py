@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 
@@ -151,3 +152,37 @@ def test_a_shipped_demo_registered_in_staging_by_an_older_version_goes_to_produc
         row = model_to_run(session, "demo:production")
         assert (row.version, row.stage) == (meta.version, "production")
         assert [h["to_stage"] for h in stage_history(session, meta.name)] == ["staging", "production"]
+
+
+def test_a_demo_row_whose_checksum_differs_is_refused_before_any_promotion(factory, tmp_path):
+    from defectscan.model.registry import DEMO_METADATA, model_to_run, read_metadata
+
+    meta = read_metadata(DEMO_METADATA)
+    with factory() as session:
+        register_model(session, save_threshold_model(tmp_path / "t.keras"), name=meta.name, version=meta.version)
+        with pytest.raises(ModelError, match=f"the registered demo model {meta.name}:{meta.version} has sha256"):
+            model_to_run(session, "demo")
+        session.rollback()
+    assert _stages(factory) == {meta.version: "staging"}  # not promoted on the way to the refusal
+    with factory() as session:
+        assert [h["to_stage"] for h in stage_history(session, meta.name)] == ["staging"]
+
+
+def test_the_shipped_demo_installed_at_another_path_is_still_the_shipped_one(factory):
+    """A new virtual env or image moves the package: the row follows the file (same checksum), and an older
+    shipped version in production, registered from the old install path, is still replaced by the new one."""
+    from sqlalchemy import update
+
+    from defectscan.model.registry import DEMO_METADATA, DEMO_MODEL, model_to_run, read_metadata
+
+    meta = read_metadata(DEMO_METADATA)
+    old_install = "/opt/old-venv/lib/python3.11/site-packages/defectscan/model/demo"
+    with factory() as session:
+        register_model(session, DEMO_MODEL, metadata=dataclasses.replace(meta, version="0"), stage="production")
+        session.execute(update(Model).where(Model.version == "0").values(uri=f"{old_install}/{DEMO_MODEL.name}"))
+        session.commit()
+        row = model_to_run(session, "demo")
+        assert (row.version, row.stage, row.uri) == (meta.version, "production", str(DEMO_MODEL))
+        session.execute(update(Model).where(Model.version == meta.version).values(uri=f"{old_install}/{DEMO_MODEL.name}"))
+        session.commit()
+        assert model_to_run(session, "demo").uri == str(DEMO_MODEL)

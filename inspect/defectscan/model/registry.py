@@ -274,23 +274,30 @@ def register_demo(session: Session) -> Model:
     # `model: demo` jobs run the production version of its name: the shipped one, unless the plant promoted its own
     # (a fine-tuned version); a newly shipped version replaces an older shipped one, whose file the upgrade replaced.
     current = session.scalar(select(Model).where(Model.name == meta.name, Model.stage == "production"))
-    shipped_in_production = current is not None and Path(current.uri).parent == DEMO_DIR
     if existing is None:
         try:
             existing = register_model(session, DEMO_MODEL, metadata=meta, stage="staging" if current else "production")
         except AlreadyRegistered:
             # Two first runs at once (two cron jobs on a new database): the loser uses the winner's row.
             existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
-    if existing.stage == "staging" and (current is None or shipped_in_production):
-        replaced = f": replaces the shipped {current.version}" if current is not None else ""
-        existing, _ = promote(session, f"{meta.name}:{meta.version}", reason=f"the shipped demo model{replaced}", without_comparison=True)
     shipped = file_sha256(DEMO_MODEL)
     if existing.sha256 != shipped:
         raise ModelError(
             f"{DEMO_MODEL}: the registered demo model {meta.name}:{meta.version} has sha256 {existing.sha256} "
             f"but the shipped file has {shipped}; register this file under another version"
         )
+    if existing.uri != str(DEMO_MODEL):
+        # The same file (same checksum) installed elsewhere: a new virtual env, a rebuilt image.
+        existing.uri = str(DEMO_MODEL)
+    if existing.stage == "staging" and (current is None or _is_shipped(current)):
+        replaced = f": replaces the shipped {current.version}" if current is not None else ""
+        existing, _ = promote(session, f"{meta.name}:{meta.version}", reason=f"the shipped demo model{replaced}", without_comparison=True)
     return existing
+
+
+def _is_shipped(row: Model) -> bool:
+    """A version whose file is the package's demo model, wherever the package was installed then."""
+    return Path(row.uri).parent.parts[-3:] == DEMO_DIR.parts[-3:]
 
 
 def to_json(data: Any) -> str:
