@@ -154,6 +154,8 @@ def test_model_forms():
     assert JobSpec.model_validate({**base, "model": "tinyunet:7"}).model.reference == "tinyunet:7"
     assert JobSpec.model_validate({**base, "model": "tinyunet:latest"}).model.reference == "tinyunet"
     assert JobSpec.model_validate({**base, "model": {"name": "tinyunet", "stage": "staging"}}).model.reference == "tinyunet:staging"
+    old_form = {"name": "tinyunet", "version": "latest", "stage": "production"}  # documented before production became the default
+    assert JobSpec.model_validate({**base, "model": old_form}).model.reference == "tinyunet:production"
     short = JobSpec.model_validate({**base, "model": "tinyunet:production"}).model
     assert (short.name, short.version, short.reference) == ("tinyunet", "production", "tinyunet:production")
     with pytest.raises(ValueError, match="give a version or a stage, not both"):

@@ -105,7 +105,8 @@ class ModelSpec(_Part):
     @classmethod
     def _version_or_stage(cls, value: Any) -> Any:
         if isinstance(value, dict) and value.get("stage") is not None:
-            if "version" in value and str(value["version"]) != value["stage"]:
+            # `version: latest` with a stage was the documented form before jobs defaulted to a stage.
+            if "version" in value and str(value["version"]) not in ("latest", value["stage"]):
                 raise ValueError("give a version or a stage, not both")
             value = {**value, "version": value["stage"]}
         return value
