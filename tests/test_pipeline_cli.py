@@ -168,6 +168,10 @@ def test_each_gpu_worker_sees_only_its_own_device_and_the_worker_count_is_honour
         assert sorted(device for device, _ in seen.values()) == ["3", "5"]
         assert len({pid for _, pid in seen.values()} | {os.getpid()}) == 3  # separate worker processes
         assert [w["resources"] for w in client.scheduler_info()["workers"].values()] == [{"GPU": 1}, {"GPU": 1}]
+        # memory_limit "auto": the machine's memory shared by the two, as a CPU LocalCluster shares it
+        from distributed.system import MEMORY_LIMIT
+
+        assert [w["memory_limit"] for w in client.scheduler_info()["workers"].values()] == [MEMORY_LIMIT // 2] * 2
     with connect(settings, n_workers=1) as (client, info):
         assert list(client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values()) == ["3"]
     with pytest.raises(DefectscanError, match=r"--workers\) 3: a local cluster runs one worker per GPU and this machine shows 2 \(3, 5\)"):

@@ -161,6 +161,16 @@ def _start_local_cluster(settings: ClusterSettings, n_workers: int | None, runti
     )
 
 
+def _per_worker_memory(memory_limit: str | int, n_workers: int) -> str | int:
+    """"auto" as LocalCluster means it, the machine's memory shared between the workers: a Nanny on its own
+    would take memory x threads / cores, a sixteenth of the machine for a one-thread worker on 16 cores."""
+    if memory_limit != "auto":
+        return memory_limit
+    from distributed.system import MEMORY_LIMIT
+
+    return MEMORY_LIMIT // n_workers
+
+
 def _worker_log_level() -> int:
     """The workers' own housekeeping lines stay out of the user's terminal (see defectscan.logs), unless under DEBUG."""
     return logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
@@ -187,21 +197,22 @@ def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int |
         )
     devices = devices[: n_workers or len(devices)]
     threads = max(1, (os.cpu_count() or 1) // len(devices))
+    memory_limit = _per_worker_memory(settings.memory_limit, len(devices))
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
         LocalCUDACluster = None
     if LocalCUDACluster is not None:
         return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), n_workers=len(devices), threads_per_worker=settings.threads_per_worker,
-                                memory_limit=settings.memory_limit, resources={"GPU": 1}, dashboard_address=":0",
-                                silence_logs=_worker_log_level(), **protocol)
+                                memory_limit=memory_limit, resources={"GPU": 1}, dashboard_address=":0",
+                                env=_worker_env(threads, runtime), silence_logs=_worker_log_level(), **protocol)
     from distributed import Nanny, Scheduler, SpecCluster
 
     security_options = {"security": protocol["security"]} if protocol else {}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "protocol": protocol.get("protocol", "tcp"), **security_options}}
     workers = {
         f"gpu{device}": {"cls": Nanny, "options": {
-            "nthreads": settings.threads_per_worker, "memory_limit": settings.memory_limit, "resources": {"GPU": 1},
+            "nthreads": settings.threads_per_worker, "memory_limit": memory_limit, "resources": {"GPU": 1},
             "env": {**_worker_env(threads, runtime), "CUDA_VISIBLE_DEVICES": device}, "protocol": protocol.get("protocol", "tcp"),
             "silence_logs": _worker_log_level(), **security_options,
         }}
