@@ -122,7 +122,31 @@ def test_the_production_timeline_of_promotions_and_archives(versions):
         promote(session, "line3:2", reason="second", by="ml", without_comparison=True)
         archive(session, "line3:2", reason="lamp changed", by="qa")
         archive(session, "line3:3", reason="never used", by="qa")  # never in production: no change
-        assert [v for _, v in production_timeline(session, "line3")] == ["1", None, "2", None]
+        timeline = production_timeline(session, "line3")
+        assert [v for _, v in timeline] == ["1", "2", None]  # no moment without a version at the promotion
+        history = stage_history(session, "line3")
+        assert history[-4]["changed_at"] == history[-3]["changed_at"]  # the archive and the promotion: one moment
+
+
+def test_a_history_that_starts_at_the_migration_says_unknown_before_it_not_none(versions):
+    """Versions registered before 0004 have one row each, their stage then: the one in production counts from its
+    registration, before which (and for the archived ones) nothing is known; the report says so instead of 'none'."""
+    from defectscan.model.stages import BEFORE_HISTORY, UNKNOWN, in_production_between, production_timeline
+
+    with versions() as session:
+        registered = {m.version: m for m in session.scalars(select(Model).where(Model.name == "line3"))}
+        session.query(ModelStageChange).delete()
+        for version, stage in (("1", "archived"), ("2", "production"), ("3", "staging")):
+            session.add(ModelStageChange(model_id=registered[version].id, to_stage=stage, reason=BEFORE_HISTORY, changed_by="defectscan",
+                                         changed_at=registered[version].registered_at))
+            registered[version].stage = stage
+        session.commit()
+        promote(session, "line3:3", reason="fine-tuned", by="ml", without_comparison=True)
+        timeline = production_timeline(session, "line3")
+    assert [v for _, v in timeline] == [UNKNOWN, "2", "3"]
+    early = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    assert in_production_between(timeline, early, early) == [UNKNOWN]
+    assert in_production_between(timeline, early, timeline[-1][0]) == [UNKNOWN, "2", "3"]
 
 
 def test_demo_stands_for_the_demo_models_name_and_jobs_run_its_production_version(factory, tmp_path):

@@ -16,10 +16,17 @@ from sqlalchemy.orm import Session
 
 from defectscan.db import model_refs
 from defectscan.db.comparisons import last_comparison
-from defectscan.db.schema import Model, ModelStageChange
+from defectscan.db.schema import Model, ModelStageChange, utcnow
 from defectscan.errors import ModelError
 from defectscan.times import iso_utc
 from defectscan.users import user_name
+
+# The reason of the rows migration 0004 wrote for versions registered before stage changes were recorded.
+BEFORE_HISTORY = "registered (before stage history)"
+REPLACED = "replaced in production by"
+# In a production timeline: a time before the stage history, whose version in production is not known.
+# (A colon: no version name reads like it.)
+UNKNOWN = "unknown: before the stage history"
 
 HISTORY_COLUMNS = ("model", "from_stage", "to_stage", "changed_at", "changed_by", "reason")
 
@@ -38,8 +45,8 @@ def _lock_name(session: Session, name: str) -> list[Model]:
     return list(session.scalars(query))
 
 
-def _change(session: Session, row: Model, stage: str, reason: str, by: str) -> None:
-    session.add(ModelStageChange(model_id=row.id, from_stage=row.stage, to_stage=stage, reason=reason, changed_by=by))
+def _change(session: Session, row: Model, stage: str, reason: str, by: str, at: dt.datetime | None = None) -> None:
+    session.add(ModelStageChange(model_id=row.id, from_stage=row.stage, to_stage=stage, reason=reason, changed_by=by, changed_at=at or utcnow()))
     session.execute(update(Model).where(Model.id == row.id).values(stage=stage))
 
 
@@ -57,9 +64,10 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
             f"against it on the plant's images: run `defectscan models compare {target.name}:{target.version} --against "
             f"{current.name}:{current.version} --lot LOT`, or give --without-comparison to promote anyway"
         )
+    now = utcnow()  # one moment: no time without a version in production between the two rows
     if current is not None:
-        _change(session, current, "archived", f"replaced in production by {target.version}: {reason}", by)
-    _change(session, target, "production", reason, by)
+        _change(session, current, "archived", f"{REPLACED} {target.version}: {reason}", by, now)
+    _change(session, target, "production", reason, by, now)
     session.commit()
     session.refresh(target)
     if current is not None:
@@ -95,22 +103,26 @@ def stage_history(session: Session, name: str) -> list[dict]:
 
 
 def production_timeline(session: Session, name: str) -> list[tuple[dt.datetime, str | None]]:
-    """When the version in production of `name` changed, oldest first: (from when, version, or None while none was)."""
+    """When the version in production of `name` changed, oldest first: (from when, version, or None while none
+    was). Where the history starts at migration 0004, before which only each version's stage then is known, it
+    starts with UNKNOWN, and the version then in production counts from its registration."""
     rows = session.execute(
-        select(ModelStageChange.changed_at, ModelStageChange.from_stage, ModelStageChange.to_stage, Model.version)
+        select(ModelStageChange.changed_at, ModelStageChange.from_stage, ModelStageChange.to_stage, ModelStageChange.reason, Model.version)
         .join(Model, ModelStageChange.model_id == Model.id).where(Model.name == name).order_by(ModelStageChange.id)
-    )
+    ).all()
     timeline: list[tuple[dt.datetime, str | None]] = []
+    if any(reason == BEFORE_HISTORY for *_, reason, _ in rows):
+        timeline.append((dt.datetime.min.replace(tzinfo=dt.UTC), UNKNOWN))
     current = None
-    for at, before, after, version in rows:
+    for at, before, after, reason, version in rows:
         if after == "production":
             current = version
-        elif before == "production" and current == version:
+        elif before == "production" and current == version and not reason.startswith(REPLACED):
             current = None
         else:
-            continue
+            continue  # (the archive half of a promotion: the promoted version follows at once)
         timeline.append((at, current))
-    return timeline
+    return sorted(timeline, key=lambda entry: entry[0])
 
 
 def in_production_between(timeline: list[tuple[dt.datetime, str | None]], first: dt.datetime, last: dt.datetime) -> list[str | None]:

@@ -223,13 +223,16 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
 
 def _in_production(session: Session, model: dict[str, Any], lots: list[dict[str, Any]]) -> None:
     """Each lot's versions of the model's name in production while the report's version inspected it (its stage history)."""
-    from defectscan.model.stages import in_production_between, production_timeline
+    from defectscan.model.stages import UNKNOWN, in_production_between, production_timeline
+
+    def label(version: str | None) -> str:
+        return "none" if version is None else "unknown (before the stage history)" if version == UNKNOWN else f"{model['name']}:{version}"
 
     timeline = production_timeline(session, model["name"])
     for lot in lots:
         versions = in_production_between(timeline, *lot["inspected"])
-        lot["in_production"] = " → ".join("none" if v is None else f"{model['name']}:{v}" for v in versions)
-        lot["shadow"] = model["version"] not in versions
+        lot["in_production"] = " → ".join(label(v) for v in versions)
+        lot["shadow"] = model["version"] not in versions and UNKNOWN not in versions
 
 
 def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: float) -> dict[str, Any] | None:
