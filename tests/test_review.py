@@ -409,3 +409,18 @@ def test_review_list_pages_hold_every_decision_once_in_time_order_when_clocks_di
     assert keys == [(row["kind"], row["id"]) for row in whole] and len(set(keys)) == len(keys) == len(whole)
     times = [row["reviewed_at"] for row in paged]
     assert times == sorted(times, reverse=True)
+
+
+def test_qa_figures_of_a_class_filtered_listing(factory, lot, cli, migrated_url):
+    """`lots list --class NAME` with QA decisions: the class filter's subquery on defects stood next to the
+    figures' own defects and was correlated away (an InvalidRequestError)."""
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[3], "false-call", by="anna")
+        review_defects(session, defects[1], "confirmed", by="anna")
+    listed, live = _listed_figures(factory, Filters(defect_class="defect"))
+    assert listed["R1"]["false_calls"] == 1 and listed["R1"]["defects_reviewed"] == len(defects[1]) + len(defects[3])
+    shown = cli("--database-url", migrated_url, "lots", "list", "--class", "defect", "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    [row] = json.loads(shown.output)
+    assert (row["lot"], row["false_calls"], row["failed_reviewed"]) == ("R1", 1, 2)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import Select, and_, case, distinct, func, literal, select, union_all
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from defectscan import provenance
 from defectscan.config import shipped_defaults
@@ -179,10 +179,10 @@ def apply_filters(session: Session, query: Select, filters: Filters, *, defects:
             conditions.append(Defect.max_score <= filters.max_score)
     else:
         if filters.defect_class is not None:
-            # an image "has" a class when one of its defects is of that class
-            conditions.append(
-                select(literal(1)).where(Defect.inspection_id == Inspection.id, Defect.class_name == filters.defect_class).exists()
-            )
+            # an image "has" a class when one of its defects is of that class; an alias, so that a query that
+            # itself reads defects (QA's figures) does not correlate this subquery's FROM away
+            its = aliased(Defect)
+            conditions.append(select(literal(1)).where(its.inspection_id == Inspection.id, its.class_name == filters.defect_class).exists())
         if filters.min_score is not None:
             conditions.append(Inspection.max_score >= filters.min_score)
         if filters.max_score is not None:
