@@ -59,12 +59,13 @@ def test_inspect_review_export_finetune_compare_promote_and_the_next_job_uses_it
 
     exported = run("review", "export", "--lot", "P1", "--out", str(tmp_path / "reviewed"))
     assert exported.exit_code == 0 and "wrote 3 reviewed images (2 with defects)" in exported.output, exported.output
-    recipe = {"model": {"variant": "tinyunet", "filters": list(SMALL), "name": "line", "version": "2", "init_from": str(tmp_path / "v1.keras")},
+    recipe = {"model": {"variant": "tinyunet", "filters": list(SMALL), "name": "line", "version": "2", "init_from": "line:production"},
               "data": {"format": "dagm", "crop_size": 32, "cache": "memory"}, "optimizer": {"learning_rate": 1e-3},
               "train": {"batch_size": 2, "steps": 3, "checkpoint_every": 3, "log_every": 1, "seed": 0}, "validation": {"fraction": None}}
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(recipe))
-    trained = cli("train", str(tmp_path / "finetune.yaml"), "--data", str(tmp_path / "reviewed"), "--out", str(tmp_path / "v2"), "--quiet")
+    trained = run("train", str(tmp_path / "finetune.yaml"), "--data", str(tmp_path / "reviewed"), "--out", str(tmp_path / "v2"), "--quiet")
     assert trained.exit_code == 0, trained.output
+    assert f"starting from the weights of line:1 ({tmp_path / 'v1.keras'})" in trained.output  # the version in production
     assert run("models", "register", str(tmp_path / "v2" / "model.keras"), "--name", "line", "--version", "2").exit_code == 0
 
     refused = run("models", "promote", "line:2", "--reason", "trained on QA's decisions")

@@ -13,6 +13,7 @@ from defectscan.db.schema import Model, ModelStageChange
 from defectscan.errors import ModelError
 from defectscan.model.registry import register_model
 from defectscan.model.stages import archive, promote, stage_history
+from defectscan.paths import CONFIGS_DIR
 
 from pipeline_helpers import save_threshold_model
 
@@ -210,3 +211,21 @@ def test_the_shipped_demo_installed_at_another_path_is_still_the_shipped_one(fac
         session.execute(update(Model).where(Model.version == meta.version).values(uri=f"{old_install}/{DEMO_MODEL.name}"))
         session.commit()
         assert model_to_run(session, "demo").uri == str(DEMO_MODEL)
+
+
+def test_fine_tuning_from_a_registered_version_checks_it_and_names_what_is_wrong(versions, tmp_path, cli, migrated_url):
+    """`model.init_from=NAME:STAGE` reads the version's file through the registry: an unknown reference and a file
+    changed since registration are one-line errors, before any training."""
+    from defectscan.model.registry import is_registered_reference, registered_file
+
+    with versions() as session:
+        promote(session, "line3:2", reason="first", by="ml")
+        assert registered_file(session, "line3:production").version == "2"
+        assert not is_registered_reference(str(tmp_path / "t.keras")) and not is_registered_reference("demo")
+    recipe = str(CONFIGS_DIR / "model" / "tinyunet-cpu-test.yaml")
+    unknown = cli("--database-url", migrated_url, "train", recipe, "--out", str(tmp_path / "a"), "--set", "model.init_from=line9:production")
+    assert unknown.exit_code == 1 and "line9" in unknown.output and unknown.output.count("\n") == 1, unknown.output
+    (tmp_path / "t.keras").write_bytes((tmp_path / "t.keras").read_bytes() + b"\0")
+    changed = cli("--database-url", migrated_url, "train", recipe, "--out", str(tmp_path / "b"), "--set", "model.init_from=line3:production")
+    assert changed.exit_code == 1 and "line3:2" in changed.output and "the registry recorded" in changed.output, changed.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

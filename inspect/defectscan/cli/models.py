@@ -22,7 +22,9 @@ _RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), help="Also write a SavedModel for serving here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[str, ...], strict: bool, export_dir: Path | None, quiet: bool) -> None:
+@pass_app
+def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[str, ...], strict: bool, export_dir: Path | None,
+          quiet: bool) -> None:
     """Train a TinyUNet defect model from a recipe; a rerun resumes from the last checkpoint.
 
     With validation (the default), the model saved is the best validated step's and OUT/model.json
@@ -33,13 +35,20 @@ def train(recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[s
         defectscan train configs/model/tinyunet-finetune.yaml --data data/line3 --out runs/line3
         defectscan train configs/model/tinyunet-dagm.yaml --data data/dagm --out runs/dagm
         defectscan train configs/model/tinyunet-dagm.yaml --data data/dagm --out runs/quick --set train.steps=200
+        defectscan train configs/model/tinyunet-finetune.yaml --data reviewed/L041 --out runs/line3-v4 --set model.init_from=line3:production
     """
     from defectscan.model.recipe import load_recipe
+    from defectscan.model.registry import is_registered_reference, registered_file
     from defectscan.model.train import train as run_training
 
     if strict:
         overrides = (*overrides, "data.strict=true")
     settings = load_recipe(recipe, overrides, data_path)
+    if is_registered_reference(settings.model.init_from):
+        with app.session() as session:
+            donor = registered_file(session, settings.model.init_from)
+        click.echo(f"starting from the weights of {donor.name}:{donor.version} ({donor.uri})")
+        settings.model.init_from = donor.uri
     result = run_training(settings, out_dir, progress=not quiet)
     click.echo(f"trained to step {result.step} (resumed from {result.resumed_from}) in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")
     click.echo(f"last loss {_fmt(result.last_loss)}, Dice@0.5 on the last batch {_fmt(result.last_dice)}")

@@ -31,8 +31,9 @@ class ModelSpec(_Section):
     version: str = "1"
     threshold: float = Field(0.5, gt=0, lt=1)
     # A .keras model (same structure and classes) whose weights start the run instead of He init:
-    # fine-tuning, e.g. on a new line's images ("demo": the shipped demo model). A resumed run
-    # restores its checkpoint instead.
+    # fine-tuning, e.g. on a new line's images ("demo": the shipped demo model's file; a registered
+    # version as NAME:VERSION or NAME:STAGE, e.g. line3:production, read through the registry with
+    # its checksum checked). A resumed run restores its checkpoint instead.
     init_from: str | None = None
 
     @field_validator("version", mode="before")

@@ -234,6 +234,23 @@ def model_to_run(session: Session, reference: str) -> Model:
     return get_model(session, str(model_refs.ModelReference(shipped.name, selector)))
 
 
+def is_registered_reference(text: str | None) -> bool:
+    """`model.init_from` names a registered version (NAME:VERSION, NAME:STAGE) rather than a file: it has a
+    colon and no such file exists."""
+    return text is not None and ":" in text and not Path(text).exists()
+
+
+def registered_file(session: Session, reference: str) -> Model:
+    """A registered version whose file is used directly (fine-tuning from it), after checking the file against its sha256."""
+    row = model_to_run(session, reference)
+    if not Path(row.uri).is_file():
+        raise ModelError(f"model {row.name}:{row.version}: its file {row.uri} is missing")
+    found = file_sha256(row.uri)
+    if found != row.sha256:
+        raise ModelError(f"model {row.name}:{row.version}: {row.uri} has sha256 {found}, the registry recorded {row.sha256}: the file changed")
+    return row
+
+
 def load_registered(session: Session, reference: str):
     """(row, Keras model) after checking the file against the recorded sha256."""
     row = get_model(session, reference)
