@@ -62,7 +62,7 @@ def test_ingest_1000_pngs_from_the_cli(tmp_path, migrated_url, cli):
     assert again.exit_code == EXIT_PARTIAL and "already holds these 1000 images; image set 1" in again.output
     assert counts(migrated_url) == (1, 1000)
 
-    listed = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--json").output)
+    listed = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--format", "json").output)
     assert [(s["id"], s["images"], s["lot"], s["line"], s["shape"]) for s in listed] == [(1, 1000, "L1", "3", [1000, 64, 64])]
     shown = cli("--database-url", migrated_url, "imagesets", "show", str(out), "--keys", "2")
     assert shown.exit_code == 0 and "0000.png" in shown.output and "0001.png" in shown.output and "0002.png" not in shown.output
@@ -77,7 +77,7 @@ def test_register_an_external_v2_store_from_the_cli(tmp_path, migrated_url, cli)
     assert "registered image set 1" in result.output and "stack 5x32x32 uint8, 5 images" in result.output
     shown = json.loads(cli("--database-url", migrated_url, "imagesets", "show", "1", "--json").output)
     assert (shown["lot"], shown["line"], shown["camera"], shown["array"]) == ("A7", "2", "top", "cam0/images")
-    assert shown["acquired_at"] == "2026-03-01T06:00:00+00:00"
+    assert shown["acquired_at"] == "2026-03-01T06:00:00Z"
     # Without a keys array, each image's key is its position.
     assert [i["key"] for i in shown["first_images"]] == ["0", "1", "2", "3", "4"]
 
@@ -185,7 +185,7 @@ def test_validate_an_unregistered_store_and_unknown_ids(tmp_path, migrated_url, 
     assert result.exit_code == 0 and "(not registered): OK: 5 images, every chunk stored" in result.output
     unknown = cli("--database-url", migrated_url, "imagesets", "show", "42")
     assert unknown.exit_code == 1 and "no image set '42' is registered" in unknown.output
-    assert cli("--database-url", migrated_url, "imagesets", "list").output.strip() == "no image sets registered"
+    assert cli("--database-url", migrated_url, "imagesets", "list", "--format", "table").output.strip() == "no image sets registered"
 
 
 def test_validate_deep_decodes_every_chunk_and_names_a_garbage_one(tmp_path, migrated_url, cli):
@@ -210,12 +210,13 @@ def test_ingest_then_list_filters_and_table(tmp_path, migrated_url, cli):
             Image.fromarray(np.full((16, 16), i * 40 + 1, dtype=np.uint8)).save(folder / f"{i}.png")
         result = cli("--database-url", migrated_url, "ingest", str(folder), "--lot", lot, "--acquired-at", f"2026-03-0{lot[1]}T08:00:00Z", "--out", str(tmp_path / f"{lot}.zarr"))
         assert result.exit_code == 0, result.output
-    table = cli("--database-url", migrated_url, "imagesets", "list", "--lot", "L2").output.splitlines()
-    assert table[0].split()[:6] == ["id", "kind", "images", "shape", "dtype", "lot"]
-    assert len(table) == 2 and table[1].split()[:6] == ["2", "stack", "2", "2x16x16", "uint8", "L2"]
-    newest_first = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--json").output)
+    table = cli("--database-url", migrated_url, "imagesets", "list", "--lot", "L2", "--format", "csv").output.splitlines()
+    assert table[0].split(",")[:6] == ["id", "kind", "images", "shape", "dtype", "lot"]
+    assert len(table) == 2 and table[1].split(",")[:6] == ["2", "stack", "2", "2x16x16", "uint8", "L2"]
+    newest_first = json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--format", "json").output)
     assert [s["lot"] for s in newest_first] == ["L2", "L1"]
-    assert newest_first[0]["acquired_at"] == "2026-03-02T08:00:00+00:00"
+    assert newest_first[0]["acquired_at"] == "2026-03-02T08:00:00Z" and newest_first[0]["shape"] == [2, 16, 16]
+    assert json.loads(cli("--database-url", migrated_url, "imagesets", "list", "--json").output) == newest_first  # the older flag
 
 
 def test_validate_an_unregistered_store_with_another_array_path(tmp_path, sqlite_url, cli):

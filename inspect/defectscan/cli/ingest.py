@@ -15,7 +15,9 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
+from defectscan.cli.output import output_options, print_rows
 from defectscan.exitcodes import EXIT_PARTIAL
+from defectscan.times import iso_utc
 
 
 def _provenance_options(f):
@@ -179,18 +181,13 @@ def _row(image_set) -> dict:
         "line": image_set.line,
         "product": image_set.product,
         "camera": image_set.camera,
-        "acquired_at": image_set.acquired_at.isoformat() if image_set.acquired_at else None,
-        "registered_at": image_set.registered_at.isoformat() if image_set.registered_at else None,
+        "acquired_at": iso_utc(image_set.acquired_at),
+        "registered_at": iso_utc(image_set.registered_at),
         "checksum": image_set.checksum,
     }
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[("-" if row[c] is None else "x".join(map(str, row[c])) if isinstance(row[c], list) else str(row[c])) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join(lines)
+_LISTED = ("id", "kind", "images", "shape", "dtype", "lot", "line", "product", "camera", "acquired_at", "uri")
 
 
 @imagesets.command("list")
@@ -198,26 +195,27 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 @click.option("--line")
 @click.option("--product")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many, newest first.")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@output_options
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="The older spelling of --format json.")
 @pass_app
-def list_command(app: AppContext, lot, line, product, limit, as_json) -> None:
-    """List registered image sets, newest acquisition first.
+def list_command(app: AppContext, lot, line, product, limit, fmt, as_json) -> None:
+    """List registered image sets, newest acquisition first (--format json: every field).
 
     \b
     Example:
         defectscan imagesets list --lot L042
-        defectscan imagesets list --json --limit 10
+        defectscan imagesets list --format json --limit 10
     """
     from defectscan.data.register import list_image_sets
 
     with app.session() as session:
         rows = [_row(s) for s in list_image_sets(session, lot=lot, line=line, product=product, limit=limit)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    elif not rows:
-        click.echo("no image sets registered")
+    fmt = "json" if as_json else fmt
+    if fmt in ("json", "ndjson"):
+        print_rows(rows, list(rows[0]) if rows else [], fmt, empty="no image sets registered")
     else:
-        click.echo(_table(rows, ["id", "kind", "images", "shape", "dtype", "lot", "line", "product", "camera", "acquired_at", "uri"]))
+        shown = [{**row, "shape": "x".join(map(str, row["shape"]))} for row in rows]
+        print_rows(shown, _LISTED, fmt, empty="no image sets registered")
 
 
 @imagesets.command("show")
