@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ _RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. train.steps=100 (repeatable).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), help="Also write a SavedModel for serving here.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar (there is none when stdout is not a terminal either: cron, a log file).")
 @pass_app
 def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[str, ...], strict: bool, export_dir: Path | None,
           quiet: bool) -> None:
@@ -49,7 +50,8 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
             donor = registered_file(session, settings.model.init_from)
         click.echo(f"starting from the weights of {donor.name}:{donor.version} ({donor.uri})")
         settings.model.init_from = donor.uri
-    result = run_training(settings, out_dir, progress=not quiet)
+    # Keras's bar writes terminal escapes even into a log file; piped, the recipe's log_every lines say how it goes.
+    result = run_training(settings, out_dir, progress=not quiet and sys.stdout.isatty())
     click.echo(f"trained to step {result.step} (resumed from {result.resumed_from}) in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")
     click.echo(f"last loss {_fmt(result.last_loss)}, Dice@0.5 on the last batch {_fmt(result.last_dice)}")
     if result.finished:
