@@ -125,13 +125,14 @@ def _register(factory, store: Path, model_path: Path, name: str):
 
 
 def _model_only(ref, size: int, batches: int) -> float:
-    """Runs on a worker: images/s of the cached model on fixed batches already in memory."""
-    from defectscan.pipeline.worker import probabilities
+    """Runs on a worker: images/s of the cached model's compiled program (pixels in, uint8 scores out, as
+    inspection calls it) on fixed batches already in memory."""
+    from defectscan.pipeline.worker import _score
 
-    x = np.random.default_rng(1).uniform(-1, 1, size=(ref.batch_size * batches, size, size, 1)).astype(np.float32)
-    probabilities(ref, x[: ref.batch_size])  # trace and warm up
+    x = np.random.default_rng(1).integers(0, 256, size=(ref.batch_size * batches, size, size, 1), dtype=np.uint8)
+    _score(ref, x[: ref.batch_size])  # trace and warm up
     began = time.perf_counter()
-    probabilities(ref, x)
+    _score(ref, x)
     return len(x) / (time.perf_counter() - began)
 
 

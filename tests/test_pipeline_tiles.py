@@ -49,7 +49,7 @@ def test_tiled_probabilities_equal_whole_image(model_ref):
     shape = window_shape(700, 1100, 256, 128, contract=GRID)
     tiles = plan_tiles(700, 1100, 256, 128, contract=GRID)
     windows = np.stack([window_input(image, tile, shape, contract=GRID) for tile in tiles])
-    scores = probabilities(model_ref, windows)
+    scores = probabilities(model_ref, to_model_input(windows))
     for tile, score in zip(tiles, scores, strict=True):
         y0, x0, y1, x1 = tile.core
         wy, wx = tile.window
@@ -66,7 +66,7 @@ def test_too_small_halo_differs(model_ref):
     tiles = plan_tiles(512, 768, 256, 0, contract=GRID)
     windows = np.stack([window_input(image, tile, window_shape(512, 768, 256, 0, contract=GRID), contract=GRID) for tile in tiles])
     tiled = np.zeros_like(whole)
-    for tile, score in zip(tiles, probabilities(model_ref, windows), strict=True):
+    for tile, score in zip(tiles, probabilities(model_ref, to_model_input(windows)), strict=True):
         y0, x0, y1, x1 = tile.core
         tiled[:, y0:y1, x0:x1] = score[:, : y1 - y0, : x1 - x0]
     assert np.abs(tiled - whole).max() > 1e-3
@@ -156,3 +156,18 @@ def test_a_deeper_unet_variant_is_registered_and_inspected_with_its_own_input_co
     stored = _open(ArrayRef(f"{tmp_path / 'L.masks.zarr'}", "deep/1"), "r")[...]
     expected = np.rint(predict_probabilities(keras.models.load_model(tmp_path / "deep.keras"), images) * 255).transpose(0, 3, 1, 2)
     assert np.abs(stored.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_the_compiled_uint8_program_gives_the_scores_of_the_float_probabilities(model_ref):
+    """Workers scale pixels and round scores inside the compiled program: the same numbers as scaling and
+    rounding in numpy around the float model (what `evaluate` does), padding and cropping included."""
+    from defectscan.model.verdict import to_uint8
+    from defectscan.pipeline.worker import score_images
+
+    images = np.stack([textured((200, 300), seed=s) for s in range(3)])
+    images[1, 50:90, 100:180] = 250
+    x, (height, width) = pad_to_multiple(to_model_input(images))
+    expected = to_uint8(probabilities(model_ref, x))[:, :, :height, :width]
+    scores = score_images(model_ref, images)
+    assert scores.dtype == np.uint8 and scores.shape == (3, 1, 200, 300)
+    np.testing.assert_array_equal(scores, expected)

@@ -105,6 +105,14 @@ def to_uint8(probabilities: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def to_uint8_ops(probabilities):
+    """to_uint8 with keras.ops, inside a compiled program (both round half to even, as np.rint)."""
+    import keras
+
+    ops = keras.ops
+    return ops.cast(ops.round(ops.clip(ops.cast(probabilities, "float32"), 0.0, 1.0) * 255.0), "uint8")
+
+
 def find_defects(scores: np.ndarray, classes: list[str], rules: VerdictRules, origin: tuple[int, int] = (0, 0)) -> list[DefectRecord]:
     """Connected regions (8-connectivity) of each class channel of a (C, H, W) uint8 map.
 

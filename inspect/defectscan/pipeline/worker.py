@@ -23,9 +23,9 @@ import numpy as np
 from defectscan.errors import DataError, ModelError, StorageError
 from defectscan.native_logs import quiet_tensorflow_startup
 from defectscan.model.export import load_model, verify_sha256
-from defectscan.model.preprocess import InputContract, to_model_input
+from defectscan.model.preprocess import InputContract, scale_ops, to_model_pixels
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
-from defectscan.model.verdict import ImageResult, VerdictRules, judge, to_uint8
+from defectscan.model.verdict import ImageResult, VerdictRules, judge, to_uint8_ops
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,18 @@ class ShardResult:
 # Worker processes import this module before their first task: TensorFlow loads quietly there too.
 quiet_tensorflow_startup()
 
-# sha256 -> callable(batch float32 (B, H, W, 1)) -> probabilities (B, H, W, C); one per worker process.
+# sha256 -> the model's two compiled programs (_Programs); one per worker process.
 _MODELS: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class _Programs:
+    # (B, H, W, 1) uint8 pixels -> (B, C, H, W) uint8 scores: scaling, the model and the rounding in one
+    # compiled program, so the worker's own numpy work per batch is a copy, and a GPU gets a quarter of the
+    # bytes each way that float32 would take.
+    scores: Any
+    # (B, H, W, 1) float32 model input -> (B, C, H, W) float32 probabilities (runtime parity checks, tiles tests).
+    probabilities: Any
 
 
 def verify_model_file(ref: ModelRef) -> None:
@@ -72,29 +82,37 @@ def verify_model_file(ref: ModelRef) -> None:
     verify_sha256(ref.uri, ref.sha256)
 
 
-def cached_model(ref: ModelRef):
-    predict = _MODELS.get(ref.sha256)
-    if predict is None:
-        predict = _load(ref)
-        _MODELS[ref.sha256] = predict
-    return predict
+def cached_model(ref: ModelRef) -> _Programs:
+    programs = _MODELS.get(ref.sha256)
+    if programs is None:
+        programs = _load(ref)
+        _MODELS[ref.sha256] = programs
+    return programs
 
 
-def _load(ref: ModelRef):
+def _load(ref: ModelRef) -> _Programs:
     use_backend(ref.runtime)
     model = load_model(ref.uri, expected_sha256=ref.sha256)
-    if ref.runtime == "jax":
+    import keras
+
+    def scores(pixels):
+        return keras.ops.transpose(to_uint8_ops(model(scale_ops(pixels), training=False)), (0, 3, 1, 2))
+
+    def probabilities(batch):
+        return keras.ops.transpose(keras.ops.cast(model(batch, training=False), "float32"), (0, 3, 1, 2))
+
+    return _Programs(_compiled(scores, ref.runtime), _compiled(probabilities, ref.runtime))
+
+
+def _compiled(function, runtime: str):
+    """One compiled program per input shape (every call of a shard has the same one)."""
+    if runtime == "jax":
         import jax
 
-        # One compiled program per input shape (every call of a shard has the same one).
-        return jax.jit(lambda batch: model(batch, training=False))
+        return jax.jit(function)
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
-    def predict(batch):
-        return model(batch, training=False)
-
-    return predict
+    return tf.function(function, reduce_retracing=True)
 
 
 def use_backend(runtime: str) -> None:
@@ -118,30 +136,34 @@ def score_images(ref: ModelRef, images: np.ndarray, bit_depth: int | None = None
     Scaling and padding are the model's own (defectscan.model.preprocess), so the pipeline and
     `defectscan evaluate` see the same numbers.
     """
-    x, (height, width) = ref.contract.pad(to_model_input(images, bit_depth))
-    return _score(ref, x)[:, :, :height, :width]
+    pixels, (height, width) = ref.contract.pad(to_model_pixels(images, bit_depth))
+    return _score(ref, pixels)[:, :, :height, :width]
 
 
-def _score(ref: ModelRef, x: np.ndarray) -> np.ndarray:
-    return to_uint8(probabilities(ref, x))
+def _score(ref: ModelRef, pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 1) uint8 padded pixels -> (N, C, H, W) uint8 scores."""
+    return _batched(cached_model(ref).scores, pixels, ref.batch_size, len(ref.classes), np.uint8)
 
 
 def probabilities(ref: ModelRef, x: np.ndarray) -> np.ndarray:
     """(N, H, W, 1) model input -> (N, C, H, W) float32 probabilities, batch by batch."""
-    predict = cached_model(ref)
+    return _batched(cached_model(ref).probabilities, x, ref.batch_size, len(ref.classes), np.float32)
+
+
+def _batched(program, x: np.ndarray, batch_size: int, channels: int, dtype) -> np.ndarray:
     n = len(x)
-    out = np.empty((n, len(ref.classes), *x.shape[1:3]), dtype=np.float32)
-    batch = np.zeros((ref.batch_size, *x.shape[1:]), dtype=np.float32)
-    for start in range(0, n, ref.batch_size):
-        chunk = x[start : start + ref.batch_size]
+    out = np.empty((n, channels, *x.shape[1:3]), dtype=dtype)
+    batch = np.zeros((batch_size, *x.shape[1:]), dtype=x.dtype)
+    for start in range(0, n, batch_size):
+        chunk = x[start : start + batch_size]
         batch[: len(chunk)] = chunk
-        batch[len(chunk) :] = 0.0  # the last batch is padded to the same shape
-        out[start : start + len(chunk)] = np.asarray(predict(batch))[: len(chunk)].transpose(0, 3, 1, 2)
+        batch[len(chunk) :] = 0  # the last batch is padded to the same shape
+        out[start : start + len(chunk)] = np.asarray(program(batch))[: len(chunk)]
     return out
 
 
 def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputContract, bit_depth: int | None = None) -> np.ndarray:
-    """The model input (H, W, 1) for one tile's window of a (H, W) image array.
+    """The model's pixels (H, W, 1) uint8 for one tile's window of a (H, W) image array.
 
     A window may reach into the padding below/right of the image: it is padded as the whole
     image would be, so tiles see exactly what whole-image inference sees.
@@ -149,7 +171,7 @@ def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputCo
     height, width = image.shape
     wy, wx = tile.window
     part = np.asarray(image[wy : min(wy + shape[0], height), wx : min(wx + shape[1], width)])
-    return contract.pad(to_model_input(part[None], bit_depth))[0][0]
+    return contract.pad(to_model_pixels(part[None], bit_depth))[0][0]
 
 
 def _open(ref: ArrayRef, mode: str):
