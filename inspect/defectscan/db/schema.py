@@ -42,6 +42,8 @@ VERDICTS = ("pass", "fail", "error")
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "interrupted", "abandoned")
 IMAGE_SET_KINDS = ("stack", "strip")
 MODEL_STAGES = ("staging", "production", "archived")
+# What a model version's workers compute in (model/precision.py); float32 is what every model is trained to.
+PRECISIONS = ("float32", "bfloat16", "float16")
 # QA's decisions: on one defect the model found, and on a whole image (the part passes or fails).
 DEFECT_DECISIONS = ("confirmed", "false-call")
 IMAGE_DECISIONS = ("pass", "fail")
@@ -92,6 +94,7 @@ class Model(Base):
     __table_args__ = (
         UniqueConstraint("name", "version"),
         _one_of("stage", MODEL_STAGES, "stage"),
+        _one_of("precision", PRECISIONS, "precision"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -112,6 +115,10 @@ class Model(Base):
     training: Mapped[dict[str, Any] | None] = mapped_column(Json)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)
     stage: Mapped[str] = mapped_column(String(16), default="staging")
+    # The precision workers run this version in, and the parity check against float32 that admitted
+    # it (model/precision.py: agreement, Dice in both, images, data, when); None for float32.
+    precision: Mapped[str] = mapped_column(String(16), default="float32", server_default="float32")
+    precision_check: Mapped[dict[str, Any] | None] = mapped_column(Json)
     description: Mapped[str | None] = mapped_column(Text)
     registered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
