@@ -13,6 +13,10 @@ from defectscan.cli.output import output_options, print_rows
 from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
 
 _RECIPE = click.Path(dir_okay=False, exists=True, path_type=Path)
+_CHECK_DATA = click.option(
+    "--check-data", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
+    help="Labelled images (DAGM layout; its Test split) for the parity check against float32 (default: the model's recorded validation split).",
+)
 
 
 @click.command("train")
@@ -184,6 +188,9 @@ def models() -> None:
 @click.option("--stage", type=click.Choice(["staging", "production", "archived"]), default="staging", show_default=True)
 @click.option("--description", help="Free text.")
 @click.option("--demo", is_flag=True, help="Register the demo model shipped with defectscan (no PATH; a no-op when already registered).")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="What workers compute in (default: the metadata's, else float32); other than float32 only after a passed parity check.")
+@_CHECK_DATA
 @pass_app
 def register_command(
     app: AppContext,
@@ -197,16 +204,19 @@ def register_command(
     stage: str,
     description: str | None,
     demo: bool,
+    precision: str | None,
+    check_data: Path | None,
 ) -> None:
-    """Record a .keras model file with its checksum, classes, threshold and metrics.
+    """Record a .keras model file with its checksum, classes, threshold, metrics and precision.
 
     \b
     Example:
         defectscan models register runs/dagm/model.keras --name tinyunet-dagm --version 1 --metrics runs/dagm/evaluation.json
+        defectscan models register runs/line3/model.keras --name line3 --version 4 --precision bfloat16 --check-data data/line3-reviewed
         defectscan models register --demo
     """
     from defectscan.errors import ModelError
-    from defectscan.model.registry import describe_operating_point, read_metadata, register_demo, register_model, sidecar_metadata
+    from defectscan.model.registry import describe_operating_point, describe_precision, read_metadata, register_demo, register_model, sidecar_metadata
 
     if demo:
         with app.session() as session:
@@ -230,12 +240,46 @@ def register_command(
             metrics=metrics,
             stage=stage,
             description=description,
+            precision=precision,
+            check_data=check_data,
         )
         click.echo(f"registered {row.name}:{row.version} ({row.architecture}, classes {', '.join(row.classes)}) sha256 {row.sha256[:12]} from {row.uri}")
         click.echo(f"operating point: {describe_operating_point(row.operating_point)}")
+        click.echo(f"precision: {describe_precision(row.precision, row.precision_check)}")
 
 
-MODEL_COLUMNS = ("name", "version", "stage", "classes", "threshold", "dice", "dice_defective", "sha256", "registered_at")
+@models.command("set-precision")
+@click.argument("reference", metavar="MODEL")
+@click.argument("precision", type=click.Choice(["float32", "bfloat16", "float16"]))
+@_CHECK_DATA
+@pass_app
+def set_precision_command(app: AppContext, reference: str, precision: str, check_data: Path | None) -> None:
+    """Record the precision workers run a model version in, after a parity check against float32 (float32 needs none).
+
+    Accepted when verdicts under the version's operating point agree on at least 99.5 % of the
+    labelled images and Dice is within 0.005; the figures are stored with the version. MODEL is a
+    registered version (NAME:VERSION) or a .keras file, whose sidecar JSON then records them
+    (`models register` reads them from there).
+
+    \b
+    Example:
+        defectscan models set-precision line3:4 bfloat16 --check-data data/line3-reviewed
+        defectscan models set-precision runs/line3/model.keras bfloat16 --check-data data/line3-reviewed
+        defectscan models set-precision line3:4 float32
+    """
+    from defectscan.model.registry import check_file_precision, describe_precision, record_precision, set_precision, sidecar_path
+
+    if reference.endswith(".keras") or Path(reference).exists():
+        check = check_file_precision(reference, precision, check_data)
+        click.echo(f"precision: {describe_precision(precision, check.as_dict() if check else None)}")
+        click.echo(f"recorded in {record_precision(sidecar_path(reference), precision, check)}")
+        return
+    with app.session() as session:
+        row, _ = set_precision(session, reference, precision, check_data)
+        click.echo(f"{row.name}:{row.version} runs in {describe_precision(row.precision, row.precision_check)}")
+
+
+MODEL_COLUMNS = ("name", "version", "stage", "classes", "threshold", "precision", "dice", "dice_defective", "sha256", "registered_at")
 
 
 @models.command("list")
@@ -260,7 +304,7 @@ def list_command(app: AppContext, name: str | None, fmt: str) -> None:
             metrics = row.metrics or {}
             figures = metrics.get("verdict_rule") or (metrics.get("thresholds") or {}).get("0.5", {})
             dice, defective = (None if figures.get(k) is None else round(figures[k], 4) for k in ("dice", "dice_defective"))
-            values = (row.name, row.version, row.stage, ",".join(row.classes), round(row.threshold, 3), dice, defective, row.sha256[:12],
+            values = (row.name, row.version, row.stage, ",".join(row.classes), round(row.threshold, 3), row.precision, dice, defective, row.sha256[:12],
                       iso_utc(row.registered_at))
             rows.append(dict(zip(MODEL_COLUMNS, values, strict=True)))
     print_rows(rows, MODEL_COLUMNS, fmt, empty="no models registered" + (f" named {name}" if name else ""))

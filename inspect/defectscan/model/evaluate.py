@@ -43,16 +43,7 @@ def evaluate_model(
 
     from defectscan.model.feed import evaluation_dataset
 
-    if len(images) == 0:
-        raise DataError(f"{images.name}: no usable images to evaluate ({images.problems.summary()})")
-    outputs = model.output_shape[-1]
-    if outputs != len(images.classes):
-        raise ModelError(f"the model has {outputs} output classes but the dataset {images.name} has {len(images.classes)} ({', '.join(images.classes)})")
-    multiple = contract_of(model).multiple_of
-    height, width = images.shape
-    if height % multiple or width % multiple:
-        raise DataError(f"{images.name}: images are {height}x{width}; the model needs multiples of {multiple}")
-
+    check_fits(model, images)
     forward = tf.function(lambda x: model(x, training=False))
     reference = SegmentationScores(thresholds=tuple(thresholds))
     classes = list(images.classes)
@@ -95,6 +86,19 @@ def evaluate_model(
         }
     )
     return result
+
+
+def check_fits(model, images: LabelledImages) -> None:
+    """Refuse images the model cannot score whole: none usable, other classes, sizes off its input multiple."""
+    if len(images) == 0:
+        raise DataError(f"{images.name}: no usable images to evaluate ({images.problems.summary()})")
+    outputs = model.output_shape[-1]
+    if outputs != len(images.classes):
+        raise ModelError(f"the model has {outputs} output classes but the dataset {images.name} has {len(images.classes)} ({', '.join(images.classes)})")
+    multiple = contract_of(model).multiple_of
+    height, width = images.shape
+    if height % multiple or width % multiple:
+        raise DataError(f"{images.name}: images are {height}x{width}; the model needs multiples of {multiple}")
 
 
 def format_table(metrics: dict) -> str:

@@ -21,6 +21,7 @@ from defectscan.db import model_refs
 from defectscan.db.schema import MODEL_STAGES, Model, ModelStageChange
 from defectscan.errors import ModelError
 from defectscan.model.export import file_sha256, load_model
+from defectscan.model.precision import ParityCheck, check_images, check_parity, check_precision_name, recorded_check, require_passed
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules
 from defectscan.users import user_name
 from defectscan.yamlfile import read_mapping
@@ -46,6 +47,9 @@ class ModelMetadata:
     description: str | None = None
     # The verdict rule chosen on held-out images (model/operating_point.py) with the figures it was chosen on.
     operating_point: dict[str, Any] | None = None
+    # The precision workers run the model in, and the parity check against float32 that admitted it (model/precision.py).
+    precision: str | None = None
+    precision_check: dict[str, Any] | None = None
 
     def rules(self) -> VerdictRules:
         """The verdict rule these metadata give the model (the default rule when none was chosen)."""
@@ -84,6 +88,15 @@ def record_operating_point(sidecar: str | Path, point: dict[str, Any]) -> Path:
     return sidecar
 
 
+def record_precision(sidecar: str | Path, precision: str, check: ParityCheck | None) -> Path:
+    """Write the precision and its passed parity check into the sidecar JSON, keeping what else it holds."""
+    sidecar = Path(sidecar)
+    data = read_mapping(sidecar, what="model metadata file", contents="model metadata", error=ModelError) if sidecar.is_file() else {}
+    data.update(precision=precision, precision_check=check.as_dict() if check else None)
+    sidecar.write_text(json.dumps(data, indent=2) + "\n")
+    return sidecar
+
+
 def read_metadata(path: str | Path) -> ModelMetadata:
     path = Path(path)
     data = read_mapping(path, what="model metadata file", contents="model metadata", error=ModelError)  # JSON is YAML
@@ -107,8 +120,14 @@ def register_model(
     stage: str = "staging",
     description: str | None = None,
     operating_point: dict[str, Any] | None = None,
+    precision: str | None = None,
+    check_data: str | Path | None = None,
 ) -> Model:
-    """Check the file loads and agrees with its class list, then add its row. Arguments beat metadata."""
+    """Check the file loads and agrees with its class list, then add its row. Arguments beat metadata.
+
+    A precision other than float32 is admitted by a parity check (model/precision.py) on `check_data`
+    or the model's recorded validation split, or by a passed check the metadata records for this file.
+    """
     from defectscan.model.preprocess import contract_of
 
     path = Path(path).resolve()
@@ -136,6 +155,13 @@ def register_model(
     if len(classes) != outputs:
         raise ModelError(f"{path}: the model has {outputs} output classes but {len(classes)} class names were given ({', '.join(classes)})")
     point = _operating_point(path, operating_point or meta.operating_point, threshold if threshold is not None else meta.threshold)
+    precision = check_precision_name(precision or meta.precision or "float32")
+    check = None
+    if precision != "float32":
+        check = None if check_data is not None else recorded_check(meta.precision_check, precision, sha256)
+        if check is None:
+            images = check_images(check_data, meta.training)
+            check = require_passed(check_parity(path, precision, images, VerdictRules.from_dict(point), expected_sha256=sha256))
     config = model.get_config()
     # The file's own structure decides its input multiple and receptive radius, whatever a sidecar says.
     input_spec = contract_of(model).to_dict()
@@ -149,6 +175,8 @@ def register_model(
         classes=list(classes),
         threshold=float(point["threshold"]),
         operating_point=point,
+        precision=precision,
+        precision_check=check.as_dict() if check else None,
         training=meta.training,
         metrics=metrics if metrics is not None else meta.metrics,
         stage=stage,
@@ -182,6 +210,33 @@ def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: flo
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: invalid operating point {point!r}: {exc}") from None
     return point
+
+
+def set_precision(session: Session, reference: str, precision: str, check_data: str | Path | None = None) -> tuple[Model, ParityCheck | None]:
+    """Record the precision a registered version runs in, after a passed parity check (none for float32)."""
+    row = get_model(session, reference)
+    check = None
+    if check_precision_name(precision) != "float32":
+        images = check_images(check_data, row.training)
+        check = require_passed(check_parity(row.uri, precision, images, operating_rules(row), expected_sha256=row.sha256))
+    row.precision, row.precision_check = precision, check.as_dict() if check else None
+    session.commit()
+    return row, check
+
+
+def check_file_precision(path: str | Path, precision: str, check_data: str | Path | None = None) -> ParityCheck | None:
+    """The passed parity check of a model file not registered yet (None for float32), under its sidecar's operating point."""
+    if check_precision_name(precision) == "float32":
+        return None
+    meta = sidecar_metadata(path)
+    return require_passed(check_parity(path, precision, check_images(check_data, meta.training), meta.rules()))
+
+
+def describe_precision(precision: str, check: dict[str, Any] | None) -> str:
+    """One line: the precision, and the parity figures that admitted it."""
+    if precision == "float32" or not check:
+        return precision
+    return f"{precision}, checked {check['checked_at']}: {ParityCheck.from_dict(check).describe()}"
 
 
 def operating_rules(row: Model) -> VerdictRules:
@@ -270,6 +325,8 @@ def describe(row: Model) -> dict[str, Any]:
         "classes": row.classes,
         "threshold": row.threshold,
         "operating_point": row.operating_point,
+        "precision": row.precision,
+        "precision_check": row.precision_check,
         "training": row.training,
         "metrics": row.metrics,
         "description": row.description,
