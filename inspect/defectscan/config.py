@@ -60,6 +60,7 @@ class ClusterSettings(_Section):
 class InspectionSettings(_Section):
     batch_size: int = Field(ge=1)
     runtime: Literal["tensorflow", "jax"]
+    precision: Literal["recorded", "float32"]
     images_per_shard: int = Field(ge=1)
     tile_size: int = Field(ge=16)
     halo: int = Field(ge=0)

@@ -84,9 +84,11 @@ class _Task:
     strip_tiles: bool = False
 
 
-def model_ref(model: Model, batch_size: int, runtime: str = "tensorflow") -> ModelRef:
+def model_ref(model: Model, batch_size: int, runtime: str = "tensorflow", precision: str = "recorded") -> ModelRef:
+    """What workers need of a version; `precision` "recorded" (inspection.precision) runs the version's own, "float32" overrides it."""
     return ModelRef(uri=model.uri, sha256=model.sha256, classes=tuple(model.classes), batch_size=batch_size,
-                    contract=InputContract.from_dict(model.input_spec), runtime=runtime)
+                    contract=InputContract.from_dict(model.input_spec), runtime=runtime,
+                    precision=(model.precision or "float32") if precision == "recorded" else precision)
 
 
 def check_tiling(model: Model, contract: InputContract, settings: InspectionSettings, image_sets: list[ImageSet]) -> None:
@@ -173,7 +175,7 @@ def inspect_image_sets(
     once the run's row exists, `on_progress(done, total)` as shards finish. SIGTERM/SIGINT
     (under `interrupts.stop_on_signals`) stop it at the next checkpoint, recorded `interrupted`.
     """
-    ref = model_ref(model, settings.batch_size, settings.runtime)
+    ref = model_ref(model, settings.batch_size, settings.runtime, settings.precision)
     verify_model_file(ref)
     for image_set in image_sets:
         check_store_unchanged(image_set)
@@ -220,7 +222,7 @@ def inspect_image_sets(
     finally:
         summary.seconds = time.perf_counter() - began
         close_run(factory, retry, run_id, status=summary.status, errors=summary.errors, images_per_second=summary.images_per_second,
-                  timings={"seconds": round(summary.seconds, 3), "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}})
+                  timings={"seconds": round(summary.seconds, 3), "precision": ref.precision, "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}})
     return summary
 
 

@@ -1,13 +1,14 @@
 """What runs on a Dask worker: the per-process model cache, fixed-shape batches, shard tasks.
 
 The model runtime (TensorFlow, or Keras on JAX) is imported here only, inside functions that run
-on workers, never in the client. A worker loads each model once (cache keyed by the file's sha256,
-checked before loading), calls it through one tf.function or jax.jit with one input shape, and
-sends back small results.
+on workers, never in the client. A worker loads each model once per runtime and precision (cache
+keyed by the file's sha256, checked before loading, the runtime and the recorded precision), calls
+it through one tf.function or jax.jit with one input shape, and sends back small results.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 
 from defectscan.errors import DataError, ModelError, StorageError
 from defectscan.native_logs import quiet_tensorflow_startup
-from defectscan.model.export import load_model, verify_sha256
+from defectscan.model.export import verify_sha256
 from defectscan.model.preprocess import InputContract, scale_ops, to_model_pixels
 from defectscan.pipeline.plan import StackShard, Tile, TileShard
 from defectscan.model.verdict import ImageResult, VerdictRules, judge, to_uint8_ops
@@ -40,6 +41,8 @@ class ModelRef:
     contract: InputContract = InputContract()
     # The Keras backend to run it on (inspection.runtime): "tensorflow" or "jax".
     runtime: str = "tensorflow"
+    # The precision recorded with the version (model/precision.py); the worker runs it where its hardware is fast at it.
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,12 @@ class ShardResult:
 # Worker processes import this module before their first task: TensorFlow loads quietly there too.
 quiet_tensorflow_startup()
 
-# sha256 -> the model's two compiled programs (_Programs); one per worker process.
-_MODELS: dict[str, Any] = {}
+log = logging.getLogger(__name__)
+
+# (sha256, runtime, precision) -> the model's two compiled programs (_Programs); one per worker process.
+_MODELS: dict[tuple[str, str, str], Any] = {}
+# Recorded precisions this process runs in float32 instead: said once per process, not per model or batch.
+_FELL_BACK: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -83,16 +90,38 @@ def verify_model_file(ref: ModelRef) -> None:
 
 
 def cached_model(ref: ModelRef) -> _Programs:
-    programs = _MODELS.get(ref.sha256)
+    key = (ref.sha256, ref.runtime, ref.precision)
+    programs = _MODELS.get(key)
     if programs is None:
         programs = _load(ref)
-        _MODELS[ref.sha256] = programs
+        _MODELS[key] = programs
     return programs
 
 
+def worker_precision(ref: ModelRef) -> str:
+    """The precision this worker runs `ref` in: the recorded one where the hardware runs it fast, else float32 (logged once)."""
+    from defectscan.model.precision import runnable
+
+    if ref.precision == "float32":
+        return "float32"
+    precision, reason = runnable(ref.precision, gpu=_has_gpu(ref.runtime))
+    if reason and ref.precision not in _FELL_BACK:
+        _FELL_BACK.add(ref.precision)
+        log.warning("worker pid %d runs models recorded in %s in float32: %s", os.getpid(), ref.precision, reason)
+    return precision
+
+
+def _has_gpu(runtime: str) -> bool:
+    from defectscan.pipeline.cluster import jax_gpus, tensorflow_gpus
+
+    return (jax_gpus if runtime == "jax" else tensorflow_gpus)() > 0
+
+
 def _load(ref: ModelRef) -> _Programs:
+    from defectscan.model.precision import load_in_precision
+
     use_backend(ref.runtime)
-    model = load_model(ref.uri, expected_sha256=ref.sha256)
+    model = load_in_precision(ref.uri, worker_precision(ref), expected_sha256=ref.sha256)
     import keras
 
     def scores(pixels):
