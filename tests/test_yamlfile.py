@@ -32,3 +32,17 @@ def test_each_reader_names_the_file_and_the_problem(tmp_path, read, error, what,
     listed.write_text("- a\n- b\n")
     with pytest.raises(error, match=f"^{listed}: expected a mapping of {contents} at the top level, got list$"):
         read(listed)
+
+
+def test_json_numbers_stay_numbers_and_broken_json_names_its_line(tmp_path):
+    """PyYAML's YAML 1.1 reads JSON's 1e-07 as text: a sidecar rewritten after such a read would store strings."""
+    from defectscan.model.registry import record_operating_point
+
+    sidecar = tmp_path / "model.json"
+    sidecar.write_text('{"training": {"epsilon": 1e-07, "rate": 2E-5}}')
+    assert read_metadata(sidecar).training == {"epsilon": 1e-07, "rate": 2e-05}
+    record_operating_point(sidecar, {"threshold": 0.3, "min_defect_area": 1, "fail_score": 0.6})
+    assert '"epsilon": 1e-07' in sidecar.read_text()
+    sidecar.write_text('{"name": "m",\n "version": }')
+    with pytest.raises(ModelError, match=f"^{sidecar} line 2: not valid JSON: Expecting value$"):
+        read_metadata(sidecar)

@@ -5,6 +5,7 @@ Each error names the file, the line where the parser stopped, and what the file 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ def read_text(path: Path, what: str, error: type[DefectscanError]) -> str:
 def parse_mapping(text: str, path: Path, contents: str, error: type[DefectscanError]) -> dict[str, Any]:
     """The top-level mapping of a YAML (or JSON) text; an empty file is an empty mapping."""
     try:
-        data = yaml.safe_load(text)
+        # JSON is YAML, but PyYAML's YAML 1.1 reads JSON's 1e-07 as a string: a .json file is read as JSON.
+        data = json.loads(text) if Path(path).suffix == ".json" and text.strip() else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} line {exc.lineno}: not valid JSON: {exc.msg}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
