@@ -42,17 +42,53 @@ def unet_file(tmp_path):
     return path
 
 
-def test_probabilities_on_jax_equal_tensorflows_and_the_worker_never_imports_tensorflow(unet_file):
+@pytest.fixture(scope="module")
+def jax_client():
+    """One local worker process on the JAX runtime, shared by the tests that call it directly."""
+    with connect(load_settings(environ={}).cluster, n_workers=1, runtime="jax") as (client, info):
+        yield client
+
+
+def test_probabilities_on_jax_equal_tensorflows_and_the_worker_never_imports_tensorflow(unet_file, jax_client):
     from defectscan.model.export import file_sha256
 
     x = np.random.default_rng(0).uniform(-1, 1, (6, 64, 96, 1)).astype(np.float32)
     ref = ModelRef(uri=str(unet_file), sha256=file_sha256(unet_file), classes=("defect",), batch_size=4)
     on_tensorflow = probabilities(ref, x)  # this process runs Keras on TensorFlow
-    with connect(load_settings(environ={}).cluster, n_workers=1, runtime="jax") as (client, info):
-        on_jax = client.submit(probabilities, ModelRef(**{**ref.__dict__, "runtime": "jax"}), x, pure=False).result()
-        assert list(client.run(_backend_and_tensorflow).values()) == [("jax", False)]
+    on_jax = jax_client.submit(probabilities, ModelRef(**{**ref.__dict__, "runtime": "jax"}), x, pure=False).result()
+    assert list(jax_client.run(_backend_and_tensorflow).values()) == [("jax", False)]
     assert on_jax.shape == on_tensorflow.shape == (6, 1, 64, 96)
     assert np.abs(on_jax - on_tensorflow).max() < 1e-3
+
+
+def _cached_keys():
+    from defectscan.pipeline import worker
+
+    return sorted(worker._MODELS)
+
+
+def test_a_jax_worker_runs_the_recorded_bfloat16_in_its_own_cache_entry(unet_file, jax_client):
+    from defectscan.model.export import file_sha256
+    from defectscan.model.precision import runnable
+    from defectscan.pipeline.worker import worker_precision
+
+    x = np.random.default_rng(2).uniform(-1, 1, (4, 64, 64, 1)).astype(np.float32)
+    f32 = ModelRef(uri=str(unet_file), sha256=file_sha256(unet_file), classes=("defect",), batch_size=4, runtime="jax")
+    bf16 = ModelRef(**{**f32.__dict__, "precision": "bfloat16"})
+    on_tensorflow = probabilities(ModelRef(**{**bf16.__dict__, "runtime": "tensorflow"}), x)
+    in_f32 = jax_client.submit(probabilities, f32, x, pure=False).result()
+    in_bf16 = jax_client.submit(probabilities, bf16, x, pure=False).result()
+    ran = jax_client.submit(worker_precision, bf16, pure=False).result()
+    [keys] = jax_client.run(_cached_keys).values()
+    # This machine's CPU decides, as it does for the worker: bfloat16 with AVX512-BF16/AMX, else float32.
+    assert ran == runnable("bfloat16", gpu=False)[0]
+    assert {(f32.sha256, "jax", "bfloat16"), (f32.sha256, "jax", "float32")} <= {tuple(k) for k in keys}
+    difference = np.abs(in_bf16 - in_f32).max()
+    if ran == "bfloat16":
+        assert 0 < difference < 0.05
+        assert np.abs(in_bf16 - on_tensorflow).max() < 0.05, "bfloat16 on JAX is near bfloat16 on TensorFlow"
+    else:
+        assert difference == 0
 
 
 def test_inspect_end_to_end_on_jax_gives_the_tensorflow_runtimes_verdicts_and_scores(cli, tmp_path):

@@ -157,7 +157,7 @@ def check_parity(path: str | Path, precision: str, images, rules: VerdictRules, 
     reference = load_model(path, expected_sha256=sha256)
     candidate = load_in_precision(path, precision, expected_sha256=sha256)
     check_fits(reference, images)
-    forwards = [tf.function(lambda x, m=m: m(x, training=False)) for m in (reference, candidate)]
+    forwards = [tf.function(lambda x, m=m: m(x, training=False), reduce_retracing=True) for m in (reference, candidate)]
     scores = [RuleScores(rules, list(images.classes)) for _ in forwards]
     for x, y in evaluation_dataset(images, batch_size=batch_size):
         truth = y.numpy().transpose(0, 3, 1, 2) > 0.5
