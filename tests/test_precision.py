@@ -232,3 +232,41 @@ def test_inspection_precision_float32_overrides_the_recorded_one(session, demo_c
     row = register_model(session, demo_copy, name="trained", version="2", precision="bfloat16", check_data=check_data)
     assert model_ref(row, 8).precision == "bfloat16"
     assert model_ref(row, 8, precision="float32").precision == "float32"
+
+
+def test_inspect_runs_a_bfloat16_version_in_bfloat16_and_records_it(cli, tmp_path, small_unet, monkeypatch):
+    """The precision travels from the models row to the workers; the run's row says which was asked for."""
+    import zarr
+    from sqlalchemy import update
+
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.schema import Inspection, JobRun
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model.precision import cpu_flags
+    from defectscan.pipeline.worker import score_images
+
+    from pipeline_helpers import add_model, register, square_images, write_stack
+
+    if runnable("bfloat16", gpu=False, flags=cpu_flags())[0] != "bfloat16":
+        pytest.skip("this CPU has no bfloat16 units: its workers run float32 (test_a_cpu_without_bfloat16_runs_float32_and_says_so_once)")
+    url = f"sqlite:///{tmp_path / 'bf16.sqlite'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    images = square_images(8, size=64, defects={2: (10, 10, 8)}, seed=6)
+    store = register(factory, write_stack(tmp_path / "B1.zarr", images))
+    add_model(factory, small_unet, name="small")
+    with factory.begin() as session:
+        session.execute(update(Model).values(precision="bfloat16"))
+    env = {"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4",
+           "DEFECTSCAN_INSPECTION__OUTPUT_DIR": str(tmp_path / "masks")}
+    result = cli("--database-url", url, "inspect", "--model", "small", "--imageset", store.uri, "--workers", "1", "--no-progress", env=env)
+    assert result.exit_code == 0, result.output
+    with factory() as session:
+        run = session.scalars(select(JobRun)).one()
+        inspection = session.scalars(select(Inspection).order_by(Inspection.id)).first()
+    engine.dispose()
+    assert run.timings["precision"] == "bfloat16"
+    stored = zarr.open_array(inspection.mask_uri, path=inspection.mask_array, mode="r")[:]
+    f32, bf16 = _refs(small_unet, precision="bfloat16")
+    assert np.array_equal(stored, score_images(bf16, images)) and not np.array_equal(stored, score_images(f32, images))
