@@ -124,10 +124,7 @@ def register_model(
     check_data: str | Path | None = None,
 ) -> Model:
     """Check the file loads and agrees with its class list, then add its row. Arguments beat metadata.
-
-    A precision other than float32 is admitted by a parity check (model/precision.py) on `check_data`
-    or the model's recorded validation split, or by a passed check the metadata records for this file.
-    """
+    A precision other than float32 needs a passed parity check (`_admit_precision`)."""
     from defectscan.model.preprocess import contract_of
 
     path = Path(path).resolve()
@@ -156,12 +153,7 @@ def register_model(
         raise ModelError(f"{path}: the model has {outputs} output classes but {len(classes)} class names were given ({', '.join(classes)})")
     point = _operating_point(path, operating_point or meta.operating_point, threshold if threshold is not None else meta.threshold)
     precision = check_precision_name(precision or meta.precision or "float32")
-    check = None
-    if precision != "float32":
-        check = None if check_data is not None else recorded_check(meta.precision_check, precision, sha256)
-        if check is None:
-            images = check_images(check_data, meta.training)
-            check = require_passed(check_parity(path, precision, images, VerdictRules.from_dict(point), expected_sha256=sha256))
+    check = _admit_precision(path, sha256, precision, meta, VerdictRules.from_dict(point), check_data)
     config = model.get_config()
     # The file's own structure decides its input multiple and receptive radius, whatever a sidecar says.
     input_spec = contract_of(model).to_dict()
@@ -194,6 +186,17 @@ def register_model(
             raise
         raise AlreadyRegistered(f"model {name}:{version} is already registered (file {winner.uri}); choose another version") from None
     return row
+
+
+def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadata, rules: VerdictRules,
+                     check_data: str | Path | None) -> ParityCheck | None:
+    """The passed parity check of `precision` (None for float32): the metadata's for this very file, unless data is given, else a new one."""
+    if precision == "float32":
+        return None
+    check = None if check_data is not None else recorded_check(meta.precision_check, precision, sha256)
+    if check is None:
+        check = require_passed(check_parity(path, precision, check_images(check_data, meta.training), rules, expected_sha256=sha256))
+    return check
 
 
 class AlreadyRegistered(ModelError):
