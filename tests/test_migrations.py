@@ -7,6 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from defectscan.db.migrate import alembic_config, history, require_current, schema_state, upgrade
 from defectscan.db.schema import Base
@@ -194,22 +195,22 @@ def test_the_upgrade_to_head_counts_the_decisions_recorded_before_0005_and_its_d
     upgrade(engine)
 
 
-def test_0006_gives_versions_registered_before_it_float32_and_its_downgrade_keeps_their_results(engine):
+def test_0007_gives_versions_registered_before_it_float32_and_its_downgrade_keeps_their_results(engine):
     from alembic import command
 
     with engine.begin() as connection:
-        command.upgrade(alembic_config(connection), "0005")
+        command.upgrade(alembic_config(connection), "0006")
         _results(connection, [(1, None, "fail", 1), (2, None, "pass", 0)])
     upgrade(engine)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT precision, precision_check FROM models")).all() == [("float32", None)]
     with engine.begin() as connection:
         connection.execute(text("UPDATE models SET precision = 'bfloat16', precision_check = '{\"agreement\": 1.0}'"))
-    with pytest.raises(Exception, match="(?i)check"):  # the constraint holds on the copied table too
+    with pytest.raises(IntegrityError, match="(?i)check"):  # the column's constraint refuses a precision nobody runs
         with engine.begin() as connection:
             connection.execute(text("UPDATE models SET precision = 'int8'"))
     with engine.begin() as connection:
-        command.downgrade(alembic_config(connection), "0005")
+        command.downgrade(alembic_config(connection), "0006")
     assert not {"precision", "precision_check"} & {c["name"] for c in sa_inspect(engine).get_columns("models")}
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM inspections")).scalar() == 2
