@@ -125,6 +125,10 @@ def test_the_demo_ships_checked_for_bfloat16_and_registers_so(session):
     assert meta.precision_check["passed"] and meta.precision_check["images"] >= 200
     row = register_demo(session)
     assert row.precision == "bfloat16" and row.precision_check == meta.precision_check
+    # A database whose demo row predates the check: set-precision takes the sidecar's check for this very file.
+    set_precision(session, f"{row.name}:{row.version}", "float32")
+    again, check = set_precision(session, f"{row.name}:{row.version}", "bfloat16")
+    assert again.precision == "bfloat16" and check.as_dict() == meta.precision_check
 
 
 def test_cli_set_precision_register_list_show_and_their_errors(cli, migrated_url, demo_copy, edge_model, check_data, tmp_path):
