@@ -124,11 +124,20 @@ def find_defects(scores: np.ndarray, classes: list[str], rules: VerdictRules, or
     _check_shape(scores, classes)
     found: list[DefectRecord] = []
     for index, name in enumerate(classes):
-        channel = scores[index]
-        labels = _defect_labels(channel, rules.for_class(name))
+        rule = rules.for_class(name)
+        above = scores[index] >= score_cutoff(rule.threshold)
+        rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+        if not rows.size:
+            continue  # most images: nothing to label (a whole-image labelling costs milliseconds a worker needs)
+        # Labelled inside the box holding every pixel above the threshold: the same regions, fewer pixels.
+        top, left = int(rows[0]), int(cols[0])
+        box = (slice(top, int(rows[-1]) + 1), slice(left, int(cols[-1]) + 1))
+        channel = scores[index][box]
+        labels = _defect_labels(above[box], rule)
         for region in regionprops(labels, intensity_image=channel):
-            y0, x0, y1, x1 = region.bbox
+            y0, x0, y1, x1 = (a + b for a, b in zip(region.bbox, (top, left, top, left), strict=True))
             cy, cx = region.centroid
+            cy, cx = cy + top, cx + left
             found.append(
                 DefectRecord(
                     class_index=index,
@@ -156,11 +165,11 @@ def score_cutoff(threshold: float) -> int:
     return int(np.ceil(threshold * 255.0 - 1e-9))
 
 
-def _defect_labels(channel: np.ndarray, rule: VerdictRules) -> np.ndarray:
-    """Steps 1-2 of the rule on one (H, W) uint8 channel: labelled regions, noise removed (label 0)."""
+def _defect_labels(above: np.ndarray, rule: VerdictRules) -> np.ndarray:
+    """Step 2 of the rule on step 1's (H, W) mask of pixels at or above the threshold: labelled regions, noise removed (label 0)."""
     from skimage.measure import label
 
-    labels = label(channel >= score_cutoff(rule.threshold), connectivity=2)
+    labels = label(above, connectivity=2)
     # Drop noise in one vectorised pass: per-region properties are costly when specks are many.
     areas = np.bincount(labels.ravel())
     areas[0] = 0
