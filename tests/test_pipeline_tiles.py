@@ -171,3 +171,29 @@ def test_the_compiled_uint8_program_gives_the_scores_of_the_float_probabilities(
     scores = score_images(model_ref, images)
     assert scores.dtype == np.uint8 and scores.shape == (3, 1, 200, 300)
     np.testing.assert_array_equal(scores, expected)
+
+
+def test_two_task_threads_of_a_worker_call_its_model_one_at_a_time():
+    """threads_per_worker > 1: shards overlap around the model, never inside it (the runtimes are not
+    thread-safe for one model, and their own pools already use the cores)."""
+    import threading
+    import time
+
+    from defectscan.pipeline.worker import _batched
+
+    inside, most = [0], [0]
+
+    def program(batch):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        inside[0] -= 1
+        return batch.transpose(0, 3, 1, 2)
+
+    x = np.zeros((12, 8, 8, 1), np.uint8)
+    threads = [threading.Thread(target=_batched, args=(program, x, 4, 1, np.uint8)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1

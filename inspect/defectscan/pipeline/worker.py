@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,12 +90,20 @@ def verify_model_file(ref: ModelRef) -> None:
     verify_sha256(ref.uri, ref.sha256)
 
 
+# A worker's task threads share its models: one loads a model while the others wait, and one model
+# call runs at a time (the runtimes' own thread pools use the cores), while another thread's shard
+# reads its first batch or writes its last: shards overlap as batches overlap inside one.
+_LOADING = threading.Lock()
+_CALLING = threading.Lock()
+
+
 def cached_model(ref: ModelRef) -> _Programs:
     key = (ref.sha256, ref.runtime, ref.precision)
-    programs = _MODELS.get(key)
-    if programs is None:
-        programs = _load(ref)
-        _MODELS[key] = programs
+    with _LOADING:
+        programs = _MODELS.get(key)
+        if programs is None:
+            programs = _load(ref)
+            _MODELS[key] = programs
     return programs
 
 
@@ -187,7 +196,8 @@ def _batched(program, x: np.ndarray, batch_size: int, channels: int, dtype) -> n
         chunk = x[start : start + batch_size]
         batch[: len(chunk)] = chunk
         batch[len(chunk) :] = 0  # the last batch is padded to the same shape
-        out[start : start + len(chunk)] = np.asarray(program(batch))[: len(chunk)]
+        with _CALLING:
+            out[start : start + len(chunk)] = np.asarray(program(batch))[: len(chunk)]
     return out
 
 
