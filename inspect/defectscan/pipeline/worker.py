@@ -134,7 +134,8 @@ def _load(ref: ModelRef) -> _Programs:
     import keras
 
     def scores(pixels):
-        return keras.ops.transpose(to_uint8_ops(model(scale_ops(pixels), training=False)), (0, 3, 1, 2))
+        # transposed before the cast: a uint8 transpose falls off oneDNN (and says so on stderr)
+        return to_uint8_ops(keras.ops.transpose(model(scale_ops(pixels), training=False), (0, 3, 1, 2)))
 
     def probabilities(batch):
         return keras.ops.transpose(keras.ops.cast(model(batch, training=False), "float32"), (0, 3, 1, 2))
