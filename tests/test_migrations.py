@@ -217,3 +217,30 @@ def test_0007_gives_versions_registered_before_it_float32_and_its_downgrade_keep
         assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
         assert connection.execute(text("SELECT name, version FROM models")).all() == [("m", "1")]
     upgrade(engine)
+
+
+def test_sqlite_table_copies_keep_every_reference_up_and_down(sqlite_url):
+    """SQLite migrations that copy a table (0003 job_runs, 0002's downgrade of models) dropped the old one with
+    foreign keys on: every inspection lost its job run (SET NULL) on the way up, every inspection (CASCADE) on
+    the way down to 0001. Migrations now run with them off and check the references before committing."""
+    from alembic import command
+
+    from defectscan.db.migrate import migration_connection
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine, "0002")
+    with engine.begin() as connection:
+        _results(connection, [(1, "2026-01-05 10:00:00+00:00", "fail", 1), (2, "2026-01-05 10:01:00+00:00", "pass", 0)])
+        connection.execute(text("INSERT INTO job_runs (id, job, status, started_at, n_images, n_skipped, n_inspected, n_errors, n_defects) "
+                                "VALUES (7, 'inspect', 'succeeded', '2026-01-05 10:00:00+00:00', 2, 0, 2, 0, 1)"))
+        connection.execute(text("UPDATE inspections SET job_run_id = 7"))
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT job_run_id FROM inspections ORDER BY id")).scalars().all() == [7, 7]
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1  # on again for the application
+    with migration_connection(engine) as connection:
+        command.downgrade(alembic_config(connection), "0001")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT job_run_id FROM inspections ORDER BY id")).scalars().all() == [7, 7]
+        assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
+    engine.dispose()

@@ -43,16 +43,35 @@ def _scripts() -> ScriptDirectory:
 
 
 @contextmanager
-def _connected(engine: Engine) -> Iterator[Connection]:
+def migration_connection(engine: Engine) -> Iterator[Connection]:
     check_connection(engine)
-    with engine.begin() as connection:
-        yield connection
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            yield connection
+        return
+    with engine.connect() as connection:
+        # SQLite alters most things by copying a table and dropping the old one; with foreign keys on,
+        # the drop cascades (every inspection of a copied `models`) or sets NULL (every inspection's
+        # job run when `job_runs` is copied). Off while migrating (a PRAGMA that only takes outside a
+        # transaction), and the references checked before the commit instead.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
+        try:
+            with connection.begin():
+                yield connection
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    raise DatabaseError(f"{display_url(engine.url)}: the migration left {len(broken)} rows whose references do not "
+                                        f"resolve (first: table {broken[0][0]}, row {broken[0][1]}); nothing was changed")
+        finally:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
 
 
 def schema_state(engine: Engine) -> SchemaState:
     """Where the database's schema stands against this code's migrations."""
     scripts = _scripts()
-    with _connected(engine) as connection:
+    with migration_connection(engine) as connection:
         heads = MigrationContext.configure(connection).get_current_heads()
     head = scripts.get_current_head()
     for revision in heads:
@@ -72,7 +91,7 @@ def schema_state(engine: Engine) -> SchemaState:
 def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, SchemaState]:
     """Bring the schema up to `revision`; a database already there is left untouched (but for rollups to fill)."""
     before = schema_state(engine)
-    with _connected(engine) as connection:
+    with migration_connection(engine) as connection:
         if not (revision == "head" and before.is_current):
             try:
                 command.upgrade(alembic_config(connection), revision)
