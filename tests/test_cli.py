@@ -11,6 +11,10 @@ from sqlalchemy.engine import make_url
 
 from defectscan import __version__
 from defectscan.cli import main
+from defectscan.db.migrate import history
+
+# The newest revision: the tests follow new migrations without a literal to update.
+HEAD = history()[0][0]
 
 GROUPS = ["db", "data", "ingest", "imagesets", "train", "evaluate", "models", "inspect", "jobs", "defects", "images", "lots", "review", "report"]
 
@@ -83,28 +87,28 @@ def test_db_upgrade_current_history_on_both_backends(cli, database_url):
 
     result = cli("--database-url", database_url, "db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert "upgraded from empty to 0005" in result.output
+    assert f"upgraded from empty to {HEAD}" in result.output
 
     result = cli("--database-url", database_url, "db", "upgrade")
-    assert "already at revision 0005, nothing to do" in result.output
+    assert f"already at revision {HEAD}, nothing to do" in result.output
 
     result = cli("--database-url", database_url, "db", "current")
     assert result.exit_code == 0
-    assert result.output.strip().endswith("0005 (head)")
+    assert result.output.strip().endswith(f"{HEAD} (head)")
     password = make_url(database_url).password
     if password:
         assert f":{password}@" not in result.output
         assert ":***@" in result.output
 
     result = cli("--database-url", database_url, "db", "history")
-    assert result.output.strip().splitlines() == ["0004 -> 0005: review_daily: QA's figures per image set, model and capture day", "0003 -> 0004: reviews, model stage history and comparisons", "0002 -> 0003: run status abandoned", "0001 -> 0002: model operating point", "<base> -> 0001: initial schema"]
+    assert result.output.strip().splitlines() == ["0006 -> 0007: model precision", "0005 -> 0006: review lists in time order", "0004 -> 0005: review_daily: QA's figures per image set, model and capture day", "0003 -> 0004: reviews, model stage history and comparisons", "0002 -> 0003: run status abandoned", "0001 -> 0002: model operating point", "<base> -> 0001: initial schema"]
 
 
 def test_database_url_from_environment(cli, database_url):
     result = cli("db", "upgrade", env={"DEFECTSCAN_DATABASE_URL": database_url})
     assert result.exit_code == 0, result.output
     result = cli("db", "current", env={"DEFECTSCAN_DATABASE_URL": database_url})
-    assert "0005 (head)" in result.output
+    assert f"{HEAD} (head)" in result.output
 
 
 def test_default_database_is_sqlite_under_the_data_dir(cli, tmp_path, monkeypatch):
