@@ -92,9 +92,11 @@ def timed_cli(env: dict[str, str], *args) -> tuple[subprocess.CompletedProcess, 
 def build_dataset(args, root: Path) -> Path:
     from defectscan.data.surfaces import SurfaceSpec, write_surfaces_dagm
 
-    spec = SurfaceSpec(surfaces=tuple(args.surfaces.split(",")), train=args.train, test=args.test, size=args.size, seed=0)
+    contrast = {"contrast": args.defect_contrast} if args.defect_contrast else {}
+    spec = SurfaceSpec(surfaces=tuple(args.surfaces.split(",")), train=args.train, test=args.test, size=args.size, seed=0, **contrast)
     summary = write_surfaces_dagm(root, spec)
-    print(f"dataset: {summary.images} images ({summary.defective} defective), {len(spec.surfaces)} surfaces, {args.size}x{args.size} -> {root}")
+    print(f"dataset: {summary.images} images ({summary.defective} defective), {len(spec.surfaces)} surfaces, "
+          f"{args.size}x{args.size}, defect contrast {spec.contrast[0]:g}..{spec.contrast[1]:g} local std -> {root}")
     return root
 
 
@@ -288,6 +290,8 @@ def working_folder(args) -> tuple[Path, bool]:
 
 
 def run(args, out: Path) -> dict:
+    from defectscan.data.surfaces import DEFECT_CONTRAST
+
     env = cli_env(out)
     cli(env, "db", "upgrade")
     if args.model:
@@ -330,7 +334,8 @@ def run(args, out: Path) -> dict:
     return {
         "benchmark": "verdict accuracy", "model": ref, "model_path": str(model_path), "dataset": str(root),
         "split": args.dagm_split, "recipe": None if args.model else args.recipe, "overrides": args.set or [],
-        "spec": None if args.model else {"surfaces": args.surfaces.split(","), "train": args.train, "test": args.test, "size": args.size, "seed": 0},
+        "spec": None if args.model else {"surfaces": args.surfaces.split(","), "train": args.train, "test": args.test, "size": args.size, "seed": 0,
+                                         "defect_contrast": list(args.defect_contrast or DEFECT_CONTRAST)},
         "cores": os.cpu_count(), "training_seconds": None if train_s is None else round(train_s, 1),
         "evaluate_seconds": round(evaluate_s, 1), "stage_seconds": stage_s, "operating_point": point,
         "surfaces": {name: {"class": group, "inspect": f, "evaluate": {k: v for k, v in e.items() if k != "groups"}, "targets": checks[name]}
@@ -339,6 +344,14 @@ def run(args, out: Path) -> dict:
         "inspect_evaluate_agree": not differences, "disagreements": differences,
         "targets": TARGETS, "all_targets_met": all_met,
     }
+
+
+def contrast_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
+    return low, high
 
 
 def main() -> None:
@@ -350,6 +363,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=40, help="Train images per surface")
     parser.add_argument("--test", type=int, default=40, help="Test images per surface")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--defect-contrast", type=contrast_range, metavar="LOW,HIGH",
+                        help="defects' contrast in standard deviations of the surface around them "
+                             "(default: defectscan.data.surfaces.DEFECT_CONTRAST)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for `defectscan train` (repeatable)")
     parser.add_argument("--model", help="an existing .keras file: no dataset build, no training (needs --dataset)")
     parser.add_argument("--dataset", help="an existing DAGM-layout folder (with --model)")
