@@ -108,6 +108,9 @@ def test_the_surfaces_read_only_the_allowed_photo_files(monkeypatch):
         ({"surfaces": ("moon", "moon")}, "surfaces must not repeat, got moon, moon"),
         ({"defects": ("dent",)}, "unknown defect kind 'dent'; known: scratch, spot, crack, stain"),
         ({"defects": ()}, "defects must name at least one defect kind"),
+        ({"contrast": (3.0, 2.0)}, "contrast must be LOW, HIGH with 0 < LOW <= HIGH (standard deviations), got (3.0, 2.0)"),
+        ({"contrast": (0.0, 2.0)}, "contrast must be LOW, HIGH with 0 < LOW <= HIGH"),
+        ({"contrast": (2.0,)}, "contrast must be LOW, HIGH with 0 < LOW <= HIGH"),
     ],
 )
 def test_bad_specs_are_refused_in_one_line(fields, message):
@@ -119,3 +122,13 @@ def test_bad_specs_are_refused_in_one_line(fields, message):
 
 def test_a_single_name_is_one_surface():
     assert SurfaceSpec(surfaces="moon", defects="spot") == SurfaceSpec(surfaces=("moon",), defects=("spot",))
+
+
+def test_the_contrast_range_sets_how_far_a_defect_moves_the_pixels(photos):
+    moved = {}
+    for contrast in ((1.0, 1.0), (3.0, 3.0)):
+        image, label = make_surface_sample(np.random.default_rng(7), photos["terrain"], 128, ("spot",), True, contrast)
+        clean, _ = make_surface_sample(np.random.default_rng(7), photos["terrain"], 128, ("spot",), False, contrast)
+        inside = label > 0
+        moved[contrast] = np.abs(image.astype(int) - clean.astype(int))[inside].mean()
+    assert 2.0 < moved[(3.0, 3.0)] / moved[(1.0, 1.0)] <= 3.2, moved
