@@ -183,3 +183,26 @@ def test_init_from_refuses_a_missing_file_other_classes_or_another_structure(uni
     with pytest.raises(ModelError, match=f"{donor}: cannot initialise from it: its layers differ from the recipe's model"):
         train(load_recipe(CPU_RECIPE, [f"model.init_from={donor}", "model.filters=[4, 8, 8, 8, 16]"], str(synth)), tmp_path / "c", progress=False)
     assert not list(tmp_path.glob("*/checkpoints/*.index")), "a refused run leaves no checkpoint to resume from"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS_DIR / "model").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path, data_path="data/x")
+    assert recipe.train.steps > 0 and recipe.model.variant in ("tinyunet", "unet")
+
+
+def test_the_finetune_recipe_runs_from_the_shipped_demo_model_and_records_an_operating_point(tmp_path):
+    from defectscan.data.surfaces import SurfaceSpec, write_surfaces_dagm
+
+    data = tmp_path / "surfaces"
+    write_surfaces_dagm(data, SurfaceSpec(surfaces=("terrain", "deep_field"), train=10, test=2, size=64, seed=3))
+    # The shipped recipe as it is, shrunk only in size and steps.
+    recipe = load_recipe(CONFIGS_DIR / "model" / "tinyunet-finetune.yaml",
+                         ["train.steps=4", "validation.every=2", "data.crop_size=32", "train.batch_size=4"], str(data))
+    assert recipe.model.init_from == "demo"
+    result = train(recipe, tmp_path / "run", progress=False)
+    assert result.finished and result.best_step in (2, 4)
+    sidecar = json.loads((tmp_path / "run" / "model.json").read_text())
+    point = sidecar["operating_point"]
+    assert point["target_false_call_rate"] == recipe.validation.target_false_call_rate
+    assert {"threshold", "min_defect_area", "fail_score"} <= set(point)

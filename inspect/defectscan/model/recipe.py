@@ -83,6 +83,11 @@ class OptimizerSpec(_Section):
     # rmsprop: the reference's (rho, momentum, centered apply); adam: Keras's Adam (beta 0.9/0.999).
     name: Literal["rmsprop", "adam"] = "rmsprop"
     learning_rate: float = Field(1e-4, gt=0)
+    # exponential: x decay_rate every decay_steps (staircase: in steps), the reference's;
+    # cosine: from learning_rate down to learning_rate x final_fraction along a half cosine over
+    # train.steps, so the last steps move the weights little (decay_rate/decay_steps unused).
+    schedule: Literal["exponential", "cosine"] = "exponential"
+    final_fraction: float = Field(0.0, ge=0, le=1)
     decay_rate: float = Field(0.8, gt=0, le=1)
     decay_steps: int = Field(500, ge=1)
     staircase: bool = True
@@ -181,5 +186,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         problems = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "recipe"
-            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+            # A check across sections (loc empty) would echo the whole recipe as its input.
+            got = f" (got {error.get('input')!r})" if error["loc"] else ""
+            problems.append(f"{where}: {error['msg']}{got}")
         raise ConfigError(f"{source}: invalid training recipe: " + "; ".join(problems)) from None

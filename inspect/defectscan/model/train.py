@@ -89,7 +89,10 @@ def _optimizer(recipe: Recipe):
     import keras
 
     o = recipe.optimizer
-    schedule = keras.optimizers.schedules.ExponentialDecay(o.learning_rate, o.decay_steps, o.decay_rate, staircase=o.staircase)
+    if o.schedule == "cosine":
+        schedule = keras.optimizers.schedules.CosineDecay(o.learning_rate, recipe.train.steps, alpha=o.final_fraction)
+    else:
+        schedule = keras.optimizers.schedules.ExponentialDecay(o.learning_rate, o.decay_steps, o.decay_rate, staircase=o.staircase)
     if recipe.train.warmup_steps:
         from defectscan.model.schedules import WarmUp
 
