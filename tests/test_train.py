@@ -206,3 +206,16 @@ def test_the_finetune_recipe_runs_from_the_shipped_demo_model_and_records_an_ope
     point = sidecar["operating_point"]
     assert point["target_false_call_rate"] == recipe.validation.target_false_call_rate
     assert {"threshold", "min_defect_area", "fail_score"} <= set(point)
+
+
+def test_a_cosine_schedule_warms_up_then_falls_to_its_final_fraction_at_the_last_step():
+    from defectscan.model.train import _optimizer
+
+    recipe = load_recipe(CPU_RECIPE, ["optimizer.schedule=cosine", "optimizer.learning_rate=0.001",
+                                      "optimizer.final_fraction=0.1", "train.steps=100", "train.warmup_steps=10"])
+    schedule = _optimizer(recipe)._learning_rate  # the schedule object, not the current value
+    rate = {step: float(schedule(step)) for step in (0, 9, 50, 100, 150)}
+    assert rate[0] == pytest.approx(0.001 / 10, rel=0.01), "the warm-up's first step"
+    assert rate[9] == pytest.approx(0.001, rel=0.03), "about the full rate at the end of the warm-up"
+    assert rate[50] == pytest.approx(0.001 * (0.1 + 0.9 * 0.5), rel=0.01), "half way down the cosine"
+    assert rate[100] == pytest.approx(0.0001, rel=0.01) and rate[150] == pytest.approx(0.0001, rel=0.01)
