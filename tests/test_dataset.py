@@ -160,3 +160,24 @@ def test_zarr_without_labels_or_classes_is_refused(tmp_path):
         samples.load(0)
     with pytest.raises(DataError, match="does not exist"):
         read_zarr(tmp_path / "missing.zarr")
+
+
+def test_zoomed_crops_keep_their_size_image_and_target_together_and_leave_unzoomed_streams_alone():
+    images = _images(n=4, size=64)
+    plain = _take(training_dataset(images, batch_size=16, seed=2, crop_size=24, augment=False), 2)
+    again = _take(training_dataset(images, batch_size=16, seed=2, crop_size=24, augment=False, zoom=0.0), 2)
+    for (xa, ya), (xb, yb) in zip(plain, again):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    zoomed = _take(training_dataset(images, batch_size=16, seed=2, crop_size=24, defect_crop_fraction=1.0, augment=False, zoom=0.5), 2)
+    repeat = _take(training_dataset(images, batch_size=16, seed=2, crop_size=24, defect_crop_fraction=1.0, augment=False, zoom=0.5), 2)
+    areas = set()
+    for (x, y), (xr, yr) in zip(zoomed, repeat):
+        np.testing.assert_array_equal(x, xr)
+        assert x.shape == (16, 24, 24, 1) and set(np.unique(y)) <= {0.0, 1.0}
+        for image, target in zip(x, y):
+            if target.any():
+                # The defect (8x4 px, value 250) is resized with its target: its pixels stay where the target is.
+                assert image[..., 0][target[..., 0] > 0].mean() > 0.5
+                areas.add(int(target.sum()))
+    assert len(areas) > 3, f"the defect's size changes with the crop's scale, got areas {sorted(areas)}"

@@ -1,7 +1,7 @@
 """The one tf.data pipeline that feeds the model, from a `LabelledImages` (data/dataset.py).
 
 In this order: decode (through the reader, in parallel), cache (memory or a file, so large sets
-need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect),
+need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect, at a random scale with `zoom`),
 random horizontal flip + rot90, the model's input scaling (model/preprocess.py), camera-like
 photometric changes, one sigmoid target channel per class, batch, prefetch.
 
@@ -49,25 +49,41 @@ def _targets(classes, num_classes: int):
     return tf.cast(tf.equal(classes, ids), tf.float32)
 
 
-def _crop(image, classes, crop_size: int, defect_fraction: float, seed):
-    """A crop_size square; with probability defect_fraction it contains a defect pixel (when there is one)."""
+def _crop(image, classes, crop_size: int, defect_fraction: float, seed, zoom: float = 0.0):
+    """A crop_size square; with probability defect_fraction it contains a defect pixel (when there is one).
+
+    With `zoom`, the square cut is crop_size x exp(+-zoom) on a side (drawn from its own stream,
+    so the crops of a run without zoom stay as they were), resized back to crop_size: the pixels
+    bilinearly, the class ids by nearest neighbour.
+    """
     import tensorflow as tf
 
     height, width = image.shape[0], image.shape[1]
     u = tf.random.stateless_uniform([5], seed=seed)
+    if zoom:
+        scale = tf.exp(zoom * tf.random.stateless_uniform([], seed=seed + [0, 1 << 42], minval=-1.0, maxval=1.0))
+        side = tf.clip_by_value(tf.cast(tf.round(crop_size * scale), tf.int32), 1, min(height, width))
+    else:
+        side = tf.constant(crop_size, tf.int32)
+    extent = tf.cast(side, tf.float32)
     foreground = tf.where(classes[..., 0] > 0)
     count = tf.shape(foreground)[0]
     use_defect = tf.logical_and(u[0] < defect_fraction, count > 0)
     pick = tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), tf.maximum(count - 1, 0))
     centre = tf.cond(use_defect, lambda: tf.cast(foreground[pick], tf.float32), lambda: tf.constant([-1.0, -1.0]))
     # Defect-centred crops are jittered by up to a quarter crop so the defect is not always central.
-    jitter = (u[2:4] - 0.5) * (crop_size / 2)
-    corner_defect = centre - crop_size / 2 + jitter
-    corner_random = u[3:5] * tf.constant([height - crop_size, width - crop_size], tf.float32)
+    jitter = (u[2:4] - 0.5) * (extent / 2)
+    corner_defect = centre - extent / 2 + jitter
+    corner_random = u[3:5] * tf.stack([height - extent, width - extent])
     corner = tf.where(use_defect, corner_defect, corner_random)
-    top = tf.clip_by_value(tf.cast(corner[0], tf.int32), 0, height - crop_size)
-    left = tf.clip_by_value(tf.cast(corner[1], tf.int32), 0, width - crop_size)
-    return image[top : top + crop_size, left : left + crop_size], classes[top : top + crop_size, left : left + crop_size]
+    top = tf.clip_by_value(tf.cast(corner[0], tf.int32), 0, height - side)
+    left = tf.clip_by_value(tf.cast(corner[1], tf.int32), 0, width - side)
+    image, classes = image[top : top + side, left : left + side], classes[top : top + side, left : left + side]
+    if zoom:
+        size = [crop_size, crop_size]
+        image = tf.cast(tf.round(tf.image.resize(image, size, "bilinear", antialias=True)), tf.uint8)
+        classes = tf.image.resize(classes, size, "nearest")
+    return tf.ensure_shape(image, (crop_size, crop_size, 1)), tf.ensure_shape(classes, (crop_size, crop_size, 1))
 
 
 def _flip_rotate(image, target, seed):
@@ -123,6 +139,7 @@ def training_dataset(
     seed: int,
     crop_size: int | None = None,
     defect_crop_fraction: float = 0.5,
+    zoom: float = 0.0,
     cache: str = "memory",
     shuffle_buffer: int = 1024,
     start_step: int = 0,
@@ -156,7 +173,7 @@ def training_dataset(
         image, classes = sample
         element_seed = tf.stack([tf.constant(seed, tf.int64), position])
         if crop_size is not None:
-            image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40])
+            image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40], zoom)
         target = _targets(classes, num_classes)
         if augment:
             image, target = _flip_rotate(image, target, element_seed)

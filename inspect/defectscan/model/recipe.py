@@ -61,6 +61,9 @@ class DataSpec(_Section):
     tile: int = 512
     crop_size: int | None = None
     defect_crop_fraction: float = Field(0.5, ge=0, le=1)
+    # Each crop cut at a random scale, a side of crop_size x exp(+-zoom), resized to crop_size (the
+    # camera's distance to the part varies); 0 = off. Crops only: whole images are never resized.
+    zoom: float = Field(0.0, ge=0, le=1)
     cache: str = "memory"
     shuffle_buffer: int = Field(1024, ge=1)
     strict: bool = False

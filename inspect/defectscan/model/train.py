@@ -188,6 +188,7 @@ class _Phases:
             seed=spec.seed + (1 if whole else 0),
             crop_size=None if whole else data.crop_size,
             defect_crop_fraction=data.defect_crop_fraction,
+            zoom=data.zoom,
             cache=data.cache,
             shuffle_buffer=data.shuffle_buffer,
             start_step=step - self.switch_at if whole else step,
