@@ -2,8 +2,9 @@
 
 In this order: decode (through the reader, in parallel), cache (memory or a file, so large sets
 need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect; at
-a random scale with `zoom`), random horizontal flip + rot90, the model's input scaling (model/preprocess.py), camera-like
-photometric changes, one sigmoid target channel per class, batch, prefetch.
+a random scale with `zoom`), random horizontal flip + rot90, the model's input scaling
+(model/preprocess.py), camera-like photometric changes, one sigmoid target channel per class,
+batch, prefetch.
 
 The training stream is a pure function of the seed: element i of the stream always gets the
 same image and the same augmentation, so a resumed run sees exactly what an uninterrupted one
