@@ -92,8 +92,8 @@ def timed_cli(env: dict[str, str], *args) -> tuple[subprocess.CompletedProcess, 
 def build_dataset(args, root: Path) -> Path:
     from defectscan.data.surfaces import SurfaceSpec, write_surfaces_dagm
 
-    contrast = {"contrast": args.defect_contrast} if args.defect_contrast else {}
-    spec = SurfaceSpec(surfaces=tuple(args.surfaces.split(",")), train=args.train, test=args.test, size=args.size, seed=0, **contrast)
+    spec = SurfaceSpec(surfaces=tuple(args.surfaces.split(",")), train=args.train, test=args.test, size=args.size, seed=0,
+                       contrast=args.defect_contrast)
     summary = write_surfaces_dagm(root, spec)
     print(f"dataset: {summary.images} images ({summary.defective} defective), {len(spec.surfaces)} surfaces, "
           f"{args.size}x{args.size}, defect contrast {spec.contrast[0]:g}..{spec.contrast[1]:g} local std -> {root}")
@@ -290,8 +290,6 @@ def working_folder(args) -> tuple[Path, bool]:
 
 
 def run(args, out: Path) -> dict:
-    from defectscan.data.surfaces import DEFECT_CONTRAST
-
     env = cli_env(out)
     cli(env, "db", "upgrade")
     if args.model:
@@ -335,7 +333,7 @@ def run(args, out: Path) -> dict:
         "benchmark": "verdict accuracy", "model": ref, "model_path": str(model_path), "dataset": str(root),
         "split": args.dagm_split, "recipe": None if args.model else args.recipe, "overrides": args.set or [],
         "spec": None if args.model else {"surfaces": args.surfaces.split(","), "train": args.train, "test": args.test, "size": args.size, "seed": 0,
-                                         "defect_contrast": list(args.defect_contrast or DEFECT_CONTRAST)},
+                                         "defect_contrast": list(args.defect_contrast)},
         "cores": os.cpu_count(), "training_seconds": None if train_s is None else round(train_s, 1),
         "evaluate_seconds": round(evaluate_s, 1), "stage_seconds": stage_s, "operating_point": point,
         "surfaces": {name: {"class": group, "inspect": f, "evaluate": {k: v for k, v in e.items() if k != "groups"}, "targets": checks[name]}
@@ -372,6 +370,10 @@ def main() -> None:
     parser.add_argument("--dagm-split", default="Test", choices=["Train", "Test"], help="split to inspect and evaluate")
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json", help="where to write the figures")
     args = parser.parse_args()
+    if args.defect_contrast is None:
+        from defectscan.data.surfaces import DEFECT_CONTRAST
+
+        args.defect_contrast = DEFECT_CONTRAST
     if bool(args.model) != bool(args.dataset):
         parser.error("--model and --dataset go together")
 
