@@ -93,3 +93,57 @@ def test_validation_images_are_never_trained_on(synth):
     assert not set(training.keys) & set(validation.keys)
     assert sorted(training.keys + validation.keys) == sorted(images.keys)
     assert np.array_equal(training.load(0)[0], images.load(images.keys.index(training.keys[0]))[0])
+
+
+def _trained_weights(checkpoint_dir, recipe):
+    """The weights the optimiser reached (not their average) from a run's latest checkpoint."""
+    import tensorflow as tf
+
+    from defectscan.model.unet import build_model
+
+    model = build_model(recipe.model.variant, num_classes=1, filters=recipe.model.filters, seed=0)
+    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(checkpoint_dir)).expect_partial()
+    return model.get_weights()
+
+
+def test_a_moving_average_is_validated_and_saved_without_changing_the_training(synth, validated, tmp_path):
+    recipe = load_recipe(CPU_RECIPE, [*VALIDATED, "optimizer.ema_momentum=0.5"], data_path=str(synth))
+    result = train(recipe, tmp_path / "ema", progress=False)
+    plain_out = validated[1]
+    # Validation swapped the average in and the trained weights back: the optimiser's path is the plain run's.
+    for a, b in zip(_trained_weights(tmp_path / "ema" / "checkpoints", recipe), _trained_weights(plain_out / "checkpoints", recipe), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state = json.loads((tmp_path / "ema" / "validation.json").read_text())
+    assert [entry["step"] for entry in state["history"]] == [2, 4, 6]
+    saved = load_model(result.model_path).get_weights()
+    best = load_model(result.model_path)
+    best.load_weights(tmp_path / "ema" / "best.weights.h5")
+    for a, b in zip(saved, best.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # ... and what was validated and saved is the average, not the weights of any step the plain run saved.
+    plain = load_model(validated[0].model_path).get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(saved, plain, strict=True))
+    # The averages are checkpointed: a paused and resumed run saves the same model.
+    train(recipe, tmp_path / "paused", stop_at=3, progress=False)
+    resumed = train(recipe, tmp_path / "paused", progress=False)
+    for a, b in zip(saved, load_model(resumed.model_path).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_validation_the_average_is_the_model_saved(synth, tmp_path):
+    plain = train(load_recipe(CPU_RECIPE, data_path=str(synth)), tmp_path / "plain", progress=False)
+    recipe = load_recipe(CPU_RECIPE, ["optimizer.ema_momentum=0.9"], data_path=str(synth))
+    averaged = train(recipe, tmp_path / "ema", progress=False)
+    trained = _trained_weights(tmp_path / "ema" / "checkpoints", recipe)
+    for a, b in zip(trained, load_model(plain.model_path).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    saved = load_model(averaged.model_path).get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(saved, trained, strict=True))
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5"])
+def test_an_ema_momentum_outside_0_1_is_refused(value):
+    from defectscan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"optimizer.ema_momentum: Input should be (greater|less) than [01] \(got {value}\)"):
+        load_recipe(CPU_RECIPE, [f"optimizer.ema_momentum={value}"])

@@ -94,6 +94,10 @@ class OptimizerSpec(_Section):
     decay_rate: float = Field(0.8, gt=0, le=1)
     decay_steps: int = Field(500, ge=1)
     staircase: bool = True
+    # null: the weights trained are the weights validated and saved. A number in (0, 1): an
+    # exponential moving average of the weights, new = m x old + (1 - m) x trained, kept beside them
+    # (Keras's use_ema); validation scores it and the best step's average is the model saved.
+    ema_momentum: float | None = Field(None, gt=0, lt=1)
     rho: float = 0.9
     momentum: float = 0.8
     centered: bool = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +98,11 @@ def _optimizer(recipe: Recipe):
         from defectscan.model.schedules import WarmUp
 
         schedule = WarmUp(schedule, recipe.train.warmup_steps)
+    ema = {"use_ema": True, "ema_momentum": o.ema_momentum} if o.ema_momentum is not None else {}
     if o.name == "adam":
-        optimizer = keras.optimizers.Adam(schedule, epsilon=o.epsilon)
+        optimizer = keras.optimizers.Adam(schedule, epsilon=o.epsilon, **ema)
     else:
-        optimizer = keras.optimizers.RMSprop(schedule, rho=o.rho, momentum=o.momentum, centered=o.centered, epsilon=o.epsilon)
+        optimizer = keras.optimizers.RMSprop(schedule, rho=o.rho, momentum=o.momentum, centered=o.centered, epsilon=o.epsilon, **ema)
     if recipe.train.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -323,15 +325,17 @@ def train(
                 if current % spec.checkpoint_every == 0:
                     manager.save(checkpoint_number=current)
                 if validator is not None and validator.due(current, current >= spec.steps):
-                    validator.run(model, current)
+                    with _kept_weights(recipe, model, optimizer):
+                        validator.run(model, current)
         except KeyboardInterrupt:
             manager.save(checkpoint_number=int(optimizer.iterations.numpy()))
             raise
         if current != start and (manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{current}")):
             manager.save(checkpoint_number=current)
         seconds = report.close()
-        summary = _finish(recipe, model, out_dir, validator, images=images, training_images=training_images,
-                          validation_images=validation_images, start=start, current=current, seconds=seconds, report=report)
+        with _kept_weights(recipe, model, optimizer):
+            summary = _finish(recipe, model, out_dir, validator, images=images, training_images=training_images,
+                              validation_images=validation_images, start=start, current=current, seconds=seconds, report=report)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return TrainResult(
@@ -383,6 +387,23 @@ def _finish(recipe: Recipe, model, out_dir: Path, validator, *, images: Labelled
         write_sidecar(recipe, images.classes, model_path, summary, best)
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@contextmanager
+def _kept_weights(recipe: Recipe, model, optimizer):
+    """Within: the model holds the weights a run validates and saves, the trained ones or, with
+    optimizer.ema_momentum, their moving average; after: the trained ones again, so training goes on
+    from where it was."""
+    if recipe.optimizer.ema_momentum is None:
+        yield
+        return
+    trained = [variable.numpy() for variable in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, trained, strict=True):
+            variable.assign(value)
 
 
 def _usable_images(images: LabelledImages) -> LabelledImages:
