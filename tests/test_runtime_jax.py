@@ -128,3 +128,28 @@ def test_a_worker_on_tensorflow_refuses_a_jax_model_and_says_why():
         use_backend("jax")
     use_backend("tensorflow")
     assert os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
+
+
+def test_a_model_with_views_averages_them_on_either_runtime(tmp_path, jax_client):
+    from defectscan.model.export import file_sha256, load_model
+    from defectscan.model.unet import build_model
+    from defectscan.model.views import ViewAverage
+
+    unet = build_model(filters=SMALL_FILTERS, seed=3)
+    path = tmp_path / "views.keras"
+    ViewAverage(unet, 8).save(path)
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 64, 96, 1)).astype(np.float32)
+    # By hand: each flip and transposition of the image through the plain UNet, undone, averaged.
+    views = []
+    for transposed in (False, True):
+        image = x.transpose(0, 2, 1, 3) if transposed else x
+        for axes in ((), (2,), (1,), (1, 2)):
+            p = np.flip(unet(np.flip(image, axes)).numpy(), axes) if axes else unet(image).numpy()
+            views.append(p.transpose(0, 2, 1, 3) if transposed else p)
+    expected = np.mean(views, axis=0).transpose(0, 3, 1, 2)
+    ref = ModelRef(uri=str(path), sha256=file_sha256(path), classes=("defect",), batch_size=2)
+    on_tensorflow = probabilities(ref, x)
+    on_jax = jax_client.submit(probabilities, ModelRef(**{**ref.__dict__, "runtime": "jax"}), x, pure=False).result()
+    assert np.abs(on_tensorflow - expected).max() < 1e-5
+    assert np.abs(on_jax - expected).max() < 1e-3
+    assert load_model(path).get_weights()[0].shape == unet.get_weights()[0].shape

@@ -147,3 +147,32 @@ def test_an_ema_momentum_outside_0_1_is_refused(value):
 
     with pytest.raises(ConfigError, match=rf"optimizer.ema_momentum: Input should be (greater|less) than [01] \(got {value}\)"):
         load_recipe(CPU_RECIPE, [f"optimizer.ema_momentum={value}"])
+
+
+def test_a_recipe_with_views_saves_their_average_and_chooses_its_operating_point_on_it(synth, validated, tmp_path):
+    from defectscan.model.evaluate import evaluate_model
+    from defectscan.model.train import _split
+    from defectscan.model.views import ViewAverage, views_of
+
+    recipe = load_recipe(CPU_RECIPE, [*VALIDATED, "model.test_time_views=4"], data_path=str(synth))
+    result = train(recipe, tmp_path, progress=False)
+    saved = load_model(result.model_path)
+    assert isinstance(saved, ViewAverage) and views_of(saved) == 4
+    # The steps are ranked on the plain UNet, as without views: the same best step and weights.
+    assert result.best_step == validated[0].best_step
+    for a, b in zip(saved.get_weights(), load_model(validated[0].model_path).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    point = read_metadata(sidecar_path(result.model_path)).operating_point
+    _, validation = _split(recipe, read_dagm(synth, "Train"))
+    again = evaluate_model(saved, validation, choose_for=0.5, chosen_on=validation.name)["operating_point"]
+    assert {k: point[k] for k in ("threshold", "min_defect_area", "fail_score", "figures")} == {
+        k: again[k] for k in ("threshold", "min_defect_area", "fail_score", "figures")
+    }
+    assert point["step"] == result.best_step
+
+
+def test_test_time_views_other_than_1_2_4_8_are_refused():
+    from defectscan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.test_time_views: Input should be 1, 2, 4 or 8 \(got 3\)"):
+        load_recipe(CPU_RECIPE, ["model.test_time_views=3"])

@@ -41,6 +41,7 @@ def load_model(path: str | Path, expected_sha256: str | None = None):
     import keras
 
     import defectscan.model.unet  # noqa: F401  (registers the custom layers)
+    import defectscan.model.views  # noqa: F401  (and the view average)
 
     path = Path(path)
     if path.suffix != ".keras":

@@ -35,6 +35,11 @@ class ModelSpec(_Section):
     # version as NAME:VERSION or NAME:STAGE, e.g. line3:production, read through the registry with
     # its checksum checked). A resumed run restores its checkpoint instead.
     init_from: str | None = None
+    # Views of each image the saved model averages (model/views.py): 1 (the image), 2 (+ mirrored),
+    # 4 (+ flipped top to bottom, and both) or 8 (+ the four transposed). Inspection then costs one
+    # UNet pass per view. Training and the choice of the best step use the plain UNet; the
+    # operating point is chosen on the saved model's views.
+    test_time_views: Literal[1, 2, 4, 8] = 1
 
     @field_validator("version", mode="before")
     @classmethod

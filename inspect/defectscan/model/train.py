@@ -226,11 +226,20 @@ class _Validator:
         done = {entry["step"] for entry in self.history}
         return step not in done and (end or step % self.recipe.validation.every == 0)
 
-    def run(self, model, step: int) -> dict:
+    def _evaluate(self, model) -> dict:
         from defectscan.model.evaluate import evaluate_model
 
-        target = self.recipe.validation.target_false_call_rate
-        metrics = evaluate_model(model, self.images, choose_for=target, chosen_on=self.images.name)
+        return evaluate_model(model, self.images, choose_for=self.recipe.validation.target_false_call_rate, chosen_on=self.images.name)
+
+    def choose(self, model) -> dict | None:
+        """The operating point of `model` on the validation images (None: no rule meets the target)."""
+        metrics = self._evaluate(model)
+        if metrics["operating_point"] is None:
+            log.warning("saved model: %s", metrics["no_operating_point"])
+        return metrics["operating_point"]
+
+    def run(self, model, step: int) -> dict:
+        metrics = self._evaluate(model)
         point = metrics["operating_point"]
         if point is None:  # no rule of the grid meets the target: the worst figure, Dice decides among such steps
             log.info("step %d: %s", step, metrics["no_operating_point"])
@@ -380,10 +389,16 @@ def _finish(recipe: Recipe, model, out_dir: Path, validator, *, images: Labelled
         "keras": keras.__version__,
     }
     if finished:
+        from defectscan.model.views import with_views
+
         model_path = out_dir / "model.keras"
         if best is not None:
             model.load_weights(validator.weights_path)
-        model.save(model_path)
+        saved = with_views(model, recipe.model.test_time_views)
+        if best is not None and saved is not model:
+            # The rule the line applies is chosen on the probabilities it will see: the views' mean.
+            best = {**best, "operating_point": validator.choose(saved)}
+        saved.save(model_path)
         write_sidecar(recipe, images.classes, model_path, summary, best)
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
