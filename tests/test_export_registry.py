@@ -154,3 +154,19 @@ def test_a_changed_demo_file_is_not_reused(tmp_path, sqlite_url, monkeypatch):
                 register_demo(session)
     finally:
         engine.dispose()
+
+
+def test_a_view_average_registers_as_one_and_serves_the_same_probabilities(cli, sqlite_url, model_file, tmp_path):
+    from defectscan.model.views import ViewAverage
+
+    path = tmp_path / "views.keras"
+    ViewAverage(load_model(model_file), 2).save(path)
+    assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
+    result = _db(cli, sqlite_url, "models", "register", str(path), "--name", "mirrored", "--version", "1", "--class", "a", "--class", "b")
+    assert result.exit_code == 0, result.output
+    assert "registered mirrored:1 (UNet(4,4,8,8,16) x 2 views, classes a, b)" in result.output
+    images = np.random.default_rng(2).integers(0, 256, (1, 32, 48), dtype=np.uint8)
+    served = load_saved_model(export_saved_model(path, tmp_path / "served"))
+    plain = predict_probabilities(load_model(model_file), images)
+    mirrored = predict_probabilities(load_model(model_file), images[:, :, ::-1])[:, :, ::-1]
+    np.testing.assert_allclose(served.serve(images[..., None]).numpy(), (plain + mirrored) / 2, atol=1e-5)

@@ -107,6 +107,15 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     return ModelMetadata(**data)
 
 
+def architecture_of(model) -> str:
+    """What the models row says the file is: "UNet(16,32,64,...)", with " x 4 views" for a view average."""
+    from defectscan.model.views import views_of
+
+    unet = getattr(model, "unet", model)
+    text = f"{type(unet).__name__}({','.join(str(f) for f in unet.get_config().get('filters', []))})"
+    return text if views_of(model) == 1 else f"{text} x {views_of(model)} views"
+
+
 def register_model(
     session: Session,
     path: str | Path,
@@ -154,7 +163,6 @@ def register_model(
     point = _operating_point(path, operating_point or meta.operating_point, threshold if threshold is not None else meta.threshold)
     precision = check_precision_name(precision or meta.precision or "float32")
     check = _admit_precision(path, sha256, precision, meta, VerdictRules.from_dict(point), check_data)
-    config = model.get_config()
     # The file's own structure decides its input multiple and receptive radius, whatever a sidecar says.
     input_spec = contract_of(model).to_dict()
     row = Model(
@@ -162,7 +170,7 @@ def register_model(
         version=version,
         uri=str(path),
         sha256=sha256,
-        architecture=f"{type(model).__name__}({','.join(str(f) for f in config.get('filters', []))})",
+        architecture=architecture_of(model),
         input_spec=input_spec,
         classes=list(classes),
         threshold=float(point["threshold"]),
