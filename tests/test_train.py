@@ -219,3 +219,24 @@ def test_a_cosine_schedule_warms_up_then_falls_to_its_final_fraction_at_the_last
     assert rate[9] == pytest.approx(0.001, rel=0.03), "about the full rate at the end of the warm-up"
     assert rate[50] == pytest.approx(0.001 * (0.1 + 0.9 * 0.5), rel=0.01), "half way down the cosine"
     assert rate[100] == pytest.approx(0.0001, rel=0.01) and rate[150] == pytest.approx(0.0001, rel=0.01)
+
+
+def test_frozen_layers_keep_the_donors_weights_and_the_others_train(uninterrupted, synth, tmp_path):
+    donor = uninterrupted[0].model_path
+    recipe = load_recipe(CPU_RECIPE, [f"model.init_from={donor}", "train.freeze=['input_', 'down1_']"], str(synth))
+    result = train(recipe, tmp_path, progress=False)
+    before, after = load_model(donor), load_model(result.model_path)
+    for layer in after.layers:
+        if not layer.weights:
+            continue
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), before.get_layer(layer.name).get_weights(), strict=True))
+        assert same == layer.name.startswith(("input_", "down1_")), layer.name
+
+
+def test_freeze_errors_name_the_prefix_or_the_missing_donor(synth, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.freeze \['input_'\] keeps layers as model.init_from gives them; without init_from they would stay random"):
+        load_recipe(CPU_RECIPE, ["train.freeze=['input_']"])
+    recipe = load_recipe(CPU_RECIPE, ["model.init_from=demo", "train.freeze=['encoder']"], str(synth))
+    with pytest.raises(ConfigError, match=r"train.freeze: 'encoder' names no layer with weights; the model's are input_conv1, input_conv2, down1_conv1"):
+        train(recipe, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()

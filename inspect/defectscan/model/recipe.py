@@ -152,6 +152,9 @@ class TrainSpec(_Section):
     # this many at a time (default: batch_size).
     whole_image_steps: int = Field(0, ge=0)
     whole_image_batch_size: int | None = Field(None, ge=1)
+    # Layers whose weights stay as model.init_from gave them, by name prefix (e.g. ["input_",
+    # "down1_"]: the full-resolution encoder). Frozen first layers also need no backward pass.
+    freeze: list[str] = []
 
 
 class Recipe(_Section):
@@ -169,6 +172,8 @@ class Recipe(_Section):
             raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of {multiple}, the model's input multiple")
         if self.train.whole_image_steps > self.train.steps:
             raise ValueError(f"train.whole_image_steps {self.train.whole_image_steps} is more than train.steps {self.train.steps}")
+        if self.train.freeze and self.model.init_from is None:
+            raise ValueError(f"train.freeze {self.train.freeze} keeps layers as model.init_from gives them; without init_from they would stay random")
         return self
 
 

@@ -108,6 +108,17 @@ def _optimizer(recipe: Recipe):
     return optimizer
 
 
+def _freeze(model, prefixes: list[str]) -> None:
+    """Make the layers named with one of `prefixes` untrainable; every prefix must name a layer with weights."""
+    weighted = [layer.name for layer in model.layers if layer.weights]
+    for prefix in prefixes:
+        matched = [name for name in weighted if name.startswith(prefix)]
+        if not matched:
+            raise ConfigError(f"train.freeze: {prefix!r} names no layer with weights; the model's are {', '.join(weighted)}")
+        for name in matched:
+            model.get_layer(name).trainable = False
+
+
 def init_weights(model, source: str | Path) -> None:
     """Copy the weights of the .keras model `source` into `model`; both must have one structure."""
     from defectscan.model.export import load_model
@@ -312,6 +323,7 @@ def train(
         strategy = _strategy(recipe)
         with strategy.scope():
             model = build_model(recipe.model.variant, num_classes=len(images.classes), filters=recipe.model.filters, seed=spec.seed)
+            _freeze(model, spec.freeze)
             optimizer = _optimizer(recipe)
             optimizer.build(model.trainable_variables)
         manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
