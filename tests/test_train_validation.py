@@ -176,3 +176,29 @@ def test_test_time_views_other_than_1_2_4_8_are_refused():
 
     with pytest.raises(ConfigError, match=r"model.test_time_views: Input should be 1, 2, 4 or 8 \(got 3\)"):
         load_recipe(CPU_RECIPE, ["model.test_time_views=3"])
+
+
+def test_keep_last_saves_the_last_step_and_still_records_every_validation(synth, tmp_path):
+    recipe = load_recipe(CPU_RECIPE, [*VALIDATED, "validation.keep=last"], data_path=str(synth))
+    result = train(recipe, tmp_path, progress=False)
+    state = json.loads((tmp_path / "validation.json").read_text())
+    assert [entry["step"] for entry in state["history"]] == [2, 4, 6] and result.best_step == state["best"]["step"] == 6
+    for a, b in zip(load_model(result.model_path).get_weights(), _trained_weights(tmp_path / "checkpoints", recipe), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert read_metadata(sidecar_path(result.model_path)).operating_point["step"] == 6
+
+
+def test_steps_rank_by_escapes_false_calls_then_dice_of_defective_images_and_a_tie_goes_to_the_later():
+    from defectscan.model.train import _Validator
+
+    def entry(step, escape, dice, dice_defective):
+        figures = {"escape_rate": escape, "false_call_rate": 0.0, "dice": dice, "dice_defective": dice_defective}
+        return {"step": step, "operating_point": {"figures": figures}, "dice": dice}
+
+    finds_little = entry(700, 0.125, 0.80, 0.59)  # good images flatter its overall Dice
+    settled = entry(1500, 0.125, 0.76, 0.71)
+    assert min([finds_little, settled], key=_Validator.key)["step"] == 1500
+    assert min([entry(900, 0.125, 0.7, 0.6), entry(1000, 0.125, 0.7, 0.6)], key=_Validator.key)["step"] == 1000
+    assert min([entry(900, 0.0625, 0.5, 0.4), settled], key=_Validator.key)["step"] == 900
+    no_point = {"step": 1600, "operating_point": None, "dice": 0.9}
+    assert min([no_point, settled], key=_Validator.key)["step"] == 1500

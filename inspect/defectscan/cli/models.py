@@ -32,7 +32,7 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
           quiet: bool) -> None:
     """Train a TinyUNet defect model from a recipe; a rerun resumes from the last checkpoint.
 
-    With validation (the default), the model saved is the best validated step's and OUT/model.json
+    With validation (the default), the model saved is the best validated step's (or the last, validation.keep) and OUT/model.json
     records the operating point chosen on the held-out images (`models register` reads it).
 
     \b
@@ -61,7 +61,7 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
     if result.finished:
         from defectscan.model.registry import describe_operating_point, sidecar_metadata
 
-        kept = f" (the best validated step, {result.best_step})" if result.best_step is not None else ""
+        kept = f" (the {settings.validation.keep} validated step, {result.best_step})" if result.best_step is not None else ""
         click.echo(f"model: {result.model_path}{kept}")
         click.echo(f"operating point: {describe_operating_point(sidecar_metadata(result.model_path).operating_point)}")
         if export_dir is not None:

@@ -214,8 +214,11 @@ class _Validator:
     """Scores the model on the validation images every `validation.every` steps; keeps the best weights.
 
     The figure is the verdict rule's at the operating point chosen on the validation images for the
-    target false-call rate: lowest escape rate, then lowest false-call rate, then highest Dice. The
-    history and the best step survive an interruption (validation.json beside the checkpoints).
+    target false-call rate: lowest escape rate, then lowest false-call rate, then highest Dice of the
+    defective images (good images without a recorded pixel score 1 and would favour a step that finds
+    little), a later step on a tie. With validation.keep "last" every step is validated and the last
+    one kept. The history and the kept step survive an interruption (validation.json beside the
+    checkpoints).
     """
 
     def __init__(self, recipe: Recipe, images: LabelledImages, out_dir: Path):
@@ -230,8 +233,8 @@ class _Validator:
     def key(entry: dict) -> tuple:
         figures = entry["operating_point"]["figures"] if entry.get("operating_point") else None
         if figures is None:
-            return (1.0, 1.0, -(entry.get("dice") or 0.0))
-        return (figures["escape_rate"], figures["false_call_rate"], -round(figures["dice"], 4))
+            return (1.0, 1.0, -(entry.get("dice") or 0.0), -entry["step"])
+        return (figures["escape_rate"], figures["false_call_rate"], -round(figures["dice_defective"], 4), -entry["step"])
 
     def due(self, step: int, end: bool) -> bool:
         done = {entry["step"] for entry in self.history}
@@ -256,14 +259,15 @@ class _Validator:
             log.info("step %d: %s", step, metrics["no_operating_point"])
         entry = {"step": step, "operating_point": point, "dice": metrics["verdict_rule"]["dice"], "pixel_auroc": metrics["pixel_auroc"]}
         self.history.append(entry)
-        if self.best is None or self.key(entry) < self.key(self.best):
+        if self.best is None or self.recipe.validation.keep == "last" or self.key(entry) < self.key(self.best):
             self.best = entry
             model.save_weights(self.weights_path)
         self.state_path.write_text(json.dumps({"history": self.history, "best": self.best}, indent=2) + "\n")
         figures = (point or {}).get("figures") or metrics["verdict_rule"]
         log.info(
-            "step %d validation: escape %.3f, false calls %.3f, Dice %.4f (best: step %d)",
-            step, figures["escape_rate"] or 0.0, figures["false_call_rate"] or 0.0, figures["dice"], self.best["step"],
+            "step %d validation: escape %.3f, false calls %.3f, Dice %.4f, on defective images %.4f (kept: step %d)",
+            step, figures["escape_rate"] or 0.0, figures["false_call_rate"] or 0.0, figures["dice"], figures["dice_defective"] or 0.0,
+            self.best["step"],
         )
         return entry
 
@@ -302,7 +306,7 @@ def train(
     """Train until recipe.train.steps (or `stop_at`, to pause a run); resumes from checkpoints in out_dir.
 
     With validation (recipe.validation.fraction), a stratified share of the images is held out;
-    the model saved is the best validated step's, and its sidecar (model.json) records the
+    the model saved is the best validated step's (or the last's, validation.keep), and its sidecar (model.json) records the
     operating point chosen on the validation images.
     """
     import keras
