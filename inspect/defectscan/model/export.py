@@ -40,8 +40,7 @@ def load_model(path: str | Path, expected_sha256: str | None = None):
     """Load a `.keras` model with safe_mode; with `expected_sha256` the file is checked first."""
     import keras
 
-    import defectscan.model.unet  # noqa: F401  (registers the custom layers)
-    import defectscan.model.views  # noqa: F401  (and the view average)
+    from defectscan.model import unet, views  # noqa: F401  (registers the custom layers and the view average)
 
     path = Path(path)
     if path.suffix != ".keras":
