@@ -32,8 +32,9 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
           quiet: bool) -> None:
     """Train a TinyUNet defect model from a recipe; a rerun resumes from the last checkpoint.
 
-    With validation (the default), the model saved is the best validated step's (or the last, validation.keep) and OUT/model.json
-    records the operating point chosen on the held-out images (`models register` reads it).
+    With validation (the default), the model saved is the best validated step's (or the last's,
+    validation.keep) and OUT/model.json records the operating point chosen on the held-out images
+    (`models register` reads it).
 
     \b
     Example:

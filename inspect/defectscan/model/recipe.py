@@ -128,7 +128,8 @@ class ValidationSpec(_Section):
     # kept and the model gets the default verdict rule.
     fraction: float | None = Field(0.2, gt=0, lt=1)
     # Validate every this many steps (and at the end); the best step by the validation figure
-    # (escape rate, then false-call rate at the operating point, then Dice) is the model saved.
+    # (escape rate, then false-call rate at the operating point, then Dice of the defective
+    # images, then the later step) is the model saved.
     every: int = Field(100, ge=1)
     # Which step's weights the run saves: "best" by the validation figure above, or "last" (the
     # steps are still validated, for the record, and the operating point is chosen on the last).
