@@ -305,9 +305,8 @@ def train(
 ) -> TrainResult:
     """Train until recipe.train.steps (or `stop_at`, to pause a run); resumes from checkpoints in out_dir.
 
-    With validation (recipe.validation.fraction), a stratified share of the images is held out;
-    the model saved is the best validated step's (or the last's, validation.keep), and its sidecar
-    (model.json) records the operating point chosen on the validation images.
+    With validation (recipe.validation.fraction), a stratified share of the images is held out; the model
+    saved is the validation.keep step's, its sidecar (model.json) has the operating point chosen on them.
     """
     import keras
 
