@@ -82,6 +82,15 @@ def test_a_fixed_seed_repeats_and_another_seed_differs(uninterrupted, synth, tmp
     assert any(not np.array_equal(a, b) for a, b in zip(_weights(repeat.model_path), _weights(other.model_path)))
 
 
+def test_salient_crops_and_hard_pixels_train_repeatably_and_change_the_run(uninterrupted, synth, tmp_path):
+    settings = ["data.salient_crop_fraction=0.25", "loss.name=bce_dice", "loss.hard_pixel_fraction=0.1"]
+    runs = [train(load_recipe(CPU_RECIPE, settings, str(synth)), tmp_path / name, progress=False) for name in ("a", "b")]
+    assert all(run.finished and np.isfinite(run.last_loss) for run in runs)
+    for a, b in zip(_weights(runs[0].model_path), _weights(runs[1].model_path)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(uninterrupted[0].model_path), _weights(runs[0].model_path)))
+
+
 def test_xla_and_mirrored_strategy_run_on_the_cpu(synth, tmp_path):
     settings = ["train.steps=2", "train.jit_compile=true", "train.distribute=mirrored", "train.devices=['/cpu:0']"]
     with pytest.raises(ConfigError, match="jit_compile=true needs train.deterministic=false"):
@@ -105,6 +114,10 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(CPU_RECIPE, ["steps"])
     with pytest.raises(ConfigError, match="data.crop_size 20 must be a multiple of 16"):
         load_recipe(CPU_RECIPE, ["data.crop_size=20"])
+    with pytest.raises(ConfigError, match="data.defect_crop_fraction 0.5 \\+ data.salient_crop_fraction 0.6 is more than 1"):
+        load_recipe(CPU_RECIPE, ["data.defect_crop_fraction=0.5", "data.salient_crop_fraction=0.6"])
+    with pytest.raises(ConfigError, match="loss.hard_pixel_fraction: Input should be greater than 0"):
+        load_recipe(CPU_RECIPE, ["loss.hard_pixel_fraction=0"])
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=f"{missing}: training recipe not found"):
         load_recipe(missing)

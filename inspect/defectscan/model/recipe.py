@@ -66,6 +66,10 @@ class DataSpec(_Section):
     tile: int = 512
     crop_size: int | None = None
     defect_crop_fraction: float = Field(0.5, ge=0, le=1)
+    # Share of crops centred on where the defect-free surface stands out most (model/feed.py:
+    # salient_background): its own features that look like a defect, which the model must learn to
+    # pass. Taken from the random crops: defect_crop_fraction + this is at most 1.
+    salient_crop_fraction: float = Field(0.0, ge=0, le=1)
     # Each crop cut at a random scale, a side of crop_size x exp(+-zoom), resized to crop_size (the
     # camera's distance to the part varies); 0 = off. Crops only: whole images are never resized.
     zoom: float = Field(0.0, ge=0, le=1)
@@ -74,6 +78,15 @@ class DataSpec(_Section):
     strict: bool = False
     # Camera variation per training image (model/feed.py: Photometric); all 0 = off.
     photometric: PhotometricSpec = PhotometricSpec()
+
+    @model_validator(mode="after")
+    def _crop_shares(self):
+        if self.defect_crop_fraction + self.salient_crop_fraction > 1:
+            raise ValueError(
+                f"data.defect_crop_fraction {self.defect_crop_fraction} + data.salient_crop_fraction {self.salient_crop_fraction} "
+                "is more than 1: they are shares of one set of crops"
+            )
+        return self
 
     def open(self, split: str | None = None):
         """The labelled images this section names (its own split unless another is given, for evaluation)."""
@@ -117,6 +130,9 @@ class LossSpec(_Section):
     bce_weight: float = Field(1.0, ge=0)
     # bce, bce_dice: weight of the defect pixels' cross-entropy against the background's.
     pos_weight: float = Field(1.0, gt=0)
+    # bce, bce_dice: the cross-entropy over only this share of each batch's pixels, those with the
+    # highest loss (null: all of them); model/losses.py.
+    hard_pixel_fraction: float | None = Field(None, gt=0, le=1)
     weight_decay: float = Field(1e-5, ge=0)
 
 

@@ -155,6 +155,7 @@ def _loss(recipe: Recipe):
         kwargs["bce_weight"] = spec.bce_weight
     if spec.name in ("bce", "bce_dice"):
         kwargs["pos_weight"] = spec.pos_weight
+        kwargs["hard_fraction"] = spec.hard_pixel_fraction
     return partial(LOSSES[spec.name], **kwargs)
 
 
@@ -201,6 +202,7 @@ class _Phases:
             seed=spec.seed + (1 if whole else 0),
             crop_size=None if whole else data.crop_size,
             defect_crop_fraction=data.defect_crop_fraction,
+            salient_crop_fraction=data.salient_crop_fraction,
             zoom=data.zoom,
             cache=data.cache,
             shuffle_buffer=data.shuffle_buffer,
