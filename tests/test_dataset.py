@@ -137,6 +137,64 @@ def test_salient_crops_hold_the_surface_feature_and_the_stream_without_them_is_u
     assert (feature | y.any(axis=(1, 2, 3))).all(), "every crop is centred on a defect or on the feature"
 
 
+def _two_products(size=64) -> LabelledImages:
+    """Group A: gray 100 with a defect of 30 on odd images; group B: gray 200 with a defect of 250 on odd
+    images; group C: gray 150 and never a defect. Keys "A/0", "B/1", ... as a DAGM set's."""
+    groups = [("A", 100, 30), ("B", 200, 250), ("C", 150, None)] * 2 + [("A", 100, 30), ("B", 200, 250)]
+    keys = [f"{group}/{i}" for i, (group, _, _) in enumerate(groups)]
+    defective = [bool(i % 2) and value is not None for i, (_, _, value) in enumerate(groups)]
+
+    def load(i):
+        _, background, value = groups[i]
+        image = np.full((size, size), background, np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        if defective[i]:
+            image[40:48, 10:14] = value
+            mask[40:48, 10:14] = 1
+        return image, mask
+
+    return LabelledImages("products", keys, ["defect"], (size, size), load, defective)
+
+
+def test_defect_bank_keeps_squares_around_each_groups_defects():
+    from defectscan.model.paste import DefectBank
+
+    images = _two_products()
+    bank = DefectBank.of(images, 16, seed=0)
+    assert bank.patches.shape == (3, 16, 16, 1) and bank.patch_classes.shape == (3, 16, 16, 1)
+    assert bank.count.tolist() == [1, 2, 0] and bank.first.tolist() == [0, 1, 3]
+    assert bank.image_group.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    for patch, classes, value in zip(bank.patches[..., 0], bank.patch_classes[..., 0], (30, 250, 250), strict=True):
+        assert classes.sum() == 32 and (patch[classes > 0] == value).all()
+
+
+def test_pasted_defects_come_from_the_crops_own_group_and_bring_their_label():
+    images = _two_products()
+
+    def crops(fraction, seed=0):
+        return _take(training_dataset(images, batch_size=32, seed=seed, crop_size=32, defect_crop_fraction=0.0,
+                                      defect_paste_fraction=fraction, augment=False), 2)
+
+    for x, y in crops(1.0):
+        pixels = np.round((x[..., 0] + 1) * 127.5)
+        for image, target in zip(pixels, y[..., 0] > 0):
+            background = np.bincount(image.astype(int).ravel()).argmax()
+            if background == 150:
+                assert not target.any(), "group C has no defect to paste"
+                continue
+            assert target.any(), "every A and B crop gets a defect"
+            own = (background, {100: 30, 200: 250}[background])
+            assert min(own) <= image.min() and image.max() <= max(own), "only its own group's defect, feathered into its surface"
+            assert (image[target] == own[1]).any()
+    for (a, ya), (b, yb) in zip(crops(0.5), crops(0.5)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ya, yb)
+    plain = _take(training_dataset(images, batch_size=8, seed=3, crop_size=32), 2)
+    zero = _take(training_dataset(images, batch_size=8, seed=3, crop_size=32, defect_paste_fraction=0.0), 2)
+    for (a, _), (b, _) in zip(plain, zero):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_file_cache_and_no_cache_give_the_same_stream(tmp_path):
     images = _images()
     memory = _take(training_dataset(images, batch_size=2, seed=3, cache="memory"), 4)

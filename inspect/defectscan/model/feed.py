@@ -2,9 +2,10 @@
 
 In this order: decode (through the reader, in parallel), cache (memory or a file, so large sets
 need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect, part
-on the places of the defect-free surface that stand out most; at a random scale with `zoom`), random horizontal flip + rot90, the model's input scaling
-(model/preprocess.py), camera-like photometric changes, one sigmoid target channel per class,
-batch, prefetch.
+on the places of the defect-free surface that stand out most; at a random scale with `zoom`), one
+of the set's own defects pasted into part of the crops (model/paste.py), random horizontal flip +
+rot90, the model's input scaling (model/preprocess.py), camera-like photometric changes, one
+sigmoid target channel per class, batch, prefetch.
 
 The training stream is a pure function of the seed: element i of the stream always gets the
 same image and the same augmentation, so a resumed run sees exactly what an uninterrupted one
@@ -73,11 +74,11 @@ def salient_background(image: np.ndarray, classes: np.ndarray, share: float = SA
     return ((standing_out >= cut) & background).astype(np.uint8)
 
 
-def _with_salient(image, classes):
+def _with_salient(image, classes, index):
     import tensorflow as tf
 
     salient = tf.numpy_function(lambda i, c: salient_background(i[..., 0], c[..., 0]), [image, classes], tf.uint8, stateful=False)
-    return image, classes, tf.ensure_shape(salient, image.shape[:2])
+    return image, classes, index, tf.ensure_shape(salient, image.shape[:2])
 
 
 def _centre_on(points, pick_draw):
@@ -184,6 +185,7 @@ def training_dataset(
     crop_size: int | None = None,
     defect_crop_fraction: float = 0.5,
     salient_crop_fraction: float = 0.0,
+    defect_paste_fraction: float = 0.0,
     zoom: float = 0.0,
     cache: str = "memory",
     shuffle_buffer: int = 1024,
@@ -206,7 +208,8 @@ def training_dataset(
     num_classes = len(images.classes)
     parallel = parallel or tf.data.AUTOTUNE
 
-    decoded = tf.data.Dataset.range(len(images)).map(_decode_fn(images), num_parallel_calls=parallel, deterministic=True)
+    decode = _decode_fn(images)
+    decoded = tf.data.Dataset.range(len(images)).map(lambda i: (*decode(i), i), num_parallel_calls=parallel, deterministic=True)
     salient_crops = crop_size is not None and salient_crop_fraction > 0
     if salient_crops:
         decoded = decoded.map(_with_salient, num_parallel_calls=parallel, deterministic=True)
@@ -216,13 +219,20 @@ def training_dataset(
         decoded = decoded.cache(cache)
     stream = decoded.repeat().shuffle(min(shuffle_buffer, len(images)), seed=seed, reshuffle_each_iteration=True)
     stream = stream.enumerate().skip(start_step * batch_size)
+    bank = None
+    if crop_size is not None and defect_paste_fraction > 0:
+        from defectscan.model.paste import DefectBank, paste
+
+        bank = DefectBank.of(images, crop_size // 2, seed)
 
     def prepare(position, sample):
-        image, classes, *salient = sample
+        image, classes, index, *salient = sample
         element_seed = tf.stack([tf.constant(seed, tf.int64), position])
         if crop_size is not None:
             image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40], zoom,
                                    salient=salient[0] if salient_crops else None, salient_fraction=salient_crop_fraction)
+        if bank is not None:
+            image, classes = paste(image, classes, index, bank, defect_paste_fraction, element_seed + [0, 1 << 43])
         target = _targets(classes, num_classes)
         if augment:
             image, target = _flip_rotate(image, target, element_seed)

@@ -70,6 +70,9 @@ class DataSpec(_Section):
     # salient_background): its own features that look like a defect, which the model must learn to
     # pass. Taken from the random crops: defect_crop_fraction + this is at most 1.
     salient_crop_fraction: float = Field(0.0, ge=0, le=1)
+    # Share of crops that get one of the training images' own labelled defects pasted in, turned and
+    # mirrored, at a random place (model/paste.py): each defect seen on many backgrounds.
+    defect_paste_fraction: float = Field(0.0, ge=0, le=1)
     # Each crop cut at a random scale, a side of crop_size x exp(+-zoom), resized to crop_size (the
     # camera's distance to the part varies); 0 = off. Crops only: whole images are never resized.
     zoom: float = Field(0.0, ge=0, le=1)

@@ -203,6 +203,7 @@ class _Phases:
             crop_size=None if whole else data.crop_size,
             defect_crop_fraction=data.defect_crop_fraction,
             salient_crop_fraction=data.salient_crop_fraction,
+            defect_paste_fraction=data.defect_paste_fraction,
             zoom=data.zoom,
             cache=data.cache,
             shuffle_buffer=data.shuffle_buffer,
