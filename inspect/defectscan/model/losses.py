@@ -25,30 +25,20 @@ def dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING, logits=None):
     return 1.0 - tf.reduce_mean((2.0 * intersection + smoothing) / (total + smoothing))
 
 
-def bce_loss(y_true, y_pred, logits=None, pos_weight: float = 1.0, hard_fraction: float | None = None):
+def bce_loss(y_true, y_pred, logits=None, pos_weight: float = 1.0):
     """Mean binary cross-entropy over every pixel and class (from `logits` when given).
 
     `pos_weight` multiplies the defect pixels' term: defects cover a few per mille of the pixels, and
-    unweighted they pull far less than the background does. `hard_fraction`: the mean over only that
-    share of the batch's pixels with the highest loss (bootstrapped cross-entropy): the pixels the
-    model still gets wrong, a surface feature it calls a defect or a defect it misses, instead of the
-    many it already gets right.
+    unweighted they pull far less than the background does.
     """
     y_true = tf.cast(y_true, tf.float32)
     if logits is not None:
         logits = tf.cast(logits, tf.float32)
         if pos_weight == 1.0:
-            pixels = tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=logits)
-        else:
-            pixels = tf.nn.weighted_cross_entropy_with_logits(labels=y_true, logits=logits, pos_weight=pos_weight)
-    else:
-        y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
-        pixels = -(pos_weight * y_true * tf.math.log(y_pred) + (1.0 - y_true) * tf.math.log(1.0 - y_pred))
-    if hard_fraction is None:
-        return tf.reduce_mean(pixels)
-    flat = tf.reshape(pixels, [-1])
-    count = tf.maximum(tf.cast(tf.math.ceil(hard_fraction * tf.cast(tf.size(flat), tf.float32)), tf.int32), 1)
-    return tf.reduce_mean(tf.math.top_k(flat, count, sorted=False).values)
+            return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=logits))
+        return tf.reduce_mean(tf.nn.weighted_cross_entropy_with_logits(labels=y_true, logits=logits, pos_weight=pos_weight))
+    y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
+    return -tf.reduce_mean(pos_weight * y_true * tf.math.log(y_pred) + (1.0 - y_true) * tf.math.log(1.0 - y_pred))
 
 
 def adaptive_loss(y_true, y_pred, switch_at: float = SWITCH_AT, smoothing: float = DICE_SMOOTHING, logits=None):
@@ -61,15 +51,14 @@ def adaptive_loss(y_true, y_pred, switch_at: float = SWITCH_AT, smoothing: float
     return tf.where(dice < switch_at, dice, bce_loss(y_true, y_pred, logits))
 
 
-def bce_dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING, bce_weight: float = 1.0, logits=None, pos_weight: float = 1.0,
-                  hard_fraction: float | None = None):
+def bce_dice_loss(y_true, y_pred, smoothing: float = DICE_SMOOTHING, bce_weight: float = 1.0, logits=None, pos_weight: float = 1.0):
     """bce_weight x BCE + Dice loss, on every batch.
 
     The Dice term keeps the overlap sharp on small defects; the BCE term is a proper scoring rule
     on every pixel, so probabilities keep ranking (a Dice loss alone drives them to 0 or 1: the
     same verdicts at every threshold, and no threshold or fail score left to trade with).
     """
-    return bce_weight * bce_loss(y_true, y_pred, logits, pos_weight, hard_fraction) + dice_loss(y_true, y_pred, smoothing)
+    return bce_weight * bce_loss(y_true, y_pred, logits, pos_weight) + dice_loss(y_true, y_pred, smoothing)
 
 
 LOSSES = {"adaptive": adaptive_loss, "dice": dice_loss, "bce": bce_loss, "bce_dice": bce_dice_loss}

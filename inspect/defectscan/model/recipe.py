@@ -133,9 +133,6 @@ class LossSpec(_Section):
     bce_weight: float = Field(1.0, ge=0)
     # bce, bce_dice: weight of the defect pixels' cross-entropy against the background's.
     pos_weight: float = Field(1.0, gt=0)
-    # bce, bce_dice: the cross-entropy over only this share of each batch's pixels, those with the
-    # highest loss (null: all of them); model/losses.py.
-    hard_pixel_fraction: float | None = Field(None, gt=0, le=1)
     weight_decay: float = Field(1e-5, ge=0)
 
 

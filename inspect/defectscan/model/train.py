@@ -155,7 +155,6 @@ def _loss(recipe: Recipe):
         kwargs["bce_weight"] = spec.bce_weight
     if spec.name in ("bce", "bce_dice"):
         kwargs["pos_weight"] = spec.pos_weight
-        kwargs["hard_fraction"] = spec.hard_pixel_fraction
     return partial(LOSSES[spec.name], **kwargs)
 
 
