@@ -143,4 +143,3 @@ def test_pos_weight_multiplies_the_defect_pixels_cross_entropy_from_logits_and_p
     assert float(bce_loss(y_true, p, logits=logits)) == pytest.approx(plain, rel=1e-5)
     assert float(bce_loss(y_true, p, logits=logits, pos_weight=5.0)) == pytest.approx(weighted, rel=1e-5)
     assert float(bce_loss(y_true, p, pos_weight=5.0)) == pytest.approx(weighted, rel=1e-5)
-
