@@ -86,57 +86,6 @@ def test_crops_are_centred_on_defects_when_asked():
     assert any(not has_defect for index, has_defect in random_crops if index % 2), "uniform crops miss some defects"
 
 
-def _surface_with_a_feature(n=4, size=96, every=2) -> LabelledImages:
-    """Flat gray images, each with one bright 6x6 feature of the surface at rows/cols 80..85; every
-    `every`-th (from the second) also carries a labelled defect square at 8..15."""
-    defective = [(i + 1) % every == 0 for i in range(n)]
-
-    def load(i):
-        image = np.full((size, size), 100, np.uint8)
-        image[80:86, 80:86] = 200
-        mask = np.zeros((size, size), np.uint8)
-        if defective[i]:
-            image[8:16, 8:16] = 30
-            mask[8:16, 8:16] = 1
-        return image, mask
-
-    return LabelledImages("feature", [str(i) for i in range(n)], ["defect"], (size, size), load, defective)
-
-
-def test_salient_background_marks_the_surface_feature_and_keeps_off_the_defect():
-    from defectscan.model.feed import SALIENT_SHARE, salient_background
-
-    image, mask = _surface_with_a_feature().load(1)
-    salient = salient_background(image, mask).astype(bool)
-    rows, cols = np.nonzero(salient)
-    assert rows.min() >= 70 and cols.min() >= 70, "only around the bright feature"
-    assert not salient[: 16 + 16, : 16 + 16].any(), "nothing within 16 px of the labelled defect"
-    background = 96 * 96 - 48 * 48 + (48 - 33) ** 2  # roughly what the 33 px dilation leaves
-    assert 0.5 * SALIENT_SHARE * background <= salient.sum() <= 2 * SALIENT_SHARE * 96 * 96
-    assert not salient_background(np.full((32, 32), 7, np.uint8), np.ones((32, 32), np.uint8)).any(), "all defect: no background"
-
-
-def test_salient_crops_hold_the_surface_feature_and_the_stream_without_them_is_unchanged():
-    images = _surface_with_a_feature()
-
-    def holding_feature(fraction):
-        (x, _), = _take(training_dataset(images, batch_size=32, seed=0, crop_size=32, defect_crop_fraction=0.0,
-                                         salient_crop_fraction=fraction, augment=False), 1)
-        return (np.round((x[..., 0] + 1) * 127.5) == 200).any(axis=(1, 2))
-
-    assert holding_feature(1.0).all()
-    assert holding_feature(0.0).mean() < 0.5, "uniform crops mostly miss a corner feature"
-    plain = _take(training_dataset(images, batch_size=8, seed=3, crop_size=32), 2)
-    zero = _take(training_dataset(images, batch_size=8, seed=3, crop_size=32, salient_crop_fraction=0.0), 2)
-    for (a, _), (b, _) in zip(plain, zero):
-        np.testing.assert_array_equal(a, b)
-    # Half centred on the defect, half on the feature (every image defective here).
-    (x, y), = _take(training_dataset(_surface_with_a_feature(every=1), batch_size=32, seed=0, crop_size=32, defect_crop_fraction=0.5,
-                                     salient_crop_fraction=0.5, augment=False), 1)
-    feature = (np.round((x[..., 0] + 1) * 127.5) == 200).any(axis=(1, 2))
-    assert (feature | y.any(axis=(1, 2, 3))).all(), "every crop is centred on a defect or on the feature"
-
-
 def _two_products(size=64) -> LabelledImages:
     """Group A: gray 100 with a defect of 30 on odd images; group B: gray 200 with a defect of 250 on odd
     images; group C: gray 150 and never a defect. Keys "A/0", "B/1", ... as a DAGM set's."""

@@ -82,8 +82,8 @@ def test_a_fixed_seed_repeats_and_another_seed_differs(uninterrupted, synth, tmp
     assert any(not np.array_equal(a, b) for a, b in zip(_weights(repeat.model_path), _weights(other.model_path)))
 
 
-def test_salient_crops_and_pasted_defects_train_repeatably_and_change_the_run(uninterrupted, synth, tmp_path):
-    settings = ["data.salient_crop_fraction=0.25", "data.defect_paste_fraction=0.5"]
+def test_pasted_defects_train_repeatably_and_change_the_run(uninterrupted, synth, tmp_path):
+    settings = ["data.defect_paste_fraction=0.5"]
     runs = [train(load_recipe(CPU_RECIPE, settings, str(synth)), tmp_path / name, progress=False) for name in ("a", "b")]
     assert all(run.finished and np.isfinite(run.last_loss) for run in runs)
     for a, b in zip(_weights(runs[0].model_path), _weights(runs[1].model_path)):
@@ -114,8 +114,8 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(CPU_RECIPE, ["steps"])
     with pytest.raises(ConfigError, match="data.crop_size 20 must be a multiple of 16"):
         load_recipe(CPU_RECIPE, ["data.crop_size=20"])
-    with pytest.raises(ConfigError, match="data.defect_crop_fraction 0.5 \\+ data.salient_crop_fraction 0.6 is more than 1"):
-        load_recipe(CPU_RECIPE, ["data.defect_crop_fraction=0.5", "data.salient_crop_fraction=0.6"])
+    with pytest.raises(ConfigError, match="data.defect_paste_fraction: Input should be less than or equal to 1"):
+        load_recipe(CPU_RECIPE, ["data.defect_paste_fraction=1.5"])
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=f"{missing}: training recipe not found"):
         load_recipe(missing)

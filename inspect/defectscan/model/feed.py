@@ -1,11 +1,10 @@
 """The one tf.data pipeline that feeds the model, from a `LabelledImages` (data/dataset.py).
 
 In this order: decode (through the reader, in parallel), cache (memory or a file, so large sets
-need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect, part
-on the places of the defect-free surface that stand out most; at a random scale with `zoom`), one
-of the set's own defects pasted into part of the crops (model/paste.py), random horizontal flip +
-rot90, the model's input scaling (model/preprocess.py), camera-like photometric changes, one
-sigmoid target channel per class, batch, prefetch.
+need not fit in memory), repeat, shuffle, random crop (part of the crops centred on a defect; at
+a random scale with `zoom`), one of the set's own defects pasted into part of the crops
+(model/paste.py), random horizontal flip + rot90, the model's input scaling (model/preprocess.py),
+camera-like photometric changes, one sigmoid target channel per class, batch, prefetch.
 
 The training stream is a pure function of the seed: element i of the stream always gets the
 same image and the same augmentation, so a resumed run sees exactly what an uninterrupted one
@@ -16,14 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from defectscan.data.dataset import LabelledImages
 from defectscan.errors import DataError
 from defectscan.model.preprocess import scale_tensor
-
-# Share of an image's defect-free pixels that salient-background crops may be centred on.
-SALIENT_SHARE = 0.02
 
 
 def _require_images(images: LabelledImages) -> None:
@@ -56,43 +50,8 @@ def _targets(classes, num_classes: int):
     return tf.cast(tf.equal(classes, ids), tf.float32)
 
 
-def salient_background(image: np.ndarray, classes: np.ndarray, share: float = SALIENT_SHARE) -> np.ndarray:
-    """uint8 (H, W) mask of the `share` of defect-free pixels that stand out most from their surroundings.
-
-    Standing out is |fine blur - coarse blur| (sigma 2 and 16 px): where a surface's own features (a
-    crater, a fibre knot, a star) look most like a drawn or real defect. Pixels within 16 px of a
-    labelled defect are left out, so a crop centred here teaches the background, not the defect's rim.
-    """
-    from scipy import ndimage
-
-    x = np.asarray(image, np.float32)
-    standing_out = np.abs(ndimage.gaussian_filter(x, 2.0) - ndimage.gaussian_filter(x, 16.0))
-    background = ~ndimage.maximum_filter(np.asarray(classes) > 0, size=33)
-    if not background.any():
-        return np.zeros(x.shape, np.uint8)
-    cut = np.quantile(standing_out[background], 1.0 - share)
-    return ((standing_out >= cut) & background).astype(np.uint8)
-
-
-def _with_salient(image, classes, index):
-    import tensorflow as tf
-
-    salient = tf.numpy_function(lambda i, c: salient_background(i[..., 0], c[..., 0]), [image, classes], tf.uint8, stateful=False)
-    return image, classes, index, tf.ensure_shape(salient, image.shape[:2])
-
-
-def _centre_on(points, pick_draw):
-    """One of `points` (N, 2), picked by pick_draw in [0, 1); (-1, -1) when there is none."""
-    import tensorflow as tf
-
-    count = tf.shape(points)[0]
-    pick = tf.minimum(tf.cast(pick_draw * tf.cast(count, tf.float32), tf.int32), tf.maximum(count - 1, 0))
-    return tf.cond(count > 0, lambda: tf.cast(points[pick], tf.float32), lambda: tf.constant([-1.0, -1.0]))
-
-
-def _crop(image, classes, crop_size: int, defect_fraction: float, seed, zoom: float = 0.0, salient=None, salient_fraction: float = 0.0):
-    """A crop_size square; with probability defect_fraction it contains a defect pixel (when there is one),
-    with probability salient_fraction it is centred on a pixel of `salient` (when there is one), else anywhere.
+def _crop(image, classes, crop_size: int, defect_fraction: float, seed, zoom: float = 0.0):
+    """A crop_size square; with probability defect_fraction it contains a defect pixel (when there is one).
 
     With `zoom`, the square cut is crop_size x exp(+-zoom) on a side (drawn from its own stream,
     so the crops of a run without zoom stay as they were), resized back to crop_size: the pixels
@@ -109,14 +68,11 @@ def _crop(image, classes, crop_size: int, defect_fraction: float, seed, zoom: fl
         side = tf.constant(crop_size, tf.int32)
     extent = tf.cast(side, tf.float32)
     foreground = tf.where(classes[..., 0] > 0)
-    use_defect = tf.logical_and(u[0] < defect_fraction, tf.shape(foreground)[0] > 0)
-    centre = _centre_on(foreground, u[1])
-    if salient is not None and salient_fraction:
-        points = tf.where(salient > 0)
-        use_salient = (u[0] >= defect_fraction) & (u[0] < defect_fraction + salient_fraction) & (tf.shape(points)[0] > 0)
-        centre = tf.where(use_salient, _centre_on(points, u[1]), centre)
-        use_defect = use_defect | use_salient
-    # Centred crops are jittered by up to a quarter crop so the defect is not always central.
+    count = tf.shape(foreground)[0]
+    use_defect = tf.logical_and(u[0] < defect_fraction, count > 0)
+    pick = tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), tf.maximum(count - 1, 0))
+    centre = tf.cond(use_defect, lambda: tf.cast(foreground[pick], tf.float32), lambda: tf.constant([-1.0, -1.0]))
+    # Defect-centred crops are jittered by up to a quarter crop so the defect is not always central.
     jitter = (u[2:4] - 0.5) * (extent / 2)
     corner_defect = centre - extent / 2 + jitter
     corner_random = u[3:5] * tf.stack([height - extent, width - extent])
@@ -184,7 +140,6 @@ def training_dataset(
     seed: int,
     crop_size: int | None = None,
     defect_crop_fraction: float = 0.5,
-    salient_crop_fraction: float = 0.0,
     defect_paste_fraction: float = 0.0,
     zoom: float = 0.0,
     cache: str = "memory",
@@ -210,9 +165,6 @@ def training_dataset(
 
     decode = _decode_fn(images)
     decoded = tf.data.Dataset.range(len(images)).map(lambda i: (*decode(i), i), num_parallel_calls=parallel, deterministic=True)
-    salient_crops = crop_size is not None and salient_crop_fraction > 0
-    if salient_crops:
-        decoded = decoded.map(_with_salient, num_parallel_calls=parallel, deterministic=True)
     if cache == "memory":
         decoded = decoded.cache()
     elif cache != "none":
@@ -226,11 +178,10 @@ def training_dataset(
         bank = DefectBank.of(images, crop_size // 2, seed)
 
     def prepare(position, sample):
-        image, classes, index, *salient = sample
+        image, classes, index = sample
         element_seed = tf.stack([tf.constant(seed, tf.int64), position])
         if crop_size is not None:
-            image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40], zoom,
-                                   salient=salient[0] if salient_crops else None, salient_fraction=salient_crop_fraction)
+            image, classes = _crop(image, classes, crop_size, defect_crop_fraction, element_seed + [0, 1 << 40], zoom)
         if bank is not None:
             image, classes = paste(image, classes, index, bank, defect_paste_fraction, element_seed + [0, 1 << 43])
         target = _targets(classes, num_classes)

@@ -66,12 +66,9 @@ class DataSpec(_Section):
     tile: int = 512
     crop_size: int | None = None
     defect_crop_fraction: float = Field(0.5, ge=0, le=1)
-    # Share of crops centred on where the defect-free surface stands out most (model/feed.py:
-    # salient_background): its own features that look like a defect, which the model must learn to
-    # pass. Taken from the random crops: defect_crop_fraction + this is at most 1.
-    salient_crop_fraction: float = Field(0.0, ge=0, le=1)
-    # Share of crops that get one of the training images' own labelled defects pasted in, turned and
-    # mirrored, at a random place (model/paste.py): each defect seen on many backgrounds.
+    # Share of crops that get one of the training images' own labelled defects (of the crop's group:
+    # its DAGM class folder) pasted in, turned and mirrored, at a random place (model/paste.py): each
+    # defect seen on many backgrounds of its product.
     defect_paste_fraction: float = Field(0.0, ge=0, le=1)
     # Each crop cut at a random scale, a side of crop_size x exp(+-zoom), resized to crop_size (the
     # camera's distance to the part varies); 0 = off. Crops only: whole images are never resized.
@@ -81,15 +78,6 @@ class DataSpec(_Section):
     strict: bool = False
     # Camera variation per training image (model/feed.py: Photometric); all 0 = off.
     photometric: PhotometricSpec = PhotometricSpec()
-
-    @model_validator(mode="after")
-    def _crop_shares(self):
-        if self.defect_crop_fraction + self.salient_crop_fraction > 1:
-            raise ValueError(
-                f"data.defect_crop_fraction {self.defect_crop_fraction} + data.salient_crop_fraction {self.salient_crop_fraction} "
-                "is more than 1: they are shares of one set of crops"
-            )
-        return self
 
     def open(self, split: str | None = None):
         """The labelled images this section names (its own split unless another is given, for evaluation)."""

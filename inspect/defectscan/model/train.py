@@ -201,7 +201,6 @@ class _Phases:
             seed=spec.seed + (1 if whole else 0),
             crop_size=None if whole else data.crop_size,
             defect_crop_fraction=data.defect_crop_fraction,
-            salient_crop_fraction=data.salient_crop_fraction,
             defect_paste_fraction=data.defect_paste_fraction,
             zoom=data.zoom,
             cache=data.cache,
