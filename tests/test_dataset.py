@@ -142,6 +142,9 @@ def test_pasted_defects_come_from_the_crops_own_group_and_bring_their_label():
     zero = _take(training_dataset(images, batch_size=8, seed=3, crop_size=32, defect_paste_fraction=0.0), 2)
     for (a, _), (b, _) in zip(plain, zero):
         np.testing.assert_array_equal(a, b)
+    good_only = images.subset([0, 2, 4], "good only")
+    (x, y), = _take(training_dataset(good_only, batch_size=4, seed=0, crop_size=32, defect_paste_fraction=1.0), 1)
+    assert x.shape == (4, 32, 32, 1) and not y.any(), "nothing to paste: the crops as they are"
 
 
 def test_file_cache_and_no_cache_give_the_same_stream(tmp_path):

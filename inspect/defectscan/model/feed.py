@@ -176,6 +176,8 @@ def training_dataset(
         from defectscan.model.paste import DefectBank, paste
 
         bank = DefectBank.of(images, crop_size // 2, seed)
+        if not len(bank.patches):
+            bank = None  # no labelled defect to paste
 
     def prepare(position, sample):
         image, classes, index = sample
