@@ -113,6 +113,9 @@ def test_defect_bank_keeps_squares_around_each_groups_defects():
     assert bank.patches.shape == (3, 16, 16, 1) and bank.patch_classes.shape == (3, 16, 16, 1)
     assert bank.count.tolist() == [1, 2, 0] and bank.first.tolist() == [0, 1, 3]
     assert bank.image_group.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    flagged_but_unlabelled = LabelledImages("empty mask", ["A/0"], ["defect"], (64, 64),
+                                            lambda i: (np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)), [True])
+    assert len(DefectBank.of(flagged_but_unlabelled, 16, seed=0).patches) == 0
     for patch, classes, value in zip(bank.patches[..., 0], bank.patch_classes[..., 0], (30, 250, 250), strict=True):
         assert classes.sum() == 32 and (patch[classes > 0] == value).all()
 

@@ -45,8 +45,11 @@ class DefectBank:
         if len(donors) > MAX_PATCHES:
             log.info("defect paste: %d of %d defective images (a seeded choice)", MAX_PATCHES, len(donors))
             donors = sorted(np.random.default_rng(seed).choice(donors, MAX_PATCHES, replace=False).tolist())
-        donors.sort(key=lambda i: of_image[i])
-        cuts = [_square_around_defect(*images.load(i), size) for i in donors]
+        loaded = [(i, *images.load(i)) for i in sorted(donors, key=lambda i: of_image[i])]
+        # A flag without a labelled pixel (a Labels.txt row whose mask is empty) gives nothing to paste.
+        loaded = [(i, image, classes) for i, image, classes in loaded if classes.any()]
+        donors = [i for i, _, _ in loaded]
+        cuts = [_square_around_defect(image, classes, size) for _, image, classes in loaded]
         patches = np.stack([image for image, _ in cuts]) if cuts else np.zeros((0, size, size), np.uint8)
         classes = np.stack([c for _, c in cuts]) if cuts else np.zeros((0, size, size), np.uint8)
         count = np.bincount(of_image[donors], minlength=len(groups)).astype(np.int32)
