@@ -270,7 +270,45 @@ def test_inspect_runs_a_bfloat16_version_in_bfloat16_and_records_it(cli, tmp_pat
         run = session.scalars(select(JobRun)).one()
         inspection = session.scalars(select(Inspection).order_by(Inspection.id)).first()
     engine.dispose()
-    assert run.timings["precision"] == "bfloat16"
+    assert run.timings["precision"] == "bfloat16" and run.timings["precision_run"] == {"bfloat16": 8}
+    assert "ran as" not in result.output
     stored = zarr.open_array(inspection.mask_uri, path=inspection.mask_array, mode="r")[:]
     f32, bf16 = _refs(small_unet, precision="bfloat16")
     assert np.array_equal(stored, score_images(bf16, images)) and not np.array_equal(stored, score_images(f32, images))
+
+
+def test_a_shard_says_which_precision_its_worker_ran_and_the_run_records_a_fallback(small_unet, tmp_path, monkeypatch):
+    """A bfloat16 version scored on a worker without bfloat16 units is recorded as run in float32, not as asked."""
+    import zarr
+
+    from defectscan.cli.inspect import describe_summary
+    from defectscan.pipeline.plan import StackShard
+    from defectscan.pipeline.record import Counts
+    from defectscan.pipeline.run import RunSummary
+    from defectscan.pipeline.worker import ArrayRef, inspect_stack_shard, judge_strip
+
+    from pipeline_helpers import square_images, write_stack
+
+    images = square_images(6, size=64, seed=2)
+    source = ArrayRef(str(write_stack(tmp_path / "S.zarr", images)), "images")
+    zarr.create_array(tmp_path / "out.zarr", shape=(6, 1, 64, 64), chunks=(1, 1, 64, 64), dtype="uint8", fill_value=0)
+    output = ArrayRef(str(tmp_path / "out.zarr"), "")
+    _, bf16 = _refs(small_unet, precision="bfloat16")
+    shard = StackShard(image_set_id=1, start=0, stop=6, todo=tuple(range(6)))
+    monkeypatch.setattr(worker, "_MODELS", {})
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: {"amx_bf16"})
+    assert inspect_stack_shard(shard, source, output, bf16, AT_THE_EDGE).precisions == ("bfloat16",)
+    monkeypatch.setattr(worker, "_MODELS", {})
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: {"avx2"})
+    fell_back = inspect_stack_shard(shard, source, output, bf16, AT_THE_EDGE)
+    assert fell_back.precisions == ("float32",) and len(fell_back.results) == 6
+
+    # a tiled image whose tiles ran on workers of both kinds
+    tiles = [{"read_s": 0.1, "predict_s": 1.0, "write_s": 0.1, "precision": p} for p in ("float32", "bfloat16", "float32")]
+    zarr.create_array(tmp_path / "strip.zarr", shape=(1, 64, 64), chunks=(1, 64, 64), dtype="uint8", fill_value=0)
+    strip = judge_strip(1, ArrayRef(str(tmp_path / "strip.zarr"), ""), bf16, AT_THE_EDGE, *tiles)
+    assert strip.precisions == ("bfloat16", "float32") and strip.timings["predict_s"] == 3.0
+
+    summary = RunSummary(job_run_id=7, status="succeeded", n_images=6, counts=Counts(inspected=6), precision="bfloat16",
+                         precisions_run={"float32": 6})
+    assert "; the model's bfloat16 ran as float32 on 6 images (workers without fast bfloat16 run float32)" in describe_summary(summary)

@@ -60,5 +60,9 @@ def describe_summary(summary) -> str:
         runs = ", ".join(map(str, counts.meanwhile_runs)) or "another run"
         parts.append(f"{counts.meanwhile} recorded meanwhile by run {runs}")
     parts.append(f"{summary.n_skipped} already done")
-    return (f"job run {summary.job_run_id}: {summary.status}, {summary.n_images} images: {', '.join(parts)}; "
+    line = (f"job run {summary.job_run_id}: {summary.status}, {summary.n_images} images: {', '.join(parts)}; "
             f"{counts.defects} defects; {summary.images_per_second:.1f} images/s")
+    if set(summary.precisions_run) - {summary.precision}:
+        ran = ", ".join(f"{precision} on {n}" for precision, n in sorted(summary.precisions_run.items()))
+        line += f"; the model's {summary.precision} ran as {ran} images (workers without fast {summary.precision} run float32)"
+    return line

@@ -45,6 +45,11 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
     # Seconds spent on the workers, summed over shards: read, predict, write, postprocess.
     worker_seconds: dict[str, float] = field(default_factory=dict)
+    # The precision asked of the workers: the version's recorded one, or inspection.precision's float32.
+    precision: str = "float32"
+    # Images recorded per precision their workers ran ("bfloat16", or "bfloat16+float32" for a tiled image
+    # whose tiles ran on different hardware): the recorded precision is what was asked for.
+    precisions_run: dict[str, int] = field(default_factory=dict)
     # The signal that stopped the run, when one did.
     signal: int | None = None
 
@@ -189,7 +194,7 @@ def inspect_image_sets(
     with_retries(close_abandoned, retry, "closing runs whose clients died")
     interrupts.check()
     run_id = open_run(factory, retry, job=job, spec=spec, model_id=model.id)
-    summary = RunSummary(job_run_id=run_id, status="running")
+    summary = RunSummary(job_run_id=run_id, status="running", precision=ref.precision)
     if on_started:
         on_started(run_id)
     redo = "all" if force else "errors" if retry_errors else "none"
@@ -222,7 +227,7 @@ def inspect_image_sets(
     finally:
         summary.seconds = time.perf_counter() - began
         close_run(factory, retry, run_id, status=summary.status, errors=summary.errors, images_per_second=summary.images_per_second,
-                  timings={"seconds": round(summary.seconds, 3), "precision": ref.precision, "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}})
+                  timings={"seconds": round(summary.seconds, 3), "precision": ref.precision, "precision_run": summary.precisions_run, "workers": {k: round(v, 3) for k, v in summary.worker_seconds.items()}})
     return summary
 
 
@@ -356,6 +361,9 @@ def _record_task(context: RunContext, future, task: _Task, summary: RunSummary, 
         return _left_pending(task, result.failure, summary, lost)
     for name, seconds in result.timings.items():
         summary.worker_seconds[name] = summary.worker_seconds.get(name, 0.0) + seconds
+    if result.precisions:
+        ran = "+".join(result.precisions)
+        summary.precisions_run[ran] = summary.precisions_run.get(ran, 0) + len(result.results)
     counts = record_shard(
         context.factory, context.retry, job_run_id=context.run_id, model_id=context.model.id, image_set_id=task.image_set_id,
         results=result.results, mask_uri=task.output.uri, mask_array=task.output.path, redo=context.redo,

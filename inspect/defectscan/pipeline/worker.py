@@ -59,6 +59,9 @@ class ShardResult:
     image_set_id: int
     results: list[ImageResult]
     timings: dict[str, float] = field(default_factory=dict)
+    # The precisions the shard's images were scored in on their workers (recorded bfloat16 runs as
+    # float32 on a worker without bfloat16 units); empty when nothing was scored.
+    precisions: tuple[str, ...] = ()
     # Why the machinery could not finish the shard (a full disk): returned, not raised, so the
     # worker does not log a traceback for what the client reports in one line; no results then.
     failure: str | None = None
@@ -83,6 +86,8 @@ class _Programs:
     scores: Any
     # (B, H, W, 1) float32 model input -> (B, C, H, W) float32 probabilities (runtime parity checks, tiles tests).
     probabilities: Any
+    # The precision the model runs in on this worker (worker_precision).
+    precision: str
 
 
 def verify_model_file(ref: ModelRef) -> None:
@@ -130,7 +135,8 @@ def _load(ref: ModelRef) -> _Programs:
     from defectscan.model.precision import load_in_precision
 
     use_backend(ref.runtime)
-    model = load_in_precision(ref.uri, worker_precision(ref), expected_sha256=ref.sha256)
+    precision = worker_precision(ref)
+    model = load_in_precision(ref.uri, precision, expected_sha256=ref.sha256)
     import keras
 
     def scores(pixels):
@@ -140,7 +146,7 @@ def _load(ref: ModelRef) -> _Programs:
     def probabilities(batch):
         return keras.ops.transpose(keras.ops.cast(model(batch, training=False), "float32"), (0, 3, 1, 2))
 
-    return _Programs(_compiled(scores, ref.runtime), _compiled(probabilities, ref.runtime))
+    return _Programs(_compiled(scores, ref.runtime), _compiled(probabilities, ref.runtime), precision)
 
 
 def _compiled(function, runtime: str):
@@ -327,11 +333,12 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
         if result.verdict != "error":
             result.duration_ms = per_image_ms
     results.sort(key=lambda r: r.position)
-    return ShardResult(shard.image_set_id, results, timings)
+    return ShardResult(shard.image_set_id, results, timings, precisions=(cached_model(model).precision,))
 
 
 def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: ModelRef) -> dict[str, Any]:
-    """Score each tile's window and write its core into the strip's (C, H, W) map; timings, and a failure if the write failed."""
+    """Score each tile's window and write its core into the strip's (C, H, W) map; timings, the precision it
+    ran in, and a failure if the write failed."""
     began = time.perf_counter()
     image = _open(source, "r")
     windows = np.stack([window_input(image, tile, shard.window_shape, contract=model.contract, bit_depth=source.bit_depth) for tile in shard.tiles])
@@ -351,7 +358,7 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
                 out[:, y0:y1, x0:x1] = scores[i, :, y0 - wy : y1 - wy, x0 - wx : x1 - wx]
     except StorageError as exc:
         return {"read_s": read_s, "predict_s": predict_s, "failure": str(exc)}
-    return {"read_s": read_s, "predict_s": predict_s, "write_s": time.perf_counter() - began}
+    return {"read_s": read_s, "predict_s": predict_s, "write_s": time.perf_counter() - began, "precision": cached_model(model).precision}
 
 
 def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: VerdictRules, *tile_timings: dict[str, Any]) -> ShardResult:
@@ -362,7 +369,7 @@ def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: Ver
     timings: dict[str, float] = {}
     for tile in tile_timings:
         for name, seconds in tile.items():
-            if name != "failure":
+            if name not in ("failure", "precision"):
                 timings[name] = timings.get(name, 0.0) + seconds
     failures = [tile["failure"] for tile in tile_timings if "failure" in tile]
     if failures:
@@ -371,7 +378,7 @@ def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: Ver
     scores = np.asarray(_open(output, "r")[...])
     result = judge(0, scores, list(model.classes), rules)
     timings["postprocess_s"] = time.perf_counter() - began
-    return ShardResult(image_set_id, [result], timings)
+    return ShardResult(image_set_id, [result], timings, precisions=tuple(sorted({tile["precision"] for tile in tile_timings})))
 
 
 __all__ = [
