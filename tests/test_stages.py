@@ -216,16 +216,24 @@ def test_the_shipped_demo_installed_at_another_path_is_still_the_shipped_one(fac
 def test_fine_tuning_from_a_registered_version_checks_it_and_names_what_is_wrong(versions, tmp_path, cli, migrated_url):
     """`model.init_from=NAME:STAGE` reads the version's file through the registry: an unknown reference and a file
     changed since registration are one-line errors, before any training."""
-    from defectscan.model.registry import is_registered_reference, registered_file
+    from defectscan.model.recipe import load_recipe
+    from defectscan.model.registry import is_registered_reference, registered_file, resolve_init_from
+    from defectscan.model.train import train
 
+    recipe = str(CONFIGS_DIR / "model" / "tinyunet-cpu-test.yaml")
     with versions() as session:
         promote(session, "line3:2", reason="first", by="ml")
         assert registered_file(session, "line3:production").version == "2"
         assert not is_registered_reference(str(tmp_path / "t.keras")) and not is_registered_reference("demo")
-    recipe = str(CONFIGS_DIR / "model" / "tinyunet-cpu-test.yaml")
+        # the library: train() refuses a reference it cannot resolve itself, resolve_init_from points it at the file
+        named = load_recipe(recipe, ["model.init_from=line3:production"])
+        with pytest.raises(ModelError, match="model.init_from line3:production names a registered version.*resolve_init_from"):
+            train(named, tmp_path / "lib", progress=False)
+        assert resolve_init_from(session, named).version == "2" and named.model.init_from == str(tmp_path / "t.keras")
+        assert resolve_init_from(session, named) is None
     unknown = cli("--database-url", migrated_url, "train", recipe, "--out", str(tmp_path / "a"), "--set", "model.init_from=line9:production")
     assert unknown.exit_code == 1 and "line9" in unknown.output and unknown.output.count("\n") == 1, unknown.output
     (tmp_path / "t.keras").write_bytes((tmp_path / "t.keras").read_bytes() + b"\0")
     changed = cli("--database-url", migrated_url, "train", recipe, "--out", str(tmp_path / "b"), "--set", "model.init_from=line3:production")
     assert changed.exit_code == 1 and "line3:2" in changed.output and "the registry recorded" in changed.output, changed.output
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "lib").exists()

@@ -44,7 +44,7 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
         defectscan train configs/model/tinyunet-finetune.yaml --data reviewed/L041 --out runs/line3-v4 --set model.init_from=line3:production
     """
     from defectscan.model.recipe import load_recipe
-    from defectscan.model.registry import is_registered_reference, registered_file
+    from defectscan.model.registry import is_registered_reference, resolve_init_from
     from defectscan.model.train import train as run_training
 
     if strict:
@@ -52,9 +52,8 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
     settings = load_recipe(recipe, overrides, data_path)
     if is_registered_reference(settings.model.init_from):
         with app.session() as session:
-            donor = registered_file(session, settings.model.init_from)
+            donor = resolve_init_from(session, settings)
         click.echo(f"starting from the weights of {donor.name}:{donor.version} ({donor.uri})")
-        settings.model.init_from = donor.uri
     # Keras's bar writes terminal escapes even into a log file; piped, the recipe's log_every lines say how it goes.
     result = run_training(settings, out_dir, progress=not quiet and sys.stdout.isatty())
     click.echo(f"trained to step {result.step} (resumed from {result.resumed_from}) in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")

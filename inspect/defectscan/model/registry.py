@@ -321,6 +321,16 @@ def registered_file(session: Session, reference: str) -> Model:
     return row
 
 
+def resolve_init_from(session: Session, recipe) -> Model | None:
+    """Point a recipe's `model.init_from` at the file of the registered version it names (checked against its
+    sha256); the version's row, or None when init_from is a file, "demo" or unset."""
+    if not is_registered_reference(recipe.model.init_from):
+        return None
+    donor = registered_file(session, recipe.model.init_from)
+    recipe.model.init_from = donor.uri
+    return donor
+
+
 def load_registered(session: Session, reference: str):
     """(row, Keras model) after checking the file against the recorded sha256."""
     row = get_model(session, reference)

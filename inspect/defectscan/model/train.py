@@ -296,6 +296,18 @@ def write_sidecar(recipe: Recipe, classes: list[str], model_path: Path, summary:
     return path
 
 
+def _output_folder(recipe: Recipe, out_dir: str | Path) -> Path:
+    """`out_dir`, created once nothing in the recipe stops the run before it starts."""
+    from defectscan.model.registry import is_registered_reference
+
+    if is_registered_reference(recipe.model.init_from):
+        raise ModelError(f"model.init_from {recipe.model.init_from} names a registered version, not a file: resolve it first "
+                         f"(defectscan.model.registry.resolve_init_from, as `defectscan train` does)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -314,8 +326,7 @@ def train(
     from defectscan.model.unet import build_model
 
     spec = recipe.train
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _output_folder(recipe, out_dir)
     images = _usable_images(dataset if dataset is not None else recipe.data.open())
     training_images, validation_images = _split(recipe, images)
 
