@@ -187,9 +187,10 @@ def training_dataset(
         if bank is not None:
             image, classes = paste(image, classes, index, bank, defect_paste_fraction, element_seed + [0, 1 << 43])
         target = _targets(classes, num_classes)
-        if augment:
-            image, target = _flip_rotate(image, target, element_seed)
+        # scaled first: the same pixels turned, and a uint8 rot90 falls off oneDNN (and says so on stderr)
         x = scale_tensor(image)
+        if augment:
+            x, target = _flip_rotate(x, target, element_seed)
         if augment and photometric.active:
             x = _photometric(x, photometric, element_seed + [0, 1 << 41])
         return x, target

@@ -79,7 +79,9 @@ def paste(image, classes, index, bank: DefectBank, fraction: float, seed):
     count = tf.gather(tf.constant(bank.count), group)
     donor = tf.gather(tf.constant(bank.first), group) + tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), count - 1)
     donor = tf.maximum(donor, 0)
-    patch, patch_classes = _flip_rotate(tf.gather(tf.constant(bank.patches), donor), tf.gather(tf.constant(bank.patch_classes), donor), seed + [0, 1])
+    # turned as float32 (class ids too, exact): an integer rot90 falls off oneDNN (and says so on stderr)
+    patch, patch_classes = _flip_rotate(tf.cast(tf.gather(tf.constant(bank.patches), donor), tf.float32),
+                                        tf.cast(tf.gather(tf.constant(bank.patch_classes), donor), tf.float32), seed + [0, 1])
     top = tf.cast(u[2] * (height - size + 1), tf.int32)
     left = tf.cast(u[3] * (width - size + 1), tf.int32)
     region = tf.cast(patch_classes > 0, tf.float32)[None]
@@ -87,8 +89,8 @@ def paste(image, classes, index, bank: DefectBank, fraction: float, seed):
     alpha = tf.nn.avg_pool2d(widened, 2 * FEATHER + 1, 1, "SAME")[0]
     padding = [[top, height - size - top], [left, width - size - left], [0, 0]]
     alpha = tf.pad(alpha, padding)
-    placed = tf.pad(tf.cast(patch, tf.float32), padding)
-    placed_classes = tf.pad(patch_classes, padding)
+    placed = tf.pad(patch, padding)
+    placed_classes = tf.cast(tf.pad(patch_classes, padding), tf.uint8)
     blended = tf.cast(tf.round(alpha * placed + (1.0 - alpha) * tf.cast(image, tf.float32)), tf.uint8)
     relabelled = tf.where(placed_classes > 0, placed_classes, classes)
     chosen = (u[0] < fraction) & (count > 0)
