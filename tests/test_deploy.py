@@ -102,6 +102,16 @@ def test_dockerfile_builds_cpu_and_gpu_targets_as_a_non_root_user():
             assert f"!{item.rstrip('/')}" in ignore or f"!{item.rstrip('/')}/" in ignore, item
 
 
+def test_deployed_dask_workers_get_the_settings_a_local_cluster_gives_its_workers():
+    """The container image and the systemd worker unit set WORKER_CONFIG as DASK_ environment variables, each value as it is there."""
+    from defectscan.pipeline.cluster import WORKER_CONFIG
+
+    expected = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value) for key, value in WORKER_CONFIG.items()}
+    for path in (DEPLOY / "docker" / "Dockerfile", DEPLOY / "systemd" / "defectscan-dask-worker@.service"):
+        found = dict(re.findall(r"\b(DASK_DISTRIBUTED__[A-Z_]+)=(\S+?)(?=\s|\\|$)", path.read_text()))
+        assert {name: found.get(name) for name in expected} == expected, path.name
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_scripts_pass_shellcheck():
     assert SCRIPTS

@@ -144,6 +144,9 @@ def test_gpu_workers_get_a_gpu_resource_and_tasks_ask_for_it(cli, prepared, monk
 
         paused = client.run(lambda: dask.config.get("distributed.worker.memory.pause"))
         assert list(paused.values()) == [False]
+        # nor sample every thread's stack every 10 ms (3-7 % of a CPU worker's bfloat16 throughput)
+        profiled = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        assert list(profiled.values()) == [False]
     url, factory, image_set = prepared
     result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(image_set.id), "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 0, result.output
