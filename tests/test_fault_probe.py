@@ -200,6 +200,25 @@ def test_a_full_disk_leaves_images_pending_names_the_store_and_its_free_space(pr
             subprocess.run(["umount", "-l", str(out)], check=False)
 
 
+def test_a_storage_fault_under_the_images_leaves_them_pending_never_an_error_verdict(probe_cluster, database_url, tmp_path, model_file, undisturbed):
+    with plant(database_url, tmp_path, model_file) as line:
+        chunk = line.store / "images" / "c" / "20" / "0" / "0"
+        good = chunk.read_bytes()
+        chunk.unlink()
+        chunk.symlink_to(chunk)  # every read of it fails in the filesystem (ELOOP), as a failing disk or mount does
+        summary = line.run(probe_cluster)
+        assert summary.counts.pending > 0 and summary.exit_code == EXIT_PENDING, summary.errors
+        reason = next(e for e in summary.errors if "left pending" in e)
+        assert f"{line.store}: cannot read images: Too many levels of symbolic links" in reason
+        assert "error" not in _verdicts(line.factory)
+
+        chunk.unlink()
+        chunk.write_bytes(good)  # the storage answers again
+        rerun = line.run(probe_cluster)
+        assert rerun.status == "succeeded" and rerun.counts.inspected == summary.counts.pending
+        _assert_equal(line.outcome(), undisturbed)
+
+
 def test_a_corrupt_chunk_is_an_error_a_plain_rerun_keeps_and_retry_errors_redoes_once_restored(probe_cluster, database_url, tmp_path, model_file, undisturbed):
     with plant(database_url, tmp_path, model_file) as line:
         good = corrupt_chunk(line.store, 20)

@@ -13,7 +13,7 @@ from defectscan.model import rle
 from defectscan.pipeline.outputs import scores_uri
 from defectscan.pipeline.run import inspect_image_sets
 
-from pipeline_helpers import add_model, corrupt_chunk, register, save_threshold_model, square_images, write_stack, write_strip
+from pipeline_helpers import add_model, corrupt_chunk, register, restore_chunk, save_threshold_model, square_images, write_stack, write_strip
 
 DEFECTS = {1: (10, 10, 6), 5: (30, 40, 8), 17: (0, 0, 5)}
 
@@ -116,7 +116,7 @@ def test_unreadable_chunk_is_an_error_row_and_the_run_partial(factory, cluster, 
     path = write_stack(tmp_path / "L3.zarr", square_images(12, defects={3: (5, 5, 6)}))
     image_set = register(factory, path)
     model = add_model(factory, model_path)
-    corrupt_chunk(path, 7)
+    good = corrupt_chunk(path, 7)
 
     summary = _run(factory, cluster, model, [image_set], settings)
     assert (summary.status, summary.counts.inspected, summary.counts.errors) == ("partial", 11, 1)
@@ -127,6 +127,27 @@ def test_unreadable_chunk_is_an_error_row_and_the_run_partial(factory, cluster, 
     assert [r[1] for r in rows if r[2] == "fail"] == [3]
     with factory() as session:
         assert session.get(JobRun, summary.job_run_id).status == "partial"
+
+    # Redoing image 7 writes its map only: image 6's, in the same shard and recorded, stays as it was.
+    scores = zarr.open_array(scores_uri(str(path), None), path="threshold/1", mode="r+")
+    scores[6] = 77
+    restore_chunk(path, 7, good)
+    retried = _run(factory, cluster, model, [image_set], settings, retry_errors=True)
+    assert (retried.status, retried.counts.inspected) == ("succeeded", 1)
+    assert (scores[6] == 77).all() and not (scores[7] == 77).any()
+
+
+def test_a_strip_with_a_corrupt_chunk_is_an_error_row_not_left_pending(factory, cluster, settings, model_path, tmp_path):
+    path = write_strip(tmp_path / "S2.zarr", square_images(1, size=512, seed=3)[0][:300, :500].copy())
+    image_set = register(factory, path)
+    model = add_model(factory, model_path)
+    (path / "images" / "c" / "1" / "2").write_bytes(b"not zstd at all")
+
+    summary = _run(factory, cluster, model, [image_set], settings)
+    assert (summary.status, summary.counts.inspected, summary.counts.errors, summary.counts.pending) == ("partial", 0, 1, 0)
+    rows, _ = _table(factory)
+    assert [(r[1], r[2]) for r in rows] == [(0, "error")]
+    assert f"cannot read {path}: RuntimeError" in rows[0][6]
 
 
 def test_changed_store_is_refused(factory, cluster, settings, model_path, tmp_path):

@@ -82,7 +82,8 @@ def _results(factory, output_dir: Path):
             .join(Image, Image.image_set_id == ImageSet.id).join(Inspection, Inspection.image_id == Image.id)
             .join(Defect, Defect.inspection_id == Inspection.id).order_by(ImageSet.lot, Image.position, Defect.bbox_y0)
         ).all()
-    scores = {k: zarr.open_array(str(output_dir / f"L{k}.masks.zarr"), path="threshold/1", mode="r")[...] for k in range(N_STORES)}
+    stores = {k: next(output_dir.glob(f"L{k}-*.masks.zarr")) for k in range(N_STORES)}  # named by lot and a digest of the source
+    scores = {k: zarr.open_array(str(stores[k]), path="threshold/1", mode="r")[...] for k in range(N_STORES)}
     return [tuple(r) for r in rows], [tuple(d) for d in defects], scores
 
 

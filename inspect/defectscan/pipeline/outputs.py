@@ -3,10 +3,13 @@
 `/data/L042.zarr` -> `/data/L042.masks.zarr`, array `<model name>/<version>`: uint8 scores
 (probability x 255), shape (N, C, H, W) for a stack, (C, H, W) for a strip, chunked like the
 pipeline's shards write them (whole images; strip tiles), so every writer owns whole chunks.
+Under `inspection.output_dir` the name also carries a digest of the image set's URI
+(`L042-1a2b3c4d.masks.zarr`): two lines' `L042.zarr` must not share one score array.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,7 +30,8 @@ def scores_uri(image_set_uri: str, output_dir: Path | None) -> str:
     name = base.rsplit("/", 1)[-1]
     stem = name[: -len(".zarr")] if name.endswith(".zarr") else name
     if output_dir is not None:
-        return str(Path(output_dir).expanduser().resolve() / f"{stem}{SUFFIX}")
+        digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+        return str(Path(output_dir).expanduser().resolve() / f"{stem}-{digest}{SUFFIX}")
     return f"{base[: len(base) - len(name)]}{stem}{SUFFIX}"
 
 
@@ -81,6 +85,7 @@ def prepare_output(
         raise DataError(f"{uri}: existing score array '{path}' does not fit this image set ({full}, chunks {chunks}): {exc}") from None
     except OSError as exc:
         raise StorageError(f"{uri}: cannot create the score array '{path}': {exc.strerror or exc}{free_space(uri)}") from None
+    _check_reopened(array, uri, path, attributes, chunks if kind == "strip" else None)
     if kind == "stack" and array.shards is not None and images_per_shard % array.shards[0]:
         # Two pipeline shards writing one Zarr shard would overwrite each other's images.
         raise DataError(
@@ -88,3 +93,18 @@ def prepare_output(
             f"inspection.images_per_shard ({images_per_shard}) must be a multiple of it"
         )
     return ArrayRef(uri, path)
+
+
+def _check_reopened(array, uri: str, path: str, attributes: dict, tile_chunks: tuple[int, ...] | None) -> None:
+    """Refuse an existing score array made for another image set, or whose strip tiles writers would share."""
+    source, wanted = (array.attrs.get("source") or {}).get("uri"), (attributes.get("source") or {}).get("uri")
+    if source and wanted and source != wanted:
+        raise DataError(f"{uri}: score array '{path}' holds the scores of {source}, not of {wanted}")
+    if tile_chunks is not None and tuple(array.chunks) != tile_chunks and tile_chunks[1] % array.chunks[1]:
+        # Tiles smaller than (or across) the stored chunks would each rewrite part of a chunk that
+        # another task writes too, and lose each other's scores.
+        raise DataError(
+            f"{uri}: score array '{path}' is stored in {array.chunks[1]}x{array.chunks[2]} tiles; inspection.tile_size "
+            f"{tile_chunks[1]} is not a multiple of {array.chunks[1]}: use tile_size {array.chunks[1]} (or a multiple) "
+            f"for this image set, or remove the array to write it afresh"
+        )

@@ -252,10 +252,23 @@ def free_space(uri: str) -> str:
     return f"; {free / 1e6:.1f} MB free on {path}"
 
 
+@contextmanager
+def _reading(source: ArrayRef) -> Iterator[None]:
+    """A storage fault under the image set (EIO, a network timeout) is the machinery's, not the images':
+    a StorageError, which leaves them pending, never an `error` verdict."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{source.uri}: cannot read images: {exc.strerror or exc}") from None
+
+
 def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
-    """Read [start, stop); an image whose chunk cannot be read is zero-filled and reported."""
+    """Read [start, stop); an image whose chunk cannot be decoded is zero-filled and reported (an OSError,
+    the storage's, is raised: see `_reading`)."""
     try:
         return np.asarray(images[start:stop]), {}
+    except OSError:
+        raise
     except Exception:  # a corrupt chunk somewhere: find which images it hits
         pass
     block = np.zeros((stop - start, *images.shape[1:]), dtype=images.dtype)
@@ -263,6 +276,8 @@ def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, s
     for position in range(start, stop):
         try:
             block[position - start] = images[position]
+        except OSError:
+            raise
         except Exception as exc:
             errors[position] = f"cannot read image {position} of {images.store_path}: {type(exc).__name__}: {exc}"
     return block, errors
@@ -288,14 +303,19 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
 
     def read(bound: tuple[int, int]) -> tuple[np.ndarray, dict[int, str]]:
         t0 = time.perf_counter()
-        block = _read_images(images, *bound)
+        with _reading(source):
+            block = _read_images(images, *bound)
         timings["read_s"] += time.perf_counter() - t0
         return block
 
     def write_and_judge(bound: tuple[int, int], scores: np.ndarray, errors: dict[int, str]) -> None:
         t0 = time.perf_counter()
         with _writing(output):
-            scores_out[bound[0] : bound[1]] = scores
+            if todo.issuperset(range(*bound)):
+                scores_out[bound[0] : bound[1]] = scores
+            else:  # a rerun: the maps of images already recorded stay those their verdicts came from
+                for position in sorted(todo.intersection(range(*bound))):
+                    scores_out[position] = scores[position - bound[0]]
         t1 = time.perf_counter()
         timings["write_s"] += t1 - t0
         for position in range(*bound):
@@ -338,10 +358,17 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
 
 def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: ModelRef) -> dict[str, Any]:
     """Score each tile's window and write its core into the strip's (C, H, W) map; timings, the precision it
-    ran in, and a failure if the write failed."""
+    ran in, and a failure (the storage's: reads or writes) or an error (a chunk that cannot be decoded)."""
     began = time.perf_counter()
     image = _open(source, "r")
-    windows = np.stack([window_input(image, tile, shard.window_shape, contract=model.contract, bit_depth=source.bit_depth) for tile in shard.tiles])
+    try:
+        with _reading(source):
+            windows = np.stack([window_input(image, tile, shard.window_shape, contract=model.contract, bit_depth=source.bit_depth)
+                                for tile in shard.tiles])
+    except StorageError as exc:
+        return {"read_s": time.perf_counter() - began, "failure": str(exc)}
+    except Exception as exc:  # a corrupt chunk: a property of the data, as for a stack's image
+        return {"read_s": time.perf_counter() - began, "error": f"cannot read {source.uri}: {type(exc).__name__}: {exc}"}
     read_s = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -369,11 +396,14 @@ def judge_strip(image_set_id: int, output: ArrayRef, model: ModelRef, rules: Ver
     timings: dict[str, float] = {}
     for tile in tile_timings:
         for name, seconds in tile.items():
-            if name not in ("failure", "precision"):
+            if name not in ("failure", "error", "precision"):
                 timings[name] = timings.get(name, 0.0) + seconds
     failures = [tile["failure"] for tile in tile_timings if "failure" in tile]
     if failures:
         return ShardResult(image_set_id, [], timings, failure=failures[0])
+    errors = [tile["error"] for tile in tile_timings if "error" in tile]
+    if errors:
+        return ShardResult(image_set_id, [ImageResult(position=0, verdict="error", error=errors[0])], timings)
     began = time.perf_counter()
     scores = np.asarray(_open(output, "r")[...])
     result = judge(0, scores, list(model.classes), rules)
