@@ -170,3 +170,41 @@ def test_a_view_average_registers_as_one_and_serves_the_same_probabilities(cli, 
     plain = predict_probabilities(load_model(model_file), images)
     mirrored = predict_probabilities(load_model(model_file), images[:, :, ::-1])[:, :, ::-1]
     np.testing.assert_allclose(served.serve(images[..., None]).numpy(), (plain + mirrored) / 2, atol=1e-5)
+
+
+def test_metrics_that_are_not_evaluation_figures_are_refused_naming_the_file(cli, migrated_url, model_file, tmp_path):
+    assert _db(cli, migrated_url, "db", "upgrade").exit_code == 0
+    cases = {"list.json": ("[1, 2]", "expected a mapping of evaluation figures at the top level, got list"),
+             "broken.json": ("{", "line 1: not valid JSON"),
+             "rule.json": ('{"verdict_rule": [1]}', "metrics 'verdict_rule' must be a mapping of figures, got list"),
+             "table.json": ('{"thresholds": {"0.5": 3}}', "metrics 'thresholds' must map each threshold to a mapping of figures")}
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        result = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "m", "--version", name, "--metrics", str(tmp_path / name))
+        assert result.exit_code != 0 and f"{tmp_path / name}" in result.output and expected in result.output, result.output
+    listed = _db(cli, migrated_url, "models", "list")
+    assert listed.exit_code == 0 and listed.output.startswith("no models registered"), listed.output
+
+
+def test_a_threshold_given_at_registration_drops_the_figures_chosen_at_another(cli, sqlite_url, tmp_path):
+    assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
+    result = _db(cli, sqlite_url, "models", "register", str(DEMO_MODEL), "--name", "d", "--version", "1", "--threshold", "0.9")
+    assert result.exit_code == 0, result.output
+    recorded = read_metadata(DEMO_METADATA).operating_point
+    line = next(x for x in result.output.splitlines() if x.startswith("operating point:"))
+    assert line == (f"operating point: threshold 0.9, min_defect_area {recorded['min_defect_area']}, fail_score {recorded['fail_score']:g} "
+                    f"(threshold 0.9 given at registration over the recorded {recorded['threshold']:g})")
+    shown = json.loads(_db(cli, sqlite_url, "models", "show", "d:1").output)
+    assert "figures" not in shown["operating_point"] and shown["threshold"] == 0.9
+
+
+def test_register_demo_takes_no_other_options_and_set_precision_needs_the_file(cli, sqlite_url, tmp_path):
+    assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
+    result = _db(cli, sqlite_url, "models", "register", "--demo", "--name", "z", "--stage", "archived")
+    assert result.exit_code != 0 and "--demo registers the shipped demo model as it ships; it takes no --name, --stage" in result.output
+    assert _db(cli, sqlite_url, "models", "list").output.startswith("no models registered")
+    typo = tmp_path / "typo-model.keras"
+    for precision in ("float32", "bfloat16"):
+        result = _db(cli, sqlite_url, "models", "set-precision", str(typo), precision)
+        assert result.exit_code != 0 and f"{typo}: no such model file" in result.output, result.output
+    assert not typo.with_suffix(".json").exists()

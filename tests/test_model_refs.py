@@ -68,3 +68,32 @@ def test_a_version_named_like_a_selector_is_refused_at_registration(factory, tmp
     path = save_threshold_model(tmp_path / "t.keras")
     with factory() as session, pytest.raises(ModelError, match=re.escape(f"version {version!r} would read as a selector")):
         register_model(session, path, name="t", version=version)
+
+
+def test_demo_names_the_shipped_demo_model_in_every_command_bare_its_production_version(factory, migrated_url, cli):
+    from defectscan.model.registry import model_to_run
+
+    demo = model_refs.demo_name()
+    assert model_refs.parse("demo") == model_refs.ModelReference(demo, "production")
+    assert model_refs.parse("demo:latest") == model_refs.ModelReference(demo, "latest")
+    with factory() as session:
+        shipped = model_to_run(session, "demo")  # registered on first use, as `inspect --model demo` does
+        _add(session, demo, "tuned")  # a fine-tuned version, not promoted
+        session.commit()
+        assert model_refs.resolve(session, "demo").id == shipped.id == model_refs.matching_ids(session, "demo")[0]
+        assert model_refs.resolve(session, "demo:latest").version == "tuned"
+        assert len(model_refs.matching_ids(session, "demo:*")) == 2
+    shown = cli("--database-url", migrated_url, "models", "show", "demo")
+    assert shown.exit_code == 0 and f'"version": "{shipped.version}"' in shown.output
+    listed = cli("--database-url", migrated_url, "images", "list", "--model", "demo")
+    assert listed.exit_code == 0, listed.output
+
+
+def test_a_model_named_demo_is_refused_at_registration(factory, tmp_path):
+    from defectscan.model.registry import register_model
+
+    from pipeline_helpers import save_threshold_model
+
+    path = save_threshold_model(tmp_path / "t.keras")
+    with factory() as session, pytest.raises(ModelError, match="model name 'demo' stands for the shipped demo model"):
+        register_model(session, path, name="demo", version="1")

@@ -211,6 +211,15 @@ def test_evaluate_refuses_a_target_outside_zero_one_in_one_line(cli, tmp_path, r
     assert result.output.strip() == f"Error: target false-call rate {float(rate)} must be strictly between 0 and 1 (e.g. 0.01 for 1 %)"
 
 
+def test_evaluate_refuses_a_target_without_choose_operating_point(cli, tmp_path):
+    model_path = save_threshold_model(tmp_path / "threshold.keras")
+    result = cli("evaluate", str(model_path), "--data", str(tmp_path), "--target-false-call-rate", "0.05")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --target-false-call-rate is the target of --choose-operating-point; give both, or neither"
+    result = cli("evaluate", str(model_path), "--data", str(tmp_path), "--target-false-call-rate", "7")
+    assert result.output.strip() == "Error: target false-call rate 7.0 must be strictly between 0 and 1 (e.g. 0.01 for 1 %)"
+
+
 def test_when_no_rule_meets_the_target_the_images_are_still_scored_and_the_cli_says_why(cli, tmp_path):
     images = _graded_images(8)
     bright = []

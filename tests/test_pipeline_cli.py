@@ -182,6 +182,17 @@ def test_each_gpu_worker_sees_only_its_own_device_and_the_worker_count_is_honour
             pass
 
 
+def test_workers_with_a_scheduler_is_refused_not_ignored():
+    from defectscan.config import load_settings
+    from defectscan.errors import DefectscanError
+    from defectscan.pipeline.cluster import connect
+
+    settings = load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": "tcp://127.0.0.1:1"}).cluster
+    with pytest.raises(DefectscanError, match=r"^--workers sizes a local cluster; the scheduler at tcp://127.0.0.1:1 runs the workers"):
+        with connect(settings, n_workers=2):
+            pass
+
+
 def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, external_cluster, cli):
     url, factory, image_set = prepared
     env = {**os.environ, **SMALL_SHARDS, "DEFECTSCAN_CLUSTER__SHARDS_IN_FLIGHT_PER_WORKER": "1"}

@@ -133,8 +133,9 @@ def evaluate(
     from defectscan.model.recipe import DataSpec
     from defectscan.model.registry import record_operating_point
 
-    if choose_operating_point:
-        check_target(target_false_call_rate)
+    check_target(target_false_call_rate)
+    if not choose_operating_point and click.get_current_context().get_parameter_source("target_false_call_rate").name != "DEFAULT":
+        raise DataError("--target-false-call-rate is the target of --choose-operating-point; give both, or neither")
     model, rules, sidecar = _load(app, model_ref)
     spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict)
     images = spec.open(split)
@@ -216,9 +217,16 @@ def register_command(
         defectscan models register --demo
     """
     from defectscan.errors import ModelError
-    from defectscan.model.registry import describe_operating_point, describe_precision, read_metadata, register_demo, register_model, sidecar_metadata
+    from defectscan.model.registry import (describe_operating_point, describe_precision, read_metadata, read_metrics, register_demo,
+                                           register_model, sidecar_metadata)
 
     if demo:
+        given = [option for option, value in (("PATH", path), ("--name", name), ("--version", version), ("--metadata", metadata),
+                                              ("--class", classes), ("--threshold", threshold), ("--metrics", metrics_path),
+                                              ("--description", description), ("--precision", precision), ("--check-data", check_data))
+                 if value] + (["--stage"] if click.get_current_context().get_parameter_source("stage").name != "DEFAULT" else [])
+        if given:
+            raise ModelError(f"--demo registers the shipped demo model as it ships; it takes no {', '.join(given)}")
         with app.session() as session:
             row = register_demo(session)
             click.echo(f"demo model {row.name}:{row.version} ({row.architecture}) sha256 {row.sha256[:12]} from {row.uri}")
@@ -227,7 +235,7 @@ def register_command(
         raise ModelError("give the model file PATH, or --demo for the demo model")
     # Without --metadata, the sidecar that `train` writes beside the model (model.json) is used.
     meta = read_metadata(metadata) if metadata is not None else sidecar_metadata(path)
-    metrics = json.loads(metrics_path.read_text()) if metrics_path is not None else None
+    metrics = read_metrics(metrics_path) if metrics_path is not None else None
     with app.session() as session:
         row = register_model(
             session,

@@ -7,10 +7,14 @@
 
 A job spec that names no version runs NAME:production (jobs/spec.py): what nobody promoted runs nowhere.
 A version may not be named `latest`, `*` or after a stage, so a reference never has two readings.
+`demo` stands for the shipped demo model's name in every command, and bare for its production
+version (what `inspect --model demo` and the demo job run), so results are selected as they were made.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -25,6 +29,7 @@ EVERY = "*"
 SELECTORS = (LATEST, EVERY, *MODEL_STAGES)
 ONE_VERSION = "NAME, NAME:VERSION or NAME:STAGE"
 GRAMMAR = "NAME, NAME:VERSION, NAME:STAGE or NAME:*"
+DEMO_ALIAS = "demo"
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,17 @@ def parse(text: str) -> ModelReference:
     name, _, selector = str(text).strip().partition(":")
     if not name or (":" in text and not selector):
         raise ModelError(f"model reference {text!r}: expected {GRAMMAR}")
+    if name == DEMO_ALIAS:
+        return ModelReference(demo_name(), selector or "production")
     return ModelReference(name, selector or LATEST)
+
+
+@functools.cache
+def demo_name() -> str:
+    """The name the shipped demo model is registered under (its metadata file's)."""
+    from defectscan.model.registry import DEMO_METADATA
+
+    return json.loads(DEMO_METADATA.read_text())["name"]
 
 
 def version_text(value):

@@ -29,8 +29,6 @@ from defectscan.yamlfile import read_mapping
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "tinyunet-synth-demo.keras"
 DEMO_METADATA = DEMO_DIR / "tinyunet-synth-demo.json"
-# What runs and jobs may call the demo model instead of its registered name.
-DEMO_ALIAS = "demo"
 
 
 @dataclass(frozen=True)
@@ -107,6 +105,24 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     return ModelMetadata(**data)
 
 
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """An evaluation's figures (`evaluate --json`) to register with a version, checked as `check_metrics` does."""
+    return check_metrics(read_mapping(Path(path), what="metrics file", contents="evaluation figures", error=ModelError), path)
+
+
+def check_metrics(metrics: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """Metrics as `evaluate --json` writes them: a mapping whose `verdict_rule` is a mapping of figures and whose
+    `thresholds` maps each threshold to one (what `models list` and the QA report read back)."""
+    if not isinstance(metrics, dict):
+        raise ModelError(f"{source}: metrics must be a mapping of evaluation figures (evaluate --json), got {type(metrics).__name__}")
+    rule, table = metrics.get("verdict_rule"), metrics.get("thresholds")
+    if rule is not None and not isinstance(rule, dict):
+        raise ModelError(f"{source}: metrics 'verdict_rule' must be a mapping of figures, got {type(rule).__name__}")
+    if table is not None and not (isinstance(table, dict) and all(isinstance(row, dict) for row in table.values())):
+        raise ModelError(f"{source}: metrics 'thresholds' must map each threshold to a mapping of figures")
+    return metrics
+
+
 def architecture_of(model) -> str:
     """What the models row says the file is: "UNet(16,32,64,...)", with " x 4 views" for a view average."""
     from defectscan.model.views import views_of
@@ -143,6 +159,8 @@ def register_model(
     if not name or not version:
         raise ModelError(f"{path}: registering needs a name and a version (--name, --version or the metadata file)")
     model_refs.check_version_name(version)
+    if name == model_refs.DEMO_ALIAS:
+        raise ModelError(f"model name {name!r} stands for the shipped demo model ({model_refs.demo_name()}) in every command; choose another name")
     if stage not in MODEL_STAGES:
         raise ModelError(f"stage {stage!r} is not one of {', '.join(MODEL_STAGES)}")
     existing = session.scalar(select(Model).where(Model.name == name, Model.version == version))
@@ -178,7 +196,7 @@ def register_model(
         precision=precision,
         precision_check=check.as_dict() if check else None,
         training=meta.training,
-        metrics=metrics if metrics is not None else meta.metrics,
+        metrics=check_metrics(metrics, "--metrics") if metrics is not None else meta.metrics and check_metrics(meta.metrics, "model metadata"),
         stage=stage,
         description=description or meta.description,
     )
@@ -214,8 +232,11 @@ class AlreadyRegistered(ModelError):
 def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: float | None) -> dict[str, Any]:
     """The rule to store: the recorded operating point (an explicit threshold over its own), else the default rule."""
     point = dict(recorded) if recorded else default_point(None, "no operating point recorded with the model")
-    if threshold is not None:
-        point["threshold"] = threshold
+    if threshold is not None and threshold != point.get("threshold"):
+        # The chosen point's figures were measured at its own threshold: they do not describe this one.
+        point = {key: point[key] for key in VerdictRules.__dataclass_fields__ if key in point}
+        point.update(threshold=threshold, chosen_by=f"threshold {threshold:g} given at registration"
+                                                     + (f" over the recorded {recorded['threshold']:g}" if recorded and "threshold" in recorded else ""))
     try:
         VerdictRules.from_dict(point)
     except (KeyError, TypeError, ValueError) as exc:
@@ -241,6 +262,8 @@ def set_precision(session: Session, reference: str, precision: str, check_data: 
 
 def check_file_precision(path: str | Path, precision: str, check_data: str | Path | None = None) -> ParityCheck | None:
     """The passed parity check of a model file not registered yet (None for float32), under its sidecar's operating point."""
+    if not Path(path).is_file():
+        raise ModelError(f"{path}: no such model file")
     if check_precision_name(precision) == "float32":
         return None
     meta = sidecar_metadata(path)
@@ -295,13 +318,10 @@ def model_to_run(session: Session, reference: str) -> Model:
     shipped version is registered on first use. A bare `demo` is its production version (the shipped
     one, or a fine-tuned one once promoted), as a job runs it: a version registered from a fine-tune
     waits for promotion like any other; `demo:latest` names the newest registered."""
-    ref = model_refs.parse(reference)
-    if ref.name != DEMO_ALIAS:
-        return get_model(session, reference)
-    shipped = register_demo(session)
-    session.commit()
-    selector = ref.selector if ":" in str(reference) else "production"
-    return get_model(session, str(model_refs.ModelReference(shipped.name, selector)))
+    if str(reference).partition(":")[0].strip() == model_refs.DEMO_ALIAS:
+        register_demo(session)
+        session.commit()
+    return get_model(session, reference)
 
 
 def is_registered_reference(text: str | None) -> bool:

@@ -237,6 +237,9 @@ def connect(
     cluster = None
     try:
         if settings.scheduler:
+            if n_workers is not None:
+                raise DefectscanError(f"--workers sizes a local cluster; the scheduler at {settings.scheduler} runs the workers "
+                                      "its cluster started: leave --workers out")
             if settings.scheduler.startswith("tls://") and not settings.tls.enabled:
                 raise DefectscanError(
                     f"cluster.scheduler {settings.scheduler} uses TLS but cluster.tls is not set: give ca_file, cert_file and key_file "
