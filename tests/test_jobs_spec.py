@@ -194,5 +194,7 @@ def test_jobs_list_shows_next_and_last_run_and_flags_a_bad_spec(cli, migrated_ur
     unknown = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-z")
     assert unknown.exit_code == 1
     assert unknown.output.strip() == f"Error: no job 'line-z': {tmp_path / 'line-z.yaml'} does not exist; jobs in {tmp_path}: broken, line-a, line-b"
-    empty = cli("--database-url", migrated_url, "jobs", "history", "line-b")
+    empty = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "history", "line-b")
     assert empty.output.strip() == "job line-b has no runs recorded"
+    nowhere = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "history", "line-z")
+    assert nowhere.exit_code == 1 and nowhere.output.strip() == unknown.output.strip()

@@ -74,8 +74,8 @@ def test_demo_names_the_shipped_demo_model_in_every_command_bare_its_production_
     from defectscan.model.registry import model_to_run
 
     demo = model_refs.demo_name()
-    assert model_refs.parse("demo") == model_refs.ModelReference(demo, "production")
-    assert model_refs.parse("demo:latest") == model_refs.ModelReference(demo, "latest")
+    assert model_refs.expand_alias("demo") == f"{demo}:production"
+    assert model_refs.expand_alias("demo:latest") == f"{demo}:latest" and model_refs.expand_alias("tiny") == "tiny"
     with factory() as session:
         shipped = model_to_run(session, "demo")  # registered on first use, as `inspect --model demo` does
         _add(session, demo, "tuned")  # a fine-tuned version, not promoted

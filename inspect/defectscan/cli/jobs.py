@@ -166,6 +166,9 @@ def history_command(app: AppContext, name: str, limit: int) -> None:
     with app.session() as session:
         runs = job_history(session, name, limit)
     if not runs:
+        from defectscan.jobs.spec import find_spec
+
+        find_spec(_jobs_dir(), name)  # a job never run is said so; a name of no job is an error naming the known ones
         click.echo(f"job {name} has no runs recorded")
         return
     click.echo(f"{'RUN':>6} {'STARTED (UTC)':<19} {'STATUS':<12} {'SECONDS':>8} {'IMAGES':>7} {'DONE':>7} {'SKIPPED':>7} {'ERRORS':>6} {'DEFECTS':>7}")

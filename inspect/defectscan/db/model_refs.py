@@ -50,9 +50,15 @@ def parse(text: str) -> ModelReference:
     name, _, selector = str(text).strip().partition(":")
     if not name or (":" in text and not selector):
         raise ModelError(f"model reference {text!r}: expected {GRAMMAR}")
-    if name == DEMO_ALIAS:
-        return ModelReference(demo_name(), selector or "production")
     return ModelReference(name, selector or LATEST)
+
+
+def expand_alias(text: str) -> str:
+    """`demo` -> the demo model's production version, `demo:X` -> its X; any other reference as it is."""
+    name, colon, selector = str(text).strip().partition(":")
+    if name != DEMO_ALIAS:
+        return str(text)
+    return f"{demo_name()}:{selector if colon else 'production'}"
 
 
 @functools.cache
@@ -76,7 +82,7 @@ def check_version_name(version: str) -> None:
 
 def resolve(session: Session, reference: str | ModelReference) -> Model:
     """The one registered version a reference names (commands that run or show one model)."""
-    ref = parse(reference) if isinstance(reference, str) else reference
+    ref = parse(expand_alias(reference)) if isinstance(reference, str) else reference
     if ref.every:
         raise ModelError(f"model reference {ref}: names every version of {ref.name}; give one ({ONE_VERSION})")
     query = select(Model).where(Model.name == ref.name)
@@ -98,7 +104,7 @@ def resolve(session: Session, reference: str | ModelReference) -> Model:
 def matching_ids(session: Session, reference: str) -> list[int]:
     """Ids of the versions a reference selects results of (every version for NAME:*); unknown ones are named with close matches."""
     try:
-        ref = parse(reference)
+        ref = parse(expand_alias(reference))
         if ref.every:
             ids = list(session.scalars(select(Model.id).where(Model.name == ref.name)))
         else:

@@ -318,7 +318,7 @@ def model_to_run(session: Session, reference: str) -> Model:
     shipped version is registered on first use. A bare `demo` is its production version (the shipped
     one, or a fine-tuned one once promoted), as a job runs it: a version registered from a fine-tune
     waits for promotion like any other; `demo:latest` names the newest registered."""
-    if str(reference).partition(":")[0].strip() == model_refs.DEMO_ALIAS:
+    if model_refs.parse(reference).name == model_refs.DEMO_ALIAS:
         register_demo(session)
         session.commit()
     return get_model(session, reference)
