@@ -38,7 +38,9 @@ def test_layers_override_in_order(tmp_path):
 
 
 def test_environment_ignores_non_setting_variables():
-    environ = {"DEFECTSCAN_CONFIG": "x.yaml", "DEFECTSCAN_TEST_POSTGRES_URL": "postgresql://x", "PATH": "/bin"}
+    from defectscan.report.pdf import CHROMIUM_ENV
+
+    environ = {"DEFECTSCAN_CONFIG": "x.yaml", "DEFECTSCAN_TEST_POSTGRES_URL": "postgresql://x", "PATH": "/bin", CHROMIUM_ENV: "/usr/bin/chromium"}
     assert load_settings(environ=environ).database_url is None
 
 

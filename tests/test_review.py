@@ -183,7 +183,17 @@ def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, 
 
     refused = run("review", "export", "--lot", "R1", "--out", str(out))
     assert refused.exit_code == 1 and "folder is not empty; give --force" in refused.output
-    assert run("review", "export", "--lot", "R1", "--out", str(out), "--force").exit_code == 0
+    # A second look at image 6, failed again with a note: the drawn mask stays where QA put it.
+    assert run("review", "images", str(ids[6]), "--as", "fail", "--note", "second look, still bad").exit_code == 0
+    again = run("review", "export", "--lot", "R1", "--out", str(out), "--force")
+    assert again.exit_code == 0 and again.output.startswith("wrote 4 reviewed images (2 with defects)"), again.output
+    reread = read_dagm(out, split="Train")
+    manifest = {entry["image_id"]: entry["file"] for entry in json.loads((out / "export.json").read_text())["images"]}
+    assert reread.load(next(i for i, key in enumerate(reread.keys) if key.endswith(manifest[ids[6]].split("/")[-1])))[1][MISSED].all()
+    # A scope that names nothing (a mistyped lot) leaves the earlier export whole, --force or not.
+    typo = run("review", "export", "--lot", "R7", "--out", str(out), "--force")
+    assert typo.exit_code == 1 and "unknown lot 'R7'" in typo.output
+    assert len(read_dagm(out, split="Train")) == 4 and not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     stranger = tmp_path / "photos"
     stranger.mkdir()
     (stranger / "holiday.jpg").write_bytes(b"x")

@@ -21,8 +21,9 @@ from defectscan.secrets import mask_secrets
 from defectscan.yamlfile import read_mapping
 
 ENV_PREFIX = "DEFECTSCAN_"
-# Not settings: DEFECTSCAN_CONFIG names the --config file, DEFECTSCAN_TEST_* configure the test suite.
-_NOT_SETTINGS = ("DEFECTSCAN_CONFIG",)
+# Not settings: DEFECTSCAN_CONFIG names the --config file, DEFECTSCAN_CHROMIUM the browser that prints
+# PDF reports (report/pdf.py), DEFECTSCAN_TEST_* configure the test suite.
+_NOT_SETTINGS = ("DEFECTSCAN_CONFIG", "DEFECTSCAN_CHROMIUM")
 _TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
 _NESTED = "__"
 

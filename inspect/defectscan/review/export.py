@@ -48,7 +48,7 @@ class Exported:
 def export_reviewed(session: Session, out: str | Path, filters: Filters, *, force: bool = False) -> Exported:
     """Write the decided images in scope (one model version) under `out`."""
     out = Path(out)
-    _prepare(out, force)
+    _check_out(out, force)
     check_filters(session, filters)
     decided = decided_images(session, filters)
     if not decided:
@@ -71,17 +71,24 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
         samples.append((image, label))
         listing.append({"image_id": item.image_id, "decision": item.decision, "inspection_id": item.inspection_id,
                         "classes": sorted(classes)})
-    names = write_split(out / FOLDER, samples)
+    # Written beside `out` and moved into place whole: an earlier export stays until this one is complete.
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    names = write_split(partial / FOLDER, samples)
     for name, entry in zip(names, listing, strict=True):
         entry["file"] = str(FOLDER / name)
     result.images = len(samples)
     result.defective = sum(1 for _, label in samples if label is not None)
-    (out / MARKER).write_text(json.dumps({"model": result.model, "scope": _describe(filters), "images": listing,
-                                          "skipped": result.skipped}, indent=2) + "\n")
+    (partial / MARKER).write_text(json.dumps({"model": result.model, "scope": _describe(filters), "images": listing,
+                                              "skipped": result.skipped}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
     return result
 
 
-def _prepare(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse, before anything is read or removed, a folder the export may not replace."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -89,8 +96,6 @@ def _prepare(out: Path, force: bool) -> None:
             raise DataError(f"{out}: folder is not empty; give --force to replace an earlier export there")
         if not (out / MARKER).is_file():
             raise DataError(f"{out}: not an earlier export (no {MARKER}); --force replaces only those")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _describe(filters: Filters) -> str:

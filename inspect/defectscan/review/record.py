@@ -75,14 +75,27 @@ def review_images(
     newest = dict(session.execute(
         select(Inspection.image_id, func.max(Inspection.id)).where(Inspection.image_id.in_(ids)).group_by(Inspection.image_id)
     ).all())
+    kept = _kept_masks(session, ids) if decision == "fail" and mask is None else {}
     reviewer, now = user_name(by), utcnow()
     rows = [
-        ImageReview(image_id=i, inspection_id=newest.get(i), decision=decision, class_name=class_name, reviewer=reviewer,
-                    reviewed_at=now, note=note, **box)
+        ImageReview(image_id=i, inspection_id=newest.get(i), decision=decision, reviewer=reviewer, reviewed_at=now, note=note,
+                    **{"class_name": class_name, **box, **kept.get(i, {})})
         for i in ids
     ]
     _record(session, rows, ids)
     return [row.id for row in rows]
+
+
+_MASK_COLUMNS = ("class_name", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "rle")
+
+
+def _kept_masks(session: Session, ids: list[int]) -> dict[int, dict]:
+    """The drawn mask of each image whose current review is a `fail` with one: failing it again without a mask
+    (a second look, a note) keeps where QA said the defect is."""
+    from defectscan.db.reviews import latest_image_reviews
+
+    current = session.scalars(latest_image_reviews().where(ImageReview.image_id.in_(ids), ImageReview.rle.is_not(None)))
+    return {row.image_id: {c: getattr(row, c) for c in _MASK_COLUMNS} for row in current if row.decision == "fail"}
 
 
 def _drawn(mask: np.ndarray | None, class_name: str | None, decision: str, ids: list[int], sizes: dict) -> dict:
