@@ -165,6 +165,11 @@ def test_dagm_folder_brings_labels_and_classes(tmp_path):
     info = layout.describe(group, result.uri)
     assert info.has_labels and info.classes == ["Class1", "Class2"]
 
+    # A folder given twice, or under its parent too, goes in once.
+    train = tmp_path / "DAGM" / "Class1" / "Train"
+    twice = ingest_files([train, train, tmp_path / "DAGM" / "Class1"], tmp_path / "twice.zarr", IngestOptions())
+    assert twice.keys == ["0001.PNG", "0002.PNG", "0003.PNG"]
+
 
 def test_dagm_mixed_with_plain_files_is_refused(tmp_path):
     (tmp_path / "C1" / "Label").mkdir(parents=True)
@@ -319,3 +324,22 @@ def test_a_concurrent_ingest_that_finished_first_wins(tmp_path, monkeypatch):
     result = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions())
     assert result.reused and result.n_images == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "s.zarr"]
+
+
+def test_a_store_refused_at_a_registered_location_is_removed_not_left_there(tmp_path, sqlite_url, cli):
+    import shutil
+
+    good_images(tmp_path / "a", n=3)
+    good_images(tmp_path / "b", n=3, shape=(32, 32))
+    for i, path in enumerate(sorted((tmp_path / "b").iterdir())):
+        path.rename(tmp_path / "b" / f"other{i}.png")
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    out = tmp_path / "ab.zarr"
+    first = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "a"), str(tmp_path / "b"), "--lot", "AB", "--out", str(out))
+    assert first.exit_code == 0, first.output
+    shutil.rmtree(out)  # the store is gone; its image set's records stay
+    refused = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "a"), "--lot", "AB", "--out", str(out))
+    assert refused.exit_code == 1 and "changed since it was registered" in refused.output
+    assert refused.output.rstrip().endswith("; the store just written was removed") and not out.exists()
+    restored = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "a"), str(tmp_path / "b"), "--lot", "AB", "--out", str(out))
+    assert restored.exit_code == 0 and "image set 1" in restored.output, restored.output  # the same files again: its own store back

@@ -76,7 +76,15 @@ def ingest(session, paths, out, options: IngestOptions, *, store_dir: Path | Non
     from defectscan.data.register import register_store
 
     result = ingest_files(paths, out, options, store_dir=store_dir, strict=strict, on_progress=on_progress)
-    registration = register_store(session, result.uri)
+    try:
+        registration = register_store(session, result.uri)
+    except DataError as exc:
+        if result.reused:
+            raise
+        # Refused (another image set was registered at this location, its store since removed): the store this
+        # call wrote goes, so a registered location never holds other images than its records describe.
+        shutil.rmtree(result.uri, ignore_errors=True)
+        raise DataError(f"{exc}; the store just written was removed") from None
     return result, registration
 
 

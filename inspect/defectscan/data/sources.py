@@ -90,7 +90,8 @@ def dagm_class_name(folder: Path) -> str:
 def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
     classes: list[str] = []
     items: list[Source] = []
-    resolved = [Path(os.path.abspath(f)) for f in folders]
+    # A folder given twice (or found under two paths given) is ingested once, as plain files are.
+    resolved = list(dict.fromkeys(Path(os.path.abspath(f)) for f in folders))
     root = _common_folder([f / "x" for f in resolved])
     for folder in resolved:
         name = dagm_class_name(folder)
