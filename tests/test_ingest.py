@@ -97,6 +97,42 @@ def test_rgb_becomes_gray_by_the_documented_rule(tmp_path):
     assert image[20, 0] == round(0.299 * 255) and image[0, 0] == round((0.299 + 0.587) * 255)
 
 
+def _png_rgb16(path, rgb: np.ndarray) -> None:
+    """A 16-bit RGB PNG, which Pillow cannot write: signature, IHDR, one IDAT of unfiltered rows, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = rgb.shape
+    rows = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_colour_that_would_lose_bits_is_refused_and_planar_tiff_colour_is_read(tmp_path):
+    import tifffile
+
+    from defectscan.data.imagefiles import read_image
+
+    rgb16 = np.full((32, 32, 3), 60000, np.uint16)
+    _png_rgb16(tmp_path / "wide.png", rgb16)
+    write_png(tmp_path / "gray.png", texture(1))
+    with pytest.raises(DataError, match="wide.png: 16-bit colour PNG: not read"):
+        read_image(tmp_path / "wide.png")
+    result = ingest_files([tmp_path / "wide.png", tmp_path / "gray.png"], tmp_path / "s.zarr", IngestOptions())
+    assert result.n_images == 1 and [(os.path.basename(p.path), p.reason) for p in result.problems] == [
+        ("wide.png", "16-bit colour PNG: not read (it would lose its low 8 bits); save it as 16-bit grayscale PNG or as TIFF")]
+
+    rgb = np.stack([texture(s) for s in (2, 3, 4)], axis=-1)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "contig.tif", rgb, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), read_image(tmp_path / "contig.tif"))
+    both = ingest_files([tmp_path / "planar.tif", tmp_path / "contig.tif"], tmp_path / "t.zarr", IngestOptions())
+    assert both.n_images == 2 and not both.problems
+
+
 def test_16_bit_images_make_a_16_bit_stack(tmp_path):
     deep = [write_png(tmp_path / f"d{i}.png", texture(i, (20, 24), np.uint16)) for i in range(3)]
     result = ingest_files([tmp_path], tmp_path / "s.zarr", IngestOptions())

@@ -107,9 +107,17 @@ def test_missing_html_and_missing_browser_are_errors(chromium, tmp_path, monkeyp
     with pytest.raises(ConfigError, match="no such executable"):
         pdf.find_chromium()
     monkeypatch.delenv(pdf.CHROMIUM_ENV)
+    page, earlier = tmp_path / "page.html", tmp_path / "page.pdf"
+    page.write_text("<p>x</p>")
+    earlier.write_bytes(b"%PDF earlier")
+    with pytest.raises(DataError, match="page.html: is the HTML file being rendered; give the .html another path"):
+        pdf.print_pdf(page, page)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ConfigError, match="apt-get install chromium"):
         pdf.find_chromium()
+    with pytest.raises(ConfigError, match="apt-get install chromium"):
+        pdf.print_pdf(page, earlier)
+    assert page.read_text() == "<p>x</p>" and earlier.read_bytes() == b"%PDF earlier"  # nothing removed for a browser that is not there
 
 
 def test_a_browser_that_fails_is_reported(tmp_path, monkeypatch):

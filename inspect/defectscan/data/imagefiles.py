@@ -52,9 +52,22 @@ def read_labelled(image_path: Path, label_path: Path | None, problems, what: str
     return image, label
 
 
+def wide_colour_png(path: Path) -> bool:
+    """A 16-bit RGB(A) PNG: Pillow decodes those to 8 bits, so they are refused rather than cut."""
+    with open(path, "rb") as handle:
+        header = handle.read(26)
+    # The signature, then IHDR: bit depth at byte 24, colour type (2 RGB, 6 RGBA) at byte 25.
+    return header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) == 26 and header[24] == 16 and header[25] in (2, 6)
+
+
+WIDE_COLOUR_PNG = "16-bit colour PNG: not read (it would lose its low 8 bits); save it as 16-bit grayscale PNG or as TIFF"
+
+
 def _read_pillow(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    if wide_colour_png(path):
+        raise DataError(f"{path}: {WIDE_COLOUR_PNG}")
     try:
         with Image.open(path) as image:
             image.load()
@@ -75,7 +88,11 @@ def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            array = series.asarray()
+            # Colour stored plane by plane ("separate"): samples first, turned to samples last as for interleaved.
+            return np.moveaxis(array, 0, -1) if array.ndim == 3 and series.axes.startswith("S") else array
     except (tifffile.TiffFileError, ValueError, OSError) as exc:
         raise DataError(f"{path}: corrupt or not a TIFF image: {exc}") from None
 

@@ -229,8 +229,13 @@ def _probe(path: Path) -> tuple[int, int, str] | str:
 
             with tifffile.TiffFile(path) as tiff:
                 page = tiff.pages[0]
-                return int(page.shape[0]), int(page.shape[1]), "uint16" if page.dtype.itemsize == 2 else "uint8"
+                return int(page.imagelength), int(page.imagewidth), "uint16" if page.dtype.itemsize == 2 else "uint8"
         from PIL import Image, UnidentifiedImageError
+
+        from defectscan.data.imagefiles import WIDE_COLOUR_PNG, wide_colour_png
+
+        if wide_colour_png(path):
+            return WIDE_COLOUR_PNG
 
         try:
             with Image.open(path) as image:

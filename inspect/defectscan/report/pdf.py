@@ -53,10 +53,13 @@ def _run(html: Path, output: Path, action: list[str]) -> BrowserRun:
     if not html.is_file():
         raise DataError(f"{html}: no such HTML file to render")
     output = Path(output).resolve()
+    if output == html:
+        raise DataError(f"{output}: is the HTML file being rendered; give the {output.suffix or 'output'} another path")
+    browser = find_chromium()  # before an earlier output is removed
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="defectscan-chromium-") as profile:
-        command = [find_chromium(), *FLAGS, f"--user-data-dir={profile}", *action, html.as_uri()]
+        command = [browser, *FLAGS, f"--user-data-dir={profile}", *action, html.as_uri()]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
