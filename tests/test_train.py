@@ -73,6 +73,23 @@ def test_resume_after_interruption_continues_the_step_count_and_matches(uninterr
     assert (again.resumed_from, again.step) == (6, 6)
 
 
+def test_a_folder_resumes_only_its_own_run(synth, tmp_path):
+    from defectscan.errors import ModelError
+
+    recipe = load_recipe(CPU_RECIPE, data_path=str(synth))
+    train(recipe, tmp_path / "run", stop_at=3, progress=False)
+    recorded = (tmp_path / "run" / "training.json").read_text()
+    with pytest.raises(ModelError, match=r"run: holds checkpoints of another run \(it differs in model.name, train.seed\): resume it"):
+        train(load_recipe(CPU_RECIPE, ["train.seed=5", "model.name=other"], str(synth)), tmp_path / "run", progress=False)
+    other = tmp_path / "other-data"
+    write_synthetic_dagm(other, SynthSpec(classes=2, train=3, test=2, size=32, seed=1))
+    with pytest.raises(ModelError, match=r"differs in data.path, the training images \(.*synth0 \(Train\): 8 images"):
+        train(load_recipe(CPU_RECIPE, data_path=str(other)), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "training.json").read_text() == recorded and not (tmp_path / "run" / "model.keras").exists()
+    longer = train(load_recipe(CPU_RECIPE, ["train.steps=8", "train.log_every=2"], str(synth)), tmp_path / "run", progress=False)
+    assert (longer.resumed_from, longer.step) == (3, 8)  # going further, or logging otherwise, is the same run
+
+
 def test_a_fixed_seed_repeats_and_another_seed_differs(uninterrupted, synth, tmp_path):
     recipe = load_recipe(CPU_RECIPE, data_path=str(synth))
     repeat = train(recipe, tmp_path / "same", progress=False)

@@ -341,6 +341,7 @@ def train(
             _freeze(model, spec.freeze)
             optimizer = _optimizer(recipe)
             optimizer.build(model.trainable_variables)
+        _check_same_run(recipe, training_images, out_dir)
         manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
@@ -457,6 +458,36 @@ def _usable_images(images: LabelledImages) -> LabelledImages:
     if len(images) == 0:
         raise DataError(f"{images.name}: no usable training images ({images.problems.summary()})")
     return images
+
+
+# What a resumed run may change: how far it goes and how often it reports and checkpoints.
+_RESUMABLE = {"train.steps", "train.log_every", "train.checkpoint_every"}
+
+
+def _check_same_run(recipe: Recipe, training_images: LabelledImages, out_dir: Path) -> None:
+    """A folder with checkpoints resumes the run it holds, not another: the same recipe (but `_RESUMABLE`) and
+    training images as its training.json records; else the model it saves would be labelled with what it was not trained on."""
+    recorded = out_dir / "training.json"
+    if not (out_dir / "checkpoints").is_dir() or not recorded.is_file():
+        return
+    before = json.loads(recorded.read_text())
+    was, now = _flat(before.get("recipe") or {}), _flat(recipe.model_dump(mode="json"))
+    changed = sorted(key for key in set(was) | set(now) if key not in _RESUMABLE and was.get(key) != now.get(key))
+    if before.get("dataset") != training_images.describe():
+        changed.append(f"the training images ({before.get('dataset')})")
+    if changed:
+        raise ModelError(f"{out_dir}: holds checkpoints of another run (it differs in {', '.join(changed[:6])}): resume it with "
+                         "its own recipe and data, or train into another folder (--out)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _restore_or_initialise(recipe: Recipe, model, optimizer, out_dir: Path):
