@@ -119,6 +119,9 @@ def test_xla_and_mirrored_strategy_run_on_the_cpu(synth, tmp_path):
 def test_recipe_overrides_and_errors(tmp_path):
     recipe = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml", ["train.steps=7", "optimizer.centered=false", "model.version=4"], "data/x")
     assert (recipe.train.steps, recipe.optimizer.centered, recipe.data.path, recipe.model.version) == (7, False, "data/x", "4")
+    # Text fields take the value as written, not as YAML reads it (2.10 would be the number 2.1, on would be true).
+    texts = load_recipe(CPU_RECIPE, ["model.version=2.10", "model.name=on", "model.init_from=null"])
+    assert (texts.model.version, texts.model.name, texts.model.init_from) == ("2.10", "on", None)
     reference = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml")
     assert (reference.train.batch_size, reference.optimizer.learning_rate, reference.optimizer.decay_steps) == (16, 1e-4, 500)
     assert (reference.optimizer.rho, reference.optimizer.momentum, reference.optimizer.centered) == (0.9, 0.8, True)

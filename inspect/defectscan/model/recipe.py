@@ -187,6 +187,22 @@ class Recipe(_Section):
         return self
 
 
+def _text_field(path: list[str]) -> bool:
+    """Whether the recipe field at `path` holds text: its --set value is taken as written (a version 2.10 stays
+    "2.10", a name `on` stays "on"), not read as YAML."""
+    import types
+    import typing
+
+    model: Any = Recipe
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    kinds = set(typing.get_args(model)) - {type(None)} if isinstance(model, types.UnionType) or typing.get_origin(model) is typing.Union else {model}
+    return kinds == {str}
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data_path: str | None = None) -> Recipe:
     """Read a recipe file, apply `key.sub=value` overrides, validate; errors name the file and key."""
     raw: dict[str, Any] = {}
@@ -204,7 +220,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = value if _text_field([*parents, leaf]) and value not in ("null", "~") else yaml.safe_load(value)
     if data_path is not None:
         raw.setdefault("data", {})["path"] = data_path
     try:
