@@ -217,6 +217,11 @@ def test_bad_review_input_is_one_line_and_records_nothing(factory, lot, cli, mig
             review_images(session, [ids[6]], "pass", mask=np.ones((64, 64)), class_name="scratch")
         with pytest.raises(DataError, match="marks no pixel"):
             review_images(session, [ids[6]], "fail", mask=np.zeros((64, 64)), class_name="scratch")
+    fresh = register(factory, write_stack(tmp_path / "R2.zarr", square_images(2, size=64), lot="R2"))
+    with factory() as session:
+        uninspected = session.scalar(select(Image.id).where(Image.image_set_id == fresh.id, Image.position == 1))
+    never = run("review", "images", str(ids[0]), str(uninspected), "--as", "pass")
+    assert (never.exit_code, never.output) == (1, f"Error: image {uninspected} has not been inspected: nothing to review yet; nothing was recorded\n")
     assert _count(factory, DefectReview) == 0 and _count(factory, ImageReview) == 0
     unknown = run("review", "queue", "--lot", "R9")
     assert unknown.exit_code == 1 and "unknown lot 'R9'" in unknown.output

@@ -75,6 +75,11 @@ def review_images(
     newest = dict(session.execute(
         select(Inspection.image_id, func.max(Inspection.id)).where(Inspection.image_id.in_(ids)).group_by(Inspection.image_id)
     ).all())
+    never = [i for i in ids if i not in newest]
+    if never:
+        # A decision is on what inspection said; one taken before would later count for a verdict QA never saw.
+        raise DataError(f"image {', '.join(map(str, never[:5]))} {'has' if len(never) == 1 else 'have'} not been inspected: "
+                        "nothing to review yet; nothing was recorded")
     kept = _kept_masks(session, ids) if decision == "fail" and mask is None else {}
     reviewer, now = user_name(by), utcnow()
     rows = [
