@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import threading
 import time
 
 from defectscan.data import imageset as layout
 from defectscan.db.schema import ImageSet, JobLock
 from defectscan.db.session import make_engine
-from defectscan.jobs.discover import discover, image_sets_with_work
+from defectscan.jobs.discover import discover, image_sets_with_work, match_stores
 from defectscan.jobs.lock import Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec
 from pipeline_helpers import add_model, save_threshold_model, square_images, write_stack
@@ -36,6 +37,12 @@ def test_discovery_registers_new_stores_once_and_leaves_out_masks_and_unfinished
         found = discover(session, spec, spec_file)
     assert found.matched == [str(incoming / "L1.zarr"), str(incoming / "L2.zarr")]
     assert (found.new, found.incomplete, found.problems) == ([str(incoming / "L1.zarr")], [str(incoming / "L2.zarr")], [])
+
+    # `**` spans folders here as it does in a URL's glob.
+    write_stack(incoming / "2026-03-02" / "L3.zarr", square_images(2), lot="L3")
+    deep = match_stores(_spec(glob="incoming/**/*.zarr"), spec_file)
+    assert str(incoming / "2026-03-02" / "L3.zarr") in deep and str(incoming / "L1.zarr") in deep
+    shutil.rmtree(incoming / "2026-03-02")
 
     # Finished later: the next discovery registers it; L1 is not registered twice.
     zarr.open_group(unfinished, mode="a").attrs[layout.META_ATTR] = {"complete": True}

@@ -32,7 +32,7 @@ def specs(tmp_path):
     jobs = tmp_path / "jobs"
     write_spec(jobs, "line-a", schedule="*/15 * * * *", source={"glob": "incoming/*.zarr"}, model="demo")
     write_spec(jobs, "line-b", schedule="0 2 * * 1-5", timezone="Europe/Berlin", source={"lot": "L1"}, model="tinyunet:3",
-               description="night shift, 50% of lots")
+               description="night shift, 50% of lots\nOwner: QA team")
     return [load_spec(p) for p in sorted(jobs.glob("*.yaml"))]
 
 
@@ -48,7 +48,7 @@ def test_crontab_lines_have_five_valid_fields_and_run_each_job(specs):
         assert fields[5].endswith(f"run {spec.name} >> /var/log/defectscan/{spec.name}.log 2>&1")
     assert "CRON_TZ=Europe/Berlin" in text.splitlines()
     # The description's % is a comment; a % in a command line would be escaped.
-    assert "# line-b: night shift, 50% of lots" in text
+    assert "# line-b: night shift, 50% of lots Owner: QA team" in text  # a description of two lines, one comment
     weird = render_crontab(specs[:1], RenderOptions(defectscan="/opt/100%/defectscan"))
     assert r"/opt/100\%/defectscan" in weird
 

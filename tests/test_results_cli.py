@@ -156,6 +156,16 @@ def test_sql_looking_values_are_plain_data(run, results_db):
     assert query(results_db.url, "SELECT count(*) FROM defects")[0][0] == 6
 
 
+def test_table_shows_text_as_it_is_not_as_markup(capsys):
+    from defectscan.cli.output import print_rows
+
+    rows = [{"lot": "L[/x]42", "note": "glare [left edge]"}, {"lot": "L[b]042", "note": "[bold]x"}]
+    print_rows(rows, ("lot", "note"), "table", empty="none")
+    shown = capsys.readouterr().out
+    for text in ("L[/x]42", "glare [left edge]", "L[b]042", "[bold]x"):
+        assert text in shown
+
+
 # --- defects show ------------------------------------------------------------------------------------------------------------
 
 

@@ -121,8 +121,11 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | 
     for column in columns:
         numeric = all(isinstance(row.get(column), int | float) or row.get(column) is None for row in rows)
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    from rich.text import Text
+
     for row in rows:
-        table.add_row(*(_text(row.get(c)) for c in columns))
+        # Text, not markup: a lot named L[b]042 or a note "[left edge]" is shown as it is.
+        table.add_row(*(Text(_text(row.get(c))) for c in columns))
     # A wide fixed width when not a terminal keeps rows unwrapped in files and pipes.
     stream = sys.stdout
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)

@@ -53,7 +53,8 @@ def match_stores(spec: JobSpec, spec_file: Path) -> list[str]:
         protocol = pattern.split("://", 1)[0]
         found = [f"{protocol}://{p}" for p in fs.glob(pattern.split("://", 1)[1])]
     else:
-        found = [p for p in globbing.glob(pattern) if Path(p).is_dir()]
+        # `**` spans folders, as fsspec's glob does for a URL.
+        found = [p for p in globbing.glob(pattern, recursive=True) if Path(p).is_dir()]
     uris = {layout.resolve_uri(p) for p in found}
     return sorted(u for u in uris if not u.rstrip("/").endswith(MASKS_SUFFIX))
 

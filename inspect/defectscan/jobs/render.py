@@ -65,7 +65,9 @@ def render_crontab(specs: list[JobSpec], options: RenderOptions) -> str:
         env = shlex.quote(options.env_file)
         # `%` ends a crontab command line: escape it wherever a path may hold one.
         line = f"set -a; . {env}; set +a; exec {command} >> {log} 2>&1".replace("%", r"\%")
-        lines += ["", f"# {spec.name}: {spec.description or 'inspection job'}", f"CRON_TZ={spec.timezone}", f"{spec.schedule} {line}"]
+        # One comment line: a description's second line would be read as a crontab entry.
+        about = " ".join((spec.description or "inspection job").split())
+        lines += ["", f"# {spec.name}: {about}", f"CRON_TZ={spec.timezone}", f"{spec.schedule} {line}"]
     return "\n".join(lines) + "\n"
 
 

@@ -244,8 +244,19 @@ def check_cron(expression: str) -> None:
         )
     from croniter import croniter
 
-    if not croniter.is_valid(expression):
-        raise ValueError("not a valid cron expression; fields: minute 0-59, hour 0-23, day-of-month 1-31, month 1-12, day-of-week 0-6 (Sun=0)")
+    # Standard cron only: croniter's extensions (L, #, ?, W) mean nothing to crontab, systemd or Kubernetes.
+    if not all(_STANDARD_FIELD.fullmatch(field) for field in fields) or not croniter.is_valid(expression):
+        raise ValueError("not a valid cron expression; fields: minute 0-59, hour 0-23, day-of-month 1-31, month 1-12, day-of-week 0-6 (Sun=0)"
+                         "; numbers, names (jan, mon), *, ranges a-b, lists a,b and steps /n")
+    try:
+        croniter(expression, dt.datetime(2026, 1, 1)).get_next(dt.datetime)
+    except Exception:  # croniter's CroniterBadDateError: e.g. 30 February
+        raise ValueError("the schedule never fires (no such date in any year, e.g. 30 February)") from None
+
+
+_VALUE = r"([0-9]+|jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|sun|mon|tue|wed|thu|fri|sat)"
+_TERM = rf"(\*|{_VALUE}(-{_VALUE})?)(/[0-9]+)?"
+_STANDARD_FIELD = re.compile(rf"{_TERM}(,{_TERM})*", re.IGNORECASE)
 
 
 def next_run(spec: JobSpec, after: dt.datetime) -> dt.datetime:
