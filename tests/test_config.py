@@ -44,6 +44,10 @@ def test_environment_ignores_non_setting_variables():
     assert load_settings(environ=environ).database_url is None
 
 
+def test_log_level_in_any_case_as_the_flag_takes_it():
+    assert load_settings(environ={"DEFECTSCAN_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
 def test_unknown_key_in_file_names_file_key_and_accepted_keys(tmp_path):
     config = tmp_path / "site.yaml"
     config.write_text("databse_url: sqlite:///x.sqlite\n")

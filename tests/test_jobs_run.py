@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 
@@ -117,7 +118,7 @@ def test_a_store_that_cannot_be_registered_makes_the_run_partial(cli, migrated_u
     assert run.status == "partial" and "broken.zarr" in run.error
 
 
-def test_a_missing_model_fails_the_run_and_records_it(cli, migrated_url, factory, env, tmp_path):
+def test_a_missing_model_fails_the_run_and_records_it(cli, migrated_url, factory, env, model_file, tmp_path):
     write_stack(tmp_path / "incoming" / "L1.zarr", square_images(2))
     _spec(tmp_path, model="no-such-model")
     result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
@@ -126,6 +127,16 @@ def test_a_missing_model_fails_the_run_and_records_it(cli, migrated_url, factory
     assert run.status == "failed" and run.error.startswith("no model no-such-model:production in the registry")
     shown = json.loads(cli("--database-url", migrated_url, "jobs", "show", str(run.id)).output)
     assert shown["status"] == "failed" and shown["spec"]["job"]["model"]["name"] == "no-such-model"
+
+    # A night without data is no excuse: the missing model fails the run, and so does a glob whose folder is gone.
+    shutil.rmtree(tmp_path / "incoming" / "L1.zarr")
+    assert cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env).exit_code == 1
+    assert _runs(factory, "line-a")[-1].error.startswith("no model no-such-model:production")
+    add_model(factory, model_file)
+    _spec(tmp_path, source={"glob": "unmounted/*.zarr"})
+    result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
+    assert result.exit_code == 1, result.output
+    assert _runs(factory, "line-a")[-1].error == f"source glob {tmp_path / 'unmounted' / '*.zarr'}: its folder {tmp_path / 'unmounted'} does not exist (an unmounted share, a misspelt path?)"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from defectscan.db.schema import JobRun, utcnow
+from defectscan.db.schema import JobLock, JobRun, utcnow
 from defectscan.db.session import make_engine
 from defectscan.jobs.spec import (
     JobSpec,
@@ -179,6 +179,10 @@ def test_jobs_list_shows_next_and_last_run_and_flags_a_bad_spec(cli, migrated_ur
             insert(JobRun).values(job="line-a", status="partial", started_at=started, finished_at=started, spec={"job": {}},
                                   error="database postgresql://qa:hunter2@db/x refused").returning(JobRun.id)
         ).scalar_one()
+        # A runner on another host that died five hours ago left its lock: line-a is not "running".
+        connection.execute(insert(JobLock).values(job="line-a", owner="other-host/4026531836:77:abcd", acquired_at=started,
+                                                  heartbeat_at=utcnow() - dt.timedelta(hours=5)))
+        connection.execute(insert(JobLock).values(job="line-b", owner="other-host/4026531836:78:abce", heartbeat_at=utcnow()))
     engine.dispose()
 
     result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "list")
@@ -187,7 +191,7 @@ def test_jobs_list_shows_next_and_last_run_and_flags_a_bad_spec(cli, migrated_ur
     assert rows["broken"].startswith(f"broken               invalid: {tmp_path / 'broken.yaml'} line 2: key 'schedule' has value 'nope'")
     next_a = next_run(load_spec(tmp_path / "line-a.yaml"), utcnow())
     assert rows["line-a"].split()[-6:] == [*f"{next_a:%Y-%m-%d %H:%M}".split(), *f"{started:%Y-%m-%d %H:%M}".split(), "partial", str(run_id)]
-    assert rows["line-b"].split()[-4:] == ["-", "-", "never", "run"] or rows["line-b"].endswith("never run    -")
+    assert rows["line-b"].split()[-3:] == ["-", "running", "-"]
 
     shown = cli("--database-url", migrated_url, "jobs", "show", str(run_id))
     assert shown.exit_code == 0

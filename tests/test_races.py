@@ -195,6 +195,15 @@ def test_two_runs_creating_one_score_array_at_once_both_use_it(tmp_path, monkeyp
     assert zarr.open_array(ref.uri, path=ref.path, mode="r").shape == (4, 1, 32, 32)
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_the_sigpipe_status(migrated_url):
+    # `defectscan db history | head -0`: the pipe is closed before the command writes.
+    command = subprocess.Popen([sys.executable, "-m", "defectscan", "--database-url", migrated_url, "db", "history"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()
+    assert command.wait(timeout=120) == 141
+    assert command.stderr.read() == b""
+
+
 def test_an_unexpected_tensorflow_error_shows_its_own_message_not_the_traceback_header(migrated_url, cli, monkeypatch):
     from defectscan.db import queries
 

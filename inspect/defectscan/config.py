@@ -101,6 +101,12 @@ class Settings(BaseModel):
     inspection: InspectionSettings
     qa: QASettings
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        # As --log-level takes it: debug, Debug and DEBUG alike.
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("database_url")
     @classmethod
     def _parse_url(cls, value: str | None) -> str | None:

@@ -13,3 +13,5 @@ EXIT_ALREADY_RUNNING = 75
 # Stopped by SIGTERM (128 + 15) or SIGINT/Ctrl-C (128 + 2); the next run resumes.
 EXIT_INTERRUPTED = 143
 EXIT_SIGINT = 130
+# The reader of stdout went away (`defectscan ... | head`): 128 + SIGPIPE, as a shell tool killed by it.
+EXIT_SIGPIPE = 141

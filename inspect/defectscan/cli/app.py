@@ -7,6 +7,8 @@ Command modules import heavy libraries (TensorFlow, Dask, Zarr) inside their fun
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from functools import cached_property, update_wrapper
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from sqlalchemy.orm import Session
 from defectscan import __version__
 from defectscan.config import Settings, load_settings
 from defectscan.errors import DefectscanError, first_line
-from defectscan.exitcodes import EXIT_SIGINT
+from defectscan.exitcodes import EXIT_SIGINT, EXIT_SIGPIPE
 from defectscan.interrupts import Interrupted
 from defectscan.logs import configure_logging
 from defectscan.native_logs import quiet_tensorflow_startup
@@ -98,6 +100,10 @@ class DefectscanGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Stopped by SIGINT.", err=True)
             ctx.exit(EXIT_SIGINT)
+        except BrokenPipeError:
+            # The reader went away (`defectscan ... | head`): quiet, with the status SIGPIPE would have given.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_SIGPIPE)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:

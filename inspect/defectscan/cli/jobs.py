@@ -93,13 +93,20 @@ def list_command(app: AppContext) -> None:
             click.echo(f"{path.stem:<20} invalid: {spec}")
             continue
         run = last.get(spec.name)
-        status = "running" if spec.name in locks else (run.status if run else "never run")
+        status = "running" if _live(locks.get(spec.name), spec, now) else (run.status if run else "never run")
         click.echo(
             f"{spec.name:<20} {spec.schedule:<16} {spec.timezone:<14} {_when(next_run(spec, now)):<17} "
             f"{_when(run.started_at if run else None):<17} {status:<12} {run.id if run else '-'}"
         )
     if bad:
         sys.exit(1)
+
+
+def _live(lock, spec, now) -> bool:
+    """A lock whose runner is alive (a dead runner's stays until the next run takes it over)."""
+    from defectscan.jobs.lock import holder_is_dead
+
+    return lock is not None and (now - lock.heartbeat_at).total_seconds() < spec.lock.stale_after_s and not holder_is_dead(lock.owner)
 
 
 @jobs.command("run")

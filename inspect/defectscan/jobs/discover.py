@@ -59,6 +59,18 @@ def match_stores(spec: JobSpec, spec_file: Path) -> list[str]:
     return sorted(u for u in uris if not u.rstrip("/").endswith(MASKS_SUFFIX))
 
 
+def missing_glob_folder(spec: JobSpec, spec_file: Path) -> None:
+    """Refuse a local glob whose fixed folder (the part before any wildcard) does not exist: an unmounted share
+    or a misspelt path would otherwise pass every night as "nothing to inspect"."""
+    pattern = resolve_glob(spec_file, spec.source.glob)
+    if "://" in pattern:
+        return
+    fixed = Path(pattern).parts
+    folder = Path(*fixed[: next((i for i, part in enumerate(fixed) if any(c in part for c in "*?[")), len(fixed))])
+    if not folder.is_dir():
+        raise DataError(f"source glob {pattern}: its folder {folder} does not exist (an unmounted share, a misspelt path?)")
+
+
 def _is_incomplete(uri: str) -> bool:
     try:
         group = layout.open_group(uri)

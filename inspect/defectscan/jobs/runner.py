@@ -28,7 +28,7 @@ from defectscan.interrupts import Interrupted
 from defectscan.pipeline.job_runs import close_run, record_closed_run
 from defectscan.pipeline.record import Retry
 from defectscan.pipeline.run import run_exit_code
-from defectscan.jobs.discover import Discovery, discover, image_sets_with_work
+from defectscan.jobs.discover import Discovery, discover, image_sets_with_work, missing_glob_folder
 from defectscan.jobs.lock import AlreadyRunning, Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec, describe_spec
 
@@ -118,11 +118,13 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         found = discover(session, spec, spec_file)
         outcome.discovery = found
         echo(f"discovered {len(found.matched)} stores: {len(found.new)} new, {len(found.incomplete)} still being written, {len(found.problems)} refused")
+        # Resolved before anything else: a model that cannot run fails the job on a night without data too.
+        model = resolve_model(session, spec)
         if spec.source.glob is not None and not found.matched:
+            missing_glob_folder(spec, spec_file)
             echo("nothing to inspect: the source glob matches no store")
             outcome.status = "succeeded"
             return
-        model = resolve_model(session, spec)
         candidates = image_sets_with_work(session, spec, model, found.matched)
 
     interrupts.check()
