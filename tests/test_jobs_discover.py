@@ -121,3 +121,15 @@ def test_the_spec_layers_over_the_environment_and_flags_over_the_spec(tmp_path):
     assert (settings.inspection.batch_size, settings.inspection.images_per_shard, settings.cluster.scheduler) == (2, 8, None)
     flagged = load_settings(environ=environ, overrides={**overrides, "inspection.batch_size": (8, "--batch-size")})
     assert flagged.inspection.batch_size == 8 and flagged.cluster.scheduler == "tls://dask:8786"
+
+
+def test_a_null_in_the_spec_undoes_a_site_setting(tmp_path):
+    from defectscan.config import load_settings
+
+    site = tmp_path / "site.yaml"
+    site.write_text("inspection:\n  threshold: 0.5\n  fail_score: 0.6\n")
+    spec = JobSpec.model_validate({"name": "line-a", "schedule": "* * * * *", "source": {"lot": "L1"}, "model": "m",
+                                   "inspection": {"threshold": None, "fail_score": None}})
+    settings = load_settings(site, environ={}, overrides=spec.setting_overrides("line-a.yaml"))
+    assert (settings.inspection.threshold, settings.inspection.fail_score) == (None, None)  # the model's operating point
+    assert load_settings(site, environ={}).inspection.threshold == 0.5

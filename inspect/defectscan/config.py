@@ -138,6 +138,16 @@ class Settings(BaseModel):
         return f"sqlite:///{self.resolved_data_dir / 'defectscan.sqlite'}"
 
 
+class _Null:
+    """An override that sets a setting to null, where a plain None means "not given" (a flag left out)."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+
+
 def load_settings(
     config_file: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -147,7 +157,7 @@ def load_settings(
 
     `overrides` maps a key to (value, source), the source being the flag that set it, e.g.
     {"database_url": (url, "--database-url")}; nested keys are joined by "." or "__" (as in the
-    environment: "inspection__batch_size"); None values are left out.
+    environment: "inspection__batch_size"); None values are left out, NULL ones set the key to null.
     """
     merged: dict[str, Any] = {}
     origin: dict[tuple[str, ...], str] = {}
@@ -159,7 +169,7 @@ def load_settings(
         _merge(merged, origin, _nest(key, value), source)
     for key, (value, source) in (overrides or {}).items():
         if value is not None:
-            _merge(merged, origin, _nest(tuple(key.replace(_NESTED, ".").split(".")), value), source)
+            _merge(merged, origin, _nest(tuple(key.replace(_NESTED, ".").split(".")), None if value is NULL else value), source)
 
     try:
         return Settings.model_validate(merged)

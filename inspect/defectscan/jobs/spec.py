@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from defectscan.config import InspectionSettings, Settings, load_settings
+from defectscan.config import NULL, InspectionSettings, Settings, load_settings
 from defectscan.errors import ConfigError, DefectscanError
 from defectscan.secrets import mask_secrets
 from defectscan.times import parse_iso
@@ -218,7 +218,8 @@ class JobSpec(_Part):
         """The spec's settings as the top layer of load_settings / AppContext.settings_with: key -> (value, source)."""
         overrides: dict[str, tuple[Any, str]] = {}
         for key, value in self.inspection.items():
-            overrides[f"inspection__{key}"] = (value, f"{source}: inspection.{key}")
+            # `threshold: null` in a spec means the model's own operating point, over a site config's value.
+            overrides[f"inspection__{key}"] = (NULL if value is None else value, f"{source}: inspection.{key}")
         if self.cluster.scheduler not in (None, "local"):
             overrides["cluster__scheduler"] = (self.cluster.scheduler, f"{source}: cluster.scheduler")
         if self.cluster.n_workers is not None:
