@@ -23,3 +23,7 @@ def _find(packed: str, top_level: str) -> Path:
 CONFIGS_DIR = _find("_configs", "configs")
 MIGRATIONS_DIR = _find("_migrations", "migrations")
 DEFAULTS_FILE = CONFIGS_DIR / "defaults.yaml"
+# The demo model shipped inside the package (model/demo/), and its metadata: its registered name lives there.
+DEMO_DIR = _PACKAGE / "model" / "demo"
+DEMO_MODEL = DEMO_DIR / "tinyunet-synth-demo.keras"
+DEMO_METADATA = DEMO_DIR / "tinyunet-synth-demo.json"

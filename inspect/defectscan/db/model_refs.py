@@ -64,7 +64,7 @@ def expand_alias(text: str) -> str:
 @functools.cache
 def demo_name() -> str:
     """The name the shipped demo model is registered under (its metadata file's)."""
-    from defectscan.model.registry import DEMO_METADATA
+    from defectscan.paths import DEMO_METADATA
 
     return json.loads(DEMO_METADATA.read_text())["name"]
 

@@ -23,12 +23,10 @@ from defectscan.errors import ModelError
 from defectscan.model.export import file_sha256, load_model
 from defectscan.model.precision import ParityCheck, check_images, check_parity, check_precision_name, recorded_check, require_passed
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules
+from defectscan.paths import DEMO_DIR, DEMO_METADATA, DEMO_MODEL
 from defectscan.users import user_name
 from defectscan.yamlfile import read_mapping
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
-DEMO_MODEL = DEMO_DIR / "tinyunet-synth-demo.keras"
-DEMO_METADATA = DEMO_DIR / "tinyunet-synth-demo.json"
 
 
 @dataclass(frozen=True)
