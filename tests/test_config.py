@@ -148,3 +148,11 @@ def test_library_defaults_are_those_of_defaults_yaml(monkeypatch):
     monkeypatch.setenv("DEFECTSCAN_QA__HOLD_ABOVE", "0.5")
     assert shipped_defaults().qa.hold_above == load_settings(environ={}).qa.hold_above == 0.05
     assert HoldRules().hold_above == 0.05 and HoldRules(hold_above=0.2).hold_above == 0.2
+
+
+def test_an_empty_section_sets_nothing_and_a_bad_one_is_blamed_on_its_own_layer(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("inspection:\n  # threshold: 0.5\n")
+    assert load_settings(site, environ={}).inspection == load_settings(environ={}).inspection
+    with pytest.raises(ConfigError, match=r"^environment variable DEFECTSCAN_QA: key 'qa' has value '1'"):
+        load_settings(environ={"DEFECTSCAN_QA": "1"})

@@ -204,6 +204,8 @@ def _nest(key: tuple[str, ...], value: Any) -> dict[str, Any]:
 def _merge(into: dict[str, Any], origin: dict[tuple[str, ...], str], layer: dict[str, Any], source: str, prefix: tuple[str, ...] = ()) -> None:
     for key, value in layer.items():
         path = (*prefix, str(key))
+        if value is None and isinstance(into.get(key), dict):
+            continue  # a section left empty (`inspection:` with its keys commented out) sets nothing
         if isinstance(value, dict):
             # Recurse even into new sections, so every leaf remembers its own layer.
             if not isinstance(into.get(key), dict):
@@ -212,8 +214,10 @@ def _merge(into: dict[str, Any], origin: dict[tuple[str, ...], str], layer: dict
             _merge(into[key], origin, value, source, path)
         else:
             into[key] = value
-            # Re-inserted so the dict's order is the order in which layers set keys.
-            origin.pop(path, None)
+            # Re-inserted so the dict's order is the order in which layers set keys; a section replaced by a
+            # value forgets where its keys came from, so an error names this layer.
+            for inner in [p for p in origin if p[: len(path)] == path]:
+                origin.pop(inner)
             origin[path] = source
 
 
