@@ -66,6 +66,17 @@ def test_empty_database_asks_for_upgrade(engine):
         require_current(engine)
 
 
+def test_reading_commands_on_a_missing_sqlite_file_say_so_and_create_nothing(cli, tmp_path):
+    url = f"sqlite:///{tmp_path / 'mistyped' / 'x.sqlite'}"
+    for args in (("lots", "list"), ("imagesets", "list")):
+        result = cli("--database-url", url, *args)
+        assert result.exit_code == 1 and f"no database at {tmp_path / 'mistyped' / 'x.sqlite'}: run `defectscan db upgrade`" in result.output
+    current = cli("--database-url", url, "db", "current")
+    assert current.exit_code == 0 and current.output.endswith("- no database file yet, so no schema yet: run `defectscan db upgrade`\n")
+    assert not (tmp_path / "mistyped").exists()
+    assert cli("--database-url", url, "db", "upgrade").exit_code == 0 and (tmp_path / "mistyped" / "x.sqlite").is_file()
+
+
 def test_history_lists_the_initial_revision():
     revisions = history()
     assert revisions[-1][1] is None

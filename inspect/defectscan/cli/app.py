@@ -62,6 +62,9 @@ class AppContext:
         from defectscan.db.session import session_factory
 
         if "_checked" not in self.__dict__:
+            from defectscan.db.session import require_existing
+
+            require_existing(self.settings.resolved_database_url)
             require_current(self.engine)
             self.__dict__["_checked"] = True
         return session_factory(self.engine)()

@@ -47,7 +47,14 @@ def current_command(app: AppContext) -> None:
         defectscan db current
     """
     from defectscan.db.migrate import schema_state
+    from defectscan.db.session import display_url, require_existing
+    from defectscan.errors import DatabaseError
 
+    try:
+        require_existing(app.settings.resolved_database_url)
+    except DatabaseError:  # looked at, not created
+        click.echo(f"{display_url(app.settings.resolved_database_url)}: - no database file yet, so no schema yet: run `defectscan db upgrade`")
+        return
     state = schema_state(app.engine)
     if state.current is None:
         status = "no schema yet: run `defectscan db upgrade`"

@@ -30,6 +30,16 @@ def display_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def require_existing(url: str | URL) -> None:
+    """A SQLite file that is not there is said so, not created: reading commands on a mistyped path
+    would otherwise leave an empty database (and its folders) behind. `db upgrade` creates it."""
+    url = normalize_url(url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        path = Path(url.database).expanduser()
+        if not path.exists():
+            raise DatabaseError(f"no database at {path}: run `defectscan db upgrade` to create it (or check --database-url)")
+
+
 def make_engine(url: str | URL) -> Engine:
     url = normalize_url(url)
     if url.get_backend_name() == "sqlite":
