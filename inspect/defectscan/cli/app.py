@@ -59,11 +59,9 @@ class AppContext:
     def session(self) -> Session:
         """A session on a database whose schema matches this code (checked once per command)."""
         from defectscan.db.migrate import require_current
-        from defectscan.db.session import session_factory
+        from defectscan.db.session import require_existing, session_factory
 
         if "_checked" not in self.__dict__:
-            from defectscan.db.session import require_existing
-
             require_existing(self.settings.resolved_database_url)
             require_current(self.engine)
             self.__dict__["_checked"] = True

@@ -47,13 +47,11 @@ def current_command(app: AppContext) -> None:
         defectscan db current
     """
     from defectscan.db.migrate import schema_state
-    from defectscan.db.session import display_url, require_existing
-    from defectscan.errors import DatabaseError
+    from defectscan.db.session import display_url, missing_sqlite_file
 
-    try:
-        require_existing(app.settings.resolved_database_url)
-    except DatabaseError:  # looked at, not created
-        click.echo(f"{display_url(app.settings.resolved_database_url)}: - no database file yet, so no schema yet: run `defectscan db upgrade`")
+    url = app.settings.resolved_database_url
+    if missing_sqlite_file(url) is not None:  # looked at, not created
+        click.echo(f"{display_url(url)}: - no database file yet, so no schema yet: run `defectscan db upgrade`")
         return
     state = schema_state(app.engine)
     if state.current is None:

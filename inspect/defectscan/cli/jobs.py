@@ -75,6 +75,7 @@ def list_command(app: AppContext) -> None:
     """
     from defectscan.db.schema import utcnow
     from defectscan.jobs.history import last_runs, running
+    from defectscan.jobs.lock import held_by_live_runner
     from defectscan.jobs.spec import load_all, next_run
 
     found = load_all(_jobs_dir())
@@ -93,20 +94,15 @@ def list_command(app: AppContext) -> None:
             click.echo(f"{path.stem:<20} invalid: {spec}")
             continue
         run = last.get(spec.name)
-        status = "running" if _live(locks.get(spec.name), spec, now) else (run.status if run else "never run")
+        # A dead runner's lock stays until the next run takes it over: its job is not running.
+        lock = locks.get(spec.name)
+        status = "running" if lock and held_by_live_runner(lock, spec.lock.stale_after_s, now) else (run.status if run else "never run")
         click.echo(
             f"{spec.name:<20} {spec.schedule:<16} {spec.timezone:<14} {_when(next_run(spec, now)):<17} "
             f"{_when(run.started_at if run else None):<17} {status:<12} {run.id if run else '-'}"
         )
     if bad:
         sys.exit(1)
-
-
-def _live(lock, spec, now) -> bool:
-    """A lock whose runner is alive (a dead runner's stays until the next run takes it over)."""
-    from defectscan.jobs.lock import holder_is_dead
-
-    return lock is not None and (now - lock.heartbeat_at).total_seconds() < spec.lock.stale_after_s and not holder_is_dead(lock.owner)
 
 
 @jobs.command("run")

@@ -134,7 +134,7 @@ def evaluate(
     from defectscan.model.registry import record_operating_point
 
     check_target(target_false_call_rate)
-    if not choose_operating_point and click.get_current_context().get_parameter_source("target_false_call_rate").name != "DEFAULT":
+    if not choose_operating_point and _given("target_false_call_rate"):
         raise DataError("--target-false-call-rate is the target of --choose-operating-point; give both, or neither")
     model, rules, sidecar = _load(app, model_ref)
     spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict)
@@ -153,6 +153,11 @@ def evaluate(
             click.echo("operating point not recorded: a registered version's rule is fixed; register the file again under a new version with it")
         else:
             click.echo(f"operating point recorded in {record_operating_point(sidecar, metrics['operating_point'])}")
+
+
+def _given(parameter: str) -> bool:
+    """Whether the command's caller gave `parameter` (rather than its default)."""
+    return click.get_current_context().get_parameter_source(parameter) is not click.core.ParameterSource.DEFAULT
 
 
 def _load(app: AppContext, reference: str):
@@ -224,7 +229,7 @@ def register_command(
         given = [option for option, value in (("PATH", path), ("--name", name), ("--version", version), ("--metadata", metadata),
                                               ("--class", classes), ("--threshold", threshold), ("--metrics", metrics_path),
                                               ("--description", description), ("--precision", precision), ("--check-data", check_data))
-                 if value] + (["--stage"] if click.get_current_context().get_parameter_source("stage").name != "DEFAULT" else [])
+                 if value] + (["--stage"] if _given("stage") else [])
         if given:
             raise ModelError(f"--demo registers the shipped demo model as it ships; it takes no {', '.join(given)}")
         with app.session() as session:

@@ -25,7 +25,7 @@ import numpy as np
 
 from defectscan import __version__
 from defectscan.data import imageset as layout
-from defectscan.data.imagefiles import read_image
+from defectscan.data.imagefiles import WIDE_COLOUR_PNG, read_image, wide_colour_png
 from defectscan.data.problems import ProblemLog
 from defectscan.data.sources import Source, Sources, collect_sources
 from defectscan.errors import DataError
@@ -231,8 +231,6 @@ def _probe(path: Path) -> tuple[int, int, str] | str:
                 page = tiff.pages[0]
                 return int(page.imagelength), int(page.imagewidth), "uint16" if page.dtype.itemsize == 2 else "uint8"
         from PIL import Image, UnidentifiedImageError
-
-        from defectscan.data.imagefiles import WIDE_COLOUR_PNG, wide_colour_png
 
         if wide_colour_png(path):
             return WIDE_COLOUR_PNG

@@ -30,14 +30,21 @@ def display_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def missing_sqlite_file(url: str | URL) -> Path | None:
+    """The SQLite file a URL names, when it is not there (None for one that is, or another database)."""
+    url = normalize_url(url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    path = Path(url.database).expanduser()
+    return None if path.exists() else path
+
+
 def require_existing(url: str | URL) -> None:
     """A SQLite file that is not there is said so, not created: reading commands on a mistyped path
     would otherwise leave an empty database (and its folders) behind. `db upgrade` creates it."""
-    url = normalize_url(url)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        path = Path(url.database).expanduser()
-        if not path.exists():
-            raise DatabaseError(f"no database at {path}: run `defectscan db upgrade` to create it (or check --database-url)")
+    path = missing_sqlite_file(url)
+    if path is not None:
+        raise DatabaseError(f"no database at {path}: run `defectscan db upgrade` to create it (or check --database-url)")
 
 
 def make_engine(url: str | URL) -> Engine:

@@ -129,6 +129,11 @@ class JobLockHandle:
         self.release()
 
 
+def held_by_live_runner(lock, stale_after: float, now) -> bool:
+    """Whether a lock row's runner is alive: a heartbeat younger than `stale_after` and, on this machine, its process there."""
+    return (now - lock.heartbeat_at).total_seconds() < stale_after and not holder_is_dead(lock.owner)
+
+
 def acquire(engine: Engine, job: str, *, stale_after: float, owner: str | None = None) -> JobLockHandle:
     """Take the job's lock, taking over a stale one; AlreadyRunning when a live runner holds it."""
     owner = owner or owner_id()
@@ -143,9 +148,10 @@ def acquire(engine: Engine, job: str, *, stale_after: float, owner: str | None =
     if holder is None:
         # Released between our insert and our read: try once more, from the start.
         return acquire(engine, job, stale_after=stale_after, owner=owner)
-    age = (utcnow() - holder.heartbeat_at).total_seconds()
-    if age < stale_after and not holder_is_dead(holder.owner):
+    checked = utcnow()
+    if held_by_live_runner(holder, stale_after, checked):
         raise AlreadyRunning(job, holder)
+    age = (checked - holder.heartbeat_at).total_seconds()
     now = utcnow()
     with engine.begin() as connection:
         swapped = connection.execute(

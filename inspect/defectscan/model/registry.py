@@ -28,7 +28,6 @@ from defectscan.users import user_name
 from defectscan.yamlfile import read_mapping
 
 
-
 @dataclass(frozen=True)
 class ModelMetadata:
     """What is registered with a model file; read from a JSON/YAML sidecar or given directly."""

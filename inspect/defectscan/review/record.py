@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from defectscan.db.reviews import refresh_review_daily
+from defectscan.db.reviews import latest_image_reviews, refresh_review_daily
 from defectscan.db.schema import DEFECT_DECISIONS, IMAGE_DECISIONS, Defect, DefectReview, Image, ImageReview, Inspection, utcnow
 from defectscan.errors import DataError
 from defectscan.model import rle
@@ -83,7 +83,7 @@ def review_images(
     kept = _kept_masks(session, ids) if decision == "fail" and mask is None else {}
     reviewer, now = user_name(by), utcnow()
     rows = [
-        ImageReview(image_id=i, inspection_id=newest.get(i), decision=decision, reviewer=reviewer, reviewed_at=now, note=note,
+        ImageReview(image_id=i, inspection_id=newest[i], decision=decision, reviewer=reviewer, reviewed_at=now, note=note,
                     **{"class_name": class_name, **box, **kept.get(i, {})})
         for i in ids
     ]
@@ -97,8 +97,6 @@ _MASK_COLUMNS = ("class_name", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "rle"
 def _kept_masks(session: Session, ids: list[int]) -> dict[int, dict]:
     """The drawn mask of each image whose current review is a `fail` with one: failing it again without a mask
     (a second look, a note) keeps where QA said the defect is."""
-    from defectscan.db.reviews import latest_image_reviews
-
     current = session.scalars(latest_image_reviews().where(ImageReview.image_id.in_(ids), ImageReview.rle.is_not(None)))
     return {row.image_id: {c: getattr(row, c) for c in _MASK_COLUMNS} for row in current if row.decision == "fail"}
 
