@@ -46,3 +46,28 @@ def test_json_numbers_stay_numbers_and_broken_json_names_its_line(tmp_path):
     sidecar.write_text('{"name": "m",\n "version": }')
     with pytest.raises(ModelError, match=f"^{sidecar} line 2: not valid JSON: Expecting value$"):
         read_metadata(sidecar)
+
+
+@pytest.mark.parametrize(
+    ("read", "error", "text", "key"),
+    [
+        (lambda p: load_settings(config_file=p), ConfigError, "inspection:\n  batch_size: yes\n", "inspection.batch_size"),
+        (load_recipe, ConfigError, "train:\n  steps: true\n", "train.steps"),
+        (load_recipe, ConfigError, "optimizer:\n  learning_rate: on\n", "optimizer.learning_rate"),
+        (load_spec, SpecError, "name: j\nschedule: '0 2 * * *'\nsource: {glob: a/*.zarr}\nmodel: demo\nretries: {attempts: yes}\n", "retries.attempts"),
+        (load_spec, SpecError, "name: j\nschedule: '0 2 * * *'\nsource: {glob: a/*.zarr}\nmodel: demo\ninspection: {threshold: true}\n", "inspection.threshold"),
+    ],
+    ids=["settings", "recipe-int", "recipe-float", "job-spec", "job-spec-inspection"],
+)
+def test_a_yes_or_no_is_not_taken_as_a_number(tmp_path, read, error, text, key):
+    """Pydantic reads true as 1: `steps: true` trained 1 step, `learning_rate: on` a rate of 1.0."""
+    path = tmp_path / "j.yaml"
+    path.write_text(text)
+    with pytest.raises(error, match=f"{key}.*expected a number, not a yes/no value"):
+        read(path)
+
+
+def test_a_yes_or_no_given_with_set_is_refused_too():
+    with pytest.raises(ConfigError, match=r"^defaults: invalid training recipe: train.steps: Value error, expected a number, not a yes/no value \(got True\)$"):
+        load_recipe(None, ["train.steps=true"])
+    assert load_recipe(None, ["train.steps=12"]).train.steps == 12

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from defectscan.errors import ConfigError
 from defectscan.paths import DEFAULTS_FILE
 from defectscan.secrets import mask_secrets
-from defectscan.yamlfile import read_mapping
+from defectscan.yamlfile import Section, read_mapping
 
 ENV_PREFIX = "DEFECTSCAN_"
 # Not settings: DEFECTSCAN_CONFIG names the --config file, DEFECTSCAN_CHROMIUM the browser that prints
@@ -28,7 +28,7 @@ _TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
 _NESTED = "__"
 
 
-class _Section(BaseModel):
+class _Section(Section):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

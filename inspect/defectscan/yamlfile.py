@@ -6,10 +6,13 @@ Each error names the file, the line where the parser stopped, and what the file 
 from __future__ import annotations
 
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from defectscan.errors import DefectscanError
 
@@ -46,3 +49,26 @@ def parse_mapping(text: str, path: Path, contents: str, error: type[DefectscanEr
 def read_mapping(path: Path, *, what: str, contents: str, error: type[DefectscanError]) -> dict[str, Any]:
     """read_text + parse_mapping: e.g. what="settings file", contents="settings"."""
     return parse_mapping(read_text(path, what, error), path, contents, error)
+
+
+class Section(BaseModel):
+    """A section of one of these files: unknown keys refused, and no true/false (or YAML's yes/no/on/off)
+    taken as a number: pydantic would read `steps: true` as 1 step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a yes/no value")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes numbers and not booleans: int, float, or either with None or text."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = set(typing.get_args(annotation))
+    else:
+        kinds = {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds

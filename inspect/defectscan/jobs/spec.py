@@ -29,7 +29,7 @@ from defectscan.config import NULL, InspectionSettings, Settings, load_settings
 from defectscan.errors import ConfigError, DefectscanError
 from defectscan.secrets import mask_secrets
 from defectscan.times import parse_iso
-from defectscan.yamlfile import parse_mapping, read_text
+from defectscan.yamlfile import Section, parse_mapping, read_text
 
 SPEC_SUFFIX = ".yaml"
 # A Kubernetes CronJob name holds at most 52 characters; "defectscan-" is prepended to job names.
@@ -46,7 +46,7 @@ class SpecError(ConfigError):
     """A job spec is missing, malformed, or has a key or value that is not accepted."""
 
 
-class _Part(BaseModel):
+class _Part(Section):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

@@ -10,20 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from defectscan.db.model_refs import version_text
 from defectscan.errors import ConfigError
 from defectscan.model import variants
 from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
-from defectscan.yamlfile import read_mapping
+from defectscan.yamlfile import Section, read_mapping
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Section):
+class ModelSpec(Section):
     variant: Literal["tinyunet", "unet"] = "tinyunet"
     # Explicit widths (input block, down blocks..., bottleneck) override the variant's.
     filters: list[int] | None = None
@@ -47,14 +43,14 @@ class ModelSpec(_Section):
         return version_text(value)
 
 
-class PhotometricSpec(_Section):
+class PhotometricSpec(Section):
     brightness: float = Field(0.0, ge=0, le=1)
     contrast: float = Field(0.0, ge=0, lt=1)
     gamma: float = Field(0.0, ge=0, le=1)
     noise: float = Field(0.0, ge=0, le=1)
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     format: Literal["dagm", "folders", "zarr"] = "dagm"
     path: str | None = None
     # folders: where the masks are; dagm: which ClassN folders (all when empty).
@@ -91,7 +87,7 @@ class DataSpec(_Section):
                             per_class=self.per_class, strict=self.strict, tile=self.tile)
 
 
-class OptimizerSpec(_Section):
+class OptimizerSpec(Section):
     # rmsprop: the reference's (rho, momentum, centered apply); adam: Keras's Adam (beta 0.9/0.999).
     name: Literal["rmsprop", "adam"] = "rmsprop"
     learning_rate: float = Field(1e-4, gt=0)
@@ -113,7 +109,7 @@ class OptimizerSpec(_Section):
     epsilon: float = 1e-7
 
 
-class LossSpec(_Section):
+class LossSpec(Section):
     name: Literal["adaptive", "bce", "dice", "bce_dice"] = "adaptive"
     switch_at: float = 0.3
     smoothing: float = 1.0
@@ -124,7 +120,7 @@ class LossSpec(_Section):
     weight_decay: float = Field(1e-5, ge=0)
 
 
-class ValidationSpec(_Section):
+class ValidationSpec(Section):
     """Held-out images for checkpoint selection and the operating point (model/operating_point.py)."""
 
     # Share of the training images carved out (stratified by class folder and defective/good,
@@ -143,7 +139,7 @@ class ValidationSpec(_Section):
     target_false_call_rate: float = Field(DEFAULT_TARGET_FALSE_CALL_RATE, gt=0, lt=1)
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     batch_size: int = Field(16, ge=1)
     steps: int = Field(2500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
@@ -167,7 +163,7 @@ class TrainSpec(_Section):
     freeze: list[str] = []
 
 
-class Recipe(_Section):
+class Recipe(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
