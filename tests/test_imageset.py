@@ -131,6 +131,25 @@ def test_missing_chunks_inside_and_of_shards(tmp_path):
     assert missing.chunks == [(5, 0, 0), (8, 0, 0), (9, 0, 0)]
 
 
+def test_vanished_chunks_are_the_blank_ones_not_stored_inside_and_of_shards(tmp_path):
+    """What inspection asks of a block it read: only chunks that read as fill value are looked up, one by one."""
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    array = group.create_array("images", shape=(10, 16, 16), dtype="uint8", chunks=(1, 8, 16), shards=(4, 16, 16), fill_value=0,
+                               config={"write_empty_chunks": True})
+    data = np.full((10, 16, 16), 7, dtype=np.uint8)
+    data[2] = 0  # stored, yet all fill value: not vanished
+    array[:] = data
+    assert not layout.vanished_chunks(array, array[0:10], (0, 0, 0))
+
+    shutil.rmtree(tmp_path / "s.zarr" / "images" / "c" / "2")  # the shard of images 8 and 9
+    array = zarr.open_array(str(tmp_path / "s.zarr" / "images"), mode="r")
+    gone = layout.vanished_chunks(array, array[6:10], (6, 0, 0))
+    assert gone.images == [8, 9] and gone.chunks == [(8, 0, 0), (8, 1, 0), (9, 0, 0), (9, 1, 0)]
+    # A window that starts inside a chunk: only its chunks are looked at.
+    assert layout.vanished_chunks(array, array[9, 4:16][None], (9, 4, 0)).chunks == [(9, 0, 0), (9, 1, 0)]
+    assert layout.missing_chunks(array, [(1, 0, 0), (9, 1, 0)]).chunks == [(9, 1, 0)]
+
+
 def test_missing_tiles_of_a_strip(tmp_path):
     make_store(tmp_path / "t.zarr", shape=(64, 64), chunks=(32, 32))
     (tmp_path / "t.zarr" / "images" / "c" / "1" / "0").unlink()

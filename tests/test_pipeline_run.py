@@ -150,6 +150,45 @@ def test_a_strip_with_a_corrupt_chunk_is_an_error_row_not_left_pending(factory, 
     assert f"cannot read {path}: RuntimeError" in rows[0][6]
 
 
+def test_a_chunk_gone_since_registration_is_an_error_row_never_a_verdict_on_a_blank_image(factory, cluster, settings, model_path, tmp_path):
+    """Zarr reads a chunk that is not stored as zeros: judged, a deleted image would pass as a blank one."""
+    path = write_stack(tmp_path / "L6.zarr", square_images(12, defects={3: (5, 5, 6)}))
+    image_set = register(factory, path)
+    model = add_model(factory, model_path)
+    deleted, folder = path / "images" / "c" / "5" / "0" / "0", path / "images" / "c" / "9" / "0" / "0"
+    kept = {deleted: deleted.read_bytes(), folder: folder.read_bytes()}
+    deleted.unlink()
+    folder.unlink()
+    folder.mkdir()  # its path now a folder: zarr's local store reads that as missing too
+
+    summary = _run(factory, cluster, model, [image_set], settings)
+    assert (summary.status, summary.counts.inspected, summary.counts.errors) == ("partial", 10, 2)
+    rows, _ = _table(factory)
+    errors = {r[1]: r[6] for r in rows if r[2] == "error"}
+    assert sorted(errors) == [5, 9]
+    assert errors[5] == f"image 5 of file://{path}/images: 1 chunk(s) missing: (5, 0, 0), stored when the set was registered"
+    assert [r[1] for r in rows if r[2] == "fail"] == [3]
+
+    folder.rmdir()
+    for chunk, good in kept.items():
+        chunk.write_bytes(good)
+    retried = _run(factory, cluster, model, [image_set], settings, retry_errors=True)
+    assert (retried.status, retried.counts.inspected, retried.counts.errors) == ("succeeded", 2, 0)
+
+
+def test_a_strip_tile_gone_since_registration_is_an_error_row(factory, cluster, settings, model_path, tmp_path):
+    path = write_strip(tmp_path / "S3.zarr", square_images(1, size=512, seed=3)[0][:300, :500].copy())
+    image_set = register(factory, path)
+    model = add_model(factory, model_path)
+    (path / "images" / "c" / "1" / "2").unlink()
+
+    summary = _run(factory, cluster, model, [image_set], settings)
+    assert (summary.status, summary.counts.inspected, summary.counts.errors, summary.counts.pending) == ("partial", 0, 1, 0)
+    rows, _ = _table(factory)
+    assert [(r[1], r[2]) for r in rows] == [(0, "error")]
+    assert "1 chunk(s) missing: (1, 2), stored when the strip was registered" in rows[0][6]
+
+
 def test_changed_store_is_refused(factory, cluster, settings, model_path, tmp_path):
     path = write_stack(tmp_path / "L4.zarr", square_images(4))
     image_set = register(factory, path)

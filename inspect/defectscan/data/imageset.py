@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -486,20 +488,37 @@ class MissingChunks:
         return f"{len(self.chunks)} chunk(s) missing: {shown}{more}"
 
 
-def missing_chunks(array) -> MissingChunks:
-    """List every chunk of `array` that is not stored, looking inside shard indexes too.
+def missing_chunks(array, among: Iterable[tuple[int, ...]] | None = None) -> MissingChunks:
+    """List every chunk of `array` (or of the inner chunks `among`) that is not stored, looking inside
+    shard indexes too.
 
     One listing of the array's keys finds missing objects (chunks, or whole shards); for sharded
     arrays each present shard's index (a few bytes at its end) says which inner chunks are empty.
+    With `among`, only their objects are asked for, one by one, instead of listing the whole array.
     """
     from zarr.core.sync import sync
 
-    return sync(_missing_chunks(array))
+    return sync(_missing_chunks(array, None if among is None else set(among)))
 
 
-async def _missing_chunks(array) -> MissingChunks:
+def vanished_chunks(array, block: np.ndarray, origin: Sequence[int]) -> MissingChunks:
+    """The chunks under `block`, read from `array` at `origin`, that read as nothing but the fill value and
+    are not stored. Zarr reads a missing chunk (deleted, or its path now a folder) as the fill value, so
+    a chunk gone since registration would otherwise be inspected as a blank image."""
+    fill = array.fill_value if array.fill_value is not None else 0
+    inner = tuple(array.chunks)
+    first = [o // c for o, c in zip(origin, inner)]
+    last = [(o + n - 1) // c for o, n, c in zip(origin, block.shape, inner)]
+    blank = []
+    for coords in itertools.product(*(range(a, b + 1) for a, b in zip(first, last))):
+        region = tuple(slice(max(i * c - o, 0), min((i + 1) * c - o, n)) for i, c, o, n in zip(coords, inner, origin, block.shape))
+        if (block[region] == fill).all():
+            blank.append(coords)
+    return missing_chunks(array, blank) if blank else MissingChunks([], [])
+
+
+async def _missing_chunks(array, among: set[tuple[int, ...]] | None) -> MissingChunks:
     import asyncio
-    import itertools
 
     from zarr.abc.store import SuffixByteRequest
     from zarr.codecs import ShardingCodec
@@ -507,7 +526,6 @@ async def _missing_chunks(array) -> MissingChunks:
 
     store, path = array.store_path.store, array.store_path.path
     prefix = f"{path}/" if path else ""
-    present = {key[len(prefix) :] async for key in store.list_prefix(prefix)}
     metadata = array.metadata
     shape = array.shape
     inner = tuple(array.chunks)
@@ -525,7 +543,7 @@ async def _missing_chunks(array) -> MissingChunks:
         found = []
         for local in itertools.product(*(range(p) for p in per_shard)):
             chunk = tuple(c * p + k for c, p, k in zip(coords, per_shard, local))
-            if all(i * n < s for i, n, s in zip(chunk, inner, shape)):
+            if all(i * n < s for i, n, s in zip(chunk, inner, shape)) and (among is None or chunk in among):
                 found.append(chunk)
         return found
 
@@ -541,9 +559,17 @@ async def _missing_chunks(array) -> MissingChunks:
             if (index[tuple(i - c * p for i, c, p in zip(chunk, coords, per_shard))] == empty).all()
         ]
 
+    if among is None:
+        outers = list(itertools.product(*(range(g) for g in grid)))
+        present = {key[len(prefix) :] async for key in store.list_prefix(prefix)}
+    else:
+        outers = sorted({tuple(c // p for c, p in zip(chunk, per_shard)) for chunk in among})
+        keys = [metadata.encode_chunk_key(coords) for coords in outers]
+        stored = await asyncio.gather(*(store.exists(prefix + key) for key in keys))
+        present = {key for key, there in zip(keys, stored) if there}
     missing: list[tuple[int, ...]] = []
     reads = []
-    for coords in itertools.product(*(range(g) for g in grid)):
+    for coords in outers:
         key = metadata.encode_chunk_key(coords)
         if key not in present:
             missing.extend(inner_chunks(coords))
@@ -600,5 +626,6 @@ __all__ = [
     "read_sizes",
     "read_times",
     "resolve_uri",
+    "vanished_chunks",
     "write_image_set",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from defectscan.data.imageset import vanished_chunks
 from defectscan.errors import DataError, ModelError, StorageError
 from defectscan.native_logs import quiet_tensorflow_startup
 from defectscan.model.export import verify_sha256
@@ -217,6 +218,11 @@ def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputCo
     height, width = image.shape
     wy, wx = tile.window
     part = np.asarray(image[wy : min(wy + shape[0], height), wx : min(wx + shape[1], width)])
+    import zarr
+
+    gone = vanished_chunks(image, part, (wy, wx)) if isinstance(image, zarr.Array) else None
+    if gone:
+        raise DataError(f"{gone.describe()}, stored when the strip was registered")
     return contract.pad(to_model_pixels(part[None], bit_depth))[0][0]
 
 
@@ -263,8 +269,16 @@ def _reading(source: ArrayRef) -> Iterator[None]:
 
 
 def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
-    """Read [start, stop); an image whose chunk cannot be decoded is zero-filled and reported (an OSError,
-    the storage's, is raised: see `_reading`)."""
+    """Read [start, stop); an image whose chunk cannot be decoded, or is no longer stored, is zero-filled and
+    reported (an OSError, the storage's, is raised: see `_reading`)."""
+    block, errors = _decode_images(images, start, stop)
+    gone = vanished_chunks(images, block, (start, 0, 0))
+    for position in gone.images:
+        errors.setdefault(position, f"image {position} of {images.store_path}: {gone.describe()}, stored when the set was registered")
+    return block, errors
+
+
+def _decode_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
     try:
         return np.asarray(images[start:stop]), {}
     except OSError:
