@@ -215,3 +215,16 @@ def test_write_image_set_refuses_bad_input(tmp_path):
     with pytest.raises(DataError, match="labels need class names"):
         layout.write_image_set(tmp_path / "c.zarr", np.zeros((1, 16, 16), np.uint8), np.zeros((1, 16, 16), np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_store_is_described_from_its_arrays_not_stale_consolidated_metadata(tmp_path, zarr_format):
+    """A writer that grows an array without consolidating again: registration would record the old shape."""
+    path = str(tmp_path / "c.zarr")
+    group = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+    array = group.create_array("images", shape=(4, 32, 32), chunks=(1, 32, 32), dtype="uint8", fill_value=0)
+    array[:] = 5
+    zarr.consolidate_metadata(path)
+    array.resize((6, 32, 32))
+    array[:] = 5
+    assert describe(path).shape == (6, 32, 32)

@@ -111,7 +111,9 @@ def open_group(uri: str, mode: str = "r"):
     if is_local(uri) and not Path(uri).exists():
         raise DataError(f"{uri}: does not exist")
     try:
-        return zarr.open_group(uri, mode=mode)
+        # Not the consolidated metadata: a writer that changes an array without consolidating again would
+        # leave it stale, and registration would record (and validation confirm) the old shape.
+        return zarr.open_group(uri, mode=mode, use_consolidated=False)
     except (GroupNotFoundError, FileNotFoundError):
         if mode == "r" and (not is_local(uri) or holds_zarr(Path(uri))):
             return ImplicitGroup(uri)
