@@ -207,6 +207,25 @@ def test_dagm_folder_brings_labels_and_classes(tmp_path):
     assert twice.keys == ["0001.PNG", "0002.PNG", "0003.PNG"]
 
 
+def test_dagm_classes_are_numbered_as_the_dataset_reader_numbers_them_and_unlisted_images_are_reported(tmp_path):
+    """Class10 after Class2, as read_dagm orders them: a label index must mean the same class in both readers."""
+    from defectscan.data.dagm import read_dagm
+
+    for n, class_name in enumerate(("Class1", "Class10", "Class2")):
+        for split in ("Train", "Test"):
+            folder = tmp_path / "DAGM" / class_name / split
+            (folder / "Label").mkdir(parents=True)
+            write_png(folder / "0001.PNG", texture(10 * n))
+            (folder / "Label" / "Labels.txt").write_text("1\n1\t0\t0001.PNG\t0\t0\n")
+    write_png(tmp_path / "DAGM" / "Class2" / "Train" / "0002.PNG", texture(99))  # not in Labels.txt
+
+    result = ingest_files([tmp_path / "DAGM"], tmp_path / "s.zarr", IngestOptions())
+    classes = stored(result.uri).attrs["classes"]
+    assert classes == ["Class1", "Class2", "Class10"]
+    assert classes == read_dagm(tmp_path / "DAGM", per_class=True).classes
+    assert [(str(p.path), p.reason) for p in result.problems] == [(str(tmp_path / 'DAGM' / 'Class2' / 'Train' / '0002.PNG'), 'image not listed in Labels.txt')]
+
+
 def test_dagm_mixed_with_plain_files_is_refused(tmp_path):
     (tmp_path / "C1" / "Label").mkdir(parents=True)
     (tmp_path / "C1" / "Label" / "Labels.txt").write_text("0\n")

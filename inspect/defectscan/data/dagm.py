@@ -29,8 +29,13 @@ MERGED_CLASS = "defect"
 _CLASS_DIR = re.compile(r"^Class\d+$")
 
 
+def natural_key(path: Path) -> list[str | int]:
+    """Class2 before Class10: the order that gives DAGM's classes their numbers, in every reader."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
 def class_folders(root: Path) -> list[Path]:
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and _CLASS_DIR.match(p.name)), key=lambda p: int(p.name[5:]))
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and _CLASS_DIR.match(p.name)), key=natural_key)
     if not folders:
         raise DataError(f"{root}: no ClassN folders; expected the DAGM 2007 layout ClassN/{{Train,Test}}/NNNN.PNG")
     return folders
@@ -67,6 +72,20 @@ def _parse_labels(labels_file: Path, problems: ProblemLog) -> dict[str, str | No
     return entries
 
 
+def check_listing(split_dir: Path, entries: dict[str, str | None], problems: ProblemLog) -> set[str]:
+    """Report the label files no entry names and whose image is absent, and the images Labels.txt does not
+    list (they would be left out without a word); the names of the PNG images present."""
+    label_dir = split_dir / "Label"
+    present = {p.name for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+    listed_labels = {label for label in entries.values() if label}
+    for label_file in sorted(p.name for p in label_dir.glob("*_label.*")):
+        if label_file not in listed_labels and label_file.replace("_label", "") not in present:
+            problems.add(label_dir / label_file, "label without an image")
+    for name in sorted(present - set(entries)):
+        problems.add(split_dir / name, "image not listed in Labels.txt")
+    return present
+
+
 def read_dagm(
     root: str | Path,
     split: str = "Train",
@@ -100,13 +119,7 @@ def read_dagm(
         label_dir = split_dir / "Label"
         entries = _parse_labels(label_dir / "Labels.txt", problems)
         class_id = position + 1 if per_class else 1
-        present = {p.name for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
-        listed_labels = {label for label in entries.values() if label}
-        for label_file in sorted(p.name for p in label_dir.glob("*_label.*")):
-            if label_file not in listed_labels and label_file.replace("_label", "") not in present:
-                problems.add(label_dir / label_file, "label without an image")
-        for name in sorted(present - set(entries)):
-            problems.add(split_dir / name, "image not listed in Labels.txt")
+        present = check_listing(split_dir, entries, problems)
         for image_name, label_name in entries.items():
             image_path = split_dir / image_name
             label_path = label_dir / label_name if label_name else None

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from defectscan.data.dagm import _parse_labels, check_listing, natural_key
 from defectscan.data.imagefiles import IMAGE_SUFFIXES
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
@@ -78,7 +79,7 @@ def _dagm_folders(path: Path) -> list[Path]:
     """Folders under `path` (itself, or two levels down at most) that hold Label/Labels.txt."""
     found = []
     for pattern in (LABELS_FILE, Path("*") / LABELS_FILE, Path("*") / "*" / LABELS_FILE):
-        found.extend(sorted(labels.parent.parent for labels in path.glob(str(pattern))))
+        found.extend(sorted((labels.parent.parent for labels in path.glob(str(pattern))), key=natural_key))
     return found
 
 
@@ -111,9 +112,8 @@ def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
 
 def read_labels_txt(folder: Path, problems: ProblemLog) -> list[tuple[Path, Path | None]]:
     """(image, label image or None) per entry of folder/Label/Labels.txt, parsed by data/dagm.py."""
-    from defectscan.data.dagm import _parse_labels
-
     entries = _parse_labels(folder / LABELS_FILE, problems)
+    check_listing(folder, entries, problems)
     return [(folder / image, folder / "Label" / label if label else None) for image, label in entries.items()]
 
 
