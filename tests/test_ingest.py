@@ -105,9 +105,10 @@ def _png_rgb16(path, rgb: np.ndarray) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    height, width, _ = rgb.shape
+    height, width, channels = rgb.shape
     rows = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(height))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+    colour_type = {2: 4, 3: 2}[channels]  # gray + alpha, RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
@@ -119,11 +120,13 @@ def test_colour_that_would_lose_bits_is_refused_and_planar_tiff_colour_is_read(t
     rgb16 = np.full((32, 32, 3), 60000, np.uint16)
     _png_rgb16(tmp_path / "wide.png", rgb16)
     write_png(tmp_path / "gray.png", texture(1))
-    with pytest.raises(DataError, match="wide.png: 16-bit colour PNG: not read"):
+    _png_rgb16(tmp_path / "alpha.png", np.full((32, 32, 2), 60000, np.uint16))
+    with pytest.raises(DataError, match="wide.png: 16-bit colour or gray\\+alpha PNG: not read"):
         read_image(tmp_path / "wide.png")
-    result = ingest_files([tmp_path / "wide.png", tmp_path / "gray.png"], tmp_path / "s.zarr", IngestOptions())
-    assert result.n_images == 1 and [(os.path.basename(p.path), p.reason) for p in result.problems] == [
-        ("wide.png", "16-bit colour PNG: not read (it would lose its low 8 bits); save it as 16-bit grayscale PNG or as TIFF")]
+    result = ingest_files([tmp_path / "wide.png", tmp_path / "alpha.png", tmp_path / "gray.png"], tmp_path / "s.zarr", IngestOptions())
+    reason = "16-bit colour or gray+alpha PNG: not read (it would lose its low 8 bits); save it as 16-bit grayscale PNG (no alpha) or as TIFF"
+    assert result.n_images == 1 and sorted((os.path.basename(p.path), p.reason) for p in result.problems) == [
+        ("alpha.png", reason), ("wide.png", reason)]
 
     rgb = np.stack([texture(s) for s in (2, 3, 4)], axis=-1)
     tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")

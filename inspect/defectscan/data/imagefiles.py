@@ -53,14 +53,15 @@ def read_labelled(image_path: Path, label_path: Path | None, problems, what: str
 
 
 def wide_colour_png(path: Path) -> bool:
-    """A 16-bit RGB(A) PNG: Pillow decodes those to 8 bits, so they are refused rather than cut."""
+    """A 16-bit RGB(A) or gray+alpha PNG: Pillow decodes those to 8 bits, so they are refused rather than cut."""
     with open(path, "rb") as handle:
         header = handle.read(26)
-    # The signature, then IHDR: bit depth at byte 24, colour type (2 RGB, 6 RGBA) at byte 25.
-    return header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) == 26 and header[24] == 16 and header[25] in (2, 6)
+    # The signature, then IHDR: bit depth at byte 24, colour type (2 RGB, 4 gray + alpha, 6 RGBA) at byte 25.
+    return header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) == 26 and header[24] == 16 and header[25] in (2, 4, 6)
 
 
-WIDE_COLOUR_PNG = "16-bit colour PNG: not read (it would lose its low 8 bits); save it as 16-bit grayscale PNG or as TIFF"
+WIDE_COLOUR_PNG = ("16-bit colour or gray+alpha PNG: not read (it would lose its low 8 bits); save it as 16-bit grayscale PNG "
+                   "(no alpha) or as TIFF")
 
 
 def _read_pillow(path: Path) -> np.ndarray:
