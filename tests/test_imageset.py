@@ -150,6 +150,16 @@ def test_vanished_chunks_are_the_blank_ones_not_stored_inside_and_of_shards(tmp_
     assert layout.missing_chunks(array, [(1, 0, 0), (9, 1, 0)]).chunks == [(9, 1, 0)]
 
 
+def test_missing_chunks_inside_shards_whose_index_is_at_the_start(tmp_path):
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    array = group.create_array("images", shape=(8, 16, 16), dtype="uint8", chunks=(1, 16, 16),
+                               shards={"shape": (4, 16, 16), "index_location": "start"}, fill_value=0)
+    data = np.full((8, 16, 16), 7, dtype=np.uint8)
+    data[2] = 0  # left out by the writer: the index marks it empty
+    array[:] = data
+    assert layout.missing_chunks(zarr.open_array(str(tmp_path / "s.zarr" / "images"), mode="r")).images == [2]
+
+
 def test_missing_tiles_of_a_strip(tmp_path):
     make_store(tmp_path / "t.zarr", shape=(64, 64), chunks=(32, 32))
     (tmp_path / "t.zarr" / "images" / "c" / "1" / "0").unlink()

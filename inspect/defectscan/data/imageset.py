@@ -522,7 +522,7 @@ def vanished_chunks(array, block: np.ndarray, origin: Sequence[int]) -> MissingC
 async def _missing_chunks(array, among: set[tuple[int, ...]] | None) -> MissingChunks:
     import asyncio
 
-    from zarr.abc.store import SuffixByteRequest
+    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
     from zarr.codecs import ShardingCodec
     from zarr.core.buffer import default_buffer_prototype
 
@@ -535,8 +535,9 @@ async def _missing_chunks(array, among: set[tuple[int, ...]] | None) -> MissingC
     grid = [math.ceil(s / c) for s, c in zip(shape, outer)]
     per_shard = tuple(o // i for o, i in zip(outer, inner))
     sharding = next((c for c in getattr(metadata, "codecs", ()) if isinstance(c, ShardingCodec)), None)
-    index_readable = sharding is not None and _default_shard_index(sharding)
+    index_at = _shard_index_at(sharding) if sharding is not None else None
     n_inner = math.prod(per_shard)
+    index_bytes = 16 * n_inner + 4
     empty = np.iinfo(np.uint64).max
     # Remote stores answer slowly one by one: read shard indexes a few dozen at a time.
     limit = asyncio.Semaphore(32)
@@ -551,7 +552,8 @@ async def _missing_chunks(array, among: set[tuple[int, ...]] | None) -> MissingC
 
     async def empty_in_shard(coords: tuple[int, ...], key: str) -> list[tuple[int, ...]]:
         async with limit:
-            buffer = await store.get(prefix + key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(16 * n_inner + 4))
+            where = RangeByteRequest(0, index_bytes) if index_at == "start" else SuffixByteRequest(index_bytes)
+            buffer = await store.get(prefix + key, prototype=default_buffer_prototype(), byte_range=where)
         if buffer is None:
             return inner_chunks(coords)
         index = np.frombuffer(buffer.to_bytes()[:-4], dtype="<u8").reshape(per_shard + (2,))
@@ -575,7 +577,7 @@ async def _missing_chunks(array, among: set[tuple[int, ...]] | None) -> MissingC
         key = metadata.encode_chunk_key(coords)
         if key not in present:
             missing.extend(inner_chunks(coords))
-        elif index_readable:
+        elif index_at is not None:
             reads.append(empty_in_shard(coords, key))
     for found in await asyncio.gather(*reads):
         missing.extend(found)
@@ -584,17 +586,16 @@ async def _missing_chunks(array, among: set[tuple[int, ...]] | None) -> MissingC
     return MissingChunks(missing, images)
 
 
-def _default_shard_index(codec) -> bool:
-    """Shard indexes defectscan can read itself: at the end, little-endian uint64 pairs + crc32c."""
+def _shard_index_at(codec) -> str | None:
+    """Where a shard index defectscan can read itself lies ("start" or "end"): little-endian uint64 pairs +
+    crc32c, zarr's default codecs. None for other index codecs: only whole shards are then checked."""
     from zarr.codecs import BytesCodec, Crc32cCodec
 
     codecs = tuple(codec.index_codecs)
-    return (
-        str(getattr(codec.index_location, "value", codec.index_location)) == "end"
-        and len(codecs) == 2
-        and isinstance(codecs[0], BytesCodec)
-        and isinstance(codecs[1], Crc32cCodec)
-    )
+    little = len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
+    if not (little and isinstance(codecs[1], Crc32cCodec)):
+        return None
+    return str(getattr(codec.index_location, "value", codec.index_location))
 
 
 def describe_missing_for_stack(missing: MissingChunks) -> str:
