@@ -179,6 +179,40 @@ def test_register_an_fsspec_url_and_validate_it(session):
     assert report.ok and report.info.zarr_format == 3
 
 
+@pytest.mark.parametrize(
+    ("name", "shape", "dtype", "values", "units", "expected"),
+    [
+        ("acquired_at", (4,), "int64", [1772352000] * 4, "seconds since 1970-01-01", "array 'acquired_at' holds int64 in 'seconds since 1970-01-01'; expected int64 microseconds"),
+        ("acquired_at", (4,), "float64", [1.7e9] * 4, None, "array 'acquired_at' holds float64; expected int64 microseconds"),
+        ("acquired_at", (3,), "int64", [0] * 3, None, r"array 'acquired_at' has shape \(3,\); expected \(4,\), one entry per image"),
+        ("keys", (2,), str, ["a", "b"], None, r"array 'keys' has shape \(2,\); expected \(4,\), one entry per image"),
+        ("image_shapes", (4, 2), "int32", [[16, 16], [0, 0], [16, 16], [16, 16]], None, "array 'image_shapes' gives image 1 a size of 0x0; expected 1..16 x 1..16"),
+    ],
+    ids=["seconds", "float", "short-times", "short-keys", "zero-size"],
+)
+def test_per_image_arrays_that_do_not_fit_are_refused_not_misread(session, name, shape, dtype, values, units, expected):
+    """Epoch seconds were read as microseconds (January 1970); a short keys array silently became positions."""
+    url = f"memory://acquisition/{name}-{len(values)}-{np.dtype(dtype).kind}-{units is not None}.zarr"
+    root = zarr.open_group(url, mode="w", zarr_format=3)
+    root.create_array("images", shape=(4, 16, 16), dtype="uint8", chunks=(1, 16, 16), fill_value=0)[:] = 9
+    array = root.create_array(name, shape=shape, dtype=dtype, chunks=shape)
+    array[:] = np.array(values, dtype=object if dtype is str else dtype)
+    if units:
+        array.attrs["units"] = units
+    with pytest.raises(DataError, match=f"^{url}: {expected}"):
+        register_store(session, url)
+    assert session.scalar(select(func.count()).select_from(ImageSet)) == 0
+
+
+def test_capture_times_as_datetime64_are_read(session):
+    url = "memory://acquisition/datetime64.zarr"
+    root = zarr.open_group(url, mode="w", zarr_format=2)
+    root.create_array("images", shape=(2, 16, 16), dtype="uint8", chunks=(1, 16, 16), fill_value=0)[:] = 9
+    root.create_array("acquired_at", shape=(2,), dtype="datetime64[ns]", chunks=(2,))[:] = np.array(["2026-03-01T06:00:01", "NaT"], dtype="datetime64[ns]")
+    image_set = register_store(session, url).image_set
+    assert [i.acquired_at for i in image_set.images] == [dt.datetime(2026, 3, 1, 6, 0, 1, tzinfo=dt.timezone.utc), None]
+
+
 def test_validate_an_unregistered_store_and_unknown_ids(tmp_path, migrated_url, cli):
     acquisition_store(tmp_path / "acq.zarr", zarr_format=3, array="images")
     result = cli("--database-url", migrated_url, "imagesets", "validate", str(tmp_path / "acq.zarr"))

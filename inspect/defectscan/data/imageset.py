@@ -299,31 +299,57 @@ def _labels(group, images, uri: str) -> tuple[bool, list[str]]:
 
 def read_keys(group, n: int) -> list[str]:
     """Per-image keys from the `keys` array; without one (acquisition stores), the serial position."""
-    import zarr
-
-    if KEYS in group and isinstance(group[KEYS], zarr.Array) and group[KEYS].shape == (n,):
-        return [k.decode() if isinstance(k, bytes) else str(k) for k in group[KEYS][:]]
-    return [str(i) for i in range(n)]
+    keys = _per_image(group, KEYS, (n,))
+    if keys is None:
+        return [str(i) for i in range(n)]
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in keys[:]]
 
 
 def read_times(group, n: int, default: dt.datetime | None) -> list[dt.datetime | None]:
-    """Per-image capture times from the `acquired_at` array, else `default` for all."""
-    import zarr
-
-    if TIMES in group and isinstance(group[TIMES], zarr.Array) and group[TIMES].shape == (n,):
-        values = np.asarray(group[TIMES][:], dtype=np.int64)
-        return [None if v == TIME_UNKNOWN else from_micros(int(v)) for v in values]
-    return [default] * n
+    """Per-image capture times from the `acquired_at` array (int64 microseconds, or datetime64), else
+    `default` for all. Another unit would be read as microseconds: epoch seconds became January 1970."""
+    times = _per_image(group, TIMES, (n,))
+    if times is None:
+        return [default] * n
+    units = times.attrs.get("units")
+    kind = np.dtype(times.dtype).kind
+    if kind == "M":
+        values = np.asarray(times[:]).astype("datetime64[us]")
+        return [None if np.isnat(v) else from_micros(int(v.astype(np.int64))) for v in values]
+    if kind not in "iu" or units not in (None, TIME_UNITS):
+        raise DataError(f"array '{TIMES}' holds {times.dtype}" + (f" in {units!r}" if units else "")
+                        + f"; expected int64 {TIME_UNITS} (or datetime64)")
+    values = np.asarray(times[:], dtype=np.int64)
+    return [None if v == TIME_UNKNOWN else from_micros(int(v)) for v in values]
 
 
 def read_sizes(group, shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """Per-image (height, width) before padding; the array's image shape where not recorded."""
+    n = shape[0] if len(shape) == 3 else 1
+    sizes = _per_image(group, SIZES, (n, 2))
+    if sizes is None:
+        return [tuple(shape[-2:])] * n  # type: ignore[list-item]
+    found = [(int(h), int(w)) for h, w in sizes[:]]
+    height, width = shape[-2:]
+    for position, (h, w) in enumerate(found):
+        if not (1 <= h <= height and 1 <= w <= width):
+            raise DataError(f"array '{SIZES}' gives image {position} a size of {h}x{w}; "
+                            f"expected 1..{height} x 1..{width} (the image before padding)")
+    return found
+
+
+def _per_image(group, name: str, shape: tuple[int, ...]):
+    """The per-image array `name` if the store has one. One of another length is an error: taken as
+    absent, keys would silently become positions and times the set's. (Errors name the array; callers
+    name the store.)"""
     import zarr
 
-    n = shape[0] if len(shape) == 3 else 1
-    if SIZES in group and isinstance(group[SIZES], zarr.Array) and group[SIZES].shape == (n, 2):
-        return [(int(h), int(w)) for h, w in group[SIZES][:]]
-    return [tuple(shape[-2:])] * n  # type: ignore[list-item]
+    if name not in group or not isinstance(group[name], zarr.Array):
+        return None
+    array = group[name]
+    if tuple(array.shape) != shape:
+        raise DataError(f"array '{name}' has shape {tuple(array.shape)}; expected {shape}, one entry per image")
+    return array
 
 
 def to_micros(when: dt.datetime) -> int:

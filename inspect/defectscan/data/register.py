@@ -133,9 +133,12 @@ def _image_rows(group, info: layout.ImageSetInfo, missing: layout.MissingChunks,
                 set_time: dt.datetime | None, override_time: bool) -> list[dict[str, Any]]:
     """One `images` row per image whose chunks are stored (the others go to `problems`)."""
     n = info.n_images
-    keys = layout.read_keys(group, n)
-    times = [set_time] * n if override_time else layout.read_times(group, n, default=set_time)
-    sizes = layout.read_sizes(group, info.shape)
+    try:
+        keys = layout.read_keys(group, n)
+        times = [set_time] * n if override_time else layout.read_times(group, n, default=set_time)
+        sizes = layout.read_sizes(group, info.shape)
+    except DataError as exc:
+        raise DataError(f"{info.uri}: {exc}") from None
     for position in missing.images:
         problems.add(f"{info.uri} [{info.array_path} image {position}, key {keys[position]}]", "chunk not stored (would read as blank pixels)")
     if len(set(missing.images)) == n:

@@ -42,7 +42,10 @@ def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:
     if images.ndim == 3:
         count, height, width = images.shape
         windows = [(i, slice(None), slice(None)) for i in range(count)]
-        keys = read_keys(group, count)
+        try:
+            keys = read_keys(group, count)
+        except DataError as exc:
+            raise DataError(f"{store}: {exc}") from None
         shape = (height, width)
     elif images.ndim == 2:
         height, width = images.shape
