@@ -34,6 +34,11 @@ def session(results_db):
         ("2026-03-01T08:30:00Z", True, dt.datetime(2026, 3, 1, 8, 30, tzinfo=UTC)),
         ("2026-03-01T08:30:00+02:00", False, dt.datetime(2026, 3, 1, 6, 30, tzinfo=UTC)),
         ("2026-03-01 08:30", False, dt.datetime(2026, 3, 1, 8, 30, tzinfo=UTC)),
+        # every spelling of a bare date is the whole day, not its first instant
+        ("20260301", True, dt.datetime(2026, 3, 2, tzinfo=UTC)),
+        ("20260301", False, dt.datetime(2026, 3, 1, tzinfo=UTC)),
+        ("2026-03-01Z", True, dt.datetime(2026, 3, 2, tzinfo=UTC)),
+        ("2026-W09-7", True, dt.datetime(2026, 3, 2, tzinfo=UTC)),
     ],
 )
 def test_parse_when(text, end_of_day, expected):
@@ -44,6 +49,11 @@ def test_parse_when(text, end_of_day, expected):
 def test_parse_when_refuses_what_is_not_iso(text):
     with pytest.raises(DataError, match=r"^--until .*: expected an ISO 8601 date or time"):
         parse_when(text, "--until")
+
+
+def test_parse_when_refuses_the_day_after_the_last_one():
+    with pytest.raises(DataError, match=r"^--until '9999-12-31': expected an ISO 8601 date or time"):
+        parse_when("9999-12-31", "--until", end_of_day=True)
 
 
 def test_filters_refuse_bad_verdicts_and_pages(session):

@@ -167,6 +167,8 @@ def test_cli_writes_the_report_and_refuses_bad_scopes(cli, sqlite_report_db, tmp
     assert bad.exit_code == 1 and "Error: a report covers one lot" in bad.output
     bad = cli("--database-url", sqlite_report_db.url, "report", "--line", "A", "--since", "yesterday", "-o", str(out))
     assert bad.exit_code == 1 and "--since 'yesterday'" in bad.output
+    bad = cli("--database-url", sqlite_report_db.url, "report", "--line", "A", "--until", "", "-o", str(out))
+    assert bad.exit_code == 1 and "Error: --until '': expected an ISO 8601 date or time" in bad.output
     unwritable = tmp_path / "file"
     unwritable.write_text("")
     bad = cli("--database-url", sqlite_report_db.url, "report", "--lot", "L1", "-o", str(unwritable / "x.html"))

@@ -65,6 +65,7 @@ def test_defects_list_returns_every_stored_defect_newest_first_with_stable_colum
         (("--max-area", "25"), [("bright", 25)]),
         (("--since", "2026-03-05"), [("bright", 900), ("dark", 49)]),
         (("--until", "2026-03-01"), _defects_of(L042_DEFECTS)),  # a bare --until date includes that day
+        (("--until", "20260301"), _defects_of(L042_DEFECTS)),  # in any spelling
         (("--since", "2026-03-06T12:00:00+00:00", "--until", "2026-03-06T13:00:00Z"), [("bright", 900)]),
         (("--lot", "L042", "--since", "2026-03-01T08:03:00Z"), [("bright", 25), ("bright", 30), ("dark", 64)]),  # per-image times
         (("--lot", "L042", "--until", "2026-03-01T08:03:00"), [("bright", 36)]),
@@ -140,6 +141,8 @@ def test_empty_result_says_so_instead_of_printing_an_empty_table(run):
         (("--since", "2026-03-05", "--until", "2026-03-01"), "--since 2026-03-05T00:00:00Z is not before --until 2026-03-02T00:00:00Z"),
         (("--min-area", "50", "--max-area", "10"), "--min-area 50 is larger than --max-area 10"),
         (("--min-score", "0.9", "--max-score", "0.1"), "--min-score 0.9 is larger than --max-score 0.1"),
+        (("--since", ""), "--since '': expected an ISO 8601 date or time"),
+        (("--until", ""), "--until '': expected an ISO 8601 date or time"),
     ],
 )
 def test_bad_filters_give_one_clear_line_and_leave_the_database_alone(run, results_db, args, message):

@@ -55,8 +55,8 @@ def report(app: AppContext, lot: str | None, line: str | None, since: str | None
 
     scope = Scope(
         lot=lot, line=line, job_run=job_run, model=model_ref,
-        since=parse_when(since, "--since") if since else None,
-        until=parse_when(until, "--until", end_of_day=True) if until else None,
+        since=parse_when(since, "--since") if since is not None else None,
+        until=parse_when(until, "--until", end_of_day=True) if until is not None else None,
     )
     if hold_above is None:
         hold_above = app.settings.qa.hold_above

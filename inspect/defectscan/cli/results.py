@@ -39,8 +39,8 @@ def filter_options(f: Callable) -> Callable:
         given = {name: kwargs.pop(name) for name in options}
         since, until = given.pop("since"), given.pop("until")
         kwargs["filters"] = Filters(
-            since=parse_when(since, "--since") if since else None,
-            until=parse_when(until, "--until", end_of_day=True) if until else None,
+            since=parse_when(since, "--since") if since is not None else None,
+            until=parse_when(until, "--until", end_of_day=True) if until is not None else None,
             model=given.pop("model_ref"),
             **given,
         )

@@ -102,12 +102,17 @@ def parse_when(value: str, option: str, *, end_of_day: bool = False) -> dt.datet
     """An ISO 8601 date or time as aware UTC; a bare date is midnight UTC (the next midnight when `end_of_day`)."""
     text = value.strip()
     try:
-        if len(text) == 10 and text[4] == "-":
-            day = dt.date.fromisoformat(text)
-            when = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
-            return when + dt.timedelta(days=1) if end_of_day else when
-        return parse_iso(text)
-    except (ValueError, IndexError):
+        # whatever names a day without a time (20260301, 2026-W09-7, 2026-03-01Z) is a whole day:
+        # datetime.fromisoformat would take it as its first instant, and --until would leave the day out
+        day = dt.date.fromisoformat(text.removesuffix("Z"))
+    except ValueError:
+        day = None
+    try:
+        if day is None:
+            return parse_iso(text)
+        when = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+        return when + dt.timedelta(days=1) if end_of_day else when
+    except (ValueError, OverflowError):  # OverflowError: the day after 9999-12-31
         raise DataError(f"{option} {value!r}: expected an ISO 8601 date or time such as 2026-03-01 or 2026-03-01T08:00:00Z") from None
 
 
