@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import zarr
 from sqlalchemy import func, select
@@ -9,6 +11,7 @@ from sqlalchemy import func, select
 from defectscan.config import load_settings
 from defectscan.db.schema import Defect, Image, Inspection, JobRun
 from defectscan.errors import DataError, ModelError
+from defectscan.exitcodes import EXIT_PENDING
 from defectscan.model import rle
 from defectscan.pipeline.outputs import scores_uri
 from defectscan.pipeline.run import inspect_image_sets
@@ -187,6 +190,54 @@ def test_a_strip_tile_gone_since_registration_is_an_error_row(factory, cluster, 
     rows, _ = _table(factory)
     assert [(r[1], r[2]) for r in rows] == [(0, "error")]
     assert "1 chunk(s) missing: (1, 2), stored when the strip was registered" in rows[0][6]
+
+
+def test_a_set_whose_score_store_cannot_be_made_is_left_pending_and_the_others_are_inspected(factory, cluster, settings, model_path, tmp_path):
+    """One set's storage fault used to fail the run: the other sets' shards in flight were cancelled, later sets never ran."""
+    first = register(factory, write_stack(tmp_path / "A.zarr", square_images(6)))
+    blocked = register(factory, write_stack(tmp_path / "B.zarr", square_images(5)))
+    last = register(factory, write_stack(tmp_path / "C.zarr", square_images(4)))
+    model = add_model(factory, model_path)
+    in_the_way = Path(scores_uri(str(tmp_path / "B.zarr"), None))
+    in_the_way.write_text("a file where the score store goes")
+
+    summary = _run(factory, cluster, model, [first, blocked, last], settings)
+    assert (summary.status, summary.counts.inspected, summary.counts.pending, summary.exit_code) == ("partial", 10, 5, EXIT_PENDING)
+    assert any(e.startswith(f"5 images (1 shards) left pending, the next run inspects them: {in_the_way}: cannot create the score array")
+               for e in summary.errors), summary.errors
+    rows, _ = _table(factory)
+    assert sorted({r[0] for r in rows}) == [first.id, last.id]
+
+    in_the_way.unlink()
+    rerun = _run(factory, cluster, model, [first, blocked, last], settings)
+    assert (rerun.status, rerun.counts.inspected, rerun.n_skipped) == ("succeeded", 5, 10)
+
+
+def test_a_set_named_twice_is_inspected_once(factory, cluster, settings, model_path, tmp_path):
+    image_set = register(factory, write_stack(tmp_path / "D.zarr", square_images(5, defects={1: (5, 5, 6)})))
+    model = add_model(factory, model_path)
+    summary = _run(factory, cluster, model, [image_set, image_set], settings)
+    assert (summary.n_images, summary.counts.inspected, summary.counts.meanwhile) == (5, 5, 0)
+    forced = _run(factory, cluster, model, [image_set, image_set], settings, force=True)
+    assert (forced.n_images, forced.counts.inspected, forced.counts.defects) == (5, 5, 1)
+
+
+def test_a_run_does_not_take_a_result_another_database_left_on_a_shared_scheduler(factory, cluster, settings, model_path, tmp_path):
+    """Run and image set ids are numbered per database: staging's run 1 on its set 1 held the key production's run 1 asked for."""
+    from functools import partial
+
+    from defectscan.pipeline.worker import ShardResult
+
+    image_set = register(factory, write_stack(tmp_path / "E.zarr", square_images(4)))
+    model = add_model(factory, model_path)
+    other = cluster.submit(partial(ShardResult, image_set.id, [], failure="a shard of another database"), key=f"inspect-1-{image_set.id}-0", pure=False)
+    other.result()
+    try:
+        summary = _run(factory, cluster, model, [image_set], settings)
+        assert summary.job_run_id == 1
+        assert (summary.status, summary.counts.inspected, summary.counts.pending) == ("succeeded", 4, 0), summary.errors
+    finally:
+        other.release()
 
 
 def test_changed_store_is_refused(factory, cluster, settings, model_path, tmp_path):

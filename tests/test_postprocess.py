@@ -105,3 +105,20 @@ def test_a_bad_rule_is_refused_by_name(bad, message):
     fields = {"threshold": 0.5, "min_defect_area": 3, "fail_score": 0.5, **bad}
     with pytest.raises(ValueError, match=message):
         VerdictRules(**fields)
+
+
+def test_a_rule_value_set_for_the_run_holds_for_every_class_over_recorded_per_class_values():
+    """The README: settings or a job spec override the recorded values; a recorded per-class fail_score won over them."""
+    from defectscan.config import load_settings
+    from defectscan.db.schema import Model
+    from defectscan.pipeline.run import verdict_rules
+
+    point = {"threshold": 0.5, "min_defect_area": 4, "fail_score": 0.5,
+             "per_class": {"scratch": {"fail_score": 0.9, "min_defect_area": 9}, "stain": {"fail_score": 0.8}}}
+    row = Model(name="m", version="1", threshold=0.5, operating_point=point)
+    assert verdict_rules(row, load_settings(environ={}).inspection).for_class("scratch") == VerdictRules(0.5, 9, 0.9)
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__FAIL_SCORE": "0.3"}).inspection
+    rules = verdict_rules(row, settings)
+    assert rules.for_class("scratch") == VerdictRules(0.5, 9, 0.3)
+    assert rules.for_class("stain") == VerdictRules(0.5, 4, 0.3)
+    assert rules.per_class == {"scratch": {"min_defect_area": 9}}

@@ -19,7 +19,7 @@ from defectscan.cli.app import AppContext, pass_app
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call.")
 @click.option("--force", is_flag=True, help="Inspect images again that this model version already inspected, replacing their results.")
 @click.option("--retry-errors", is_flag=True,
-              help="Inspect again the images recorded as errors (unreadable data since fixed, e.g. a restored chunk); others stay as they are.")
+              help="Inspect again the images recorded as errors (unreadable data since fixed, e.g. a restored chunk), and those not inspected yet; recorded verdicts stay as they are.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @pass_app
 def inspect(app: AppContext, model_reference, image_set_ids, scheduler, workers, batch_size, force, retry_errors, progress) -> None:
@@ -57,8 +57,9 @@ def describe_summary(summary) -> str:
     if counts.pending:
         parts.append(f"{counts.pending} left pending")
     if counts.meanwhile:
-        runs = ", ".join(map(str, counts.meanwhile_runs)) or "another run"
-        parts.append(f"{counts.meanwhile} recorded meanwhile by run {runs}")
+        runs = counts.meanwhile_runs
+        by = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}" if runs else "another run"
+        parts.append(f"{counts.meanwhile} recorded meanwhile by {by}")
     parts.append(f"{summary.n_skipped} already done")
     line = (f"job run {summary.job_run_id}: {summary.status}, {summary.n_images} images: {', '.join(parts)}; "
             f"{counts.defects} defects; {summary.images_per_second:.1f} images/s")

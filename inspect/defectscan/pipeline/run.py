@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from defectscan import interrupts
 from defectscan.config import InspectionSettings
 from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model
-from defectscan.errors import ConfigError, DataError, DefectscanError, first_line
+from defectscan.errors import ConfigError, DataError, DefectscanError, StorageError, first_line
 from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
 from defectscan.interrupts import Interrupted
 from defectscan.pipeline.job_runs import abandon_stale_runs, beat, close_run, open_run
@@ -110,7 +111,11 @@ def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
 
     recorded = operating_rules(model)
     overrides = {f: getattr(settings, f) for f in RULE_FIELDS if getattr(settings, f) is not None}
-    return replace(recorded, **overrides) if overrides else recorded
+    if not overrides:
+        return recorded
+    # A value set for the run is for every class: a recorded per-class value would otherwise win over it.
+    per_class = {name: {f: v for f, v in rule.items() if f not in overrides} for name, rule in (recorded.per_class or {}).items()}
+    return replace(recorded, **overrides, per_class={name: rule for name, rule in per_class.items() if rule} or None)
 
 
 def pending_positions(session: Session, image_set: ImageSet, model: Model, redo: str = "none") -> tuple[np.ndarray, int]:
@@ -152,6 +157,9 @@ class RunContext:
     retry: Retry
     redo: str
     gpu: bool
+    # Dask keys must be unique on the scheduler: run and image set ids are numbered per database, and two
+    # databases (staging and production) sharing one scheduler would get each other's results.
+    key: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
 def inspect_image_sets(
@@ -180,6 +188,8 @@ def inspect_image_sets(
     once the run's row exists, `on_progress(done, total)` as shards finish. SIGTERM/SIGINT
     (under `interrupts.stop_on_signals`) stop it at the next checkpoint, recorded `interrupted`.
     """
+    # A set named twice (by id and by path) would be planned twice: its images inspected twice, counted twice.
+    image_sets = list({image_set.id: image_set for image_set in image_sets}.values())
     ref = model_ref(model, settings.batch_size, settings.runtime, settings.precision)
     verify_model_file(ref)
     for image_set in image_sets:
@@ -231,8 +241,10 @@ def inspect_image_sets(
     return summary
 
 
-def _plan(context: RunContext, image_sets: list[ImageSet], summary: RunSummary) -> list[tuple[ImageSet, np.ndarray]]:
-    """The positions each image set needs; counts go to the summary and the run's row."""
+def _plan(context: RunContext, image_sets: list[ImageSet], summary: RunSummary) -> list[tuple[ImageSet, np.ndarray, ArrayRef | str]]:
+    """The positions each image set needs, and its score array made ready before anything is submitted, or
+    why it could not be (a storage fault: that set is left pending, the others go on; a conflict, e.g.
+    another set's scores in the way, fails the run before any work). Counts go to the summary and the run's row."""
     plans = []
     with context.factory() as session:
         for image_set in image_sets:
@@ -243,30 +255,41 @@ def _plan(context: RunContext, image_sets: list[ImageSet], summary: RunSummary) 
                 plans.append((image_set, todo))
     with context.factory.begin() as session:
         session.execute(update(JobRun).where(JobRun.id == context.run_id).values(n_images=summary.n_images, n_skipped=summary.n_skipped))
-    return plans
+    return [(image_set, todo, _prepare(context, image_set)) for image_set, todo in plans]
 
 
-def _tasks(context: RunContext, plans) -> Iterator[tuple[object, _Task]]:
-    """Futures in submission order, created lazily so only the in-flight ones exist."""
-    client, model, settings, ref, run_id = context.client, context.model, context.settings, context.ref, context.run_id
-    resources = {"GPU": 1} if context.gpu else None
-    for image_set, todo in plans:
-        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=(image_set.attrs or {}).get("bit_depth"))
-        attributes = {
-            "model": {"name": model.name, "version": model.version, "sha256": model.sha256, "classes": list(model.classes)},
-            "source": {"uri": image_set.uri, "array": image_set.array_path},
-            "scores": "uint8: probability x 255",
-        }
-        output = prepare_output(
+def _prepare(context: RunContext, image_set: ImageSet) -> ArrayRef | str:
+    model, settings = context.model, context.settings
+    attributes = {
+        "model": {"name": model.name, "version": model.version, "sha256": model.sha256, "classes": list(model.classes)},
+        "source": {"uri": image_set.uri, "array": image_set.array_path},
+        "scores": "uint8: probability x 255",
+    }
+    try:
+        return prepare_output(
             image_set.uri, image_set.kind, tuple(image_set.shape), len(model.classes), model.name, model.version,
             images_per_file=settings.batch_size, images_per_shard=settings.images_per_shard,
             tile_size=settings.tile_size, output_dir=settings.output_dir, attributes=attributes,
         )
+    except StorageError as exc:
+        return str(exc)
+
+
+def _tasks(context: RunContext, plans, set_aside: Callable[[_Task, str], None]) -> Iterator[tuple[object, _Task]]:
+    """Futures in submission order, created lazily so only the in-flight ones exist; an image set whose score
+    array could not be made ready is `set_aside`, left pending with the reason."""
+    client, settings, ref, run_id = context.client, context.settings, context.ref, context.run_id
+    resources = {"GPU": 1} if context.gpu else None
+    for image_set, todo, output in plans:
+        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=(image_set.attrs or {}).get("bit_depth"))
+        if isinstance(output, str):
+            set_aside(_Task(image_set.id, tuple(int(p) for p in todo) if image_set.kind == "stack" else (0,), source), output)
+            continue
         if image_set.kind == "stack":
             for shard in plan_stack(image_set.id, image_set.shape[0], settings.images_per_shard, todo):
                 future = client.submit(
                     inspect_stack_shard, shard, source, output, ref, context.rules,
-                    key=f"inspect-{run_id}-{image_set.id}-{shard.start}", resources=resources, pure=False,
+                    key=f"inspect-{run_id}-{context.key}-{image_set.id}-{shard.start}", resources=resources, pure=False,
                 )
                 yield future, _Task(image_set.id, shard.todo, output)
         else:
@@ -275,12 +298,12 @@ def _tasks(context: RunContext, plans) -> Iterator[tuple[object, _Task]]:
             tiles = [
                 client.submit(
                     inspect_tiles, shard, source, output, tile_ref,
-                    key=f"tiles-{run_id}-{image_set.id}-{i}", resources=resources, pure=False,
+                    key=f"tiles-{run_id}-{context.key}-{image_set.id}-{i}", resources=resources, pure=False,
                 )
                 for i, shard in enumerate(plan_strip(image_set.id, height, width, settings.tile_size, settings.halo,
                                                      tiles_per_shard=settings.batch_size, contract=ref.contract))
             ]
-            future = client.submit(judge_strip, image_set.id, output, ref, context.rules, *tiles, key=f"strip-{run_id}-{image_set.id}", pure=False)
+            future = client.submit(judge_strip, image_set.id, output, ref, context.rules, *tiles, key=f"strip-{run_id}-{context.key}-{image_set.id}", pure=False)
             yield future, _Task(image_set.id, (0,), output, strip_tiles=True)
 
 
@@ -295,8 +318,16 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
 
     total = summary.n_images - summary.n_skipped
     pending: dict[str, tuple[object, _Task, float]] = {}
-    tasks = _tasks(context, plans)
     lost = _LostShards()
+    done = 0
+
+    def set_aside(task: _Task, reason: str) -> None:
+        nonlocal done
+        done += _left_pending(task, reason, summary, lost)
+        if on_progress:
+            on_progress(done, total)
+
+    tasks = _tasks(context, plans, set_aside)
 
     def submit_next() -> None:
         item = next(tasks, None)
@@ -305,7 +336,6 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
 
     for _ in range(max_in_flight):
         submit_next()
-    done = 0
     last_beat = time.monotonic()
     try:
         while pending:
