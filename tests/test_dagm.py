@@ -133,3 +133,24 @@ def test_folders_reader_matches_masks_by_stem(tmp_path):
     assert any("c.png" in str(p) and "mask value 3 is above the number of classes (2)" in p.reason for p in bad.problems)
     with pytest.raises(DataError, match="mask without an image"):
         read_folders(images_dir, masks_dir, strict=True)
+
+
+def test_folders_reader_pairs_the_exact_stem_first_and_leaves_out_what_it_cannot_pair(tmp_path):
+    """`bolt_label.png` was taken as the mask of `bolt.png`; a second mask or a second image of one stem overwrote silently."""
+    images_dir, masks_dir = tmp_path / "images", tmp_path / "masks"
+    images_dir.mkdir()
+    masks_dir.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("bolt.png", "bolt_label.png", "p1.png", "p2.png", "p2.bmp"):
+        _save(images_dir / name, rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:8, 4:8] = 255
+    for name in ("bolt_label.png", "p1.png", "p1_mask.png", "p2.png"):
+        _save(masks_dir / name, mask)
+
+    images = read_folders(images_dir, masks_dir)
+    assert images.keys == ["bolt.png", "bolt_label.png"] and images.defective == [False, True]
+    assert sorted(str(p) for p in images.problems) == [
+        f"{images_dir}/p2.png: another image has the same name stem (p2.bmp); both are left out",
+        f"{masks_dir}/p1_mask.png: a second mask for p1.png (the first is p1.png); the image is left out",
+    ]

@@ -23,12 +23,44 @@ from defectscan.errors import DataError
 MASK_SUFFIXES = ("", "_mask", "_label")
 
 
-def _mask_stem(path: Path) -> str:
+def _image_of_mask(path: Path, image_stems: set[str]) -> str | None:
+    """The stem of the image a mask belongs to: the same stem first (a mask `bolt_label.png` of the image
+    `bolt_label.png`), then without `_mask`/`_label`; None when no image has either."""
     stem = path.stem
+    if stem in image_stems:
+        return stem
     for suffix in MASK_SUFFIXES[1:]:
-        if stem.endswith(suffix):
+        if stem.endswith(suffix) and stem[: -len(suffix)] in image_stems:
             return stem[: -len(suffix)]
-    return stem
+    return None
+
+
+def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: ProblemLog) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Images by stem, and their masks. An image whose stem another image shares (p1.png, p1.bmp), or that
+    has two masks (p1.png, p1_mask.png), is left out and reported: neither mask nor defect-free is known."""
+    image_files: dict[str, Path] = {}
+    ambiguous: set[str] = set()
+    for path in sorted(images_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in image_files:
+            problems.add(path, f"another image has the same name stem ({image_files[path.stem].name}); both are left out")
+            ambiguous.add(path.stem)
+        else:
+            image_files[path.stem] = path
+    masks: dict[str, Path] = {}
+    for path in sorted(masks_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = _image_of_mask(path, set(image_files))
+        if stem is None:
+            problems.add(path, "mask without an image")
+        elif stem in masks:
+            problems.add(path, f"a second mask for {image_files[stem].name} (the first is {masks[stem].name}); the image is left out")
+            ambiguous.add(stem)
+        else:
+            masks[stem] = path
+    return {k: v for k, v in image_files.items() if k not in ambiguous}, {k: v for k, v in masks.items() if k not in ambiguous}
 
 
 def mask_to_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -51,16 +83,7 @@ def read_folders(
         if not folder.is_dir():
             raise DataError(f"{folder}: folder does not exist")
     problems = ProblemLog(strict=strict)
-    image_files = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    masks: dict[str, Path] = {}
-    for path in sorted(masks_dir.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = _mask_stem(path)
-        if stem not in image_files:
-            problems.add(path, "mask without an image")
-            continue
-        masks[stem] = path
+    image_files, masks = _pair_by_stem(images_dir, masks_dir, problems)
 
     candidates: list[tuple[tuple[Path, Path | None], tuple[int, int]]] = []
     for stem, image_path in image_files.items():
