@@ -74,6 +74,17 @@ def test_bad_specs_are_refused():
         SynthSpec(defect_fraction=1.5)
     with pytest.raises(DataError, match="classes"):
         SynthSpec(classes=0)
+    with pytest.raises(DataError, match="^synthetic dataset: seed must not be negative, got -1$"):
+        SynthSpec(seed=-1)
+
+
+def test_a_negative_training_seed_is_refused_by_name():
+    """It was accepted, then failed in numpy as 'expected non-negative integer' when carving validation."""
+    from defectscan.errors import ConfigError
+    from defectscan.model.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match=r"train.seed: Input should be greater than or equal to 0 \(got -1\)"):
+        load_recipe(None, ["train.seed=-1"])
 
 
 def test_cli_data_synth(cli, tmp_path):

@@ -126,9 +126,7 @@ class SurfaceSpec:
         for kind in self.defects:
             if kind not in _SHAPES:
                 raise DataError(f"surface dataset: defects: unknown defect kind {kind!r}; known: {', '.join(_SHAPES)}")
-        check_split_spec("surface dataset", self.size, self.defect_fraction, self.train, self.test)
-        if self.seed < 0:
-            raise DataError(f"surface dataset: seed must not be negative, got {self.seed}")
+        check_split_spec("surface dataset", self.size, self.defect_fraction, self.train, self.test, self.seed)
         if len(self.contrast) != 2 or not 0 < self.contrast[0] <= self.contrast[1]:
             raise DataError(f"surface dataset: contrast must be LOW, HIGH with 0 < LOW <= HIGH (standard deviations), got {self.contrast}")
 

@@ -38,17 +38,19 @@ class SynthSpec:
     def __post_init__(self):
         if self.classes < 1:
             raise DataError(f"synthetic dataset: classes must be at least 1, got {self.classes}")
-        check_split_spec("synthetic dataset", self.size, self.defect_fraction, self.train, self.test)
+        check_split_spec("synthetic dataset", self.size, self.defect_fraction, self.train, self.test, self.seed)
 
 
-def check_split_spec(what: str, size: int, defect_fraction: float, train: int, test: int) -> None:
-    """The checks every generated DAGM-layout dataset shares: image size, defective share, split sizes."""
+def check_split_spec(what: str, size: int, defect_fraction: float, train: int, test: int, seed: int) -> None:
+    """The checks every generated DAGM-layout dataset shares: image size, defective share, split sizes, seed."""
     if size < 32 or size % 16:
         raise DataError(f"{what}: size must be a multiple of 16 and at least 32, got {size}")
     if not 0.0 <= defect_fraction <= 1.0:
         raise DataError(f"{what}: defect_fraction must be within 0..1, got {defect_fraction}")
     if train < 0 or test < 0:
         raise DataError(f"{what}: train and test counts must not be negative, got {train}, {test}")
+    if seed < 0:
+        raise DataError(f"{what}: seed must not be negative, got {seed}")
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class TrainSpec(Section):
     steps: int = Field(2500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = False
     distribute: Literal["none", "mirrored"] = "none"
