@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import replace
 
 import pytest
@@ -54,6 +55,19 @@ def test_parse_when_refuses_what_is_not_iso(text):
 def test_parse_when_refuses_the_day_after_the_last_one():
     with pytest.raises(DataError, match=r"^--until '9999-12-31': expected an ISO 8601 date or time"):
         parse_when("9999-12-31", "--until", end_of_day=True)
+
+
+@pytest.mark.parametrize("name", ["min_score", "max_score"])
+def test_filters_refuse_a_score_that_is_not_a_number(name):
+    with pytest.raises(DataError, match=rf"^--{name.replace('_', '-')} nan: expected a score between 0 and 1$"):
+        Filters(**{name: float("nan")})
+
+
+def test_hold_rules_refuse_a_share_that_is_not_a_number(session):
+    """NaN compares false with every share: taken as a rule, it would release every lot."""
+    for call in (lambda: list_lots(session, hold_above=float("nan")), lambda: lot_summary(session, "L042", hold_above=float("nan"))):
+        with pytest.raises(DataError, match=r"^--hold-above nan: expected a share between 0 and 1$"):
+            call()
 
 
 def test_filters_refuse_bad_verdicts_and_pages(session):
@@ -132,3 +146,62 @@ def test_latest_lot_needs_an_inspected_lot(migrated_url, cli):
     assert result.output.strip() == "Error: no inspected lots yet: run `defectscan inspect` on a registered image set that has a lot"
     empty = cli("--database-url", migrated_url, "lots", "list", "--format", "table")
     assert empty.exit_code == 0 and empty.output.strip() == "no lots match"
+
+
+# --- lots and reports on hand-made rows, recorded as the pipeline records them ------------------------------------------
+
+
+@pytest.fixture
+def record(factory, tmp_path):
+    """record(lot, verdicts, times): an image set on line A with an image per verdict, inspected by one model.
+
+    Written by the pipeline's own writer (record_shard), so the daily rollup agrees with the rows;
+    the image stores do not exist (a report notes that instead of drawing overlays).
+    """
+    from defectscan.db.schema import Image, ImageSet
+    from defectscan.model.verdict import ImageResult
+    from defectscan.pipeline.job_runs import open_run
+    from defectscan.pipeline.record import Retry, record_shard
+
+    from pipeline_helpers import add_model
+
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"never loaded by these tests")
+    model = add_model(factory, weights)
+    written = []
+
+    def write(lot: str | None, verdicts: list[str], times: list[dt.datetime | None] | None = None) -> None:
+        with factory.begin() as session:
+            image_set = ImageSet(uri=f"/nonexistent/set-{len(written)}.zarr", array_path="images", kind="stack", lot=lot, line="A",
+                                 shape=[len(verdicts), 32, 32], dtype="uint8", chunks=[1, 32, 32], n_images=len(verdicts), checksum="-")
+            session.add(image_set)
+            session.flush()
+            session.add_all(Image(image_set_id=image_set.id, position=i, key=f"{lot or 'set'}-{len(written)}-{i}", acquired_at=when,
+                                  height=32, width=32) for i, when in enumerate(times or [None] * len(verdicts)))
+            written.append(image_set.id)
+        results = [ImageResult(i, verdict, max_score=0.9 if verdict == "fail" else 0.1, error="unreadable" if verdict == "error" else None)
+                   for i, verdict in enumerate(verdicts)]
+        run = open_run(factory, Retry(), job="hand-made", spec=None, model_id=model.id)
+        record_shard(factory, Retry(), job_run_id=run, model_id=model.id, image_set_id=written[-1], results=results,
+                     mask_uri="none.zarr", mask_array="scores")
+
+    return write
+
+
+def test_lots_and_the_report_give_a_lot_with_an_image_in_error_the_same_disposition(factory, record, cli, migrated_url, tmp_path):
+    """Five passed images and one in error: every view holds it by default (no image in error allowed) and releases it
+    when one is allowed."""
+    from defectscan.report.build import HoldRules, ReportOptions, Scope, collect
+
+    record("LE", ["pass"] * 5 + ["error"], [L042_START] * 6)
+    with factory() as session:
+        for allowed, expected in (({}, "hold"), ({"max_errors": 1}, "release")):
+            listed = [r["verdict"] for r in list_lots(session, **allowed).rows]
+            shown = [m["verdict"] for m in lot_summary(session, "LE", **allowed)["models"]]
+            reported = [lot["disposition"] for lot in collect(session, Scope(lot="LE"), ReportOptions(rules=HoldRules(**allowed)))["lots"]]
+            assert listed == shown == reported == [expected], allowed
+    for args, expected in (((), "hold"), (("--max-errors", "1"), "release")):
+        result = cli("--database-url", migrated_url, "lots", "list", "--format", "json", *args)
+        assert [r["verdict"] for r in json.loads(result.stdout)] == [expected]
+        report = cli("--database-url", migrated_url, "report", "--lot", "LE", "-o", str(tmp_path / "LE.html"), *args)
+        assert f"{1 if expected == 'hold' else 0} of 1 lots on hold" in report.output

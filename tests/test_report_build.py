@@ -169,6 +169,8 @@ def test_cli_writes_the_report_and_refuses_bad_scopes(cli, sqlite_report_db, tmp
     assert bad.exit_code == 1 and "--since 'yesterday'" in bad.output
     bad = cli("--database-url", sqlite_report_db.url, "report", "--line", "A", "--until", "", "-o", str(out))
     assert bad.exit_code == 1 and "Error: --until '': expected an ISO 8601 date or time" in bad.output
+    bad = cli("--database-url", sqlite_report_db.url, "report", "--line", "A", "--hold-above", "nan", "-o", str(out))
+    assert bad.exit_code == 1 and "Error: --hold-above nan: expected a share between 0 and 1" in bad.output
     unwritable = tmp_path / "file"
     unwritable.write_text("")
     bad = cli("--database-url", sqlite_report_db.url, "report", "--lot", "L1", "-o", str(unwritable / "x.html"))

@@ -143,6 +143,8 @@ def test_empty_result_says_so_instead_of_printing_an_empty_table(run):
         (("--min-score", "0.9", "--max-score", "0.1"), "--min-score 0.9 is larger than --max-score 0.1"),
         (("--since", ""), "--since '': expected an ISO 8601 date or time"),
         (("--until", ""), "--until '': expected an ISO 8601 date or time"),
+        (("--min-score", "nan"), "--min-score nan: expected a score between 0 and 1"),
+        (("--max-score", "nan"), "--max-score nan: expected a score between 0 and 1"),
     ],
 )
 def test_bad_filters_give_one_clear_line_and_leave_the_database_alone(run, results_db, args, message):
@@ -287,6 +289,13 @@ def test_lots_list_counts_match_the_stored_rows(run, results_db, monkeypatch):
     assert [(r["lot"], r["images"], r["failed"]) for r in only_b] == [("L043", 4, 1)]
     table = run("lots", "list", "--format", "table")
     assert table.stdout.splitlines()[0].split() == [*LOT_COLUMNS, "false_call_rate", "escape_rate"]
+
+
+def test_lots_refuse_a_hold_share_that_is_not_a_number(run):
+    """click's FloatRange lets NaN through; as a rule it would release every lot and print JSON's invalid NaN."""
+    for command in (("lots", "list"), ("lots", "show", "L042")):
+        assert _error_line(run(*command, "--hold-above", "nan", "--format", "json")) == (
+            "Error: --hold-above nan: expected a share between 0 and 1")
 
 
 def test_lots_show_top_classes_and_latest(run):

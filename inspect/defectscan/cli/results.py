@@ -10,6 +10,7 @@ import click
 
 from defectscan.cli.app import AppContext, pass_app
 from defectscan.cli.output import limit_options, output_options, print_record, print_rows
+from defectscan.db.queries import MAX_ERRORS  # an option's default; the CLI imports db/queries anyway (cli/report.py)
 
 _OUT_PNG = click.Path(dir_okay=False, writable=True, path_type=Path)
 
@@ -266,6 +267,7 @@ def _hold_above(app: AppContext, flag: float | None) -> float:
 # QA's figures in the lots tables (csv/json carry all of db/reviews.REVIEW_COLUMNS).
 LOT_REVIEW_TABLE = ("false_call_rate", "escape_rate")
 _HOLD_HELP = "Failed-image share above which a lot is on hold (default: the qa.hold_above setting)."
+_MAX_ERRORS_HELP = "Hold a lot with more images in error than this (as `report --max-errors`)."
 
 
 @click.group("lots")
@@ -282,14 +284,16 @@ def lots() -> None:
 @lots.command("list")
 @filter_options
 @click.option("--hold-above", type=click.FloatRange(0, 1), help=_HOLD_HELP)
+@click.option("--max-errors", type=click.IntRange(min=0), default=MAX_ERRORS, show_default=True, help=_MAX_ERRORS_HELP)
 @limit_options()
 @output_options
 @pass_app
-def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: int, fmt: str) -> None:
+def lots_list(app: AppContext, filters, hold_above: float, max_errors: int, limit: int, offset: int, fmt: str) -> None:
     """One row per lot and model version, most recently captured lots first.
 
     defect_rate is failed images / judged images (images in error left out); a lot is "incomplete" when none
-    of its images could be judged (all in error), "hold" when it is above --hold-above, else "release".
+    of its images could be judged (all in error), "hold" when it is above --hold-above or has more images
+    in error than --max-errors, else "release": the disposition of `defectscan report`.
     Filters select the images counted. QA's figures follow (`defectscan review`): false_call_rate
     (failed images QA passed / failed images QA decided) and escape_rate (sampled passed images QA
     failed / those QA decided, with its 95 % interval in csv/json); empty until QA decides.
@@ -303,7 +307,7 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
     from defectscan.db.reviews import REVIEW_COLUMNS, add_review_figures
 
     with app.session() as session:
-        page = list_lots(session, filters, hold_above=_hold_above(app, hold_above), limit=limit, offset=offset)
+        page = list_lots(session, filters, hold_above=_hold_above(app, hold_above), max_errors=max_errors, limit=limit, offset=offset)
         add_review_figures(session, page.rows, filters)
     columns = LOT_COLUMNS + (LOT_REVIEW_TABLE if fmt == "table" else REVIEW_COLUMNS)
     print_rows(page.rows, columns, fmt, empty=_empty("lots", filters), more_hint=_more_hint(page, limit))
@@ -314,10 +318,13 @@ def lots_list(app: AppContext, filters, hold_above: float, limit: int, offset: i
 @click.option("--latest", is_flag=True, help="The lot of the most recently captured image set that has been inspected.")
 @click.option("--model", "model_ref", metavar="MODEL", help="Only this model version's results (NAME:* every version's).")
 @click.option("--hold-above", type=click.FloatRange(0, 1), help=_HOLD_HELP)
+@click.option("--max-errors", type=click.IntRange(min=0), default=MAX_ERRORS, show_default=True, help=_MAX_ERRORS_HELP)
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many defect classes to list.")
 @output_options
 @pass_app
-def lots_show(app: AppContext, lot: str | None, latest: bool, model_ref: str | None, hold_above: float, top: int, fmt: str) -> None:
+def lots_show(
+    app: AppContext, lot: str | None, latest: bool, model_ref: str | None, hold_above: float, max_errors: int, top: int, fmt: str,
+) -> None:
     """A lot's images, failed images, defect rate, top defect classes and verdict, per model version.
 
     \b
@@ -332,7 +339,8 @@ def lots_show(app: AppContext, lot: str | None, latest: bool, model_ref: str | N
     if (lot is None) == (not latest):
         raise DataError("give a LOT or --latest (not both)")
     with app.session() as session:
-        summary = lot_summary(session, lot or latest_lot(session), Filters(model=model_ref), hold_above=_hold_above(app, hold_above), top=top)
+        summary = lot_summary(session, lot or latest_lot(session), Filters(model=model_ref), hold_above=_hold_above(app, hold_above),
+                              max_errors=max_errors, top=top)
         add_review_figures(session, summary["models"], Filters(lot=summary["lot"], model=model_ref))
     if fmt != "table":
         print_record(summary, fmt)

@@ -77,6 +77,10 @@ class Filters:
             raise DataError(f"--since {iso_utc(self.since)} is not before --until {iso_utc(self.until)}")
         if self.min_area is not None and self.max_area is not None and self.min_area > self.max_area:
             raise DataError(f"--min-area {self.min_area} is larger than --max-area {self.max_area}")
+        for name in ("min_score", "max_score"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:  # written so that NaN, which compares false, is refused too
+                raise DataError(f"--{name.replace('_', '-')} {value}: expected a score between 0 and 1")
         if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
             raise DataError(f"--min-score {self.min_score} is larger than --max-score {self.max_score}")
         if self.verdict is not None and self.verdict not in VERDICTS:
@@ -407,29 +411,52 @@ def failed_share(images: int, failed: int, errors: int) -> float:
     return failed / judged if judged > 0 else 0.0
 
 
-def _hold_above(given: float | None) -> float:
-    return shipped_defaults().qa.hold_above if given is None else given
+# Images in error a released lot may have: none, so that unjudged parts block a release.
+MAX_ERRORS = 0
 
 
-def lot_disposition(images: int, failed: int, errors: int, hold_above: float) -> str:
+def hold_rules(hold_above: float | None = None, max_errors: int = MAX_ERRORS) -> tuple[float, int]:
+    """The hold rules checked; `hold_above` defaults to the qa.hold_above setting of configs/defaults.yaml."""
+    hold_above = shipped_defaults().qa.hold_above if hold_above is None else hold_above
+    if not 0 <= hold_above <= 1:  # written so that NaN, which compares false, is refused too
+        raise DataError(f"--hold-above {hold_above}: expected a share between 0 and 1")
+    if max_errors < 0:
+        raise DataError(f"--max-errors {max_errors}: expected 0 or more")
+    return hold_above, max_errors
+
+
+def hold_reasons(images: int, failed: int, errors: int, hold_above: float, max_errors: int = MAX_ERRORS) -> list[str]:
+    """Why `lot_disposition` holds a lot with these counts; empty when it releases it (or finds it incomplete)."""
+    share = failed_share(images, failed, errors)
+    reasons = []
+    if share > hold_above:
+        reasons.append(f"failed {100 * share:.1f} % > {100 * hold_above:g} %")
+    if errors > max_errors:
+        reasons.append(f"{errors} image{'s' if errors != 1 else ''} in error > {max_errors}")
+    return reasons
+
+
+def lot_disposition(images: int, failed: int, errors: int, hold_above: float, max_errors: int = MAX_ERRORS) -> str:
     """"incomplete", "hold" or "release": the one definition for `defectscan lots` and the QA report.
 
-    A lot with images in error and none judged is "incomplete": its failed share of zero judged
-    images says nothing, and a release would ship parts nobody looked at.
+    A lot is held when its failed share is above `hold_above` or more than `max_errors` of its
+    images are in error. One with images in error and none judged is "incomplete" whatever
+    `max_errors` allows: its failed share of zero judged images says nothing, and a release would
+    ship parts nobody looked at.
     """
     if errors > 0 and images - errors <= 0:
         return "incomplete"
-    return "hold" if failed_share(images, failed, errors) > hold_above else "release"
+    return "hold" if hold_reasons(images, failed, errors, hold_above, max_errors) else "release"
 
 
-def _lot_row(row, hold_above: float) -> dict[str, Any]:
+def _lot_row(row, rules: tuple[float, int]) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
     # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
     images, failed, errors, defects = (int(v or 0) for v in (images, failed, errors, defects))
     rate = failed_share(images, failed, errors)
     record = dict(zip(LOT_COLUMNS, (
         lot, _model_label(name, version), images, failed, errors, defects, round(rate, 4),
-        iso_utc(first), iso_utc(last), lot_disposition(images, failed, errors, hold_above),
+        iso_utc(first), iso_utc(last), lot_disposition(images, failed, errors, *rules),
     ), strict=True))
     record["model_id"] = model_id
     return record
@@ -530,17 +557,19 @@ def _lots_query(session: Session, filters: Filters, *, rollup: bool = True) -> S
     )
 
 
-def list_lots(session: Session, filters: Filters = Filters(), *, hold_above: float | None = None, limit: int = 50, offset: int = 0) -> Page:
+def list_lots(
+    session: Session, filters: Filters = Filters(), *, hold_above: float | None = None, max_errors: int = MAX_ERRORS,
+    limit: int = 50, offset: int = 0,
+) -> Page:
     """One row per lot and model version: images, failed, errors, defects, failed share, verdict; newest lots first.
 
-    Its verdict is `lot_disposition`: "incomplete" without a judged image, "hold" above `hold_above`
-    (default: the qa.hold_above setting of configs/defaults.yaml).
+    Its verdict is `lot_disposition` under `hold_rules(hold_above, max_errors)`.
     """
-    hold_above = _hold_above(hold_above)
+    rules = hold_rules(hold_above, max_errors)
     check_filters(session, filters)
     query = _lots_query(session, filters)
     query = query.order_by(query.selected_columns.last_at.desc(), query.selected_columns.lot, Model.id)
-    page = _page(session, query, limit, offset, lambda row: _lot_row(row, hold_above))
+    page = _page(session, query, limit, offset, lambda row: _lot_row(row, rules))
     for row in page.rows:
         row.pop("model_id")
     return page
@@ -564,10 +593,11 @@ def latest_lot(session: Session) -> str:
 
 
 def lot_summary(
-    session: Session, lot: str, filters: Filters = Filters(), *, hold_above: float | None = None, top: int = 5,
+    session: Session, lot: str, filters: Filters = Filters(), *, hold_above: float | None = None, max_errors: int = MAX_ERRORS,
+    top: int = 5,
 ) -> dict[str, Any]:
-    """A lot per model version, with its most frequent defect classes."""
-    hold_above = _hold_above(hold_above)
+    """A lot per model version, with its most frequent defect classes; verdicts as in `list_lots`."""
+    hold_above, max_errors = rules = hold_rules(hold_above, max_errors)
     filters = Filters(**{**filters.given(), "lot": lot})
     n_sets, n_images = session.execute(
         select(func.count(distinct(ImageSet.id)), func.count(Image.id))
@@ -577,7 +607,7 @@ def lot_summary(
         check_filters(session, filters)  # names the unknown lot, with suggestions
     if filters.model is not None:
         matching_ids(session, filters.model)
-    summaries = [_lot_row(row, hold_above) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
+    summaries = [_lot_row(row, rules) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
     labels = {s["model_id"]: s["model"] for s in summaries}
     classes = (
         select(Inspection.model_id, Defect.class_name, func.count(Defect.id), func.avg(Defect.area), func.max(Defect.max_score))
@@ -596,7 +626,8 @@ def lot_summary(
     for summary in summaries:
         summary.pop("model_id")
         summary["top_classes"] = by_model.get(summary["model"], [])
-    return {"lot": lot, "image_sets": n_sets, "registered_images": n_images, "hold_above": hold_above, "models": summaries}
+    return {"lot": lot, "image_sets": n_sets, "registered_images": n_images, "hold_above": hold_above, "max_errors": max_errors,
+            "models": summaries}
 
 
 # --- job runs --------------------------------------------------------------------------------------------------------------

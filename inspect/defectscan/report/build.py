@@ -4,9 +4,10 @@ The HTML has inline CSS (with a print stylesheet), inline SVG charts and the wor
 PNG data URIs: it opens offline and needs no JavaScript. Every value from the data goes
 through Jinja2's autoescaping; chart labels are escaped by the SVG writer (report/charts.py).
 
-Lot disposition: a lot is "incomplete" when none of its images was judged (all in error), and
-otherwise put on "hold" (else "release", as `defectscan lots` says) when any rule of `HoldRules`
-fires; the defaults are documented there and are `defectscan report` options.
+Lot disposition: db/queries.py's `lot_disposition`, the one `defectscan lots` shows ("incomplete"
+when none of a lot's images was judged; "hold" above hold_above or with more than max_errors images
+in error; else "release"), and on a lot-level p-chart also "hold" above the upper control limit;
+the rules are `HoldRules`, whose defaults are documented there and are `defectscan report` options.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.db import queries_report as q
-from defectscan.config import shipped_defaults
-from defectscan.db.queries import Filters, check_filters, failed_share, lot_disposition
+from defectscan.db.queries import MAX_ERRORS, Filters, check_filters, failed_share, hold_reasons, hold_rules, lot_disposition
 from defectscan.db.reviews import ReviewFigures, class_figures, review_figures, review_figures_rows
 from defectscan.db.schema import Model
 from defectscan.errors import DataError
@@ -79,22 +79,17 @@ class HoldRules:
     """When a lot is held instead of released.
 
     - failed share above `hold_above` (default: the qa.hold_above setting of configs/defaults.yaml);
-    - more than `max_errors` images in error (default 0: unjudged parts block a release);
+    - more than `max_errors` images in error (default db/queries.MAX_ERRORS, none: unjudged parts block a release);
     - its failed share above its p-chart upper control limit, when `out_of_control` (default on;
       lot-level charts only: a one-lot report charts hours, which does not judge the lot).
     """
 
     hold_above: float | None = None
-    max_errors: int = 0
+    max_errors: int = MAX_ERRORS
     out_of_control: bool = True
 
     def __post_init__(self) -> None:
-        if self.hold_above is None:
-            object.__setattr__(self, "hold_above", shipped_defaults().qa.hold_above)
-        if not 0 <= self.hold_above <= 1:
-            raise DataError(f"--hold-above {self.hold_above}: expected a share between 0 and 1")
-        if self.max_errors < 0:
-            raise DataError(f"--max-errors {self.max_errors}: expected 0 or more")
+        object.__setattr__(self, "hold_above", hold_rules(self.hold_above, self.max_errors)[0])
 
 
 @dataclass(frozen=True)
@@ -205,15 +200,12 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
     for g in groups:
         judged = g["images"] - g["errors"]
         share = failed_share(g["images"], g["failed"], g["errors"])
-        reasons = []
-        if lot_disposition(g["images"], g["failed"], g["errors"], rules.hold_above) == "incomplete":
+        judged_by = (g["images"], g["failed"], g["errors"], rules.hold_above, rules.max_errors)
+        if lot_disposition(*judged_by) == "incomplete":
             rows.append({**g, "judged": judged, "share": "-", "disposition": "incomplete",
                          "reasons": [f"no image judged: {g['errors']} in error"]})
             continue
-        if share > rules.hold_above:
-            reasons.append(f"failed {100 * share:.1f} % > {100 * rules.hold_above:g} %")
-        if g["errors"] > rules.max_errors:
-            reasons.append(f"{g['errors']} image{'s' if g['errors'] != 1 else ''} in error > {rules.max_errors}")
+        reasons = hold_reasons(*judged_by)
         if rules.out_of_control and g["label"] in above:
             reasons.append(f"above the upper control limit {above[g['label']].ucl:.3f}")
         rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %", "disposition": "hold" if reasons else "release",
