@@ -202,7 +202,7 @@ def test_zarr_stack_and_strip_samples(tmp_path):
     ((_, y),) = _take(training_dataset(samples, batch_size=3, seed=0, augment=False), 1)
     assert y.shape == (3, 32, 32, 2)
 
-    strip = np.zeros((40, 70), np.uint8)
+    strip = np.full((40, 70), 9, np.uint8)
     strip_labels = np.zeros((40, 70), np.uint8)
     strip_labels[20, 40] = 1
     tiles = read_zarr(_zarr_set(tmp_path / "strip.zarr", strip, strip_labels, ["defect"]), tile=32)
@@ -212,7 +212,7 @@ def test_zarr_stack_and_strip_samples(tmp_path):
 def test_zarr_without_labels_or_classes_is_refused(tmp_path):
     from defectscan.data.zarrset import read_zarr
 
-    images = np.zeros((2, 32, 32), np.uint8)
+    images = np.full((2, 32, 32), 9, np.uint8)
     with pytest.raises(DataError, match="no array 'labels'"):
         read_zarr(_zarr_set(tmp_path / "a.zarr", images, None, ["defect"]))
     with pytest.raises(DataError, match="'classes' must be a non-empty list"):
@@ -224,6 +224,27 @@ def test_zarr_without_labels_or_classes_is_refused(tmp_path):
         samples.load(0)
     with pytest.raises(DataError, match="does not exist"):
         read_zarr(tmp_path / "missing.zarr")
+
+
+def test_zarr_training_set_with_missing_image_chunks_or_still_being_written_is_refused(tmp_path):
+    """Zarr reads a missing chunk as zeros: a black picture trained on with its defect label."""
+    import shutil
+
+    import zarr
+
+    from defectscan.data.imageset import META_ATTR
+    from defectscan.data.zarrset import read_zarr
+
+    images = np.full((3, 32, 32), 9, np.uint8)
+    path = _zarr_set(tmp_path / "a.zarr", images, np.zeros_like(images), ["defect"])
+    assert len(read_zarr(path)) == 3
+    shutil.rmtree(path / "images" / "c" / "1")
+    with pytest.raises(DataError, match=r"a.zarr: 'images': 1 chunk\(s\) missing: \(1, 0, 0\)"):
+        read_zarr(path)
+    again = _zarr_set(tmp_path / "b.zarr", images, np.zeros_like(images), ["defect"])
+    zarr.open_group(str(again), mode="a").attrs[META_ATTR] = {"complete": False}
+    with pytest.raises(DataError, match="marked incomplete"):
+        read_zarr(again)
 
 
 def test_zoomed_crops_keep_their_size_image_and_target_together_and_leave_unzoomed_streams_alone():

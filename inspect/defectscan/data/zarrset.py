@@ -20,12 +20,13 @@ from defectscan.errors import DataError
 
 def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:
     """Samples of the image set at `store` (a path or fsspec URL), opened through data/imageset.py."""
-    from defectscan.data.imageset import CLASSES_ATTR, IMAGES, LABELS, open_group, open_images, read_keys, resolve_uri
+    from defectscan.data.imageset import CLASSES_ATTR, IMAGES, LABELS, describe, missing_chunks, open_group, open_images, read_keys, resolve_uri
 
     uri = resolve_uri(store)
     group = open_group(uri)
+    describe(group, uri, IMAGES)  # refuses a store still being written, as registration does
     images = open_images(group, uri, IMAGES)
-    if LABELS not in set(group.array_keys()):
+    if LABELS not in group:
         raise DataError(f"{uri}: Zarr group has no array '{LABELS}'; training needs both '{IMAGES}' and '{LABELS}'")
     labels = group[LABELS]
     if images.shape != labels.shape:
@@ -37,6 +38,10 @@ def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:
     classes = group.attrs.get(CLASSES_ATTR)
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{uri}: group attribute '{CLASSES_ATTR}' must be a non-empty list of class names, got {classes!r}")
+    missing = missing_chunks(images)
+    if missing:
+        # Zarr would read them as black images with their labels: training on pictures that are not there.
+        raise DataError(f"{uri}: '{IMAGES}': {missing.describe()}")
     store = uri
 
     if images.ndim == 3:
