@@ -205,3 +205,34 @@ def test_lots_and_the_report_give_a_lot_with_an_image_in_error_the_same_disposit
         assert [r["verdict"] for r in json.loads(result.stdout)] == [expected]
         report = cli("--database-url", migrated_url, "report", "--lot", "LE", "-o", str(tmp_path / "LE.html"), *args)
         assert f"{1 if expected == 'hold' else 0} of 1 lots on hold" in report.output
+
+
+def test_a_line_with_one_lot_and_image_sets_without_one_is_charted_per_lot(factory, record):
+    """The sets without a lot are a lot of their own in the lot table, so they count as one: two lots, a p-chart per lot."""
+    from defectscan.db.queries_report import lot_groups, totals
+    from defectscan.report.build import Scope, collect
+
+    record("L1", ["pass", "fail", "pass"], [L042_START] * 3)
+    record(None, ["pass", "pass"], [L042_START + dt.timedelta(hours=1)] * 2)
+    with factory() as session:
+        assert totals(session, Filters(line="A"))["lots"] == lot_groups(session, Filters(line="A"), limit=10)[1] == 2
+        assert totals(session, Filters(lot="L1"))["lots"] == 1
+        context = collect(session, Scope(line="A"))
+    assert context["subgroup"] == "lot" and [lot["label"] for lot in context["lots"]] == ["L1", "(no lot)"]
+
+
+def test_lots_and_images_without_a_capture_time_sort_the_same_on_both_backends(factory, record):
+    """PostgreSQL sorts NULL above every time, SQLite below: newest first puts the ones without a time last on both."""
+    from defectscan.db.queries import list_images
+    from defectscan.db.queries_report import lot_groups
+
+    record("OLD", ["pass"], [L042_START])
+    record("NOTIME", ["pass"])
+    record("NEW", ["pass"], [L042_START + dt.timedelta(days=1)])
+    with factory() as session:
+        assert [r["lot"] for r in list_lots(session).rows] == ["NEW", "OLD", "NOTIME"]
+        assert [r["lot"] for r in list_images(session, sort="time").rows] == ["NEW", "OLD", "NOTIME"]
+        assert [r["lot"] for r in list_images(session, Filters(line="A"), sort="time", descending=False).rows] == ["NOTIME", "OLD", "NEW"]
+        assert [r["lot"] for r in list_images(session, Filters(lot="OLD"), sort="time").rows] == ["OLD"]  # the lot path's own order
+        # the report's p-chart keeps the latest lots
+        assert [g["label"] for g in lot_groups(session, Filters(line="A"), limit=2)[0]] == ["OLD", "NEW"]

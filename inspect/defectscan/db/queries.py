@@ -52,6 +52,9 @@ IMAGE_SORTS = {
     "defects": Inspection.n_defects,
     "key": Image.key,
 }
+# Sorts by a column that may be NULL (an image without a capture time).
+NULLABLE_SORTS = {"time"}
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -214,8 +217,11 @@ def _order(query: Select, sorts: dict[str, Any], sort: str, descending: bool, ti
         # (10M defects) and filtering, which is slow for any but the newest lot; an expression
         # it cannot read from an index keeps the plan on the lot's rows.
         column, tiebreak = func.coalesce(column, column), func.coalesce(tiebreak, tiebreak)
-    keys = (column,) if same else (column, tiebreak)
-    return query.order_by(*(key.desc() if descending else key.asc() for key in keys))
+    keys = [key.desc() if descending else key.asc() for key in ((column,) if same else (column, tiebreak))]
+    if sort in NULLABLE_SORTS:
+        # NULL sorts high on PostgreSQL and low on SQLite: say where it goes, so both list the same rows
+        keys[0] = keys[0].nulls_last() if descending else keys[0].nulls_first()
+    return query.order_by(*keys)
 
 
 def _page(session: Session, query: Select, limit: int, offset: int, convert) -> Page:
@@ -563,12 +569,13 @@ def list_lots(
 ) -> Page:
     """One row per lot and model version: images, failed, errors, defects, failed share, verdict; newest lots first.
 
-    Its verdict is `lot_disposition` under `hold_rules(hold_above, max_errors)`.
+    Its verdict is `lot_disposition` under `hold_rules(hold_above, max_errors)`. Lots without a
+    capture time come last on both backends.
     """
     rules = hold_rules(hold_above, max_errors)
     check_filters(session, filters)
     query = _lots_query(session, filters)
-    query = query.order_by(query.selected_columns.last_at.desc(), query.selected_columns.lot, Model.id)
+    query = query.order_by(query.selected_columns.last_at.desc().nulls_last(), query.selected_columns.lot, Model.id)
     page = _page(session, query, limit, offset, lambda row: _lot_row(row, rules))
     for row in page.rows:
         row.pop("model_id")

@@ -6,7 +6,8 @@ what it shows. The selection is db/queries.py's `Filters`, applied by its `apply
 of what "lot L", "line X since D" or "job run N" select, shared with the listing commands.
 
 Works the same on SQLite and PostgreSQL; the two dialect differences (hour buckets, float to
-integer bins) are in `_hour_bucket` and `_bin`.
+integer bins) are in `_hour_bucket` and `_bin`, and every order by a time that may be NULL says
+where NULL goes (PostgreSQL sorts it high, SQLite low), so that both pick and list the same rows.
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ def _failed():
 
 def _errors():
     return func.sum(case((Inspection.verdict == "error", 1), else_=0))
+
+
+def _lots():
+    """How many lots, the image sets without a lot counted as one more, as `lot_groups` lists them.
+
+    count(DISTINCT lot) leaves NULL out: a line with one lot and sets without one would count one
+    lot, be charted per hour and lose the control-limit rule while its lot table lists two.
+    """
+    return func.count(distinct(ImageSet.lot)) + func.max(case((ImageSet.lot.is_(None), 1), else_=0))
 
 
 def _dialect(session: Session) -> str:
@@ -115,7 +125,7 @@ def totals(session: Session, filters: Filters) -> dict[str, Any]:
         session,
         _inspections().add_columns(
             func.count(Inspection.id), _failed(), _errors(), func.sum(Inspection.n_defects), func.sum(Inspection.defect_pixels),
-            func.min(Image.acquired_at), func.max(Image.acquired_at), func.count(distinct(ImageSet.lot)),
+            func.min(Image.acquired_at), func.max(Image.acquired_at), _lots(),
         ),
         filters,
         defects=False,
@@ -147,8 +157,9 @@ def _group_columns():
 def lot_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list[dict[str, Any]], int]:
     """Per lot: images, failed, errors, defects, capture times, inspection times; the `limit` most recent lots in time order, and the lot count."""
     query = apply_filters(session, _inspections().add_columns(ImageSet.lot, *_group_columns()).group_by(ImageSet.lot), filters, defects=False)
-    rows = session.execute(query.order_by(func.max(Image.acquired_at).desc(), ImageSet.lot).limit(limit)).all()
-    count = session.scalar(apply_filters(session, _inspections().add_columns(func.count(distinct(ImageSet.lot))), filters, defects=False))
+    # a lot without capture times counts as the oldest
+    rows = session.execute(query.order_by(func.max(Image.acquired_at).desc().nulls_last(), ImageSet.lot).limit(limit)).all()
+    count = session.scalar(apply_filters(session, _inspections().add_columns(_lots()), filters, defects=False))
     groups = _group_rows(rows, lambda lot: lot if lot is not None else "(no lot)")
     return sorted(groups, key=lambda g: (g["first_at"] or "", g["label"])), _int(count)
 
@@ -157,7 +168,7 @@ def hour_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list
     """Per capture hour (UTC): the same counts as `lot_groups`, the `limit` latest hours in time order."""
     hour = _hour_bucket(session).label("hour")
     query = apply_filters(session, _inspections().add_columns(hour, *_group_columns()).group_by(hour), filters, defects=False)
-    rows = session.execute(query.order_by(hour.desc()).limit(limit)).all()
+    rows = session.execute(query.order_by(hour.desc().nulls_last()).limit(limit)).all()
     count = session.scalar(select(func.count()).select_from(
         apply_filters(session, _inspections().add_columns(hour).group_by(hour), filters, defects=False).subquery()))
 
@@ -262,7 +273,7 @@ def error_images(session: Session, filters: Filters, *, limit: int) -> list[dict
     query = apply_filters(
         session,
         _inspections().add_columns(Image.id, Image.key, ImageSet.lot, ImageSet.uri, Image.position, Inspection.job_run_id, Inspection.error)
-        .where(Inspection.verdict == "error").order_by(Image.acquired_at, Image.id),
+        .where(Inspection.verdict == "error").order_by(Image.acquired_at.nulls_first(), Image.id),
         filters,
         defects=False,
     ).limit(limit)
@@ -280,7 +291,7 @@ def not_inspected(session: Session, filters: Filters, model_id: int, *, limit: i
     base = select().select_from(Image).join(ImageSet, Image.image_set_id == ImageSet.id).where(*conditions)
     count = session.scalar(base.add_columns(func.count(Image.id)))
     rows = session.execute(base.add_columns(Image.id, Image.key, ImageSet.lot, ImageSet.uri, Image.position)
-                           .order_by(Image.acquired_at, Image.id).limit(limit))
+                           .order_by(Image.acquired_at.nulls_first(), Image.id).limit(limit))
     return _int(count), [{"image_id": i, "key": k, "lot": lot, "image_set": uri, "position": p} for i, k, lot, uri, p in rows]
 
 
