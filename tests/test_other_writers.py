@@ -54,6 +54,8 @@ WRITERS = {
     "v3 sharded, uint16": (lambda root, im: _v3(root / "s.zarr" / "cam" / "images", _as16(im), 4, sharded=True), "s.zarr", "cam/images"),
     "v2 with / keys": (lambda root, im: _v2(root / "v2.zarr" / "images", im, 3, "/"), "v2.zarr", "images"),
     "v2 with . keys": (lambda root, im: _v2(root / "v2dot.zarr" / "images", im, 1, "."), "v2dot.zarr", "images"),
+    # ">u2" was refused as "dtype >u2; expected uint8 or uint16"
+    "v2 big-endian uint16": (lambda root, im: _v2(root / "be.zarr" / "images", _as16(im).astype(">u2"), 2, "/"), "be.zarr", "images"),
 }
 
 

@@ -233,7 +233,8 @@ def describe(group, uri: str, array_path: str = IMAGES) -> ImageSetInfo:
     """Validate the image array of an open group and describe it; DataError lists every problem."""
     array = open_images(group, uri, array_path)
     shape = tuple(int(n) for n in array.shape)
-    dtype = str(array.dtype)
+    # In native byte order: a v2 writer's big-endian ">u2" is uint16 pixels, which numpy reads as such.
+    dtype = str(np.dtype(array.dtype).newbyteorder("="))
     where = f"{uri}: array '{array_path}'"
     problems = []
     if len(shape) not in (2, 3):

@@ -13,6 +13,8 @@ def as_uint8(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     """8-bit pixels from uint8 or uint16 input; `bit_depth` (9..16) for data of fewer bits in 16-bit words (12-bit cameras)."""
     if image.dtype == np.uint8:
         return image
+    if image.dtype == np.dtype(">u2"):  # a big-endian store's pixels (Zarr v2 allows them)
+        image = image.astype(np.uint16)
     if image.dtype == np.uint16:
         top = 2**bit_depth - 1 if bit_depth else 65535
         # Bits above the depth are noise in a 12-bit word: clipped, so they cannot wrap around.
