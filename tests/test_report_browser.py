@@ -48,6 +48,7 @@ def report_files(chromium, sqlite_report_db, tmp_path_factory):
     result = CliRunner().invoke(main, ["--database-url", sqlite_report_db.url, "report", "--line", "A", "-o", str(html), "--pdf", str(pdf_path)])
     assert result.exit_code == 0, result.output
     assert f"wrote {pdf_path}" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["line-A.html", "line-A.pdf"]  # written beside, then renamed
     return html, pdf_path
 
 
@@ -126,3 +127,14 @@ def test_a_browser_that_fails_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv(pdf.CHROMIUM_ENV, shutil.which("false"))
     with pytest.raises(DataError, match="Chromium could not render page.pdf"):
         pdf.print_pdf(page, tmp_path / "page.pdf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # nothing half-written left behind
+
+
+def test_a_failed_render_leaves_the_earlier_pdf(tmp_path, monkeypatch):
+    page, earlier = tmp_path / "page.html", tmp_path / "page.pdf"
+    page.write_text("<p>x</p>")
+    earlier.write_bytes(b"%PDF earlier")
+    monkeypatch.setenv(pdf.CHROMIUM_ENV, shutil.which("false"))
+    with pytest.raises(DataError, match="Chromium could not render page.pdf"):
+        pdf.print_pdf(page, earlier)
+    assert earlier.read_bytes() == b"%PDF earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["page.html", "page.pdf"]

@@ -213,3 +213,27 @@ def test_two_class_report_on_both_backends(results_db):
     classes = report.html.split('id="kpis"', 1)[1].split("</table>", 1)[0]
     assert "<td>bright</td>" in classes and "<td>dark</td>" in classes
     assert report.html.count("<svg") == 4
+
+
+def test_a_report_that_cannot_be_written_in_full_leaves_the_earlier_one(sqlite_report_db, tmp_path, monkeypatch):
+    """The HTML goes to a file beside the report and replaces it only once written: a full disk costs no earlier report."""
+    from pathlib import Path
+
+    from defectscan.report.build import write_report
+
+    out = tmp_path / "L1.html"
+    out.write_text("<p>earlier report</p>")
+    write_text = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        write_text(path, text[:100], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    factory, close = session_for(sqlite_report_db.url)
+    try:
+        with factory() as session, pytest.raises(DataError, match="L1.html: cannot write the report: No space left on device"):
+            write_report(session, Scope(lot="L1"), out)
+    finally:
+        close()
+    assert out.read_text() == "<p>earlier report</p>" and [p.name for p in tmp_path.iterdir()] == ["L1.html"]

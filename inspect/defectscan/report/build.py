@@ -28,6 +28,7 @@ from defectscan.db.reviews import ReviewFigures, class_figures, review_figures, 
 from defectscan.db.schema import Model
 from defectscan.errors import DataError
 from defectscan.report import charts
+from defectscan.report.files import replacing
 from defectscan.report.spc import SIGMA, PChart, p_chart
 from defectscan.times import iso_utc
 
@@ -416,7 +417,8 @@ def write_report(
     html_path = Path(html_path)
     try:
         html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(report.html, encoding="utf-8")
+        with replacing(html_path) as partial:
+            partial.write_text(report.html, encoding="utf-8")
     except OSError as exc:
         raise DataError(f"{html_path}: cannot write the report: {exc.strerror or exc}") from None
     summary = {**report.summary, "html": str(html_path)}

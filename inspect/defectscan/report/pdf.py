@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectscan.errors import ConfigError, DataError
+from defectscan.report.files import replacing
 
 CHROMIUM_ENV = "DEFECTSCAN_CHROMIUM"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -48,33 +49,35 @@ def find_chromium() -> str:
     )
 
 
-def _run(html: Path, output: Path, action: list[str]) -> BrowserRun:
+def _run(html: Path, output: Path, flag: str, *extra: str) -> BrowserRun:
     html = Path(html).resolve()
     if not html.is_file():
         raise DataError(f"{html}: no such HTML file to render")
     output = Path(output).resolve()
     if output == html:
         raise DataError(f"{output}: is the HTML file being rendered; give the {output.suffix or 'output'} another path")
-    browser = find_chromium()  # before an earlier output is removed
+    browser = find_chromium()
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="defectscan-chromium-") as profile:
-        command = [browser, *FLAGS, f"--user-data-dir={profile}", *action, html.as_uri()]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise DataError(f"{html}: Chromium did not finish rendering within {TIMEOUT_S} s") from None
-    if done.returncode != 0 or not output.is_file() or output.stat().st_size == 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise DataError(f"{html}: Chromium could not render {output.name} (exit {done.returncode}): {tail}")
+    try:
+        with replacing(output) as partial, tempfile.TemporaryDirectory(prefix="defectscan-chromium-") as profile:
+            command = [browser, *FLAGS, f"--user-data-dir={profile}", f"{flag}={partial}", *extra, html.as_uri()]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+            except subprocess.TimeoutExpired:
+                raise DataError(f"{html}: Chromium did not finish rendering within {TIMEOUT_S} s") from None
+            if done.returncode != 0 or not partial.is_file() or partial.stat().st_size == 0:
+                tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+                raise DataError(f"{html}: Chromium could not render {output.name} (exit {done.returncode}): {tail}")
+    except OSError as exc:
+        raise DataError(f"{output}: cannot write it: {exc.strerror or exc}") from None
     return BrowserRun(output, done.stderr)
 
 
 def print_pdf(html: str | Path, pdf: str | Path) -> BrowserRun:
     """The HTML file printed to PDF with its print stylesheet (page size and margins from its @page rule)."""
-    return _run(Path(html), Path(pdf), [f"--print-to-pdf={Path(pdf).resolve()}", "--no-pdf-header-footer"])
+    return _run(Path(html), Path(pdf), "--print-to-pdf", "--no-pdf-header-footer")
 
 
 def screenshot(html: str | Path, png: str | Path, *, width: int = 1280, height: int = 2000) -> BrowserRun:
     """A PNG of the page's first `height` pixels at `width` pixels wide."""
-    return _run(Path(html), Path(png), [f"--screenshot={Path(png).resolve()}", f"--window-size={width},{height}"])
+    return _run(Path(html), Path(png), "--screenshot", f"--window-size={width},{height}")
