@@ -26,7 +26,9 @@ def label_text(value: object, limit: int = MAX_LABEL) -> str:
     text = str(value)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
-    return text.replace("\\", "\\\\").replace("$", r"\$")
+    # matplotlib reads a backslash as an escape only before `$` (and in mathtext, which this keeps
+    # out): `L\1` is drawn as written, `\$` as `$`
+    return text.replace("$", r"\$")
 
 
 def _svg(figure, salt: str) -> str:
@@ -39,10 +41,15 @@ def _svg(figure, salt: str) -> str:
     # inline SVG in HTML: drop the XML prolog and DOCTYPE, let CSS size it
     text = text[text.index("<svg"):]
     text = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="chart" role="img"', text, count=1)
-    # matplotlib numbers its ids per figure (figure_1, axes_1, ...): prefix them and every reference
-    text = re.sub(r'\bid="([^"]+)"', rf'id="{salt}-\1"', text)
-    text = re.sub(r'url\(#([^)]+)\)', rf'url(#{salt}-\1)', text)
-    return re.sub(r'href="#([^"]+)"', rf'href="#{salt}-\1"', text)
+    # matplotlib numbers its ids per figure (figure_1, axes_1, ...): prefix them and every reference,
+    # in tags only, so that a label that reads like one (`id="q" url(#k)`) is drawn as it was given
+    return re.sub(r"<[^>]*>", lambda tag: _prefix_ids(tag.group(0), salt), text)
+
+
+def _prefix_ids(tag: str, salt: str) -> str:
+    tag = re.sub(r'(\sid=")([^"]+)"', rf'\1{salt}-\2"', tag)
+    tag = re.sub(r'url\(#([^)]+)\)', rf'url(#{salt}-\1)', tag)
+    return re.sub(r'(href=")#([^"]+)"', rf'\1#{salt}-\2"', tag)
 
 
 def _figure(height: float = HEIGHT, width: float = WIDTH):
