@@ -92,3 +92,14 @@ def test_cli_data_synth(cli, tmp_path):
     assert result.exit_code == 0, result.output
     assert "4 images (4 defective) in 1 classes, 32x32" in result.output
     assert len(list((tmp_path / "s" / "Class1" / "Test" / "Label").glob("*_label.PNG"))) == 2
+
+
+def test_a_dataset_is_written_only_to_a_new_or_empty_folder(tmp_path, cli):
+    """A 2-class run over a 4-class one kept Class3 and Class4, which then joined the dataset."""
+    out = tmp_path / "s"
+    first = cli("data", "synth", str(out), "--classes", "2", "--train", "1", "--test", "1", "--size", "32")
+    assert first.exit_code == 0, first.output
+    again = cli("data", "synth", str(out), "--classes", "1", "--train", "1", "--test", "1", "--size", "32")
+    assert again.exit_code == 1
+    assert again.output.strip() == f"Error: {out}: already exists and is not an empty folder; write the dataset to a new folder, or delete it first"
+    assert sorted(p.name for p in out.iterdir()) == ["Class1", "Class2"]

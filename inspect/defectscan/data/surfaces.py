@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscan.data.synth import _SHAPES, DEFECT_KINDS, SynthSummary, blend_defect, check_split_spec, ellipse_label, write_dagm_split
+from defectscan.data.synth import _SHAPES, DEFECT_KINDS, SynthSummary, blend_defect, check_split_spec, ellipse_label, empty_folder, write_dagm_split
 from defectscan.errors import DataError
 
 # The only scikit-image photo files the surfaces read; some of the others are kept unseen for an
@@ -207,8 +207,7 @@ def _spread_around(surface: np.ndarray, label: np.ndarray) -> float:
 def write_surfaces_dagm(root: str | Path, spec: SurfaceSpec) -> SynthSummary:
     """Write Class1..ClassN/{Train,Test} in the DAGM 2007 layout under `root`, one surface per class
     in spec order, and surfaces.json naming each class's surface."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = empty_folder(root)
     images = defective_count = 0
     folders = {}
     for class_index, name in enumerate(spec.surfaces):

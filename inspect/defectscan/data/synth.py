@@ -194,7 +194,7 @@ def _to_uint8(surface: np.ndarray) -> np.ndarray:
 
 def write_synthetic_dagm(root: str | Path, spec: SynthSpec) -> SynthSummary:
     """Write Class1..ClassN/{Train,Test} in the DAGM 2007 layout under `root`."""
-    root = Path(root)
+    root = empty_folder(root)
     images = defective_count = 0
     for class_index in range(spec.classes):
         for split, count in (("Train", spec.train), ("Test", spec.test)):
@@ -208,6 +208,16 @@ def write_synthetic_dagm(root: str | Path, spec: SynthSpec) -> SynthSummary:
 
 def _class_sample(rng: np.random.Generator, defective: bool, *, size: int, class_index: int) -> tuple[np.ndarray, np.ndarray | None]:
     return make_sample(rng, size, class_index, defective)
+
+
+def empty_folder(root: str | Path) -> Path:
+    """`root`, created, refused if it holds anything: an earlier dataset's images and class folders (a Class4
+    of a 4-class run under a 2-class one) would silently join the new one."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root}: already exists and is not an empty folder; write the dataset to a new folder, or delete it first")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def write_dagm_split(split_dir: Path, rng: np.random.Generator, count: int, defect_fraction: float, sample: SampleMaker) -> int:
