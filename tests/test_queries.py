@@ -236,3 +236,15 @@ def test_lots_and_images_without_a_capture_time_sort_the_same_on_both_backends(f
         assert [r["lot"] for r in list_images(session, Filters(lot="OLD"), sort="time").rows] == ["OLD"]  # the lot path's own order
         # the report's p-chart keeps the latest lots
         assert [g["label"] for g in lot_groups(session, Filters(line="A"), limit=2)[0]] == ["OLD", "NEW"]
+
+
+def test_image_sets_without_a_lot_are_named_so_throughout_the_report(factory, record):
+    from defectscan.report.build import Scope, build_report
+
+    record(None, ["fail", "error", "pass"], [L042_START] * 3)
+    with factory() as session:
+        html = build_report(session, Scope(line="A")).html
+    worst = html.split('<section id="worst">', 1)[1].split("</section>", 1)[0]
+    errors = html.split('<section id="errors">', 1)[1].split("</section>", 1)[0]
+    assert "· lot (no lot)</p>" in worst and "<td>(no lot)</td>" in errors
+    assert "None" not in worst + errors

@@ -298,6 +298,12 @@ def test_lots_refuse_a_hold_share_that_is_not_a_number(run):
             "Error: --hold-above nan: expected a share between 0 and 1")
 
 
+def test_a_page_past_the_last_row_says_so(run):
+    assert run("lots", "list", "--offset", "10", "--format", "table").output.strip() == "no lots at offset 10: fewer lots match"
+    past = run("defects", "list", "--lot", "L042", "--offset", "4", "--format", "json")
+    assert json.loads(past.stdout) == [] and past.stderr.strip() == "no defects at offset 4: fewer defects match (lot='L042')"
+
+
 def test_lots_show_top_classes_and_latest(run):
     summary = _json(run("lots", "show", "L042", "--format", "json"))
     assert (summary["lot"], summary["image_sets"], summary["registered_images"]) == ("L042", 1, 6)

@@ -74,9 +74,13 @@ def _more_hint(page, limit: int) -> str | None:
     return f"more rows follow: add --offset {page.offset + limit}" if page.more else None
 
 
-def _empty(what: str, filters) -> str:
+def _empty(what: str, filters, offset: int = 0) -> str:
     given = filters.given()
-    return f"no {what} match" + (f" ({', '.join(f'{k}={_show(v)}' for k, v in given.items())})" if given else "")
+    where = f" ({', '.join(f'{k}={_show(v)}' for k, v in given.items())})" if given else ""
+    if offset:
+        # a page past the last row: rows may well match, just not this many
+        return f"no {what} at offset {offset}: fewer {what} match{where}"
+    return f"no {what} match{where}"
 
 
 def _show(value: Any) -> str:
@@ -122,7 +126,8 @@ def defects_list(app: AppContext, filters, sort: str, ascending: bool, limit: in
 
     with app.session() as session:
         page = list_defects(session, filters, sort=sort, descending=not ascending, limit=limit, offset=offset)
-    print_rows(page.rows, DEFECT_TABLE if fmt == "table" else DEFECT_COLUMNS, fmt, empty=_empty("defects", filters), more_hint=_more_hint(page, limit))
+    print_rows(page.rows, DEFECT_TABLE if fmt == "table" else DEFECT_COLUMNS, fmt, empty=_empty("defects", filters, offset),
+               more_hint=_more_hint(page, limit))
 
 
 @defects.command("show")
@@ -197,7 +202,7 @@ def images_list(app: AppContext, filters, sort: str, ascending: bool, limit: int
     for row in page.rows:
         row["qa"] = decided.get(row["id"])
     columns = (IMAGE_TABLE if fmt == "table" else IMAGE_COLUMNS) + ("qa",)
-    print_rows(page.rows, columns, fmt, empty=_empty("images", filters), more_hint=_more_hint(page, limit))
+    print_rows(page.rows, columns, fmt, empty=_empty("images", filters, offset), more_hint=_more_hint(page, limit))
 
 
 @images.command("show")
@@ -310,7 +315,7 @@ def lots_list(app: AppContext, filters, hold_above: float, max_errors: int, limi
         page = list_lots(session, filters, hold_above=_hold_above(app, hold_above), max_errors=max_errors, limit=limit, offset=offset)
         add_review_figures(session, page.rows, filters)
     columns = LOT_COLUMNS + (LOT_REVIEW_TABLE if fmt == "table" else REVIEW_COLUMNS)
-    print_rows(page.rows, columns, fmt, empty=_empty("lots", filters), more_hint=_more_hint(page, limit))
+    print_rows(page.rows, columns, fmt, empty=_empty("lots", filters, offset), more_hint=_more_hint(page, limit))
 
 
 @lots.command("show")

@@ -24,6 +24,8 @@ from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Mo
 from defectscan.errors import DataError
 from defectscan.times import iso_utc
 
+# How the report names the image sets without a lot, in the lot table and wherever a lot is shown.
+NO_LOT = "(no lot)"
 # Most defects drawn on one worst-image overlay (largest first): more only clutter the picture.
 MAX_DRAWN_DEFECTS = 25
 
@@ -160,7 +162,7 @@ def lot_groups(session: Session, filters: Filters, *, limit: int) -> tuple[list[
     # a lot without capture times counts as the oldest
     rows = session.execute(query.order_by(func.max(Image.acquired_at).desc().nulls_last(), ImageSet.lot).limit(limit)).all()
     count = session.scalar(apply_filters(session, _inspections().add_columns(_lots()), filters, defects=False))
-    groups = _group_rows(rows, lambda lot: lot if lot is not None else "(no lot)")
+    groups = _group_rows(rows, lambda lot: lot if lot is not None else NO_LOT)
     return sorted(groups, key=lambda g: (g["first_at"] or "", g["label"])), _int(count)
 
 

@@ -380,6 +380,7 @@ def _environment():
         trim_blocks=True, lstrip_blocks=True,
     )
     environment.filters["pct"] = _pct
+    environment.filters["lot"] = lambda lot: q.NO_LOT if lot is None else lot
     environment.filters["num"] = lambda v: f"{v:,}".replace(",", " ") if isinstance(v, int) else v
     return environment
 
