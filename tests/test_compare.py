@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from defectscan.config import load_settings
-from defectscan.db.schema import Image, Inspection, Model
-from defectscan.errors import ModelError
+from defectscan.db.schema import Image, Inspection, Model, ModelComparison
+from defectscan.errors import DataError, ModelError
 from defectscan.model.registry import register_model
 from defectscan.model.stages import promote
 from defectscan.pipeline.run import inspect_image_sets
@@ -126,3 +127,22 @@ def test_the_report_of_a_scope_with_a_shadow_version_is_the_production_versions(
     assert re.search(r"<td>thr:1</td><td class=\"(hold|release)\">", report.html)
     assert re.search(r"<td class=\"signal\">thr:1</td><td class=\"(hold|release)\">", shadow.html)
     assert after.summary["model"] == "thr:2" and re.search(r"<td class=\"signal\">thr:1</td>", after.html)
+
+
+def test_a_comparison_is_not_recorded_over_part_of_the_scope(factory, plant, cluster, tmp_path):
+    """The candidate's run ended partial with images pending: a comparison of the rest would let a promotion through."""
+    from defectscan.pipeline.outputs import scores_uri
+    from defectscan.pipeline.shadow import shadow_compare
+
+    second = register(factory, write_stack(tmp_path / "C2.zarr", square_images(4, size=64, seed=5), lot="C1", line="A"))
+    settings = load_settings(overrides={"cluster.scheduler": (cluster.scheduler.address, "test"), "inspection.batch_size": (4, "test"),
+                                        "inspection.images_per_shard": (4, "test")})
+    with factory() as session:
+        current = session.scalars(select(Model).where(Model.version == "1")).one()
+    assert inspect_image_sets(factory, cluster, current, [second], settings.inspection, max_in_flight=2).status == "succeeded"
+    blocked = Path(scores_uri(str(tmp_path / "C2.zarr"), None)) / "thr" / "2"
+    blocked.write_text("in the way of the candidate's score array")
+    with pytest.raises(DataError, match=r"^the candidate's inspection left 4 images pending \(4 images \(1 shards\) left pending"):
+        shadow_compare(factory, settings, "thr:2", "thr:1", lot="C1", echo=lambda line: None)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(ModelComparison)) == 0

@@ -59,6 +59,10 @@ def shadow_compare(
     summary = run_inspect(new_session, settings, candidate_label, [str(i) for i in set_ids], job="compare", n_workers=n_workers, echo=echo)
     if summary.status not in ("succeeded", "partial"):
         raise DataError(f"the candidate's inspection ended {summary.status}: {'; '.join(summary.errors[:3])}")
+    if summary.counts.pending:
+        # A comparison over the images that happened to be judged is not one a promotion may rest on.
+        raise DataError(f"the candidate's inspection left {summary.counts.pending} images pending ({'; '.join(summary.errors[:3])}): "
+                        "nothing recorded; compare again once they can be inspected")
     with new_session() as session:
         candidate, current = (session.get(Model, i) for i in versions)
         comparison = compare_results(session, candidate, current, set_ids)
