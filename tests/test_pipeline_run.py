@@ -281,4 +281,5 @@ def test_a_lot_whose_every_image_is_in_error_is_incomplete_never_released(factor
         context = collect(session, Scope(lot="LE"), ReportOptions(rules=HoldRules(max_errors=10)))
     assert [(lot["label"], lot["disposition"]) for lot in context["lots"]] == [("LE", "incomplete")]
     assert context["held"] == 1
-    assert (lot_disposition(3, 0, 2, 0.05), lot_disposition(3, 1, 0, 0.05), lot_disposition(40, 1, 0, 0.05)) == ("release", "hold", "release")
+    assert (lot_disposition(3, 0, 2, 0.05), lot_disposition(3, 0, 2, 0.05, max_errors=2), lot_disposition(3, 1, 0, 0.05),
+            lot_disposition(40, 1, 0, 0.05)) == ("hold", "release", "hold", "release")
