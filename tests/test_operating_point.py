@@ -238,3 +238,22 @@ def test_when_no_rule_meets_the_target_the_images_are_still_scored_and_the_cli_s
     result = cli("evaluate", str(model_path), "--data", str(data), "--split", "Train", "--choose-operating-point")
     assert result.exit_code == 1 and result.output.strip().startswith("Error: no rule of the grid keeps the false-call rate on the ")
     assert not (tmp_path / "threshold.json").exists()
+
+
+def test_a_fail_score_on_the_edge_of_the_gap_still_fails_the_images_it_was_chosen_to_fail():
+    """With defective images at 128/255 and good ones at 127/255, the recorded fail_score was 128/255 rounded
+    up to six decimals (0.501961): every defective image passed under the rule chosen to fail them."""
+    grid = RuleGrid(thresholds=(0.5,), areas=(1,))
+    rules = []
+    for i in range(40):
+        scores = np.zeros((1, SIZE, SIZE), np.uint8)
+        truth = np.zeros((1, SIZE, SIZE), bool)
+        scores[0, 10:20, 10:20] = 128 if i % 4 == 0 else 127
+        truth[0, 10:20, 10:20] = i % 4 == 0
+        grid.update(scores, truth)
+        rules.append((scores, truth))
+    point = grid.choose(0.01)
+    assert point["figures"]["escape_rate"] == 0.0 and point["figures"]["false_call_rate"] == 0.0
+    chosen = VerdictRules.from_dict(point)
+    verdicts = [judge(0, scores, ["defect"], chosen).verdict for scores, _ in rules]
+    assert verdicts == ["fail" if i % 4 == 0 else "pass" for i in range(40)]

@@ -20,6 +20,7 @@ what evaluation and training-time validation measure:
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -179,7 +180,9 @@ class RuleGrid:
         _, t, a, low, high = best
         # Any fail_score in [low, high] gives these figures: take the middle, on the maps' 1/255 grid.
         fail_score = min(max(np.ceil((low + high) / 2 * 255.0 - 1e-9) / 255.0, low), high, 1.0)
-        rules = VerdictRules(threshold=t, min_defect_area=a, fail_score=round(float(fail_score), 6))
+        # Six decimals for the record, rounded down: rounded to nearest, k/255 went up half the time (128/255 to
+        # 0.501961) and the rule then passed the images scoring exactly k/255, the ones it was chosen to fail.
+        rules = VerdictRules(threshold=t, min_defect_area=a, fail_score=math.floor(float(fail_score) * 1e6) / 1e6)
         score = np.array(self.score[(t, a)])
         failed = score >= rules.fail_score
         figures = image_figures(score, defective, failed, np.array(self.dice[(t, a)]))
