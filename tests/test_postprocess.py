@@ -122,3 +122,20 @@ def test_a_rule_value_set_for_the_run_holds_for_every_class_over_recorded_per_cl
     assert rules.for_class("scratch") == VerdictRules(0.5, 9, 0.3)
     assert rules.for_class("stain") == VerdictRules(0.5, 4, 0.3)
     assert rules.per_class == {"scratch": {"min_defect_area": 9}}
+
+
+def test_the_verdict_score_ranks_images_as_their_verdicts_under_per_class_fail_scores():
+    """A good image's 0.80 scratch (fail_score 0.9) outranked a defective image's 0.40 dent (fail_score 0.3): AUC 0.0 for perfect verdicts."""
+    from defectscan.model.operating_point import RuleScores
+
+    rules = VerdictRules(threshold=0.2, min_defect_area=1, fail_score=0.5, per_class={"scratch": {"fail_score": 0.9}, "dent": {"fail_score": 0.3}})
+    figures = RuleScores(rules, ["scratch", "dent"])
+    good, bad = np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16), np.uint8)
+    good[0, 2:6, 2:6] = 204  # scratch at 0.80: passes
+    bad[1, 2:6, 2:6] = 102  # dent at 0.40: fails
+    truth = np.zeros((2, 16, 16), bool)
+    figures.update(good, truth)
+    truth[1, 2:6, 2:6] = True
+    figures.update(bad, truth)
+    result = figures.result()
+    assert (result["tp"], result["tn"], result["image_auroc"]) == (1, 1, 1.0)

@@ -97,7 +97,7 @@ class RuleScores:
     def update(self, scores: np.ndarray, truth: np.ndarray, group: str = "") -> None:
         """`scores`: (C, H, W) uint8 map as stored; `truth`: (C, H, W) bool labels."""
         result = judge(0, scores, self.classes, self.rules)
-        self.score.append(verdict_score(result.defects))
+        self.score.append(verdict_score(result.defects, self.rules))
         self.failed.append(result.verdict == "fail")
         self.defective.append(bool(truth.any()))
         self.dice.append(_dice(recorded_mask(result.defects, scores.shape), truth))

@@ -186,9 +186,12 @@ def recorded_mask(defects: list[DefectRecord], shape: tuple[int, int, int]) -> n
     return mask
 
 
-def verdict_score(defects: list[DefectRecord]) -> float:
-    """The image's verdict score: the highest maximum score among its defects, 0 without defects."""
-    return max((d.max_score for d in defects), default=0.0)
+def verdict_score(defects: list[DefectRecord], rules: VerdictRules) -> float:
+    """The image's verdict score, 0 without defects: the highest of its defects' maximum scores, each moved by
+    how far its class's fail_score lies from the common one, so that the image fails exactly when the score
+    reaches the common fail_score (with per-class fail_scores, the raw highest score ranks images against
+    their verdicts: a 0.8 scratch under fail_score 0.9 passes, a 0.4 dent under 0.3 fails)."""
+    return max((d.max_score + (rules.fail_score - rules.for_class(d.class_name).fail_score) for d in defects), default=0.0)
 
 
 def fails(defects: list[DefectRecord], rules: VerdictRules) -> bool:
