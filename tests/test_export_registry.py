@@ -208,3 +208,40 @@ def test_register_demo_takes_no_other_options_and_set_precision_needs_the_file(c
         result = _db(cli, sqlite_url, "models", "set-precision", str(typo), precision)
         assert result.exit_code != 0 and f"{typo}: no such model file" in result.output, result.output
     assert not typo.with_suffix(".json").exists()
+
+
+def test_operating_points_in_metadata_are_checked_by_name_and_registration_reads_them_as_evaluate_does(tmp_path, sqlite_url):
+    """A point missing a field gave evaluate 'KeyError: min_defect_area'; a misspelt class's rule was stored and never
+    applied; --threshold left a per-class threshold winning; an edited top-level threshold was inspected but not evaluated."""
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model.registry import register_model, sidecar_metadata
+    from defectscan.model.verdict import VerdictRules
+
+    from pipeline_helpers import save_threshold_model
+
+    sidecar = tmp_path / "bad.json"
+    for point, expected in [
+        ({"threshold": 0.4}, "operating_point: missing field\\(s\\) min_defect_area, fail_score"),
+        ({"threshold": 0.4, "min_defect_area": 16.5, "fail_score": 0.5}, "operating_point: min_defect_area 16.5 is not a whole number"),
+        ({"threshold": 0.4, "min_defect_area": 4, "fail_score": 0.5, "per_class": {"defect": {"threshold": "0.3"}}},
+         "operating_point: verdict rule for class defect: threshold '0.3' is not a number"),
+        ({"threshold": 0.4, "min_defect_area": 4, "fail_score": 0.5, "per_class": {"Defekt": {"threshold": 0.9}}},
+         "operating_point: per_class names class\\(es\\) Defekt the model does not have; its classes: defect"),
+    ]:
+        sidecar.write_text(json.dumps({"classes": ["defect"], "operating_point": point}))
+        with pytest.raises(ModelError, match=f"^{sidecar}: {expected}"):
+            read_metadata(sidecar)
+
+    model = save_threshold_model(tmp_path / "m.keras")
+    point = {"threshold": 0.5, "min_defect_area": 4, "fail_score": 0.6, "per_class": {"defect": {"threshold": 0.7, "fail_score": 0.8}}}
+    (tmp_path / "m.json").write_text(json.dumps({"classes": ["defect"], "threshold": 0.3, "operating_point": point}))
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    with session_factory(engine)() as session:
+        meta = sidecar_metadata(model)
+        plain = register_model(session, model, name="m", version="1", metadata=meta)
+        assert VerdictRules.from_dict(plain.operating_point) == sidecar_metadata(model).rules()  # 0.5, not the edited 0.3
+        over = register_model(session, model, name="m", version="2", threshold=0.4, metadata=meta)
+        assert VerdictRules.from_dict(over.operating_point).for_class("defect") == VerdictRules(0.4, 4, 0.8)
+    engine.dispose()

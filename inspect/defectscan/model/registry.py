@@ -99,7 +99,25 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ModelError(f"{path}: unknown metadata key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+    if data.get("operating_point"):
+        check_point(data["operating_point"], path, data.get("classes"))
     return ModelMetadata(**data)
+
+
+def check_point(point: Any, source: str | Path, classes: list[str] | None) -> dict[str, Any]:
+    """An operating point as the rule reads it, its per-class rules for classes the model has (a misspelt class's
+    rule would be stored and never applied); ModelError names the source and what is wrong."""
+    if not isinstance(point, dict):
+        raise ModelError(f"{source}: operating_point must be a mapping (threshold, min_defect_area, fail_score), got {type(point).__name__}")
+    try:
+        rules = VerdictRules.from_dict(point)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: operating_point: {exc}") from None
+    unknown = sorted(set(rules.per_class or {}) - set(classes or ())) if classes else []
+    if unknown:
+        raise ModelError(f"{source}: operating_point: per_class names class(es) {', '.join(unknown)} the model does not have; "
+                         f"its classes: {', '.join(classes)}")
+    return point
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
@@ -175,7 +193,10 @@ def register_model(
     classes = classes or meta.classes or (["defect"] if outputs == 1 else [f"class{i + 1}" for i in range(outputs)])
     if len(classes) != outputs:
         raise ModelError(f"{path}: the model has {outputs} output classes but {len(classes)} class names were given ({', '.join(classes)})")
-    point = _operating_point(path, operating_point or meta.operating_point, threshold if threshold is not None else meta.threshold)
+    recorded = operating_point or meta.operating_point
+    # The metadata's own threshold is the rule's only without a recorded point (as `evaluate` reads it); an
+    # explicit one overrides the point.
+    point = _operating_point(path, recorded, threshold, classes, meta.threshold)
     precision = check_precision_name(precision or meta.precision or "float32")
     check = _admit_precision(path, sha256, precision, meta, VerdictRules.from_dict(point), check_data)
     # The file's own structure decides its input multiple and receptive radius, whatever a sidecar says.
@@ -226,19 +247,20 @@ class AlreadyRegistered(ModelError):
     """The name and version are taken (possibly by a process that registered them a moment ago)."""
 
 
-def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: float | None) -> dict[str, Any]:
-    """The rule to store: the recorded operating point (an explicit threshold over its own), else the default rule."""
-    point = dict(recorded) if recorded else default_point(None, "no operating point recorded with the model")
+def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: float | None, classes: list[str],
+                     default_threshold: float | None) -> dict[str, Any]:
+    """The rule to store: the recorded operating point (an explicit threshold over its own, for every class),
+    else the default rule (at the metadata's threshold)."""
+    point = dict(recorded) if recorded else default_point(default_threshold, "no operating point recorded with the model")
     if threshold is not None and threshold != point.get("threshold"):
         # The chosen point's figures were measured at its own threshold: they do not describe this one.
         point = {key: point[key] for key in VerdictRules.__dataclass_fields__ if key in point}
+        per_class = {name: {f: v for f, v in rule.items() if f != "threshold"} for name, rule in (point.pop("per_class", None) or {}).items()}
+        if any(per_class.values()):
+            point["per_class"] = {name: rule for name, rule in per_class.items() if rule}
         point.update(threshold=threshold, chosen_by=f"threshold {threshold:g} given at registration"
-                                                     + (f" over the recorded {recorded['threshold']:g}" if recorded and "threshold" in recorded else ""))
-    try:
-        VerdictRules.from_dict(point)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: invalid operating point {point!r}: {exc}") from None
-    return point
+                     + (f" over the recorded {recorded['threshold']:g}" if recorded and "threshold" in recorded else ""))
+    return check_point(point, path, classes)
 
 
 def set_precision(session: Session, reference: str, precision: str, check_data: str | Path | None = None) -> tuple[Model, ParityCheck | None]:

@@ -44,6 +44,9 @@ class VerdictRules:
             unknown = set(rule) - set(RULE_FIELDS)
             if unknown:
                 raise ValueError(f"verdict rule for class {name}: unknown field(s) {', '.join(sorted(unknown))}; accepted: {', '.join(RULE_FIELDS)}")
+            for key, value in rule.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"verdict rule for class {name}: {key} {value!r} is not a number")
         for rule in (self, *[self.for_class(n) for n in self.per_class or {}]):
             if not 0 < rule.threshold < 1:
                 raise ValueError(f"verdict rule: threshold {rule.threshold} must be between 0 and 1")
@@ -67,6 +70,15 @@ class VerdictRules:
 
     @classmethod
     def from_dict(cls, data: dict) -> VerdictRules:
+        """The rule of a recorded point; ValueError names a missing or non-numeric field."""
+        missing = [f for f in RULE_FIELDS if f not in data]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
+        for f in RULE_FIELDS:
+            if isinstance(data[f], bool) or not isinstance(data[f], (int, float)):
+                raise ValueError(f"{f} {data[f]!r} is not a number")
+        if data["min_defect_area"] != int(data["min_defect_area"]):
+            raise ValueError(f"min_defect_area {data['min_defect_area']!r} is not a whole number of pixels")
         return cls(float(data["threshold"]), int(data["min_defect_area"]), float(data["fail_score"]), data.get("per_class") or None)
 
 
