@@ -255,3 +255,43 @@ def test_sqlite_table_copies_keep_every_reference_up_and_down(sqlite_url):
         assert connection.execute(text("SELECT job_run_id FROM inspections ORDER BY id")).scalars().all() == [7, 7]
         assert connection.execute(text("SELECT count(*) FROM defects")).scalar() == 1
     engine.dispose()
+
+
+def test_a_failed_sqlite_upgrade_changes_nothing_and_can_be_run_again(sqlite_url):
+    """pysqlite ran the DDL outside the transaction: a failed upgrade left 0006 with 0007's columns ('duplicate
+    column name: precision' for ever after), a failed first upgrade left tables ('table image_sets already exists')."""
+    from alembic import command
+
+    engine = make_engine(sqlite_url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0006")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.execute(text("INSERT INTO images (id, image_set_id, position, key, height, width) VALUES (2, 999, 0, 'orphan', 8, 8)"))
+    for _ in range(2):
+        with pytest.raises(DatabaseError, match=r"after the migration 1 rows have references that do not resolve \(first: table images, row 2; "):
+            upgrade(engine)
+        assert schema_state(engine).current == "0006"
+        assert not {"precision", "precision_check"} & {c["name"] for c in sa_inspect(engine).get_columns("models")}
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM images WHERE id = 2"))
+    assert upgrade(engine)[1].is_current
+    engine.dispose()
+
+
+def test_another_applications_database_is_not_given_defectscans_tables(engine):
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE customers (id INTEGER PRIMARY KEY)"))
+        connection.execute(text("CREATE TABLE models (id INTEGER PRIMARY KEY)"))
+    with pytest.raises(DatabaseError, match=r"holds tables \(customers, models\) but no defectscan schema revision: not a defectscan database"):
+        upgrade(engine)
+    assert sorted(sa_inspect(engine).get_table_names()) == ["customers", "models"]
+
+
+def test_an_upgrade_to_a_revision_below_the_current_one_is_refused(engine):
+    """It printed 'already at revision 0007, nothing to do' and exited 0."""
+    upgrade(engine)
+    head = schema_state(engine).head
+    with pytest.raises(DatabaseError, match=f"is at revision '{head}', above '0003': db upgrade does not downgrade"):
+        upgrade(engine, "0003")
+    assert upgrade(engine, head)[1].current == head

@@ -56,14 +56,22 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
         # transaction), and the references checked before the commit instead.
         connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         connection.commit()
+        # Python's sqlite3 runs CREATE/ALTER/DROP outside any transaction unless one is open, so a failed
+        # or interrupted migration left half a schema that every later upgrade tripped over: the
+        # transaction is opened by hand (BEGIN IMMEDIATE: no other writer in between) and holds the DDL.
+        dbapi_connection = connection.connection.dbapi_connection
+        dbapi_connection.isolation_level = None
         try:
             with connection.begin():
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
                 yield connection
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
                 if broken:
-                    raise DatabaseError(f"{display_url(engine.url)}: the migration left {len(broken)} rows whose references do not "
-                                        f"resolve (first: table {broken[0][0]}, row {broken[0][1]}); nothing was changed")
+                    raise DatabaseError(f"{display_url(engine.url)}: after the migration {len(broken)} rows have references that do "
+                                        f"not resolve (first: table {broken[0][0]}, row {broken[0][1]}; they may have been there "
+                                        "before it); nothing was changed")
         finally:
+            dbapi_connection.isolation_level = ""
             connection.exec_driver_sql("PRAGMA foreign_keys=ON")
             connection.commit()
 
@@ -83,8 +91,8 @@ def schema_state(engine: Engine) -> SchemaState:
         if known is None:
             raise DatabaseError(
                 f"database {display_url(engine.url)} has schema revision '{revision}', which this version of "
-                f"defectscan does not know (it knows up to '{head}'): it was upgraded by a newer defectscan; "
-                "upgrade defectscan rather than the database"
+                f"defectscan does not know (it knows up to '{head}'): a newer defectscan upgraded it (upgrade "
+                "defectscan rather than the database), or it is not a defectscan database"
             )
     return SchemaState(url=display_url(engine.url), current=heads[0] if heads else None, head=head)
 
@@ -92,6 +100,7 @@ def schema_state(engine: Engine) -> SchemaState:
 def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, SchemaState]:
     """Bring the schema up to `revision`; a database already there is left untouched (but for rollups to fill)."""
     before = schema_state(engine)
+    _check_upgradable(engine, before, revision)
     if revision == "head" and before.is_current:
         with engine.begin() as connection:  # nothing to migrate: no table copies, no reference check over every row
             _fill_rollups(connection)
@@ -104,6 +113,25 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, Schema
         if MigrationContext.configure(connection).get_current_heads() == (before.head,):
             _fill_rollups(connection)
     return before, schema_state(engine)
+
+
+def _check_upgradable(engine: Engine, before: SchemaState, revision: str) -> None:
+    """Refuse what `upgrade` would do silently wrong: install defectscan's tables beside another application's,
+    or "upgrade" to a revision below the current one (Alembic does nothing and says so in no way)."""
+    from sqlalchemy import inspect
+
+    url = display_url(engine.url)
+    if before.current is None:
+        others = sorted(set(inspect(engine).get_table_names()) - {"alembic_version"})
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise DatabaseError(f"{url} holds tables ({shown}) but no defectscan schema revision: not a defectscan "
+                                "database; give defectscan a database of its own")
+        return
+    if revision not in ("head", before.current):
+        below = {script.revision for script in _scripts().walk_revisions(base="base", head=before.current)} - {before.current}
+        if revision in below:
+            raise DatabaseError(f"{url} is at revision '{before.current}', above '{revision}': db upgrade does not downgrade")
 
 
 def _fill_rollups(connection: Connection) -> None:
