@@ -40,8 +40,25 @@ def test_layers_override_in_order(tmp_path):
 def test_environment_ignores_non_setting_variables():
     from defectscan.report.pdf import CHROMIUM_ENV
 
-    environ = {"DEFECTSCAN_CONFIG": "x.yaml", "DEFECTSCAN_TEST_POSTGRES_URL": "postgresql://x", "PATH": "/bin", CHROMIUM_ENV: "/usr/bin/chromium"}
+    environ = {"DEFECTSCAN_CONFIG": "x.yaml", "DEFECTSCAN_TEST_POSTGRES_URL": "postgresql://x", "PATH": "/bin", CHROMIUM_ENV: "/usr/bin/chromium",
+               # what deploy/compose/compose.yaml and deploy/tls/make-certs.sh read, exported on the same hosts
+               "DEFECTSCAN_IMAGE": "defectscan:1", "DEFECTSCAN_TARGET": "gpu", "DEFECTSCAN_DATA": "/srv/defectscan", "DEFECTSCAN_CERT_DAYS": "365"}
     assert load_settings(environ=environ).database_url is None
+
+
+def test_values_that_would_be_misread_are_refused_and_passwords_masked_in_any_value(tmp_path):
+    """An empty DEFECTSCAN_DATA_DIR put the database in the working folder; a URL inside a list was echoed with its password."""
+    from defectscan.db.session import display_url
+
+    for name, key in (("DEFECTSCAN_DATA_DIR", "data_dir"), ("DEFECTSCAN_INSPECTION__OUTPUT_DIR", "inspection.output_dir")):
+        with pytest.raises(ConfigError, match=f"^environment variable {name}: key '{key}' has value '': expected a path, got an empty value$"):
+            load_settings(environ={name: ""})
+    config = tmp_path / "c.yaml"
+    config.write_text("database_url:\n  - postgresql://u:s3cret@h/db\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=config)
+    assert "s3cret" not in str(info.value) and "postgresql://u:***@h/db" in str(info.value)
+    assert display_url("postgresql://u@127.0.0.1:1/db?password=s3cret") == "postgresql://u@127.0.0.1:1/db?password=***"
 
 
 def test_log_level_in_any_case_as_the_flag_takes_it():
@@ -156,3 +173,18 @@ def test_an_empty_section_sets_nothing_and_a_bad_one_is_blamed_on_its_own_layer(
     assert load_settings(site, environ={}).inspection == load_settings(environ={}).inspection
     with pytest.raises(ConfigError, match=r"^environment variable DEFECTSCAN_QA: key 'qa' has value '1'"):
         load_settings(environ={"DEFECTSCAN_QA": "1"})
+
+
+def test_a_sqlite_url_under_home_is_the_same_file_for_the_checks_and_the_driver(tmp_path, monkeypatch):
+    """The checks looked in $HOME while the driver opened ./~/x.sqlite in the working folder."""
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.session import make_engine, missing_sqlite_file, normalize_url
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///~/x.sqlite"
+    assert normalize_url(url).database == str(tmp_path / "home" / "x.sqlite")
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    assert missing_sqlite_file(url) is None and (tmp_path / "home" / "x.sqlite").is_file() and not (tmp_path / "~").exists()

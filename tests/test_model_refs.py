@@ -70,6 +70,18 @@ def test_a_version_named_like_a_selector_is_refused_at_registration(factory, tmp
         register_model(session, path, name="t", version=version)
 
 
+@pytest.mark.parametrize("name", ["line:3", " line3", "line3 "])
+def test_a_model_name_no_reference_could_name_is_refused_at_registration(factory, tmp_path, name):
+    """`line:3` registered, then `models show line:3:1` answered 'no model line:3:1; known: line:3:1'."""
+    from defectscan.model.registry import register_model
+
+    from pipeline_helpers import save_threshold_model
+
+    path = save_threshold_model(tmp_path / "t.keras")
+    with factory() as session, pytest.raises(ModelError, match=re.escape(f"model name {name!r} cannot be named in a reference NAME:VERSION")):
+        register_model(session, path, name=name, version="1")
+
+
 def test_demo_names_the_shipped_demo_model_in_every_command_bare_its_production_version(factory, migrated_url, cli):
     from defectscan.model.registry import model_to_run
 

@@ -22,8 +22,10 @@ from defectscan.yamlfile import Section, read_mapping
 
 ENV_PREFIX = "DEFECTSCAN_"
 # Not settings: DEFECTSCAN_CONFIG names the --config file, DEFECTSCAN_CHROMIUM the browser that prints
-# PDF reports (report/pdf.py), DEFECTSCAN_TEST_* configure the test suite.
-_NOT_SETTINGS = ("DEFECTSCAN_CONFIG", "DEFECTSCAN_CHROMIUM")
+# PDF reports (report/pdf.py), DEFECTSCAN_TEST_* configure the test suite; the deployment's own variables
+# (deploy/compose: IMAGE, TARGET, DATA; deploy/tls/make-certs.sh: CERT_DAYS) are exported on the same hosts.
+_NOT_SETTINGS = ("DEFECTSCAN_CONFIG", "DEFECTSCAN_CHROMIUM", "DEFECTSCAN_IMAGE", "DEFECTSCAN_TARGET", "DEFECTSCAN_DATA",
+                 "DEFECTSCAN_CERT_DAYS")
 _TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
 _NESTED = "__"
 
@@ -89,7 +91,7 @@ class QASettings(_Section):
     hold_above: float = Field(ge=0, le=1)
 
 
-class Settings(BaseModel):
+class Settings(Section):
     """Validated settings. Defaults live in configs/defaults.yaml, not here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -237,8 +239,9 @@ def _describe(exc: ValidationError, merged: dict[str, Any], origin: dict[tuple[s
             # A rule across several keys of a section: the section is what to fix.
             lines.append(f"{source}: section '{dotted}': {message}")
             continue
-        shown = mask_secrets(value) if isinstance(value, str) else value
-        lines.append(f"{source}: key '{dotted}' has value {shown!r}: {message}")
+        # Masked whatever its type: a URL inside a list is a password all the same.
+        shown = repr(value) if isinstance(value, (int, float, bool)) or value is None else mask_secrets(repr(value))
+        lines.append(f"{source}: key '{dotted}' has value {shown}: {message}")
     return "; ".join(lines)
 
 

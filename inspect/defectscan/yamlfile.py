@@ -52,23 +52,25 @@ def read_mapping(path: Path, *, what: str, contents: str, error: type[Defectscan
 
 
 class Section(BaseModel):
-    """A section of one of these files: unknown keys refused, and no true/false (or YAML's yes/no/on/off)
-    taken as a number: pydantic would read `steps: true` as 1 step."""
+    """A section of one of these files: unknown keys refused, no true/false (or YAML's yes/no/on/off) taken
+    as a number (pydantic would read `steps: true` as 1 step), no empty text taken as a path."""
 
     model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name is not None and _numeric(cls.model_fields[info.field_name].annotation):
+    def _plain_values(cls, value: Any, info: ValidationInfo) -> Any:
+        kinds = _kinds(cls.model_fields[info.field_name].annotation) if info.field_name is not None else set()
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
             raise ValueError("expected a number, not a yes/no value")
+        if isinstance(value, str) and not value.strip() and Path in kinds:
+            # pydantic reads "" as Path("."): an empty DEFECTSCAN_DATA_DIR put the database in the working folder.
+            raise ValueError("expected a path, got an empty value")
         return value
 
 
-def _numeric(annotation: Any) -> bool:
-    """Whether a field takes numbers and not booleans: int, float, or either with None or text."""
+def _kinds(annotation: Any) -> set[Any]:
+    """The types a field takes: {int} for `int`, {int, NoneType} for `int | None`."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        kinds = set(typing.get_args(annotation))
-    else:
-        kinds = {annotation}
-    return bool(kinds & {int, float}) and bool not in kinds
+        return set(typing.get_args(annotation))
+    return {annotation}

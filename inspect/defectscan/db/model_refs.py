@@ -80,6 +80,14 @@ def check_version_name(version: str) -> None:
         raise ModelError(f"version {version!r} would read as a selector in a model reference ({', '.join(SELECTORS)}); choose another name")
 
 
+def check_model_name(name: str) -> None:
+    """Registration refuses model names no reference could name: NAME:VERSION splits at the first ':', and
+    spaces around a name are lost on a command line."""
+    if ":" in name or name != name.strip() or not name:
+        raise ModelError(f"model name {name!r} cannot be named in a reference NAME:VERSION (no ':' and no leading or "
+                         "trailing spaces); choose another name")
+
+
 def resolve(session: Session, reference: str | ModelReference) -> Model:
     """The one registered version a reference names (commands that run or show one model)."""
     ref = parse(expand_alias(reference)) if isinstance(reference, str) else reference

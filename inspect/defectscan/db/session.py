@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan.errors import DatabaseError, first_line
+from defectscan.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +23,15 @@ def normalize_url(url: str | URL) -> URL:
     url = make_url(url)
     if url.get_backend_name() == "postgresql" and url.get_driver_name() != "psycopg":
         url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "sqlite" and url.database and url.database.startswith("~"):
+        # The driver would open a folder named "~" in the working directory, where the checks looked in $HOME.
+        url = url.set(database=str(Path(url.database).expanduser()))
     return url
 
 
 def display_url(url: str | URL) -> str:
-    """The URL as it may be printed or logged: password masked."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL as it may be printed or logged: password masked, also one given as `?password=`."""
+    return mask_secrets(make_url(url).render_as_string(hide_password=True))
 
 
 def missing_sqlite_file(url: str | URL) -> Path | None:

@@ -173,6 +173,7 @@ def register_model(
     version = version or meta.version
     if not name or not version:
         raise ModelError(f"{path}: registering needs a name and a version (--name, --version or the metadata file)")
+    model_refs.check_model_name(name)
     model_refs.check_version_name(version)
     if name == model_refs.DEMO_ALIAS:
         raise ModelError(f"model name {name!r} stands for the shipped demo model ({model_refs.demo_name()}) in every command; choose another name")
