@@ -113,7 +113,7 @@ def test_lots_from_the_rollup_equal_the_raw_query(factory, inspected):
             raw = session.execute(_lots_query(session, filters, rollup=False)).all()
             assert sorted(session.execute(query).all()) == sorted(raw), window
             listed = list_lots(session, filters, limit=10).rows
-        expected = [_lot_row(r, 0.05) for r in raw]
+        expected = [_lot_row(r, (0.05, 0)) for r in raw]
         for row in expected:
             row.pop("model_id")
         assert sorted(listed, key=lambda r: r["lot"]) == sorted(expected, key=lambda r: r["lot"]), window
