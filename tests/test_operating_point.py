@@ -201,6 +201,11 @@ def test_evaluate_chooses_an_operating_point_into_the_sidecar_and_register_recor
     assert "chosen on 40 held-out images (20 defective) for a false-call rate <= 0.1" in registered.output
     shown = cli("--database-url", migrated_url, "models", "show", "graded:1")
     assert json.loads(shown.stdout)["operating_point"] == point
+    # a registered version is evaluated under the rule inspect would judge with: the settings' over the recorded one
+    overridden = cli("--database-url", migrated_url, "evaluate", "graded:1", "--data", str(data), "--split", "Train",
+                     env={"DEFECTSCAN_INSPECTION__MIN_DEFECT_AREA": "777"})
+    assert overridden.exit_code == 0, overridden.output
+    assert f"threshold {point['threshold']:g}, min_defect_area 777, fail_score {point['fail_score']:g}" in overridden.output
 
 
 @pytest.mark.parametrize("rate", ["0", "1.5"])

@@ -163,13 +163,16 @@ def _given(parameter: str) -> bool:
 def _load(app: AppContext, reference: str):
     """(model, its verdict rule, its sidecar path or None) from a .keras path or a registered model reference."""
     from defectscan.model.export import load_model
-    from defectscan.model.registry import load_registered, operating_rules, sidecar_metadata, sidecar_path
+    from defectscan.model.registry import load_registered, sidecar_metadata, sidecar_path
 
     if reference.endswith(".keras") or Path(reference).exists():
         return load_model(reference), sidecar_metadata(reference).rules(), sidecar_path(reference)
+    from defectscan.pipeline.run import verdict_rules
+
     with app.session() as session:
         row, model = load_registered(session, reference)
-        return model, operating_rules(row), None
+        # The rule `inspect` would judge with: the recorded one under what the settings set over it.
+        return model, verdict_rules(row, app.settings.inspection), None
 
 
 @click.group("models")
