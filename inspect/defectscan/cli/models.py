@@ -119,7 +119,8 @@ def evaluate(
 
     MODEL is a .keras file (its operating point read from the sidecar JSON beside it) or a
     registered model (NAME, NAME:VERSION or NAME:STAGE; checked against its sha256; its recorded
-    operating point).
+    operating point under any inspection.threshold/min_defect_area/fail_score setting, as inspect
+    judges).
 
     \b
     Example:
