@@ -295,3 +295,32 @@ def test_an_upgrade_to_a_revision_below_the_current_one_is_refused(engine):
     with pytest.raises(DatabaseError, match=f"is at revision '{head}', above '0003': db upgrade does not downgrade"):
         upgrade(engine, "0003")
     assert upgrade(engine, head)[1].current == head
+
+
+def test_a_read_only_sqlite_database_with_commits_still_in_its_wal_is_refused_not_read_stale(tmp_path):
+    """Opened immutable, it showed the database file without the -wal's commits: a deleted model still listed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("a read-only folder needs a tmpfs mount (root): as root the file's permissions do not stop writes")
+    path = folder / "defectscan.sqlite"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    # A writer killed before it checkpointed: its commit is in the -wal only.
+    killed = ("import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_autocheckpoint=0'); "
+              "c.execute('CREATE TABLE committed_later (x INTEGER)'); c.commit(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", killed, str(path)], check=True)
+    assert (folder / "defectscan.sqlite-wal").stat().st_size > 0
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        with pytest.raises(DatabaseError, match=r"its folder is read-only and its -wal file holds \d+ bytes of commits not yet in the database file"):
+            make_engine(f"sqlite:///{path}")
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

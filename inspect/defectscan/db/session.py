@@ -69,6 +69,12 @@ def _sqlite_engine(url: URL) -> Engine:
     if path is not None and path.is_file() and not os.access(path.parent, os.W_OK):
         # A WAL database needs its -shm file beside it, which a read-only folder (a read-only mount,
         # an archive copy) cannot hold: open it immutable, so QA can still query it; writes say read-only.
+        wal = path.with_name(path.name + "-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            # Immutable reads ignore the -wal: commits not yet checkpointed into the file would be missing.
+            raise DatabaseError(f"{path}: its folder is read-only and its -wal file holds {wal.stat().st_size} bytes of commits not yet "
+                                "in the database file, which a read-only open would not show: open it where it can be written, "
+                                "or copy it with its -wal and -shm files to a writable folder")
         return _read_only_sqlite_engine(url, path)
     # Several processes (job runner, CLI queries) share the file: wait for locks instead of failing.
     engine = create_engine(url, connect_args={"timeout": 30})
