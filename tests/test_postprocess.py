@@ -139,3 +139,12 @@ def test_the_verdict_score_ranks_images_as_their_verdicts_under_per_class_fail_s
     figures.update(bad, truth)
     result = figures.result()
     assert (result["tp"], result["tn"], result["image_auroc"]) == (1, 1, 1.0)
+
+
+def test_a_rule_is_described_with_its_per_class_values():
+    """`models register`, `train` and `evaluate` printed only the common fields: a multi-class model's real rule was hidden."""
+    from defectscan.model.registry import describe_operating_point
+
+    rules = VerdictRules(0.5, 16, 0.6, per_class={"scratch": {"fail_score": 0.95, "min_defect_area": 4}})
+    assert rules.describe() == "threshold 0.5, min_defect_area 16, fail_score 0.6; scratch: min_defect_area 4, fail_score 0.95"
+    assert describe_operating_point(rules.as_dict()).startswith(rules.describe() + " (")

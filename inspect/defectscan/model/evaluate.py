@@ -117,7 +117,7 @@ def format_verdicts(metrics: dict) -> str:
     )
     lines = [
         f"{metrics['dataset']}: {figures['images']} images, {figures['defective_images']} defective",
-        f"verdict rule ({how}): threshold {rule['threshold']:g}, min_defect_area {rule['min_defect_area']}, fail_score {rule['fail_score']:g}",
+        f"verdict rule ({how}): {VerdictRules.from_dict(rule).describe()}",
         f"{'images':<14} {'TP':>5} {'TN':>5} {'FP':>5} {'FN':>5}  {'TPR':>6} {'TNR':>6}  {'escape':>6} {'f-call':>6}  {'Dice':>6} {'Dice(def)':>9}  {'ROC AUC':>7}",
     ]
     rows = [("all", figures), *figures.get("groups", {}).items()]

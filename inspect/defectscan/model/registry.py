@@ -306,7 +306,7 @@ def describe_operating_point(point: dict[str, Any] | None) -> str:
     """One line: the rule, and the held-out figures it was chosen on."""
     if not point:
         return "none recorded (the default rule)"
-    text = f"threshold {point['threshold']:g}, min_defect_area {point['min_defect_area']}, fail_score {point['fail_score']:g}"
+    text = VerdictRules.from_dict(point).describe()
     figures = point.get("figures")
     if not figures:
         return f"{text} ({point.get('chosen_by', 'given at registration')})"

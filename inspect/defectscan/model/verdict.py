@@ -62,6 +62,13 @@ class VerdictRules:
             return self if self.per_class is None else VerdictRules(self.threshold, self.min_defect_area, self.fail_score)
         return VerdictRules(**{f: override.get(f, getattr(self, f)) for f in RULE_FIELDS})
 
+    def describe(self) -> str:
+        """One line, per-class rules included: "threshold 0.5, min_defect_area 16, fail_score 0.6; scratch: fail_score 0.95"."""
+        text = f"threshold {self.threshold:g}, min_defect_area {self.min_defect_area}, fail_score {self.fail_score:g}"
+        for name, rule in (self.per_class or {}).items():
+            text += f"; {name}: " + ", ".join(f"{f} {rule[f]:g}" for f in RULE_FIELDS if f in rule)
+        return text
+
     def as_dict(self) -> dict:
         data = {f: getattr(self, f) for f in RULE_FIELDS}
         if self.per_class:
