@@ -173,21 +173,7 @@ def register_model(
     version = version or meta.version
     if not name or not version:
         raise ModelError(f"{path}: registering needs a name and a version (--name, --version or the metadata file)")
-    model_refs.check_model_name(name)
-    model_refs.check_version_name(version)
-    if name == model_refs.DEMO_ALIAS:
-        raise ModelError(f"model name {name!r} stands for the shipped demo model ({model_refs.demo_name()}) in every command; choose another name")
-    if stage not in MODEL_STAGES:
-        raise ModelError(f"stage {stage!r} is not one of {', '.join(MODEL_STAGES)}")
-    existing = session.scalar(select(Model).where(Model.name == name, Model.version == version))
-    if existing is not None:
-        raise AlreadyRegistered(f"model {name}:{version} is already registered (file {existing.uri}); choose another version")
-    if stage == "production":
-        current = session.scalar(select(Model).where(Model.name == name, Model.stage == "production"))
-        if current is not None:
-            raise ModelError(f"model {current.name}:{current.version} is in production; register {name}:{version} in staging "
-                             f"and promote it (defectscan models promote {name}:{version}), which archives the other")
-
+    _check_free(session, name, version, stage)
     sha256 = file_sha256(path)
     model = load_model(path)
     outputs = int(model.output_shape[-1])
@@ -231,6 +217,24 @@ def register_model(
             raise
         raise AlreadyRegistered(f"model {name}:{version} is already registered (file {winner.uri}); choose another version") from None
     return row
+
+
+def _check_free(session: Session, name: str, version: str, stage: str) -> None:
+    """Refuse a name or version no reference could name, one taken, or a second production version."""
+    model_refs.check_model_name(name)
+    model_refs.check_version_name(version)
+    if name == model_refs.DEMO_ALIAS:
+        raise ModelError(f"model name {name!r} stands for the shipped demo model ({model_refs.demo_name()}) in every command; choose another name")
+    if stage not in MODEL_STAGES:
+        raise ModelError(f"stage {stage!r} is not one of {', '.join(MODEL_STAGES)}")
+    existing = session.scalar(select(Model).where(Model.name == name, Model.version == version))
+    if existing is not None:
+        raise AlreadyRegistered(f"model {name}:{version} is already registered (file {existing.uri}); choose another version")
+    if stage == "production":
+        current = session.scalar(select(Model).where(Model.name == name, Model.stage == "production"))
+        if current is not None:
+            raise ModelError(f"model {current.name}:{current.version} is in production; register {name}:{version} in staging "
+                             f"and promote it (defectscan models promote {name}:{version}), which archives the other")
 
 
 def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadata, rules: VerdictRules,
