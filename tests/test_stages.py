@@ -52,6 +52,26 @@ def test_promotion_archives_the_version_in_production_and_keeps_the_history(vers
     assert history[4]["reason"] == "replaced in production by 2: fewer false calls"
 
 
+def test_two_promotions_of_one_name_at_once_leave_one_version_in_production(versions):
+    """On SQLite the lock locked nothing: two promotions that both read v1 as current left v2 and v3 in production."""
+    import threading
+
+    from defectscan.model.stages import _lock_name
+
+    with versions() as first:
+        promote(first, "line3:1", reason="first version", by="ml")
+        _lock_name(first, "line3")  # a promotion under way: it has read the versions and holds them
+        done = []
+        second = threading.Thread(target=lambda: done.append(promote(versions(), "line3:3", reason="b", by="u3", without_comparison=True)))
+        second.start()
+        second.join(1.5)
+        assert second.is_alive() and not done  # waits for the first to finish, instead of reading v1 as current too
+        promote(first, "line3:2", reason="a", by="u2", without_comparison=True)
+    second.join(30)
+    assert _stages(versions) == {"1": "archived", "2": "archived", "3": "production"}
+    assert done[0][1].version == "2"  # the second replaced what the first promoted
+
+
 def model_version(session, reference: str) -> str:
     from defectscan.db.model_refs import resolve
 

@@ -38,11 +38,11 @@ def _reason(reason: str | None) -> str:
 
 
 def _lock_name(session: Session, name: str) -> list[Model]:
-    """The name's versions, locked for this transaction (PostgreSQL), so two promotions of one name serialise."""
-    query = select(Model).where(Model.name == name).order_by(Model.id)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return list(session.scalars(query))
+    """The name's versions, locked for the rest of this transaction and read afresh, so that two promotions of
+    one name serialise. A no-op write to their rows takes the lock: SQLite's write lock (a SELECT ... FOR UPDATE
+    locked nothing there, and two promotions at once left two versions in production) and PostgreSQL's row locks."""
+    session.execute(update(Model).where(Model.name == name).values(stage=Model.stage))
+    return list(session.scalars(select(Model).where(Model.name == name).order_by(Model.id).execution_options(populate_existing=True)))
 
 
 def _change(session: Session, row: Model, stage: str, reason: str, by: str, at: dt.datetime | None = None) -> None:
@@ -54,11 +54,13 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
     """Put a version into production; the version there before goes to `archived`. Returns (promoted, archived or None)."""
     reason, by = _reason(reason), user_name(by)
     target = model_refs.resolve(session, reference)
+    versions = _lock_name(session, target.name)  # `target` read afresh with them: another promotion may have moved it
     if target.stage == "production":
+        session.rollback()
         raise ModelError(f"model {target.name}:{target.version} is already in production")
-    versions = _lock_name(session, target.name)
     current = next((m for m in versions if m.stage == "production" and m.id != target.id), None)
     if current is not None and not without_comparison and last_comparison(session, target, current) is None:
+        session.rollback()
         raise ModelError(
             f"model {current.name}:{current.version} is in production and {target.name}:{target.version} was never compared "
             f"against it on the plant's images: run `defectscan models compare {target.name}:{target.version} --against "
@@ -79,9 +81,10 @@ def archive(session: Session, reference: str, *, reason: str | None, by: str | N
     """Take a version out of use (jobs on NAME:production find none until another is promoted, if it was there)."""
     reason, by = _reason(reason), user_name(by)
     target = model_refs.resolve(session, reference)
-    if target.stage == "archived":
-        raise ModelError(f"model {target.name}:{target.version} is already archived")
     _lock_name(session, target.name)
+    if target.stage == "archived":
+        session.rollback()
+        raise ModelError(f"model {target.name}:{target.version} is already archived")
     _change(session, target, "archived", reason, by)
     session.commit()
     session.refresh(target)
