@@ -58,7 +58,7 @@ def test_compare_counts_flips_and_qa_outcomes_and_lets_the_candidate_be_promoted
         review_images(session, [ids[2]], "fail", by="qa")  # a real defect the production version passes: an escape
         review_images(session, [ids[3]], "pass", by="qa")  # nothing there: the candidate's fail is a new false call
         review_images(session, [ids[0]], "fail", by="qa")
-        with pytest.raises(ModelError, match="thr:2 was never compared against it on the plant's images: run `defectscan models compare"):
+        with pytest.raises(ModelError, match="thr:2 was never compared against it on judged images of the plant: run `defectscan models compare"):
             promote(session, "thr:2", reason="more sensitive", by="ml")
     monkeypatch.setenv("DEFECTSCAN_INSPECTION__BATCH_SIZE", "4")
     monkeypatch.setenv("DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD", "4")
@@ -146,3 +146,21 @@ def test_a_comparison_is_not_recorded_over_part_of_the_scope(factory, plant, clu
         shadow_compare(factory, settings, "thr:2", "thr:1", lot="C1", echo=lambda line: None)
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(ModelComparison)) == 0
+
+
+def test_a_comparison_over_no_judged_image_is_not_recorded_and_does_not_open_production(factory, plant, cluster, tmp_path):
+    """Every candidate image in error (a failing disk): 'on 0 images' was recorded, and promote accepted it."""
+    from pipeline_helpers import corrupt_chunk
+
+    from defectscan.pipeline.shadow import shadow_compare
+
+    for position in range(8):
+        corrupt_chunk(tmp_path / "C1.zarr", position)
+    settings = load_settings(overrides={"cluster.scheduler": (cluster.scheduler.address, "test"), "inspection.batch_size": (4, "test"),
+                                        "inspection.images_per_shard": (4, "test")})
+    with pytest.raises(DataError, match=r"^thr:2 and thr:1 have no judged image in common there \(images in error on either side are left out\)"):
+        shadow_compare(factory, settings, "thr:2", "thr:1", lot="C1", echo=lambda line: None)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(ModelComparison)) == 0
+        with pytest.raises(ModelError, match="thr:2 was never compared against it on judged images of the plant"):
+            promote(session, "thr:2", reason="compared", by="ml")

@@ -59,11 +59,12 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
         session.rollback()
         raise ModelError(f"model {target.name}:{target.version} is already in production")
     current = next((m for m in versions if m.stage == "production" and m.id != target.id), None)
-    if current is not None and not without_comparison and last_comparison(session, target, current) is None:
+    compared = last_comparison(session, target, current) if current is not None else None
+    if current is not None and not without_comparison and not (compared and compared["figures"].get("images")):
         session.rollback()
         raise ModelError(
             f"model {current.name}:{current.version} is in production and {target.name}:{target.version} was never compared "
-            f"against it on the plant's images: run `defectscan models compare {target.name}:{target.version} --against "
+            f"against it on judged images of the plant: run `defectscan models compare {target.name}:{target.version} --against "
             f"{current.name}:{current.version} --lot LOT`, or give --without-comparison to promote anyway"
         )
     now = utcnow()  # one moment: no time without a version in production between the two rows

@@ -66,5 +66,9 @@ def shadow_compare(
     with new_session() as session:
         candidate, current = (session.get(Model, i) for i in versions)
         comparison = compare_results(session, candidate, current, set_ids)
+        if not comparison.images:
+            # A comparison over nothing would still be the one a promotion asks for.
+            raise DataError(f"{candidate_label} and {current.name}:{current.version} have no judged image in common there "
+                            f"(images in error on either side are left out): nothing recorded")
         record_comparison(session, candidate, current, comparison, by=by)
     return comparison
