@@ -312,3 +312,31 @@ def test_a_shard_says_which_precision_its_worker_ran_and_the_run_records_a_fallb
     summary = RunSummary(job_run_id=7, status="succeeded", n_images=6, counts=Counts(inspected=6), precision="bfloat16",
                          precisions_run={"float32": 6})
     assert "; the model's bfloat16 ran as float32 on 6 images (workers without fast bfloat16 run float32)" in describe_summary(summary)
+
+
+def test_a_recorded_check_stands_only_for_its_own_rule_and_todays_limits(session, edge_model, check_data, tmp_path):
+    """A check passed under threshold 0.5 admitted bfloat16 under --threshold 0.9, where every verdict flips; a check
+    carrying its own min_agreement 0 passed with every verdict flipped."""
+    from defectscan.model.precision import ParityCheck, recorded_check
+    from defectscan.model.registry import check_file_precision, record_operating_point, record_precision
+
+    path = tmp_path / "edge.keras"
+    path.write_bytes(edge_model.read_bytes())
+    loose = {**AT_THE_EDGE.as_dict(), "threshold": 0.5, "fail_score": 0.5}
+    path.with_suffix(".json").write_text(json.dumps({"classes": ["defect"], "operating_point": loose}))
+    record_precision(path.with_suffix(".json"), "bfloat16", check_file_precision(path, "bfloat16", check_data))  # passes at 0.5
+    # not taken for the rule at 0.9: a new check is asked for (and this file records no images to run it on)
+    with pytest.raises(DataError, match="no labelled images to check the precision on"):
+        register_model(session, path, name="edge2", version="1", metadata=sidecar_metadata(path), threshold=0.9, precision="bfloat16")
+    session.rollback()
+    with pytest.raises(PrecisionRefused, match="8 flipped"):
+        register_model(session, path, name="edge2", version="1", metadata=sidecar_metadata(path), threshold=0.9, precision="bfloat16",
+                       check_data=check_data)
+    session.rollback()
+    # a new operating point in the sidecar drops the check made under the old one
+    record_operating_point(path.with_suffix(".json"), AT_THE_EDGE.as_dict())
+    assert sidecar_metadata(path).precision_check is None
+
+    flipped = {"precision": "bfloat16", "agreement": 0.0, "dice_float32": 0.5, "dice": 0.07, "images": 8, "flips": 8, "check_data": "x",
+               "sha256": "a" * 64, "checked_at": "2026-03-01T00:00:00Z", "min_agreement": 0.0, "max_dice_delta": 1.0}
+    assert not ParityCheck.from_dict(flipped).passed and recorded_check(flipped, "bfloat16", "a" * 64) is None

@@ -132,7 +132,9 @@ class ParityCheck:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParityCheck:
-        fields = set(cls.__dataclass_fields__)
+        """A recorded check, judged against today's limits: a stored min_agreement or max_dice_delta (looser, or
+        written into a metadata file by hand) would otherwise pass it."""
+        fields = set(cls.__dataclass_fields__) - {"min_agreement", "max_dice_delta"}
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     def describe(self) -> str:

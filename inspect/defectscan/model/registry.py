@@ -78,6 +78,9 @@ def record_operating_point(sidecar: str | Path, point: dict[str, Any]) -> Path:
     """Write `point` (and its threshold) into the sidecar JSON, keeping what else it holds."""
     sidecar = Path(sidecar)
     data = read_mapping(sidecar, what="model metadata file", contents="model metadata", error=ModelError) if sidecar.is_file() else {}
+    if data.get("precision_check") and VerdictRules.from_dict(point) != rules_for(data.get("operating_point"), data.get("threshold")):
+        # The parity check compared verdicts under the old rule: it says nothing of the new one.
+        data["precision_check"] = None
     data.update(operating_point=point, threshold=point["threshold"])
     sidecar.write_text(json.dumps(data, indent=2) + "\n")
     return sidecar
@@ -242,7 +245,9 @@ def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadat
     """The passed parity check of `precision` (None for float32): the metadata's for this very file, unless data is given, else a new one."""
     if precision == "float32":
         return None
-    check = None if check_data is not None else recorded_check(meta.precision_check, precision, sha256)
+    # The metadata's check compared verdicts under the metadata's own rule: it stands for that rule only.
+    reusable = check_data is None and rules == meta.rules()
+    check = recorded_check(meta.precision_check, precision, sha256) if reusable else None
     if check is None:
         check = require_passed(check_parity(path, precision, check_images(check_data, meta.training), rules, expected_sha256=sha256))
     return check
@@ -275,7 +280,9 @@ def set_precision(session: Session, reference: str, precision: str, check_data: 
     check = None
     if check_precision_name(precision) != "float32":
         if check_data is None and sidecar_path(row.uri).is_file():
-            check = recorded_check(sidecar_metadata(row.uri).precision_check, precision, row.sha256)
+            meta = sidecar_metadata(row.uri)
+            if meta.rules() == operating_rules(row):  # the sidecar's check was run under the sidecar's rule
+                check = recorded_check(meta.precision_check, precision, row.sha256)
         if check is None:
             images = check_images(check_data, row.training)
             check = require_passed(check_parity(row.uri, precision, images, operating_rules(row), expected_sha256=row.sha256))
