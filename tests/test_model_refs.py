@@ -99,6 +99,13 @@ def test_demo_names_the_shipped_demo_model_in_every_command_bare_its_production_
     assert shown.exit_code == 0 and f'"version": "{shipped.version}"' in shown.output
     listed = cli("--database-url", migrated_url, "images", "list", "--model", "demo")
     assert listed.exit_code == 0, listed.output
+    # commands about all of a name's versions: `demo` is its name; NAME:VERSION is refused, not "no stage changes"
+    history = cli("--database-url", migrated_url, "models", "history", "demo", "--format", "csv")
+    assert history.exit_code == 0 and f"{demo}:{shipped.version}," in history.output, history.output
+    versions = cli("--database-url", migrated_url, "models", "list", "--name", "demo", "--format", "csv")
+    assert versions.exit_code == 0 and "tuned" in versions.output, versions.output
+    wrong = cli("--database-url", migrated_url, "models", "history", f"{demo}:tuned")
+    assert wrong.exit_code == 1 and f"'{demo}:tuned': expected a model NAME, e.g. {demo}" in wrong.output
 
 
 def test_a_model_named_demo_is_refused_at_registration(factory, tmp_path):

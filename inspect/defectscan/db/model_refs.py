@@ -61,6 +61,17 @@ def expand_alias(text: str) -> str:
     return f"{demo_name()}:{selector if colon else 'production'}"
 
 
+def model_name(text: str) -> str:
+    """A model NAME as commands about all of a name's versions take it (`demo`: the demo model's name); a
+    NAME:VERSION there is refused by name rather than matching nothing."""
+    name = str(text).strip()
+    if name == DEMO_ALIAS:
+        return demo_name()
+    if ":" in name:
+        raise ModelError(f"{text!r}: expected a model NAME, e.g. {name.partition(':')[0] or 'line3'} (this command is about all its versions)")
+    return name
+
+
 @functools.cache
 def demo_name() -> str:
     """The name the shipped demo model is registered under (its metadata file's)."""

@@ -335,7 +335,7 @@ def describe_operating_point(point: dict[str, Any] | None) -> str:
 def list_models(session: Session, name: str | None = None) -> list[Model]:
     query = select(Model).order_by(Model.name, Model.id)
     if name is not None:
-        query = query.where(Model.name == name)
+        query = query.where(Model.name == model_refs.model_name(name))
     return list(session.scalars(query))
 
 

@@ -94,6 +94,7 @@ def archive(session: Session, reference: str, *, reason: str | None, by: str | N
 
 def stage_history(session: Session, name: str) -> list[dict]:
     """Every stage change of the name's versions, oldest first."""
+    name = model_refs.model_name(name)
     rows = session.execute(
         select(ModelStageChange, Model.version).join(Model, ModelStageChange.model_id == Model.id).where(Model.name == name)
         .order_by(ModelStageChange.id)
