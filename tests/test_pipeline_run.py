@@ -179,6 +179,25 @@ def test_a_chunk_gone_since_registration_is_an_error_row_never_a_verdict_on_a_bl
     assert (retried.status, retried.counts.inspected, retried.counts.errors) == ("succeeded", 2, 0)
 
 
+def test_a_store_registered_without_the_chunk_check_reads_chunks_it_never_stored_as_fill(factory, cluster, settings, model_path, tmp_path):
+    """--no-chunk-check: its writer leaves out chunks equal to the fill value, a black image has none; it is judged."""
+    import zarr
+
+    from defectscan.data.register import register_store
+
+    images = square_images(6)
+    images[2] = 0
+    path = tmp_path / "W.zarr"
+    group = zarr.open_group(path, mode="w")
+    group.create_array("images", shape=images.shape, chunks=(1, *images.shape[1:]), dtype=images.dtype, fill_value=0,
+                       config={"write_empty_chunks": False})[...] = images
+    assert not (path / "images" / "c" / "2" / "0" / "0").exists()
+    with factory() as session:
+        image_set = register_store(session, str(path), check_chunks=False).image_set
+    summary = _run(factory, cluster, add_model(factory, model_path), [image_set], settings)
+    assert (summary.status, summary.counts.inspected, summary.counts.errors) == ("succeeded", 6, 0), summary.errors
+
+
 def test_a_strip_tile_gone_since_registration_is_an_error_row(factory, cluster, settings, model_path, tmp_path):
     path = write_strip(tmp_path / "S3.zarr", square_images(1, size=512, seed=3)[0][:300, :500].copy())
     image_set = register(factory, path)

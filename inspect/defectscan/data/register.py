@@ -90,7 +90,8 @@ def register_store(
         chunks=list(info.chunks),
         n_images=len(rows),
         checksum=info.checksum,
-        attrs={**_recorded_attrs(info, skipped), **({"bit_depth": bit_depth} if bit_depth is not None else {})},
+        attrs={**_recorded_attrs(info, skipped), **({"bit_depth": bit_depth} if bit_depth is not None else {}),
+               **({FILL_MISSING: True} if not check_chunks else {})},
     )
     try:
         _insert(session, image_set, rows)
@@ -162,6 +163,11 @@ def _insert(session: Session, image_set: ImageSet, rows: list[dict[str, Any]]) -
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+# The image set attribute of a store registered with --no-chunk-check: inspection reads a chunk that is not
+# stored as the fill value (its writer leaves those out) instead of reporting it gone.
+FILL_MISSING = "fill_missing_chunks"
 
 
 def check_bit_depth(uri: str, dtype: str, bit_depth: int | None) -> None:

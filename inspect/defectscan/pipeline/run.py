@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan import interrupts
 from defectscan.config import InspectionSettings
+from defectscan.data.register import FILL_MISSING
 from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import ConfigError, DataError, DefectscanError, StorageError, first_line
 from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
@@ -281,7 +282,8 @@ def _tasks(context: RunContext, plans, set_aside: Callable[[_Task, str], None]) 
     client, settings, ref, run_id = context.client, context.settings, context.ref, context.run_id
     resources = {"GPU": 1} if context.gpu else None
     for image_set, todo, output in plans:
-        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=(image_set.attrs or {}).get("bit_depth"))
+        attrs = image_set.attrs or {}
+        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=attrs.get("bit_depth"), fill_missing=bool(attrs.get(FILL_MISSING)))
         if isinstance(output, str):
             set_aside(_Task(image_set.id, tuple(int(p) for p in todo) if image_set.kind == "stack" else (0,), source), output)
             continue

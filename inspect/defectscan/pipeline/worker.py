@@ -53,6 +53,9 @@ class ArrayRef:
     path: str
     # Significant bits of a uint16 image array (12 for a 12-bit camera); None: the dtype's own.
     bit_depth: int | None = None
+    # Registered with --no-chunk-check (its writer leaves out chunks equal to the fill value): a chunk not
+    # stored is read as the fill value, not reported as gone.
+    fill_missing: bool = False
 
 
 @dataclass
@@ -209,7 +212,8 @@ def _batched(program, x: np.ndarray, batch_size: int, channels: int, dtype) -> n
     return out
 
 
-def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputContract, bit_depth: int | None = None) -> np.ndarray:
+def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputContract, bit_depth: int | None = None,
+                 fill_missing: bool = False) -> np.ndarray:
     """The model's pixels (H, W, 1) uint8 for one tile's window of a (H, W) image array.
 
     A window may reach into the padding below/right of the image: it is padded as the whole
@@ -220,7 +224,7 @@ def window_input(image, tile: Tile, shape: tuple[int, int], *, contract: InputCo
     part = np.asarray(image[wy : min(wy + shape[0], height), wx : min(wx + shape[1], width)])
     import zarr
 
-    gone = vanished_chunks(image, part, (wy, wx)) if isinstance(image, zarr.Array) else None
+    gone = vanished_chunks(image, part, (wy, wx)) if isinstance(image, zarr.Array) and not fill_missing else None
     if gone:
         raise DataError(f"{gone.describe()}, stored when the strip was registered")
     return contract.pad(to_model_pixels(part[None], bit_depth))[0][0]
@@ -268,10 +272,12 @@ def _reading(source: ArrayRef) -> Iterator[None]:
         raise StorageError(f"{source.uri}: cannot read images: {exc.strerror or exc}") from None
 
 
-def _read_images(images, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
-    """Read [start, stop); an image whose chunk cannot be decoded, or is no longer stored, is zero-filled and
-    reported (an OSError, the storage's, is raised: see `_reading`)."""
+def _read_images(images, start: int, stop: int, fill_missing: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """Read [start, stop); an image whose chunk cannot be decoded, or is no longer stored (unless `fill_missing`),
+    is zero-filled and reported (an OSError, the storage's, is raised: see `_reading`)."""
     block, errors = _decode_images(images, start, stop)
+    if fill_missing:
+        return block, errors
     gone = vanished_chunks(images, block, (start, 0, 0))
     for position in gone.images:
         errors.setdefault(position, f"image {position} of {images.store_path}: {gone.describe()}, stored when the set was registered")
@@ -318,7 +324,7 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
     def read(bound: tuple[int, int]) -> tuple[np.ndarray, dict[int, str]]:
         t0 = time.perf_counter()
         with _reading(source):
-            block = _read_images(images, *bound)
+            block = _read_images(images, *bound, fill_missing=source.fill_missing)
         timings["read_s"] += time.perf_counter() - t0
         return block
 
@@ -377,7 +383,8 @@ def inspect_tiles(shard: TileShard, source: ArrayRef, output: ArrayRef, model: M
     image = _open(source, "r")
     try:
         with _reading(source):
-            windows = np.stack([window_input(image, tile, shard.window_shape, contract=model.contract, bit_depth=source.bit_depth)
+            windows = np.stack([window_input(image, tile, shard.window_shape, contract=model.contract, bit_depth=source.bit_depth,
+                                             fill_missing=source.fill_missing)
                                 for tile in shard.tiles])
     except StorageError as exc:
         return {"read_s": time.perf_counter() - began, "failure": str(exc)}
