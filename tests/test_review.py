@@ -159,10 +159,12 @@ def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, 
 
     PILImage.fromarray(mask * 255).save(mask_file)
     run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731
-    assert run("review", "defects", *map(str, defects[1]), "--as", "confirmed").exit_code == 0
+    # each decision names the image it went on: an inspection id from `images list` is easily taken for an image id
+    confirmed = run("review", "defects", *map(str, defects[1]), "--as", "confirmed")
+    assert confirmed.output == f"recorded {len(defects[1])} defect decision(s): confirmed, on\n  image {ids[1]}: lot R1, 1\n"
     assert run("review", "images", str(ids[3]), "--as", "pass", "--note", "dust").exit_code == 0
     recorded = run("review", "images", str(ids[6]), "--as", "fail", "--mask", str(mask_file), "--class", "scratch")
-    assert recorded.output == "recorded 1 image decision(s): fail with a drawn scratch mask\n"
+    assert recorded.output == f"recorded 1 image decision(s): fail with a drawn scratch mask\n  image {ids[6]}: lot R1, 6\n"
     assert run("review", "images", str(ids[0]), "--as", "pass").exit_code == 0
 
     out = tmp_path / "reviewed"

@@ -39,11 +39,14 @@ def review_defects_command(app: AppContext, defect_ids: tuple[int, ...], decisio
         defectscan review defects 812 813 --as confirmed
         defectscan review defects 814 --as false-call --note "reflection" --by anna
     """
-    from defectscan.review.record import review_defects
+    from defectscan.review.record import images_of_defects, named_images, review_defects
 
     with app.session() as session:
         ids = review_defects(session, defect_ids, decision, by=by, note=note)
-    click.echo(f"recorded {len(ids)} defect decision(s): {decision}")
+        named = named_images(session, images_of_defects(session, defect_ids))
+    click.echo(f"recorded {len(ids)} defect decision(s): {decision}, on")
+    for line in named:
+        click.echo(f"  {line}")
 
 
 @review.command("images")
@@ -64,12 +67,15 @@ def review_images_command(app: AppContext, image_ids: tuple[int, ...], decision:
         defectscan review images 4711 4712 --as pass
         defectscan review images 4713 --as fail --mask missed-4713.png --class scratch --note "faint scratch"
     """
-    from defectscan.review.record import read_mask, review_images
+    from defectscan.review.record import named_images, read_mask, review_images
 
     mask = read_mask(mask_path) if mask_path is not None else None
     with app.session() as session:
         ids = review_images(session, image_ids, decision, by=by, note=note, mask=mask, class_name=class_name)
+        named = named_images(session, image_ids)
     click.echo(f"recorded {len(ids)} image decision(s): {decision}" + (f" with a drawn {class_name} mask" if mask is not None else ""))
+    for line in named:
+        click.echo(f"  {line}")
 
 
 @review.command("queue")

@@ -128,3 +128,25 @@ def read_mask(path: str | Path) -> np.ndarray:
     from defectscan.data.imagefiles import read_image
 
     return read_image(path)  # 2-D: colour files come back as their luminance
+
+
+def named_images(session: Session, image_ids: Sequence[int], limit: int = 20) -> list[str]:
+    """"image 196: lot L042, img2.png" per image (up to `limit`): what a decision was recorded on, said back,
+    since an inspection id from `images list` is easily taken for an image id."""
+    from defectscan.db.schema import ImageSet
+
+    rows = session.execute(
+        select(Image.id, ImageSet.lot, Image.key).join(ImageSet, Image.image_set_id == ImageSet.id).where(Image.id.in_(list(image_ids)[:limit]))
+    ).all()
+    by_id = {i: f"image {i}: lot {lot or '(no lot)'}, {key}" for i, lot, key in rows}
+    named = [by_id[i] for i in list(dict.fromkeys(image_ids))[:limit] if i in by_id]
+    return named + ([f"and {len(set(image_ids)) - limit} more"] if len(set(image_ids)) > limit else [])
+
+
+def images_of_defects(session: Session, defect_ids: Sequence[int]) -> list[int]:
+    """The images the defects were found on, in the defects' order."""
+    rows = dict(session.execute(
+        select(Defect.id, Inspection.image_id).join(Inspection, Defect.inspection_id == Inspection.id).where(Defect.id.in_(list(defect_ids)))
+    ).all())
+    return list(dict.fromkeys(rows[i] for i in defect_ids if i in rows))
+
