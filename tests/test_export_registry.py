@@ -128,6 +128,11 @@ def test_the_shipped_demo_model_registers_and_loads(cli, sqlite_url):
     again = _db(cli, sqlite_url, "models", "register", "--demo")
     assert again.exit_code == 0 and again.output == result.output, "registering the demo twice is a no-op"
     assert len(_db(cli, sqlite_url, "models", "list", "--format", "csv").output.splitlines()) == 2
+    assert result.output.rstrip().endswith("; stage production")
+    # archived (another version promoted, then this one archived): it says so and how to use it again, not a bare success
+    assert _db(cli, sqlite_url, "models", "archive", f"{meta.name}:{meta.version}", "--reason", "test").exit_code == 0
+    archived = _db(cli, sqlite_url, "models", "register", "--demo")
+    assert archived.exit_code == 0 and f"; stage archived (`defectscan models promote {meta.name}:{meta.version} --reason ...`" in archived.output
     shown = json.loads(_db(cli, sqlite_url, "models", "show", meta.name, "--verify").output.split("\n" + str(DEMO_MODEL))[0])
     assert shown["version"] == meta.version and shown["training"]["command"].startswith("defectscan train")
     assert shown["operating_point"] == meta.operating_point

@@ -238,7 +238,8 @@ def register_command(
             raise ModelError(f"--demo registers the shipped demo model as it ships; it takes no {', '.join(given)}")
         with app.session() as session:
             row = register_demo(session)
-            click.echo(f"demo model {row.name}:{row.version} ({row.architecture}) sha256 {row.sha256[:12]} from {row.uri}")
+            click.echo(f"demo model {row.name}:{row.version} ({row.architecture}) sha256 {row.sha256[:12]} from {row.uri}; stage {row.stage}"
+                       + (f" (`defectscan models promote {row.name}:{row.version} --reason ...` to use it again)" if row.stage == "archived" else ""))
         return
     if path is None:
         raise ModelError("give the model file PATH, or --demo for the demo model")
