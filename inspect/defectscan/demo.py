@@ -40,6 +40,8 @@ class DemoResult:
     skipped: int = 0
     reports: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Where the results went (password masked): the demo's own database unless one was set.
+    database: str = ""
 
 
 def write_lot_images(folder: Path, n: int, size: int, seed: int) -> list[Path]:
@@ -116,7 +118,8 @@ def run_demo(folder: Path, job_file: Path, *, images_per_lot: int = 64, image_si
     engine = make_engine(settings.resolved_database_url)
     try:
         _, state = upgrade(engine)
-        echo(f"database: {display_url(engine.url)} (schema {state.current})")
+        result.database = display_url(engine.url)
+        echo(f"database: {result.database} (schema {state.current})")
 
         began = time.perf_counter()
         echo(f"image sets under {folder / 'imagesets'}:")
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo done in {time.perf_counter() - began:.0f} s ({timings})")
     if result.reports:
         print(f"open the QA report: {result.reports[0]}")
+    if result.database:
+        # The defectscan commands read the user's default database, not the demo's: say how to query this one.
+        print(f"query these results: export DEFECTSCAN_DATABASE_URL={result.database}")
     return 0 if result.status in ("succeeded",) else 1
 
 

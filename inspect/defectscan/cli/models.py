@@ -56,7 +56,8 @@ def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, o
         click.echo(f"starting from the weights of {donor.name}:{donor.version} ({donor.uri})")
     # Keras's bar writes terminal escapes even into a log file; piped, the recipe's log_every lines say how it goes.
     result = run_training(settings, out_dir, progress=not quiet and sys.stdout.isatty())
-    click.echo(f"trained to step {result.step} (resumed from {result.resumed_from}) in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    click.echo(f"trained to step {result.step}{resumed} in {result.seconds:.0f} s, {result.images_per_second:.1f} img/s")
     click.echo(f"last loss {_fmt(result.last_loss)}, Dice@0.5 on the last batch {_fmt(result.last_dice)}")
     if result.finished:
         from defectscan.model.registry import describe_operating_point, sidecar_metadata
