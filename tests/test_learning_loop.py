@@ -72,7 +72,7 @@ def test_inspect_review_export_finetune_compare_promote_and_the_next_job_uses_it
     assert refused.exit_code == 1 and "never compared" in refused.output
     compared = run("models", "compare", "line:2", "--against", "line:production", "--lot", "P1", "--scheduler", scheduler)
     assert compared.exit_code == 0 and "line:2 against line:1 on 8 images (P1)" in compared.output, compared.output
-    assert run("models", "promote", "line:2", "--reason", "trained on QA's decisions").output == "line:2 is in production; line:1 archived\n"
+    assert run("models", "promote", "line:2", "--reason", "trained on QA's decisions").output.startswith("line:2 is in production; line:1 archived\njobs on line:production inspect with it")
 
     # The next night's lot arrives; the line's job runs NAME:production.
     write_stack(tmp_path / "incoming" / "P2.zarr", square_images(8, size=64, seed=5), lot="P2", line="A")

@@ -81,7 +81,8 @@ def model_version(session, reference: str) -> str:
 def test_archive_and_bad_requests_are_one_line_errors(versions, cli, migrated_url):
     run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731
     done = run("models", "promote", "line3:3", "--reason", "first in production", "--by", "ml")
-    assert (done.exit_code, done.output) == (0, "line3:3 is in production\n")
+    assert (done.exit_code, done.output.splitlines()[0]) == (0, "line3:3 is in production")
+    assert "every image set they match that it has not judged, old ones too (a job source's `since:` limits that)" in done.output
     again = run("models", "promote", "line3:3", "--reason", "again")
     assert (again.exit_code, again.output) == (1, "Error: model line3:3 is already in production\n")
     blank = run("models", "archive", "line3:3", "--reason", " ")

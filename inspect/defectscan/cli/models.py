@@ -377,6 +377,8 @@ def promote_command(app: AppContext, reference: str, reason: str, by: str | None
     with app.session() as session:
         promoted, archived = promote(session, reference, reason=reason, by=by, without_comparison=without_comparison)
         click.echo(f"{promoted.name}:{promoted.version} is in production" + (f"; {archived.name}:{archived.version} archived" if archived else ""))
+        click.echo(f"jobs on {promoted.name}:production inspect with it from their next run: every image set they match that it has not "
+                   "judged, old ones too (a job source's `since:` limits that)")
 
 
 @models.command("archive")
