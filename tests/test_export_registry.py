@@ -193,7 +193,12 @@ def test_metrics_that_are_not_evaluation_figures_are_refused_naming_the_file(cli
 
 def test_a_threshold_given_at_registration_drops_the_figures_chosen_at_another(cli, sqlite_url, tmp_path):
     assert _db(cli, sqlite_url, "db", "upgrade").exit_code == 0
-    result = _db(cli, sqlite_url, "models", "register", str(DEMO_MODEL), "--name", "d", "--version", "1", "--threshold", "0.9")
+    # its recorded bfloat16 check was made under its own rule: under another, a new check (or float32) is needed
+    refused = _db(cli, sqlite_url, "models", "register", str(DEMO_MODEL), "--name", "d", "--version", "1", "--threshold", "0.9")
+    assert refused.exit_code == 1 and "its bfloat16 check was made under its recorded rule (threshold" in refused.output
+    assert "give --check-data DIR to check bfloat16 under this rule, or --precision float32" in refused.output
+    result = _db(cli, sqlite_url, "models", "register", str(DEMO_MODEL), "--name", "d", "--version", "1", "--threshold", "0.9",
+                 "--precision", "float32")
     assert result.exit_code == 0, result.output
     recorded = read_metadata(DEMO_METADATA).operating_point
     line = next(x for x in result.output.splitlines() if x.startswith("operating point:"))

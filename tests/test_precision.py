@@ -326,7 +326,7 @@ def test_a_recorded_check_stands_only_for_its_own_rule_and_todays_limits(session
     path.with_suffix(".json").write_text(json.dumps({"classes": ["defect"], "operating_point": loose}))
     record_precision(path.with_suffix(".json"), "bfloat16", check_file_precision(path, "bfloat16", check_data))  # passes at 0.5
     # not taken for the rule at 0.9: a new check is asked for (and this file records no images to run it on)
-    with pytest.raises(DataError, match="no labelled images to check the precision on"):
+    with pytest.raises(DataError, match=r"edge.keras: its bfloat16 check was made under its recorded rule \(threshold 0.5, .*\), not this one \(threshold 0.9"):
         register_model(session, path, name="edge2", version="1", metadata=sidecar_metadata(path), threshold=0.9, precision="bfloat16")
     session.rollback()
     with pytest.raises(PrecisionRefused, match="8 flipped"):

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from defectscan.db import model_refs
 from defectscan.db.schema import MODEL_STAGES, Model, ModelStageChange
-from defectscan.errors import ModelError
+from defectscan.errors import DataError, ModelError
 from defectscan.model.export import file_sha256, load_model
 from defectscan.model.precision import ParityCheck, check_images, check_parity, check_precision_name, recorded_check, require_passed
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules
@@ -249,7 +249,14 @@ def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadat
     reusable = check_data is None and rules == meta.rules()
     check = recorded_check(meta.precision_check, precision, sha256) if reusable else None
     if check is None:
-        check = require_passed(check_parity(path, precision, check_images(check_data, meta.training), rules, expected_sha256=sha256))
+        try:
+            images = check_images(check_data, meta.training)
+        except DataError as exc:
+            if check_data is None and recorded_check(meta.precision_check, precision, sha256) is not None:
+                raise DataError(f"{path}: its {precision} check was made under its recorded rule ({meta.rules().describe()}), not this one "
+                                f"({rules.describe()}): give --check-data DIR to check {precision} under this rule, or --precision float32") from None
+            raise exc
+        check = require_passed(check_parity(path, precision, images, rules, expected_sha256=sha256))
     return check
 
 
