@@ -91,11 +91,11 @@ def test_run_discovers_inspects_records_and_a_second_run_does_nothing(cli, migra
 
     result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
     assert result.exit_code == 0, result.output
-    assert "0 new stores, 0 image sets with work, 0 images inspected" in result.output
+    assert "0 new stores, 0 image sets with work, 0 images inspected" in result.output and "11 already done" in result.output
     assert "nothing new to inspect" in result.output
     assert _count(factory) == 11
     _, second = _runs(factory, "line-a")
-    assert (second.status, second.n_images, second.model_id) == ("succeeded", 0, None)
+    assert (second.status, second.n_images, second.n_skipped, second.model_id) == ("succeeded", 11, 11, None)
     assert second.spec["discovery"] == {"matched": 2, "new": [], "incomplete": [], "problems": []}
 
     history = cli("--database-url", migrated_url, "jobs", "history", "line-a")

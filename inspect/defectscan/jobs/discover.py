@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from defectscan.data import imageset as layout
@@ -109,19 +109,34 @@ def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
 
 def image_sets_with_work(session: Session, spec: JobSpec, model: Model, matched: list[str]) -> list[ImageSet]:
     """The job's registered image sets that have images this model has not inspected, oldest first."""
-    pending = exists().where(
+    query = _in_scope(select(ImageSet).where(_has_work(model)), spec, matched)
+    return [] if query is None else list(session.scalars(query.order_by(ImageSet.acquired_at, ImageSet.id)))
+
+
+def images_done(session: Session, spec: JobSpec, model: Model, matched: list[str]) -> int:
+    """The images of the job's image sets that have no work left: what a run counts as already done besides
+    the done images of the sets it inspects (a night with nothing new said "0 already done")."""
+    query = _in_scope(select(func.coalesce(func.sum(ImageSet.n_images), 0)).where(~_has_work(model)), spec, matched)
+    return 0 if query is None else int(session.scalar(query))
+
+
+def _has_work(model: Model):
+    return exists().where(
         Image.image_set_id == ImageSet.id,
         ~exists().where(and_(Inspection.image_id == Image.id, Inspection.model_id == model.id)),
     )
-    query = select(ImageSet).where(pending)
+
+
+def _in_scope(query, spec: JobSpec, matched: list[str]):
+    """`query` narrowed to the job's image sets (None when its glob matched no store)."""
     source = spec.source
     if source.glob is not None:
         if not matched:
-            return []
+            return None
         query = query.where(ImageSet.uri.in_(matched))
     for column, value in ((ImageSet.lot, source.lot), (ImageSet.line, source.line), (ImageSet.product, source.product)):
         if value is not None:
             query = query.where(column == value)
     if source.since is not None:
         query = query.where(ImageSet.acquired_at >= since_time(source.since))
-    return list(session.scalars(query.order_by(ImageSet.acquired_at, ImageSet.id)))
+    return query

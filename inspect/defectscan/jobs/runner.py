@@ -28,7 +28,7 @@ from defectscan.interrupts import Interrupted
 from defectscan.pipeline.job_runs import close_run, record_closed_run
 from defectscan.pipeline.record import Retry
 from defectscan.pipeline.run import run_exit_code
-from defectscan.jobs.discover import Discovery, discover, image_sets_with_work, missing_glob_folder
+from defectscan.jobs.discover import Discovery, discover, image_sets_with_work, images_done, missing_glob_folder
 from defectscan.jobs.lock import AlreadyRunning, Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec, describe_spec
 
@@ -126,6 +126,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
             outcome.status = "succeeded"
             return
         candidates = image_sets_with_work(session, spec, model, found.matched)
+        done = images_done(session, spec, model, found.matched)
 
     interrupts.check()
     image_sets = []
@@ -138,6 +139,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         image_sets.append(image_set)
     outcome.errors.extend(found.problems[:20])
     outcome.n_image_sets = len(image_sets)
+    outcome.n_images = outcome.n_skipped = done
     if not image_sets:
         echo("nothing new to inspect")
         outcome.status = "partial" if found.problems else "succeeded"
@@ -165,8 +167,8 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         )
     outcome.job_run_id = summary.job_run_id
     outcome.status = "partial" if summary.status == "succeeded" and found.problems else summary.status
-    outcome.n_images = summary.n_images
-    outcome.n_skipped = summary.n_skipped
+    outcome.n_images += summary.n_images
+    outcome.n_skipped += summary.n_skipped
     outcome.n_inspected = summary.counts.inspected
     outcome.n_errors = summary.counts.errors
     outcome.n_defects = summary.counts.defects
@@ -186,7 +188,7 @@ def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path
                   status=outcome.status, errors=outcome.errors, spec=record)
     else:
         outcome.job_run_id = record_closed_run(factory, job=spec.name, spec=record, status=outcome.status, errors=outcome.errors,
-                                               started_at=started_at, seconds=outcome.seconds)
+                                               started_at=started_at, seconds=outcome.seconds, already_done=outcome.n_skipped)
 
 
 __all__ = ["EXIT_ALREADY_RUNNING", "AlreadyRunning", "JobOutcome", "run_job"]

@@ -72,13 +72,14 @@ def close_run(factory: sessionmaker[Session], retry: Retry, run_id: int, *, stat
 
 
 def record_closed_run(factory: sessionmaker[Session], *, job: str, spec: dict[str, Any] | None, status: str, errors: list[str],
-                      started_at: dt.datetime, seconds: float) -> int | None:
-    """A row for a trigger that ended before a run was opened (nothing to do, or a failure first)."""
+                      started_at: dt.datetime, seconds: float, already_done: int = 0) -> int | None:
+    """A row for a trigger that ended before a run was opened (nothing to do, or a failure first); `already_done`:
+    the images of its scope that were judged before."""
     try:
         with factory.begin() as session:
             run = JobRun(job=job, spec=spec, status=status, started_at=started_at, finished_at=utcnow(), heartbeat_at=utcnow(),
                          host=socket.gethostname(), pid=os.getpid(), error=_error_text(errors),
-                         timings={"seconds": round(seconds, 3)})
+                         timings={"seconds": round(seconds, 3)}, n_images=already_done, n_skipped=already_done)
             session.add(run)
             session.flush()
             return run.id
