@@ -80,6 +80,7 @@ def test_register_an_external_v2_store_from_the_cli(tmp_path, migrated_url, cli)
     assert shown["acquired_at"] == "2026-03-01T06:00:00Z"
     # Without a keys array, each image's key is its position.
     assert [i["key"] for i in shown["first_images"]] == ["0", "1", "2", "3", "4"]
+    assert shown["first_images"][0]["acquired_at"] == "2026-03-01T06:00:00Z"  # as every other time: Z, not +00:00
 
     again = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
     assert again.exit_code == 0 and "already registered, unchanged: image set 1" in again.output
@@ -298,3 +299,13 @@ def test_a_malformed_store_time_names_the_store(tmp_path, session):
         register_store(session, str(tmp_path / "acq.zarr"))
     when = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
     assert register_store(session, str(tmp_path / "acq.zarr"), acquired_at=when).image_set.acquired_at == when
+
+
+def test_a_strip_is_one_image_in_what_the_commands_print(tmp_path, migrated_url, cli):
+    from pipeline_helpers import square_images, write_strip
+
+    path = write_strip(tmp_path / "S.zarr", square_images(1, size=256, seed=1)[0])
+    registered = cli("--database-url", migrated_url, "imagesets", "register", str(path))
+    assert registered.exit_code == 0 and "strip 256x256 uint8, 1 image" in registered.output and "1 images" not in registered.output
+    valid = cli("--database-url", migrated_url, "imagesets", "validate", "1")
+    assert valid.exit_code == 0 and "OK: 1 image, checksum matches" in valid.output

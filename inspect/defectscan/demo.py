@@ -95,7 +95,7 @@ def write_image_sets(folder: Path, images_per_lot: int, image_size: int, mosaic_
         options = IngestOptions(lot=lot, line=line, product=product, camera=camera, acquired_at=parse_time(when), kind=kind)
         result = ingest_files(paths, folder / "imagesets" / f"{lot}.zarr", options)
         state = "already there" if result.reused else f"ingested in {result.seconds:.1f} s"
-        echo(f"  {lot} ({line}, {kind}): {result.n_images} images, {state}")
+        echo(f"  {lot} ({line}, {kind}): {result.n_images} image{'s' if result.n_images != 1 else ''}, {state}")
         stores.append(Path(result.uri))
     return stores
 

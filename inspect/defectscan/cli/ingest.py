@@ -100,10 +100,10 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
     image_set = registration.image_set
     shape = "x".join(str(n) for n in image_set.shape)
     if result.reused:
-        click.echo(f"{result.uri}: already holds these {result.n_images} images; image set {image_set.id}")
+        click.echo(f"{result.uri}: already holds these {result.n_images} image{'s' if result.n_images != 1 else ''}; image set {image_set.id}")
     else:
         click.echo(
-            f"{result.uri}: {result.n_images} images ({shape} {image_set.dtype}) in {result.seconds:.1f} s "
+            f"{result.uri}: {result.n_images} image{'s' if result.n_images != 1 else ''} ({shape} {image_set.dtype}) in {result.seconds:.1f} s "
             f"({result.mb_per_second:.1f} MB/s decoded); registered as image set {image_set.id}"
         )
     if result.problems:
@@ -164,7 +164,7 @@ def register_command(app: AppContext, url, array_path, lot, line, product, camer
 
 def _summary(image_set) -> str:
     shape = "x".join(str(n) for n in image_set.shape)
-    return f"{image_set.kind} {shape} {image_set.dtype}, {image_set.n_images} images"
+    return f"{image_set.kind} {shape} {image_set.dtype}, {image_set.n_images} image{'s' if image_set.n_images != 1 else ''}"
 
 
 def _row(image_set) -> dict:
@@ -241,7 +241,7 @@ def show_command(app: AppContext, ident, n_keys, as_json) -> None:
         row["classes"] = attrs.get("classes", [])
         row["skipped"] = attrs.get("skipped", [])
         row["first_images"] = [
-            {"position": i.position, "key": i.key, "acquired_at": i.acquired_at.isoformat() if i.acquired_at else None}
+            {"position": i.position, "key": i.key, "acquired_at": iso_utc(i.acquired_at)}
             for i in image_set.images[:n_keys]
         ]
     if as_json:
@@ -285,7 +285,7 @@ def validate_command(app: AppContext, ident, array_path, deep) -> None:
     if report.ok:
         checksum = "checksum matches, " if report.image_set is not None else ""
         chunks = "every chunk stored and decoded" if deep else "every chunk stored (presence only; --deep decodes them)"
-        click.echo(f"{name}: OK: {report.info.n_images} images, {checksum}{chunks}")
+        click.echo(f"{name}: OK: {report.info.n_images} image{'s' if report.info.n_images != 1 else ''}, {checksum}{chunks}")
         return
     if report.changed:
         click.echo(f"{name}: {report.changed}", err=True)
