@@ -259,7 +259,8 @@ def connect(
                 workers = client.scheduler_info()["workers"]
             gpu = any(w.get("resources", {}).get("GPU") for w in workers.values())
             info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link, warnings=gpu_warnings(client, workers, runtime))
-            log.info("Dask cluster: %d workers%s, dashboard %s", info.n_workers, " with GPUs" if gpu else "", info.dashboard)
+            # The commands print this line themselves; at INFO a cron log held it twice.
+            log.debug("Dask cluster: %d workers%s, dashboard %s", info.n_workers, " with GPUs" if gpu else "", info.dashboard)
             yield client, info
     finally:
         if cluster is not None:
