@@ -50,6 +50,8 @@ def test_promotion_archives_the_version_in_production_and_keeps_the_history(vers
         ("line3:1", "staging", "production", "ml"), ("line3:1", "production", "archived", "ml"), ("line3:2", "staging", "production", "ml"),
     ]
     assert history[4]["reason"] == "replaced in production by 2: fewer false calls"
+    assert history[5]["reason"] == "fewer false calls (--without-comparison against line3:1)"  # the audit trail says the evidence was skipped
+    assert history[3]["reason"] == "first version"  # nothing in production to compare with
 
 
 def test_two_promotions_of_one_name_at_once_leave_one_version_in_production(versions):

@@ -70,6 +70,9 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
     now = utcnow()  # one moment: no time without a version in production between the two rows
     if current is not None:
         _change(session, current, "archived", f"{REPLACED} {target.version}: {reason}", by, now)
+    if current is not None and not (compared and compared["figures"].get("images")):
+        # The history is the audit trail: a promotion over a version in production without the evidence says so.
+        reason = f"{reason} (--without-comparison against {current.name}:{current.version})"
     _change(session, target, "production", reason, by, now)
     session.commit()
     session.refresh(target)
