@@ -361,6 +361,7 @@ def test_cli_ingests_a_dagm_folder_into_a_labelled_set(tmp_path, sqlite_url, cli
     assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     result = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "Class3"), "--lot", "dagm", "--out", str(tmp_path / "d.zarr"))
     assert result.exit_code == 3 and "Labels.txt:4: unparsable Labels.txt line: 3 fields, expected 5" in result.output
+    assert result.stderr.startswith("skipped "), "no progress bar (nor the empty line it left) when stderr is not a terminal"
     group = stored(tmp_path / "d.zarr")
     assert group.attrs["classes"] == ["Class3"] and int(group["labels"][0].sum()) == 9 and not group["labels"][1].any()
 

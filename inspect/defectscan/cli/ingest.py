@@ -88,7 +88,9 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
         kind=kind, pad=pad, workers=workers, processes=processes,
     )  # fmt: skip
     session = app.session()
-    progress = Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    # On a terminal only, as inspect's: piped or in a cron log, the bar left an empty line ahead of the output.
+    progress = Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                        disable=not sys.stderr.isatty())
     task = progress.add_task("ingest", total=None)
 
     def advance(step: int, total: int) -> None:
