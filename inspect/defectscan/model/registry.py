@@ -22,7 +22,7 @@ from defectscan.db.schema import MODEL_STAGES, Model, ModelStageChange
 from defectscan.errors import DataError, ModelError
 from defectscan.model.export import file_sha256, load_model
 from defectscan.model.precision import ParityCheck, check_images, check_parity, check_precision_name, recorded_check, require_passed
-from defectscan.model.verdict import DEFAULT_RULES, VerdictRules
+from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, per_class_without
 from defectscan.paths import DEMO_DIR, DEMO_METADATA, DEMO_MODEL
 from defectscan.users import user_name
 from defectscan.yamlfile import read_mapping
@@ -76,21 +76,25 @@ def sidecar_metadata(model_path: str | Path) -> ModelMetadata:
 
 def record_operating_point(sidecar: str | Path, point: dict[str, Any]) -> Path:
     """Write `point` (and its threshold) into the sidecar JSON, keeping what else it holds."""
-    sidecar = Path(sidecar)
-    data = read_mapping(sidecar, what="model metadata file", contents="model metadata", error=ModelError) if sidecar.is_file() else {}
+    data = _sidecar_data(sidecar)
     if data.get("precision_check") and VerdictRules.from_dict(point) != rules_for(data.get("operating_point"), data.get("threshold")):
         # The parity check compared verdicts under the old rule: it says nothing of the new one.
         data["precision_check"] = None
-    data.update(operating_point=point, threshold=point["threshold"])
-    sidecar.write_text(json.dumps(data, indent=2) + "\n")
-    return sidecar
+    return _write_sidecar(sidecar, {**data, "operating_point": point, "threshold": point["threshold"]})
 
 
 def record_precision(sidecar: str | Path, precision: str, check: ParityCheck | None) -> Path:
     """Write the precision and its passed parity check into the sidecar JSON, keeping what else it holds."""
+    return _write_sidecar(sidecar, {**_sidecar_data(sidecar), "precision": precision, "precision_check": check.as_dict() if check else None})
+
+
+def _sidecar_data(sidecar: str | Path) -> dict[str, Any]:
     sidecar = Path(sidecar)
-    data = read_mapping(sidecar, what="model metadata file", contents="model metadata", error=ModelError) if sidecar.is_file() else {}
-    data.update(precision=precision, precision_check=check.as_dict() if check else None)
+    return read_mapping(sidecar, what="model metadata file", contents="model metadata", error=ModelError) if sidecar.is_file() else {}
+
+
+def _write_sidecar(sidecar: str | Path, data: dict[str, Any]) -> Path:
+    sidecar = Path(sidecar)
     sidecar.write_text(json.dumps(data, indent=2) + "\n")
     return sidecar
 
@@ -245,14 +249,14 @@ def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadat
     """The passed parity check of `precision` (None for float32): the metadata's for this very file, unless data is given, else a new one."""
     if precision == "float32":
         return None
+    recorded = recorded_check(meta.precision_check, precision, sha256) if check_data is None else None
     # The metadata's check compared verdicts under the metadata's own rule: it stands for that rule only.
-    reusable = check_data is None and rules == meta.rules()
-    check = recorded_check(meta.precision_check, precision, sha256) if reusable else None
+    check = recorded if rules == meta.rules() else None
     if check is None:
         try:
             images = check_images(check_data, meta.training)
         except DataError as exc:
-            if check_data is None and recorded_check(meta.precision_check, precision, sha256) is not None:
+            if recorded is not None:
                 raise DataError(f"{path}: its {precision} check was made under its recorded rule ({meta.rules().describe()}), not this one "
                                 f"({rules.describe()}): give --check-data DIR to check {precision} under this rule, or --precision float32") from None
             raise exc
@@ -272,9 +276,9 @@ def _operating_point(path: Path, recorded: dict[str, Any] | None, threshold: flo
     if threshold is not None and threshold != point.get("threshold"):
         # The chosen point's figures were measured at its own threshold: they do not describe this one.
         point = {key: point[key] for key in VerdictRules.__dataclass_fields__ if key in point}
-        per_class = {name: {f: v for f, v in rule.items() if f != "threshold"} for name, rule in (point.pop("per_class", None) or {}).items()}
-        if any(per_class.values()):
-            point["per_class"] = {name: rule for name, rule in per_class.items() if rule}
+        per_class = per_class_without(point.pop("per_class", None), {"threshold"})
+        if per_class:
+            point["per_class"] = per_class
         point.update(threshold=threshold, chosen_by=f"threshold {threshold:g} given at registration"
                      + (f" over the recorded {recorded['threshold']:g}" if recorded and "threshold" in recorded else ""))
     return check_point(point, path, classes)

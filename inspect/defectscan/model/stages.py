@@ -60,7 +60,8 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
         raise ModelError(f"model {target.name}:{target.version} is already in production")
     current = next((m for m in versions if m.stage == "production" and m.id != target.id), None)
     compared = last_comparison(session, target, current) if current is not None else None
-    if current is not None and not without_comparison and not (compared and compared["figures"].get("images")):
+    evidence = bool(compared and compared["figures"].get("images"))  # a comparison over judged images
+    if current is not None and not without_comparison and not evidence:
         session.rollback()
         raise ModelError(
             f"model {current.name}:{current.version} is in production and {target.name}:{target.version} was never compared "
@@ -70,7 +71,7 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
     now = utcnow()  # one moment: no time without a version in production between the two rows
     if current is not None:
         _change(session, current, "archived", f"{REPLACED} {target.version}: {reason}", by, now)
-    if current is not None and not (compared and compared["figures"].get("images")):
+    if current is not None and not evidence:
         # The history is the audit trail: a promotion over a version in production without the evidence says so.
         reason = f"{reason} (--without-comparison against {current.name}:{current.version})"
     _change(session, target, "production", reason, by, now)

@@ -205,6 +205,13 @@ def recorded_mask(defects: list[DefectRecord], shape: tuple[int, int, int]) -> n
     return mask
 
 
+def per_class_without(per_class: dict[str, dict[str, float]] | None, fields) -> dict[str, dict[str, float]] | None:
+    """Per-class rules with `fields` taken out (and classes left with none dropped): a value set for every class
+    (by a run's settings, or a threshold given at registration) would otherwise lose to a recorded per-class one."""
+    kept = {name: {f: v for f, v in rule.items() if f not in fields} for name, rule in (per_class or {}).items()}
+    return {name: rule for name, rule in kept.items() if rule} or None
+
+
 def verdict_score(defects: list[DefectRecord], rules: VerdictRules) -> float:
     """The image's verdict score, 0 without defects: the highest of its defects' maximum scores, each moved by
     how far its class's fail_score lies from the common one, so that the image fails exactly when the score

@@ -29,7 +29,7 @@ from defectscan.pipeline.job_runs import abandon_stale_runs, beat, close_run, op
 from defectscan.pipeline.outputs import prepare_output
 from defectscan.pipeline.plan import plan_stack, plan_strip
 from defectscan.model.preprocess import InputContract
-from defectscan.model.verdict import RULE_FIELDS, VerdictRules
+from defectscan.model.verdict import RULE_FIELDS, VerdictRules, per_class_without
 from defectscan.pipeline.record import Counts, Retry, record_shard, with_retries
 from defectscan.pipeline.worker import ArrayRef, ModelRef, ShardResult, inspect_stack_shard, inspect_tiles, judge_strip, verify_model_file
 
@@ -114,9 +114,7 @@ def verdict_rules(model: Model, settings: InspectionSettings) -> VerdictRules:
     overrides = {f: getattr(settings, f) for f in RULE_FIELDS if getattr(settings, f) is not None}
     if not overrides:
         return recorded
-    # A value set for the run is for every class: a recorded per-class value would otherwise win over it.
-    per_class = {name: {f: v for f, v in rule.items() if f not in overrides} for name, rule in (recorded.per_class or {}).items()}
-    return replace(recorded, **overrides, per_class={name: rule for name, rule in per_class.items() if rule} or None)
+    return replace(recorded, **overrides, per_class=per_class_without(recorded.per_class, overrides))
 
 
 def pending_positions(session: Session, image_set: ImageSet, model: Model, redo: str = "none") -> tuple[np.ndarray, int]:
