@@ -54,6 +54,34 @@ def test_promotion_archives_the_version_in_production_and_keeps_the_history(vers
     assert history[3]["reason"] == "first version"  # nothing in production to compare with
 
 
+def test_archiving_the_version_in_production_is_no_way_round_the_comparison(versions, tmp_path):
+    """Archive line3:1, then promote line3:2: nothing was in production, so nothing asked for evidence."""
+    from defectscan.db.comparisons import Comparison, record_comparison
+
+    with versions() as session:
+        promote(session, "line3:1", reason="first version", by="ml")
+        archive(session, "line3:1", reason="make way", by="ml")
+        with pytest.raises(ModelError, match=r"line3:1 was the last version of line3 in production \(none is now\) and line3:2 was never "
+                                             r"compared against it .* --against line3:1 --lot LOT`, or give --without-comparison"):
+            promote(session, "line3:2", reason="better", by="ml")
+        with pytest.raises(ModelError, match=r"line3:1 was the last version of line3 in production; register line3:4 in staging, compare it"):
+            register_model(session, session.scalar(select(Model.uri)), name="line3", version="4", stage="production")
+        promote(session, "line3:1", reason="archived by mistake", by="ml")  # back to what it was: nothing to prove
+        archive(session, "line3:1", reason="make way again", by="ml")
+        rows = {m.version: m for m in session.scalars(select(Model).where(Model.name == "line3"))}
+        record_comparison(session, rows["2"], rows["1"], Comparison("line3:2", "line3:1", [1], ["L1"], images=0), by="qa")
+        with pytest.raises(ModelError, match="never compared"):  # a comparison over no judged image is no evidence
+            promote(session, "line3:2", reason="better", by="ml")
+        record_comparison(session, rows["2"], rows["1"], Comparison("line3:2", "line3:1", [1], ["L1"], images=20, agree=20), by="qa")
+        promote(session, "line3:2", reason="better on L1", by="ml")
+        promote(session, "line3:3", reason="urgent", by="ml", without_comparison=True)
+        history = stage_history(session, "line3")
+    assert _stages(versions) == {"1": "archived", "2": "archived", "3": "production"}
+    assert [h["reason"] for h in history if h["to_stage"] == "production"] == [
+        "first version", "archived by mistake", "better on L1", "urgent (--without-comparison against line3:2)"]
+    assert "4" not in _stages(versions)
+
+
 def test_two_promotions_of_one_name_at_once_leave_one_version_in_production(versions):
     """On SQLite the lock locked nothing: two promotions that both read v1 as current left v2 and v3 in production."""
     import threading

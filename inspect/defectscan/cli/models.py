@@ -362,7 +362,7 @@ _BY = click.option("--by", metavar="NAME", help="Who (default: the login name)."
 @_REASON
 @_BY
 @click.option("--without-comparison", is_flag=True,
-              help="Promote over the version in production although the two were never compared on the plant's images.")
+              help="Promote although this version was never compared on the plant's images with the one in production (or, while none is, the last one that was).")
 @pass_app
 def promote_command(app: AppContext, reference: str, reason: str, by: str | None, without_comparison: bool) -> None:
     """Put a model version into production (jobs and inspect use it as NAME:production); the version there before is archived.

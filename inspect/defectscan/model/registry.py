@@ -238,10 +238,17 @@ def _check_free(session: Session, name: str, version: str, stage: str) -> None:
     if existing is not None:
         raise AlreadyRegistered(f"model {name}:{version} is already registered (file {existing.uri}); choose another version")
     if stage == "production":
+        from defectscan.model.stages import last_in_production
+
         current = session.scalar(select(Model).where(Model.name == name, Model.stage == "production"))
         if current is not None:
             raise ModelError(f"model {current.name}:{current.version} is in production; register {name}:{version} in staging "
                              f"and promote it (defectscan models promote {name}:{version}), which archives the other")
+        last = last_in_production(session, name)
+        if last is not None:
+            # Straight into production would skip the comparison a promotion asks for against the last one there.
+            raise ModelError(f"model {last.name}:{last.version} was the last version of {name} in production; register "
+                             f"{name}:{version} in staging, compare it and promote it (defectscan models promote {name}:{version})")
 
 
 def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadata, rules: VerdictRules,
@@ -428,7 +435,7 @@ def register_demo(session: Session) -> Model:
     the shipped version in production, see below); a
     row whose checksum differs from the shipped file is refused rather than silently reused.
     """
-    from defectscan.model.stages import promote
+    from defectscan.model.stages import last_in_production, promote
 
     meta = read_metadata(DEMO_METADATA)
     existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))
@@ -437,7 +444,8 @@ def register_demo(session: Session) -> Model:
     current = session.scalar(select(Model).where(Model.name == meta.name, Model.stage == "production"))
     if existing is None:
         try:
-            existing = register_model(session, DEMO_MODEL, metadata=meta, stage="staging" if current else "production")
+            first = current is None and last_in_production(session, meta.name) is None
+            existing = register_model(session, DEMO_MODEL, metadata=meta, stage="production" if first else "staging")
         except AlreadyRegistered:
             # Two first runs at once (two cron jobs on a new database): the loser uses the winner's row.
             existing = session.scalar(select(Model).where(Model.name == meta.name, Model.version == meta.version))

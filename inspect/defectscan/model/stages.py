@@ -4,7 +4,9 @@ One version of a name is in production at a time: promoting a version archives t
 Jobs and `inspect` reach it as NAME:production (db/model_refs.py), so a newly registered version
 (staging) runs nowhere until someone promotes it. Promoting over a version in production asks for
 a recorded shadow comparison of the two (`models compare`, pipeline/shadow.py), or
-`without_comparison`, so that no untested version goes live by accident.
+`without_comparison`, so that no untested version goes live by accident. While none is in
+production, the comparison is against the version that was last: archiving the production version
+first is no way round the evidence.
 """
 
 from __future__ import annotations
@@ -59,27 +61,39 @@ def promote(session: Session, reference: str, *, reason: str | None, by: str | N
         session.rollback()
         raise ModelError(f"model {target.name}:{target.version} is already in production")
     current = next((m for m in versions if m.stage == "production" and m.id != target.id), None)
-    compared = last_comparison(session, target, current) if current is not None else None
+    baseline = current or last_in_production(session, target.name)
+    if baseline is not None and baseline.id == target.id:
+        baseline = None  # back into production after an archive: nothing to prove against itself
+    compared = last_comparison(session, target, baseline) if baseline is not None else None
     evidence = bool(compared and compared["figures"].get("images"))  # a comparison over judged images
-    if current is not None and not without_comparison and not evidence:
+    if baseline is not None and not without_comparison and not evidence:
         session.rollback()
+        where = "is in production" if baseline is current else f"was the last version of {baseline.name} in production (none is now)"
         raise ModelError(
-            f"model {current.name}:{current.version} is in production and {target.name}:{target.version} was never compared "
+            f"model {baseline.name}:{baseline.version} {where} and {target.name}:{target.version} was never compared "
             f"against it on judged images of the plant: run `defectscan models compare {target.name}:{target.version} --against "
-            f"{current.name}:{current.version} --lot LOT`, or give --without-comparison to promote anyway"
+            f"{baseline.name}:{baseline.version} --lot LOT`, or give --without-comparison to promote anyway"
         )
     now = utcnow()  # one moment: no time without a version in production between the two rows
     if current is not None:
         _change(session, current, "archived", f"{REPLACED} {target.version}: {reason}", by, now)
-    if current is not None and not evidence:
-        # The history is the audit trail: a promotion over a version in production without the evidence says so.
-        reason = f"{reason} (--without-comparison against {current.name}:{current.version})"
+    if baseline is not None and not evidence:
+        # The history is the audit trail: a promotion without the evidence says which version it skipped.
+        reason = f"{reason} (--without-comparison against {baseline.name}:{baseline.version})"
     _change(session, target, "production", reason, by, now)
     session.commit()
     session.refresh(target)
     if current is not None:
         session.refresh(current)
     return target, current
+
+
+def last_in_production(session: Session, name: str) -> Model | None:
+    """The version of `name` most recently put into production (the one there now, if any); None if none ever was."""
+    return session.scalar(
+        select(Model).join(ModelStageChange, ModelStageChange.model_id == Model.id)
+        .where(Model.name == name, ModelStageChange.to_stage == "production").order_by(ModelStageChange.id.desc()).limit(1)
+    )
 
 
 def archive(session: Session, reference: str, *, reason: str | None, by: str | None = None) -> Model:
