@@ -52,6 +52,42 @@ def test_discovery_registers_new_stores_once_and_leaves_out_masks_and_unfinished
         assert sorted(session.scalars(select(ImageSet.lot))) == ["L1", "L2"]
 
 
+def test_images_whose_chunks_arrive_after_registration_are_added_by_the_next_discovery(factory, tmp_path):
+    """A camera still writing when the job ran: its missing images were left out, and no later run ever looked again."""
+    from defectscan.db.schema import Image
+
+    model = add_model(factory, save_threshold_model(tmp_path / "m.keras"))
+    store = write_stack(tmp_path / "incoming" / "A1.zarr", square_images(4), lot="A1")
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for position in (2, 3):
+        shutil.move(store / "images" / "c" / str(position), aside / str(position))
+    spec, spec_file = _spec(glob="incoming/*.zarr"), tmp_path / "line-a.yaml"
+
+    def positions(session):
+        return sorted(session.scalars(select(Image.position)))
+
+    with factory() as session:
+        first = discover(session, spec, spec_file)
+        assert (first.new, first.arrived, positions(session)) == ([str(store)], 0, [0, 1])
+        assert [p.split("]: ")[1] for p in first.problems] == ["chunk not stored (would read as blank pixels)"] * 2
+        still = discover(session, spec, spec_file)  # not there yet: said again, so the run stays partial
+        assert (still.new, still.arrived, len(still.problems)) == ([], 0, 2)
+    shutil.move(aside / "3", store / "images" / "c" / "3")
+    with factory() as session:
+        one = discover(session, spec, spec_file)
+        assert (one.arrived, len(one.problems), positions(session)) == (1, 1, [0, 1, 3])
+        assert "image 2, key 2]" in one.problems[0]
+    shutil.move(aside / "2", store / "images" / "c" / "2")
+    with factory() as session:
+        both = discover(session, spec, spec_file)
+        assert (both.arrived, both.problems, positions(session)) == (1, [], [0, 1, 2, 3])
+        image_set = session.scalar(select(ImageSet))
+        assert (image_set.n_images, image_set.attrs["skipped"], image_set.attrs["missing_images"]) == (4, [], [])
+        assert [s.id for s in image_sets_with_work(session, spec, model, both.matched)] == [image_set.id]
+        assert discover(session, spec, spec_file).arrived == 0  # nothing left to look for
+
+
 def test_image_sets_with_work_follow_the_model_and_the_filters(factory, tmp_path):
     model = add_model(factory, save_threshold_model(tmp_path / "m.keras"))
     old = write_stack(tmp_path / "old.zarr", square_images(2), lot="L1", acquired_at="2020-01-01T00:00:00Z")

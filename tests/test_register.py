@@ -113,6 +113,8 @@ def test_missing_chunks_are_skipped_at_register_and_found_by_validate(tmp_path, 
     assert result.exit_code == EXIT_PARTIAL
     assert "image 3, key 3]: chunk not stored" in result.output
     assert counts(migrated_url) == (1, 5)
+    again = cli("--database-url", migrated_url, "imagesets", "register", str(tmp_path / "acq.zarr"), "--array", "cam0/images")
+    assert again.exit_code == EXIT_PARTIAL and "image 3, key 3]: chunk not stored" in again.output  # still left out, still said
 
     # A chunk lost after registration.
     (tmp_path / "acq.zarr" / "cam0" / "images" / "5.0.0").unlink()

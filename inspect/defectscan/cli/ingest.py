@@ -139,8 +139,8 @@ def register_command(app: AppContext, url, array_path, lot, line, product, camer
     data in 16-bit words), at least 16x16, with whole-image chunks for stacks. Stores of other
     writers are adopted as they are: no group metadata above the array, a store that is one array,
     any standard codec, several images per chunk, sharding. Images with missing chunks are listed and left out
-    (exit status 3). Registering an unchanged store again changes nothing; a store that
-    changed since it was registered is refused.
+    (exit status 3); registering the store again adds those whose chunks were written since. Registering an
+    unchanged store again changes nothing else; a store that changed since it was registered is refused.
 
     \b
     Example:
@@ -157,6 +157,9 @@ def register_command(app: AppContext, url, array_path, lot, line, product, camer
         _report_problems(registration.problems)
         if registration.created:
             click.echo(f"registered image set {image_set.id}: {image_set.uri} ({_summary(image_set)})")
+        elif registration.arrived:
+            click.echo(f"already registered: image set {image_set.id}: {image_set.uri}; {registration.arrived} of the images left out "
+                       f"then are stored now and were added ({_summary(image_set)})")
         else:
             click.echo(f"already registered, unchanged: image set {image_set.id}: {image_set.uri}")
     if registration.problems:

@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,13 @@ class Registration:
     # False when the store was already registered, unchanged: nothing was written.
     created: bool
     problems: ProblemLog = field(default_factory=ProblemLog)
+    # Images of an already registered set whose chunks were not stored then and are now: rows added by this call.
+    arrived: int = 0
+
+
+# attrs key: positions left out at registration because their chunks were not stored. An acquisition store can be
+# found while its camera still writes; they get rows once their chunks are there (see `_register_arrived`).
+MISSING_IMAGES = "missing_images"
 
 
 def register_store(
@@ -54,7 +61,8 @@ def register_store(
 
     Options given here override the store's own provenance attributes in the database row (the
     store itself is never written). Images whose chunks are not stored are reported in
-    `problems` and get no row; a strip with missing tiles is refused.
+    `problems` and get no row; a strip with missing tiles is refused. Registering the store again
+    gives rows to those whose chunks have been written since, and reports the others again.
     """
     uri = layout.resolve_uri(location)
     group = layout.open_group(uri)
@@ -67,7 +75,8 @@ def register_store(
     existing = session.scalar(select(ImageSet).where(ImageSet.uri == uri))
     if existing is not None:
         _check_same_registration(existing, info, labels, acquired_at, bit_depth)
-        return Registration(existing, created=False, problems=_problems_left_out(existing, info, problems))
+        arrived = _register_arrived(session, existing, group, info, acquired_at) if check_chunks else 0
+        return Registration(existing, created=False, problems=_problems_left_out(existing, info, problems), arrived=arrived)
 
     missing = layout.missing_chunks(group[array_path]) if check_chunks else layout.MissingChunks([], [])
     if missing and info.kind == "strip":
@@ -91,7 +100,8 @@ def register_store(
         n_images=len(rows),
         checksum=info.checksum,
         attrs={**_recorded_attrs(info, skipped), **({"bit_depth": bit_depth} if bit_depth is not None else {}),
-               **({FILL_MISSING: True} if not check_chunks else {})},
+               **({FILL_MISSING: True} if not check_chunks else {}),
+               **({MISSING_IMAGES: sorted(set(missing.images))} if missing.images else {})},
     )
     try:
         _insert(session, image_set, rows)
@@ -134,22 +144,65 @@ def _image_rows(group, info: layout.ImageSetInfo, missing: layout.MissingChunks,
                 set_time: dt.datetime | None, override_time: bool) -> list[dict[str, Any]]:
     """One `images` row per image whose chunks are stored (the others go to `problems`)."""
     n = info.n_images
+    keys = _read_keys(group, info)
+    for position in missing.images:
+        problems.add(_missing_path(info, position, keys[position]), MISSING_REASON)
+    if len(set(missing.images)) == n:
+        raise DataError(f"{info.uri}: every image of '{info.array_path}' has missing chunks: {missing.describe()}")
+    skipped = set(missing.images)
+    return _rows_at(group, info, keys, [i for i in range(n) if i not in skipped], set_time=set_time, override_time=override_time)
+
+
+MISSING_REASON = "chunk not stored (would read as blank pixels)"
+
+
+def _missing_path(info: layout.ImageSetInfo, position: int, key: str) -> str:
+    return f"{info.uri} [{info.array_path} image {position}, key {key}]"
+
+
+def _read_keys(group, info: layout.ImageSetInfo) -> list[str]:
     try:
-        keys = layout.read_keys(group, n)
+        return layout.read_keys(group, info.n_images)
+    except DataError as exc:
+        raise DataError(f"{info.uri}: {exc}") from None
+
+
+def _rows_at(group, info: layout.ImageSetInfo, keys: list[str], positions: list[int], *, set_time: dt.datetime | None,
+             override_time: bool) -> list[dict[str, Any]]:
+    """The `images` rows of these positions: key, capture time (the store's, else `set_time`) and size."""
+    n = info.n_images
+    try:
         times = [set_time] * n if override_time else layout.read_times(group, n, default=set_time)
         sizes = layout.read_sizes(group, info.shape)
     except DataError as exc:
         raise DataError(f"{info.uri}: {exc}") from None
-    for position in missing.images:
-        problems.add(f"{info.uri} [{info.array_path} image {position}, key {keys[position]}]", "chunk not stored (would read as blank pixels)")
-    if len(set(missing.images)) == n:
-        raise DataError(f"{info.uri}: every image of '{info.array_path}' has missing chunks: {missing.describe()}")
-    skipped = set(missing.images)
-    return [
-        {"position": i, "key": keys[i], "acquired_at": times[i], "height": sizes[i][0], "width": sizes[i][1]}
-        for i in range(n)
-        if i not in skipped
-    ]
+    return [{"position": i, "key": keys[i], "acquired_at": times[i], "height": sizes[i][0], "width": sizes[i][1]} for i in positions]
+
+
+def _register_arrived(session: Session, image_set: ImageSet, group, info: layout.ImageSetInfo, acquired_at: dt.datetime | None) -> int:
+    """Rows for the images left out at registration whose chunks are stored now; returns how many. The ones
+    still missing stay in the set's `skipped` list, and so are reported again by every registration."""
+    waiting = set((image_set.attrs or {}).get(MISSING_IMAGES) or [])
+    if not waiting:
+        return 0
+    arrived = sorted(waiting - set(layout.missing_chunks(group[info.array_path]).images))
+    if not arrived:
+        return 0
+    keys = _read_keys(group, info)
+    rows = _rows_at(group, info, keys, arrived, set_time=acquired_at or image_set.acquired_at, override_time=acquired_at is not None)
+    resolved = {_missing_path(info, i, keys[i]) for i in arrived}
+    attrs = dict(image_set.attrs or {})
+    attrs["skipped"] = [p for p in attrs.get("skipped", []) if not (p.get("path") in resolved and p.get("reason") == MISSING_REASON)]
+    attrs[MISSING_IMAGES] = sorted(waiting - set(arrived))
+    try:
+        session.execute(insert(Image), [{**row, "image_set_id": image_set.id} for row in rows])
+        session.execute(update(ImageSet).where(ImageSet.id == image_set.id).values(n_images=ImageSet.n_images + len(rows), attrs=attrs))
+        session.commit()
+    except IntegrityError:
+        session.rollback()  # another registration added them first
+        return 0
+    session.refresh(image_set)
+    return len(rows)
 
 
 def _insert(session: Session, image_set: ImageSet, rows: list[dict[str, Any]]) -> None:

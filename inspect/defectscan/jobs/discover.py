@@ -16,7 +16,7 @@ from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from defectscan.data import imageset as layout
-from defectscan.data.register import register_store
+from defectscan.data.register import MISSING_IMAGES, register_store
 from defectscan.db.schema import Image, ImageSet, Inspection, Model
 from defectscan import interrupts
 from defectscan.errors import DataError
@@ -34,11 +34,14 @@ class Discovery:
     new: list[str] = field(default_factory=list)
     # Left for a later run: their writer has not finished them.
     incomplete: list[str] = field(default_factory=list)
-    # "uri: reason" for stores that could not be registered.
+    # "uri: reason" for stores that could not be registered, and images still left out of registered ones.
     problems: list[str] = field(default_factory=list)
+    # Images of stores registered before whose chunks were written since: rows added by this run.
+    arrived: int = 0
 
     def as_record(self) -> dict:
-        return {"matched": len(self.matched), "new": self.new, "incomplete": self.incomplete, "problems": self.problems}
+        return {"matched": len(self.matched), "new": self.new, "incomplete": self.incomplete, "problems": self.problems,
+                "arrived": self.arrived}
 
 
 def match_stores(spec: JobSpec, spec_file: Path) -> list[str]:
@@ -81,16 +84,18 @@ def _is_incomplete(uri: str) -> bool:
 
 
 def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
-    """Register every matched store not registered yet; registered ones are left as they are."""
+    """Register every matched store not registered yet. A registered one is left as it is, unless images were
+    left out of it because their chunks were not stored yet (a camera still writing): those are looked for again."""
     found = Discovery(matched=match_stores(spec, spec_file))
     if not found.matched:
         return found
-    known = set(session.scalars(select(ImageSet.uri).where(ImageSet.uri.in_(found.matched))))
+    known = {uri: bool((attrs or {}).get(MISSING_IMAGES))
+             for uri, attrs in session.execute(select(ImageSet.uri, ImageSet.attrs).where(ImageSet.uri.in_(found.matched)))}
     for uri in found.matched:
         interrupts.check()  # between stores: each registration is whole or absent
-        if uri in known:
+        if uri in known and not known[uri]:
             continue
-        if _is_incomplete(uri):
+        if uri not in known and _is_incomplete(uri):
             found.incomplete.append(uri)
             continue
         try:
@@ -104,6 +109,7 @@ def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
             found.problems.append(f"{problem.path}: {problem.reason}")
         if registration.created:
             found.new.append(uri)
+        found.arrived += registration.arrived
     return found
 
 

@@ -117,7 +117,9 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     with factory() as session:
         found = discover(session, spec, spec_file)
         outcome.discovery = found
-        echo(f"discovered {len(found.matched)} stores: {len(found.new)} new, {len(found.incomplete)} still being written, {len(found.problems)} refused")
+        arrived = f", {found.arrived} images written since into stores registered before" if found.arrived else ""
+        echo(f"discovered {len(found.matched)} stores: {len(found.new)} new, {len(found.incomplete)} still being written, "
+             f"{len(found.problems)} refused{arrived}")
         # Resolved before anything else: a model that cannot run fails the job on a night without data too.
         model = resolve_model(session, spec)
         if spec.source.glob is not None and not found.matched:
