@@ -95,13 +95,15 @@ def test_image_sets_with_work_follow_the_model_and_the_filters(factory, tmp_path
     from pipeline_helpers import register
 
     register(factory, old), register(factory, new)
+    timeless = register(factory, write_stack(tmp_path / "timeless.zarr", square_images(2), lot="L3"))  # no capture time
+    assert timeless.acquired_at is None
     with factory() as session:
         by_lot = image_sets_with_work(session, _spec(lot="L1"), model, [])
         recent = image_sets_with_work(session, _spec(since="7d"), model, [])
         by_glob = image_sets_with_work(session, _spec(glob="*.zarr"), model, [str(tmp_path / "new.zarr")])
         nothing_matched = image_sets_with_work(session, _spec(glob="*.zarr"), model, [])
     assert [s.lot for s in by_lot] == ["L1"]
-    assert [s.lot for s in recent] == ["L2"]
+    assert sorted(s.lot for s in recent) == ["L2", "L3"]  # a set without a capture time counts from its registration
     assert [s.lot for s in by_glob] == ["L2"]
     assert nothing_matched == []
 
@@ -169,3 +171,26 @@ def test_a_null_in_the_spec_undoes_a_site_setting(tmp_path):
     settings = load_settings(site, environ={}, overrides=spec.setting_overrides("line-a.yaml"))
     assert (settings.inspection.threshold, settings.inspection.fail_score) == (None, None)  # the model's operating point
     assert load_settings(site, environ={}).inspection.threshold == 0.5
+
+
+def test_a_store_with_broken_metadata_is_named_and_the_others_still_go_on(cli, migrated_url, factory, tmp_path):
+    """An empty images/zarr.json (a copy under way, a writer that crashed) raised JSONDecodeError out of discovery:
+    the job failed every night, naming no store, and the good stores were never inspected."""
+    from jobs_helpers import write_spec
+
+    add_model(factory, save_threshold_model(tmp_path / "m.keras"))
+    good = write_stack(tmp_path / "incoming" / "A1.zarr", square_images(2), lot="A1")
+    broken = write_stack(tmp_path / "incoming" / "B1.zarr", square_images(2), lot="B1")
+    (broken / "images" / "zarr.json").write_text("")
+    with factory() as session:
+        found = discover(session, _spec(glob="incoming/*.zarr"), tmp_path / "line-a.yaml")
+    assert found.new == [str(good)]
+    assert found.problems == [f"{broken}: the metadata of array 'images' cannot be read (JSONDecodeError: Expecting value: line 1 column 1 (char 0))"]
+
+    # Registered, then its metadata cut short: the run names it and is partial (nothing else to inspect: no cluster).
+    shutil.rmtree(broken)
+    (good / "images" / "zarr.json").write_text('{"zarr_format": 3, "node_')
+    write_spec(tmp_path, "line-a", source={"glob": "incoming/*.zarr"}, model="threshold:1")
+    result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a")
+    assert result.exit_code == 3, result.output
+    assert f"{good}: the metadata of array 'images' cannot be read (JSONDecodeError" in result.output

@@ -145,6 +145,10 @@ def open_images(group, uri: str, array_path: str = IMAGES):
         arrays = sorted(name for name, _ in group.arrays())
         listed = ", ".join(arrays) if arrays else "none"
         raise DataError(f"{uri}: no array '{array_path}' in the store (arrays at its root: {listed})") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        # Its metadata empty or cut short (a copy under way, a writer that crashed), or not Zarr's: zarr's own
+        # errors are ValueErrors, json's too, and a field of the wrong type is a TypeError.
+        raise DataError(f"{uri}: the metadata of array '{array_path}' cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(node, zarr.Array):
         raise DataError(f"{uri}: '{array_path}' is a group, not an array")
     return node

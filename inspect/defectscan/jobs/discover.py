@@ -77,9 +77,9 @@ def missing_glob_folder(spec: JobSpec, spec_file: Path) -> None:
 def _is_incomplete(uri: str) -> bool:
     try:
         group = layout.open_group(uri)
-    except DataError:
-        return False
-    meta = dict(group.attrs).get(layout.META_ATTR)
+        meta = dict(group.attrs).get(layout.META_ATTR)
+    except Exception:
+        return False  # registration then says what is wrong with it
     return isinstance(meta, dict) and meta.get("complete") is False
 
 
@@ -104,6 +104,12 @@ def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
             session.rollback()
             found.problems.append(str(exc))
             log.warning("job '%s': %s", spec.name, exc)
+            continue
+        except Exception as exc:
+            # Whatever one store does (a codec missing, a reader's bug), the job's other stores still run.
+            session.rollback()
+            found.problems.append(f"{uri}: cannot be registered: {type(exc).__name__}: {exc}")
+            log.exception("job '%s': %s cannot be registered", spec.name, uri)
             continue
         for problem in registration.problems:
             found.problems.append(f"{problem.path}: {problem.reason}")
@@ -144,5 +150,6 @@ def _in_scope(query, spec: JobSpec, matched: list[str]):
         if value is not None:
             query = query.where(column == value)
     if source.since is not None:
-        query = query.where(ImageSet.acquired_at >= since_time(source.since))
+        # A set without a capture time counts from its registration: left out, it was never inspected nor reported.
+        query = query.where(func.coalesce(ImageSet.acquired_at, ImageSet.registered_at) >= since_time(source.since))
     return query

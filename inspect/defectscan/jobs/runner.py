@@ -138,6 +138,10 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         except DefectscanError as exc:
             found.problems.append(str(exc))
             continue
+        except Exception as exc:
+            log.exception("job '%s': %s cannot be checked", spec.name, image_set.uri)
+            found.problems.append(f"{image_set.uri}: cannot be checked against its registration: {type(exc).__name__}: {exc}")
+            continue
         image_sets.append(image_set)
     outcome.errors.extend(found.problems[:20])
     outcome.n_image_sets = len(image_sets)
