@@ -90,6 +90,12 @@ def test_the_shipped_demo_job_validates():
          " line 2: key 'schedule' has value '0 2 L * *': not a valid cron expression; fields: minute 0-59"),
         (GOOD.replace('"0 2 * * 1-5"', '"0 0 30 2 *"'),
          " line 2: key 'schedule' has value '0 0 30 2 *': the schedule never fires (no such date in any year, e.g. 30 February)"),
+        (GOOD.replace('"0 2 * * 1-5"', '"0 2 * * 1-7"'),
+         " line 2: key 'schedule' has value '0 2 * * 1-7': day-of-week '1-7' is outside 0-6 (Sunday is 0)"),
+        (GOOD.replace('"0 2 * * 1-5"', '"0 22-2 * * *"'),
+         " line 2: key 'schedule' has value '0 22-2 * * *': hour range '22-2' runs backwards, which Kubernetes refuses; write it as two"),
+        (GOOD.replace('"0 2 * * 1-5"', '"0 2 * * fri-mon"'),
+         " line 2: key 'schedule' has value '0 2 * * fri-mon': day-of-week range 'fri-mon' runs backwards"),
         (GOOD.replace("threshold: 0.4", "threshold: 1.5"),
          " line 11: key 'inspection.threshold' has value 1.5: Input should be less than 1"),
         (GOOD.replace("batch_size: 4", "batch_size: 5"),
@@ -109,7 +115,8 @@ def test_the_shipped_demo_job_validates():
         ("- just\n- a list\n", ": expected a mapping of job settings at the top level, got list"),
         ("name: [unclosed\n", " line 2: not valid YAML"),
     ],
-    ids=["unknown-key", "cron-4-fields", "cron-range", "cron-nth-weekday", "cron-last-day", "cron-never", "threshold", "cross-field", "inspection-key", "timezone", "scheduler",
+    ids=["unknown-key", "cron-4-fields", "cron-range", "cron-nth-weekday", "cron-last-day", "cron-never", "cron-sunday-7", "cron-wrapping-hours",
+         "cron-wrapping-days", "threshold", "cross-field", "inspection-key", "timezone", "scheduler",
          "name", "empty-source", "missing", "not-mapping", "bad-yaml"],
 )
 def test_a_bad_spec_names_file_line_key_value_and_what_is_accepted(tmp_path, text, expected):

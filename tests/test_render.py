@@ -109,12 +109,17 @@ def test_kubernetes_cronjobs_are_valid_and_keep_secrets_in_secrets(specs, tmp_pa
     config_map, *cronjobs = documents
     assert config_map["kind"] == "ConfigMap" and config_map["data"] == {"line-a.yaml": "name: line-a\n", "line-b.yaml": "name: line-b\n"}
     assert [c["metadata"]["name"] for c in cronjobs] == ["defectscan-line-a", "defectscan-line-b"]
+    tricky = [specs[0].model_copy(update={"name": name}) for name in ("line-job-a", "line-a")]  # "line-job-a" was named "defectscan-line-a" too
+    assert [d["metadata"]["name"] for d in list(yaml.safe_load_all(render_kubernetes(tricky, {}, RenderOptions())))[1:]] == [
+        "defectscan-line-job-a", "defectscan-line-a"]
     for spec, cronjob in zip(specs, cronjobs):
         assert (cronjob["apiVersion"], cronjob["kind"]) == ("batch/v1", "CronJob")
         assert cronjob["spec"]["schedule"] == spec.schedule and cronjob["spec"]["timeZone"] == spec.timezone
         assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
         pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         assert pod["restartPolicy"] == "Never"
+        [no_retry] = [r for r in cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+        assert no_retry["onExitCodes"]["values"] == [3, 75]  # a retry of a partial run found nothing new and hid it
         [container] = pod["containers"]
         assert container["image"] == "registry.example/defectscan:1.2.3"
         assert "command" not in container  # the image's tini entrypoint stays PID 1

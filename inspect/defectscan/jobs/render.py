@@ -218,7 +218,7 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": {"name": unit_name(spec).replace("-job-", "-"), "namespace": options.namespace, "labels": _labels(spec.name)},
+        "metadata": {"name": f"defectscan-{spec.name}", "namespace": options.namespace, "labels": _labels(spec.name)},
         "spec": {
             "schedule": spec.schedule,
             "timeZone": spec.timezone,
@@ -233,8 +233,9 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
                     "backoffLimit": 2,
                     "podFailurePolicy": {
                         "rules": [
-                            # Already running elsewhere: another pod would only find the same lock.
-                            {"action": "FailJob", "onExitCodes": {"containerName": "job", "operator": "In", "values": [75]}},
+                            # Already running elsewhere: another pod would only find the same lock. Partial (3): a
+                            # second pod would find nothing new, succeed, and hide the images in error.
+                            {"action": "FailJob", "onExitCodes": {"containerName": "job", "operator": "In", "values": [3, 75]}},
                             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                         ]
                     },

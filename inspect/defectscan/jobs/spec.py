@@ -249,10 +249,34 @@ def check_cron(expression: str) -> None:
     if not all(_STANDARD_FIELD.fullmatch(field) for field in fields) or not croniter.is_valid(expression):
         raise ValueError("not a valid cron expression; fields: minute 0-59, hour 0-23, day-of-month 1-31, month 1-12, day-of-week 0-6 (Sun=0)"
                          "; numbers, names (jan, mon), *, ranges a-b, lists a,b and steps /n")
+    _check_ranges(fields)
     try:
         croniter(expression, dt.datetime(2026, 1, 1)).get_next(dt.datetime)
     except Exception:  # croniter's CroniterBadDateError: e.g. 30 February
         raise ValueError("the schedule never fires (no such date in any year, e.g. 30 February)") from None
+
+
+_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 6))
+_NAMED = {**{m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+          **{d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}}
+
+
+def _check_ranges(fields: list[str]) -> None:
+    """What croniter takes and Kubernetes' parser (robfig/cron) refuses or systemd reads otherwise: day-of-week 7,
+    a range that wraps (22-2, fri-mon), a step of 0."""
+    for field, (name, low, high) in zip(fields, _FIELDS, strict=True):
+        for term in field.lower().split(","):
+            span, _, step = term.partition("/")
+            if step and int(step) == 0:
+                raise ValueError(f"{name} '{term}': a step must be at least 1")
+            if span == "*":
+                continue
+            first, _, last = span.partition("-")
+            start, end = (_NAMED[v] if v in _NAMED else int(v) for v in (first, last or first))
+            if not (low <= start <= high and low <= end <= high):
+                raise ValueError(f"{name} '{span}' is outside {low}-{high}" + (" (Sunday is 0)" if name == "day-of-week" else ""))
+            if start > end:
+                raise ValueError(f"{name} range '{span}' runs backwards, which Kubernetes refuses; write it as two, e.g. 22-23,0-2")
 
 
 _VALUE = r"([0-9]+|jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|sun|mon|tue|wed|thu|fri|sat)"
