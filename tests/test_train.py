@@ -90,6 +90,18 @@ def test_a_folder_resumes_only_its_own_run(synth, tmp_path):
     assert (longer.resumed_from, longer.step) == (3, 8)  # going further, or logging otherwise, is the same run
 
 
+def test_a_run_stopped_before_writing_its_summary_still_resumes_only_itself(synth, tmp_path):
+    """Ctrl-C or a crash leaves checkpoints and no training.json: any recipe resumed them, and the model was labelled
+    with a seed and rate it was not trained with. The run's record is written before its first step."""
+    from defectscan.errors import ModelError
+
+    train(load_recipe(CPU_RECIPE, data_path=str(synth)), tmp_path, stop_at=3, progress=False)
+    (tmp_path / "training.json").unlink()  # as a Ctrl-C leaves the folder: checkpoints, no summary
+    with pytest.raises(ModelError, match=r"holds checkpoints of another run \(it differs in optimizer.learning_rate, train.seed\)"):
+        train(load_recipe(CPU_RECIPE, ["train.seed=5", "optimizer.learning_rate=0.5"], str(synth)), tmp_path, progress=False)
+    assert train(load_recipe(CPU_RECIPE, data_path=str(synth)), tmp_path, progress=False).resumed_from == 3
+
+
 def test_a_fixed_seed_repeats_and_another_seed_differs(uninterrupted, synth, tmp_path):
     recipe = load_recipe(CPU_RECIPE, data_path=str(synth))
     repeat = train(recipe, tmp_path / "same", progress=False)

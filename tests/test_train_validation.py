@@ -76,6 +76,24 @@ def test_resuming_keeps_the_validation_history(synth, validated, tmp_path):
     assert resumed.best_step == validated[0].best_step
 
 
+def test_a_new_run_in_a_used_folder_validates_and_saves_its_own_weights(synth, tmp_path):
+    """With the checkpoints deleted, a new run read the old validation.json: it validated no step already in that
+    history and, at the end, saved the old run's kept weights under the new recipe."""
+    import shutil
+
+    recipe = load_recipe(CPU_RECIPE, VALIDATED, data_path=str(synth))
+    first = train(recipe, tmp_path, progress=False)
+    before = [w.copy() for w in load_model(first.model_path).get_weights()]
+    first_history = json.loads((tmp_path / "validation.json").read_text())["history"]
+    shutil.rmtree(tmp_path / "checkpoints")
+    second = train(load_recipe(CPU_RECIPE, [*VALIDATED, "train.seed=7", "optimizer.learning_rate=0.05"], str(synth)), tmp_path, progress=False)
+    assert second.resumed_from == 0
+    state = json.loads((tmp_path / "validation.json").read_text())
+    assert [entry["step"] for entry in state["history"]] == [2, 4, 6] and state["history"] != first_history  # its own, not the first run's
+    after = load_model(second.model_path).get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_a_validation_part_without_good_images_is_refused(tmp_path):
     root = tmp_path / "all-defective"
     write_synthetic_dagm(root, SynthSpec(classes=1, train=6, test=0, size=32, defect_fraction=1.0, seed=0))

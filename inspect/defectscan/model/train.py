@@ -4,6 +4,7 @@ Output folder layout:
     checkpoints/        tf.train checkpoints (model + optimizer, step = optimizer iterations)
     tensorboard/        scalar logs: loss, dice, learning rate, images per second
     model.keras         the trained model (saved at the end)
+    run.json            recipe and training images, written before the first step: what a resume must match
     training.json       recipe, steps, time, last loss/Dice, dataset summary
 
 A run that finds checkpoints in its folder continues from the latest: the step counter goes on
@@ -343,6 +344,8 @@ def train(
             optimizer.build(model.trainable_variables)
         _check_same_run(recipe, training_images, out_dir)
         manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
+        if manager.latest_checkpoint is None:
+            _start_record(recipe, training_images, out_dir)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
 
@@ -464,11 +467,26 @@ def _usable_images(images: LabelledImages) -> LabelledImages:
 _RESUMABLE = {"train.steps", "train.log_every", "train.checkpoint_every"}
 
 
+# What a run is (recipe and training images), written before its first step: training.json comes at the end of a
+# run (or a pause), and a run stopped by Ctrl-C or a crash left checkpoints that any recipe then resumed.
+RUN_RECORD = "run.json"
+
+
+def _start_record(recipe: Recipe, training_images: LabelledImages, out_dir: Path) -> None:
+    """A new run in `out_dir`: its record, and no validation history or kept weights of an earlier run there
+    (they were read back as this run's: a fresh run in a used folder saved the old run's weights)."""
+    for stale in ("validation.json", "best.weights.h5"):
+        (out_dir / stale).unlink(missing_ok=True)
+    record = {"recipe": recipe.model_dump(mode="json"), "dataset": training_images.describe()}
+    (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _check_same_run(recipe: Recipe, training_images: LabelledImages, out_dir: Path) -> None:
     """A folder with checkpoints resumes the run it holds, not another: the same recipe (but `_RESUMABLE`) and
-    training images as its training.json records; else the model it saves would be labelled with what it was not trained on."""
-    recorded = out_dir / "training.json"
-    if not (out_dir / "checkpoints").is_dir() or not recorded.is_file():
+    training images as its run.json (or, from before it, training.json) records; else the model it saves would be
+    labelled with what it was not trained on."""
+    recorded = next((path for path in (out_dir / RUN_RECORD, out_dir / "training.json") if path.is_file()), None)
+    if not (out_dir / "checkpoints").is_dir() or recorded is None:
         return
     before = json.loads(recorded.read_text())
     was, now = _flat(before.get("recipe") or {}), _flat(recipe.model_dump(mode="json"))
