@@ -53,6 +53,26 @@ def test_augmentation_moves_image_and_target_together():
     assert len(seen) > 1, "flips/rotations place the defect differently"
 
 
+def test_whole_non_square_images_are_turned_by_half_turns_only_and_stay_intact():
+    """A quarter turn made a 32x48 image 48x32, and batching re-read its pixels as 32x48: image and mask scrambled alike."""
+    def load(i):
+        image = np.full((32, 48), 10 * i + 5, np.uint8)
+        mask = np.zeros((32, 48), np.uint8)
+        image[2:10, 3:7], mask[2:10, 3:7] = 250, 1
+        return image, mask
+
+    images = LabelledImages("wide", [str(i) for i in range(4)], ["defect"], (32, 48), load, [True] * 4)
+    places = set()
+    for x, y in _take(training_dataset(images, batch_size=4, seed=0), 6):
+        for image, target in zip(x, y):
+            defect = np.isclose(image[..., 0], 250 / 127.5 - 1)
+            rows, cols = np.nonzero(defect)
+            assert defect.sum() == 32 and (np.ptp(rows), np.ptp(cols)) == (7, 3)  # still one 8x4 square, where the label is
+            assert np.array_equal(defect, target[..., 0] > 0)
+            places.add((rows.min(), cols.min()))
+    assert places == {(2, 3), (2, 41), (22, 3), (22, 41)}  # as it was, mirrored, turned half, both
+
+
 def test_same_seed_same_stream_and_start_step_continues_it():
     images = _images()
     a = _take(training_dataset(images, batch_size=2, seed=7, crop_size=16), 5)

@@ -95,6 +95,9 @@ def _flip_rotate(image, target, seed):
     image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
     target = tf.cond(flip, lambda: tf.reverse(target, [1]), lambda: target)
     k = tf.cast(u[1] * 4, tf.int32)
+    # A quarter turn of a non-square image changes its shape, and batching then re-read its pixels in the old
+    # shape (image and mask alike: nothing failed, the rows were scrambled). Half turns only, for those.
+    k = tf.where(tf.equal(tf.shape(image)[0], tf.shape(image)[1]), k, (k // 2) * 2)
     return tf.image.rot90(image, k), tf.image.rot90(target, k)
 
 
