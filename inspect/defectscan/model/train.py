@@ -342,10 +342,7 @@ def train(
             _freeze(model, spec.freeze)
             optimizer = _optimizer(recipe)
             optimizer.build(model.trainable_variables)
-        _check_same_run(recipe, training_images, out_dir)
-        manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
-        if manager.latest_checkpoint is None:
-            _start_record(recipe, training_images, out_dir)
+        manager = _resume_or_start(recipe, model, optimizer, training_images, out_dir)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
 
@@ -470,6 +467,15 @@ _RESUMABLE = {"train.steps", "train.log_every", "train.checkpoint_every"}
 # What a run is (recipe and training images), written before its first step: training.json comes at the end of a
 # run (or a pause), and a run stopped by Ctrl-C or a crash left checkpoints that any recipe then resumed.
 RUN_RECORD = "run.json"
+
+
+def _resume_or_start(recipe: Recipe, model, optimizer, training_images: LabelledImages, out_dir: Path):
+    """The run's checkpoint manager: the folder's own run resumed, or a new one recorded."""
+    _check_same_run(recipe, training_images, out_dir)
+    manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
+    if manager.latest_checkpoint is None:
+        _start_record(recipe, training_images, out_dir)
+    return manager
 
 
 def _start_record(recipe: Recipe, training_images: LabelledImages, out_dir: Path) -> None:
