@@ -111,6 +111,38 @@ def test_the_figures_counted_by_the_database_agree_with_the_decisions_image_by_i
     assert (figures.defects_reviewed, figures.defects_confirmed) == (n[1] + n[3] + n[5], n[1] + n[5])
 
 
+def test_a_redo_of_the_same_version_keeps_qas_decisions_and_exports_nothing_qa_did_not_see(factory, cluster, lot, tmp_path):
+    """`inspect --force` replaced the defects: QA's decisions on them lost their defect and dropped out of the figures,
+    the queue and the export, and an explicit `fail` then painted the redo's defects, which QA never saw."""
+    from defectscan.db.schema import Model
+    from defectscan.review.export import export_reviewed
+
+    ids, defects = lot
+    with factory() as session:
+        review_defects(session, defects[1], "confirmed", by="anna", note="crack")
+        review_defects(session, defects[3], "false-call", by="anna")
+        review_images(session, [ids[5]], "fail", by="ben")  # its defect undecided: QA saw it on this inspection
+        before = [(d.image_id, d.decision) for d in decided_images(session, Filters(lot="R1"))]
+        [figures_before] = review_figures(session, Filters(lot="R1")).values()
+        model = session.scalar(select(Model))
+        image_set = session.get(Image, ids[0]).image_set
+    assert export_reviewed(factory(), tmp_path / "first", Filters(lot="R1")).defective == 2  # images 1 and 5
+
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    assert inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2, force=True).status == "succeeded"
+    with factory() as session:
+        assert [(d.image_id, d.decision) for d in decided_images(session, Filters(lot="R1"))] == before
+        [figures_after] = review_figures(session, Filters(lot="R1")).values()
+        carried = session.scalars(select(DefectReview).where(DefectReview.note.like("carried from defect%"))).all()
+    assert figures_after == figures_before
+    assert sorted((r.image_id, r.decision, r.reviewer) for r in carried) == sorted(
+        [(ids[1], "confirmed", "anna")] * len(defects[1]) + [(ids[3], "false-call", "anna")] * len(defects[3]))
+    assert any(r.note.endswith(": crack") for r in carried)
+    again = export_reviewed(factory(), tmp_path / "again", Filters(lot="R1"))
+    assert again.defective == 1 and again.skipped == [  # image 5: the redo's defect was never shown to QA
+        f"image {ids[5]}: QA failed it, but no confirmed defect or drawn mask says where"]
+
+
 def test_a_newer_decision_supersedes_and_both_are_kept(factory, lot, cli, migrated_url):
     ids, defects = lot
     with factory() as session:
@@ -350,7 +382,8 @@ def test_the_lots_listing_reads_a_rollup_that_stays_equal_to_a_recount(factory, 
         listed, live = _listed_figures(factory, Filters(since=since))
         assert listed["R1"] == live["R1"] and listed["R1"]["false_calls"] == 2
 
-    # inspected again (--force): the model's defects are replaced, so the defect decisions no longer decide images 1, 3 and 5
+    # inspected again (--force): the model's defects are replaced and QA's decisions carried to the new ones
+    before = _listed_figures(factory, Filters())[0]["R1"]
     settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
     with factory() as session:
         image_set = session.scalars(select(ImageSet)).one()
@@ -358,7 +391,7 @@ def test_the_lots_listing_reads_a_rollup_that_stays_equal_to_a_recount(factory, 
     assert inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2, force=True).status == "succeeded"
     assert _rollup_rows(factory) == _recounted(factory)
     listed, live = _listed_figures(factory, Filters())
-    assert listed["R1"] == live["R1"] and (listed["R1"]["failed_reviewed"], listed["R1"]["defects_reviewed"]) == (1, 0)
+    assert listed["R1"] == live["R1"] == before and (listed["R1"]["failed_reviewed"], listed["R1"]["defects_reviewed"]) == (4, 3)
 
 
 def test_a_decision_committed_while_another_version_records_results_is_counted_in_the_rollup(factory, lot, cluster, tmp_path, database_url):

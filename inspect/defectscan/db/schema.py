@@ -344,7 +344,8 @@ class DefectReview(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    # SET NULL: a re-inspection (--force) replaces the defects; the decisions stay on record with their image.
+    # SET NULL: a re-inspection (--force) replaces the defects; the decisions stay on record with their image, and each
+    # goes to the matching new defect as a row of its own (pipeline/carried_reviews.py).
     defect_id: Mapped[int | None] = mapped_column(ForeignKey("defects.id", ondelete="SET NULL"))
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     decision: Mapped[str] = mapped_column(String(16))

@@ -19,6 +19,7 @@ from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, Inspe
 from defectscan.db.session import database_error, is_read_only_error
 from defectscan.errors import DatabaseError, first_line
 from defectscan.model.verdict import ImageResult
+from defectscan.pipeline import carried_reviews
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,6 +168,8 @@ def record_results(
     acquired = {image_id: when for _, image_id, when in found}
     daily = _Daily()
     ours = (Inspection.model_id == model_id) & Inspection.image_id.in_(list(image_ids.values()))
+    # QA's decisions on the defects a redo replaces go to the matching new ones (images in error have none).
+    decided = carried_reviews.decisions_on(session, ours) if redo == "all" else {}
     if redo != "none":
         _delete_for_redo(session, ours, redo, acquired, daily)
     # What is left was recorded by a concurrent run after this one planned its work.
@@ -185,7 +188,11 @@ def record_results(
     inserted = session.execute(insert(Inspection).returning(Inspection.id, sort_by_parameter_order=True), rows).scalars().all()
     defect_rows = [_defect_row(inspection_id, d) for inspection_id, (_, result) in zip(inserted, todo, strict=True) for d in result.defects]
     if defect_rows:
-        session.execute(insert(Defect), defect_rows)
+        defect_ids = session.execute(insert(Defect).returning(Defect.id, sort_by_parameter_order=True), defect_rows).scalars().all()
+        if decided:
+            image_of = dict(zip(inserted, (image_id for image_id, _ in todo), strict=True))
+            carried_reviews.carry(session, decided, [(image_of[row["inspection_id"]], defect_id, row)
+                                                     for defect_id, row in zip(defect_ids, defect_rows, strict=True)])
     for row in rows:
         daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
     daily.write(session, image_set_id, model_id)

@@ -6,7 +6,8 @@
 An image QA passed is defect-free (the model's false calls become good examples). An image QA
 failed is labelled with its confirmed defects (each defect's mask, the score map above the rule's
 threshold inside its region) and the mask QA drew for a defect the model missed; under an
-explicit `fail`, defects QA did not decide count as confirmed (QA saw them and failed the part).
+explicit `fail`, defects QA did not decide count as confirmed when they are those of the inspection
+QA looked at (QA saw them and failed the part), not another model version's or a redo's.
 Images without a decision are left out, as is a failed image with nothing to draw (no confirmed
 defect, no drawn mask), which is listed in `skipped`. All defect classes go into one label (one
 class folder): a multi-class model's classes are listed per file in export.json.
@@ -116,9 +117,12 @@ def _label(session: Session, item: Decided, drawn, source: ImageSource) -> tuple
     classes: set[str] = set()
     defects = session.scalars(select(Defect).where(Defect.inspection_id == item.inspection_id)).all()
     explicit = drawn is not None and drawn.decision == "fail"
+    # Undecided defects count as seen only on the inspection QA looked at: another model version's, or a redo's
+    # (--force), were never shown to QA, and painted the very regions QA had called false calls.
+    seen = explicit and drawn.inspection_id == item.inspection_id
     for defect in defects:
         decision = item.defect_decisions.get(defect.id)
-        if decision == "confirmed" or (decision is None and explicit):
+        if decision == "confirmed" or (decision is None and seen):
             box = (defect.bbox_y0, defect.bbox_x0, defect.bbox_y1, defect.bbox_x1)
             _paint(label, box, rle.decode(defect.rle, (box[2] - box[0], box[3] - box[1])))
             classes.add(defect.class_name)
