@@ -96,12 +96,19 @@ def test_run_discovers_inspects_records_and_a_second_run_does_nothing(cli, migra
     assert _count(factory) == 11
     _, second = _runs(factory, "line-a")
     assert (second.status, second.n_images, second.n_skipped, second.model_id) == ("succeeded", 11, 11, None)
-    assert second.spec["discovery"] == {"matched": 2, "new": [], "incomplete": [], "problems": []}
+    assert second.spec["discovery"] == {"matched": 2, "new": [], "incomplete": [], "problems": [], "arrived": 0}
 
     history = cli("--database-url", migrated_url, "jobs", "history", "line-a")
     lines = history.output.splitlines()
     assert lines[1].split()[:4] == [str(second.id), *f"{second.started_at:%Y-%m-%d %H:%M:%S}".split(), "succeeded"]
     assert lines[2].split()[3] == "succeeded" and lines[2].split()[-5:] == ["11", "11", "0", "0", "2"]
+
+    # A new store beside the done ones: the history counts what the run printed (the done sets were left out).
+    write_stack(tmp_path / "incoming" / "L3.zarr", square_images(3, seed=2), lot="L3")
+    third_run = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
+    assert "3 images inspected" in third_run.output and "11 already done" in third_run.output, third_run.output
+    third = _runs(factory, "line-a")[-1]
+    assert (third.n_images, third.n_inspected, third.n_skipped) == (14, 3, 11)
 
 
 def test_a_store_that_cannot_be_registered_makes_the_run_partial(cli, migrated_url, factory, env, model_file, tmp_path):
@@ -179,6 +186,29 @@ def test_sigterm_marks_the_run_interrupted_and_the_next_run_resumes(sqlite_url, 
     assert f"{n - done} images inspected" in out and f"{done} already done" in out
     assert _count(factory) == n
     assert [r.status for r in _runs(factory, "line-a")] == ["interrupted", "succeeded"]
+
+
+def test_a_run_that_loses_its_lock_stops_and_its_row_says_so(sqlite_url, sqlite_factory, env, model_file, tmp_path):
+    """The heartbeat stops such a run as SIGTERM would: its row said "interrupted by signal SIGTERM", not why."""
+    from defectscan.jobs.runner import LOCK_LOST
+    from sqlalchemy import update
+
+    factory = sqlite_factory
+    add_model(factory, model_file)
+    write_stack(tmp_path / "incoming" / "big.zarr", square_images(150, size=32))
+    _spec(tmp_path, inspection={"batch_size": 1, "images_per_shard": 1}, max_in_flight=1, lock={"stale_after_s": 5})
+    runner = defectscan(sqlite_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
+    deadline = time.monotonic() + 120
+    while _count(factory) < 3:
+        assert runner.poll() is None, runner.communicate()
+        assert time.monotonic() < deadline, "the run recorded nothing in time"
+        time.sleep(0.05)
+    with factory.begin() as session:
+        session.execute(update(JobLock).values(owner="otherhost/1:1:abc"))
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 143, err
+    [run] = _runs(factory, "line-a")
+    assert (run.status, run.error) == ("interrupted", LOCK_LOST)
 
 
 def test_a_client_without_the_certificates_cannot_connect(scheduler, tls, tmp_path):

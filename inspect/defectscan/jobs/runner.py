@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan import interrupts
 from defectscan.config import Settings
-from defectscan.db.schema import Model, utcnow
+from defectscan.db.schema import JobRun, Model, utcnow
 from defectscan.errors import DefectscanError
 from defectscan.exitcodes import EXIT_ALREADY_RUNNING
 from defectscan.interrupts import Interrupted
@@ -33,6 +33,8 @@ from defectscan.jobs.lock import AlreadyRunning, Heartbeat, acquire
 from defectscan.jobs.spec import JobSpec, describe_spec
 
 log = logging.getLogger(__name__)
+
+LOCK_LOST = "the lock was taken over by another runner during this run: stopped"
 
 
 @dataclass
@@ -48,6 +50,8 @@ class JobOutcome:
     n_errors: int = 0
     n_defects: int = 0
     n_pending: int = 0
+    # Images of the job's sets that were judged before this run (counted in n_images and n_skipped).
+    already_done: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     signal: int | None = None
@@ -90,7 +94,8 @@ def run_job(
                     _run(factory, spec, spec_file, settings, outcome, heartbeat=heartbeat, echo=echo, on_started=on_started)
                 except Interrupted as exc:
                     outcome.status, outcome.signal = "interrupted", exc.signum
-                    outcome.errors.append(f"interrupted by {exc}")
+                    # The heartbeat stops a run that lost its lock as SIGTERM would; the row says which it was.
+                    outcome.errors.append(LOCK_LOST if handle.lost else f"interrupted by {exc}")
                 except (KeyboardInterrupt, SystemExit) as exc:
                     outcome.status = "interrupted"
                     outcome.errors.append(f"interrupted ({exc or type(exc).__name__})")
@@ -102,11 +107,11 @@ def run_job(
                     outcome.status = "failed"
                     outcome.errors.append(f"{type(exc).__name__}: {exc}")
                 outcome.seconds = time.perf_counter() - began
+                if handle.lost and LOCK_LOST not in outcome.errors:
+                    outcome.errors.append(LOCK_LOST)
                 _close_record(factory, spec, spec_file, outcome, started_at)
         finally:
             handle.release()
-    if handle.lost:
-        outcome.errors.append("the lock was taken over by another runner during this run")
     return outcome
 
 
@@ -145,7 +150,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
         image_sets.append(image_set)
     outcome.errors.extend(found.problems[:20])
     outcome.n_image_sets = len(image_sets)
-    outcome.n_images = outcome.n_skipped = done
+    outcome.n_images = outcome.n_skipped = outcome.already_done = done
     if not image_sets:
         echo("nothing new to inspect")
         outcome.status = "partial" if found.problems else "succeeded"
@@ -190,8 +195,11 @@ def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path
     """Every trigger leaves a row: the pipeline's row gets the job's final status; otherwise one is written here."""
     record = _spec_record(spec, spec_file, outcome.discovery)
     if outcome.job_run_id is not None:
+        # The pipeline's row counts the sets it inspected; the ones with nothing left were counted by `jobs run` alone.
+        done = outcome.already_done
         close_run(factory, Retry(spec.retries.attempts, spec.retries.backoff_s), outcome.job_run_id,
-                  status=outcome.status, errors=outcome.errors, spec=record)
+                  status=outcome.status, errors=outcome.errors, spec=record,
+                  n_images=JobRun.n_images + done, n_skipped=JobRun.n_skipped + done)
     else:
         outcome.job_run_id = record_closed_run(factory, job=spec.name, spec=record, status=outcome.status, errors=outcome.errors,
                                                started_at=started_at, seconds=outcome.seconds, already_done=outcome.n_skipped)
