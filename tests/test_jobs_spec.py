@@ -157,6 +157,11 @@ def test_since_windows():
     assert since_time("2026-03-01T06:00", now) == dt.datetime(2026, 3, 1, 6, tzinfo=dt.UTC)
     with pytest.raises(ValueError, match="expected a window such as 30m"):
         since_time("yesterday", now)
+    with pytest.raises(ValueError, match="window 1000000d reaches before the year 1"):  # was an OverflowError on every `jobs list`
+        since_time("1000000d", now)
+    base = {"name": "x", "schedule": "* * * * *", "model": "demo"}
+    # `since: 2026-01-31` unquoted is a YAML date, the documented ISO form: it was refused as "not a string"
+    assert JobSpec.model_validate({**base, "source": {"since": dt.date(2026, 1, 31)}}).source.since == "2026-01-31"
 
 
 def test_model_forms():
@@ -179,6 +184,7 @@ def test_jobs_list_shows_next_and_last_run_and_flags_a_bad_spec(cli, migrated_ur
     write_spec(tmp_path, "line-a", schedule="30 6 * * *", source={"glob": "a/*.zarr"}, model="demo")
     write_spec(tmp_path, "line-b", schedule="0 0 * * 0", source={"lot": "L1"}, model="demo")
     (tmp_path / "broken.yaml").write_text("name: broken\nschedule: nope\n")
+    (tmp_path / "notepad.yaml").write_text("name: notepad\n", encoding="utf-16")  # broke `jobs list` for every job, naming no file
     engine = make_engine(migrated_url)
     started = utcnow() - dt.timedelta(hours=1)
     with engine.begin() as connection:
@@ -196,6 +202,7 @@ def test_jobs_list_shows_next_and_last_run_and_flags_a_bad_spec(cli, migrated_ur
     assert result.exit_code == 1
     rows = {line.split()[0]: line for line in result.output.splitlines()[2:]}
     assert rows["broken"].startswith(f"broken               invalid: {tmp_path / 'broken.yaml'} line 2: key 'schedule' has value 'nope'")
+    assert f"invalid: {tmp_path / 'notepad.yaml'}: cannot read job spec: not UTF-8 text (byte 0: 0xff); save it as UTF-8" in rows["notepad"]
     next_a = next_run(load_spec(tmp_path / "line-a.yaml"), utcnow())
     assert rows["line-a"].split()[-6:] == [*f"{next_a:%Y-%m-%d %H:%M}".split(), *f"{started:%Y-%m-%d %H:%M}".split(), "partial", str(run_id)]
     assert rows["line-b"].split()[-3:] == ["-", "running", "-"]
@@ -210,7 +217,7 @@ def test_jobs_list_shows_next_and_last_run_and_flags_a_bad_spec(cli, migrated_ur
     assert missing.exit_code == 1 and "no job run 999" in missing.output
     unknown = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-z")
     assert unknown.exit_code == 1
-    assert unknown.output.strip() == f"Error: no job 'line-z': {tmp_path / 'line-z.yaml'} does not exist; jobs in {tmp_path}: broken, line-a, line-b"
+    assert unknown.output.strip() == f"Error: no job 'line-z': {tmp_path / 'line-z.yaml'} does not exist; jobs in {tmp_path}: broken, line-a, line-b, notepad"
     empty = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "history", "line-b")
     assert empty.output.strip() == "job line-b has no runs recorded"
     nowhere = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "history", "line-z")

@@ -26,6 +26,9 @@ def read_text(path: Path, what: str, error: type[DefectscanError]) -> str:
         raise error(f"{path}: is a folder; expected a {what}") from None
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        # A file saved as UTF-16 (Windows Notepad) or a binary one: name it, rather than fail the listing of every other.
+        raise error(f"{path}: cannot read {what}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x}); save it as UTF-8") from None
 
 
 def parse_mapping(text: str, path: Path, contents: str, error: type[DefectscanError]) -> dict[str, Any]:

@@ -62,6 +62,12 @@ class SourceSpec(_Part):
     # Only image sets acquired in this window: 30m, 12h, 7d, 2w, or an ISO 8601 time.
     since: str | None = None
 
+    @field_validator("since", mode="before")
+    @classmethod
+    def _since_as_text(cls, value):
+        # `since: 2026-01-31` unquoted is a YAML date: the documented ISO form, taken as such.
+        return value.isoformat() if isinstance(value, dt.date) else value
+
     @field_validator("since")
     @classmethod
     def _since(cls, value: str | None) -> str | None:
@@ -299,7 +305,10 @@ def since_time(value: str, now: dt.datetime | None = None) -> dt.datetime:
     match = _SINCE.match(value.strip())
     now = now or dt.datetime.now(dt.UTC)
     if match:
-        return now - dt.timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
+        try:
+            return now - dt.timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
+        except OverflowError:
+            raise ValueError(f"window {value.strip()} reaches before the year 1") from None
     try:
         return parse_iso(value)
     except ValueError:
