@@ -101,6 +101,8 @@ def test_systemd_units_pass_systemd_analyze_verify(specs, tmp_path):
     assert "OnCalendar=Mon..Fri *-*-* 02:00:00 Europe/Berlin" in files["defectscan-job-line-b.timer"]
     assert f"ExecStart={executable} jobs --jobs-dir /etc/defectscan/jobs run line-b" in files["defectscan-job-line-b.service"]
     assert "SuccessExitStatus=75" in files["defectscan-job-line-b.service"]
+    # ProtectSystem=strict: the client makes the score stores, under the data folder the workers write too
+    assert "ReadWritePaths=/var/lib/defectscan /srv/defectscan" in files["defectscan-job-line-b.service"]
 
 
 def test_kubernetes_cronjobs_are_valid_and_keep_secrets_in_secrets(specs, tmp_path):

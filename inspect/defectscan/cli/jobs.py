@@ -210,7 +210,10 @@ def show_command(app: AppContext, run_id: int) -> None:
 @click.option("--image", default="defectscan:0.1.0", show_default=True, help="Container image (kubernetes).")
 @click.option("--namespace", default="defectscan", show_default=True, help="Namespace (kubernetes).")
 @click.option("--scheduler", default="tls://defectscan-scheduler:8786", show_default=True, help="Dask scheduler address (kubernetes).")
-def render_command(target: str, output_dir: Path | None, executable: str, deployed_jobs_dir: str, env_file: str, image: str, namespace: str, scheduler: str) -> None:
+@click.option("--data-dir", default="/srv/defectscan", show_default=True,
+              help="Image sets and score maps, writable by the job (systemd; as the worker unit's).")
+def render_command(target: str, output_dir: Path | None, executable: str, deployed_jobs_dir: str, env_file: str, image: str, namespace: str,
+                   scheduler: str, data_dir: str) -> None:
     """Write crontab lines, systemd .service/.timer units or Kubernetes CronJobs for every job spec.
 
     No secret is written: each target reads the database URL and TLS files from an
@@ -239,7 +242,8 @@ def render_command(target: str, output_dir: Path | None, executable: str, deploy
     if not found:
         raise ConfigError(f"{_jobs_dir()}: no job specs (*.yaml) to render")
     specs = [spec for _, spec in found]
-    options = RenderOptions(defectscan=executable, jobs_dir=deployed_jobs_dir, env_file=env_file, image=image, namespace=namespace, scheduler=scheduler)
+    options = RenderOptions(defectscan=executable, jobs_dir=deployed_jobs_dir, env_file=env_file, image=image, namespace=namespace, scheduler=scheduler,
+                            data_dir=data_dir)
     if target == "crontab":
         files = {"defectscan.crontab": render_crontab(specs, options)}
     elif target == "systemd":

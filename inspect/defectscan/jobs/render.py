@@ -28,6 +28,8 @@ class RenderOptions:
     env_file: str = "/etc/defectscan/defectscan.env"
     log_dir: str = "/var/log/defectscan"
     user: str = "defectscan"
+    # Image sets and score maps (written by the job's client: the score store is made before workers fill it).
+    data_dir: str = "/srv/defectscan"
     # Kubernetes
     namespace: str = "defectscan"
     image: str = "defectscan:0.1.0"
@@ -139,7 +141,8 @@ NoNewPrivileges=yes
 PrivateTmp=yes
 ProtectSystem=strict
 ProtectHome=yes
-ReadWritePaths=/var/lib/defectscan
+# The job's client creates each image set's score store, beside the set or under inspection.output_dir.
+ReadWritePaths=/var/lib/defectscan {options.data_dir}
 StateDirectory=defectscan
 LogsDirectory=defectscan
 """
