@@ -180,7 +180,7 @@ def test_the_queue_lists_failed_images_and_a_reproducible_sample_of_passed_ones(
     assert [r["image_id"] for r in other if r["why"] == "sampled pass"] != sampled[1:]
 
 
-def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, tmp_path, cli, migrated_url):
+def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, tmp_path, cli, migrated_url, monkeypatch):
     from defectscan.data.dagm import read_dagm
 
     ids, defects = lot
@@ -228,6 +228,18 @@ def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, 
     typo = run("review", "export", "--lot", "R7", "--out", str(out), "--force")
     assert typo.exit_code == 1 and "unknown lot 'R7'" in typo.output
     assert len(read_dagm(out, split="Train")) == 4 and not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    linked = run("review", "export", "--lot", "R1", "--out", str(link), "--force")
+    assert linked.exit_code == 1 and "is a symbolic link" in linked.output and not (tmp_path / ".link.partial").exists()
+    link.unlink()
+    monkeypatch.chdir(out)  # `--out .` inside the earlier export: "PosixPath('.') has an empty name"
+    from defectscan.review.export import export_reviewed
+
+    with factory() as session:
+        assert export_reviewed(session, ".", Filters(lot="R1"), force=True).images == 4
+    monkeypatch.chdir(tmp_path)
+    assert {e["key"] for e in json.loads((out / "export.json").read_text())["images"]} == {"0", "1", "3", "6"}  # serial numbers too
     stranger = tmp_path / "photos"
     stranger.mkdir()
     (stranger / "holiday.jpg").write_bytes(b"x")
@@ -251,6 +263,8 @@ def test_bad_review_input_is_one_line_and_records_nothing(factory, lot, cli, mig
             review_images(session, [ids[6]], "pass", mask=np.ones((64, 64)), class_name="scratch")
         with pytest.raises(DataError, match="marks no pixel"):
             review_images(session, [ids[6]], "fail", mask=np.zeros((64, 64)), class_name="scratch")
+        with pytest.raises(DataError, match="marks every pixel of the image"):
+            review_images(session, [ids[6]], "fail", mask=np.ones((64, 64)), class_name="scratch")
     fresh = register(factory, write_stack(tmp_path / "R2.zarr", square_images(2, size=64), lot="R2"))
     with factory() as session:
         uninspected = session.scalar(select(Image.id).where(Image.image_set_id == fresh.id, Image.position == 1))
@@ -261,6 +275,34 @@ def test_bad_review_input_is_one_line_and_records_nothing(factory, lot, cli, mig
     assert unknown.exit_code == 1 and "unknown lot 'R9'" in unknown.output
     nothing = run("review", "export", "--lot", "R1", "--out", str(tmp_path / "x"))
     assert nothing.exit_code == 1 and "no reviewed image in scope (lot R1)" in nothing.output
+    # failed by QA with nothing saying where: an empty set exited 0 (and, with --force, replaced an earlier export)
+    assert run("review", "images", str(ids[0]), "--as", "fail").exit_code == 0
+    empty = run("review", "export", "--lot", "R1", "--out", str(tmp_path / "x"))
+    assert empty.exit_code == 1 and not (tmp_path / "x").exists()
+    assert f"nothing to export in scope (lot R1): image {ids[0]}: QA failed it, but no confirmed defect or drawn mask" in empty.output
+    huge = run("review", "images", "99999999999999999999", "--as", "pass")  # was an OverflowError from SQLite
+    assert huge.exit_code == 2 and "is not in the range 1<=x<=9223372036854775807" in huge.output
+    seed = run("review", "queue", "--lot", "R1", "--seed", "-1")
+    assert seed.exit_code == 2 and "Invalid value for '--seed'" in seed.output
+
+
+def test_a_drawn_mask_with_transparency_marks_only_what_was_drawn(tmp_path):
+    """An editor's transparent white background read as luminance alone marked the whole image as the defect."""
+    from PIL import Image as PILImage
+
+    from defectscan.review.record import read_mask
+
+    drawing = np.zeros((64, 64, 4), np.uint8)
+    drawing[...] = (255, 255, 255, 0)  # white under full transparency
+    drawing[10:20, 5:35] = (255, 0, 0, 255)  # the stroke
+    PILImage.fromarray(drawing, "RGBA").save(tmp_path / "stroke.png")
+    marked = read_mask(tmp_path / "stroke.png") > 0
+    assert marked.sum() == 300 and marked[10:20, 5:35].all()
+    opaque = drawing.copy()
+    opaque[..., 3] = 255
+    opaque[opaque[..., 1] == 255] = (0, 0, 0, 255)  # black background, opaque: luminance decides
+    PILImage.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    assert (read_mask(tmp_path / "opaque.png") > 0).sum() == 300
 
 
 def test_concurrent_reviews_of_one_defect_keep_both_and_the_newest_stands(factory, lot, migrated_url):

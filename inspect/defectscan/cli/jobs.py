@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
+from defectscan.cli.output import ROW_ID
 
 
 def _default_jobs_dir() -> Path:
@@ -184,7 +185,7 @@ def history_command(app: AppContext, name: str, limit: int) -> None:
 
 
 @jobs.command("show")
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=ROW_ID)
 @pass_app
 def show_command(app: AppContext, run_id: int) -> None:
     """Show one job run in full as JSON: counts, timings, error, the spec it ran with (secrets masked).

@@ -130,3 +130,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | 
     stream = sys.stdout
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
     console.print(table)
+
+
+# A database row id on the command line: BIGINT's range (past it SQLite raised OverflowError, naming nothing).
+ROW_ID = click.IntRange(min=1, max=2**63 - 1)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from defectscan.cli.app import AppContext, pass_app
-from defectscan.cli.output import limit_options, output_options, print_record, print_rows
+from defectscan.cli.output import ROW_ID, limit_options, output_options, print_record, print_rows
 from defectscan.db.queries import MAX_ERRORS  # an option's default; the CLI imports db/queries anyway (cli/report.py)
 
 _OUT_PNG = click.Path(dir_okay=False, writable=True, path_type=Path)
@@ -131,7 +131,7 @@ def defects_list(app: AppContext, filters, sort: str, ascending: bool, limit: in
 
 
 @defects.command("show")
-@click.argument("defect_id", type=int)
+@click.argument("defect_id", type=ROW_ID)
 @click.option("--crop", "crop_path", type=_OUT_PNG, help="Write a PNG of the defect's neighbourhood with its contour here.")
 @output_options
 @pass_app

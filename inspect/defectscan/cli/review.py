@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
-from defectscan.cli.output import limit_options, output_options, print_rows
+from defectscan.cli.output import ROW_ID, limit_options, output_options, print_rows
 
 _BY = click.option("--by", metavar="NAME", help="Who decided (default: the login name); any name, checked nowhere.")
 _NOTE = click.option("--note", metavar="TEXT", help="Why, in a few words (kept with the decision).")
@@ -26,7 +26,7 @@ def review() -> None:
 
 
 @review.command("defects")
-@click.argument("defect_ids", nargs=-1, type=int, required=True)
+@click.argument("defect_ids", nargs=-1, type=ROW_ID, required=True)
 @click.option("--as", "decision", type=click.Choice(["confirmed", "false-call"]), required=True, help="QA's decision on each defect.")
 @_NOTE
 @_BY
@@ -50,7 +50,7 @@ def review_defects_command(app: AppContext, defect_ids: tuple[int, ...], decisio
 
 
 @review.command("images")
-@click.argument("image_ids", nargs=-1, type=int, required=True)
+@click.argument("image_ids", nargs=-1, type=ROW_ID, required=True)
 @click.option("--as", "decision", type=click.Choice(["pass", "fail"]), required=True, help="QA's decision on each image (the part).")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="A drawn mask (PNG, the image's size, defect pixels non-zero) of a defect the model missed; one image, --as fail.")
@@ -83,7 +83,7 @@ def review_images_command(app: AppContext, image_ids: tuple[int, ...], decision:
 @click.option("--model", "model_ref", metavar="MODEL", help="The model version whose verdicts are reviewed (needed when several inspected the lot).")
 @click.option("--sample-passed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also this many passed images, drawn reproducibly (escapes are found there).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Another seed draws another sample.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Another seed draws another sample.")
 @output_options
 @pass_app
 def queue_command(app: AppContext, lot: str, model_ref: str | None, sample_passed: int, seed: int, fmt: str) -> None:

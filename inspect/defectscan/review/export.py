@@ -48,7 +48,7 @@ class Exported:
 
 def export_reviewed(session: Session, out: str | Path, filters: Filters, *, force: bool = False) -> Exported:
     """Write the decided images in scope (one model version) under `out`."""
-    out = Path(out)
+    out = Path(out).absolute()  # `--out .` inside an earlier export: the partial folder goes beside it, by name
     _check_out(out, force)
     check_filters(session, filters)
     decided = decided_images(session, filters)
@@ -63,6 +63,7 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
     samples, listing = [], []
     ids = [d.image_id for d in decided]
     drawn = {row.image_id: row for row in session.scalars(latest_image_reviews().where(ImageReview.image_id.in_(ids)))}
+    image_keys = dict(session.execute(select(Image.id, Image.key).where(Image.id.in_(ids))).all())
     for item in decided:
         image, source = _pixels(session, item)
         label, classes = (None, set()) if item.decision == "pass" else _label(session, item, drawn.get(item.image_id), source)
@@ -70,8 +71,11 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
             result.skipped.append(f"image {item.image_id}: QA failed it, but no confirmed defect or drawn mask says where")
             continue
         samples.append((image, label))
-        listing.append({"image_id": item.image_id, "decision": item.decision, "inspection_id": item.inspection_id,
-                        "classes": sorted(classes)})
+        listing.append({"image_id": item.image_id, "key": image_keys.get(item.image_id), "decision": item.decision,
+                        "inspection_id": item.inspection_id, "classes": sorted(classes)})
+    if not samples:
+        # Checked before `out` is touched: an empty set with --force replaced a good earlier export.
+        raise DataError(f"nothing to export in scope ({_describe(filters)}): " + "; ".join(result.skipped))
     # Written beside `out` and moved into place whole: an earlier export stays until this one is complete.
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -90,6 +94,8 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
 
 def _check_out(out: Path, force: bool) -> None:
     """Refuse, before anything is read or removed, a folder the export may not replace."""
+    if out.is_symlink():
+        raise DataError(f"{out}: is a symbolic link; give the folder it points to")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
