@@ -148,6 +148,9 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(CPU_RECIPE, ["data.crop_size=20"])
     with pytest.raises(ConfigError, match="data.defect_paste_fraction: Input should be less than or equal to 1"):
         load_recipe(CPU_RECIPE, ["data.defect_paste_fraction=1.5"])
+    bare = tmp_path / "bare.yaml"  # a bare `data:` line is None in YAML: --data gave "TypeError: 'NoneType' object ..."
+    bare.write_text("model:\n  variant: tinyunet\ndata:\ntrain:\n  steps: 3\n")
+    assert load_recipe(bare, ["data.crop_size=32"], "data/y").data.path == "data/y"
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=f"{missing}: training recipe not found"):
         load_recipe(missing)

@@ -199,6 +199,13 @@ def _text_field(path: list[str]) -> bool:
     return kinds == {str}
 
 
+def _section(node: dict, name: str):
+    """node[name], made an empty section when absent or left empty (a bare `data:` line is None in YAML)."""
+    if node.get(name) is None:
+        node[name] = {}
+    return node[name]
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data_path: str | None = None) -> Recipe:
     """Read a recipe file, apply `key.sub=value` overrides, validate; errors name the file and key."""
     raw: dict[str, Any] = {}
@@ -213,12 +220,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         *parents, leaf = key.split(".")
         node = raw
         for part in parents:
-            node = node.setdefault(part, {})
+            node = _section(node, part)
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
         node[leaf] = value if _text_field([*parents, leaf]) and value not in ("null", "~") else yaml.safe_load(value)
     if data_path is not None:
-        raw.setdefault("data", {})["path"] = data_path
+        data = _section(raw, "data")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: data is not a section (got {data!r}); cannot set its path to {data_path}")
+        data["path"] = data_path
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
