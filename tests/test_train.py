@@ -158,6 +158,24 @@ def test_recipe_overrides_and_errors(tmp_path):
         train(load_recipe(CPU_RECIPE), tmp_path)
 
 
+def test_whole_images_off_the_models_size_multiple_are_refused_before_the_first_step(tmp_path):
+    """72x72 images: refused after `validation.every` steps, or with a Keras shape error when training on whole images."""
+    from defectscan.data.dataset import LabelledImages
+    from defectscan.errors import DataError
+
+    def load(i):
+        mask = np.zeros((72, 72), np.uint8)
+        mask[10:20, 10:20] = i % 2
+        return np.full((72, 72), 100, np.uint8), mask
+
+    images = LabelledImages("odd", [str(i) for i in range(8)], ["defect"], (72, 72), load, [bool(i % 2) for i in range(8)])
+    for overrides, uses in ((["validation.fraction=0.5"], "validation"), (["data.crop_size=null"], "training without data.crop_size")):
+        with pytest.raises(DataError, match=rf"odd: images are 72x72; {uses} score\(s\) whole images, which this model needs in multiples of 16"):
+            train(load_recipe(CPU_RECIPE, overrides, "unused"), tmp_path / "out", dataset=images, progress=False)
+        assert not (tmp_path / "out" / "checkpoints").exists()
+    assert train(load_recipe(CPU_RECIPE, ["train.steps=1"], "unused"), tmp_path / "crops", dataset=images, progress=False).finished  # crops fit
+
+
 def test_ctrl_c_saves_a_checkpoint_that_the_next_run_resumes(synth, tmp_path, monkeypatch):
     import keras
 

@@ -163,6 +163,7 @@ def _split(recipe: Recipe, images: LabelledImages) -> tuple[LabelledImages, Labe
     """(images to train on, validation images or None): the validation part is never trained on."""
     from defectscan.data.dataset import split_validation
 
+    _check_whole_sizes(recipe, images)
     if recipe.validation.fraction is None:
         return images, None
     training, validation = split_validation(images, recipe.validation.fraction, recipe.train.seed)
@@ -176,6 +177,20 @@ def _split(recipe: Recipe, images: LabelledImages) -> tuple[LabelledImages, Labe
     if len(training) == 0:
         raise DataError(f"{images.name}: no image left to train on after holding out validation.fraction {recipe.validation.fraction}")
     return training, validation
+
+
+def _check_whole_sizes(recipe: Recipe, images: LabelledImages) -> None:
+    """Whole images (validation, whole-image steps, no crop) must be multiples of the model's size multiple: said
+    before the first step, where it failed after `validation.every` steps or with a shape error from Keras."""
+    from defectscan.model.variants import size_multiple, widths
+
+    uses = [what for what, used in (("validation", recipe.validation.fraction is not None), ("whole-image steps", recipe.train.whole_image_steps),
+                                    ("training without data.crop_size", recipe.data.crop_size is None)) if used]
+    multiple = size_multiple(widths(recipe.model.variant, recipe.model.filters))
+    height, width = images.shape
+    if uses and (height % multiple or width % multiple):
+        raise DataError(f"{images.name}: images are {height}x{width}; {', '.join(uses)} score(s) whole images, which this model needs in "
+                        f"multiples of {multiple} (crop or pad the images, or train on crops without validation)")
 
 
 class _Phases:
