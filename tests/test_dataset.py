@@ -179,6 +179,10 @@ def test_file_cache_and_no_cache_give_the_same_stream(tmp_path):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     assert list(tmp_path.glob("cache*"))
+    # The same prefix for another split: its own images, not the cached ones (validation images were trained on).
+    other = images.subset([1, 3], "another split")
+    (x, _), = _take(training_dataset(other, batch_size=2, seed=3, cache=str(tmp_path / "cache")), 1)
+    assert set(np.round((x[:, 20, 20, 0] + 1) * 127.5).astype(int)) <= {15, 35}
 
 
 def test_evaluation_dataset_keeps_order_and_whole_images():

@@ -171,7 +171,9 @@ def training_dataset(
     if cache == "memory":
         decoded = decoded.cache()
     elif cache != "none":
-        decoded = decoded.cache(cache)
+        # TensorFlow reads a cache file back without asking what wrote it: another run's split (its validation
+        # images) or another dataset came back as these images. One file per set of images.
+        decoded = decoded.cache(f"{cache}-{_cache_tag(images)}")
     stream = decoded.repeat().shuffle(min(shuffle_buffer, len(images)), seed=seed, reshuffle_each_iteration=True)
     stream = stream.enumerate().skip(start_step * batch_size)
     bank = None
@@ -200,6 +202,15 @@ def training_dataset(
 
     stream = stream.map(prepare, num_parallel_calls=parallel, deterministic=True)
     return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _cache_tag(images: LabelledImages) -> str:
+    """A name for exactly these images: the set's name, keys, classes and size."""
+    import hashlib
+    import json
+
+    identity = json.dumps([images.name, list(images.keys), list(images.classes), list(images.shape)])
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def evaluation_dataset(images: LabelledImages, *, batch_size: int = 4, parallel: int | None = None):
