@@ -225,6 +225,17 @@ def test_zarr_stack_and_strip_samples(tmp_path):
     assert classes.max() == 2
     ((_, y),) = _take(training_dataset(samples, batch_size=3, seed=0, augment=False), 1)
     assert y.shape == (3, 32, 32, 2)
+    # a 12-bit camera's set: scaled as inspection scales a set registered with --bit-depth 12 (it trained on 0..16)
+    from defectscan.data.pixels import as_uint8
+    from defectscan.model.recipe import DataSpec
+
+    twelve = np.minimum(stack, 4095).astype(np.uint16)
+    spec = DataSpec(format="zarr", path=str(_zarr_set(tmp_path / "twelve.zarr", twelve, labels, ["scratch", "spot"])), bit_depth=12)
+    assert np.array_equal(spec.open().load(2)[0], as_uint8(twelve[2], 12)) and spec.open().load(2)[0].max() == 255
+    with pytest.raises(ValueError, match="data.classes and data.per_class do not apply to a zarr set"):
+        DataSpec(format="zarr", path="x.zarr", classes=["scratch"])
+    with pytest.raises(ValueError, match="data.bit_depth applies to zarr sets"):
+        DataSpec(format="dagm", path="x", bit_depth=12)
 
     strip = np.full((40, 70), 9, np.uint8)
     strip_labels = np.zeros((40, 70), np.uint8)
@@ -243,9 +254,9 @@ def test_zarr_without_labels_or_classes_is_refused(tmp_path):
         read_zarr(_zarr_set(tmp_path / "b.zarr", images, np.zeros_like(images), None))
     bad = np.zeros_like(images)
     bad[0, 0, 0] = 3
-    samples = read_zarr(_zarr_set(tmp_path / "c.zarr", images, bad, ["defect"]))
-    with pytest.raises(DataError, match="hold class 3, but only 1 classes are named"):
-        samples.load(0)
+    # when opened, not when TensorFlow loads the sample mid-training (a traceback then)
+    with pytest.raises(DataError, match=r"c.zarr: labels of sample\(s\) 0 \(class 3\) name a class beyond the 1 in attribute 'classes' \(defect\)"):
+        read_zarr(_zarr_set(tmp_path / "c.zarr", images, bad, ["defect"]))
     with pytest.raises(DataError, match="does not exist"):
         read_zarr(tmp_path / "missing.zarr")
 

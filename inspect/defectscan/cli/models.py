@@ -88,6 +88,7 @@ def _fmt(value: float | None) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
+@click.option("--bit-depth", type=click.IntRange(9, 16), help="Zarr: the bits 16-bit pixels hold (12 for a 12-bit camera), as registered.")
 @click.option(
     "--choose-operating-point",
     is_flag=True,
@@ -113,6 +114,7 @@ def evaluate(
     batch_size: int,
     json_path: Path | None,
     strict: bool,
+    bit_depth: int | None,
     choose_operating_point: bool,
     target_false_call_rate: float,
 ) -> None:
@@ -129,6 +131,8 @@ def evaluate(
         defectscan evaluate tinyunet-dagm:1 --data data/dagm --class Class1
         defectscan evaluate runs/new/model.keras --data data/line3-reviewed --split Train --choose-operating-point
     """
+    from pydantic import ValidationError
+
     from defectscan.errors import DataError
     from defectscan.model.evaluate import evaluate_model, format_table, write_metrics
     from defectscan.model.operating_point import check_target
@@ -139,7 +143,11 @@ def evaluate(
     if not choose_operating_point and _given("target_false_call_rate"):
         raise DataError("--target-false-call-rate is the target of --choose-operating-point; give both, or neither")
     model, rules, sidecar = _load(app, model_ref)
-    spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict)
+    try:
+        spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict,
+                        bit_depth=bit_depth)
+    except ValidationError as exc:
+        raise DataError("; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())) from None
     images = spec.open(split)
     for problem in images.problems:
         click.echo(f"skipped {problem}", err=True)

@@ -120,6 +120,7 @@ def open_dataset(
     per_class: bool = False,
     strict: bool = False,
     tile: int = 512,
+    bit_depth: int | None = None,
 ) -> LabelledImages:
     """Labelled images in one of the three layouts (a recipe's `data` section names them)."""
     if format == "dagm":
@@ -135,5 +136,5 @@ def open_dataset(
     if format == "zarr":
         from defectscan.data.zarrset import read_zarr
 
-        return read_zarr(path, tile=tile)
+        return read_zarr(path, tile=tile, bit_depth=bit_depth)
     raise DataError(f"{path}: unknown dataset format {format!r} (expected dagm, folders or zarr)")

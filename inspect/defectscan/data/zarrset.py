@@ -18,8 +18,9 @@ from defectscan.data.pixels import as_uint8
 from defectscan.errors import DataError
 
 
-def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:
-    """Samples of the image set at `store` (a path or fsspec URL), opened through data/imageset.py."""
+def read_zarr(store: str | Path, tile: int = 512, bit_depth: int | None = None) -> LabelledImages:
+    """Samples of the image set at `store` (a path or fsspec URL), opened through data/imageset.py; 16-bit pixels
+    scaled to 8 bits as inspection scales them (`bit_depth`: the bits they hold, as registered)."""
     from defectscan.data.imageset import CLASSES_ATTR, IMAGES, LABELS, describe, missing_chunks, open_group, open_images, read_keys, resolve_uri
 
     uri = resolve_uri(store)
@@ -72,11 +73,14 @@ def read_zarr(store: str | Path, tile: int = 512) -> LabelledImages:
 
     def load(position: int) -> tuple[np.ndarray, np.ndarray]:
         window = windows[position]
-        label = read(labels, window)
-        if label.max(initial=0) > len(classes):
-            raise DataError(f"{store}: labels of sample {keys[position]} hold class {int(label.max())}, but only {len(classes)} classes are named")
-        return as_uint8(read(images, window)), label
+        return as_uint8(read(images, window), bit_depth), read(labels, window)
 
-    # Which samples hold a defect: read per sample, label chunks are small and compress well.
-    defective = [bool(read(labels, w).any()) for w in windows]
+    # Which samples hold a defect, and that their classes are named: read per sample, label chunks are small and
+    # compress well. Checked here, not in `load`: there it surfaced mid-training as a TensorFlow traceback.
+    highest = [int(read(labels, w).max(initial=0)) for w in windows]
+    wrong = [(key, top) for key, top in zip(keys, highest, strict=True) if top > len(classes)]
+    if wrong:
+        listed = ", ".join(f"{key} (class {top})" for key, top in wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise DataError(f"{store}: labels of sample(s) {listed} name a class beyond the {len(classes)} in attribute 'classes' ({', '.join(classes)})")
+    defective = [top > 0 for top in highest]
     return LabelledImages(name=str(store), keys=keys, classes=list(classes), shape=shape, loader=load, defective=defective)

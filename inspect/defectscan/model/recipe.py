@@ -72,8 +72,19 @@ class DataSpec(Section):
     cache: str = "memory"
     shuffle_buffer: int = Field(1024, ge=1)
     strict: bool = False
+    # zarr: the bits a 16-bit store's pixels hold (12 for a 12-bit camera), as `imagesets register --bit-depth`
+    # records for inspection; without it 0..4095 would train as 0..16 while inspection sees 0..255.
+    bit_depth: int | None = Field(None, ge=9, le=16)
     # Camera variation per training image (model/feed.py: Photometric); all 0 = off.
     photometric: PhotometricSpec = PhotometricSpec()
+
+    @model_validator(mode="after")
+    def _fields_of_the_format(self) -> DataSpec:
+        if self.format == "zarr" and (self.classes is not None or self.per_class):
+            raise ValueError("data.classes and data.per_class do not apply to a zarr set: its classes are the store's own (attribute 'classes')")
+        if self.format != "zarr" and self.bit_depth is not None:
+            raise ValueError(f"data.bit_depth applies to zarr sets; {self.format} files are read as their own bit depth")
+        return self
 
     def open(self, split: str | None = None):
         """The labelled images this section names (its own split unless another is given, for evaluation)."""
@@ -84,7 +95,7 @@ class DataSpec(Section):
         if self.format == "folders" and self.masks is None:
             raise ConfigError("data.masks is not set: the folders format needs the masks folder")
         return open_dataset(self.path, format=self.format, split=split or self.split, masks=self.masks, classes=self.classes,
-                            per_class=self.per_class, strict=self.strict, tile=self.tile)
+                            per_class=self.per_class, strict=self.strict, tile=self.tile, bit_depth=self.bit_depth)
 
 
 class OptimizerSpec(Section):
