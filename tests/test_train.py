@@ -285,6 +285,31 @@ def test_a_cosine_schedule_warms_up_then_falls_to_its_final_fraction_at_the_last
     assert rate[100] == pytest.approx(0.0001, rel=0.01) and rate[150] == pytest.approx(0.0001, rel=0.01)
 
 
+def test_tensorboard_logs_the_rate_each_step_applied(synth, tmp_path):
+    """It logged the next step's rate: the warm-up's first step showed the second's."""
+    import tensorflow as tf
+
+    from defectscan.model.train import _optimizer
+
+    overrides = ["optimizer.schedule=cosine", "optimizer.learning_rate=0.001", "train.steps=4", "train.warmup_steps=2"]
+    train(load_recipe(CPU_RECIPE, overrides, str(synth)), tmp_path, progress=False)
+    logged = {}
+    for event_file in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                if value.tag == "learning_rate":
+                    logged[event.step] = float(tf.make_ndarray(value.tensor))
+    schedule = _optimizer(load_recipe(CPU_RECIPE, overrides))._learning_rate
+    assert logged == {step: pytest.approx(float(schedule(step - 1)), rel=1e-5) for step in (1, 2, 3, 4)}
+    assert logged[1] == pytest.approx(0.001 / 2 * float(keras_cosine(0, 4)), rel=1e-5)
+
+
+def keras_cosine(step: int, steps: int) -> float:
+    import math
+
+    return 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def test_frozen_layers_keep_the_donors_weights_and_the_others_train(uninterrupted, synth, tmp_path):
     donor = uninterrupted[0].model_path
     recipe = load_recipe(CPU_RECIPE, [f"model.init_from={donor}", "train.freeze=['input_', 'down1_']"], str(synth))

@@ -45,6 +45,14 @@ class TrainResult:
     best_step: int | None = None
 
 
+def applied_rate(optimizer, step: int) -> float:
+    """The learning rate the optimizer applied in training step `step` (1-based): its schedule at iteration
+    step - 1. Its `learning_rate`, read after the step, is already the next step's (TensorBoard showed that)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer wraps the one with the schedule
+    schedule = inner._learning_rate  # Keras keeps the schedule object here; `learning_rate` is its current value
+    return float(schedule(step - 1) if callable(schedule) else schedule)
+
+
 def write_scalars(values: dict[str, float]) -> None:
     """TensorBoard scalars through core TensorFlow (tf.summary.scalar needs the tensorboard package).
 
@@ -373,7 +381,7 @@ def train(
                     batches = phases.batches(current)
                 loss, dice = step(next(batches))
                 current = int(optimizer.iterations.numpy())
-                report.step(current, end, loss, dice, optimizer.learning_rate)
+                report.step(current, end, loss, dice, optimizer)
                 if current % spec.checkpoint_every == 0:
                     manager.save(checkpoint_number=current)
                 if validator is not None and validator.due(current, current >= spec.steps):
@@ -598,7 +606,7 @@ class _StepReport:
         self.last_loss: float | None = None
         self.last_dice: float | None = None
 
-    def step(self, current: int, end: int, loss, dice, learning_rate) -> None:
+    def step(self, current: int, end: int, loss, dice, optimizer) -> None:
         self.window_steps += 1
         if current % self.spec.log_every and current != end:
             return
@@ -610,7 +618,7 @@ class _StepReport:
             write_scalars({
                 "loss": self.last_loss,
                 "dice": self.last_dice,
-                "learning_rate": float(learning_rate(current) if callable(learning_rate) else learning_rate),
+                "learning_rate": applied_rate(optimizer, current),
                 "images_per_second": rate,
             })
         self.bar.update(current, [("loss", self.last_loss), ("dice", self.last_dice), ("img/s", rate)])
