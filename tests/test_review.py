@@ -247,6 +247,26 @@ def test_export_writes_a_dagm_set_that_the_dataset_readers_accept(factory, lot, 
     assert refused.exit_code == 1 and "not an earlier export" in refused.output and (stranger / "holiday.jpg").exists()
 
 
+def test_an_export_of_images_of_two_sizes_is_refused_naming_them(factory, cluster, lot, tmp_path):
+    """`data check` and training kept the most common size and skipped the other reviewed images, unsaid by the export."""
+    from defectscan.db.schema import Model
+    from defectscan.review.export import export_reviewed
+
+    ids, _ = lot
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    small = register(factory, write_stack(tmp_path / "R2.zarr", square_images(4, size=32, seed=3), lot="R2", line="A"))
+    with factory() as session:
+        model = session.scalar(select(Model))
+    assert inspect_image_sets(factory, cluster, model, [small], settings, max_in_flight=2).status == "succeeded"
+    with factory() as session:
+        other = session.scalar(select(Image.id).where(Image.image_set_id == small.id, Image.position == 0))
+        review_images(session, [ids[0], ids[2], other], "pass", by="qa")
+        with pytest.raises(DataError, match=rf"have 2 sizes \(64x64: 2 image\(s\), e.g. image {ids[0]}; 32x32: 1 image\(s\), e.g. image {other}\)"):
+            export_reviewed(session, tmp_path / "out", Filters(line="A"))
+        assert export_reviewed(session, tmp_path / "out", Filters(lot="R1")).images == 2
+    assert not (tmp_path / ".out.partial").exists()
+
+
 def test_bad_review_input_is_one_line_and_records_nothing(factory, lot, cli, migrated_url, tmp_path):
     ids, defects = lot
     run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731

@@ -76,6 +76,7 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
     if not samples:
         # Checked before `out` is touched: an empty set with --force replaced a good earlier export.
         raise DataError(f"nothing to export in scope ({_describe(filters)}): " + "; ".join(result.skipped))
+    _check_one_size(samples, listing, filters)
     # Written beside `out` and moved into place whole: an earlier export stays until this one is complete.
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -90,6 +91,18 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
         shutil.rmtree(out)
     partial.rename(out)
     return result
+
+
+def _check_one_size(samples: list, listing: list[dict], filters: Filters) -> None:
+    """One image size per export: the dataset readers keep the most common size and skip the others, so reviewed
+    images of a second size would drop out of the fine-tune or the held-out set without a word here."""
+    sizes: dict[tuple[int, int], list[int]] = {}
+    for (image, _), entry in zip(samples, listing, strict=True):
+        sizes.setdefault(image.shape[:2], []).append(entry["image_id"])
+    if len(sizes) > 1:
+        described = "; ".join(f"{h}x{w}: {len(ids)} image(s), e.g. image {ids[0]}" for (h, w), ids in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
+        raise DataError(f"the reviewed images in scope ({_describe(filters)}) have {len(sizes)} sizes ({described}); "
+                        "training reads one size per set: export each size on its own (narrow the scope, e.g. --lot)")
 
 
 def _check_out(out: Path, force: bool) -> None:
