@@ -31,6 +31,14 @@ def test_saved_model_serves_uint8_images_of_several_sizes(model_file, tmp_path):
         np.testing.assert_allclose(probabilities, predict_probabilities(model, images), atol=1e-5)
     signature = served.signatures["serving_default"]
     assert signature.structured_input_signature[1]["images"].dtype.name == "uint8"
+    # 16-bit cameras: scaled as inspection scales them (serve() wrapped uint16 values around, silently)
+    from defectscan.data.pixels import as_uint8
+
+    wide = rng.integers(0, 65536, (1, 32, 48), dtype=np.uint16)
+    twelve = rng.integers(0, 4096, (1, 32, 48), dtype=np.uint16)
+    for pixels, depth in ((wide, 16), (twelve, 12)):
+        served16 = served.serve_uint16(pixels[..., None], np.int32(depth)).numpy()
+        np.testing.assert_allclose(served16, predict_probabilities(model, as_uint8(pixels, depth)), atol=1e-5)
 
 
 def test_loading_checks_the_checksum_and_names_the_file(model_file, tmp_path):

@@ -25,7 +25,8 @@ _CHECK_DATA = click.option(
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder: checkpoints, logs, model.keras.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. train.steps=100 (repeatable).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
-@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), help="Also write a SavedModel for serving here.")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a SavedModel for serving here (signatures serve: uint8 images; serve_uint16: 16-bit images and their bit depth).")
 @click.option("--quiet", is_flag=True, help="No progress bar (there is none when stdout is not a terminal either: cron, a log file).")
 @pass_app
 def train(app: AppContext, recipe: Path, data_path: str | None, out_dir: Path, overrides: tuple[str, ...], strict: bool, export_dir: Path | None,

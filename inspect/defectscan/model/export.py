@@ -4,6 +4,9 @@ A `.keras` file is what defectscan registers and runs (loaded with safe_mode=Tru
 cannot execute code). The SavedModel is for other serving stacks: its `serve` signature takes
 raw uint8 images (batch, H, W, 1) of any size, scales them like training did, pads H and W up
 to the model's input multiple and crops the probabilities back to (batch, H, W, classes).
+`serve_uint16` takes 16-bit camera images and the bits they hold (16, or 12 for a 12-bit camera)
+and brings them to 8 bits as inspection does (data/pixels.as_uint8). Called from Python, `serve`
+turns a uint16 array into uint8 by wrapping its values around, without a word.
 """
 
 from __future__ import annotations
@@ -74,9 +77,17 @@ def export_saved_model(model, out_dir: str | Path) -> Path:
         probabilities = model(x, training=False)
         return probabilities[:, :height, :width, :]
 
+    def serve_uint16(images, bit_depth):
+        # as_uint8: bits above the depth clipped (noise in a 12-bit word), then 0..2**depth-1 to 0..255, rounded
+        top = tf.cast(tf.bitwise.left_shift(1, bit_depth) - 1, tf.float32)
+        scaled = tf.round(tf.minimum(tf.cast(images, tf.float32), top) * (255.0 / top))
+        return serve(tf.cast(scaled, tf.uint8))
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec((None, None, None, 1), tf.uint8, name="images")])
+    archive.add_endpoint("serve_uint16", serve_uint16, input_signature=[
+        tf.TensorSpec((None, None, None, 1), tf.uint16, name="images"), tf.TensorSpec((), tf.int32, name="bit_depth")])
     out_dir = Path(out_dir)
     archive.write_out(str(out_dir), verbose=False)
     return out_dir
