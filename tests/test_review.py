@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -138,9 +139,50 @@ def test_a_redo_of_the_same_version_keeps_qas_decisions_and_exports_nothing_qa_d
     assert sorted((r.image_id, r.decision, r.reviewer) for r in carried) == sorted(
         [(ids[1], "confirmed", "anna")] * len(defects[1]) + [(ids[3], "false-call", "anna")] * len(defects[3]))
     assert any(r.note.endswith(": crack") for r in carried)
+    with factory() as session:
+        looked_at = session.scalar(select(ImageReview.inspection_id).where(ImageReview.image_id == ids[5]))
+        assert looked_at == session.scalar(select(Inspection.id).where(Inspection.image_id == ids[5]))  # the redo's, not NULL
     again = export_reviewed(factory(), tmp_path / "again", Filters(lot="R1"))
-    assert again.defective == 1 and again.skipped == [  # image 5: the redo's defect was never shown to QA
-        f"image {ids[5]}: QA failed it, but no confirmed defect or drawn mask says where"]
+    assert again.defective == 2 and again.skipped == []  # image 5's explicit fail still paints its (redone) defect
+
+    # A redo that cannot read an image keeps its verdict and QA's decisions (replaced by an error, they were lost for good).
+    from pipeline_helpers import corrupt_chunk
+
+    good = corrupt_chunk(image_set.uri, 1)
+    partial = inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2, force=True)
+    assert partial.status == "partial" and partial.counts.errors == 1
+    with factory() as session:
+        assert session.scalar(select(Inspection.verdict).where(Inspection.image_id == ids[1])) == "fail"
+        assert [(d.image_id, d.decision) for d in decided_images(session, Filters(lot="R1"))] == before
+    (Path(image_set.uri) / "images" / "c" / "1" / "0" / "0").write_bytes(good)
+
+
+def test_an_image_decision_records_the_production_versions_inspection_not_a_shadow_candidates(factory, cluster, lot, tmp_path):
+    """A candidate inspects the lot after production (models compare): the newest inspection was the candidate's, so an
+    explicit fail QA made from production's queue went with the candidate's defects, never shown to QA."""
+    from defectscan.db.schema import Model
+    from defectscan.model.stages import promote
+    from defectscan.review.export import export_reviewed
+
+    ids, _ = lot
+    with factory() as session:
+        promote(session, "threshold:1", reason="first", by="ml")
+        image_set = session.get(Image, ids[0]).image_set
+    candidate = add_model(factory, save_threshold_model(tmp_path / "candidate.keras"), version="2")
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    assert inspect_image_sets(factory, cluster, candidate, [image_set], settings, max_in_flight=2).status == "succeeded"
+    with factory() as session:
+        review_images(session, [ids[5]], "fail", by="qa")
+        production = session.scalar(select(Inspection.id).join(Model).where(Inspection.image_id == ids[5], Model.version == "1"))
+        assert session.scalar(select(ImageReview.inspection_id)) == production
+        assert export_reviewed(session, tmp_path / "v1", Filters(lot="R1", model="threshold:1")).defective == 1
+        with pytest.raises(DataError, match="nothing to export"):
+            export_reviewed(session, tmp_path / "v2", Filters(lot="R1", model="threshold:2"))
+        review_images(session, [ids[5]], "fail", by="qa", model="threshold:2")  # QA looked at the candidate's this time
+        assert export_reviewed(session, tmp_path / "v2", Filters(lot="R1", model="threshold:2")).defective == 1
+        with pytest.raises(DataError, match=r"image \d+ has not been inspected by threshold:3"):
+            add_model(factory, save_threshold_model(tmp_path / "c3.keras"), version="3")
+            review_images(session, [ids[5]], "pass", model="threshold:3")
 
 
 def test_a_newer_decision_supersedes_and_both_are_kept(factory, lot, cli, migrated_url):

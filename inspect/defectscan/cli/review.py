@@ -55,11 +55,13 @@ def review_defects_command(app: AppContext, defect_ids: tuple[int, ...], decisio
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="A drawn mask (PNG, the image's size, defect pixels non-zero) of a defect the model missed; one image, --as fail.")
 @click.option("--class", "class_name", metavar="NAME", help="The class of the drawn defect (with --mask).")
+@click.option("--model", "model_ref", metavar="MODEL",
+              help="The model version whose verdicts QA reviewed (as review queue --model); default: the version in production, else the newest.")
 @_NOTE
 @_BY
 @pass_app
 def review_images_command(app: AppContext, image_ids: tuple[int, ...], decision: str, mask_path: Path | None, class_name: str | None,
-                          note: str | None, by: str | None) -> None:
+                          model_ref: str | None, note: str | None, by: str | None) -> None:
     """Record QA's decision on whole images: pass (a failed one is then a false call) or fail (a passed one is an escape).
 
     \b
@@ -71,7 +73,7 @@ def review_images_command(app: AppContext, image_ids: tuple[int, ...], decision:
 
     mask = read_mask(mask_path) if mask_path is not None else None
     with app.session() as session:
-        ids = review_images(session, image_ids, decision, by=by, note=note, mask=mask, class_name=class_name)
+        ids = review_images(session, image_ids, decision, by=by, note=note, mask=mask, class_name=class_name, model=model_ref)
         named = named_images(session, image_ids)
     click.echo(f"recorded {len(ids)} image decision(s): {decision}" + (f" with a drawn {class_name} mask" if mask is not None else ""))
     for line in named:

@@ -168,17 +168,15 @@ def record_results(
     acquired = {image_id: when for _, image_id, when in found}
     daily = _Daily()
     ours = (Inspection.model_id == model_id) & Inspection.image_id.in_(list(image_ids.values()))
-    # QA's decisions on the defects a redo replaces go to the matching new ones (images in error have none).
-    decided = carried_reviews.decisions_on(session, ours) if redo == "all" else {}
-    if redo != "none":
-        _delete_for_redo(session, ours, redo, acquired, daily)
+    redone = _prepare_redo(session, ours, redo, image_ids=image_ids, by_position=by_position, acquired=acquired, daily=daily)
+    counts.errors = len(redone.kept)
     # What is left was recorded by a concurrent run after this one planned its work.
-    done = dict(session.execute(select(Inspection.image_id, Inspection.job_run_id).where(ours)).all())
+    done = {i: run for i, run in session.execute(select(Inspection.image_id, Inspection.job_run_id).where(ours)) if i not in redone.kept}
     if done:
         counts.meanwhile = len(done)
         counts.meanwhile_runs = sorted({run for run in done.values() if run is not None and run != job_run_id})
     now = utcnow()
-    todo = [(image_ids[position], by_position[position]) for position in sorted(image_ids) if image_ids[position] not in done]
+    todo = [(image_ids[p], by_position[p]) for p in sorted(image_ids) if image_ids[p] not in done and image_ids[p] not in redone.kept]
     if not todo:
         return counts
     rows = [
@@ -187,19 +185,15 @@ def record_results(
     ]
     inserted = session.execute(insert(Inspection).returning(Inspection.id, sort_by_parameter_order=True), rows).scalars().all()
     defect_rows = [_defect_row(inspection_id, d) for inspection_id, (_, result) in zip(inserted, todo, strict=True) for d in result.defects]
-    if defect_rows:
-        defect_ids = session.execute(insert(Defect).returning(Defect.id, sort_by_parameter_order=True), defect_rows).scalars().all()
-        if decided:
-            image_of = dict(zip(inserted, (image_id for image_id, _ in todo), strict=True))
-            carried_reviews.carry(session, decided, [(image_of[row["inspection_id"]], defect_id, row)
-                                                     for defect_id, row in zip(defect_ids, defect_rows, strict=True)])
+    defect_ids = session.execute(insert(Defect).returning(Defect.id, sort_by_parameter_order=True), defect_rows).scalars().all() if defect_rows else []
+    redone.carry(session, dict(zip(inserted, (image_id for image_id, _ in todo), strict=True)), list(zip(defect_ids, defect_rows, strict=True)))
     for row in rows:
         daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
     daily.write(session, image_set_id, model_id)
     _refresh_reviewed(session, image_set_id, [image_id for image_id, _ in todo])
     pending = [result for _, result in todo]
     counts.inspected = sum(1 for r in pending if r.verdict != "error")
-    counts.errors = sum(1 for r in pending if r.verdict == "error")
+    counts.errors += sum(1 for r in pending if r.verdict == "error")
     counts.failed = sum(1 for r in pending if r.verdict == "fail")
     counts.defects = len(defect_rows)
     session.execute(
@@ -226,10 +220,50 @@ def _refresh_reviewed(session: Session, image_set_id: int, image_ids: list[int])
         refresh_review_daily_of_sets(session, [image_set_id])
 
 
-def _delete_for_redo(session: Session, ours, redo: str, acquired: dict[int, dt.datetime | None], daily: _Daily) -> None:
+@dataclass
+class _Redo:
+    """What a redo takes from the rows it replaces to the new ones."""
+
+    # Images whose new result is an error: they keep their recorded verdict (a read that failed this time).
+    kept: set[int] = field(default_factory=set)
+    # QA's decisions on the replaced defects, by image id (pipeline/carried_reviews.py).
+    decided: dict[int, list] = field(default_factory=dict)
+    # image id -> its image reviews that pointed at the replaced inspection (the one QA looked at).
+    looked_at: dict[int, list[int]] = field(default_factory=dict)
+
+    def carry(self, session: Session, image_of: dict[int, int], defects: list[tuple[int, dict]]) -> None:
+        """To the new rows: QA's decisions (`image_of`: new inspection id -> image id; `defects`: (id, row) of the new defects)."""
+        for inspection_id, image_id in image_of.items():
+            if self.looked_at.get(image_id):
+                session.execute(update(ImageReview).where(ImageReview.id.in_(self.looked_at[image_id])).values(inspection_id=inspection_id))
+        if self.decided and defects:
+            carried_reviews.carry(session, self.decided, [(image_of[row["inspection_id"]], defect_id, row) for defect_id, row in defects])
+
+
+def _prepare_redo(session: Session, ours, redo: str, *, image_ids: dict[int, int], by_position: dict[int, ImageResult],
+                  acquired: dict[int, dt.datetime | None], daily: _Daily) -> _Redo:
+    """Delete the rows a redo writes again, after noting what goes over to the new ones."""
+    redone = _Redo()
+    if redo == "none":
+        return redone
+    doomed = ours & (Inspection.verdict == "error") if redo == "errors" else ours
+    if redo == "all":
+        # --force never replaces a verdict by an error: an image that could not be read this time keeps its verdict
+        # and QA's decisions on it (replaced, they were lost for good), and the run reports the error.
+        failing = [image_ids[p] for p, result in by_position.items() if p in image_ids and result.verdict == "error"]
+        redone.kept = set(session.scalars(select(Inspection.image_id).where(ours, Inspection.image_id.in_(failing), Inspection.verdict != "error")))
+        doomed = doomed & Inspection.image_id.not_in(redone.kept)
+        redone.decided = carried_reviews.decisions_on(session, doomed)
+    for review_id, image_id in session.execute(select(ImageReview.id, Inspection.image_id).join(Inspection, ImageReview.inspection_id == Inspection.id)
+                                               .where(doomed)):
+        redone.looked_at.setdefault(image_id, []).append(review_id)
+    _delete_for_redo(session, doomed, acquired, daily)
+    return redone
+
+
+def _delete_for_redo(session: Session, doomed, acquired: dict[int, dt.datetime | None], daily: _Daily) -> None:
     """Delete the rows to be written again; they leave the rollup. Exactly those (via RETURNING): all their
     images are written again afterwards, so first_at/last_at, which cannot be un-merged, stay exact."""
-    doomed = ours & (Inspection.verdict == "error") if redo == "errors" else ours
     deleted = session.execute(delete(Inspection).where(doomed).returning(Inspection.image_id, Inspection.verdict, Inspection.n_defects))
     for image_id, verdict, n_defects in deleted:
         daily.add(acquired[image_id], verdict, n_defects, sign=-1)

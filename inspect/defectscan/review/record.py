@@ -61,9 +61,14 @@ def review_images(
     note: str | None = None,
     mask: np.ndarray | None = None,
     class_name: str | None = None,
+    model: str | None = None,
 ) -> list[int]:
     """One ImageReview per image (committed together); their ids. A drawn `mask` (a defect the model
-    missed) goes with a `fail` decision, a class name and a single image of the mask's size."""
+    missed) goes with a `fail` decision, a class name and a single image of the mask's size.
+
+    Each decision records the inspection QA looked at: `model`'s (a reference, as `review queue --model`
+    takes), else that of a version in production, else the newest. An export paints an explicit fail's
+    undecided defects only from that inspection."""
     if decision not in IMAGE_DECISIONS:
         raise DataError(f"decision {decision!r}: expected one of {', '.join(IMAGE_DECISIONS)}")
     if not image_ids:
@@ -72,13 +77,12 @@ def review_images(
     sizes = {row.id: (row.height, row.width) for row in session.execute(select(Image.id, Image.height, Image.width).where(Image.id.in_(ids)))}
     _missing(ids, set(sizes), "image")
     box = _drawn(mask, class_name, decision, ids, sizes)
-    newest = dict(session.execute(
-        select(Inspection.image_id, func.max(Inspection.id)).where(Inspection.image_id.in_(ids)).group_by(Inspection.image_id)
-    ).all())
+    newest = _looked_at(session, ids, model)
     never = [i for i in ids if i not in newest]
     if never:
         # A decision is on what inspection said; one taken before would later count for a verdict QA never saw.
-        raise DataError(f"image {', '.join(map(str, never[:5]))} {'has' if len(never) == 1 else 'have'} not been inspected: "
+        by_whom = f" by {model}" if model else ""
+        raise DataError(f"image {', '.join(map(str, never[:5]))} {'has' if len(never) == 1 else 'have'} not been inspected{by_whom}: "
                         "nothing to review yet; nothing was recorded")
     kept = _kept_masks(session, ids) if decision == "fail" and mask is None else {}
     reviewer, now = user_name(by), utcnow()
@@ -89,6 +93,19 @@ def review_images(
     ]
     _record(session, rows, ids)
     return [row.id for row in rows]
+
+
+def _looked_at(session: Session, ids: list[int], model: str | None) -> dict[int, int]:
+    """image id -> the inspection QA looked at: `model`'s, else a production version's, else the newest. (The newest
+    alone was a shadow candidate's, inspected after production, while QA reviewed production's queue.)"""
+    from defectscan.db import model_refs
+    from defectscan.db.schema import Model
+
+    query = select(Inspection.image_id, func.max(Inspection.id)).where(Inspection.image_id.in_(ids)).group_by(Inspection.image_id)
+    if model is not None:
+        return dict(session.execute(query.where(Inspection.model_id == model_refs.resolve(session, model).id)).all())
+    production = select(Model.id).where(Model.stage == "production")
+    return {**dict(session.execute(query).all()), **dict(session.execute(query.where(Inspection.model_id.in_(production))).all())}
 
 
 _MASK_COLUMNS = ("class_name", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "rle")
