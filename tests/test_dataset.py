@@ -232,6 +232,10 @@ def test_zarr_stack_and_strip_samples(tmp_path):
     twelve = np.minimum(stack, 4095).astype(np.uint16)
     spec = DataSpec(format="zarr", path=str(_zarr_set(tmp_path / "twelve.zarr", twelve, labels, ["scratch", "spot"])), bit_depth=12)
     assert np.array_equal(spec.open().load(2)[0], as_uint8(twelve[2], 12)) and spec.open().load(2)[0].max() == 255
+    cache = str(tmp_path / "cache")  # one cache prefix for both scalings: each gets its own file
+    as_16 = _take(training_dataset(DataSpec(format="zarr", path=spec.path).open(), batch_size=3, seed=0, augment=False, cache=cache), 1)
+    as_12 = _take(training_dataset(spec.open(), batch_size=3, seed=0, augment=False, cache=cache), 1)
+    assert as_12[0][0].max() > as_16[0][0].max()
     with pytest.raises(ValueError, match="data.classes and data.per_class do not apply to a zarr set"):
         DataSpec(format="zarr", path="x.zarr", classes=["scratch"])
     with pytest.raises(ValueError, match="data.bit_depth applies to zarr sets"):

@@ -83,4 +83,6 @@ def read_zarr(store: str | Path, tile: int = 512, bit_depth: int | None = None) 
         listed = ", ".join(f"{key} (class {top})" for key, top in wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
         raise DataError(f"{store}: labels of sample(s) {listed} name a class beyond the {len(classes)} in attribute 'classes' ({', '.join(classes)})")
     defective = [top > 0 for top in highest]
-    return LabelledImages(name=str(store), keys=keys, classes=list(classes), shape=shape, loader=load, defective=defective)
+    # The bit depth is in the name: a training cache file is named after it (model/feed.py), and the pixels differ.
+    name = str(store) if bit_depth is None else f"{store} ({bit_depth}-bit)"
+    return LabelledImages(name=name, keys=keys, classes=list(classes), shape=shape, loader=load, defective=defective)

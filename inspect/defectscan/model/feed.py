@@ -205,7 +205,8 @@ def training_dataset(
 
 
 def _cache_tag(images: LabelledImages) -> str:
-    """A name for exactly these images: the set's name, keys, classes and size."""
+    """A name for these images: the set's name (a Zarr set's bit depth in it), keys, classes and size. Not their
+    contents: files rewritten in place under the same names need the cache file removed."""
     import hashlib
     import json
 
