@@ -88,6 +88,25 @@ def test_images_whose_chunks_arrive_after_registration_are_added_by_the_next_dis
         assert discover(session, spec, spec_file).arrived == 0  # nothing left to look for
 
 
+def test_giving_up_on_images_that_never_come_ends_the_partial_runs(factory, cli, migrated_url, tmp_path):
+    """A frame the camera dropped: every later job run was partial, with no way to accept the loss."""
+    store = write_stack(tmp_path / "incoming" / "A1.zarr", square_images(3), lot="A1")
+    (store / "images" / "c" / "2" / "0" / "0").unlink()
+    spec, spec_file = _spec(glob="incoming/*.zarr"), tmp_path / "line-a.yaml"
+    with factory() as session:
+        assert len(discover(session, spec, spec_file).problems) == 1
+    run = lambda *args: cli("--database-url", migrated_url, "imagesets", "give-up-missing", *args)  # noqa: E731
+    assert run("1", "--reason", " ").exit_code == 1
+    done = run("1", "--reason", "camera dropped it", "--by", "ops")
+    assert (done.exit_code, done.output) == (0, "image set 1: no longer waiting for image at position 2\n")
+    with factory() as session:
+        assert discover(session, spec, spec_file).problems == []
+        given_up = session.scalar(select(ImageSet)).attrs["missing_given_up"]
+    assert [(g["positions"], g["by"], g["reason"]) for g in given_up] == [([2], "ops", "camera dropped it")]
+    again = run("1", "--reason", "twice")
+    assert again.exit_code == 1 and "waits for no image: nothing to give up" in again.output
+
+
 def test_image_sets_with_work_follow_the_model_and_the_filters(factory, tmp_path):
     model = add_model(factory, save_threshold_model(tmp_path / "m.keras"))
     old = write_stack(tmp_path / "old.zarr", square_images(2), lot="L1", acquired_at="2020-01-01T00:00:00Z")

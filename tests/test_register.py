@@ -123,6 +123,36 @@ def test_missing_chunks_are_skipped_at_register_and_found_by_validate(tmp_path, 
     assert "2 chunk(s) missing: (3, 0, 0), (5, 0, 0)" in valid.output and "positions 3, 5" in valid.output
 
 
+def test_images_written_after_registration_are_added_with_the_given_time_and_for_sets_registered_before_it_was_recorded(tmp_path, factory):
+    """A set registered --acquired-at 2026-03-01 over a store whose camera clock says 1970: the image added later took
+    1970 (another since: window, another day in the rollup). A set registered before `missing_images` was recorded
+    was never looked at again."""
+    import datetime as dt
+    import shutil
+
+    from defectscan.data.register import MISSING_IMAGES, register_store
+
+    given = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    for name, legacy in (("given.zarr", False), ("legacy.zarr", True)):
+        root = acquisition_store(tmp_path / name, n=4)
+        root.create_array("acquired_at", shape=(4,), dtype="int64")[:] = np.arange(4) * 1_000_000  # a camera clock at 1970
+        chunk = tmp_path / name / "cam0" / "images" / "3.0.0"
+        shutil.move(chunk, tmp_path / "aside")
+        with factory() as session:
+            image_set = register_store(session, str(tmp_path / name), "cam0/images", acquired_at=None if legacy else given).image_set
+            if legacy:  # as registered before the positions were recorded: only the skipped list says which
+                image_set.attrs = {k: v for k, v in image_set.attrs.items() if k != MISSING_IMAGES}
+                session.commit()
+        shutil.move(tmp_path / "aside", chunk)
+        with factory() as session:
+            again = register_store(session, str(tmp_path / name), "cam0/images")  # as a job's discovery registers it
+            assert (again.arrived, again.problems.problems) == (1, [])
+            times = dict(session.execute(select(ImageRow.position, ImageRow.acquired_at).where(ImageRow.image_set_id == image_set.id)).all())
+        assert sorted(times) == [0, 1, 2, 3]
+        if not legacy:
+            assert set(times.values()) == {given}
+
+
 def test_bad_stores_fail_with_one_clear_line(tmp_path, migrated_url, cli):
     (tmp_path / "plain").mkdir()
     acquisition_store(tmp_path / "float.zarr", dtype="float32")

@@ -261,6 +261,28 @@ def show_command(app: AppContext, ident, n_keys, as_json) -> None:
         click.echo(f"  {image['position']:>6}  {image['key']}  {image['acquired_at'] or '-'}")
 
 
+@imagesets.command("give-up-missing")
+@click.argument("ident", metavar="ID|URI")
+@click.option("--reason", required=True, metavar="TEXT", help="Why these images will not come (kept with the image set).")
+@click.option("--by", metavar="NAME", help="Who (default: the login name).")
+@pass_app
+def give_up_missing_command(app: AppContext, ident: str, reason: str, by: str | None) -> None:
+    """Stop waiting for images whose chunks were not stored when the set was registered.
+
+    Jobs look for them again on every run, add them once written, and report the run partial while
+    they are not; for frames that will never come (dropped by the camera), this ends that.
+
+    \b
+    Example:
+        defectscan imagesets give-up-missing 7 --reason "camera dropped frames 12-14 (ticket 881)"
+    """
+    from defectscan.data.register import give_up_missing
+
+    with app.session() as session:
+        positions = give_up_missing(session, ident, reason, by)
+    click.echo(f"image set {ident}: no longer waiting for image{'s' if len(positions) != 1 else ''} at position {', '.join(map(str, positions))}")
+
+
 @imagesets.command("validate")
 @click.argument("ident", metavar="ID|URI")
 @click.option("--array", "array_path", metavar="PATH", help="Image array of an unregistered store (default: images).")

@@ -10,6 +10,7 @@ both a changed store and chunks that have gone missing since.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ class Registration:
     arrived: int = 0
 
 
+# attrs key: the capture time was given at registration (--acquired-at), over the store's own.
+TIME_GIVEN = "acquired_at_given"
 # attrs key: positions left out at registration because their chunks were not stored. An acquisition store can be
 # found while its camera still writes; they get rows once their chunks are there (see `_register_arrived`).
 MISSING_IMAGES = "missing_images"
@@ -101,7 +104,8 @@ def register_store(
         checksum=info.checksum,
         attrs={**_recorded_attrs(info, skipped), **({"bit_depth": bit_depth} if bit_depth is not None else {}),
                **({FILL_MISSING: True} if not check_chunks else {}),
-               **({MISSING_IMAGES: sorted(set(missing.images))} if missing.images else {})},
+               **({MISSING_IMAGES: sorted(set(missing.images))} if missing.images else {}),
+               **({TIME_GIVEN: True} if acquired_at is not None else {})},
     )
     try:
         _insert(session, image_set, rows)
@@ -179,17 +183,58 @@ def _rows_at(group, info: layout.ImageSetInfo, keys: list[str], positions: list[
     return [{"position": i, "key": keys[i], "acquired_at": times[i], "height": sizes[i][0], "width": sizes[i][1]} for i in positions]
 
 
+_MISSING_AT = re.compile(r" \[.* image (\d+), key .*\]$")
+
+
+def waiting_images(attrs: dict | None) -> list[int]:
+    """Positions of a registered set left out because their chunks were not stored; for a set registered before
+    MISSING_IMAGES was recorded, read back from its `skipped` list."""
+    attrs = attrs or {}
+    if MISSING_IMAGES in attrs:
+        return list(attrs[MISSING_IMAGES])
+    found = (_MISSING_AT.search(p.get("path", "")) for p in attrs.get("skipped", []) if p.get("reason") == MISSING_REASON)
+    return sorted({int(match[1]) for match in found if match})
+
+
+def give_up_missing(session: Session, ident: str | int, reason: str, by: str | None = None) -> list[int]:
+    """Stop waiting for the images of a set whose chunks were never written (a frame the camera dropped): jobs then
+    stop reporting them, and the run is no longer partial for them. Returns their positions; the skipped list keeps
+    them, with who gave up, when and why."""
+    from defectscan.db.schema import utcnow
+    from defectscan.users import user_name
+
+    if not reason or not reason.strip():
+        raise DataError("give --reason: why these images will not come (kept with the image set)")
+    image_set = get_image_set(session, ident)
+    waiting = waiting_images(image_set.attrs)
+    if not waiting:
+        raise DataError(f"image set {image_set.id} ({image_set.uri}) waits for no image: nothing to give up")
+    attrs = dict(image_set.attrs or {})
+    attrs[MISSING_IMAGES] = []
+    attrs["missing_given_up"] = [*attrs.get("missing_given_up", []),
+                                 {"positions": waiting, "by": user_name(by), "at": utcnow().isoformat(), "reason": reason.strip()}]
+    session.execute(update(ImageSet).where(ImageSet.id == image_set.id).values(attrs=attrs))
+    session.commit()
+    return waiting
+
+
 def _register_arrived(session: Session, image_set: ImageSet, group, info: layout.ImageSetInfo, acquired_at: dt.datetime | None) -> int:
     """Rows for the images left out at registration whose chunks are stored now; returns how many. The ones
     still missing stay in the set's `skipped` list, and so are reported again by every registration."""
-    waiting = set((image_set.attrs or {}).get(MISSING_IMAGES) or [])
+    waiting = set(waiting_images(image_set.attrs))
     if not waiting:
         return 0
-    arrived = sorted(waiting - set(layout.missing_chunks(group[info.array_path]).images))
+    array = group[info.array_path]
+    # Only the waiting images' chunks are asked for: a whole listing each night of a large store is not needed.
+    inner = int(array.chunks[0])
+    still = layout.missing_chunks(array, {(p // inner, *([0] * (array.ndim - 1))) for p in waiting}).images
+    arrived = sorted(waiting - set(still))
     if not arrived:
         return 0
     keys = _read_keys(group, info)
-    rows = _rows_at(group, info, keys, arrived, set_time=acquired_at or image_set.acquired_at, override_time=acquired_at is not None)
+    # A time given at registration (--acquired-at) holds for the images added since too.
+    given = acquired_at or (image_set.acquired_at if (image_set.attrs or {}).get(TIME_GIVEN) else None)
+    rows = _rows_at(group, info, keys, arrived, set_time=given or image_set.acquired_at, override_time=given is not None)
     resolved = {_missing_path(info, i, keys[i]) for i in arrived}
     attrs = dict(image_set.attrs or {})
     attrs["skipped"] = [p for p in attrs.get("skipped", []) if not (p.get("path") in resolved and p.get("reason") == MISSING_REASON)]

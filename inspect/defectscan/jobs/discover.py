@@ -16,7 +16,7 @@ from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from defectscan.data import imageset as layout
-from defectscan.data.register import MISSING_IMAGES, register_store
+from defectscan.data.register import register_store, waiting_images
 from defectscan.db.schema import Image, ImageSet, Inspection, Model
 from defectscan import interrupts
 from defectscan.errors import DataError
@@ -89,8 +89,7 @@ def discover(session: Session, spec: JobSpec, spec_file: Path) -> Discovery:
     found = Discovery(matched=match_stores(spec, spec_file))
     if not found.matched:
         return found
-    known = {uri: bool((attrs or {}).get(MISSING_IMAGES))
-             for uri, attrs in session.execute(select(ImageSet.uri, ImageSet.attrs).where(ImageSet.uri.in_(found.matched)))}
+    known = {uri: bool(waiting_images(attrs)) for uri, attrs in session.execute(select(ImageSet.uri, ImageSet.attrs).where(ImageSet.uri.in_(found.matched)))}
     for uri in found.matched:
         interrupts.check()  # between stores: each registration is whole or absent
         if uri in known and not known[uri]:
