@@ -252,6 +252,8 @@ def test_validate_an_unregistered_store_and_unknown_ids(tmp_path, migrated_url, 
     assert result.exit_code == 0 and "(not registered): OK: 5 images, every chunk stored" in result.output
     unknown = cli("--database-url", migrated_url, "imagesets", "show", "42")
     assert unknown.exit_code == 1 and "no image set '42' is registered" in unknown.output
+    huge = cli("--database-url", migrated_url, "imagesets", "show", "99999999999999999999")  # was an OverflowError
+    assert huge.exit_code == 1 and "no image set '99999999999999999999' is registered" in huge.output
     assert cli("--database-url", migrated_url, "imagesets", "list", "--format", "table").output.strip() == "no image sets registered"
 
 

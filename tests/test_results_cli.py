@@ -155,6 +155,10 @@ def test_bad_filters_give_one_clear_line_and_leave_the_database_alone(run, resul
 def test_sql_looking_values_are_plain_data(run, results_db):
     for ident in ("1; DROP TABLE defects; --", "' OR 1=1 --", 'x" OR "1"="1'):
         assert f"no image with key {ident!r}" in _error_line(run("images", "show", ident))
+    # numbers past BIGINT name no row (the drivers raised OverflowError)
+    assert "no image with id '99999999999999999999'" in _error_line(run("images", "show", "99999999999999999999"))
+    too_big = run("images", "list", "--job-run", "99999999999999999999")
+    assert too_big.exit_code == 2 and "is not in the range 1<=x<=9223372036854775807" in too_big.output
     # known values that match nothing together: an ordinary no-match
     result = run("images", "list", "--lot", "L042", "--line", "A", "--verdict", "error", "--format", "json")
     assert json.loads(result.stdout) == []

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from defectscan.db.schema import MAX_ROW_ID
+
 FORMATS = ("table", "csv", "json", "ndjson")
 
 
@@ -133,4 +135,4 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | 
 
 
 # A database row id on the command line: BIGINT's range (past it SQLite raised OverflowError, naming nothing).
-ROW_ID = click.IntRange(min=1, max=2**63 - 1)
+ROW_ID = click.IntRange(min=1, max=MAX_ROW_ID)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
+from defectscan.cli.output import ROW_ID
 from defectscan.report.build import HoldRules, ReportOptions
 
 _FILE = click.Path(dir_okay=False, writable=True, path_type=Path)
@@ -19,7 +20,7 @@ _OPTIONS = ReportOptions()
 @click.option("--line", help="Report on this production line (p-chart per lot); narrow with --since/--until.")
 @click.option("--since", metavar="WHEN", help="With --line: images captured at or after WHEN (ISO 8601 date or time, UTC unless given).")
 @click.option("--until", metavar="WHEN", help="With --line: images captured before WHEN; a bare date includes that whole day.")
-@click.option("--job-run", type=int, metavar="ID", help="Report on the results written by this job run.")
+@click.option("--job-run", type=ROW_ID, metavar="ID", help="Report on the results written by this job run.")
 @click.option("--model", "model_ref", metavar="NAME:VERSION", help="The model version to report on (needed when the scope has several).")
 @click.option("-o", "--output", "html_path", type=_FILE, required=True, help="Write the HTML report here (one self-contained file).")
 @click.option("--pdf", "pdf_path", type=_FILE, help="Also print the report to this PDF (needs Chromium).")

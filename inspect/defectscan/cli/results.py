@@ -25,7 +25,7 @@ def filter_options(f: Callable) -> Callable:
         "since": click.option("--since", metavar="WHEN", help="Captured at or after WHEN (ISO 8601 date or time, UTC unless given)."),
         "until": click.option("--until", metavar="WHEN", help="Captured before WHEN; a bare date includes that whole day."),
         "model_ref": click.option("--model", "model_ref", metavar="MODEL", help="Only results of this model version (NAME: its latest; NAME:* every version)."),
-        "job_run": click.option("--job-run", type=int, metavar="ID", help="Only results written by this job run."),
+        "job_run": click.option("--job-run", type=ROW_ID, metavar="ID", help="Only results written by this job run."),
         "verdict": click.option("--verdict", type=click.Choice(["pass", "fail", "error"]), help="Only images with this verdict."),
         "defect_class": click.option("--class", "defect_class", metavar="NAME", help="Only defects of this class (images: having one)."),
         "min_area": click.option("--min-area", type=click.IntRange(min=0), help="Smallest defect area in pixels (images: defect pixels)."),

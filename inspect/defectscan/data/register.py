@@ -22,7 +22,7 @@ from defectscan import provenance
 from defectscan.data import imageset as layout
 from defectscan.data.chunk_reads import UnreadableChunks, unreadable_chunks
 from defectscan.data.problems import ProblemLog
-from defectscan.db.schema import Image, ImageSet
+from defectscan.db.schema import Image, ImageSet, as_row_id
 from defectscan.errors import DataError
 
 # Rows per INSERT batch: a 100,000-image set goes in without one giant statement.
@@ -332,7 +332,7 @@ def find_image_set(session: Session, ident: str | int) -> ImageSet | None:
     """By id (digits) or by store URI/path."""
     text = str(ident)
     if text.isdigit():
-        return session.get(ImageSet, int(text))
+        return session.get(ImageSet, as_row_id(text) or 0)
     return session.scalar(select(ImageSet).where(ImageSet.uri == layout.resolve_uri(text)))
 
 

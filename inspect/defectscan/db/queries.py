@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, aliased
 from defectscan import provenance
 from defectscan.config import shipped_defaults
 from defectscan.db.model_refs import matching_ids
-from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model
+from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model, as_row_id
 from defectscan.errors import DataError, suggest
 from defectscan.times import iso_utc, parse_iso
 
@@ -358,7 +358,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
     """
     by_id = ident.isdigit() and not by_key
     query = select(Image.id)
-    query = query.where(Image.id == int(ident)) if by_id else query.where(Image.key == ident)
+    query = query.where(Image.id == (as_row_id(ident) or 0)) if by_id else query.where(Image.key == ident)
     ids = list(session.scalars(query.limit(2)))
     if not ids:
         raise DataError(f"no image with {'id' if by_id else 'key'} {ident!r}")

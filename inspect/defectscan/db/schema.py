@@ -50,6 +50,13 @@ IMAGE_DECISIONS = ("pass", "fail")
 
 # Row counts grow with images x defects: 64-bit keys on PostgreSQL, SQLite's rowid alias there.
 BigId = BigInteger().with_variant(Integer, "sqlite")
+# The largest id a row can have (BIGINT, SQLite's INTEGER): a larger number names no row (the drivers raise OverflowError).
+MAX_ROW_ID = 2**63 - 1
+
+
+def as_row_id(text: str) -> int | None:
+    """The row id `text` spells (digits, within MAX_ROW_ID), else None."""
+    return int(text) if text.isdigit() and int(text) <= MAX_ROW_ID else None
 Json = JSON().with_variant(JSONB, "postgresql")
 
 
