@@ -92,6 +92,12 @@ def test_a_new_run_in_a_used_folder_validates_and_saves_its_own_weights(synth, t
     assert [entry["step"] for entry in state["history"]] == [2, 4, 6] and state["history"] != first_history  # its own, not the first run's
     after = load_model(second.model_path).get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    # a new run that cannot start (crops larger than the images) leaves the folder's state as it was
+    shutil.rmtree(tmp_path / "checkpoints")
+    kept = (tmp_path / "validation.json").read_text()
+    with pytest.raises(DataError, match="crop"):
+        train(load_recipe(CPU_RECIPE, [*VALIDATED, "data.crop_size=64"], str(synth)), tmp_path, progress=False)
+    assert (tmp_path / "validation.json").read_text() == kept
 
 
 def test_a_validation_part_without_good_images_is_refused(tmp_path):

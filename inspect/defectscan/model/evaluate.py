@@ -20,6 +20,7 @@ from defectscan.errors import DataError, ModelError
 from defectscan.model.metrics import THRESHOLDS, SegmentationScores
 from defectscan.model.operating_point import NoOperatingPoint, RuleGrid, RuleScores
 from defectscan.model.preprocess import contract_of
+from defectscan.model.variants import check_whole_images
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, to_uint8
 
 
@@ -95,10 +96,7 @@ def check_fits(model, images: LabelledImages) -> None:
     outputs = model.output_shape[-1]
     if outputs != len(images.classes):
         raise ModelError(f"the model has {outputs} output classes but the dataset {images.name} has {len(images.classes)} ({', '.join(images.classes)})")
-    multiple = contract_of(model).multiple_of
-    height, width = images.shape
-    if height % multiple or width % multiple:
-        raise DataError(f"{images.name}: images are {height}x{width}; the model needs multiples of {multiple}")
+    check_whole_images(images.name, images.shape, contract_of(model).multiple_of)
 
 
 def format_table(metrics: dict) -> str:

@@ -190,15 +190,12 @@ def _split(recipe: Recipe, images: LabelledImages) -> tuple[LabelledImages, Labe
 def _check_whole_sizes(recipe: Recipe, images: LabelledImages) -> None:
     """Whole images (validation, whole-image steps, no crop) must be multiples of the model's size multiple: said
     before the first step, where it failed after `validation.every` steps or with a shape error from Keras."""
-    from defectscan.model.variants import size_multiple, widths
+    from defectscan.model.variants import check_whole_images, size_multiple, widths
 
     uses = [what for what, used in (("validation", recipe.validation.fraction is not None), ("whole-image steps", recipe.train.whole_image_steps),
                                     ("training without data.crop_size", recipe.data.crop_size is None)) if used]
-    multiple = size_multiple(widths(recipe.model.variant, recipe.model.filters))
-    height, width = images.shape
-    if uses and (height % multiple or width % multiple):
-        raise DataError(f"{images.name}: images are {height}x{width}; {', '.join(uses)} score(s) whole images, which this model needs in "
-                        f"multiples of {multiple} (crop or pad the images, or train on crops without validation)")
+    if uses:
+        check_whole_images(images.name, images.shape, size_multiple(widths(recipe.model.variant, recipe.model.filters)), ", ".join(uses))
 
 
 class _Phases:
@@ -365,15 +362,15 @@ def train(
             _freeze(model, spec.freeze)
             optimizer = _optimizer(recipe)
             optimizer.build(model.trainable_variables)
-        manager = _resume_or_start(recipe, model, optimizer, training_images, out_dir)
+        manager = _resume(recipe, model, optimizer, training_images, out_dir)
         start = int(optimizer.iterations.numpy())
         end = min(spec.steps, stop_at) if stop_at is not None else spec.steps
 
         phases = _Phases(recipe, training_images, strategy)
-        validator = _Validator(recipe, validation_images, out_dir) if validation_images is not None else None
+        batches = phases.batches(start)  # the stream checks its own settings: a run that cannot start leaves the folder as it was
+        validator = _validator(recipe, validation_images, training_images, out_dir, new_run=manager.latest_checkpoint is None)
         step = _step_function(recipe, model, optimizer, strategy)
         report = _StepReport(spec, out_dir, end, progress)
-        batches = phases.batches(start)
         current = start
         try:
             while current < end:
@@ -492,13 +489,18 @@ _RESUMABLE = {"train.steps", "train.log_every", "train.checkpoint_every"}
 RUN_RECORD = "run.json"
 
 
-def _resume_or_start(recipe: Recipe, model, optimizer, training_images: LabelledImages, out_dir: Path):
-    """The run's checkpoint manager: the folder's own run resumed, or a new one recorded."""
+def _resume(recipe: Recipe, model, optimizer, training_images: LabelledImages, out_dir: Path):
+    """The run's checkpoint manager, the folder's own run resumed (or nothing yet, for a new run)."""
     _check_same_run(recipe, training_images, out_dir)
-    manager = _restore_or_initialise(recipe, model, optimizer, out_dir)
-    if manager.latest_checkpoint is None:
+    return _restore_or_initialise(recipe, model, optimizer, out_dir)
+
+
+def _validator(recipe: Recipe, validation_images: LabelledImages | None, training_images: LabelledImages, out_dir: Path, *,
+               new_run: bool) -> _Validator | None:
+    """The run's validator; a new run is recorded first (and an earlier run's validation state cleared)."""
+    if new_run:
         _start_record(recipe, training_images, out_dir)
-    return manager
+    return _Validator(recipe, validation_images, out_dir) if validation_images is not None else None
 
 
 def _start_record(recipe: Recipe, training_images: LabelledImages, out_dir: Path) -> None:

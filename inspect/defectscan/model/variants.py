@@ -29,6 +29,18 @@ def size_multiple(filters: Sequence[int]) -> int:
     return 2 ** (len(filters) - 1)
 
 
+def check_whole_images(name: str, shape: Sequence[int], multiple: int, uses: str = "") -> None:
+    """Refuse images a model must take whole (evaluation, validation, whole-image training) whose height or
+    width is not a multiple of its size multiple; `uses` says which of these needs them whole."""
+    from defectscan.errors import DataError
+
+    height, width = shape
+    if height % multiple or width % multiple:
+        needs = f"{uses} score(s) whole images, which this model needs" if uses else "the model needs"
+        raise DataError(f"{name}: images are {height}x{width}; {needs} in multiples of {multiple}"
+                        + (" (crop or pad the images, or train on crops without validation)" if uses else ""))
+
+
 def receptive_radius(filters: Sequence[int]) -> int:
     """Pixels on either side of an output pixel that can change it.
 
