@@ -32,3 +32,14 @@ def test_the_shipped_model_meets_its_recorded_figures_on_its_test_split(demo_tes
     assert (measured["images"], measured["defective_images"]) == (200, 100)
     for key in ("dice", "dice_defective", "tpr", "tnr", "image_auroc"):
         assert measured[key] >= recorded[key] - 1e-3, (key, measured[key], recorded[key])
+
+
+def test_evaluate_demo_on_a_new_database_with_a_folder_named_demo_in_the_way(cli, migrated_url, tmp_path, monkeypatch):
+    """`evaluate demo` found no model on a new database (inspect registers it on first use), and a folder named
+    `demo` in the working directory was taken for a model file."""
+    write_synthetic_dagm(tmp_path / "d", SynthSpec(classes=1, train=0, test=2, size=64, seed=0))
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = cli("--database-url", migrated_url, "evaluate", "demo", "--data", str(tmp_path / "d"))
+    assert result.exit_code == 0, result.output
+    assert "TPR" in result.output

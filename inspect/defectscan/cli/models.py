@@ -171,12 +171,18 @@ def _given(parameter: str) -> bool:
     return click.get_current_context().get_parameter_source(parameter) is not click.core.ParameterSource.DEFAULT
 
 
+def _is_model_file(reference: str) -> bool:
+    """A .keras path (or any existing file) rather than a registered reference: a folder named `demo` in the working
+    directory made `evaluate demo` look for a model file."""
+    return reference.endswith(".keras") or Path(reference).is_file()
+
+
 def _load(app: AppContext, reference: str):
     """(model, its verdict rule, its sidecar path or None) from a .keras path or a registered model reference."""
     from defectscan.model.export import load_model
     from defectscan.model.registry import load_registered, sidecar_metadata, sidecar_path
 
-    if reference.endswith(".keras") or Path(reference).exists():
+    if _is_model_file(reference):
         return load_model(reference), sidecar_metadata(reference).rules(), sidecar_path(reference)
     from defectscan.pipeline.run import verdict_rules
 
@@ -297,7 +303,7 @@ def set_precision_command(app: AppContext, reference: str, precision: str, check
     """
     from defectscan.model.registry import check_file_precision, describe_precision, record_precision, set_precision, sidecar_path
 
-    if reference.endswith(".keras") or Path(reference).exists():
+    if _is_model_file(reference):
         check = check_file_precision(reference, precision, check_data)
         click.echo(f"precision: {describe_precision(precision, check.as_dict() if check else None)}")
         click.echo(f"recorded in {record_precision(sidecar_path(reference), precision, check)}")

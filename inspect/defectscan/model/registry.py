@@ -401,8 +401,9 @@ def resolve_init_from(session: Session, recipe) -> Model | None:
 
 
 def load_registered(session: Session, reference: str):
-    """(row, Keras model) after checking the file against the recorded sha256."""
-    row = get_model(session, reference)
+    """(row, Keras model) after checking the file against the recorded sha256; `demo` is registered on first use,
+    as `inspect` does (`evaluate demo` on a new database found no model)."""
+    row = model_to_run(session, reference)
     return row, load_model(row.uri, expected_sha256=row.sha256)
 
 
