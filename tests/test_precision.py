@@ -79,7 +79,21 @@ def test_a_model_at_its_threshold_is_refused_with_the_figures_and_the_limits(edg
     message = str(refused.value)
     assert "\n" not in message and message.startswith("refused: bfloat16 against float32 on 8 images of")
     assert "verdicts agree on 0.00 % (8 flipped; at least 99.5 % needed)" in message and "at most 0.005 allowed" in message
+    assert message.endswith("(caution: one flip among 8 images is 12.50 %: at least 200 images are needed to measure 99.5 %)")
     assert MIN_AGREEMENT == 0.995
+
+
+def test_the_check_data_must_hold_both_kinds_and_a_review_export_or_per_class_folders_are_read_as_such(edge_model, check_data, tmp_path):
+    """A check on one good image passed (it says nothing about escapes); a review export (Train only) was refused for
+    lack of a Test split; a model of several classes could never be checked on a DAGM folder (read as one class)."""
+    good = tmp_path / "good-only"
+    write_synthetic_dagm(good, SynthSpec(classes=1, train=0, test=2, size=64, defect_fraction=0.0, seed=3))
+    with pytest.raises(DataError, match=r"needs defective and defect-free images; these 2 are all defect-free"):
+        check_parity(edge_model, "bfloat16", check_images(good, None), AT_THE_EDGE)
+    export = tmp_path / "export"
+    write_synthetic_dagm(export, SynthSpec(classes=1, train=4, test=0, size=64, seed=3))
+    assert check_images(export, None).name.endswith("(Train)")
+    assert check_images(check_data, None, n_classes=2).classes == ["Class1", "Class2"]
 
 
 def test_a_file_whose_layers_fix_their_dtype_cannot_run_in_bfloat16(tmp_path):

@@ -138,10 +138,13 @@ class ParityCheck:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     def describe(self) -> str:
-        """One line: the figures against the thresholds."""
+        """One line: the figures against the thresholds (and a caution when the images are too few to measure them)."""
+        needed = int(np.ceil(1 / (1 - self.min_agreement) - 1e-9))
+        caution = (f" (caution: one flip among {self.images} images is {100 / self.images:.2f} %: at least {needed} images are needed to "
+                   f"measure {100 * self.min_agreement:g} %)") if self.images < needed else ""
         return (f"{self.precision} against float32 on {self.images} images of {self.check_data}: verdicts agree on "
                 f"{100 * self.agreement:.2f} % ({self.flips} flipped; at least {100 * self.min_agreement:g} % needed), Dice "
-                f"{self.dice:.4f} vs {self.dice_float32:.4f} (delta {self.dice_delta:+.4f}; at most {self.max_dice_delta:g} allowed)")
+                f"{self.dice:.4f} vs {self.dice_float32:.4f} (delta {self.dice_delta:+.4f}; at most {self.max_dice_delta:g} allowed){caution}")
 
 
 def check_parity(path: str | Path, precision: str, images, rules: VerdictRules, *, batch_size: int = 4,
@@ -155,6 +158,11 @@ def check_parity(path: str | Path, precision: str, images, rules: VerdictRules, 
     from defectscan.model.operating_point import RuleScores
 
     check_precision_name(precision)
+    defective = sum(images.defective)
+    if not defective or defective == len(images):
+        # A check that saw no defect says nothing about escapes; one without a good image nothing about false calls.
+        raise DataError(f"{images.name}: a precision check needs defective and defect-free images; these {len(images)} are all "
+                        f"{'defect-free' if not defective else 'defective'}")
     sha256 = expected_sha256 or file_sha256(path)
     reference = load_model(path, expected_sha256=sha256)
     candidate = load_in_precision(path, precision, expected_sha256=sha256)
@@ -194,17 +202,19 @@ def recorded_check(recorded: dict[str, Any] | None, precision: str, sha256: str)
 # === labelled images to check on ===
 
 
-def check_images(check_data: str | Path | None, training: dict[str, Any] | None):
-    """The labelled images a check runs on: `check_data` (a DAGM folder, its Test split, as `evaluate` reads it),
-    else the validation part recorded with the model's training (the images its operating point was chosen on)."""
+def check_images(check_data: str | Path | None, training: dict[str, Any] | None, n_classes: int = 1):
+    """The labelled images a check runs on: `check_data` (a DAGM folder, its Test split, or Train when it has none,
+    as a review export; one class per folder for a model of several classes), else the validation part recorded
+    with the model's training (the images its operating point was chosen on)."""
     from defectscan.model.recipe import DataSpec
 
     if check_data is not None:
-        return DataSpec(format="dagm", path=str(check_data)).open("Test")
+        split = "Test" if any(p.is_file() for p in Path(check_data).glob("*/Test/*")) else "Train"
+        return DataSpec(format="dagm", path=str(check_data), per_class=n_classes > 1).open(split)
     images = _recorded_validation(training)
     if images is None:
         raise DataError("no labelled images to check the precision on: the model records no validation split whose data is "
-                        "here; give --check-data DIR (a DAGM folder; its Test split is used)")
+                        "here; give --check-data DIR (a DAGM folder; its Test split is used, or Train when it has none)")
     return images
 
 

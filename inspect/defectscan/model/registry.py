@@ -261,7 +261,7 @@ def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadat
     check = recorded if rules == meta.rules() else None
     if check is None:
         try:
-            images = check_images(check_data, meta.training)
+            images = check_images(check_data, meta.training, len(meta.classes or [None]))
         except DataError as exc:
             if recorded is not None:
                 raise DataError(f"{path}: its {precision} check was made under its recorded rule ({meta.rules().describe()}), not this one "
@@ -302,7 +302,7 @@ def set_precision(session: Session, reference: str, precision: str, check_data: 
             if meta.rules() == operating_rules(row):  # the sidecar's check was run under the sidecar's rule
                 check = recorded_check(meta.precision_check, precision, row.sha256)
         if check is None:
-            images = check_images(check_data, row.training)
+            images = check_images(check_data, row.training, len(row.classes or [None]))
             check = require_passed(check_parity(row.uri, precision, images, operating_rules(row), expected_sha256=row.sha256))
     row.precision, row.precision_check = precision, check.as_dict() if check else None
     session.commit()
@@ -316,7 +316,7 @@ def check_file_precision(path: str | Path, precision: str, check_data: str | Pat
     if check_precision_name(precision) == "float32":
         return None
     meta = sidecar_metadata(path)
-    return require_passed(check_parity(path, precision, check_images(check_data, meta.training), meta.rules()))
+    return require_passed(check_parity(path, precision, check_images(check_data, meta.training, len(meta.classes or [None])), meta.rules()))
 
 
 def describe_precision(precision: str, check: dict[str, Any] | None) -> str:
