@@ -52,6 +52,22 @@ def test_a_model_with_other_classes_is_refused(synth):
         evaluate_model(UNet(num_classes=3, filters=(4, 4, 8, 8, 16)), images)
 
 
+def test_per_class_rules_apply_under_the_models_own_class_names(synth):
+    """The rule names the model's classes (`register --class scratch --class dent`); evaluate judged with the dataset's
+    folder names, so a per-class rule was never applied there while inspect applied it: the two disagreed."""
+    from defectscan.model.verdict import VerdictRules
+
+    images = read_dagm(synth, "Test", per_class=True)
+    model = UNet(num_classes=2, filters=(4, 4, 8, 8, 16), seed=0)
+    model(np.zeros((1, 32, 32, 1), np.float32))
+    model.set_weights([np.zeros_like(w) for w in model.get_weights()])  # every probability 0.5
+    rules = VerdictRules(0.9, 1, 0.9, per_class={"scratch": {"threshold": 0.1, "fail_score": 0.1}})
+    as_inspected = evaluate_model(model, images, rules=rules, class_names=["scratch", "dent"])["verdict_rule"]
+    assert as_inspected["tp"] + as_inspected["fp"] == len(images)  # the scratch channel fails every image
+    by_folder = evaluate_model(model, images, rules=rules)["verdict_rule"]
+    assert by_folder["tp"] + by_folder["fp"] == 0  # what evaluate said before: the rule named no class it knew
+
+
 def test_synth_train_evaluate_register_end_to_end(cli, tmp_path, sqlite_url):
     data, run = tmp_path / "synth", tmp_path / "run"
     assert cli("data", "synth", str(data), "--classes", "2", "--train", "4", "--test", "2", "--size", "32").exit_code == 0

@@ -143,7 +143,7 @@ def evaluate(
     check_target(target_false_call_rate)
     if not choose_operating_point and _given("target_false_call_rate"):
         raise DataError("--target-false-call-rate is the target of --choose-operating-point; give both, or neither")
-    model, rules, sidecar = _load(app, model_ref)
+    model, rules, sidecar, class_names = _load(app, model_ref)
     try:
         spec = DataSpec(format=data_format, path=data_path, masks=masks, classes=list(classes) or None, per_class=per_class, strict=strict,
                         bit_depth=bit_depth)
@@ -153,7 +153,8 @@ def evaluate(
     for problem in images.problems:
         click.echo(f"skipped {problem}", err=True)
     target = target_false_call_rate if choose_operating_point else None
-    metrics = evaluate_model(model, images, batch_size=batch_size, rules=rules, choose_for=target, chosen_on=f"{images.name}, {len(images)} images")
+    metrics = evaluate_model(model, images, batch_size=batch_size, rules=rules, choose_for=target, chosen_on=f"{images.name}, {len(images)} images",
+                             class_names=class_names)
     if choose_operating_point and metrics["operating_point"] is None:
         raise DataError(metrics["no_operating_point"])
     click.echo(format_table(metrics))
@@ -178,18 +179,20 @@ def _is_model_file(reference: str) -> bool:
 
 
 def _load(app: AppContext, reference: str):
-    """(model, its verdict rule, its sidecar path or None) from a .keras path or a registered model reference."""
+    """(model, its verdict rule, its sidecar path or None, its class names or None) from a .keras path or a registered
+    model reference. The class names are those its per-class rules use, as inspect judges."""
     from defectscan.model.export import load_model
     from defectscan.model.registry import load_registered, sidecar_metadata, sidecar_path
 
     if _is_model_file(reference):
-        return load_model(reference), sidecar_metadata(reference).rules(), sidecar_path(reference)
+        meta = sidecar_metadata(reference)
+        return load_model(reference), meta.rules(), sidecar_path(reference), meta.classes
     from defectscan.pipeline.run import verdict_rules
 
     with app.session() as session:
         row, model = load_registered(session, reference)
         # The rule `inspect` would judge with: the recorded one under what the settings set over it.
-        return model, verdict_rules(row, app.settings.inspection), None
+        return model, verdict_rules(row, app.settings.inspection), None, list(row.classes or []) or None
 
 
 @click.group("models")

@@ -33,12 +33,15 @@ def evaluate_model(
     rules: VerdictRules = DEFAULT_RULES,
     choose_for: float | None = None,
     chosen_on: str = "evaluation images",
+    class_names: list[str] | None = None,
 ) -> dict:
     """Run `model` over every image of `images` (whole images, no augmentation) and score it.
 
     `rules` is the verdict rule to score (the model's operating point); with `choose_for` (a target
     false-call rate) an operating point is chosen on these images and scored instead. When no rule
     meets the target, "operating_point" is None, "no_operating_point" says why and `rules` is scored.
+    `class_names` are the model's names of its output channels (its per-class rules name them, as
+    inspect judges); by default the dataset's, channel by channel.
     """
     import tensorflow as tf
 
@@ -47,7 +50,7 @@ def evaluate_model(
     check_fits(model, images)
     forward = tf.function(lambda x: model(x, training=False))
     reference = SegmentationScores(thresholds=tuple(thresholds))
-    classes = list(images.classes)
+    classes = list(class_names or images.classes)
     groups = [image_group(key) for key in images.keys]
     started = time.perf_counter()
     # Choosing needs every map twice (the grid, then the chosen rule): they are kept, N x H x W bytes.

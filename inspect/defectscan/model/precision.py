@@ -148,7 +148,7 @@ class ParityCheck:
 
 
 def check_parity(path: str | Path, precision: str, images, rules: VerdictRules, *, batch_size: int = 4,
-                 expected_sha256: str | None = None) -> ParityCheck:
+                 expected_sha256: str | None = None, class_names: list[str] | None = None) -> ParityCheck:
     """Run the model file in float32 and in `precision` over `images` (LabelledImages) and compare what inspection would record."""
     import tensorflow as tf
 
@@ -168,7 +168,7 @@ def check_parity(path: str | Path, precision: str, images, rules: VerdictRules, 
     candidate = load_in_precision(path, precision, expected_sha256=sha256)
     check_fits(reference, images)
     forwards = [tf.function(lambda x, m=m: m(x, training=False), reduce_retracing=True) for m in (reference, candidate)]
-    scores = [RuleScores(rules, list(images.classes)) for _ in forwards]
+    scores = [RuleScores(rules, list(class_names or images.classes)) for _ in forwards]  # the model's names: its per-class rules use them
     for x, y in evaluation_dataset(images, batch_size=batch_size):
         truth = y.numpy().transpose(0, 3, 1, 2) > 0.5
         for forward, scored in zip(forwards, scores, strict=True):

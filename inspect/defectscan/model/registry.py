@@ -267,7 +267,7 @@ def _admit_precision(path: Path, sha256: str, precision: str, meta: ModelMetadat
                 raise DataError(f"{path}: its {precision} check was made under its recorded rule ({meta.rules().describe()}), not this one "
                                 f"({rules.describe()}): give --check-data DIR to check {precision} under this rule, or --precision float32") from None
             raise exc
-        check = require_passed(check_parity(path, precision, images, rules, expected_sha256=sha256))
+        check = require_passed(check_parity(path, precision, images, rules, expected_sha256=sha256, class_names=meta.classes))
     return check
 
 
@@ -303,7 +303,8 @@ def set_precision(session: Session, reference: str, precision: str, check_data: 
                 check = recorded_check(meta.precision_check, precision, row.sha256)
         if check is None:
             images = check_images(check_data, row.training, len(row.classes or [None]))
-            check = require_passed(check_parity(row.uri, precision, images, operating_rules(row), expected_sha256=row.sha256))
+            check = require_passed(check_parity(row.uri, precision, images, operating_rules(row), expected_sha256=row.sha256,
+                                                 class_names=list(row.classes or []) or None))
     row.precision, row.precision_check = precision, check.as_dict() if check else None
     session.commit()
     return row, check
@@ -316,7 +317,8 @@ def check_file_precision(path: str | Path, precision: str, check_data: str | Pat
     if check_precision_name(precision) == "float32":
         return None
     meta = sidecar_metadata(path)
-    return require_passed(check_parity(path, precision, check_images(check_data, meta.training, len(meta.classes or [None])), meta.rules()))
+    images = check_images(check_data, meta.training, len(meta.classes or [None]))
+    return require_passed(check_parity(path, precision, images, meta.rules(), class_names=meta.classes))
 
 
 def describe_precision(precision: str, check: dict[str, Any] | None) -> str:
