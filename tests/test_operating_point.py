@@ -262,3 +262,14 @@ def test_a_fail_score_on_the_edge_of_the_gap_still_fails_the_images_it_was_chose
     chosen = VerdictRules.from_dict(point)
     verdicts = [judge(0, scores, ["defect"], chosen).verdict for scores, _ in rules]
     assert verdicts == ["fail" if i % 4 == 0 else "pass" for i in range(40)]
+
+
+def test_a_missed_defect_scores_dice_0_whatever_the_number_of_classes():
+    """Averaged over every class, the empty second channel scored 1: a defect missed entirely gave Dice 0.5."""
+    scores = RuleScores(VerdictRules(0.5, 1, 0.5), ["scratch", "dent"])
+    truth = np.zeros((2, 16, 16), bool)
+    truth[0, 4:8, 4:8] = True
+    scores.update(np.zeros((2, 16, 16), np.uint8), truth)  # nothing found
+    scores.update(np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16), bool))  # a good image, rightly passed
+    figures = scores.result()
+    assert (figures["dice_defective"], figures["dice"]) == (0.0, 0.5)

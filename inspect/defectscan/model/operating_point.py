@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from defectscan.errors import DataError
-from defectscan.model.metrics import EPS, pixel_auroc
+from defectscan.model.metrics import pixel_auroc
 from defectscan.model.verdict import VerdictRules, judge, recorded_mask, score_cutoff, verdict_score
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,13 @@ def check_target(rate: float) -> float:
 
 
 def _dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of (C, H, W) bool masks, per class then averaged (model/metrics.py's form)."""
+    """Dice of (C, H, W) bool masks, per class then averaged over the classes labelled or predicted there; 1 for an
+    image with neither. (Averaged over every class, a multi-class model's empty channels scored 1 each: a defect
+    missed entirely still gave 0.5 with two classes.)"""
     inter = (predicted & truth).sum(axis=(1, 2), dtype=np.float64)
     total = predicted.sum(axis=(1, 2), dtype=np.float64) + truth.sum(axis=(1, 2), dtype=np.float64)
-    return float(((2 * inter + EPS) / (total + EPS)).mean())
+    present = total > 0
+    return float((2 * inter[present] / total[present]).mean()) if present.any() else 1.0
 
 
 def image_figures(score: np.ndarray, defective: np.ndarray, failed: np.ndarray, dice: np.ndarray) -> dict:
