@@ -164,3 +164,26 @@ def test_a_comparison_over_no_judged_image_is_not_recorded_and_does_not_open_pro
         assert session.scalar(select(func.count()).select_from(ModelComparison)) == 0
         with pytest.raises(ModelError, match="thr:2 was never compared against it on judged images of the plant"):
             promote(session, "thr:2", reason="compared", by="ml")
+
+
+def test_qa_decisions_count_whichever_versions_defects_they_were_made_on(factory, plant, cluster, tmp_path):
+    """QA confirmed thr:1's defect on image 0; once thr:2 was in production, comparing thr:3 against it found no
+    decision on image 0: decisions were looked up through the compared version's inspections only."""
+    from defectscan.db.comparisons import compare_results
+    from defectscan.db.schema import Defect
+    from defectscan.review.record import review_defects
+
+    ids = plant
+    settings = load_settings(environ={"DEFECTSCAN_INSPECTION__BATCH_SIZE": "4", "DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD": "4"}).inspection
+    with factory() as session:
+        third = register_model(session, _threshold_model(tmp_path / "v3.keras", 30.0), name="thr", version="3")
+        second = session.scalar(select(Model).where(Model.version == "2"))
+        image_set = session.get(Image, ids[0]).image_set
+        first_defects = list(session.scalars(select(Defect.id).join(Inspection).where(Inspection.image_id == ids[0])))
+        review_defects(session, first_defects, "confirmed", by="qa")  # on thr:1's defects
+    for model in (second, third):
+        assert inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2).status == "succeeded"
+    with factory() as session:
+        promote(session, "thr:2", reason="second", by="ml", without_comparison=True)
+        comparison = compare_results(session, session.get(Model, third.id), session.get(Model, second.id), [image_set.id])
+    assert comparison.images == 8 and comparison.reviewed == 1
