@@ -190,7 +190,9 @@ def test_metrics_that_are_not_evaluation_figures_are_refused_naming_the_file(cli
     cases = {"list.json": ("[1, 2]", "expected a mapping of evaluation figures at the top level, got list"),
              "broken.json": ("{", "line 1: not valid JSON"),
              "rule.json": ('{"verdict_rule": [1]}', "metrics 'verdict_rule' must be a mapping of figures, got list"),
-             "table.json": ('{"thresholds": {"0.5": 3}}', "metrics 'thresholds' must map each threshold to a mapping of figures")}
+             "table.json": ('{"thresholds": {"0.5": 3}}', "metrics 'thresholds' must map each threshold to a mapping of figures"),
+             # stored, it broke `models list` for good ("TypeError: type str doesn't define __round__ method")
+             "dice.json": ('{"verdict_rule": {"dice": "x"}}', "metrics 'verdict_rule': dice must be a number (or null), got 'x'")}
     for name, (text, expected) in cases.items():
         (tmp_path / name).write_text(text)
         result = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "m", "--version", name, "--metrics", str(tmp_path / name))
@@ -246,6 +248,13 @@ def test_operating_points_in_metadata_are_checked_by_name_and_registration_reads
          "operating_point: verdict rule for class defect: threshold '0.3' is not a number"),
         ({"threshold": 0.4, "min_defect_area": 4, "fail_score": 0.5, "per_class": {"Defekt": {"threshold": 0.9}}},
          "operating_point: per_class names class\\(es\\) Defekt the model does not have; its classes: defect"),
+        # each was stored, then broke registration or `models show` with an internal error
+        ({"threshold": 0.4, "min_defect_area": 4, "fail_score": 0.5, "per_class": ["defect"]},
+         "operating_point: per_class must map class names to rules"),
+        ({"threshold": 0.4, "min_defect_area": 4, "fail_score": 0.5, "figures": {"tpr": 1.0}},
+         "operating_point: figures: images must be a count of images, got None"),
+        ({"threshold": 0.4, "min_defect_area": 4, "fail_score": 0.5, "figures": {"images": 4, "defective_images": 2}},
+         "operating_point: figures need target_false_call_rate \\(a number\\) beside them, got None"),
     ]:
         sidecar.write_text(json.dumps({"classes": ["defect"], "operating_point": point}))
         with pytest.raises(ModelError, match=f"^{sidecar}: {expected}"):

@@ -116,6 +116,16 @@ def check_point(point: Any, source: str | Path, classes: list[str] | None) -> di
     rule would be stored and never applied); ModelError names the source and what is wrong."""
     if not isinstance(point, dict):
         raise ModelError(f"{source}: operating_point must be a mapping (threshold, min_defect_area, fail_score), got {type(point).__name__}")
+    per_class = point.get("per_class")
+    if per_class is not None and not (isinstance(per_class, dict) and all(isinstance(r, dict) for r in per_class.values())):
+        raise ModelError(f"{source}: operating_point: per_class must map class names to rules (threshold, min_defect_area, fail_score), "
+                         f"got {per_class!r}")
+    if point.get("figures") is not None:
+        # What `models show` prints of it: read back from the registry, a wrong one broke the command for good.
+        _check_figures(point["figures"], f"{source}: operating_point: figures", counts=("images", "defective_images"))
+        if not _is_number(point.get("target_false_call_rate")):
+            raise ModelError(f"{source}: operating_point: figures need target_false_call_rate (a number) beside them, "
+                             f"got {point.get('target_false_call_rate')!r}")
     try:
         rules = VerdictRules.from_dict(point)
     except (TypeError, ValueError) as exc:
@@ -140,9 +150,30 @@ def check_metrics(metrics: dict[str, Any], source: str | Path) -> dict[str, Any]
     rule, table = metrics.get("verdict_rule"), metrics.get("thresholds")
     if rule is not None and not isinstance(rule, dict):
         raise ModelError(f"{source}: metrics 'verdict_rule' must be a mapping of figures, got {type(rule).__name__}")
+    if rule is not None:
+        _check_figures(rule, f"{source}: metrics 'verdict_rule'")
     if table is not None and not (isinstance(table, dict) and all(isinstance(row, dict) for row in table.values())):
         raise ModelError(f"{source}: metrics 'thresholds' must map each threshold to a mapping of figures")
     return metrics
+
+
+# The figures `models list`, `models show` and the QA report read back as numbers (None where not measured).
+RATE_FIGURES = ("tpr", "tnr", "escape_rate", "false_call_rate", "dice", "dice_defective", "image_auroc")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_figures(figures: Any, where: str, counts: tuple[str, ...] = ()) -> None:
+    if not isinstance(figures, dict):
+        raise ModelError(f"{where} must be a mapping of figures, got {type(figures).__name__}")
+    for key in RATE_FIGURES:
+        if figures.get(key) is not None and not _is_number(figures[key]):
+            raise ModelError(f"{where}: {key} must be a number (or null), got {figures[key]!r}")
+    for key in counts:
+        if not (isinstance(figures.get(key), int) and not isinstance(figures.get(key), bool)):
+            raise ModelError(f"{where}: {key} must be a count of images, got {figures.get(key)!r}")
 
 
 def architecture_of(model) -> str:
