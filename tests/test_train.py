@@ -132,6 +132,8 @@ def test_recipe_overrides_and_errors(tmp_path):
     recipe = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml", ["train.steps=7", "optimizer.centered=false", "model.version=4"], "data/x")
     assert (recipe.train.steps, recipe.optimizer.centered, recipe.data.path, recipe.model.version) == (7, False, "data/x", "4")
     # Text fields take the value as written, not as YAML reads it (2.10 would be the number 2.1, on would be true).
+    # 1e3 is a number, as YAML 1.2 and JSON read it (PyYAML's YAML 1.1 read the text '1e3' and it was refused)
+    assert load_recipe(CPU_RECIPE, ["train.steps=1e3", "optimizer.learning_rate=4E-4"]).train.steps == 1000
     texts = load_recipe(CPU_RECIPE, ["model.version=2.10", "model.name=on", "model.init_from=null"])
     assert (texts.model.version, texts.model.name, texts.model.init_from) == ("2.10", "on", None)
     reference = load_recipe(CONFIGS_DIR / "model" / "tinyunet-dagm.yaml")

@@ -6,6 +6,7 @@ Each error names the file, the line where the parser stopped, and what the file 
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +16,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from defectscan.errors import DefectscanError
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe YAML 1.1, with 1e3 and 2.5E-4 read as numbers, as YAML 1.2 and JSON read them: YAML 1.1 wants
+    a dot in a float, so `steps: 1e3` was the text '1e3' and refused as no number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML value or document, read as every defectscan file is (settings, recipes, specs, --set values)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
 
 
 def read_text(path: Path, what: str, error: type[DefectscanError]) -> str:
@@ -35,7 +51,7 @@ def parse_mapping(text: str, path: Path, contents: str, error: type[DefectscanEr
     """The top-level mapping of a YAML (or JSON) text; an empty file is an empty mapping."""
     try:
         # JSON is YAML, but PyYAML's YAML 1.1 reads JSON's 1e-07 as a string: a .json file is read as JSON.
-        data = json.loads(text) if Path(path).suffix == ".json" and text.strip() else yaml.safe_load(text)
+        data = json.loads(text) if Path(path).suffix == ".json" and text.strip() else load_yaml(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path} line {exc.lineno}: not valid JSON: {exc.msg}") from None
     except yaml.YAMLError as exc:

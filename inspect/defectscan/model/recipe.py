@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from defectscan.db.model_refs import version_text
 from defectscan.errors import ConfigError
 from defectscan.model import variants
 from defectscan.model.operating_point import DEFAULT_TARGET_FALSE_CALL_RATE
-from defectscan.yamlfile import Section, read_mapping
+from defectscan.yamlfile import Section, load_yaml, read_mapping
 
 
 class ModelSpec(Section):
@@ -234,7 +233,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = _section(node, part)
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[leaf] = value if _text_field([*parents, leaf]) and value not in ("null", "~") else yaml.safe_load(value)
+        node[leaf] = value if _text_field([*parents, leaf]) and value not in ("null", "~") else load_yaml(value)
     if data_path is not None:
         data = _section(raw, "data")
         if not isinstance(data, dict):
