@@ -238,7 +238,7 @@ def test_zarr_stack_and_strip_samples(tmp_path):
     assert as_12[0][0].max() > as_16[0][0].max()
     with pytest.raises(ValueError, match="data.classes and data.per_class do not apply to a zarr set"):
         DataSpec(format="zarr", path="x.zarr", classes=["scratch"])
-    with pytest.raises(ValueError, match="data.bit_depth applies to zarr sets"):
+    with pytest.raises(ValueError, match="data.bit_depth and data.fill_missing_chunks apply to zarr sets, not to dagm files"):
         DataSpec(format="dagm", path="x", bit_depth=12)
 
     strip = np.full((40, 70), 9, np.uint8)
@@ -278,8 +278,13 @@ def test_zarr_training_set_with_missing_image_chunks_or_still_being_written_is_r
     path = _zarr_set(tmp_path / "a.zarr", images, np.zeros_like(images), ["defect"])
     assert len(read_zarr(path)) == 3
     shutil.rmtree(path / "images" / "c" / "1")
-    with pytest.raises(DataError, match=r"a.zarr: 'images': 1 chunk\(s\) missing: \(1, 0, 0\)"):
+    with pytest.raises(DataError, match=r"a.zarr: 'images': 1 chunk\(s\) missing: \(1, 0, 0\) .*data.fill_missing_chunks: true"):
         read_zarr(path)
+    # written with write_empty_chunks=False: the left-out chunk is the fill value, and the writer says so
+    from defectscan.model.recipe import DataSpec
+
+    filled = DataSpec(format="zarr", path=str(path), fill_missing_chunks=True).open()
+    assert len(filled) == 3 and not filled.load(1)[0].any()
     again = _zarr_set(tmp_path / "b.zarr", images, np.zeros_like(images), ["defect"])
     zarr.open_group(str(again), mode="a").attrs[META_ATTR] = {"complete": False}
     with pytest.raises(DataError, match="marked incomplete"):

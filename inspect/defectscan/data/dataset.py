@@ -121,6 +121,7 @@ def open_dataset(
     strict: bool = False,
     tile: int = 512,
     bit_depth: int | None = None,
+    fill_missing_chunks: bool = False,
 ) -> LabelledImages:
     """Labelled images in one of the three layouts (a recipe's `data` section names them)."""
     if format == "dagm":
@@ -136,5 +137,5 @@ def open_dataset(
     if format == "zarr":
         from defectscan.data.zarrset import read_zarr
 
-        return read_zarr(path, tile=tile, bit_depth=bit_depth)
+        return read_zarr(path, tile=tile, bit_depth=bit_depth, fill_missing_chunks=fill_missing_chunks)
     raise DataError(f"{path}: unknown dataset format {format!r} (expected dagm, folders or zarr)")

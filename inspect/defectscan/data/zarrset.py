@@ -18,7 +18,7 @@ from defectscan.data.pixels import as_uint8
 from defectscan.errors import DataError
 
 
-def read_zarr(store: str | Path, tile: int = 512, bit_depth: int | None = None) -> LabelledImages:
+def read_zarr(store: str | Path, tile: int = 512, bit_depth: int | None = None, fill_missing_chunks: bool = False) -> LabelledImages:
     """Samples of the image set at `store` (a path or fsspec URL), opened through data/imageset.py; 16-bit pixels
     scaled to 8 bits as inspection scales them (`bit_depth`: the bits they hold, as registered)."""
     from defectscan.data.imageset import CLASSES_ATTR, IMAGES, LABELS, describe, missing_chunks, open_group, open_images, read_keys, resolve_uri
@@ -39,10 +39,11 @@ def read_zarr(store: str | Path, tile: int = 512, bit_depth: int | None = None) 
     classes = group.attrs.get(CLASSES_ATTR)
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{uri}: group attribute '{CLASSES_ATTR}' must be a non-empty list of class names, got {classes!r}")
-    missing = missing_chunks(images)
+    missing = missing_chunks(images) if not fill_missing_chunks else None
     if missing:
         # Zarr would read them as black images with their labels: training on pictures that are not there.
-        raise DataError(f"{uri}: '{IMAGES}': {missing.describe()}")
+        raise DataError(f"{uri}: '{IMAGES}': {missing.describe()} (a writer that leaves out chunks equal to the fill value: "
+                        "data.fill_missing_chunks: true)")
     store = uri
 
     if images.ndim == 3:

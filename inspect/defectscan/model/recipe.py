@@ -74,6 +74,9 @@ class DataSpec(Section):
     # zarr: the bits a 16-bit store's pixels hold (12 for a 12-bit camera), as `imagesets register --bit-depth`
     # records for inspection; without it 0..4095 would train as 0..16 while inspection sees 0..255.
     bit_depth: int | None = Field(None, ge=9, le=16)
+    # zarr: chunks the writer left out because they equal the fill value (zarr-python's write_empty_chunks=False)
+    # are read as that value, as `imagesets register --no-chunk-check` takes them; by default a missing chunk is refused.
+    fill_missing_chunks: bool = False
     # Camera variation per training image (model/feed.py: Photometric); all 0 = off.
     photometric: PhotometricSpec = PhotometricSpec()
 
@@ -81,8 +84,8 @@ class DataSpec(Section):
     def _fields_of_the_format(self) -> DataSpec:
         if self.format == "zarr" and (self.classes is not None or self.per_class):
             raise ValueError("data.classes and data.per_class do not apply to a zarr set: its classes are the store's own (attribute 'classes')")
-        if self.format != "zarr" and self.bit_depth is not None:
-            raise ValueError(f"data.bit_depth applies to zarr sets; {self.format} files are read as their own bit depth")
+        if self.format != "zarr" and (self.bit_depth is not None or self.fill_missing_chunks):
+            raise ValueError(f"data.bit_depth and data.fill_missing_chunks apply to zarr sets, not to {self.format} files")
         return self
 
     def open(self, split: str | None = None):
@@ -94,7 +97,8 @@ class DataSpec(Section):
         if self.format == "folders" and self.masks is None:
             raise ConfigError("data.masks is not set: the folders format needs the masks folder")
         return open_dataset(self.path, format=self.format, split=split or self.split, masks=self.masks, classes=self.classes,
-                            per_class=self.per_class, strict=self.strict, tile=self.tile, bit_depth=self.bit_depth)
+                            per_class=self.per_class, strict=self.strict, tile=self.tile, bit_depth=self.bit_depth,
+                            fill_missing_chunks=self.fill_missing_chunks)
 
 
 class OptimizerSpec(Section):
