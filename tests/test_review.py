@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from defectscan.config import load_settings
 from defectscan.db.queries import Filters
 from defectscan.db.reviews import decided_images, review_figures, wilson_interval
-from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, Inspection
+from defectscan.db.schema import Defect, DefectReview, Image, ImageReview, Inspection, JobRun
 from defectscan.errors import DataError
 from defectscan.pipeline.run import inspect_image_sets
 from defectscan.review.record import review_defects, review_images
@@ -148,12 +148,22 @@ def test_a_redo_of_the_same_version_keeps_qas_decisions_and_exports_nothing_qa_d
     # A redo that cannot read an image keeps its verdict and QA's decisions (replaced by an error, they were lost for good).
     from pipeline_helpers import corrupt_chunk
 
+    import zarr
+
+    def score_map():
+        with factory() as session:
+            inspection = session.scalar(select(Inspection).where(Inspection.image_id == ids[1]))
+        return np.asarray(zarr.open_group(inspection.mask_uri, mode="r")[inspection.mask_array][1])
+
+    recorded_map = score_map()
     good = corrupt_chunk(image_set.uri, 1)
     partial = inspect_image_sets(factory, cluster, model, [image_set], settings, max_in_flight=2, force=True)
     assert partial.status == "partial" and partial.counts.errors == 1
     with factory() as session:
         assert session.scalar(select(Inspection.verdict).where(Inspection.image_id == ids[1])) == "fail"
         assert [(d.image_id, d.decision) for d in decided_images(session, Filters(lot="R1"))] == before
+        assert session.get(JobRun, partial.job_run_id).n_errors == 1  # the kept image's error is in the run's row too
+    np.testing.assert_array_equal(score_map(), recorded_map)  # and its map is the one its verdict came from, not a blank one
     (Path(image_set.uri) / "images" / "c" / "1" / "0" / "0").write_bytes(good)
 
 

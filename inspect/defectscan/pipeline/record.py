@@ -178,6 +178,8 @@ def record_results(
     now = utcnow()
     todo = [(image_ids[p], by_position[p]) for p in sorted(image_ids) if image_ids[p] not in done and image_ids[p] not in redone.kept]
     if not todo:
+        if counts.errors:  # a redo's unreadable images, their verdicts kept: still this run's errors
+            _add_to_run(session, job_run_id, counts, now)
         return counts
     rows = [
         _inspection_row(image_id, result, model_id=model_id, job_run_id=job_run_id, mask_uri=mask_uri, mask_array=mask_array, now=now)
@@ -196,6 +198,11 @@ def record_results(
     counts.errors += sum(1 for r in pending if r.verdict == "error")
     counts.failed = sum(1 for r in pending if r.verdict == "fail")
     counts.defects = len(defect_rows)
+    _add_to_run(session, job_run_id, counts, now)
+    return counts
+
+
+def _add_to_run(session: Session, job_run_id: int, counts: Counts, now: dt.datetime) -> None:
     session.execute(
         update(JobRun)
         .where(JobRun.id == job_run_id)
@@ -206,7 +213,6 @@ def record_results(
             heartbeat_at=now,
         )
     )
-    return counts
 
 
 def _refresh_reviewed(session: Session, image_set_id: int, image_ids: list[int]) -> None:

@@ -331,10 +331,12 @@ def inspect_stack_shard(shard: StackShard, source: ArrayRef, output: ArrayRef, m
     def write_and_judge(bound: tuple[int, int], scores: np.ndarray, errors: dict[int, str]) -> None:
         t0 = time.perf_counter()
         with _writing(output):
-            if todo.issuperset(range(*bound)):
+            if todo.issuperset(range(*bound)) and not errors:
                 scores_out[bound[0] : bound[1]] = scores
-            else:  # a rerun: the maps of images already recorded stay those their verdicts came from
-                for position in sorted(todo.intersection(range(*bound))):
+            else:
+                # A rerun: the maps of images already recorded stay those their verdicts came from. An image that
+                # could not be read keeps its map too: a redo keeps its verdict (pipeline/record.py), not a blank map.
+                for position in sorted(todo.intersection(range(*bound)) - set(errors)):
                     scores_out[position] = scores[position - bound[0]]
         t1 = time.perf_counter()
         timings["write_s"] += t1 - t0
