@@ -186,4 +186,10 @@ def test_qa_decisions_count_whichever_versions_defects_they_were_made_on(factory
     with factory() as session:
         promote(session, "thr:2", reason="second", by="ml", without_comparison=True)
         comparison = compare_results(session, session.get(Model, third.id), session.get(Model, second.id), [image_set.id])
-    assert comparison.images == 8 and comparison.reviewed == 1
+        assert comparison.images == 8 and comparison.reviewed == 1
+        # a newer inspection's defect on it rejected does not undo the defect QA confirmed (it counted as "pass")
+        from defectscan.db.reviews import qa_truth
+
+        newer = list(session.scalars(select(Defect.id).join(Inspection).where(Inspection.image_id == ids[0], Inspection.model_id == third.id)))
+        review_defects(session, newer, "false-call", by="qa")
+        assert qa_truth(session, [image_set.id])[ids[0]] == "fail"

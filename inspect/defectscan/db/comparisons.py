@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from defectscan.db.reviews import qa_decisions
+from defectscan.db.reviews import qa_truth
 from defectscan.db.schema import Image, ImageSet, Inspection, Model, ModelComparison
 from defectscan.times import iso_utc
 from defectscan.users import user_name
@@ -71,7 +71,7 @@ def compare_results(session: Session, candidate: Model, current: Model, image_se
     ).all()
     lots = sorted({lot for lot in session.scalars(select(ImageSet.lot).where(ImageSet.id.in_(image_set_ids))) if lot})
     result = Comparison(f"{candidate.name}:{candidate.version}", f"{current.name}:{current.version}", sorted(image_set_ids), lots)
-    qa = _qa_truth(session, [row[0] for row in rows])
+    qa = qa_truth(session, image_set_ids)
     for image_id, key, lot, before, after, inspection_id, candidate_inspection in rows:
         decision = qa.get(image_id)
         result.images += 1
@@ -86,17 +86,6 @@ def compare_results(session: Session, candidate: Model, current: Model, image_se
             values = (image_id, key, lot, before, after, decision, effect, inspection_id, candidate_inspection)
             result.flips.append(dict(zip(FLIP_COLUMNS, values, strict=True)))
     return result
-
-
-def _qa_truth(session: Session, image_ids: list[int]) -> dict[int, str]:
-    """QA's decision on each image, whichever version's inspection it was made through: an image decision, else the
-    defect decisions of its newest inspection QA decided them all on. (Looked up through `current`'s inspections
-    alone, what QA decided on an earlier production version's defects counted for nothing once it was replaced.)"""
-    if not image_ids:
-        return {}
-    every = session.execute(select(Inspection.id, Inspection.image_id).where(Inspection.image_id.in_(image_ids)).order_by(Inspection.id)).all()
-    decided = qa_decisions(session, [inspection_id for inspection_id, _ in every])
-    return {image_id: decided[inspection_id] for inspection_id, image_id in every if inspection_id in decided}
 
 
 def record_comparison(session: Session, candidate: Model, current: Model, comparison: Comparison, *, by: str | None = None) -> int:

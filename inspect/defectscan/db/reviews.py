@@ -146,6 +146,24 @@ def qa_decisions(session: Session, inspection_ids: list[int]) -> dict[int, str]:
     return {d.inspection_id: d.decision for d in _decisions(session, Filters(), inspection_ids)[0]}
 
 
+def qa_truth(session: Session, image_set_ids: list[int]) -> dict[int, str]:
+    """QA's decision on each image of these sets, whichever model version's inspection it was made through: its image
+    decision; else "fail" when QA confirmed a defect of any inspection of it; else "pass" when QA decided every defect
+    of one of its inspections (all false calls). What a comparison of two versions counts against."""
+    explicit = dict(session.execute(
+        select(ImageReview.image_id, ImageReview.decision).join(Image, ImageReview.image_id == Image.id)
+        .where(_newest_image_review(), Image.image_set_id.in_(image_set_ids))
+    ).all())
+    decided, defects = _decisions(session, Filters(), image_set_ids=image_set_ids)
+    image_of = dict(session.execute(
+        select(Inspection.id, Inspection.image_id).join(Image, Inspection.image_id == Image.id).where(Image.image_set_id.in_(image_set_ids))
+    ).all())
+    truth = {d.image_id: "pass" for d in decided if d.image_id not in explicit}
+    truth.update({image_of[inspection_id]: "fail" for inspection_id, decision in defects
+                  if decision == "confirmed" and image_of[inspection_id] not in explicit})
+    return {**truth, **explicit}
+
+
 def _decisions(
     session: Session, filters: Filters, inspection_ids: list[int] | None = None, image_set_ids: list[int] | None = None,
 ) -> tuple[list[Decided], list[tuple[int, str]]]:
