@@ -192,7 +192,8 @@ def test_metrics_that_are_not_evaluation_figures_are_refused_naming_the_file(cli
              "rule.json": ('{"verdict_rule": [1]}', "metrics 'verdict_rule' must be a mapping of figures, got list"),
              "table.json": ('{"thresholds": {"0.5": 3}}', "metrics 'thresholds' must map each threshold to a mapping of figures"),
              # stored, it broke `models list` for good ("TypeError: type str doesn't define __round__ method")
-             "dice.json": ('{"verdict_rule": {"dice": "x"}}', "metrics 'verdict_rule': dice must be a number (or null), got 'x'")}
+             "dice.json": ('{"verdict_rule": {"dice": "x"}}', "metrics 'verdict_rule': dice must be a number (or null), got 'x'"),
+             "row.json": ('{"thresholds": {"0.5": {"dice": "high"}}}', "metrics 'thresholds' 0.5: dice must be a number (or null), got 'high'")}
     for name, (text, expected) in cases.items():
         (tmp_path / name).write_text(text)
         result = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "m", "--version", name, "--metrics", str(tmp_path / name))
@@ -258,6 +259,12 @@ def test_operating_points_in_metadata_are_checked_by_name_and_registration_reads
     ]:
         sidecar.write_text(json.dumps({"classes": ["defect"], "operating_point": point}))
         with pytest.raises(ModelError, match=f"^{sidecar}: {expected}"):
+            read_metadata(sidecar)
+
+    for check, expected in (({"images": 0, "flips": 0, "agreement": 1.0, "dice": 0.9, "dice_float32": 0.9}, "images must be a count of at least 1, got 0"),
+                            ({"images": "8", "flips": 0}, "images must be a count of at least 1, got '8'")):
+        sidecar.write_text(json.dumps({"classes": ["defect"], "precision_check": check}))  # registered, then a ZeroDivisionError
+        with pytest.raises(ModelError, match=f"^{sidecar}: precision_check: {expected}"):
             read_metadata(sidecar)
 
     model = save_threshold_model(tmp_path / "m.keras")

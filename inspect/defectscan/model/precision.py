@@ -188,6 +188,21 @@ def require_passed(check: ParityCheck) -> ParityCheck:
     return check
 
 
+def check_recorded_check(recorded: Any, source: str | Path) -> None:
+    """A precision check as a metadata file records it: its counts and figures numbers (a wrong one, stored, broke
+    registration after the row was written)."""
+    if not isinstance(recorded, dict):
+        raise ModelError(f"{source}: precision_check must be a mapping (the check's figures), got {type(recorded).__name__}")
+    for key in ("images", "flips"):
+        value = recorded.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (key == "images" and value == 0):
+            raise ModelError(f"{source}: precision_check: {key} must be a count{' of at least 1' if key == 'images' else ''}, got {value!r}")
+    for key in ("agreement", "dice", "dice_float32"):
+        value = recorded.get(key)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ModelError(f"{source}: precision_check: {key} must be a number, got {value!r}")
+
+
 def recorded_check(recorded: dict[str, Any] | None, precision: str, sha256: str) -> ParityCheck | None:
     """A passed check recorded for this precision and this very file (a sidecar's), else None."""
     if not recorded:

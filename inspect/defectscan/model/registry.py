@@ -21,7 +21,15 @@ from defectscan.db import model_refs
 from defectscan.db.schema import MODEL_STAGES, Model, ModelStageChange
 from defectscan.errors import DataError, ModelError
 from defectscan.model.export import file_sha256, load_model
-from defectscan.model.precision import ParityCheck, check_images, check_parity, check_precision_name, recorded_check, require_passed
+from defectscan.model.precision import (
+    ParityCheck,
+    check_images,
+    check_parity,
+    check_precision_name,
+    check_recorded_check,
+    recorded_check,
+    require_passed,
+)
 from defectscan.model.verdict import DEFAULT_RULES, VerdictRules, per_class_without
 from defectscan.paths import DEMO_DIR, DEMO_METADATA, DEMO_MODEL
 from defectscan.users import user_name
@@ -108,6 +116,8 @@ def read_metadata(path: str | Path) -> ModelMetadata:
         raise ModelError(f"{path}: unknown metadata key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
     if data.get("operating_point"):
         check_point(data["operating_point"], path, data.get("classes"))
+    if data.get("precision_check") is not None:
+        check_recorded_check(data["precision_check"], path)
     return ModelMetadata(**data)
 
 
@@ -154,6 +164,8 @@ def check_metrics(metrics: dict[str, Any], source: str | Path) -> dict[str, Any]
         _check_figures(rule, f"{source}: metrics 'verdict_rule'")
     if table is not None and not (isinstance(table, dict) and all(isinstance(row, dict) for row in table.values())):
         raise ModelError(f"{source}: metrics 'thresholds' must map each threshold to a mapping of figures")
+    for threshold, row in (table or {}).items():
+        _check_figures(row, f"{source}: metrics 'thresholds' {threshold}")
     return metrics
 
 
