@@ -273,3 +273,9 @@ def test_a_missed_defect_scores_dice_0_whatever_the_number_of_classes():
     scores.update(np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16), bool))  # a good image, rightly passed
     figures = scores.result()
     assert (figures["dice_defective"], figures["dice"]) == (0.0, 0.5)
+    from defectscan.model.metrics import SegmentationScores  # the reference's table beside it, the same way
+
+    table = SegmentationScores(thresholds=(0.5,))
+    table.update(np.zeros((2, 16, 16, 2), np.float32), np.stack([truth, np.zeros_like(truth)]).transpose(0, 2, 3, 1).astype(np.float32))
+    row = table.result()["thresholds"]["0.5"]
+    assert (row["dice_defective"], row["dice"], row["iou"]) == pytest.approx((0.0, 0.5, 0.5), abs=1e-5)

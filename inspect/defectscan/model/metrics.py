@@ -97,6 +97,13 @@ def _auroc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float 
     return float(wins / (n_pos * n_neg))
 
 
+def _per_image(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(N,) means of (N, classes) scores over the classes labelled or predicted on each image, 1 where none is: over
+    every class, a multi-class model's empty channels scored 1 each (a defect missed entirely gave Dice 0.5)."""
+    counted = present.sum(axis=1)
+    return np.where(counted > 0, (scores * present).sum(axis=1) / np.maximum(counted, 1), 1.0)
+
+
 @dataclass
 class SegmentationScores:
     """Accumulates per-image scores batch by batch; `result()` gives the metrics dict."""
@@ -104,6 +111,8 @@ class SegmentationScores:
     thresholds: tuple[float, ...] = THRESHOLDS
     dice: dict[float, list[np.ndarray]] = field(default_factory=dict)
     iou: dict[float, list[np.ndarray]] = field(default_factory=dict)
+    # (N, classes): the class is labelled or predicted on the image (its Dice counts in the image's mean).
+    present: dict[float, list[np.ndarray]] = field(default_factory=dict)
     max_scores: list[np.ndarray] = field(default_factory=list)
     defective: list[np.ndarray] = field(default_factory=list)
     positive_hist: np.ndarray = field(default_factory=lambda: np.zeros(_BINS, np.int64))
@@ -114,6 +123,7 @@ class SegmentationScores:
         for t in self.thresholds:
             self.dice.setdefault(t, []).append(dice_per_image(probs, targets, t))
             self.iou.setdefault(t, []).append(iou_per_image(probs, targets, t))
+            self.present.setdefault(t, []).append(((probs > t) | (targets > 0.5)).any(axis=(1, 2)))
         self.max_scores.append(probs.max(axis=(1, 2, 3)))
         truth = targets > 0.5
         self.defective.append(truth.any(axis=(1, 2, 3)))
@@ -128,8 +138,8 @@ class SegmentationScores:
         defective = np.concatenate(self.defective)
         per_threshold = {}
         for t in self.thresholds:
-            dice = np.concatenate(self.dice[t])
-            iou = np.concatenate(self.iou[t])
+            present = np.concatenate(self.present[t])
+            dice, iou = (_per_image(np.concatenate(scores[t]), present) for scores in (self.dice, self.iou))
             row = {
                 "dice": float(dice.mean()),
                 "dice_defective": float(dice[defective].mean()) if defective.any() else None,
