@@ -213,3 +213,34 @@ def test_a_store_with_broken_metadata_is_named_and_the_others_still_go_on(cli, m
     result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a")
     assert result.exit_code == 3, result.output
     assert f"{good}: the metadata of array 'images' cannot be read (JSONDecodeError" in result.output
+
+
+def test_giving_up_waits_for_a_registration_changing_the_same_set_and_sees_its_change(factory, tmp_path):
+    """Both read the set's attrs, changed them and wrote back what they read: the later write undid the other."""
+    from defectscan.data.register import _locked_attrs, give_up_missing
+    from defectscan.errors import DataError
+
+    store = write_stack(tmp_path / "incoming" / "A1.zarr", square_images(3), lot="A1")
+    (store / "images" / "c" / "2" / "0" / "0").unlink()
+    with factory() as session:
+        discover(session, _spec(glob="incoming/*.zarr"), tmp_path / "line-a.yaml")
+    outcome = []
+
+    def give_up():
+        with factory() as other:
+            try:
+                outcome.append(give_up_missing(other, 1, "camera dropped it"))
+            except DataError as exc:
+                outcome.append(str(exc))
+
+    with factory() as first:
+        image_set = first.scalar(select(ImageSet))
+        attrs = _locked_attrs(first, image_set)  # a registration under way: it has read the attrs and holds the row
+        second = threading.Thread(target=give_up)
+        second.start()
+        second.join(1.5)
+        assert second.is_alive() and not outcome  # waits instead of reading the attrs the first is about to change
+        first.execute(update(ImageSet).values(attrs={**attrs, "missing_images": []}))  # the image came meanwhile
+        first.commit()
+    second.join(30)
+    assert outcome == ["image set 1 (" + str(store) + ") waits for no image: nothing to give up"]

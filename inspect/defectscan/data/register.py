@@ -196,6 +196,14 @@ def waiting_images(attrs: dict | None) -> list[int]:
     return sorted({int(match[1]) for match in found if match})
 
 
+def _locked_attrs(session: Session, image_set: ImageSet) -> dict:
+    """The set's attrs read afresh under a write lock on its row (a no-op update: SQLite's write lock, PostgreSQL's row
+    lock) that lasts until commit: two read-change-write of the attrs (a job finding images, give-up-missing) would
+    otherwise each write back what they read, undoing the other."""
+    session.execute(update(ImageSet).where(ImageSet.id == image_set.id).values(n_images=ImageSet.n_images))
+    return dict(session.scalar(select(ImageSet.attrs).where(ImageSet.id == image_set.id)) or {})
+
+
 def give_up_missing(session: Session, ident: str | int, reason: str, by: str | None = None) -> list[int]:
     """Stop waiting for the images of a set whose chunks were never written (a frame the camera dropped): jobs then
     stop reporting them, and the run is no longer partial for them. Returns their positions; the skipped list keeps
@@ -206,10 +214,11 @@ def give_up_missing(session: Session, ident: str | int, reason: str, by: str | N
     if not reason or not reason.strip():
         raise DataError("give --reason: why these images will not come (kept with the image set)")
     image_set = get_image_set(session, ident)
-    waiting = waiting_images(image_set.attrs)
+    attrs = _locked_attrs(session, image_set)
+    waiting = waiting_images(attrs)
     if not waiting:
+        session.rollback()
         raise DataError(f"image set {image_set.id} ({image_set.uri}) waits for no image: nothing to give up")
-    attrs = dict(image_set.attrs or {})
     attrs[MISSING_IMAGES] = []
     attrs["missing_given_up"] = [*attrs.get("missing_given_up", []),
                                  {"positions": waiting, "by": user_name(by), "at": utcnow().isoformat(), "reason": reason.strip()}]
@@ -221,8 +230,12 @@ def give_up_missing(session: Session, ident: str | int, reason: str, by: str | N
 def _register_arrived(session: Session, image_set: ImageSet, group, info: layout.ImageSetInfo, acquired_at: dt.datetime | None) -> int:
     """Rows for the images left out at registration whose chunks are stored now; returns how many. The ones
     still missing stay in the set's `skipped` list, and so are reported again by every registration."""
-    waiting = set(waiting_images(image_set.attrs))
+    if not waiting_images(image_set.attrs):
+        return 0
+    attrs = _locked_attrs(session, image_set)  # as it is now: a give-up-missing or another run may have changed it
+    waiting = set(waiting_images(attrs))
     if not waiting:
+        session.rollback()
         return 0
     array = group[info.array_path]
     # Only the waiting images' chunks are asked for: a whole listing each night of a large store is not needed.
@@ -230,13 +243,13 @@ def _register_arrived(session: Session, image_set: ImageSet, group, info: layout
     still = layout.missing_chunks(array, {(p // inner, *([0] * (array.ndim - 1))) for p in waiting}).images
     arrived = sorted(waiting - set(still))
     if not arrived:
+        session.rollback()
         return 0
     keys = _read_keys(group, info)
     # A time given at registration (--acquired-at) holds for the images added since too.
     given = acquired_at or (image_set.acquired_at if (image_set.attrs or {}).get(TIME_GIVEN) else None)
     rows = _rows_at(group, info, keys, arrived, set_time=given or image_set.acquired_at, override_time=given is not None)
     resolved = {_missing_path(info, i, keys[i]) for i in arrived}
-    attrs = dict(image_set.attrs or {})
     attrs["skipped"] = [p for p in attrs.get("skipped", []) if not (p.get("path") in resolved and p.get("reason") == MISSING_REASON)]
     attrs[MISSING_IMAGES] = sorted(waiting - set(arrived))
     try:

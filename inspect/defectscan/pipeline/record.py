@@ -260,6 +260,9 @@ def _prepare_redo(session: Session, ours, redo: str, *, image_ids: dict[int, int
         redone.kept = set(session.scalars(select(Inspection.image_id).where(ours, Inspection.image_id.in_(failing), Inspection.verdict != "error")))
         doomed = doomed & Inspection.image_id.not_in(redone.kept)
         redone.decided = carried_reviews.decisions_on(session, doomed)
+    # Locked before the reviews that point at them are read: a decision recorded meanwhile (PostgreSQL) would be set
+    # to NULL by the delete and never pointed at the redone inspection. (SQLite has one writer at a time.)
+    session.execute(select(Inspection.id).where(doomed).with_for_update())
     for review_id, image_id in session.execute(select(ImageReview.id, Inspection.image_id).join(Inspection, ImageReview.inspection_id == Inspection.id)
                                                .where(doomed)):
         redone.looked_at.setdefault(image_id, []).append(review_id)
