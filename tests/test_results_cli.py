@@ -157,6 +157,7 @@ def test_sql_looking_values_are_plain_data(run, results_db):
         assert f"no image with key {ident!r}" in _error_line(run("images", "show", ident))
     # numbers past BIGINT name no row (the drivers raised OverflowError)
     assert "no image with id '99999999999999999999'" in _error_line(run("images", "show", "99999999999999999999"))
+    assert "no image with key '²'" in _error_line(run("images", "show", "²"))  # a digit to str.isdigit: ValueError from int()
     too_big = run("images", "list", "--job-run", "99999999999999999999")
     assert too_big.exit_code == 2 and "is not in the range 1<=x<=9223372036854775807" in too_big.output
     # known values that match nothing together: an ordinary no-match

@@ -344,7 +344,7 @@ def store_changes(image_set: ImageSet, info: layout.ImageSetInfo) -> str | None:
 def find_image_set(session: Session, ident: str | int) -> ImageSet | None:
     """By id (digits) or by store URI/path."""
     text = str(ident)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return session.get(ImageSet, as_row_id(text) or 0)
     return session.scalar(select(ImageSet).where(ImageSet.uri == layout.resolve_uri(text)))
 
@@ -400,7 +400,7 @@ def validate_image_set(session: Session, ident: str | int, array_path: str | Non
     raises DataError; a changed checksum, missing and unreadable chunks are reported in the result, all of them.
     """
     image_set = find_image_set(session, ident)
-    if image_set is None and str(ident).isdigit():
+    if image_set is None and str(ident).isascii() and str(ident).isdigit():
         raise DataError(f"no image set {ident!r} is registered (see `defectscan imagesets list`)")
     uri = image_set.uri if image_set is not None else layout.resolve_uri(str(ident))
     if image_set is not None and array_path not in (None, image_set.array_path):

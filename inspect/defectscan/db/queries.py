@@ -356,7 +356,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
 
     An image inspected by several model versions has one inspection each; `model` picks one.
     """
-    by_id = ident.isdigit() and not by_key
+    by_id = ident.isascii() and ident.isdigit() and not by_key  # "²" and "١٢" are digits to str.isdigit
     query = select(Image.id)
     query = query.where(Image.id == (as_row_id(ident) or 0)) if by_id else query.where(Image.key == ident)
     ids = list(session.scalars(query.limit(2)))

@@ -56,7 +56,7 @@ MAX_ROW_ID = 2**63 - 1
 
 def as_row_id(text: str) -> int | None:
     """The row id `text` spells (digits, within MAX_ROW_ID), else None."""
-    return int(text) if text.isdigit() and int(text) <= MAX_ROW_ID else None
+    return int(text) if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID else None
 Json = JSON().with_variant(JSONB, "postgresql")
 
 

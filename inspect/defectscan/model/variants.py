@@ -36,8 +36,8 @@ def check_whole_images(name: str, shape: Sequence[int], multiple: int, uses: str
 
     height, width = shape
     if height % multiple or width % multiple:
-        needs = f"{uses} score(s) whole images, which this model needs" if uses else "the model needs"
-        raise DataError(f"{name}: images are {height}x{width}; {needs} in multiples of {multiple}"
+        needs = f"{uses} score(s) whole images, which this model needs in" if uses else "the model needs"
+        raise DataError(f"{name}: images are {height}x{width}; {needs} multiples of {multiple}"
                         + (" (crop or pad the images, or train on crops without validation)" if uses else ""))
 
 
