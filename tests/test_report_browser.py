@@ -101,6 +101,18 @@ def test_pdf_has_pages_headings_and_renders(report_files, tmp_path):
     _not_blank(np.asarray(PILImage.open(page).convert("RGB")))
 
 
+def test_a_report_written_without_the_html_suffix_prints_as_a_page_not_its_source(report_files, tmp_path):
+    """Chromium takes a file's type from its name: `-o out/report` printed the HTML source, 300 pages of base64."""
+    from pypdf import PdfReader
+
+    html, _ = report_files
+    bare = tmp_path / "line-A-report"
+    shutil.copyfile(html, bare)
+    printed = pdf.print_pdf(bare, tmp_path / "bare.pdf").output
+    text = unicodedata.normalize("NFKC", "\n".join(page.extract_text() for page in PdfReader(printed).pages))
+    assert "<!DOCTYPE" not in text and HEADINGS[0] in text
+
+
 def test_missing_html_and_missing_browser_are_errors(chromium, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such HTML file"):
         pdf.print_pdf(tmp_path / "none.html", tmp_path / "none.pdf")

@@ -60,7 +60,12 @@ def _run(html: Path, output: Path, flag: str, *extra: str) -> BrowserRun:
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         with replacing(output) as partial, tempfile.TemporaryDirectory(prefix="defectscan-chromium-") as profile:
-            command = [browser, *FLAGS, f"--user-data-dir={profile}", f"{flag}={partial}", *extra, html.as_uri()]
+            page = html
+            if html.suffix.lower() not in (".html", ".htm"):
+                # Chromium takes a file's type from its name: `-o report` was printed as its HTML source, 300 pages of it.
+                page = Path(profile) / "page.html"
+                shutil.copyfile(html, page)
+            command = [browser, *FLAGS, f"--user-data-dir={profile}", f"{flag}={partial}", *extra, page.as_uri()]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
             except subprocess.TimeoutExpired:
