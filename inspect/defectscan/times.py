@@ -7,6 +7,7 @@ whole day for --until, `7d` windows for jobs) and their own error wording.
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 
 def as_utc(when: dt.datetime) -> dt.datetime:
@@ -16,9 +17,28 @@ def as_utc(when: dt.datetime) -> dt.datetime:
     return when.astimezone(dt.timezone.utc)
 
 
+_DAY_IN_ZONE = re.compile(r"^(\d{4}-\d{2}-\d{2})([+-]\d{2}:?\d{2})$")
+
+
+def day_in_zone(text: str) -> dt.datetime | None:
+    """`2026-03-01-05:00` (a day and an offset) as that day's midnight there; None for other text. Python's
+    fromisoformat takes any character between date and time: it read the offset's sign as one and 05:00 as the time."""
+    found = _DAY_IN_ZONE.match(str(text).strip())
+    if not found:
+        return None
+    zone = dt.datetime.strptime(found[2].replace(":", ""), "%z").tzinfo
+    return dt.datetime.combine(dt.date.fromisoformat(found[1]), dt.time(), zone)
+
+
 def parse_iso(text: str) -> dt.datetime:
     """ISO 8601 date-time text (a `Z` suffix, an offset, or none for UTC) as aware UTC; ValueError when it is not one."""
-    return as_utc(dt.datetime.fromisoformat(str(text).strip().replace("Z", "+00:00")))
+    text = str(text).strip().replace("Z", "+00:00")
+    midnight = day_in_zone(text)
+    if midnight is not None:
+        return as_utc(midnight)
+    if len(text) > 10 and text[4:5] == "-" and text[10] not in "Tt ":
+        raise ValueError(f"{text!r}: expected T or a space between the date and the time")
+    return as_utc(dt.datetime.fromisoformat(text))
 
 
 def iso_utc(when: dt.datetime | None) -> str | None:

@@ -22,7 +22,7 @@ from defectscan.config import shipped_defaults
 from defectscan.db.model_refs import matching_ids
 from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model, as_row_id
 from defectscan.errors import DataError, suggest
-from defectscan.times import iso_utc, parse_iso
+from defectscan.times import as_utc, day_in_zone, iso_utc, parse_iso
 
 DEFECT_COLUMNS = (
     "id", "image_id", "image_key", *provenance.LABELS, provenance.TIME, "model", "job_run_id",
@@ -115,6 +115,9 @@ def parse_when(value: str, option: str, *, end_of_day: bool = False) -> dt.datet
     except ValueError:
         day = None
     try:
+        zoned = day_in_zone(text)  # 2026-03-01-05:00: the whole day in that time zone
+        if zoned is not None:
+            return as_utc(zoned + dt.timedelta(days=1) if end_of_day else zoned)
         if day is None:
             return parse_iso(text)
         when = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
