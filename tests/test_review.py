@@ -319,6 +319,24 @@ def test_an_export_of_images_of_two_sizes_is_refused_naming_them(factory, cluste
     assert not (tmp_path / ".out.partial").exists()
 
 
+def test_an_image_whose_chunk_is_gone_is_neither_drawn_nor_exported_as_black(factory, lot, cli, migrated_url, tmp_path):
+    """Zarr reads a chunk that is not stored as zeros: overlays were drawn on black and the export wrote a black
+    picture labelled as the image (to train on), where inspection records such an image as an error."""
+    from defectscan.review.export import export_reviewed
+
+    ids, defects = lot
+    with factory() as session:
+        review_images(session, [ids[0]], "pass", by="qa")
+        review_defects(session, defects[1], "confirmed", by="qa")
+    (tmp_path / "R1.zarr" / "images" / "c" / "0" / "0" / "0").unlink()
+    with factory() as session:
+        exported = export_reviewed(session, tmp_path / "out", Filters(lot="R1"))
+    assert exported.images == 1 and exported.skipped == [
+        f"image {ids[0]}: {tmp_path / 'R1.zarr'}: image 0 of 'images' is not stored: 1 chunk(s) missing: (0, 0, 0)"]
+    shown = cli("--database-url", migrated_url, "images", "show", str(ids[0]), "--overlay", str(tmp_path / "o.png"))
+    assert shown.exit_code == 1 and "image 0 of 'images' is not stored" in shown.output and not (tmp_path / "o.png").exists()
+
+
 def test_bad_review_input_is_one_line_and_records_nothing(factory, lot, cli, migrated_url, tmp_path):
     ids, defects = lot
     run = lambda *args: cli("--database-url", migrated_url, *args)  # noqa: E731

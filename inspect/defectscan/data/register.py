@@ -22,7 +22,7 @@ from defectscan import provenance
 from defectscan.data import imageset as layout
 from defectscan.data.chunk_reads import UnreadableChunks, unreadable_chunks
 from defectscan.data.problems import ProblemLog
-from defectscan.db.schema import Image, ImageSet, as_row_id
+from defectscan.db.schema import FILL_MISSING, Image, ImageSet, as_row_id
 from defectscan.errors import DataError
 
 # Rows per INSERT batch: a 100,000-image set goes in without one giant statement.
@@ -275,10 +275,6 @@ def _insert(session: Session, image_set: ImageSet, rows: list[dict[str, Any]]) -
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
-
-# The image set attribute of a store registered with --no-chunk-check: inspection reads a chunk that is not
-# stored as the fill value (its writer leaves those out) instead of reporting it gone.
-FILL_MISSING = "fill_missing_chunks"
 
 
 def check_bit_depth(uri: str, dtype: str, bit_depth: int | None) -> None:

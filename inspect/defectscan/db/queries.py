@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, aliased
 from defectscan import provenance
 from defectscan.config import shipped_defaults
 from defectscan.db.model_refs import matching_ids
-from defectscan.db.schema import NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model, as_row_id
+from defectscan.db.schema import FILL_MISSING, NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model, as_row_id
 from defectscan.errors import DataError, suggest
 from defectscan.times import as_utc, day_in_zone, iso_utc, parse_iso
 
@@ -289,7 +289,7 @@ def get_defect(session: Session, defect_id: int) -> tuple[dict[str, Any], ImageS
         _defects_select().add_columns(
             Defect.class_index, Defect.orientation, Defect.eccentricity, Defect.rle, Inspection.id.label("inspection_id"),
             Inspection.mask_uri, Inspection.mask_array, Image.position, Image.height, Image.width, ImageSet.uri, ImageSet.array_path,
-            ImageSet.kind,
+            ImageSet.kind, ImageSet.attrs,
         ).where(Defect.id == defect_id)
     ).one_or_none()
     if row is None:
@@ -299,7 +299,8 @@ def get_defect(session: Session, defect_id: int) -> tuple[dict[str, Any], ImageS
         class_index=row.class_index, orientation=round(row.orientation, 4), eccentricity=round(row.eccentricity, 4),
         inspection_id=row.inspection_id, rle=row.rle,
     )
-    source = ImageSource(row.uri, row.array_path, row.kind, row.position, row.height, row.width, row.mask_uri, row.mask_array)
+    source = ImageSource(row.uri, row.array_path, row.kind, row.position, row.height, row.width, row.mask_uri, row.mask_array,
+                         bool((row.attrs or {}).get(FILL_MISSING)))
     return record, source
 
 
@@ -318,6 +319,13 @@ class ImageSource:
     width: int
     mask_uri: str | None = None
     mask_array: str | None = None
+    # Registered with --no-chunk-check: a chunk not stored is the fill value, not an image that is gone.
+    fill_missing: bool = False
+
+    @classmethod
+    def of(cls, image_set: ImageSet, image: Image, mask_uri: str | None = None, mask_array: str | None = None) -> ImageSource:
+        return cls(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width, mask_uri, mask_array,
+                   bool((image_set.attrs or {}).get(FILL_MISSING)))
 
 
 def _images_select() -> Select:
@@ -396,7 +404,7 @@ def get_image(session: Session, ident: str, model: str | None = None, *, by_key:
                 for d in defects
             ],
         })
-    return record, ImageSource(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width)
+    return record, ImageSource.of(image_set, image)
 
 
 # --- lots ------------------------------------------------------------------------------------------------------------

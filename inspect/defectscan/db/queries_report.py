@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from defectscan.db.model_refs import matching_ids
 from defectscan.db.queries import Filters, ImageSource, apply_filters, image_scope
-from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Model
+from defectscan.db.schema import FILL_MISSING, Defect, Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import DataError
 from defectscan.times import iso_utc
 
@@ -243,18 +243,19 @@ def drawable_inspections(session: Session, inspection_ids: list[int]) -> dict[in
     rows = session.execute(
         select(Inspection.id, Image.id, Image.key, ImageSet.lot, ImageSet.line, Image.acquired_at, Inspection.n_defects,
                Inspection.defect_pixels, Inspection.max_score, Inspection.mask_uri, Inspection.mask_array, ImageSet.uri,
-               ImageSet.array_path, ImageSet.kind, Image.position, Image.height, Image.width)
+               ImageSet.array_path, ImageSet.kind, Image.position, Image.height, Image.width, ImageSet.attrs)
         .join(Image, Inspection.image_id == Image.id).join(ImageSet, Image.image_set_id == ImageSet.id)
         .where(Inspection.id.in_(inspection_ids))
     )
     found = {}
     for (inspection_id, image_id, key, lot, line, when, n_defects, pixels, peak, mask_uri, mask_array, uri, array_path, kind,
-         position, height, width) in rows:
+         position, height, width, attrs) in rows:
         found[inspection_id] = {
             "inspection_id": inspection_id, "image_id": image_id, "key": key, "lot": lot, "line": line, "acquired_at": iso_utc(when),
             "n_defects": n_defects, "defect_pixels": pixels, "max_score": None if peak is None else round(peak, 4),
             "height": height, "width": width,
-            "source": ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array), "defects": [],
+            "source": ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array, bool((attrs or {}).get(FILL_MISSING))),
+            "defects": [],
         }
     if found:
         defects = session.execute(

@@ -50,6 +50,9 @@ IMAGE_DECISIONS = ("pass", "fail")
 
 # Row counts grow with images x defects: 64-bit keys on PostgreSQL, SQLite's rowid alias there.
 BigId = BigInteger().with_variant(Integer, "sqlite")
+# image_sets.attrs key: the set was registered with --no-chunk-check, its writer leaves out chunks equal to the fill
+# value, and a chunk not stored is read as that value (else it is an image that is not there).
+FILL_MISSING = "fill_missing_chunks"
 # The largest id a row can have (BIGINT, SQLite's INTEGER): a larger number names no row (the drivers raise OverflowError).
 MAX_ROW_ID = 2**63 - 1
 

@@ -20,8 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan import interrupts
 from defectscan.config import InspectionSettings
-from defectscan.data.register import FILL_MISSING
-from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model
+from defectscan.db.schema import FILL_MISSING, Image, ImageSet, Inspection, JobRun, Model
 from defectscan.errors import ConfigError, DataError, DefectscanError, StorageError, first_line
 from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
 from defectscan.interrupts import Interrupted

@@ -47,10 +47,20 @@ def load_image(source: ImageSource, window: tuple[int, int, int, int] | None = N
     array = _open_array(source.uri, source.array_path, "image")
     rows, cols = _window(window, source)
     try:
-        pixels = array[source.position, rows, cols] if source.kind == "stack" else array[rows, cols]
+        pixels = np.asarray(array[source.position, rows, cols] if source.kind == "stack" else array[rows, cols])
     except Exception as exc:
         raise DataError(f"{source.uri}: cannot read image {source.position} of '{source.array_path}': {type(exc).__name__}: {exc}") from None
-    return np.asarray(pixels)
+    if not source.fill_missing:
+        # Zarr reads a chunk that is not stored as the fill value: a black picture drawn (or exported to train on)
+        # as if it were the image, where inspection records the image as an error.
+        from defectscan.data.imageset import vanished_chunks
+
+        block = pixels[None] if source.kind == "stack" else pixels
+        origin = (source.position, rows.start, cols.start) if source.kind == "stack" else (rows.start, cols.start)
+        gone = vanished_chunks(array, block, origin)
+        if gone:
+            raise DataError(f"{source.uri}: image {source.position} of '{source.array_path}' is not stored: {gone.describe()}")
+    return pixels
 
 
 def load_scores(source: ImageSource, window: tuple[int, int, int, int] | None = None) -> np.ndarray | None:

@@ -65,7 +65,11 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
     drawn = {row.image_id: row for row in session.scalars(latest_image_reviews().where(ImageReview.image_id.in_(ids)))}
     image_keys = dict(session.execute(select(Image.id, Image.key).where(Image.id.in_(ids))).all())
     for item in decided:
-        image, source = _pixels(session, item)
+        try:
+            image, source = _pixels(session, item)
+        except DataError as exc:  # its pixels are gone (a chunk deleted since): the rest of the set still goes out
+            result.skipped.append(f"image {item.image_id}: {exc}")
+            continue
         label, classes = (None, set()) if item.decision == "pass" else _label(session, item, drawn.get(item.image_id), source)
         if item.decision == "fail" and label is None:
             result.skipped.append(f"image {item.image_id}: QA failed it, but no confirmed defect or drawn mask says where")
@@ -126,7 +130,7 @@ def _pixels(session: Session, item: Decided) -> tuple[np.ndarray, ImageSource]:
     image, image_set = session.execute(
         select(Image, ImageSet).join(ImageSet, Image.image_set_id == ImageSet.id).where(Image.id == item.image_id)
     ).one()
-    source = ImageSource(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width)
+    source = ImageSource.of(image_set, image)
     return as_uint8(load_image(source), (image_set.attrs or {}).get("bit_depth")), source
 
 
