@@ -294,7 +294,8 @@ def test_a_lot_whose_every_image_is_in_error_is_incomplete_never_released(factor
     summary = _run(factory, cluster, model, [image_set], settings)
     assert summary.counts.errors == 3 and summary.counts.inspected == 0
     with factory() as session:
-        assert [(r["lot"], r["errors"], r["verdict"]) for r in list_lots(session, Filters(lot="LE")).rows] == [("LE", 3, "incomplete")]
+        assert [(r["lot"], r["errors"], r["verdict"], r["defect_rate"]) for r in list_lots(session, Filters(lot="LE")).rows] == [
+            ("LE", 3, "incomplete", None)]  # no rate of no judged image (0.0 read as a perfect lot)
         assert [m["verdict"] for m in lot_summary(session, "LE")["models"]] == ["incomplete"]
         # even with errors allowed by the report's own rule, a lot nobody judged is not released
         context = collect(session, Scope(lot="LE"), ReportOptions(rules=HoldRules(max_errors=10)))

@@ -38,8 +38,11 @@ def limit_options(default: int = 50) -> Callable:
     """Adds `--limit` and `--offset` (pagination: the next page starts at offset + limit)."""
 
     def decorate(f: Callable) -> Callable:
-        f = click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Skip this many rows first.")(f)
-        return click.option("--limit", type=click.IntRange(min=1), default=default, show_default=True, help="Most rows to print.")(f)
+        # Bounded so that offset + limit + 1 stays a BIGINT (past it the driver raised OverflowError).
+        f = click.option("--offset", type=click.IntRange(min=0, max=MAX_ROW_ID // 2), default=0, show_default=True,
+                         help="Skip this many rows first.")(f)
+        return click.option("--limit", type=click.IntRange(min=1, max=MAX_ROW_ID // 2), default=default, show_default=True,
+                            help="Most rows to print.")(f)
 
     return decorate
 

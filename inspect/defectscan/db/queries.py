@@ -470,9 +470,10 @@ def _lot_row(row, rules: tuple[float, int]) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
     # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
     images, failed, errors, defects = (int(v or 0) for v in (images, failed, errors, defects))
-    rate = failed_share(images, failed, errors)
+    # No image judged (all in error): no rate, not 0.0, which a script filtering on defect_rate took for a perfect lot.
+    rate = round(failed_share(images, failed, errors), 4) if images - errors > 0 else None
     record = dict(zip(LOT_COLUMNS, (
-        lot, _model_label(name, version), images, failed, errors, defects, round(rate, 4),
+        lot, _model_label(name, version), images, failed, errors, defects, rate,
         iso_utc(first), iso_utc(last), lot_disposition(images, failed, errors, *rules),
     ), strict=True))
     record["model_id"] = model_id
