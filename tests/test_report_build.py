@@ -105,6 +105,7 @@ def test_empty_scopes_give_a_short_report_that_says_so(sqlite_report_db):
     assert later.summary["empty"] and "No inspection results in this scope" in later.html and "<svg" not in later.html
     never = _build(sqlite_report_db.url, Scope(lot=NOT_INSPECTED_LOT))
     assert "No inspection results" in never.html and never.summary["model"] is None
+    assert re.search(r"\d+ registered images? in this scope ha(ve|s) not been inspected yet", never.html)  # it said nothing of them
 
 
 @pytest.mark.parametrize(("scope", "message"), [

@@ -284,12 +284,14 @@ def error_images(session: Session, filters: Filters, *, limit: int) -> list[dict
             for i, k, lot, uri, p, j, e in session.execute(query)]
 
 
-def not_inspected(session: Session, filters: Filters, model_id: int, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
-    """Images the scope's lot/line/period selects that this model has no result for (skipped, or never run).
+def not_inspected(session: Session, filters: Filters, model_id: int | None, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """Images the scope's lot/line/period selects that this model (None: any model) has no result for (skipped, or
+    never run).
 
     Only the image-level filters apply (a job run's scope has no such images by definition).
     """
-    inspected = select(literal(1)).where(Inspection.image_id == Image.id, Inspection.model_id == model_id).exists()
+    judged = [Inspection.image_id == Image.id] + ([Inspection.model_id == model_id] if model_id is not None else [])
+    inspected = select(literal(1)).where(*judged).exists()
     conditions = [~inspected, *image_scope(filters)]
     base = select().select_from(Image).join(ImageSet, Image.image_set_id == ImageSet.id).where(*conditions)
     count = session.scalar(base.add_columns(func.count(Image.id)))

@@ -314,6 +314,8 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     if model is None:
         context["empty"] = True
         context["totals"] = None
+        if scope.job_run is None:  # registered and waiting: the report says so, as it does for a model with no result
+            context["not_inspected_count"], context["not_inspected"] = q.not_inspected(session, scope.filters(), None, limit=options.listed)
         return context
     filters = scope.filters(f"{model['name']}:{model['version']}")
     totals = q.totals(session, filters)
