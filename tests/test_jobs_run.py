@@ -51,6 +51,17 @@ def _runs(factory, job):
         return list(session.scalars(select(JobRun).where(JobRun.job == job).order_by(JobRun.id)))
 
 
+def _started_run(url, factory, tmp_path, env):
+    """`jobs run line-a` in a process of its own, once it has recorded a few images."""
+    runner = defectscan(url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
+    deadline = time.monotonic() + 120
+    while _count(factory) < 3:
+        assert runner.poll() is None, runner.communicate()
+        assert time.monotonic() < deadline, "the run recorded nothing in time"
+        time.sleep(0.05)
+    return runner
+
+
 def _spec(tmp_path, name="line-a", **fields):
     fields.setdefault("source", {"glob": "incoming/*.zarr"})
     fields.setdefault("model", "threshold:1")
@@ -164,12 +175,7 @@ def test_sigterm_marks_the_run_interrupted_and_the_next_run_resumes(sqlite_url, 
     write_stack(tmp_path / "incoming" / "big.zarr", square_images(n, size=32))
     _spec(tmp_path, inspection={"batch_size": 1, "images_per_shard": 1}, max_in_flight=1)
 
-    runner = defectscan(migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
-    deadline = time.monotonic() + 120
-    while _count(factory) < 3:
-        assert runner.poll() is None, runner.communicate()
-        assert time.monotonic() < deadline, "the run recorded nothing in time"
-        time.sleep(0.05)
+    runner = _started_run(migrated_url, factory, tmp_path, env)
     runner.send_signal(signal.SIGTERM)
     _, err = runner.communicate(timeout=60)
     assert runner.returncode == 143, err
@@ -197,12 +203,7 @@ def test_a_run_that_loses_its_lock_stops_and_its_row_says_so(sqlite_url, sqlite_
     add_model(factory, model_file)
     write_stack(tmp_path / "incoming" / "big.zarr", square_images(150, size=32))
     _spec(tmp_path, inspection={"batch_size": 1, "images_per_shard": 1}, max_in_flight=1, lock={"stale_after_s": 5})
-    runner = defectscan(sqlite_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a", env=env)
-    deadline = time.monotonic() + 120
-    while _count(factory) < 3:
-        assert runner.poll() is None, runner.communicate()
-        assert time.monotonic() < deadline, "the run recorded nothing in time"
-        time.sleep(0.05)
+    runner = _started_run(sqlite_url, factory, tmp_path, env)
     with factory.begin() as session:
         session.execute(update(JobLock).values(owner="otherhost/1:1:abc"))
     _, err = runner.communicate(timeout=60)
