@@ -395,6 +395,18 @@ def test_a_drawn_mask_with_transparency_marks_only_what_was_drawn(tmp_path):
     assert (read_mask(tmp_path / "opaque.png") > 0).sum() == 300
 
 
+def test_a_decision_on_an_inspection_replaced_meanwhile_is_one_line_and_records_nothing(factory, lot, monkeypatch):
+    """`inspect --force` deleted the inspection between the look-up and the write: an IntegrityError reached the user."""
+    from defectscan.review import record
+
+    ids, _ = lot
+    monkeypatch.setattr(record, "_looked_at", lambda session, image_ids, model: {i: 10**9 for i in image_ids})  # gone meanwhile
+    with factory() as session:
+        with pytest.raises(DataError, match=r"^what was decided on was re-inspected meanwhile \(inspect --force\); nothing was recorded"):
+            review_images(session, [ids[0]], "pass", by="qa")
+    assert _count(factory, ImageReview) == 0
+
+
 def test_concurrent_reviews_of_one_defect_keep_both_and_the_newest_stands(factory, lot, migrated_url):
     ids, defects = lot
     target = defects[5][0]

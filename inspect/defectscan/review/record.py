@@ -46,8 +46,16 @@ def review_defects(session: Session, defect_ids: Sequence[int], decision: str, *
 
 def _record(session: Session, rows: list, image_ids: list[int]) -> None:
     """Add the decisions and recount the lots listing's rollup of their image sets, in one transaction."""
+    from sqlalchemy.exc import IntegrityError
+
     session.add_all(rows)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        # The inspection or defect decided on was replaced between the look-up and the write (inspect --force).
+        session.rollback()
+        raise DataError("what was decided on was re-inspected meanwhile (inspect --force); nothing was recorded: "
+                        "look at the new results and decide again") from None
     refresh_review_daily(session, image_ids)
     session.commit()
 
