@@ -181,6 +181,28 @@ def test_sharded_stack_spans_several_shards(tmp_path, monkeypatch):
     assert not layout.missing_chunks(array)
 
 
+def test_an_all_black_image_is_stored_and_registered_like_any_other(tmp_path, monkeypatch, factory):
+    """Zarr kept write_empty_chunks for the creating handle only: the writer's all-black chunks were left out, and
+    the image then went unregistered as 'chunk not stored' (a camera's black frame is an image to judge)."""
+    from defectscan.data.register import register_store
+
+    (tmp_path / "in").mkdir()
+    write_png(tmp_path / "in" / "a.png", texture(1))
+    write_png(tmp_path / "in" / "b.png", np.zeros((32, 32), np.uint8))
+    write_png(tmp_path / "in" / "c.png", texture(2))
+    stack = ingest_files([tmp_path / "in"], tmp_path / "s.zarr", IngestOptions())
+    assert not layout.missing_chunks(stored(stack.uri)["images"])
+    monkeypatch.setattr(layout, "STRIP_TILE", 32)
+    black = np.zeros((64, 64), np.uint8)
+    black[40:, 40:] = 7  # one tile of four not black
+    write_png(tmp_path / "strip.png", black)
+    strip = ingest_files([tmp_path / "strip.png"], tmp_path / "t.zarr", IngestOptions(kind="strip"))
+    with factory() as session:
+        registration = register_store(session, stack.uri)
+        assert (registration.image_set.n_images, registration.problems.problems) == (3, [])
+        assert register_store(session, strip.uri).image_set.n_images == 1  # refused before: 'the strip is incomplete'
+
+
 def test_dagm_folder_brings_labels_and_classes(tmp_path):
     for class_name, seed in (("Class1", 10), ("Class2", 20)):
         folder = tmp_path / "DAGM" / class_name / "Train"

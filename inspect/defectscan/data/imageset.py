@@ -403,12 +403,19 @@ def create_image_set(path: str | os.PathLike, kind: str, image_shape: tuple[int,
         chunks, shards = stack_chunking(n, height, width, dtype)
     else:
         shape, chunks, shards = (height, width), strip_chunking(height, width), None
-    # Every chunk is stored, blank ones too: a missing chunk then always means lost data.
-    common = {"shape": shape, "chunks": chunks, "shards": shards, "fill_value": 0, "config": {"write_empty_chunks": True}}
+    common = {"shape": shape, "chunks": chunks, "shards": shards, "fill_value": 0}
     group.create_array(IMAGES, dtype=str(np.dtype(dtype)), compressors=compressor(dtype), **common)
     if labelled:
         group.create_array(LABELS, dtype="uint8", compressors=compressor("uint8"), **common)
     return group
+
+
+def writable(group, name: str):
+    """The array `name` of a set being written, storing every chunk, blank ones too: a missing chunk then always
+    means lost data. (Zarr does not keep write_empty_chunks with the array: given at creation, it held for that
+    handle only, and writes through group[name] left every all-black image's chunk out, so ingest then dropped
+    the image as missing.)"""
+    return group[name].with_config({"write_empty_chunks": True})
 
 
 def finish_image_set(
@@ -483,9 +490,9 @@ def write_image_set(
     temporary = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         group = create_image_set(temporary, kind, images.shape[-2:], str(images.dtype), n=n, labelled=labels is not None)
-        group[IMAGES][...] = images
+        writable(group, IMAGES)[...] = images
         if labels is not None:
-            group[LABELS][...] = labels
+            writable(group, LABELS)[...] = labels
         when = acquired_at or dt.datetime.now(dt.timezone.utc)
         finish_image_set(
             group,

@@ -360,8 +360,8 @@ class _Writer:
         self.written = 0
         h, w = geometry.height, geometry.width
         self.group = layout.create_image_set(path, self.kind, (h, w), geometry.dtype, n=capacity, labelled=sources.labelled)
-        self.images = self.group[layout.IMAGES]
-        self.labels = self.group[layout.LABELS] if sources.labelled else None
+        self.images = layout.writable(self.group, layout.IMAGES)
+        self.labels = layout.writable(self.group, layout.LABELS) if sources.labelled else None
         self.shard_len = self.images.shards[0] if self.kind == "stack" and self.images.shards else 1
         # Two shard buffers: one is filled while a background thread compresses and writes the
         # other (compression releases the GIL, decoding PNGs mostly does not).
