@@ -43,13 +43,18 @@ def session(results_db):
         # a day in a time zone is that day there (fromisoformat read the offset's sign as the date-time separator)
         ("2026-03-01-05:00", True, dt.datetime(2026, 3, 2, 5, tzinfo=UTC)),
         ("2026-03-02+02:00", False, dt.datetime(2026, 3, 1, 22, tzinfo=UTC)),
+        ("20260301-0500", True, dt.datetime(2026, 3, 2, 5, tzinfo=UTC)),  # basic form, hour-only and week dates too
+        ("2026-03-02+02", False, dt.datetime(2026, 3, 1, 22, tzinfo=UTC)),
+        ("2026-W09-7+02:00", True, dt.datetime(2026, 3, 1, 22, tzinfo=UTC)),
+        ("2026-W09-7Z", False, dt.datetime(2026, 3, 1, tzinfo=UTC)),
+        ("2026-W09T08:00", False, dt.datetime(2026, 2, 23, 8, tzinfo=UTC)),
     ],
 )
 def test_parse_when(text, end_of_day, expected):
     assert parse_when(text, "--since", end_of_day=end_of_day) == expected
 
 
-@pytest.mark.parametrize("text", ["", "tomorrow", "2026-13-01", "01/03/2026", "2026-03-01T25:00", "2026-03-01x08:00"])
+@pytest.mark.parametrize("text", ["", "tomorrow", "2026-13-01", "01/03/2026", "2026-03-01T25:00", "2026-03-01x08:00", "20260301_0800"])
 def test_parse_when_refuses_what_is_not_iso(text):
     with pytest.raises(DataError, match=r"^--until .*: expected an ISO 8601 date or time"):
         parse_when(text, "--until")

@@ -333,6 +333,12 @@ def test_an_image_whose_chunk_is_gone_is_neither_drawn_nor_exported_as_black(fac
         exported = export_reviewed(session, tmp_path / "out", Filters(lot="R1"))
     assert exported.images == 1 and exported.skipped == [
         f"image {ids[0]}: {tmp_path / 'R1.zarr'}: image 0 of 'images' is not stored: 1 chunk(s) missing: (0, 0, 0)"]
+    by_cli = cli("--database-url", migrated_url, "review", "export", "--lot", "R1", "--out", str(tmp_path / "out"), "--force")
+    assert by_cli.exit_code == 3 and "left out image" in by_cli.output  # partial: a script must not take it for all of them
+    (tmp_path / "R1.zarr").rename(tmp_path / "moved.zarr")  # the store itself unreadable: the export stops, the earlier one stays
+    moved = cli("--database-url", migrated_url, "review", "export", "--lot", "R1", "--out", str(tmp_path / "out"), "--force")
+    assert moved.exit_code == 1 and (tmp_path / "out" / "export.json").is_file()
+    (tmp_path / "moved.zarr").rename(tmp_path / "R1.zarr")
     shown = cli("--database-url", migrated_url, "images", "show", str(ids[0]), "--overlay", str(tmp_path / "o.png"))
     assert shown.exit_code == 1 and "image 0 of 'images' is not stored" in shown.output and not (tmp_path / "o.png").exists()
 

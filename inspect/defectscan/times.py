@@ -17,7 +17,10 @@ def as_utc(when: dt.datetime) -> dt.datetime:
     return when.astimezone(dt.timezone.utc)
 
 
-_DAY_IN_ZONE = re.compile(r"^(\d{4}-\d{2}-\d{2})([+-]\d{2}:?\d{2})$")
+# A day (extended, basic or week form) and a UTC offset (±hh, ±hhmm or ±hh:mm), nothing between them.
+_DAY_IN_ZONE = re.compile(r"^(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}-W\d{2}-\d)([+-]\d{2}(?::?\d{2})?)$")
+# The date part of a date-time in extended or basic form, and what must follow it.
+_DATE_PART = re.compile(r"^(\d{4}-\d{2}-\d{2}|\d{8})(.)")
 
 
 def day_in_zone(text: str) -> dt.datetime | None:
@@ -26,18 +29,21 @@ def day_in_zone(text: str) -> dt.datetime | None:
     found = _DAY_IN_ZONE.match(str(text).strip())
     if not found:
         return None
-    zone = dt.datetime.strptime(found[2].replace(":", ""), "%z").tzinfo
+    offset = found[2].replace(":", "")
+    zone = dt.datetime.strptime(offset if len(offset) == 5 else offset + "00", "%z").tzinfo
     return dt.datetime.combine(dt.date.fromisoformat(found[1]), dt.time(), zone)
 
 
 def parse_iso(text: str) -> dt.datetime:
     """ISO 8601 date-time text (a `Z` suffix, an offset, or none for UTC) as aware UTC; ValueError when it is not one."""
-    text = str(text).strip().replace("Z", "+00:00")
+    given = str(text).strip()
+    text = given.replace("Z", "+00:00")
     midnight = day_in_zone(text)
     if midnight is not None:
         return as_utc(midnight)
-    if len(text) > 10 and text[4:5] == "-" and text[10] not in "Tt ":
-        raise ValueError(f"{text!r}: expected T or a space between the date and the time")
+    date_part = _DATE_PART.match(text)
+    if date_part and date_part[2] not in "Tt ":
+        raise ValueError(f"{given!r}: expected T or a space between the date and the time")
     return as_utc(dt.datetime.fromisoformat(text))
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from defectscan.cli.app import AppContext, pass_app
 from defectscan.cli.output import ROW_ID, limit_options, output_options, print_rows
+from defectscan.exitcodes import EXIT_PARTIAL
 
 _BY = click.option("--by", metavar="NAME", help="Who decided (default: the login name); any name, checked nowhere.")
 _NOTE = click.option("--note", metavar="TEXT", help="Why, in a few words (kept with the decision).")
@@ -181,8 +183,9 @@ def export_command(app: AppContext, lot, line, since, until, model_ref, out: Pat
     """Write the reviewed images as a training set in the DAGM layout (`train`, `evaluate`, `data check` read it).
 
     QA's passes are defect-free images; QA's fails are labelled with the confirmed defects and
-    the drawn masks; undecided images are left out. See the README for using it as the next
-    fine-tune's validation set.
+    the drawn masks; undecided images are left out. A decided image that cannot be written (a
+    fail with nothing marked, pixels no longer stored) is listed and the exit status is 3. See
+    the README for using it as the next fine-tune's validation set.
 
     \b
     Example:
@@ -202,3 +205,5 @@ def export_command(app: AppContext, lot, line, since, until, model_ref, out: Pat
     click.echo(f"wrote {result.images} reviewed images ({result.defective} with defects) of {result.model} to {result.out}")
     for reason in result.skipped:
         click.echo(f"left out {reason}", err=True)
+    if result.skipped:
+        sys.exit(EXIT_PARTIAL)  # decided images that are not in the set: a script should not take it for all of them

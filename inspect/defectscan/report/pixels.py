@@ -42,6 +42,10 @@ def _window(window: tuple[int, int, int, int] | None, source: ImageSource) -> tu
     return slice(y0, y1), slice(x0, x1)
 
 
+class PixelsGone(DataError):
+    """An image's chunk is not stored (deleted since registration): the image is not there, the store is."""
+
+
 def load_image(source: ImageSource, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The image's pixels (2-D, padding removed), or the half-open `window` (y0, x0, y1, x1) of them."""
     array = _open_array(source.uri, source.array_path, "image")
@@ -57,9 +61,12 @@ def load_image(source: ImageSource, window: tuple[int, int, int, int] | None = N
 
         block = pixels[None] if source.kind == "stack" else pixels
         origin = (source.position, rows.start, cols.start) if source.kind == "stack" else (rows.start, cols.start)
-        gone = vanished_chunks(array, block, origin)
+        try:
+            gone = vanished_chunks(array, block, origin)
+        except Exception as exc:  # the store's own failure while looking
+            raise DataError(f"{source.uri}: cannot check the chunks of image {source.position}: {type(exc).__name__}: {exc}") from None
         if gone:
-            raise DataError(f"{source.uri}: image {source.position} of '{source.array_path}' is not stored: {gone.describe()}")
+            raise PixelsGone(f"{source.uri}: image {source.position} of '{source.array_path}' is not stored: {gone.describe()}")
     return pixels
 
 

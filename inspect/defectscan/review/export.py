@@ -31,7 +31,7 @@ from defectscan.db.reviews import Decided, decided_images, latest_image_reviews
 from defectscan.db.schema import Defect, Image, ImageReview, ImageSet, Model
 from defectscan.errors import DataError
 from defectscan.model import rle
-from defectscan.report.pixels import load_image
+from defectscan.report.pixels import PixelsGone, load_image
 
 MARKER = "export.json"
 FOLDER = Path("Class1") / "Train"
@@ -67,7 +67,7 @@ def export_reviewed(session: Session, out: str | Path, filters: Filters, *, forc
     for item in decided:
         try:
             image, source = _pixels(session, item)
-        except DataError as exc:  # its pixels are gone (a chunk deleted since): the rest of the set still goes out
+        except PixelsGone as exc:  # a chunk deleted since: the rest goes out; a store that cannot be read stops the export
             result.skipped.append(f"image {item.image_id}: {exc}")
             continue
         label, classes = (None, set()) if item.decision == "pass" else _label(session, item, drawn.get(item.image_id), source)
