@@ -162,6 +162,8 @@ def test_sql_looking_values_are_plain_data(run, results_db):
     assert too_big.exit_code == 2 and "is not in the range 1<=x<=9223372036854775807" in too_big.output
     for option in ("--limit", "--offset"):  # offset + limit + 1 past BIGINT was an OverflowError
         assert run("images", "list", option, "9223372036854775807").exit_code == 2
+    for command in (("imagesets", "list"), ("jobs", "history", "x")):
+        assert run(*command, "--limit", "9223372036854775807").exit_code == 2
     # known values that match nothing together: an ordinary no-match
     result = run("images", "list", "--lot", "L042", "--line", "A", "--verdict", "error", "--format", "json")
     assert json.loads(result.stdout) == []

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
-from defectscan.cli.output import output_options, print_rows
+from defectscan.cli.output import ROW_COUNT, output_options, print_rows
 from defectscan.exitcodes import EXIT_PARTIAL
 from defectscan.times import iso_utc
 
@@ -199,7 +199,7 @@ _LISTED = ("id", "kind", "images", "shape", "dtype", "lot", "line", "product", "
 @click.option("--lot")
 @click.option("--line")
 @click.option("--product")
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many, newest first.")
+@click.option("--limit", type=ROW_COUNT, help="At most this many, newest first.")
 @output_options
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="The older spelling of --format json.")
 @pass_app

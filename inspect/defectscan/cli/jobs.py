@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from defectscan.cli.app import AppContext, pass_app
-from defectscan.cli.output import ROW_ID
+from defectscan.cli.output import ROW_COUNT, ROW_ID
 
 
 def _default_jobs_dir() -> Path:
@@ -155,7 +155,7 @@ def run_command(app: AppContext, name: str, scheduler: str | None) -> None:
 
 @jobs.command("history")
 @click.argument("name")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Most recent runs to show.")
+@click.option("--limit", type=ROW_COUNT, default=20, show_default=True, help="Most recent runs to show.")
 @pass_app
 def history_command(app: AppContext, name: str, limit: int) -> None:
     """Show a job's most recent runs, newest first.

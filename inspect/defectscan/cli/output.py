@@ -17,6 +17,11 @@ import click
 
 from defectscan.db.schema import MAX_ROW_ID
 
+# A count of rows on the command line (a --limit): bounded so that a query's offset + limit + 1 stays a BIGINT.
+ROW_COUNT = click.IntRange(min=1, max=MAX_ROW_ID // 2)
+# A database row id on the command line: BIGINT's range (past it SQLite raised OverflowError, naming nothing).
+ROW_ID = click.IntRange(min=1, max=MAX_ROW_ID)
+
 FORMATS = ("table", "csv", "json", "ndjson")
 
 
@@ -41,7 +46,7 @@ def limit_options(default: int = 50) -> Callable:
         # Bounded so that offset + limit + 1 stays a BIGINT (past it the driver raised OverflowError).
         f = click.option("--offset", type=click.IntRange(min=0, max=MAX_ROW_ID // 2), default=0, show_default=True,
                          help="Skip this many rows first.")(f)
-        return click.option("--limit", type=click.IntRange(min=1, max=MAX_ROW_ID // 2), default=default, show_default=True,
+        return click.option("--limit", type=ROW_COUNT, default=default, show_default=True,
                             help="Most rows to print.")(f)
 
     return decorate
@@ -136,6 +141,3 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | 
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
     console.print(table)
 
-
-# A database row id on the command line: BIGINT's range (past it SQLite raised OverflowError, naming nothing).
-ROW_ID = click.IntRange(min=1, max=MAX_ROW_ID)
