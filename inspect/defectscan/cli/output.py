@@ -140,4 +140,3 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | 
     stream = sys.stdout
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False, soft_wrap=False)
     console.print(table)
-

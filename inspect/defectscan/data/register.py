@@ -22,7 +22,7 @@ from defectscan import provenance
 from defectscan.data import imageset as layout
 from defectscan.data.chunk_reads import UnreadableChunks, unreadable_chunks
 from defectscan.data.problems import ProblemLog
-from defectscan.db.schema import FILL_MISSING, Image, ImageSet, as_row_id
+from defectscan.db.schema import FILL_MISSING, Image, ImageSet, as_row_id, utcnow
 from defectscan.errors import DataError
 
 # Rows per INSERT batch: a 100,000-image set goes in without one giant statement.
@@ -208,7 +208,6 @@ def give_up_missing(session: Session, ident: str | int, reason: str, by: str | N
     """Stop waiting for the images of a set whose chunks were never written (a frame the camera dropped): jobs then
     stop reporting them, and the run is no longer partial for them. Returns their positions; the skipped list keeps
     them, with who gave up, when and why."""
-    from defectscan.db.schema import utcnow
     from defectscan.users import user_name
 
     if not reason or not reason.strip():
@@ -274,7 +273,6 @@ def _insert(session: Session, image_set: ImageSet, rows: list[dict[str, Any]]) -
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
-
 
 
 def check_bit_depth(uri: str, dtype: str, bit_depth: int | None) -> None:

@@ -20,7 +20,19 @@ from sqlalchemy.orm import Session, aliased
 from defectscan import provenance
 from defectscan.config import shipped_defaults
 from defectscan.db.model_refs import matching_ids
-from defectscan.db.schema import FILL_MISSING, NO_DAY, VERDICTS, Defect, Image, ImageSet, Inspection, InspectionDaily, JobRun, Model, as_row_id
+from defectscan.db.schema import (
+    NO_DAY,
+    VERDICTS,
+    Defect,
+    Image,
+    ImageSet,
+    Inspection,
+    InspectionDaily,
+    JobRun,
+    Model,
+    as_row_id,
+    fills_missing_chunks,
+)
 from defectscan.errors import DataError, suggest
 from defectscan.times import as_utc, day_in_zone, iso_utc, parse_iso
 
@@ -300,7 +312,7 @@ def get_defect(session: Session, defect_id: int) -> tuple[dict[str, Any], ImageS
         inspection_id=row.inspection_id, rle=row.rle,
     )
     source = ImageSource(row.uri, row.array_path, row.kind, row.position, row.height, row.width, row.mask_uri, row.mask_array,
-                         bool((row.attrs or {}).get(FILL_MISSING)))
+                         fills_missing_chunks(row.attrs))
     return record, source
 
 
@@ -325,7 +337,7 @@ class ImageSource:
     @classmethod
     def of(cls, image_set: ImageSet, image: Image, mask_uri: str | None = None, mask_array: str | None = None) -> ImageSource:
         return cls(image_set.uri, image_set.array_path, image_set.kind, image.position, image.height, image.width, mask_uri, mask_array,
-                   bool((image_set.attrs or {}).get(FILL_MISSING)))
+                   fills_missing_chunks(image_set.attrs))
 
 
 def _images_select() -> Select:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from defectscan.db.model_refs import matching_ids
 from defectscan.db.queries import Filters, ImageSource, apply_filters, image_scope
-from defectscan.db.schema import FILL_MISSING, Defect, Image, ImageSet, Inspection, JobRun, Model
+from defectscan.db.schema import Defect, Image, ImageSet, Inspection, JobRun, Model, fills_missing_chunks
 from defectscan.errors import DataError
 from defectscan.times import iso_utc
 
@@ -254,7 +254,7 @@ def drawable_inspections(session: Session, inspection_ids: list[int]) -> dict[in
             "inspection_id": inspection_id, "image_id": image_id, "key": key, "lot": lot, "line": line, "acquired_at": iso_utc(when),
             "n_defects": n_defects, "defect_pixels": pixels, "max_score": None if peak is None else round(peak, 4),
             "height": height, "width": width,
-            "source": ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array, bool((attrs or {}).get(FILL_MISSING))),
+            "source": ImageSource(uri, array_path, kind, position, height, width, mask_uri, mask_array, fills_missing_chunks(attrs)),
             "defects": [],
         }
     if found:

@@ -53,6 +53,13 @@ BigId = BigInteger().with_variant(Integer, "sqlite")
 # image_sets.attrs key: the set was registered with --no-chunk-check, its writer leaves out chunks equal to the fill
 # value, and a chunk not stored is read as that value (else it is an image that is not there).
 FILL_MISSING = "fill_missing_chunks"
+
+
+def fills_missing_chunks(attrs: dict | None) -> bool:
+    """Whether an image set's attrs say its missing chunks are the fill value (FILL_MISSING)."""
+    return bool((attrs or {}).get(FILL_MISSING))
+
+
 # The largest id a row can have (BIGINT, SQLite's INTEGER): a larger number names no row (the drivers raise OverflowError).
 MAX_ROW_ID = 2**63 - 1
 

@@ -202,7 +202,7 @@ def _close_record(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path
                   n_images=JobRun.n_images + done, n_skipped=JobRun.n_skipped + done)
     else:
         outcome.job_run_id = record_closed_run(factory, job=spec.name, spec=record, status=outcome.status, errors=outcome.errors,
-                                               started_at=started_at, seconds=outcome.seconds, already_done=outcome.n_skipped)
+                                               started_at=started_at, seconds=outcome.seconds, already_done=outcome.already_done)
 
 
 __all__ = ["EXIT_ALREADY_RUNNING", "AlreadyRunning", "JobOutcome", "run_job"]

@@ -285,7 +285,7 @@ def _check_ranges(fields: list[str]) -> None:
                 raise ValueError(f"{name} range '{span}' runs backwards, which Kubernetes refuses; write it as two, e.g. 22-23,0-2")
 
 
-_VALUE = r"([0-9]+|jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|sun|mon|tue|wed|thu|fri|sat)"
+_VALUE = rf"([0-9]+|{'|'.join(_NAMED)})"
 _TERM = rf"(\*|{_VALUE}(-{_VALUE})?)(/[0-9]+)?"
 _STANDARD_FIELD = re.compile(rf"{_TERM}(,{_TERM})*", re.IGNORECASE)
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from defectscan import interrupts
 from defectscan.config import InspectionSettings
-from defectscan.db.schema import FILL_MISSING, Image, ImageSet, Inspection, JobRun, Model
+from defectscan.db.schema import Image, ImageSet, Inspection, JobRun, Model, fills_missing_chunks
 from defectscan.errors import ConfigError, DataError, DefectscanError, StorageError, first_line
 from defectscan.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_PENDING
 from defectscan.interrupts import Interrupted
@@ -280,7 +280,7 @@ def _tasks(context: RunContext, plans, set_aside: Callable[[_Task, str], None]) 
     resources = {"GPU": 1} if context.gpu else None
     for image_set, todo, output in plans:
         attrs = image_set.attrs or {}
-        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=attrs.get("bit_depth"), fill_missing=bool(attrs.get(FILL_MISSING)))
+        source = ArrayRef(image_set.uri, image_set.array_path, bit_depth=attrs.get("bit_depth"), fill_missing=fills_missing_chunks(attrs))
         if isinstance(output, str):
             set_aside(_Task(image_set.id, tuple(int(p) for p in todo) if image_set.kind == "stack" else (0,), source), output)
             continue

@@ -169,12 +169,13 @@ def read_mask(path: str | Path) -> np.ndarray:
 def named_images(session: Session, image_ids: Sequence[int], limit: int = 20) -> list[str]:
     """"image 196: lot L042, img2.png" per image (up to `limit`): what a decision was recorded on, said back,
     since an inspection id from `images list` is easily taken for an image id."""
+    from defectscan.db.queries_report import NO_LOT
     from defectscan.db.schema import ImageSet
 
     rows = session.execute(
         select(Image.id, ImageSet.lot, Image.key).join(ImageSet, Image.image_set_id == ImageSet.id).where(Image.id.in_(list(image_ids)[:limit]))
     ).all()
-    by_id = {i: f"image {i}: lot {lot or '(no lot)'}, {key}" for i, lot, key in rows}
+    by_id = {i: f"image {i}: lot {lot or NO_LOT}, {key}" for i, lot, key in rows}
     named = [by_id[i] for i in list(dict.fromkeys(image_ids))[:limit] if i in by_id]
     return named + ([f"and {len(set(image_ids)) - limit} more"] if len(set(image_ids)) > limit else [])
 
