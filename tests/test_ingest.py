@@ -424,3 +424,139 @@ def test_a_store_refused_at_a_registered_location_is_removed_not_left_there(tmp_
     assert refused.output.rstrip().endswith("; the store just written was removed") and not out.exists()
     restored = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "a"), str(tmp_path / "b"), "--lot", "AB", "--out", str(out))
     assert restored.exit_code == 0 and "image set 1" in restored.output, restored.output  # the same files again: its own store back
+
+
+# ---- files a line's software writes (read-only review, Dec 2026) ----
+
+
+def test_a_truncated_compressed_tiff_is_skipped_by_name_and_the_others_go_in(tmp_path):
+    """zlib.error escaped the TIFF reader: one cut file stopped the ingest, naming nothing."""
+    import tifffile
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"f{i}.tif", texture(i, (64, 64)), compression="zlib")
+    whole = (folder / "f1.tif").read_bytes()
+    (folder / "f1.tif").write_bytes(whole[: 2 * len(whole) // 3])
+    result = ingest_files([folder], tmp_path / "s.zarr", IngestOptions())
+    assert result.keys == ["f0.tif", "f2.tif"]
+    [problem] = result.problems
+    assert problem.path.endswith("f1.tif") and problem.reason.startswith("corrupt or not a TIFF image")
+
+
+def test_lzw_palette_and_min_is_white_tiffs_are_read_as_they_are_shown(tmp_path):
+    import tifffile
+
+    gray = texture(3, (32, 32))
+    tifffile.imwrite(tmp_path / "lzw.tif", gray, compression="lzw")
+    # Min-is-white: 0 is white; the pixels as shown are the stored values inverted.
+    tifffile.imwrite(tmp_path / "white.tif", 255 - gray, photometric="miniswhite")
+    # A palette of 16-bit TIFF colours, index i shown as gray 255 - i.
+    levels = (255 - np.arange(256, dtype=np.uint16)) * 257
+    tifffile.imwrite(tmp_path / "palette.tif", gray, photometric="palette", colormap=np.stack([levels] * 3))
+    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((32, 32, 4), np.uint8), photometric="separated")
+    result = ingest_files([tmp_path / n for n in ("lzw.tif", "white.tif", "palette.tif", "cmyk.tif")], tmp_path / "s.zarr", IngestOptions())
+    images = stored(result.uri)["images"][:]
+    np.testing.assert_array_equal(images[0], gray)
+    np.testing.assert_array_equal(images[1], gray)
+    np.testing.assert_array_equal(images[2], 255 - gray)
+    assert [(os.path.basename(p.path), p.reason) for p in result.problems] == [
+        ("cmyk.tif", "SEPARATED TIFF is not supported; expected grayscale, RGB or palette")]
+
+
+def test_palette_and_transparent_masks_give_their_classes_not_their_colours(tmp_path):
+    """A label tool's palette PNG holds class numbers as indices; a transparent background marks nothing."""
+    from defectscan.data.folders import read_folders
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("p0", "p1"):
+        write_png(tmp_path / "images" / f"{name}.png", texture(1))
+    classes = np.zeros((32, 32), np.uint8)
+    classes[2:6, 2:6], classes[10:14, 10:14] = 1, 2
+    palette_mask = Image.fromarray(classes, mode="P")
+    palette_mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette_mask.save(tmp_path / "masks" / "p0.png")
+    drawn = np.zeros((32, 32, 4), np.uint8)
+    drawn[..., :3] = 255  # white under the transparency, as editors leave it
+    drawn[20:24, 20:24] = (255, 255, 255, 255)
+    Image.fromarray(drawn, mode="RGBA").save(tmp_path / "masks" / "p1.png")
+
+    data = read_folders(tmp_path / "images", tmp_path / "masks", classes=("scratch", "stain"))
+    assert not data.problems
+    _, first = data.load(0)
+    _, second = data.load(1)
+    np.testing.assert_array_equal(first, classes)
+    assert second.sum() == 16 and second[20:24, 20:24].all()
+
+
+def test_images_and_masks_in_one_folder_pair_each_image_with_its_label(tmp_path):
+    """KolektorSDD's layout: Part0.jpg beside Part0_label.bmp; no file is its own mask nor a training image."""
+    from defectscan.data.folders import read_folders
+
+    folder = tmp_path / "kos01"
+    folder.mkdir()
+    for i in range(3):
+        write_png(folder / f"Part{i}.png", texture(i))
+    label = np.zeros((32, 32), np.uint8)
+    label[4:8, 4:8] = 255
+    write_png(folder / "Part1_label.png", label)
+    write_png(folder / "Part2_label.png", np.zeros((32, 32), np.uint8))
+    data = read_folders(folder, folder)
+    assert not data.problems and data.keys == ["Part0.png", "Part1.png", "Part2.png"]
+    assert data.defective == [False, True, True]
+    assert data.load(1)[1].sum() == 16 and not data.load(2)[1].any()
+
+
+def test_a_parents_own_images_beside_dagm_subfolders_are_refused_not_dropped(tmp_path):
+    lot = tmp_path / "lot7"
+    good_images(lot, n=3)
+    (lot / "golden" / "Label").mkdir(parents=True)
+    write_png(lot / "golden" / "0001.PNG", texture(5))
+    (lot / "golden" / "Label" / "Labels.txt").write_text("1\n1\t0\t0001.PNG\t0\t0\n")
+    with pytest.raises(DataError, match=r"cannot mix DAGM folders .*golden separately from .*good00.png"):
+        ingest_files([lot], tmp_path / "s.zarr", IngestOptions())
+
+
+def test_broken_links_and_names_that_are_not_utf8_are_reported_and_the_rest_go_in(tmp_path):
+    folder = tmp_path / "in"
+    good_images(folder, n=2)
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    latin1 = os.fsdecode(b"Pr\xfcfteil.png")
+    write_png(folder / latin1, texture(7))
+    result = ingest_files([folder], tmp_path / "s.zarr", IngestOptions())
+    assert result.keys == ["good00.png", "good01.png"]
+    reasons = {os.path.basename(p.path): p.reason for p in result.problems}
+    assert reasons == {"gone.png": "does not exist (a broken link)",
+                       "Pr\\xfcfteil.png": "file name is not UTF-8 text (rename the file; image keys are stored as UTF-8)"}
+    assert stored(result.uri).attrs["defectscan"]["skipped"][1]["path"].endswith("Pr\\xfcfteil.png")
+
+
+def test_a_strip_over_pillows_bomb_limit_goes_in(tmp_path, monkeypatch):
+    """Pillow refuses images over 179 megapixels as bombs; a line-scan strip is a plant's own file."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # the default limit, scaled down for a small file
+    write_png(tmp_path / "strip.png", texture(2, (64, 96)))
+    result = ingest_files([tmp_path / "strip.png"], tmp_path / "s.zarr", IngestOptions(kind="strip"))
+    assert result.n_images == 1 and not result.problems
+
+
+def test_twelve_bit_data_is_ingested_with_its_bit_depth_or_warned_about(tmp_path, sqlite_url, cli):
+    folder = tmp_path / "cam12"
+    folder.mkdir()
+    for i in range(2):
+        write_png(folder / f"f{i}.png", (texture(i, (32, 32), np.uint16) >> 4))  # 0..4095 in 16-bit words
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    plain = cli("--database-url", sqlite_url, "ingest", str(folder), "--out", str(tmp_path / "a.zarr"))
+    assert plain.exit_code == 0 and "warning: " in plain.output and "ingest with --bit-depth 12" in plain.output
+    given = cli("--database-url", sqlite_url, "ingest", str(folder), "--bit-depth", "12", "--out", str(tmp_path / "b.zarr"))
+    assert given.exit_code == 0 and "warning" not in given.output
+    shown = cli("--database-url", sqlite_url, "imagesets", "show", "2", "--json")
+    assert '"bit_depth": 12' in shown.output
+    eight = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "cam12"), "--bit-depth", "12", "--out", str(tmp_path / "c.zarr"))
+    assert eight.exit_code == 0
+    write_png(tmp_path / "e.png", texture(1))
+    refused = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "e.png"), "--bit-depth", "12", "--out", str(tmp_path / "e.zarr"))
+    assert refused.exit_code == 1 and "bit depth 12 does not fit uint8 images" in refused.output and not (tmp_path / "e.zarr").exists()

@@ -386,7 +386,7 @@ def test_a_drawn_mask_with_transparency_marks_only_what_was_drawn(tmp_path):
     """An editor's transparent white background read as luminance alone marked the whole image as the defect."""
     from PIL import Image as PILImage
 
-    from defectscan.review.record import read_mask
+    from defectscan.data.imagefiles import read_mask
 
     drawing = np.zeros((64, 64, 4), np.uint8)
     drawing[...] = (255, 255, 255, 0)  # white under full transparency

@@ -58,8 +58,10 @@ def _time(value: str | None):
 @click.option("--workers", type=click.IntRange(min=1), help="Parallel decoders (default: one per CPU).")
 @click.option("--processes", is_flag=True, help="Decode in processes rather than threads.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad file instead of skipping it.")
+@click.option("--bit-depth", type=click.IntRange(9, 16), metavar="BITS",
+              help="Significant bits of 16-bit images (12 for a 12-bit camera); default: all 16.")
 @pass_app
-def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at, kind, pad, workers, processes, strict) -> None:
+def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at, kind, pad, workers, processes, strict, bit_depth) -> None:
     """Ingest image files (PNG, TIFF, BMP, JPEG; 8/16-bit; RGB made gray) or a DAGM folder into a new image set, and register it.
 
     PATHS are image files, folders of them, or DAGM 2007 folders (with Label/Labels.txt;
@@ -85,7 +87,7 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
 
     options = IngestOptions(
         lot=lot, line=line, product=product, camera=camera, acquired_at=_time(acquired_at),
-        kind=kind, pad=pad, workers=workers, processes=processes,
+        kind=kind, pad=pad, workers=workers, processes=processes, bit_depth=bit_depth,
     )  # fmt: skip
     session = app.session()
     # On a terminal only, as inspect's: piped or in a cron log, the bar left an empty line ahead of the output.
@@ -108,6 +110,9 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
             f"{result.uri}: {result.n_images} image{'s' if result.n_images != 1 else ''} ({shape} {image_set.dtype}) in {result.seconds:.1f} s "
             f"({result.mb_per_second:.1f} MB/s decoded); registered as image set {image_set.id}"
         )
+    warning = result.bit_depth_warning(bit_depth)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     if result.problems:
         click.echo(result.problems.summary(), err=True)
         sys.exit(EXIT_PARTIAL)
@@ -244,6 +249,8 @@ def show_command(app: AppContext, ident, n_keys, as_json) -> None:
         attrs = image_set.attrs or {}
         row["labels"] = attrs.get("labels", False)
         row["classes"] = attrs.get("classes", [])
+        # Without it a 12-bit set inspected as 16-bit (nearly black) could not be told from the right one.
+        row["bit_depth"] = attrs.get("bit_depth") or (16 if image_set.dtype == "uint16" else 8)
         row["skipped"] = attrs.get("skipped", [])
         row["first_images"] = [
             {"position": i.position, "key": i.key, "acquired_at": iso_utc(i.acquired_at)}

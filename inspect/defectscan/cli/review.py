@@ -71,7 +71,8 @@ def review_images_command(app: AppContext, image_ids: tuple[int, ...], decision:
         defectscan review images 4711 4712 --as pass
         defectscan review images 4713 --as fail --mask missed-4713.png --class scratch --note "faint scratch"
     """
-    from defectscan.review.record import named_images, read_mask, review_images
+    from defectscan.data.imagefiles import read_mask
+    from defectscan.review.record import named_images, review_images
 
     mask = read_mask(mask_path) if mask_path is not None else None
     with app.session() as session:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscan.data.dataset import LabelledImages, keep_common_shape
-from defectscan.data.imagefiles import read_image, read_labelled
+from defectscan.data.imagefiles import read_image, read_labelled, read_mask
 from defectscan.data.pixels import as_uint8
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
@@ -141,7 +141,7 @@ def read_dagm(
         image = as_uint8(read_image(image_path))
         if label_path is None:
             return image, np.zeros(image.shape, np.uint8)
-        return image, np.where(read_image(label_path) > 0, class_id, 0).astype(np.uint8)
+        return image, np.where(read_mask(label_path) > 0, class_id, 0).astype(np.uint8)
 
     return LabelledImages(
         name=f"{root} ({split})",

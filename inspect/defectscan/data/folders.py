@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscan.data.dataset import LabelledImages, keep_common_shape
-from defectscan.data.imagefiles import IMAGE_SUFFIXES, read_image, read_labelled
+from defectscan.data.imagefiles import IMAGE_SUFFIXES, read_image, read_labelled, read_mask
 from defectscan.data.pixels import as_uint8
 from defectscan.data.problems import ProblemLog
 from defectscan.errors import DataError
@@ -40,8 +40,14 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: ProblemLog) -> tu
     has two masks (p1.png, p1_mask.png), is left out and reported: neither mask nor defect-free is known."""
     image_files: dict[str, Path] = {}
     ambiguous: set[str] = set()
+    # Images and masks in one folder (part7.jpg beside part7_label.bmp, as KolektorSDD ships): a file named
+    # as another's mask is a mask only, and no file is its own mask.
+    one_folder = images_dir.resolve() == masks_dir.resolve()
+    stems = {p.stem for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if one_folder else set()
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if one_folder and any(path.stem.endswith(suffix) and path.stem[: -len(suffix)] in stems for suffix in MASK_SUFFIXES[1:]):
             continue
         if path.stem in image_files:
             problems.add(path, f"another image has the same name stem ({image_files[path.stem].name}); both are left out")
@@ -49,8 +55,9 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: ProblemLog) -> tu
         else:
             image_files[path.stem] = path
     masks: dict[str, Path] = {}
+    images = set(image_files.values())
     for path in sorted(masks_dir.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or (one_folder and path in images):
             continue
         stem = _image_of_mask(path, set(image_files))
         if stem is None:
@@ -106,7 +113,7 @@ def read_folders(
         image = as_uint8(read_image(image_path))
         if mask_path is None:
             return image, np.zeros(image.shape, np.uint8)
-        return image, mask_to_classes(read_image(mask_path), len(classes))
+        return image, mask_to_classes(read_mask(mask_path), len(classes))
 
     return LabelledImages(
         name=str(images_dir),

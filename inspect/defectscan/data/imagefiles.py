@@ -2,6 +2,11 @@
 
 Rule for colour: RGB(A) images become gray with ITU-R BT.601 luma, Y = 0.299 R + 0.587 G + 0.114 B
 (what Pillow's "L" conversion does), alpha dropped. 8-bit images stay uint8, 16-bit stay uint16.
+A TIFF's photometric interpretation is applied (min-is-white inverted, a palette's colours looked
+up); CMYK is refused. Masks and labels (read_mask) keep a palette image's indices, which label
+tools write as class numbers, and count only the pixels not transparent.
+Pillow's decompression-bomb limit is lifted: these are a plant's own files, and a line-scan strip
+is often larger than its 179-megapixel default.
 """
 
 from __future__ import annotations
@@ -10,16 +15,52 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscan.errors import DataError
+from defectscan.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
+def open_pillow(path: str | Path):
+    """PIL.Image.open without the decompression-bomb limit (see the module's docstring)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    return Image.open(path)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Return the image at `path` as a (H, W) uint8 or uint16 array, or raise DataError naming it."""
     path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        array = _read_tiff(path, palette="colours")
+    else:
+        array = _read_pillow(path)
+    return _to_gray(path, array)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask or label image as a (H, W) array: a palette image's indices (label tools write class numbers
+    so), else its gray values; pixels a file marks transparent are 0 (editors keep a colour, often white,
+    under them, which read alone marked the whole image)."""
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _to_gray(path, _read_tiff(path, palette="indices"))
+    gray = _to_gray(path, _read_pillow(path, palette="indices"))
+    try:
+        with open_pillow(path) as image:
+            if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+                return gray
+            alpha = np.asarray(image.convert("RGBA"))[..., 3]
+    except Exception as exc:  # noqa: BLE001 - read once already; any failure now is still this file's
+        raise DataError(f"{path}: corrupt or truncated image: {first_line(exc)}") from None
+    return np.where(alpha > 0, gray, 0).astype(gray.dtype)
+
+
+def _check_file(path: Path) -> None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -28,18 +69,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from None
     if size == 0:
         raise DataError(f"{path}: empty file")
-    if path.suffix.lower() in (".tif", ".tiff"):
-        array = _read_tiff(path)
-    else:
-        array = _read_pillow(path)
-    return _to_gray(path, array)
 
 
 def read_labelled(image_path: Path, label_path: Path | None, problems, what: str = "label") -> tuple[np.ndarray, np.ndarray | None] | None:
     """An image and its label (or mask) of the same size; a bad file is recorded in `problems` (a ProblemLog) and None returned."""
     try:
         image = read_image(image_path)
-        label = read_image(label_path) if label_path is not None else None
+        label = read_mask(label_path) if label_path is not None else None
     except DataError as exc:
         bad, _, reason = str(exc).partition(": ")
         if bad not in (str(image_path), str(label_path)):
@@ -64,38 +100,64 @@ WIDE_COLOUR_PNG = ("16-bit colour or gray+alpha PNG: not read (it would lose its
                    "(no alpha) or as TIFF")
 
 
-def _read_pillow(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _read_pillow(path: Path, palette: str = "colours") -> np.ndarray:
+    from PIL import UnidentifiedImageError
 
     if wide_colour_png(path):
         raise DataError(f"{path}: {WIDE_COLOUR_PNG}")
     try:
-        with Image.open(path) as image:
+        with open_pillow(path) as image:
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L"):
                 return np.asarray(image, dtype=np.uint16)
             if image.mode == "I":
                 return _int32_to_uint16(path, np.asarray(image))
+            if image.mode == "P" and palette == "indices":
+                return np.asarray(image)
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LA", "1"):
                 image = image.convert("RGBA" if "A" in image.mode else "RGB")
             return np.asarray(image)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: corrupt or truncated image: {exc}") from None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (zlib, struct, memory) is this file's problem
+        raise DataError(f"{path}: corrupt or truncated image: {first_line(exc)}") from None
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(path: Path, palette: str) -> np.ndarray:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tiff:
             series = tiff.series[0]
+            page = series.pages[0]
+            photometric = int(page.photometric)
+            if photometric not in _PHOTOMETRIC_READ:
+                raise DataError(f"{path}: {page.photometric.name} TIFF is not supported; expected grayscale, RGB or palette")
             array = series.asarray()
-            # Colour stored plane by plane ("separate"): samples first, turned to samples last as for interleaved.
-            return np.moveaxis(array, 0, -1) if array.ndim == 3 and series.axes.startswith("S") else array
-    except (tifffile.TiffFileError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: corrupt or not a TIFF image: {exc}") from None
+            colormap = page.colormap
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (zlib, codecs, memory) is this file's problem
+        raise DataError(f"{path}: corrupt or not a TIFF image: {first_line(exc)}") from None
+    # Colour stored plane by plane ("separate"): samples first, turned to samples last as for interleaved.
+    if array.ndim == 3 and series.axes.startswith("S"):
+        array = np.moveaxis(array, 0, -1)
+    if photometric == _MINISWHITE and array.dtype != np.bool_:
+        return np.iinfo(array.dtype).max - array if array.dtype.kind == "u" else array
+    if photometric == _PALETTE and palette == "colours" and colormap is not None:
+        # TIFF colour maps hold 16-bit values; an 8-bit palette image becomes 8-bit RGB as Pillow gives it.
+        rgb = np.moveaxis(colormap[:, array], 0, -1)
+        if array.dtype != np.uint8:
+            return rgb.astype(np.uint16)
+        return (rgb >> 8 if colormap.max() > 255 else rgb).astype(np.uint8)
+    return array
+
+
+# TIFF photometric interpretations read: min-is-white, min-is-black, RGB, palette, YCbCr (decoded to RGB).
+_MINISWHITE, _PALETTE = 0, 3
+_PHOTOMETRIC_READ = (0, 1, 2, 3, 6)
 
 
 def _int32_to_uint16(path: Path, array: np.ndarray) -> np.ndarray:

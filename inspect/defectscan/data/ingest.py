@@ -25,7 +25,7 @@ import numpy as np
 
 from defectscan import __version__
 from defectscan.data import imageset as layout
-from defectscan.data.imagefiles import WIDE_COLOUR_PNG, read_image, wide_colour_png
+from defectscan.data.imagefiles import WIDE_COLOUR_PNG, open_pillow, read_image, read_mask, wide_colour_png
 from defectscan.data.problems import ProblemLog
 from defectscan.data.sources import Source, Sources, collect_sources
 from defectscan.errors import DataError
@@ -49,6 +49,8 @@ class IngestOptions:
     workers: int | None = None
     # Decode in processes instead of threads (see benchmarks/bench_ingest.py for which is faster).
     processes: bool = False
+    # Significant bits of uint16 images (12 for a 12-bit camera), recorded with the set's registration.
+    bit_depth: int | None = None
 
     def provenance(self) -> dict[str, str | None]:
         return {"lot": self.lot, "line": self.line, "product": self.product, "camera": self.camera}
@@ -65,10 +67,22 @@ class IngestResult:
     decoded_bytes: int = 0
     stored_bytes: int = 0
     keys: list[str] = field(default_factory=list)
+    # The brightest pixel written (None for a reused store): 16-bit images that never pass 4095 are 12-bit data.
+    peak: int | None = None
+    dtype: str | None = None
 
     @property
     def mb_per_second(self) -> float:
         return self.decoded_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def bit_depth_warning(self, bit_depth: int | None) -> str | None:
+        """A warning when 16-bit images look like data of fewer bits and no bit depth was given: inspected
+        as 16-bit, 0..4095 becomes 0..16 of 255, an image nearly black to the model."""
+        if bit_depth is not None or self.dtype != "uint16" or self.peak is None or self.peak >= 2**12:
+            return None
+        bits = max(9, int(self.peak).bit_length())
+        return (f"{self.uri}: every pixel is {self.peak} or less in these 16-bit images: if the camera gives {bits}-bit data, "
+                f"ingest with --bit-depth {bits} (a new --out) or they are inspected as nearly black")
 
 
 def ingest(session, paths, out, options: IngestOptions, *, store_dir: Path | None = None, strict: bool = False, on_progress: Progress | None = None):
@@ -77,7 +91,7 @@ def ingest(session, paths, out, options: IngestOptions, *, store_dir: Path | Non
 
     result = ingest_files(paths, out, options, store_dir=store_dir, strict=strict, on_progress=on_progress)
     try:
-        registration = register_store(session, result.uri)
+        registration = register_store(session, result.uri, bit_depth=options.bit_depth)
     except DataError as exc:
         if result.reused:
             raise
@@ -132,6 +146,7 @@ def ingest_files(
             accepted, geometry = _probe_all(pool, sources.items, problems, options.pad)
             if not accepted:
                 raise DataError(_nothing_left("no usable images", problems))
+            _check_bit_depth(str(out), geometry.dtype, options.bit_depth)
             writer = _Writer(temporary, options, sources, geometry, len(accepted))
             try:
                 for source, image, label in _decoded(pool, accepted, sources.labelled, problems, on_progress, writer.window):
@@ -159,7 +174,16 @@ def ingest_files(
         decoded_bytes=writer.decoded_bytes,
         stored_bytes=_disk_usage(out),
         keys=writer.keys,
+        peak=writer.peak,
+        dtype=geometry.dtype,
     )
+
+
+def _check_bit_depth(uri: str, dtype: str, bit_depth: int | None) -> None:
+    """Refused before anything is written, rather than by the registration after."""
+    from defectscan.data.register import check_bit_depth
+
+    check_bit_depth(uri, dtype, bit_depth)
 
 
 def _nothing_left(what: str, problems: ProblemLog) -> str:
@@ -230,13 +254,13 @@ def _probe(path: Path) -> tuple[int, int, str] | str:
             with tifffile.TiffFile(path) as tiff:
                 page = tiff.pages[0]
                 return int(page.imagelength), int(page.imagewidth), "uint16" if page.dtype.itemsize == 2 else "uint8"
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         if wide_colour_png(path):
             return WIDE_COLOUR_PNG
 
         try:
-            with Image.open(path) as image:
+            with open_pillow(path) as image:
                 width, height = image.size
                 wide = image.mode.startswith("I;16") or image.mode == "I"
                 return height, width, "uint16" if wide else "uint8"
@@ -299,7 +323,7 @@ def _decode(source: Source, labelled: bool) -> tuple[np.ndarray | None, np.ndarr
             label = np.zeros(image.shape, dtype=np.uint8)
         else:
             try:
-                mask = read_image(source.label_path)
+                mask = read_mask(source.label_path)
             except DataError as exc:
                 return None, None, f"label image {source.label_path.name}: {_reason(exc, source.label_path)}"
             if mask.shape != image.shape:
@@ -357,6 +381,7 @@ class _Writer:
         self.times: list[int] = []
         self.sizes: list[tuple[int, int]] = []
         self.decoded_bytes = 0
+        self.peak = 0
         self.written = 0
         h, w = geometry.height, geometry.width
         self.group = layout.create_image_set(path, self.kind, (h, w), geometry.dtype, n=capacity, labelled=sources.labelled)
@@ -392,6 +417,7 @@ class _Writer:
         self.times.append(layout.to_micros(self._time(source)))
         self.sizes.append((h, w))
         self.decoded_bytes += image.nbytes
+        self.peak = max(self.peak, int(image.max()))
         if self.kind == "strip":
             self.images[:, :] = image
             if self.labels is not None and label is not None:

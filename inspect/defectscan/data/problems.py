@@ -6,11 +6,28 @@ work, otherwise the file is skipped and counted so that good files still go thro
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from defectscan.errors import DataError
+
+
+def printable_path(path: str | Path) -> str:
+    """The path as text that can be printed and stored: a name that is not UTF-8 (a Latin-1 name copied
+    from a Windows share) shows its odd bytes as \\xNN escapes instead of breaking the output."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
+def utf8_name(path: str | Path) -> bool:
+    """Whether the path's name can be stored as an image key (keys are UTF-8 text in the store and database)."""
+    return printable_path(path) == str(path)
 
 
 @dataclass(frozen=True)
@@ -28,7 +45,7 @@ class ProblemLog:
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, path: str | Path, reason: str) -> None:
-        problem = Problem(str(path), reason)
+        problem = Problem(printable_path(path), reason)
         if self.strict:
             raise DataError(str(problem))
         self.problems.append(problem)

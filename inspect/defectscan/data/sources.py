@@ -14,7 +14,7 @@ from pathlib import Path
 
 from defectscan.data.dagm import _parse_labels, check_listing, natural_key
 from defectscan.data.imagefiles import IMAGE_SUFFIXES
-from defectscan.data.problems import ProblemLog
+from defectscan.data.problems import ProblemLog, utf8_name
 from defectscan.errors import DataError
 
 LABELS_FILE = Path("Label") / "Labels.txt"
@@ -51,10 +51,13 @@ def collect_sources(paths: list[str | Path], problems: ProblemLog) -> Sources:
             problems.add(path, "does not exist")
         elif path.is_dir():
             found = _dagm_folders(path)
+            files = _image_files(path, problems)
             if found:
                 dagm_folders.extend(found)
+                # A DAGM folder's own images come through its Labels.txt; a parent's own images would be dropped.
+                if path not in found:
+                    plain.extend(files)
             else:
-                files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
                 if not files:
                     problems.add(path, f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
                 plain.extend(files)
@@ -65,14 +68,35 @@ def collect_sources(paths: list[str | Path], problems: ProblemLog) -> Sources:
     if plain and dagm_folders:
         raise DataError(
             "cannot mix DAGM folders (with labels) and plain image files in one image set: "
-            f"ingest {', '.join(str(f) for f in dagm_folders[:3])} separately"
+            f"ingest {', '.join(str(f) for f in dagm_folders[:3])} separately from {', '.join(str(p) for p in plain[:3])}"
         )
     if dagm_folders:
         return _dagm_sources(dagm_folders, problems)
     # Absolute, not resolved: a symlink keeps its own name as the key.
-    unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in plain))
+    unique = _with_utf8_names(list(dict.fromkeys(Path(os.path.abspath(p)) for p in plain)), problems)
     root = _common_folder(unique)
     return Sources([Source(p, _key(p, root)) for p in unique], [])
+
+
+def _image_files(folder: Path, problems: ProblemLog) -> list[Path]:
+    """The folder's image files by name; a broken link to one is reported rather than passed over unseen."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.is_file():
+            files.append(path)
+        elif path.is_symlink() and not path.exists():
+            problems.add(path, "does not exist (a broken link)")
+    return files
+
+
+def _with_utf8_names(paths: list[Path], problems: ProblemLog) -> list[Path]:
+    """Paths whose names can be image keys; the others reported, as one such file stopped the whole ingest."""
+    for path in paths:
+        if not utf8_name(path):
+            problems.add(path, "file name is not UTF-8 text (rename the file; image keys are stored as UTF-8)")
+    return [p for p in paths if utf8_name(p)]
 
 
 def _dagm_folders(path: Path) -> list[Path]:
@@ -107,7 +131,8 @@ def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
                 problems.add(label, f"label image of {image.name} listed in Label/Labels.txt does not exist")
                 continue
             items.append(Source(image, _key(image, root), label, class_index if label is not None else 0))
-    return Sources(items, classes)
+    named = set(_with_utf8_names([s.path for s in items], problems))
+    return Sources([s for s in items if s.path in named], classes)
 
 
 def read_labels_txt(folder: Path, problems: ProblemLog) -> list[tuple[Path, Path | None]]:

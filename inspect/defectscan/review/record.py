@@ -7,7 +7,6 @@ names are free text (`--by` defaults to the login name) and need not exist anywh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
@@ -148,22 +147,6 @@ def _drawn(mask: np.ndarray | None, class_name: str | None, decision: str, ids: 
         raise DataError("the mask marks every pixel of the image (expected the defect's pixels non-zero on a black or transparent background)")
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     return {"bbox_y0": y0, "bbox_x0": x0, "bbox_y1": y1, "bbox_x1": x1, "rle": rle.encode(mask[y0:y1, x0:x1])}
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A drawn mask from a PNG (or any image file defectscan reads): non-zero pixels are the defect, and in a
-    file with transparency only the pixels drawn (not transparent) can be."""
-    from PIL import Image as PILImage
-
-    from defectscan.data.imagefiles import read_image
-
-    gray = read_image(path)  # 2-D: colour files come back as their luminance
-    with PILImage.open(path) as image:
-        if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
-            return gray
-        # Editors keep a colour under transparent pixels (often white): read alone, it marked the whole image.
-        alpha = np.asarray(image.convert("RGBA"))[..., 3]
-    return np.where(alpha > 0, gray, 0)
 
 
 def named_images(session: Session, image_ids: Sequence[int], limit: int = 20) -> list[str]:
