@@ -219,3 +219,26 @@ def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, exter
                  "--scheduler", external_cluster, "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 0, result.output
     assert f"64 images: {64 - done_before} inspected" in result.output
+
+
+def test_images_not_written_yet_make_inspect_partial_and_are_inspected_once_they_are(cli, prepared, tmp_path):
+    """`inspect` said "succeeded" (exit 0) for a set still waiting for frames, and never inspected them when they came."""
+    url, factory, _ = prepared
+    store = write_stack(tmp_path / "L9.zarr", square_images(6, defects={4: (10, 10, 6)}))
+    chunk = store / "images" / "c" / "4" / "0" / "0"
+    written = chunk.read_bytes()
+    chunk.unlink()  # the camera has not written frame 4 yet
+    image_set = register(factory, store)
+    assert image_set.n_images == 5
+    run = lambda: cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(store), "--workers", "1", "--no-progress")  # noqa: E731
+    first = run()
+    assert first.exit_code == 3, first.output
+    assert "partial, 5 images: 5 inspected (0 failed)" in first.output
+    assert f"error: image set {image_set.id} ({store}): 1 image(s) not written yet (positions 4) are not inspected" in first.output
+    assert f"imagesets give-up-missing {image_set.id} --reason TEXT" in first.output
+    chunk.write_bytes(written)
+    second = run()
+    assert second.exit_code == 0, second.output
+    assert "succeeded, 6 images: 1 inspected (1 failed), 0 errors, 5 already done" in second.output
+    with factory() as session:
+        assert [run.status for run in session.scalars(select(JobRun).order_by(JobRun.id))][-2:] == ["partial", "succeeded"]

@@ -213,3 +213,54 @@ def test_an_unexpected_tensorflow_error_shows_its_own_message_not_the_traceback_
     monkeypatch.setattr(queries, "list_lots", broken)
     result = cli("--database-url", migrated_url, "lots", "list")
     assert result.output == "Error: TypeError: cannot add str and int (rerun with --log-level DEBUG for the traceback)\n"
+
+
+@pytest.mark.parametrize("redo", ["none", "all"])
+def test_a_shard_whose_commit_reached_the_database_but_not_its_acknowledgement_is_counted_once_as_this_runs(factory, tmp_path, redo):
+    """The connection drops after COMMIT: the retry found the run's own rows and said "recorded meanwhile by another
+    run", while the summary lacked the shard (and a --force retry replaced them a second time)."""
+    from sqlalchemy.exc import OperationalError
+
+    from defectscan.model.verdict import ImageResult
+    from defectscan.pipeline import record
+    from defectscan.pipeline.job_runs import open_run
+
+    from pipeline_helpers import add_model
+
+    image_set = register(factory, write_stack(tmp_path / "L8.zarr", square_images(4, size=32)))
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"not read by this test")
+    model = add_model(factory, weights)
+    if redo == "all":  # an earlier run's verdicts, for the --force run to replace
+        earlier = open_run(factory, record.Retry(), job="before", spec=None, model_id=model.id)
+        record.record_shard(factory, record.Retry(), job_run_id=earlier, model_id=model.id, image_set_id=image_set.id, mask_uri="m.zarr",
+                            mask_array="scores", results=[ImageResult(position=p, verdict="pass", max_score=0.1) for p in range(4)])
+    run = open_run(factory, record.Retry(), job="lost-ack", spec=None, model_id=model.id)
+    results = [ImageResult(position=p, verdict="fail" if p == 1 else "pass", max_score=0.9 if p == 1 else 0.1) for p in range(4)]
+    begin, attempts = factory.begin, []
+
+    class CommitThenDrop:
+        def __init__(self):
+            self.inner = begin()
+
+        def __enter__(self):
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            self.inner.__exit__(*exc)
+            attempts.append(1)
+            if len(attempts) == 1 and exc[0] is None:
+                raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    factory.begin = CommitThenDrop
+    try:
+        counts = record.record_shard(factory, record.Retry(attempts=2, backoff_s=0), job_run_id=run, model_id=model.id, image_set_id=image_set.id,
+                                     results=results, mask_uri="m.zarr", mask_array="scores", redo=redo)
+    finally:
+        del factory.begin
+    assert len(attempts) == 2
+    assert (counts.inspected, counts.failed, counts.meanwhile, counts.meanwhile_runs) == (4, 1, 0, [])
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 4
+        assert set(session.scalars(select(Inspection.job_run_id))) == {run}
+        assert session.get(JobRun, run).n_inspected == 4

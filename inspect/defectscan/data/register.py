@@ -226,6 +226,27 @@ def give_up_missing(session: Session, ident: str | int, reason: str, by: str | N
     return waiting
 
 
+def look_for_arrived(session: Session, image_sets: list[ImageSet]) -> list[str]:
+    """Before `inspect` plans a run, as a job does: rows for each set's waiting images whose chunks are written now,
+    and one line per set for those still waiting (the run is then partial: they are not inspected, and an exit 0
+    would tell a cron that every frame was judged). A set whose store cannot be read is left to the run to refuse."""
+    lines = []
+    for image_set in image_sets:
+        if not waiting_images(image_set.attrs):
+            continue
+        try:
+            register_store(session, image_set.uri, image_set.array_path)
+        except DataError:
+            session.rollback()
+        session.refresh(image_set)
+        still = waiting_images(image_set.attrs)
+        if still:
+            shown = ", ".join(map(str, still[:5])) + (", ..." if len(still) > 5 else "")
+            lines.append(f"image set {image_set.id} ({image_set.uri}): {len(still)} image(s) not written yet (positions {shown}) "
+                         f"are not inspected; rerun once they are, or `defectscan imagesets give-up-missing {image_set.id} --reason TEXT`")
+    return lines
+
+
 def _register_arrived(session: Session, image_set: ImageSet, group, info: layout.ImageSetInfo, acquired_at: dt.datetime | None) -> int:
     """Rows for the images left out at registration whose chunks are stored now; returns how many. The ones
     still missing stay in the set's `skipped` list, and so are reported again by every registration."""

@@ -26,12 +26,15 @@ def run_inspect(
 ) -> RunSummary:
     from sqlalchemy.orm import sessionmaker
 
-    from defectscan.data.register import get_image_set
+    from defectscan.data.register import get_image_set, look_for_arrived
     from defectscan.model.registry import model_to_run
     from defectscan.pipeline.cluster import connect
 
     spec = {"command": job, "model": model_reference, "image_sets": image_set_ids, "force": force, "retry_errors": retry_errors}
     with interrupts.stop_on_signals(settings.inspection.stop_within_s):
+        with new_session() as session:
+            # Its own session: adding arrived images commits, which expires what the run goes on to use.
+            waiting = look_for_arrived(session, [get_image_set(session, ident) for ident in image_set_ids])
         with new_session() as session:
             model = model_to_run(session, model_reference)
             image_sets = [get_image_set(session, ident) for ident in image_set_ids]
@@ -45,7 +48,8 @@ def run_inspect(
             in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker
             with _progress(progress) as on_progress:
                 return inspect_image_sets(factory, client, model, image_sets, settings.inspection, max_in_flight=in_flight,
-                                          force=force, retry_errors=retry_errors, gpu=info.gpu, job=job, spec=spec, on_progress=on_progress)
+                                          force=force, retry_errors=retry_errors, gpu=info.gpu, job=job, spec=spec, on_progress=on_progress,
+                                          waiting=waiting)
 
 
 class _progress:

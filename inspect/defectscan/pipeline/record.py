@@ -167,9 +167,11 @@ def record_results(
     image_ids = {position: image_id for position, image_id, _ in found}
     acquired = {image_id: when for _, image_id, when in found}
     daily = _Daily()
+    counts, mine = _recorded_by_this_run(session, job_run_id, model_id, list(image_ids.values()))
+    image_ids = {position: image_id for position, image_id in image_ids.items() if image_id not in mine}
     ours = (Inspection.model_id == model_id) & Inspection.image_id.in_(list(image_ids.values()))
     redone = _prepare_redo(session, ours, redo, image_ids=image_ids, by_position=by_position, acquired=acquired, daily=daily)
-    counts.errors = len(redone.kept)
+    kept_errors = len(redone.kept)
     # What is left was recorded by a concurrent run after this one planned its work.
     done = {i: run for i, run in session.execute(select(Inspection.image_id, Inspection.job_run_id).where(ours)) if i not in redone.kept}
     if done:
@@ -178,8 +180,9 @@ def record_results(
     now = utcnow()
     todo = [(image_ids[p], by_position[p]) for p in sorted(image_ids) if image_ids[p] not in done and image_ids[p] not in redone.kept]
     if not todo:
-        if counts.errors:  # a redo's unreadable images, their verdicts kept: still this run's errors
-            _add_to_run(session, job_run_id, counts, now)
+        if kept_errors:  # a redo's unreadable images, their verdicts kept: still this run's errors
+            _add_to_run(session, job_run_id, Counts(errors=kept_errors), now)
+        counts.errors += kept_errors
         return counts
     rows = [
         _inspection_row(image_id, result, model_id=model_id, job_run_id=job_run_id, mask_uri=mask_uri, mask_array=mask_array, now=now)
@@ -194,12 +197,30 @@ def record_results(
     daily.write(session, image_set_id, model_id)
     _refresh_reviewed(session, image_set_id, [image_id for image_id, _ in todo])
     pending = [result for _, result in todo]
-    counts.inspected = sum(1 for r in pending if r.verdict != "error")
-    counts.errors += sum(1 for r in pending if r.verdict == "error")
-    counts.failed = sum(1 for r in pending if r.verdict == "fail")
-    counts.defects = len(defect_rows)
-    _add_to_run(session, job_run_id, counts, now)
+    written = Counts(
+        inspected=sum(1 for r in pending if r.verdict != "error"),
+        errors=kept_errors + sum(1 for r in pending if r.verdict == "error"),
+        failed=sum(1 for r in pending if r.verdict == "fail"),
+        defects=len(defect_rows),
+    )
+    _add_to_run(session, job_run_id, written, now)
+    counts.add(written)
     return counts
+
+
+def _recorded_by_this_run(session: Session, job_run_id: int, model_id: int, image_ids: list[int]) -> tuple[Counts, set[int]]:
+    """The shard's images this run has recorded already: a retried write whose first commit reached the database
+    though its acknowledgement was lost. They are this run's results (counted as such, and already in its row),
+    not another run's, and a --force retry must not replace them a second time."""
+    rows = session.execute(select(Inspection.image_id, Inspection.verdict, Inspection.n_defects).where(
+        Inspection.model_id == model_id, Inspection.job_run_id == job_run_id, Inspection.image_id.in_(image_ids))).all()
+    counts = Counts(
+        inspected=sum(1 for _, verdict, _ in rows if verdict != "error"),
+        errors=sum(1 for _, verdict, _ in rows if verdict == "error"),
+        failed=sum(1 for _, verdict, _ in rows if verdict == "fail"),
+        defects=sum(n for _, _, n in rows),
+    )
+    return counts, {image_id for image_id, _, _ in rows}
 
 
 def _add_to_run(session: Session, job_run_id: int, counts: Counts, now: dt.datetime) -> None:

@@ -176,6 +176,7 @@ def inspect_image_sets(
     retry: Retry = Retry(),
     on_progress: Callable[[int, int], None] | None = None,
     on_started: Callable[[int], None] | None = None,
+    waiting: list[str] | tuple[str, ...] = (),
 ) -> RunSummary:
     """Inspect every pending image of `image_sets` with `model` on the Dask `client`; returns the run's summary.
 
@@ -185,6 +186,7 @@ def inspect_image_sets(
     not a verdict: its images stay pending for the next run. `on_started(job_run_id)` is called
     once the run's row exists, `on_progress(done, total)` as shards finish. SIGTERM/SIGINT
     (under `interrupts.stop_on_signals`) stop it at the next checkpoint, recorded `interrupted`.
+    `waiting` names images not written yet (data.register.look_for_arrived): the run is partial for them.
     """
     # A set named twice (by id and by path) would be planned twice: its images inspected twice, counted twice.
     image_sets = list({image_set.id: image_set for image_set in image_sets}.values())
@@ -202,7 +204,7 @@ def inspect_image_sets(
     with_retries(close_abandoned, retry, "closing runs whose clients died")
     interrupts.check()
     run_id = open_run(factory, retry, job=job, spec=spec, model_id=model.id)
-    summary = RunSummary(job_run_id=run_id, status="running", precision=ref.precision)
+    summary = RunSummary(job_run_id=run_id, status="running", precision=ref.precision, errors=list(waiting))
     if on_started:
         on_started(run_id)
     redo = "all" if force else "errors" if retry_errors else "none"
@@ -214,7 +216,7 @@ def inspect_image_sets(
         if on_progress:
             on_progress(0, summary.n_images - summary.n_skipped)
         _run_tasks(context, plans, summary, max_in_flight=max_in_flight, on_progress=on_progress)
-        summary.status = final_status(summary.counts)
+        summary.status = "partial" if waiting and final_status(summary.counts) == "succeeded" else final_status(summary.counts)
         log.info("job run %d: %s", run_id, summary.status)
     except Interrupted as exc:
         summary.status, summary.signal = "interrupted", exc.signum
@@ -359,7 +361,8 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
         # Interrupted or failed: nothing more should run for this run.
         if pending:
             context.client.cancel([future for future, _, _ in pending.values()])
-    summary.errors.extend(lost.reasons())
+    # First: why images were left pending is what a rerun needs, and the per-image errors can be many.
+    summary.errors[:0] = lost.reasons()
 
 
 class ShardTimeout(Exception):
