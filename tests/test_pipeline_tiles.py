@@ -197,3 +197,22 @@ def test_two_task_threads_of_a_worker_call_its_model_one_at_a_time():
     for thread in threads:
         thread.join()
     assert most[0] == 1
+
+
+def test_large_images_go_through_the_model_fewer_at_a_time_with_the_same_scores(model_ref, monkeypatch):
+    """A batch of 8 images of 1024x1024 held 4.5 GB of activations, and a set of one such image was padded to 8."""
+    from dataclasses import replace
+
+    from defectscan.pipeline import worker
+
+    images = np.stack([textured((64, 96), seed=s) for s in range(3)])
+    whole = worker.score_images(model_ref, images)
+    shapes = []
+    real = worker._batched
+    monkeypatch.setattr(worker, "_batched", lambda program, x, batch_size, *rest: shapes.append(batch_size) or real(program, x, batch_size, *rest))
+    capped = replace(model_ref, batch_size=8, max_batch_pixels=64 * 96)
+    np.testing.assert_array_equal(worker.score_images(capped, images), whole)
+    assert shapes == [1]
+    assert worker.calls_of(replace(model_ref, batch_size=8, max_batch_pixels=4 * 1024 * 1024), (1024, 1024)) == 4
+    assert worker.calls_of(replace(model_ref, batch_size=8, max_batch_pixels=4 * 1024 * 1024), (4096, 4096)) == 1
+    assert worker.calls_of(replace(model_ref, batch_size=8, max_batch_pixels=4 * 1024 * 1024), (512, 512)) == 8

@@ -62,6 +62,7 @@ class ClusterSettings(_Section):
 
 class InspectionSettings(_Section):
     batch_size: int = Field(ge=1)
+    max_batch_pixels: int = Field(ge=1)
     runtime: Literal["tensorflow", "jax"]
     precision: Literal["recorded", "float32"]
     images_per_shard: int = Field(ge=1)

@@ -90,11 +90,11 @@ class _Task:
     strip_tiles: bool = False
 
 
-def model_ref(model: Model, batch_size: int, runtime: str = "tensorflow", precision: str = "recorded") -> ModelRef:
+def model_ref(model: Model, batch_size: int, runtime: str = "tensorflow", precision: str = "recorded", max_batch_pixels: int | None = None) -> ModelRef:
     """What workers need of a version; `precision` "recorded" (inspection.precision) runs the version's own, "float32" overrides it."""
     return ModelRef(uri=model.uri, sha256=model.sha256, classes=tuple(model.classes), batch_size=batch_size,
                     contract=InputContract.from_dict(model.input_spec), runtime=runtime,
-                    precision=(model.precision or "float32") if precision == "recorded" else precision)
+                    precision=(model.precision or "float32") if precision == "recorded" else precision, max_batch_pixels=max_batch_pixels)
 
 
 def check_tiling(model: Model, contract: InputContract, settings: InspectionSettings, image_sets: list[ImageSet]) -> None:
@@ -190,7 +190,7 @@ def inspect_image_sets(
     """
     # A set named twice (by id and by path) would be planned twice: its images inspected twice, counted twice.
     image_sets = list({image_set.id: image_set for image_set in image_sets}.values())
-    ref = model_ref(model, settings.batch_size, settings.runtime, settings.precision)
+    ref = model_ref(model, settings.batch_size, settings.runtime, settings.precision, settings.max_batch_pixels)
     verify_model_file(ref)
     for image_set in image_sets:
         check_store_unchanged(image_set)

@@ -45,6 +45,8 @@ class ModelRef:
     runtime: str = "tensorflow"
     # The precision recorded with the version (model/precision.py); the worker runs it where its hardware is fast at it.
     precision: str = "float32"
+    # inspection.max_batch_pixels: a model call takes fewer than batch_size images when they are large.
+    max_batch_pixels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -191,12 +193,19 @@ def score_images(ref: ModelRef, images: np.ndarray, bit_depth: int | None = None
 
 def _score(ref: ModelRef, pixels: np.ndarray) -> np.ndarray:
     """(N, H, W, 1) uint8 padded pixels -> (N, C, H, W) uint8 scores."""
-    return _batched(cached_model(ref).scores, pixels, ref.batch_size, len(ref.classes), np.uint8)
+    return _batched(cached_model(ref).scores, pixels, calls_of(ref, pixels.shape[1:3]), len(ref.classes), np.uint8)
 
 
 def probabilities(ref: ModelRef, x: np.ndarray) -> np.ndarray:
     """(N, H, W, 1) model input -> (N, C, H, W) float32 probabilities, batch by batch."""
-    return _batched(cached_model(ref).probabilities, x, ref.batch_size, len(ref.classes), np.float32)
+    return _batched(cached_model(ref).probabilities, x, calls_of(ref, x.shape[1:3]), len(ref.classes), np.float32)
+
+
+def calls_of(ref: ModelRef, shape: tuple[int, int]) -> int:
+    """Images per model call for images of `shape` (padded): batch_size, fewer where they pass max_batch_pixels, at least one."""
+    if ref.max_batch_pixels is None:
+        return ref.batch_size
+    return max(1, min(ref.batch_size, ref.max_batch_pixels // (int(shape[0]) * int(shape[1]))))
 
 
 def _batched(program, x: np.ndarray, batch_size: int, channels: int, dtype) -> np.ndarray:
