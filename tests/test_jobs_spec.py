@@ -101,7 +101,7 @@ def test_the_shipped_demo_job_validates():
         (GOOD.replace("batch_size: 4", "batch_size: 5"),
          " line 13: section 'inspection': images_per_shard (16) must be a multiple of batch_size (5)"),
         (GOOD.replace("threshold: 0.4", "treshold: 0.4"),
-         " line 10: section 'inspection': unknown key(s) treshold; accepted: batch_size, fail_score, halo, heartbeat_s, images_per_shard, min_defect_area, output_dir, precision, runtime, shard_timeout_s, stale_run_after_s, stop_within_s, threshold, tile_batch_size, tile_size"),
+         " line 10: section 'inspection': unknown key(s) treshold; accepted: batch_size, fail_score, halo, heartbeat_s, images_per_shard, max_batch_pixels, min_defect_area, output_dir, precision, runtime, shard_timeout_s, stale_run_after_s, stop_within_s, threshold, tile_batch_size, tile_size"),
         (GOOD.replace("Europe/Berlin", "Mars/Olympus"),
          " line 3: key 'timezone' has value 'Mars/Olympus': expected an IANA time zone such as UTC or Europe/Berlin"),
         (GOOD.replace("scheduler: tls://dask:8786", "scheduler: dask:8786"),

@@ -304,3 +304,28 @@ def test_a_lot_whose_every_image_is_in_error_is_incomplete_never_released(factor
     assert context["held"] == 1
     assert (lot_disposition(3, 0, 2, 0.05), lot_disposition(3, 0, 2, 0.05, max_errors=2), lot_disposition(3, 1, 0, 0.05),
             lot_disposition(40, 1, 0, 0.05)) == ("hold", "release", "hold", "release")
+
+
+def test_a_strip_is_given_the_timeout_of_each_of_its_tile_shards_and_goes_with_them(monkeypatch):
+    """The strip's one future waits for all its tile shards: one shard's timeout cancelled large strips every night."""
+    from defectscan.pipeline import run as run_module
+    from defectscan.pipeline.worker import ArrayRef
+
+    class Future:
+        def __init__(self):
+            self.cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    tiles = tuple(Future() for _ in range(3))
+    strip, shard = Future(), Future()
+    output = ArrayRef("s.zarr", "scores")
+    pending = {"strip": (strip, run_module._Task(1, (0,), output, strip_tiles=True, parts=tiles), 100.0),
+               "shard": (shard, run_module._Task(2, (0, 1), output), 100.0)}
+    monkeypatch.setattr(run_module.time, "monotonic", lambda: 102.5)
+    assert run_module._overdue(pending, set(), 1.0) == [shard]  # 2.5 s: past one shard's 1 s, within the strip's 3 x 1 s
+    assert not strip.cancelled
+    monkeypatch.setattr(run_module.time, "monotonic", lambda: 103.5)
+    assert run_module._overdue({"strip": pending["strip"]}, set(), 1.0) == [strip]
+    assert strip.cancelled and all(tile.cancelled for tile in tiles)

@@ -88,6 +88,9 @@ class _Task:
     positions: tuple[int, ...]
     output: ArrayRef
     strip_tiles: bool = False
+    # A strip's tile shards, which its future waits for: each is a shard for inspection.shard_timeout_s (the strip's
+    # deadline is theirs added up: one shard's timed the whole strip out every night), and they go when it is cancelled.
+    parts: tuple = ()
 
 
 def model_ref(model: Model, batch_size: int, runtime: str = "tensorflow", precision: str = "recorded", max_batch_pixels: int | None = None) -> ModelRef:
@@ -305,7 +308,7 @@ def _tasks(context: RunContext, plans, set_aside: Callable[[_Task, str], None]) 
                                                      tiles_per_shard=settings.batch_size, contract=ref.contract))
             ]
             future = client.submit(judge_strip, image_set.id, output, ref, context.rules, *tiles, key=f"strip-{run_id}-{context.key}-{image_set.id}", pure=False)
-            yield future, _Task(image_set.id, (0,), output, strip_tiles=True)
+            yield future, _Task(image_set.id, (0,), output, strip_tiles=True, parts=tuple(tiles))
 
 
 # How long the run loop waits for a shard before it looks at the stop flag and the heartbeat again.
@@ -360,7 +363,7 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
     finally:
         # Interrupted or failed: nothing more should run for this run.
         if pending:
-            context.client.cancel([future for future, _, _ in pending.values()])
+            context.client.cancel([part for future, task, _ in pending.values() for part in (future, *task.parts)])
     # First: why images were left pending is what a rerun needs, and the per-image errors can be many.
     summary.errors[:0] = lost.reasons()
 
@@ -374,9 +377,10 @@ def _overdue(pending: dict, finished, timeout_s: float | None) -> list:
     if timeout_s is None:
         return []
     now, late = time.monotonic(), []
-    for future, _, submitted in pending.values():
-        if future not in finished and now - submitted > timeout_s:
-            future.cancel()
+    for future, task, submitted in pending.values():
+        if future not in finished and now - submitted > timeout_s * max(1, len(task.parts)):
+            for part in (future, *task.parts):
+                part.cancel()
             late.append(future)
     return late
 
