@@ -238,3 +238,52 @@ def test_a_report_that_cannot_be_written_in_full_leaves_the_earlier_one(sqlite_r
     finally:
         close()
     assert out.read_text() == "<p>earlier report</p>" and [p.name for p in tmp_path.iterdir()] == ["L1.html"]
+
+
+def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopping_its_release(tmp_path, sqlite_url):
+    """A lot with 7 of its 10 images never inspected was released; a report on the run that judged a lot's last
+    2 images released the lot the whole of which was on hold."""
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.queries import Filters, list_lots
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model.verdict import ImageResult
+    from defectscan.pipeline import record
+    from defectscan.pipeline.job_runs import open_run
+
+    from pipeline_helpers import add_model, register, square_images, write_stack
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    partial = register(factory, write_stack(tmp_path / "P1.zarr", square_images(10, size=32), lot="P1"))
+    split = register(factory, write_stack(tmp_path / "L.zarr", square_images(10, size=32), lot="L"))
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"not read by this test")
+    model = add_model(factory, weights)
+
+    def run(image_set, verdicts: dict[int, str]) -> int:
+        run_id = open_run(factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
+        results = [ImageResult(position=p, verdict=v, max_score=0.9 if v == "fail" else 0.1) for p, v in verdicts.items()]
+        record.record_shard(factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id, results=results,
+                            mask_uri="m.zarr", mask_array="scores")
+        return run_id
+
+    run(partial, {p: "pass" for p in range(3)})
+    run(split, {p: "fail" if p < 5 else "pass" for p in range(8)})
+    last = run(split, {8: "pass", 9: "pass"})
+
+    with factory() as session:
+        lots = {row["lot"]: (row["images"], row["verdict"]) for row in list_lots(session, Filters()).rows}
+        in_last = {row["lot"]: (row["images"], row["verdict"]) for row in list_lots(session, Filters(job_run=last)).rows}
+    assert lots == {"P1": (3, "incomplete"), "L": (10, "hold")}
+    assert in_last == {"L": (2, "hold")}
+
+    def dispositions(scope: Scope) -> dict[str, tuple[str, str]]:
+        section = _build(sqlite_url, scope).html.split('id="disposition"', 1)[1].split("</section>", 1)[0]
+        rows = re.findall(r"<tr><td>(.*?)</td>.*?<td class=\"(\w+)\">\2</td><td>(.*?)</td></tr>", section, re.DOTALL)
+        return {lot: (verdict, _unescape(why)) for lot, verdict, why in rows}
+
+    assert dispositions(Scope(lot="P1")) == {"P1": ("incomplete", "7 of 10 images not inspected")}
+    assert dispositions(Scope(job_run=last)) == {"L": ("hold", "the whole lot: failed 50.0 % > 5 %")}
+    assert dispositions(Scope(lot="L")) == {"L": ("hold", "failed 50.0 % > 5 %")}
+    engine.dispose()

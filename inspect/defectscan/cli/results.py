@@ -297,9 +297,9 @@ def lots_list(app: AppContext, filters, hold_above: float, max_errors: int, limi
     """One row per lot and model version, most recently captured lots first.
 
     defect_rate is failed images / judged images (images in error left out; empty when none was judged); a lot
-    is "incomplete" when none of its images could be judged (all in error), "hold" when it is above --hold-above or has more images
-    in error than --max-errors, else "release": the disposition of `defectscan report`.
-    Filters select the images counted. QA's figures follow (`defectscan review`): false_call_rate
+    is "incomplete" when some of its registered images have no result or none could be judged (all in error), "hold" when it is
+    above --hold-above or has more images in error than --max-errors, else "release": the disposition of `defectscan report`.
+    Filters select the images counted; the disposition is the whole lot's. QA's figures follow (`defectscan review`): false_call_rate
     (failed images QA passed / failed images QA decided) and escape_rate (sampled passed images QA
     failed / those QA decided, with its 95 % interval in csv/json); empty until QA decides.
 

@@ -478,6 +478,55 @@ def lot_disposition(images: int, failed: int, errors: int, hold_above: float, ma
     return "hold" if hold_reasons(images, failed, errors, hold_above, max_errors) else "release"
 
 
+@dataclass(frozen=True)
+class WholeLot:
+    """A lot as a whole for one model version, whatever the time or run a listing is cut to: its registered images
+    (of the sets its filters on place allow) and the results of that version on them."""
+
+    registered: int
+    images: int
+    failed: int
+    errors: int
+
+    def disposition(self, hold_above: float, max_errors: int = MAX_ERRORS) -> tuple[str, list[str]]:
+        """The lot's disposition, and the reason when images without a result make it incomplete: a release would
+        ship parts nobody looked at (a machine failure leaves images pending, with no result at all)."""
+        if self.images < self.registered:
+            return "incomplete", [f"{self.registered - self.images} of {self.registered} images not inspected"]
+        disposition = lot_disposition(self.images, self.failed, self.errors, hold_above, max_errors)
+        if disposition == "incomplete":
+            return disposition, [f"no image judged: {self.errors} in error"]
+        return disposition, hold_reasons(self.images, self.failed, self.errors, hold_above, max_errors)
+
+
+def whole_lots(session: Session, filters: Filters, keys: list[tuple[str | None, int]]) -> dict[tuple[str | None, int], WholeLot]:
+    """WholeLot per (lot, model id) of `keys` (a listing's rows), from the registrations and the per-day rollup: a
+    few rows per image set and day, not every image."""
+    lots = {lot for lot, _ in keys}
+    if not lots:
+        return {}
+    named = [lot for lot in lots if lot is not None]
+    in_lots = ImageSet.lot.in_(named) | (ImageSet.lot.is_(None) if None in lots else literal(False))
+    scope = [in_lots, *(condition for condition in set_scope(filters))]
+    registered = dict(session.execute(select(ImageSet.lot, func.sum(ImageSet.n_images)).where(*scope).group_by(ImageSet.lot)).all())
+    daily = InspectionDaily
+    judged = session.execute(
+        select(ImageSet.lot, daily.model_id, func.sum(daily.images), func.sum(daily.failed), func.sum(daily.errors))
+        .join(ImageSet, daily.image_set_id == ImageSet.id)
+        .where(*scope, daily.model_id.in_({model_id for _, model_id in keys}))
+        .group_by(ImageSet.lot, daily.model_id)
+    ).all()
+    by_key = {(lot, model_id): (int(n or 0), int(f or 0), int(e or 0)) for lot, model_id, n, f, e in judged}
+    return {key: WholeLot(int(registered.get(key[0]) or 0), *by_key.get(key, (0, 0, 0))) for key in keys}
+
+
+def _with_whole_lots(session: Session, filters: Filters, rows: list[dict[str, Any]], rules: tuple[float, int]) -> None:
+    """Each row's verdict (disposition) from its whole lot (WholeLot), in place; its counts stay those of the listing's scope."""
+    whole = whole_lots(session, filters, [(row["lot"], row["model_id"]) for row in rows])
+    for row in rows:
+        row["verdict"] = whole[(row["lot"], row["model_id"])].disposition(*rules)[0]
+
+
 def _lot_row(row, rules: tuple[float, int]) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
     # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
@@ -601,6 +650,7 @@ def list_lots(
     query = _lots_query(session, filters)
     query = query.order_by(query.selected_columns.last_at.desc().nulls_last(), query.selected_columns.lot, Model.id)
     page = _page(session, query, limit, offset, lambda row: _lot_row(row, rules))
+    _with_whole_lots(session, filters, page.rows, rules)
     for row in page.rows:
         row.pop("model_id")
     return page
@@ -639,6 +689,7 @@ def lot_summary(
     if filters.model is not None:
         matching_ids(session, filters.model)
     summaries = [_lot_row(row, rules) for row in session.execute(_lots_query(session, filters).order_by(Model.id))]
+    _with_whole_lots(session, filters, summaries, rules)
     labels = {s["model_id"]: s["model"] for s in summaries}
     classes = (
         select(Inspection.model_id, Defect.class_name, func.count(Defect.id), func.avg(Defect.area), func.max(Defect.max_score))

@@ -145,7 +145,7 @@ def totals(session: Session, filters: Filters) -> dict[str, Any]:
 
 def _group_rows(rows, label) -> list[dict[str, Any]]:
     return [
-        {"label": label(key), "images": _int(n), "failed": _int(f), "errors": _int(e), "defects": _int(d),
+        {"label": label(key), "key": key, "images": _int(n), "failed": _int(f), "errors": _int(e), "defects": _int(d),
          "first_at": iso_utc(first), "last_at": iso_utc(last), "inspected": (inspected_first, inspected_last)}
         for key, n, f, e, d, first, last, inspected_first, inspected_last in rows
     ]

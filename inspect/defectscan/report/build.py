@@ -4,9 +4,10 @@ The HTML has inline CSS (with a print stylesheet), inline SVG charts and the wor
 PNG data URIs: it opens offline and needs no JavaScript. Every value from the data goes
 through Jinja2's autoescaping; chart labels are escaped by the SVG writer (report/charts.py).
 
-Lot disposition: db/queries.py's `lot_disposition`, the one `defectscan lots` shows ("incomplete"
-when none of a lot's images was judged; "hold" above hold_above or with more than max_errors images
-in error; else "release"), and on a lot-level p-chart also "hold" above the upper control limit;
+Lot disposition: db/queries.py's `WholeLot.disposition`, the one `defectscan lots` shows, over the
+whole lot whatever the report's scope ("incomplete" when some of its registered images have no result
+or none was judged; "hold" above hold_above or with more than max_errors images in error; else
+"release"), and on a lot-level p-chart also "hold" above the upper control limit;
 the rules are `HoldRules`, whose defaults are documented there and are `defectscan report` options.
 """
 
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from defectscan import __version__
 from defectscan.db import queries_report as q
-from defectscan.db.queries import MAX_ERRORS, Filters, check_filters, failed_share, hold_reasons, hold_rules, lot_disposition
+from defectscan.db.queries import MAX_ERRORS, Filters, WholeLot, check_filters, failed_share, hold_rules, whole_lots
 from defectscan.db.reviews import ReviewFigures, class_figures, review_figures, review_figures_rows
 from defectscan.db.schema import Model
 from defectscan.errors import DataError
@@ -195,18 +196,22 @@ def _figure_rows(where: str, figures: dict[str, Any]) -> list[tuple[str, str]]:
 # --- parts ----------------------------------------------------------------------------------------------------------
 
 
-def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: HoldRules) -> list[dict[str, Any]]:
+def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: HoldRules, whole: dict[Any, WholeLot]) -> list[dict[str, Any]]:
+    """Each lot's disposition from the whole lot (`whole`, by lot): a report cut to a job run or a time window judged
+    only the part of a lot in it, and images left without a result never stopped a release."""
     above = {p.label: p for p in chart.points if p.signal == "above"} if chart is not None else {}
     rows = []
     for g in groups:
         judged = g["images"] - g["errors"]
         share = failed_share(g["images"], g["failed"], g["errors"])
-        judged_by = (g["images"], g["failed"], g["errors"], rules.hold_above, rules.max_errors)
-        if lot_disposition(*judged_by) == "incomplete":
-            rows.append({**g, "judged": judged, "share": "-", "disposition": "incomplete",
-                         "reasons": [f"no image judged: {g['errors']} in error"]})
+        lot = whole[g["key"]]
+        disposition, reasons = lot.disposition(rules.hold_above, rules.max_errors)
+        if (lot.images, lot.failed, lot.errors) != (g["images"], g["failed"], g["errors"]):
+            reasons = [f"the whole lot: {reason}" for reason in reasons]
+        if disposition == "incomplete":
+            rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %" if judged > 0 else "-", "disposition": "incomplete",
+                         "reasons": reasons})
             continue
-        reasons = hold_reasons(*judged_by)
         if rules.out_of_control and g["label"] in above:
             reasons.append(f"above the upper control limit {above[g['label']].ucl:.3f}")
         rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %", "disposition": "hold" if reasons else "release",
@@ -344,7 +349,8 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
 
     lots = groups if not by_hour else q.lot_groups(session, filters, limit=options.max_subgroups)[0]
     lots_total = n_groups if not by_hour else 1
-    context["lots"] = _disposition(lots, None if by_hour else chart, options.rules)
+    whole = whole_lots(session, filters, [(lot["key"], model["id"]) for lot in lots])
+    context["lots"] = _disposition(lots, None if by_hour else chart, options.rules, {lot: figures for (lot, _), figures in whole.items()})
     _in_production(session, model, context["lots"])
     context["lots_total"] = lots_total
     context["held"] = sum(1 for lot in context["lots"] if lot["disposition"] != "release")
