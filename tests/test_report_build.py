@@ -287,3 +287,37 @@ def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopp
     assert dispositions(Scope(job_run=last)) == {"L": ("hold", "the whole lot: failed 50.0 % > 5 %")}
     assert dispositions(Scope(lot="L")) == {"L": ("hold", "failed 50.0 % > 5 %")}
     engine.dispose()
+
+
+def test_with_more_lots_than_drawn_the_figures_and_dispositions_cover_every_lot(tmp_path, sqlite_url):
+    """Over max_subgroups lots, the centre line, the hold count and the key figure covered only the latest lots."""
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model.verdict import ImageResult
+    from defectscan.pipeline import record
+    from defectscan.pipeline.job_runs import open_run
+
+    from pipeline_helpers import add_model, register, square_images, write_stack
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"not read by this test")
+    model = add_model(factory, weights)
+    run_id = open_run(factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
+    for day in range(8):
+        image_set = register(factory, write_stack(tmp_path / f"L{day}.zarr", square_images(4, size=32), lot=f"L{day}", line="A",
+                                                  acquired_at=f"2026-03-0{day + 1}T08:00:00Z"))
+        failing = 2 if day < 3 else 0  # the three oldest lots: half their images failed
+        results = [ImageResult(position=p, verdict="fail" if p < failing else "pass", max_score=0.5) for p in range(4)]
+        record.record_shard(factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id, results=results,
+                            mask_uri="m.zarr", mask_array="scores")
+    engine.dispose()
+
+    report = _build(sqlite_url, Scope(line="A"), ReportOptions(max_subgroups=5))
+    assert (report.summary["lots"], report.summary["held"]) == (8, 3)
+    assert "<div class=\"value\">3 / 8</div>" in report.html
+    assert "centre line p̄ = 0.1875" in report.html  # 6 failed of 32 judged, not 0 of the latest 20
+    assert "The latest 5 of 8 subgroups are shown." in report.html and "The latest 5 of 8 lots are listed." in report.html
+    assert list(_dispositions(report.html)) == [f"L{day}" for day in range(3, 8)]

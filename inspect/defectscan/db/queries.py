@@ -502,22 +502,28 @@ class WholeLot:
 def whole_lots(session: Session, filters: Filters, keys: list[tuple[str | None, int]]) -> dict[tuple[str | None, int], WholeLot]:
     """WholeLot per (lot, model id) of `keys` (a listing's rows), from the registrations and the per-day rollup: a
     few rows per image set and day, not every image."""
-    lots = {lot for lot, _ in keys}
-    if not lots:
-        return {}
-    named = [lot for lot in lots if lot is not None]
-    in_lots = ImageSet.lot.in_(named) | (ImageSet.lot.is_(None) if None in lots else literal(False))
-    scope = [in_lots, *(condition for condition in set_scope(filters))]
-    registered = dict(session.execute(select(ImageSet.lot, func.sum(ImageSet.n_images)).where(*scope).group_by(ImageSet.lot)).all())
+    lots = list(dict.fromkeys(lot for lot, _ in keys))
+    registered: dict[str | None, int] = {}
+    by_key: dict[tuple[str | None, int], tuple[int, int, int]] = {}
     daily = InspectionDaily
-    judged = session.execute(
-        select(ImageSet.lot, daily.model_id, func.sum(daily.images), func.sum(daily.failed), func.sum(daily.errors))
-        .join(ImageSet, daily.image_set_id == ImageSet.id)
-        .where(*scope, daily.model_id.in_({model_id for _, model_id in keys}))
-        .group_by(ImageSet.lot, daily.model_id)
-    ).all()
-    by_key = {(lot, model_id): (int(n or 0), int(f or 0), int(e or 0)) for lot, model_id, n, f, e in judged}
+    for start in range(0, len(lots), _LOTS_PER_QUERY):
+        some = lots[start : start + _LOTS_PER_QUERY]
+        named = [lot for lot in some if lot is not None]
+        in_lots = ImageSet.lot.in_(named) | (ImageSet.lot.is_(None) if None in some else literal(False))
+        scope = [in_lots, *set_scope(filters)]
+        registered.update(session.execute(select(ImageSet.lot, func.sum(ImageSet.n_images)).where(*scope).group_by(ImageSet.lot)).all())
+        judged = session.execute(
+            select(ImageSet.lot, daily.model_id, func.sum(daily.images), func.sum(daily.failed), func.sum(daily.errors))
+            .join(ImageSet, daily.image_set_id == ImageSet.id)
+            .where(*scope, daily.model_id.in_({model_id for _, model_id in keys}))
+            .group_by(ImageSet.lot, daily.model_id)
+        ).all()
+        by_key.update({(lot, model_id): (int(n or 0), int(f or 0), int(e or 0)) for lot, model_id, n, f, e in judged})
     return {key: WholeLot(int(registered.get(key[0]) or 0), *by_key.get(key, (0, 0, 0))) for key in keys}
+
+
+# Lots per look-up: a report over a year of lots stays far below the databases' bound-parameter limits.
+_LOTS_PER_QUERY = 1000
 
 
 def _with_whole_lots(session: Session, filters: Filters, rows: list[dict[str, Any]], rules: tuple[float, int]) -> None:

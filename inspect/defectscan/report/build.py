@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,28 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
     return rows
 
 
+def _chart_and_lots(session: Session, filters: Filters, model: dict[str, Any], options: ReportOptions, *, by_hour: bool) -> dict[str, Any]:
+    """The p-chart (per hour for one lot, else per lot) and the lot dispositions. Over every lot of the scope: with more
+    than max_subgroups lots the centre line, the limits, the hold count and the key figure covered only the latest
+    ones; only the drawing and the table are cut to the latest max_subgroups."""
+    lots, lots_total = q.lot_groups(session, filters, limit=None)
+    groups, n_groups = q.hour_groups(session, filters, limit=options.max_subgroups) if by_hour else (lots, lots_total)
+    chart = p_chart([(g["label"], g["images"] - g["errors"], g["failed"]) for g in groups], options.sigma)
+    drawn = replace(chart, points=chart.points[-options.max_subgroups:])
+    whole = whole_lots(session, filters, [(lot["key"], model["id"]) for lot in lots])
+    disposed = _disposition(lots, None if by_hour else chart, options.rules, {lot: figures for (lot, _), figures in whole.items()})
+    listed = disposed[-options.max_subgroups:]
+    _in_production(session, model, listed)
+    return {
+        "subgroup": "hour (UTC)" if by_hour else "lot",
+        "subgroups_shown": len(drawn.points) if not by_hour else len(groups), "subgroups_total": n_groups,
+        "pchart": chart,
+        "pchart_svg": charts.p_chart_svg(drawn, "hour (UTC)" if by_hour else "lot") if drawn.points else None,
+        "lots": listed, "lots_total": lots_total,
+        "held": sum(1 for lot in disposed if lot["disposition"] != "release"),
+    }
+
+
 def _in_production(session: Session, model: dict[str, Any], lots: list[dict[str, Any]]) -> None:
     """Each lot's versions of the model's name in production while the report's version inspected it (its stage history)."""
     from defectscan.model.stages import UNKNOWN, in_production_between, production_timeline
@@ -339,21 +361,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     if context["empty"]:
         return context
 
-    by_hour = totals["lots"] == 1
-    groups, n_groups = (q.hour_groups if by_hour else q.lot_groups)(session, filters, limit=options.max_subgroups)
-    chart = p_chart([(g["label"], g["images"] - g["errors"], g["failed"]) for g in groups], options.sigma)
-    context["subgroup"] = "hour (UTC)" if by_hour else "lot"
-    context["subgroups_shown"], context["subgroups_total"] = len(groups), n_groups
-    context["pchart"] = chart
-    context["pchart_svg"] = charts.p_chart_svg(chart, context["subgroup"]) if chart.points else None
-
-    lots = groups if not by_hour else q.lot_groups(session, filters, limit=options.max_subgroups)[0]
-    lots_total = n_groups if not by_hour else 1
-    whole = whole_lots(session, filters, [(lot["key"], model["id"]) for lot in lots])
-    context["lots"] = _disposition(lots, None if by_hour else chart, options.rules, {lot: figures for (lot, _), figures in whole.items()})
-    _in_production(session, model, context["lots"])
-    context["lots_total"] = lots_total
-    context["held"] = sum(1 for lot in context["lots"] if lot["disposition"] != "release")
+    context.update(_chart_and_lots(session, filters, model, options, by_hour=totals["lots"] == 1))
 
     classes = q.class_counts(session, filters)
     context["classes"] = classes
@@ -410,7 +418,7 @@ def build_report(session: Session, scope: Scope, options: ReportOptions = Report
     summary = {
         "scope": scope.title(), "model": f"{context['model']['name']}:{context['model']['version']}" if context["model"] else None,
         "images": totals.get("images", 0), "failed": totals.get("failed", 0), "errors": totals.get("errors", 0),
-        "defects": totals.get("defects", 0), "lots": len(context.get("lots", [])), "held": context.get("held", 0),
+        "defects": totals.get("defects", 0), "lots": context.get("lots_total", 0), "held": context.get("held", 0),
         "out_of_control": len(context["pchart"].signals) if context.get("pchart") else 0, "empty": context["empty"],
         "rules": asdict(options.rules),
     }
