@@ -59,3 +59,19 @@ def test_each_chart_kind_draws_and_ids_do_not_collide_between_charts():
     # bars in decreasing order, empty classes left out
     assert pareto.index("dark") < pareto.index("bright") and "none" not in pareto
     assert "cumulative %" in pareto
+
+
+def test_control_limits_span_each_subgroup_also_when_there_is_only_one():
+    """One lot captured within an hour gives a one-point hour chart: its limits were zero-length paths, drawn as nothing."""
+    import re
+
+    from defectscan.report.charts import p_chart_svg
+    from defectscan.report.spc import p_chart
+
+    svg = p_chart_svg(p_chart([("L1", 100, 5)]), "hour (UTC)")
+    spans = []
+    for path in re.findall(r'<path d="([^"]*)"[^>]*?style="[^"]*stroke-dasharray', svg, re.S):
+        xs = [float(x) for x in re.findall(r"[ML] ([-\d.]+) [-\d.]+", path)]
+        spans.append(max(xs) - min(xs))
+    limits = sorted(spans)[-2:]  # UCL and LCL; the legend's sample is the short one
+    assert len(spans) == 3 and all(span > 300 for span in limits), spans

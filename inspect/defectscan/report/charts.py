@@ -79,8 +79,11 @@ def p_chart_svg(chart: PChart, subgroup: str, what: str = "fraction of images fa
     xs = list(range(len(points)))
     axes.plot(xs, [p.p for p in points], color=BLUE, marker="o", markersize=4, linewidth=1.2, label=what.replace(" of images", ""))
     axes.axhline(chart.center, color=GRAY, linewidth=1.0, label=f"centre p̄ = {chart.center:.4f}")
-    axes.step(xs, [p.ucl for p in points], where="mid", color=RED, linestyle="--", linewidth=1.0, label=f"UCL / LCL ({chart.sigma:g}σ)")
-    axes.step(xs, [p.lcl for p in points], where="mid", color=RED, linestyle="--", linewidth=1.0)
+    # Each subgroup's limits span its whole slot: a step through the points drew nothing for a single subgroup
+    # and half a slot for the first and the last.
+    edges = [x - 0.5 for x in xs] + [len(xs) - 0.5]
+    axes.stairs([p.ucl for p in points], edges, color=RED, linestyle="--", linewidth=1.0, baseline=None, label=f"UCL / LCL ({chart.sigma:g}σ)")
+    axes.stairs([p.lcl for p in points], edges, color=RED, linestyle="--", linewidth=1.0, baseline=None)
     out = [(x, p.p) for x, p in zip(xs, points) if p.out_of_control]
     if out:
         axes.scatter([x for x, _ in out], [y for _, y in out], s=70, facecolors="none", edgecolors=RED, linewidths=1.8,
