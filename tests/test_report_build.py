@@ -321,3 +321,41 @@ def test_with_more_lots_than_drawn_the_figures_and_dispositions_cover_every_lot(
     assert "centre line p̄ = 0.1875" in report.html  # 6 failed of 32 judged, not 0 of the latest 20
     assert "The latest 5 of 8 subgroups are shown." in report.html and "The latest 5 of 8 lots are listed." in report.html
     assert list(_dispositions(report.html)) == [f"L{day}" for day in range(3, 8)]
+
+
+def test_qa_review_lots_are_named_ordered_by_capture_and_flagged_by_their_own_value(tmp_path, sqlite_url):
+    """Sets without a lot showed as "-", a real lot named "-" was flagged for them, and L10 came before L2."""
+    from defectscan.db.migrate import upgrade
+    from defectscan.db.queries_report import NO_LOT
+    from defectscan.db.schema import Image, Inspection
+    from defectscan.db.session import make_engine, session_factory
+    from defectscan.model.verdict import ImageResult
+    from defectscan.pipeline import record
+    from defectscan.pipeline.job_runs import open_run
+    from defectscan.review.record import review_images
+    from sqlalchemy import select
+
+    from pipeline_helpers import add_model, register, square_images, write_stack
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    weights = tmp_path / "weights.keras"
+    weights.write_bytes(b"not read by this test")
+    model = add_model(factory, weights)
+    run_id = open_run(factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
+    for day, lot in enumerate(("L2", "L10", "-", None)):
+        image_set = register(factory, write_stack(tmp_path / f"S{day}.zarr", square_images(5, size=32), lot=lot, line="A",
+                                                  acquired_at=f"2026-03-0{day + 1}T08:00:00Z"))
+        record.record_shard(factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id,
+                            results=[ImageResult(position=p, verdict="fail", max_score=0.9) for p in range(5)], mask_uri="m.zarr", mask_array="scores")
+    with factory() as session:
+        for set_id, in session.execute(select(Image.image_set_id).distinct()):
+            images = list(session.scalars(select(Image.id).join(Inspection, Inspection.image_id == Image.id).where(Image.image_set_id == set_id)))
+            review_images(session, images, "pass" if set_id == 4 else "fail", by="qa")  # the sets without a lot: all false calls
+    engine.dispose()
+
+    html = _build(sqlite_url, Scope(line="A")).html
+    section = " ".join(html.split('id="qa-review"', 1)[1].split("</section>", 1)[0].split())
+    rows = re.findall(r'<tr( class="signal")?><td>([^<]*)</td>', section)
+    assert [(_unescape(lot), bool(signal)) for signal, lot in rows] == [("L2", False), ("L10", False), ("-", False), (NO_LOT, True)]

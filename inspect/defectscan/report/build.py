@@ -196,10 +196,17 @@ def _figure_rows(where: str, figures: dict[str, Any]) -> list[tuple[str, str]]:
 # --- parts ----------------------------------------------------------------------------------------------------------
 
 
-def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: HoldRules, whole: dict[Any, WholeLot]) -> list[dict[str, Any]]:
+def _above(keys: list[Any], subgroups: list[tuple[str, int, int]], chart: PChart) -> dict[Any, Any]:
+    """The chart's points above their upper limit, by the subgroups' keys (lot values): a label can be shared, as a lot
+    named "(no lot)" shares the label of the sets without a lot. Points are the subgroups with judged images, in order."""
+    used = [key for key, (_, n, _) in zip(keys, subgroups, strict=True) if n > 0]
+    return {key: point for key, point in zip(used, chart.points, strict=True) if point.signal == "above"}
+
+
+def _disposition(groups: list[dict[str, Any]], above: dict[Any, Any], rules: HoldRules, whole: dict[Any, WholeLot]) -> list[dict[str, Any]]:
     """Each lot's disposition from the whole lot (`whole`, by lot): a report cut to a job run or a time window judged
-    only the part of a lot in it, and images left without a result never stopped a release."""
-    above = {p.label: p for p in chart.points if p.signal == "above"} if chart is not None else {}
+    only the part of a lot in it, and images left without a result never stopped a release. `above`: the lots above
+    their p-chart upper limit, by lot."""
     rows = []
     for g in groups:
         judged = g["images"] - g["errors"]
@@ -212,8 +219,8 @@ def _disposition(groups: list[dict[str, Any]], chart: PChart | None, rules: Hold
             rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %" if judged > 0 else "-", "disposition": "incomplete",
                          "reasons": reasons})
             continue
-        if rules.out_of_control and g["label"] in above:
-            reasons.append(f"above the upper control limit {above[g['label']].ucl:.3f}")
+        if rules.out_of_control and g["key"] in above:
+            reasons.append(f"above the upper control limit {above[g['key']].ucl:.3f}")
         rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %", "disposition": "hold" if reasons else "release",
                      "reasons": reasons})
     return rows
@@ -225,10 +232,12 @@ def _chart_and_lots(session: Session, filters: Filters, model: dict[str, Any], o
     ones; only the drawing and the table are cut to the latest max_subgroups."""
     lots, lots_total = q.lot_groups(session, filters, limit=None)
     groups, n_groups = q.hour_groups(session, filters, limit=options.max_subgroups) if by_hour else (lots, lots_total)
-    chart = p_chart([(g["label"], g["images"] - g["errors"], g["failed"]) for g in groups], options.sigma)
+    subgroups = [(g["label"], g["images"] - g["errors"], g["failed"]) for g in groups]
+    chart = p_chart(subgroups, options.sigma)
     drawn = replace(chart, points=chart.points[-options.max_subgroups:])
     whole = whole_lots(session, filters, [(lot["key"], model["id"]) for lot in lots])
-    disposed = _disposition(lots, None if by_hour else chart, options.rules, {lot: figures for (lot, _), figures in whole.items()})
+    above = {} if by_hour else _above([g["key"] for g in groups], subgroups, chart)
+    disposed = _disposition(lots, above, options.rules, {lot: figures for (lot, _), figures in whole.items()})
     listed = disposed[-options.max_subgroups:]
     _in_production(session, model, listed)
     return {
@@ -263,13 +272,16 @@ def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: fl
     total = ReviewFigures()
     for f in per_lot.values():
         total.add(f)
-    lots = sorted(per_lot, key=lambda lot: (lot is None, lot or ""))
-    chart = p_chart([(lot or "-", per_lot[lot].failed_reviewed, per_lot[lot].false_calls) for lot in lots], sigma)
-    above = [p for p in chart.points if p.signal == "above"]
-    flagged = {p.label for p in above}
+    # In production order (the lots' first capture), as a control chart is read; the others after them.
+    order = {g["key"]: i for i, g in enumerate(q.lot_groups(session, filters, limit=None)[0])}
+    lots = sorted(per_lot, key=lambda lot: (order.get(lot, len(order)), lot is None, lot or ""))
+    subgroups = [(lot if lot is not None else q.NO_LOT, per_lot[lot].failed_reviewed, per_lot[lot].false_calls) for lot in lots]
+    chart = p_chart(subgroups, sigma)
+    flagged = _above(lots, subgroups, chart)
+    above = list(flagged.values())
     label = f"{model['name']}:{model['version']}"
     return {
-        "rows": [{"lot": lot or "-", "flagged": (lot or "-") in flagged, **per_lot[lot].as_row()} for lot in lots],
+        "rows": [{"lot": name, "flagged": lot in flagged, **per_lot[lot].as_row()} for lot, (name, _, _) in zip(lots, subgroups, strict=True)],
         "lines": [row for row in review_figures_rows(session, filters, by="line") if row["model"] == label],
         "classes": [row for row in class_figures(session, filters) if row["model"] == label],
         "total": total.as_row(),
