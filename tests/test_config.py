@@ -188,3 +188,15 @@ def test_a_sqlite_url_under_home_is_the_same_file_for_the_checks_and_the_driver(
     upgrade(engine)
     engine.dispose()
     assert missing_sqlite_file(url) is None and (tmp_path / "home" / "x.sqlite").is_file() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("url, why", [
+    ("sqlite://x.sqlite", "expected a SQLite file"),  # two slashes: a host, not a file
+    ("sqlite://", "expected a SQLite file"),
+    ("sqlite:///:memory:", "expected a SQLite file"),  # `db upgrade` said upgraded, the next command found no schema
+    ("sqlite:///a.sqlite?timeout=abc", "the driver cannot read this URL: could not convert string to float: 'abc'"),
+])
+def test_database_urls_that_cannot_work_are_refused_in_one_line(url, why, cli):
+    result = cli("--database-url", url, "db", "current")
+    assert result.exit_code == 1 and f"key 'database_url' has value '{url}': {why}" in result.output
+    assert "Traceback" not in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -295,6 +297,10 @@ def test_an_upgrade_to_a_revision_below_the_current_one_is_refused(engine):
     with pytest.raises(DatabaseError, match=f"is at revision '{head}', above '0003': db upgrade does not downgrade"):
         upgrade(engine, "0003")
     assert upgrade(engine, head)[1].current == head
+    # Alembic's own forms: `base` said "already at revision 0007, nothing to do", an empty one failed an assertion.
+    for revision in ("base", "", "-1", "0003+1"):
+        with pytest.raises(DatabaseError, match=f"--revision '{re.escape(revision)}': expected head or one of this defectscan's schema revisions"):
+            upgrade(engine, revision)
 
 
 def test_a_read_only_sqlite_database_with_commits_still_in_its_wal_is_refused_not_read_stale(tmp_path):

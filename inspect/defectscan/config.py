@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from defectscan.errors import ConfigError
+from defectscan.errors import ConfigError, first_line
 from defectscan.paths import DEFAULTS_FILE
 from defectscan.secrets import mask_secrets
 from defectscan.yamlfile import Section, read_mapping
@@ -125,6 +125,14 @@ class Settings(Section):
         backend = url.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"database backend '{backend}' is not supported; accepted: sqlite, postgresql")
+        if backend == "sqlite" and (url.host or url.database in (None, "", ":memory:")):
+            # sqlite://x.sqlite names a host, not a file; an in-memory database is gone when the command ends, so
+            # `db upgrade` "succeeded" and the next command found no schema.
+            raise ValueError("expected a SQLite file: sqlite:///relative/path.sqlite or sqlite:////absolute/path.sqlite (three or four slashes)")
+        try:
+            url.get_dialect()().create_connect_args(url)  # the driver's own reading of the URL's options (?timeout=...)
+        except Exception as exc:  # noqa: BLE001 - each driver raises its own kinds
+            raise ValueError(f"the driver cannot read this URL: {first_line(exc)}") from None
         return value
 
     @property

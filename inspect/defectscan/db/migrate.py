@@ -121,6 +121,10 @@ def _check_upgradable(engine: Engine, before: SchemaState, revision: str) -> Non
     from sqlalchemy import inspect
 
     url = display_url(engine.url)
+    known = [script.revision for script in _scripts().walk_revisions()]
+    if revision != "head" and revision not in known:
+        # Alembic's own forms (base, -1, an empty one) went through: `base` said "already at 0003", an empty one failed an assertion.
+        raise DatabaseError(f"--revision {revision!r}: expected head or one of this defectscan's schema revisions ({', '.join(known)})")
     if before.current is None:
         others = sorted(set(inspect(engine).get_table_names()) - {"alembic_version"})
         if others:
