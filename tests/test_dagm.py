@@ -154,3 +154,12 @@ def test_folders_reader_pairs_the_exact_stem_first_and_leaves_out_what_it_cannot
         f"{images_dir}/p2.png: another image has the same name stem (p2.bmp); both are left out",
         f"{masks_dir}/p1_mask.png: a second mask for p1.png (the first is p1.png); the image is left out",
     ]
+
+
+def test_labels_with_trailing_tabs_are_read(dagm):
+    """A spreadsheet's export ends each line with a tab: every entry was refused as '6 fields, expected 5'."""
+    labels = _labels(dagm)
+    lines = labels.read_text().splitlines()
+    labels.write_text("\n".join([lines[0], *(line + "\t" for line in lines[1:])]) + "\n")
+    images = read_dagm(dagm, "Train", classes=["Class1"])
+    assert len(images) == 4 and not images.problems and sum(images.defective) == 2

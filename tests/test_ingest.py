@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,6 +283,11 @@ def test_default_store_name_follows_the_inputs(tmp_path):
     again = ingest_files([tmp_path / "in"], None, IngestOptions(lot="L7"), store_dir=tmp_path / "data")
     assert first.uri == again.uri and again.reused
     assert os.path.basename(first.uri).startswith("L7-") and first.uri.startswith(str(tmp_path / "data" / "imagesets"))
+    # A lot with slashes made folders; one starting with "/" a store outside the data directory.
+    for lot, start in (("2026/03/L042", "2026_03_L042-"), ("/tmp/escaped", "tmp_escaped-"), ("..", "imageset-")):
+        stored_at = Path(ingest_files([tmp_path / "in"], None, IngestOptions(lot=lot), store_dir=tmp_path / "data").uri)
+        assert stored_at.parent == tmp_path / "data" / "imagesets" and stored_at.name.startswith(start), stored_at
+        assert zarr.open_group(str(stored_at), mode="r").attrs["lot"] == lot
 
 
 def test_interrupted_ingest_leaves_no_store(tmp_path):

@@ -53,7 +53,8 @@ def _parse_labels(labels_file: Path, problems: ProblemLog) -> dict[str, str | No
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        fields = line.split("\t") if "\t" in line else line.split()
+        # Trailing tabs (a spreadsheet's export) leave empty fields at the end; they are not fields.
+        fields = line.rstrip().split("\t") if "\t" in line.rstrip() else line.split()
         try:
             if len(fields) != 5:
                 raise ValueError(f"{len(fields)} fields, expected 5 (id, defective, image, 0, label)")

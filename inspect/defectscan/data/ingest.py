@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -123,7 +124,7 @@ def ingest_files(
     if out is None:
         if store_dir is None:
             raise DataError("no output store given: pass --out STORE")
-        out = Path(store_dir) / "imagesets" / f"{options.lot or 'imageset'}-{digest[:12]}.zarr"
+        out = Path(store_dir) / "imagesets" / f"{_file_name_part(options.lot) or 'imageset'}-{digest[:12]}.zarr"
     out = Path(out).expanduser().resolve()
     if out.exists():
         return _reuse(out, digest, problems, started)
@@ -177,6 +178,12 @@ def ingest_files(
         peak=writer.peak,
         dtype=geometry.dtype,
     )
+
+
+def _file_name_part(text: str | None) -> str:
+    """A lot as part of a store's file name: a lot `2026/03/L042` made folders, one starting with `/` a store outside
+    the data directory. The lot itself is kept as given in the set's attributes and row."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text or "").lstrip("._")[:80]
 
 
 def _check_bit_depth(uri: str, dtype: str, bit_depth: int | None) -> None:
