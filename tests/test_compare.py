@@ -63,6 +63,12 @@ def test_compare_counts_flips_and_qa_outcomes_and_lets_the_candidate_be_promoted
     monkeypatch.setenv("DEFECTSCAN_INSPECTION__BATCH_SIZE", "4")
     monkeypatch.setenv("DEFECTSCAN_INSPECTION__IMAGES_PER_SHARD", "4")
     out, page = tmp_path / "compare.json", tmp_path / "compare.html"
+    from defectscan.report import build
+
+    # Every image counts as large: drawn in part, both sides the same part (the pass side has no defect of its own,
+    # and was drawn whole beside its candidate's crop).
+    monkeypatch.setattr(build, "WHOLE_IMAGE_PIXELS", 24 * 24)
+    monkeypatch.setattr(build, "CROP_MARGIN", 2)
     result = cli("--database-url", migrated_url, "models", "compare", "thr:2", "--against", "thr:production", "--lot", "C1",
                  "--scheduler", cluster.scheduler.address, "--json", str(out), "--html", str(page))
     assert result.exit_code == 0, result.output
@@ -73,11 +79,22 @@ def test_compare_counts_flips_and_qa_outcomes_and_lets_the_candidate_be_promoted
     assert [(f["image_id"], f["current"], f["candidate"], f["qa"], f["effect"]) for f in flips] == [
         (ids[2], "pass", "fail", "fail", "escapes_caught"), (ids[3], "pass", "fail", "pass", "new_false_calls")]
     _check_page(page, flips)
+    sizes = [_png_size(data) for data in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page.read_text())]
+    assert len(sizes) == 4 and sizes[0] == sizes[1] and sizes[2] == sizes[3], sizes
     with factory() as session:  # the production version's rows are untouched; the candidate has its own
         verdicts = dict(session.execute(select(Inspection.image_id, Inspection.verdict).join(Model).where(Model.version == "1")).all())
         assert verdicts[ids[2]] == "pass" and verdicts[ids[3]] == "pass" and verdicts[ids[0]] == "fail"
         promoted, archived = promote(session, "thr:2", reason="catches the 225 marks", by="ml")
         assert (promoted.version, archived.version) == ("2", "1")
+
+
+def _png_size(data: str) -> tuple[int, int]:
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    return PILImage.open(io.BytesIO(base64.b64decode(data))).size
 
 
 def _check_page(page, flips):

@@ -359,3 +359,21 @@ def test_qa_review_lots_are_named_ordered_by_capture_and_flagged_by_their_own_va
     section = " ".join(html.split('id="qa-review"', 1)[1].split("</section>", 1)[0].split())
     rows = re.findall(r'<tr( class="signal")?><td>([^<]*)</td>', section)
     assert [(_unescape(lot), bool(signal)) for signal, lot in rows] == [("L2", False), ("L10", False), ("-", False), (NO_LOT, True)]
+
+
+def test_a_large_image_is_drawn_in_part_whatever_its_defects(monkeypatch):
+    """A strip without defects (a comparison's pass side), or with defects at its two ends, was read and drawn whole."""
+    from defectscan.report import build
+
+    monkeypatch.setattr(build, "WHOLE_IMAGE_PIXELS", 100 * 100)
+    monkeypatch.setattr(build, "CROP_MARGIN", 4)
+    shape = (300, 2000)
+    assert build.picture_window((100, 100), []) is None  # small enough: drawn whole
+    assert build.picture_window(shape, []) == (100, 950, 200, 1050)  # nothing to show: its middle
+    near = [{"bbox": [10, 20, 30, 50]}, {"bbox": [40, 60, 50, 70]}]
+    assert build.picture_window(shape, near) == (6, 16, 54, 74)  # both defects, with the margin
+    apart = [{"bbox": [100, 1900, 140, 1960]}, {"bbox": [10, 5, 12, 7]}]  # largest first, as drawable_inspections lists them
+    assert build.picture_window(shape, apart) == (96, 1896, 144, 1964)
+    huge = [{"bbox": [0, 0, 300, 1500]}]
+    y0, x0, y1, x1 = build.picture_window(shape, huge)
+    assert (y1 - y0, x1 - x0) == (100, 100) and (y0, x0) == (100, 702)

@@ -35,7 +35,7 @@ from defectscan.times import iso_utc
 
 TEMPLATES = Path(__file__).with_name("templates")
 # Overlays larger than this many pixels are cropped to their defects; shown at most THUMBNAIL wide/high.
-WHOLE_IMAGE_PIXELS = 2048 * 2048
+WHOLE_IMAGE_PIXELS = 2048 * 2048  # larger images are drawn in part: picture_window
 THUMBNAIL = 480
 CROP_MARGIN = 64  # pixels of context around the defects of a cropped overlay
 LABELLED_FROM = 256
@@ -290,17 +290,46 @@ def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: fl
     }
 
 
-def overlay(image: dict[str, Any]) -> dict[str, Any]:
-    """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn)."""
+def picture_window(shape: tuple[int, int], defects: list[dict[str, Any]]) -> tuple[int, int, int, int] | None:
+    """The part of an image drawn: all of it up to WHOLE_IMAGE_PIXELS, else its defects (largest first), else its middle;
+    never more than WHOLE_IMAGE_PIXELS. (A strip without defects, or with two at its two ends, was read and drawn whole:
+    2.4 GB for 64 megapixels, and a small defect vanished in the thumbnail.)"""
     from defectscan.report.overlay import crop_window
+
+    height, width = shape
+    if height * width <= WHOLE_IMAGE_PIXELS:
+        return None
+    boxes = [d["bbox"] for d in defects]
+    window = (0, 0, height, width)
+    if boxes:
+        union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        window = crop_window(union, shape, margin=CROP_MARGIN)
+        if (window[2] - window[0]) * (window[3] - window[1]) > WHOLE_IMAGE_PIXELS:
+            window = crop_window(boxes[0], shape, margin=CROP_MARGIN)
+    return _at_most(window, shape, int(WHOLE_IMAGE_PIXELS**0.5))
+
+
+def _at_most(window: tuple[int, int, int, int], shape: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """`window` cut to at most side x side pixels about its centre, inside the image."""
+    y0, x0, y1, x1 = window
+    edges = []
+    for low, high, size in ((y0, y1, shape[0]), (x0, x1, shape[1])):
+        if high - low > side:
+            low = min(max(0, (low + high - side) // 2), size - side)
+            high = low + side
+        edges.append((low, high))
+    (y0, y1), (x0, x1) = edges
+    return y0, x0, y1, x1
+
+
+def overlay(image: dict[str, Any], window: tuple[int, int, int, int] | None | str = "own") -> dict[str, Any]:
+    """The worst image with score tint and defect contours, as a PNG data URI (or why it could not be drawn); the
+    part `window` of it (`picture_window`: "own" chooses it from the image's own defects)."""
     from defectscan.report.pixels import draw
 
     source = image["source"]
-    window = None
-    if source.height * source.width > WHOLE_IMAGE_PIXELS and image["defects"]:
-        boxes = [d["bbox"] for d in image["defects"]]
-        union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-        window = crop_window(union, (source.height, source.width), margin=CROP_MARGIN)
+    if window == "own":
+        window = picture_window((source.height, source.width), image["defects"])
     try:
         # labels are drawn in a fixed-size font: on small images they would cover the defects
         side = max(window[2] - window[0], window[3] - window[1]) if window else max(source.height, source.width)

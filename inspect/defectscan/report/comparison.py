@@ -17,7 +17,7 @@ from defectscan import __version__
 from defectscan.db.comparisons import Comparison
 from defectscan.db.queries_report import drawable_inspections
 from defectscan.errors import DataError
-from defectscan.report.build import overlay, render
+from defectscan.report.build import overlay, picture_window, render
 from defectscan.times import iso_utc
 
 DRAWN_FLIPS = 12  # flips drawn side by side; the table lists them all
@@ -34,9 +34,15 @@ WORSE = ("new_false_calls", "new_escapes")
 def comparison_html(session: Session, comparison: Comparison, *, drawn: int = DRAWN_FLIPS, now: dt.datetime | None = None) -> str:
     flips = comparison.flips
     ids = [i for flip in flips[:drawn] for i in (flip["current_inspection"], flip["candidate_inspection"])]
-    pictures = {i: {**image, **overlay(image)} for i, image in drawable_inspections(session, ids).items()}
-    pairs = [{"flip": flip, "current": pictures.get(flip["current_inspection"]), "candidate": pictures.get(flip["candidate_inspection"])}
-             for flip in flips[:drawn]]
+    found = drawable_inspections(session, ids)
+    pairs = []
+    for flip in flips[:drawn]:
+        sides = {side: found.get(flip[f"{side}_inspection"]) for side in ("current", "candidate")}
+        drawn_sides = [image for image in sides.values() if image is not None]
+        # One window for both sides, so that they show the same part of the image (a pass side has no defects of its own).
+        window = picture_window((drawn_sides[0]["source"].height, drawn_sides[0]["source"].width),
+                                [d for image in drawn_sides for d in image["defects"]]) if drawn_sides else None
+        pairs.append({"flip": flip, **{side: {**image, **overlay(image, window)} if image is not None else None for side, image in sides.items()}})
     figures = comparison.figures()
     context: dict[str, Any] = {
         "c": comparison, "figures": [(key, label, figures[key]) for key, label in FIGURES], "worse": WORSE, "effects": EFFECTS, "pairs": pairs,
