@@ -288,6 +288,12 @@ def test_default_store_name_follows_the_inputs(tmp_path):
         stored_at = Path(ingest_files([tmp_path / "in"], None, IngestOptions(lot=lot), store_dir=tmp_path / "data").uri)
         assert stored_at.parent == tmp_path / "data" / "imagesets" and stored_at.name.startswith(start), stored_at
         assert zarr.open_group(str(stored_at), mode="r").attrs["lot"] == lot
+    # A store an earlier version named after the lot as given is still the one these files go to.
+    earlier = ingest_files([tmp_path / "in"], None, IngestOptions(lot="Lot 9"), store_dir=tmp_path / "data")
+    legacy = Path(earlier.uri).with_name(Path(earlier.uri).name.replace("Lot_9-", "Lot 9-"))
+    Path(earlier.uri).rename(legacy)
+    again = ingest_files([tmp_path / "in"], None, IngestOptions(lot="Lot 9"), store_dir=tmp_path / "data")
+    assert again.reused and again.uri == str(legacy)
 
 
 def test_interrupted_ingest_leaves_no_store(tmp_path):
@@ -535,8 +541,13 @@ def test_broken_links_and_names_that_are_not_utf8_are_reported_and_the_rest_go_i
     assert result.keys == ["good00.png", "good01.png"]
     reasons = {os.path.basename(p.path): p.reason for p in result.problems}
     assert reasons == {"gone.png": "does not exist (a broken link)",
-                       "Pr\\xfcfteil.png": "file name is not UTF-8 text (rename the file; image keys are stored as UTF-8)"}
+                       "Pr\\xfcfteil.png": "file name is not UTF-8 text (rename it; image keys are stored as UTF-8)"}
     assert stored(result.uri).attrs["defectscan"]["skipped"][1]["path"].endswith("Pr\\xfcfteil.png")
+    # A folder of such a name is not part of any key: its files go in.
+    odd = tmp_path / os.fsdecode(b"Pr\xfcfung")
+    good_images(odd, n=2)
+    inside = ingest_files([odd], tmp_path / "odd.zarr", IngestOptions())
+    assert inside.keys == ["good00.png", "good01.png"] and not inside.problems
 
 
 def test_a_strip_over_pillows_bomb_limit_goes_in(tmp_path, monkeypatch):
@@ -556,13 +567,40 @@ def test_twelve_bit_data_is_ingested_with_its_bit_depth_or_warned_about(tmp_path
         write_png(folder / f"f{i}.png", (texture(i, (32, 32), np.uint16) >> 4))  # 0..4095 in 16-bit words
     assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     plain = cli("--database-url", sqlite_url, "ingest", str(folder), "--out", str(tmp_path / "a.zarr"))
-    assert plain.exit_code == 0 and "warning: " in plain.output and "ingest with --bit-depth 12" in plain.output
-    given = cli("--database-url", sqlite_url, "ingest", str(folder), "--bit-depth", "12", "--out", str(tmp_path / "b.zarr"))
-    assert given.exit_code == 0 and "warning" not in given.output
-    shown = cli("--database-url", sqlite_url, "imagesets", "show", "2", "--json")
+    assert plain.exit_code == 1 and "the store is kept, not registered: ingest again with --bit-depth 12" in plain.output
+    assert (tmp_path / "a.zarr").exists() and "no image sets registered" in cli("--database-url", sqlite_url, "imagesets", "list").output
+    given = cli("--database-url", sqlite_url, "ingest", str(folder), "--bit-depth", "12", "--out", str(tmp_path / "a.zarr"))
+    assert given.exit_code == 0 and "already holds these 2 images; image set 1" in given.output  # the store kept is reused
+    shown = cli("--database-url", sqlite_url, "imagesets", "show", "1", "--json")
     assert '"bit_depth": 12' in shown.output
+    sixteen = cli("--database-url", sqlite_url, "ingest", str(folder), "--bit-depth", "16", "--out", str(tmp_path / "b.zarr"))
+    assert sixteen.exit_code == 0
     eight = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "cam12"), "--bit-depth", "12", "--out", str(tmp_path / "c.zarr"))
     assert eight.exit_code == 0
     write_png(tmp_path / "e.png", texture(1))
     refused = cli("--database-url", sqlite_url, "ingest", str(tmp_path / "e.png"), "--bit-depth", "12", "--out", str(tmp_path / "e.zarr"))
     assert refused.exit_code == 1 and "bit depth 12 does not fit uint8 images" in refused.output and not (tmp_path / "e.zarr").exists()
+
+
+def test_masks_saved_as_palette_images_or_tiffs_with_alpha_and_one_bit_tiffs_read_as_drawn(tmp_path):
+    """A black-and-white mask quantized to a palette listing white first read inverted (its indices); a TIFF mask's
+    transparent background marked the whole image; a 1-bit min-is-white TIFF read inverted."""
+    import tifffile
+
+    from defectscan.data.imagefiles import read_image, read_mask
+
+    drawn = np.zeros((64, 64), np.uint8)
+    drawn[10:20, 10:20] = 255
+    Image.fromarray(drawn).quantize(2).save(tmp_path / "quantized.png")
+    assert (read_mask(tmp_path / "quantized.png") > 0).sum() == 100
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[2:6, 2:6, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "pillow.tif")
+    tifffile.imwrite(tmp_path / "tifffile.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    assert (read_mask(tmp_path / "pillow.tif") > 0).sum() == (read_mask(tmp_path / "tifffile.tif") > 0).sum() == 16
+    ink = np.zeros((16, 16), bool)
+    ink[:4] = True
+    tifffile.imwrite(tmp_path / "white.tif", ink, photometric="miniswhite")
+    shown = np.asarray(Image.open(tmp_path / "white.tif").convert("L"))
+    np.testing.assert_array_equal(read_image(tmp_path / "white.tif"), shown)

@@ -110,9 +110,6 @@ def ingest(app: AppContext, paths, out, lot, line, product, camera, acquired_at,
             f"{result.uri}: {result.n_images} image{'s' if result.n_images != 1 else ''} ({shape} {image_set.dtype}) in {result.seconds:.1f} s "
             f"({result.mb_per_second:.1f} MB/s decoded); registered as image set {image_set.id}"
         )
-    warning = result.bit_depth_warning(bit_depth)
-    if warning:
-        click.echo(f"warning: {warning}", err=True)
     if result.problems:
         click.echo(result.problems.summary(), err=True)
         sys.exit(EXIT_PARTIAL)

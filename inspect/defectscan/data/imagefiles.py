@@ -48,7 +48,11 @@ def read_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        return _to_gray(path, _read_tiff(path, palette="indices"))
+        array = _read_tiff(path, palette="indices")
+        if array.ndim == 3 and array.shape[-1] in (2, 4):  # gray or colour with alpha: only what is drawn counts
+            gray = _to_gray(path, array[..., :-1] if array.shape[-1] == 4 else array[..., 0])
+            return np.where(array[..., -1] > 0, gray, 0).astype(gray.dtype)
+        return _to_gray(path, array)
     gray = _to_gray(path, _read_pillow(path, palette="indices"))
     try:
         with open_pillow(path) as image:
@@ -113,7 +117,13 @@ def _read_pillow(path: Path, palette: str = "colours") -> np.ndarray:
             if image.mode == "I":
                 return _int32_to_uint16(path, np.asarray(image))
             if image.mode == "P" and palette == "indices":
-                return np.asarray(image)
+                indices = np.asarray(image)
+                colours = np.asarray(image.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+                if not _gray_entries(colours, indices):
+                    return indices
+                # A black-and-white mask saved as a palette image (quantize, pngquant) may list white first:
+                # its gray values, not its indices, say which pixels are marked.
+                return np.asarray(image.convert("L"))
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LA", "1"):
                 image = image.convert("RGBA" if "A" in image.mode else "RGB")
             return np.asarray(image)
@@ -137,6 +147,7 @@ def _read_tiff(path: Path, palette: str) -> np.ndarray:
                 raise DataError(f"{path}: {page.photometric.name} TIFF is not supported; expected grayscale, RGB or palette")
             array = series.asarray()
             colormap = page.colormap
+            bits = int(page.bitspersample)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure (zlib, codecs, memory) is this file's problem
@@ -144,15 +155,26 @@ def _read_tiff(path: Path, palette: str) -> np.ndarray:
     # Colour stored plane by plane ("separate"): samples first, turned to samples last as for interleaved.
     if array.ndim == 3 and series.axes.startswith("S"):
         array = np.moveaxis(array, 0, -1)
-    if photometric == _MINISWHITE and array.dtype != np.bool_:
-        return np.iinfo(array.dtype).max - array if array.dtype.kind == "u" else array
-    if photometric == _PALETTE and palette == "colours" and colormap is not None:
+    if photometric == _MINISWHITE:
+        # Inverted within the sample's own range: a 1-bit file (bool) too, and 12-bit data in 16-bit words.
+        if array.dtype == np.bool_:
+            return ~array
+        return (2**bits - 1 - array).astype(array.dtype) if array.dtype.kind == "u" else array
+    if photometric == _PALETTE and colormap is not None and (palette == "colours" or _gray_entries(colormap.T, array)):
         # TIFF colour maps hold 16-bit values; an 8-bit palette image becomes 8-bit RGB as Pillow gives it.
         rgb = np.moveaxis(colormap[:, array], 0, -1)
         if array.dtype != np.uint8:
             return rgb.astype(np.uint16)
         return (rgb >> 8 if colormap.max() > 255 else rgb).astype(np.uint8)
     return array
+
+
+def _gray_entries(colours: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether every palette entry (rows of R, G, B) the image uses is a gray."""
+    used = np.unique(indices)
+    used = used[used < len(colours)]
+    entries = colours[used]
+    return bool(len(entries)) and bool((entries == entries[:, :1]).all())
 
 
 # TIFF photometric interpretations read: min-is-white, min-is-black, RGB, palette, YCbCr (decoded to RGB).

@@ -76,14 +76,15 @@ class IngestResult:
     def mb_per_second(self) -> float:
         return self.decoded_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
-    def bit_depth_warning(self, bit_depth: int | None) -> str | None:
-        """A warning when 16-bit images look like data of fewer bits and no bit depth was given: inspected
-        as 16-bit, 0..4095 becomes 0..16 of 255, an image nearly black to the model."""
+    def bit_depth_problem(self, bit_depth: int | None) -> str | None:
+        """Why 16-bit images that look like data of fewer bits are not registered without a bit depth: inspected as
+        16-bit, 0..4095 becomes 0..16 of 255, an image nearly black to the model, and a set once registered keeps it."""
         if bit_depth is not None or self.dtype != "uint16" or self.peak is None or self.peak >= 2**12:
             return None
         bits = max(9, int(self.peak).bit_length())
-        return (f"{self.uri}: every pixel is {self.peak} or less in these 16-bit images: if the camera gives {bits}-bit data, "
-                f"ingest with --bit-depth {bits} (a new --out) or they are inspected as nearly black")
+        return (f"{self.uri}: every pixel of these 16-bit images is {self.peak} or less, which inspected as 16-bit data is nearly "
+                f"black; the store is kept, not registered: ingest again with --bit-depth {bits} if the camera gives {bits}-bit "
+                "data, or --bit-depth 16 if it is 16-bit data")
 
 
 def ingest(session, paths, out, options: IngestOptions, *, store_dir: Path | None = None, strict: bool = False, on_progress: Progress | None = None):
@@ -91,6 +92,9 @@ def ingest(session, paths, out, options: IngestOptions, *, store_dir: Path | Non
     from defectscan.data.register import register_store
 
     result = ingest_files(paths, out, options, store_dir=store_dir, strict=strict, on_progress=on_progress)
+    problem = result.bit_depth_problem(options.bit_depth)
+    if problem:
+        raise DataError(problem)
     try:
         registration = register_store(session, result.uri, bit_depth=options.bit_depth)
     except DataError as exc:
@@ -124,7 +128,7 @@ def ingest_files(
     if out is None:
         if store_dir is None:
             raise DataError("no output store given: pass --out STORE")
-        out = Path(store_dir) / "imagesets" / f"{_file_name_part(options.lot) or 'imageset'}-{digest[:12]}.zarr"
+        out = _default_store(Path(store_dir), options.lot, digest)
     out = Path(out).expanduser().resolve()
     if out.exists():
         return _reuse(out, digest, problems, started)
@@ -180,6 +184,16 @@ def ingest_files(
     )
 
 
+def _default_store(store_dir: Path, lot: str | None, digest: str) -> Path:
+    """Under the data directory, named by lot and inputs; where an earlier version named it after the lot as given
+    (before `_file_name_part`), that store, so that ingesting the same files again still reuses it."""
+    named = store_dir / "imagesets" / f"{_file_name_part(lot) or 'imageset'}-{digest[:12]}.zarr"
+    earlier = store_dir / "imagesets" / f"{lot}-{digest[:12]}.zarr"
+    if lot and earlier != named and earlier.exists() and earlier.resolve().is_relative_to(store_dir.resolve()):
+        return earlier
+    return named
+
+
 def _file_name_part(text: str | None) -> str:
     """A lot as part of a store's file name: a lot `2026/03/L042` made folders, one starting with `/` a store outside
     the data directory. The lot itself is kept as given in the set's attributes and row."""
@@ -217,7 +231,7 @@ def _source_digest(sources: Sources, options: IngestOptions) -> str:
                 h.update(b"-\n")
                 continue
             stat = path.stat()
-            h.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(path) + f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         h.update(f"{source.key}\t{source.class_index}\n".encode())
     return h.hexdigest()
 
@@ -237,7 +251,8 @@ def _reuse(out: Path, digest: str, problems: ProblemLog, started: float) -> Inge
         earlier.add(problem["path"], problem["reason"])
     images = group[layout.IMAGES]
     keys = layout.read_keys(group, images.shape[0] if images.ndim == 3 else 1)
-    return IngestResult(str(out), len(keys), earlier, reused=True, seconds=time.perf_counter() - started, stored_bytes=_disk_usage(out), keys=keys)
+    return IngestResult(str(out), len(keys), earlier, reused=True, seconds=time.perf_counter() - started, stored_bytes=_disk_usage(out), keys=keys,
+                        peak=meta.get("peak"), dtype=str(images.dtype))
 
 
 # ---- probing: sizes and bit depths before anything is decoded --------------------------------
@@ -500,6 +515,7 @@ class _Writer:
             meta={
                 "padded": self.options.pad,
                 "source_digest": digest,
+                "peak": self.peak,
                 "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
                 "written_by": f"defectscan {__version__} ingest",
             },

@@ -73,9 +73,9 @@ def collect_sources(paths: list[str | Path], problems: ProblemLog) -> Sources:
     if dagm_folders:
         return _dagm_sources(dagm_folders, problems)
     # Absolute, not resolved: a symlink keeps its own name as the key.
-    unique = _with_utf8_names(list(dict.fromkeys(Path(os.path.abspath(p)) for p in plain)), problems)
+    unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in plain))
     root = _common_folder(unique)
-    return Sources([Source(p, _key(p, root)) for p in unique], [])
+    return Sources(_with_utf8_keys([Source(p, _key(p, root)) for p in unique], problems), [])
 
 
 def _image_files(folder: Path, problems: ProblemLog) -> list[Path]:
@@ -91,12 +91,13 @@ def _image_files(folder: Path, problems: ProblemLog) -> list[Path]:
     return files
 
 
-def _with_utf8_names(paths: list[Path], problems: ProblemLog) -> list[Path]:
-    """Paths whose names can be image keys; the others reported, as one such file stopped the whole ingest."""
-    for path in paths:
-        if not utf8_name(path):
-            problems.add(path, "file name is not UTF-8 text (rename the file; image keys are stored as UTF-8)")
-    return [p for p in paths if utf8_name(p)]
+def _with_utf8_keys(items: list[Source], problems: ProblemLog) -> list[Source]:
+    """The sources whose keys (their paths below the common folder) can be stored; the others reported, as one such
+    file stopped the whole ingest. A folder above them may have any name: it is not part of a key."""
+    for source in items:
+        if not utf8_name(source.key):
+            problems.add(source.path, "file name is not UTF-8 text (rename it; image keys are stored as UTF-8)")
+    return [s for s in items if utf8_name(s.key)]
 
 
 def _dagm_folders(path: Path) -> list[Path]:
@@ -131,8 +132,7 @@ def _dagm_sources(folders: list[Path], problems: ProblemLog) -> Sources:
                 problems.add(label, f"label image of {image.name} listed in Label/Labels.txt does not exist")
                 continue
             items.append(Source(image, _key(image, root), label, class_index if label is not None else 0))
-    named = set(_with_utf8_names([s.path for s in items], problems))
-    return Sources([s for s in items if s.path in named], classes)
+    return Sources(_with_utf8_keys(items, problems), classes)
 
 
 def read_labels_txt(folder: Path, problems: ProblemLog) -> list[tuple[Path, Path | None]]:
