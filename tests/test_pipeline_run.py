@@ -324,8 +324,8 @@ def test_a_strip_is_given_the_timeout_of_each_of_its_tile_shards_and_goes_with_t
     pending = {"strip": (strip, run_module._Task(1, (0,), output, strip_tiles=True, parts=tiles), 100.0),
                "shard": (shard, run_module._Task(2, (0, 1), output), 100.0)}
     monkeypatch.setattr(run_module.time, "monotonic", lambda: 102.5)
-    assert run_module._overdue(pending, set(), 1.0) == [shard]  # 2.5 s: past one shard's 1 s, within the strip's 3 x 1 s
+    assert run_module._overdue(pending, set(), 1.0, in_flight=2) == [shard]  # 2.5 s: past one shard's 1 s, within the strip's (1 + 2 rounds) x 1 s
     assert not strip.cancelled
     monkeypatch.setattr(run_module.time, "monotonic", lambda: 103.5)
-    assert run_module._overdue({"strip": pending["strip"]}, set(), 1.0) == [strip]
+    assert run_module._overdue({"strip": pending["strip"]}, set(), 1.0, in_flight=2) == [strip]
     assert strip.cancelled and all(tile.cancelled for tile in tiles)

@@ -271,12 +271,25 @@ def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopp
     run(partial, {p: "pass" for p in range(3)})
     run(split, {p: "fail" if p < 5 else "pass" for p in range(8)})
     last = run(split, {8: "pass", 9: "pass"})
+    # Lot T: two cameras, each set inspected by its own model; whole for each.
+    top = register(factory, write_stack(tmp_path / "T-top.zarr", square_images(4, size=32), lot="T", camera="top"))
+    bottom = register(factory, write_stack(tmp_path / "T-bottom.zarr", square_images(4, size=32), lot="T", camera="bottom"))
+    other = add_model(factory, weights, name="bottom-cam")
+    run(top, {p: "pass" for p in range(4)})
+    model_of_run, model = model, other
+    run(bottom, {p: "pass" for p in range(4)})
+    model = model_of_run
 
     with factory() as session:
-        lots = {row["lot"]: (row["images"], row["verdict"]) for row in list_lots(session, Filters()).rows}
+        lots = {(row["lot"], row["model"]): (row["images"], row["verdict"]) for row in list_lots(session, Filters()).rows}
         in_last = {row["lot"]: (row["images"], row["verdict"]) for row in list_lots(session, Filters(job_run=last)).rows}
-    assert lots == {"P1": (3, "incomplete"), "L": (10, "hold")}
+    assert lots == {("P1", "threshold:1"): (3, "incomplete"), ("L", "threshold:1"): (10, "hold"),
+                    ("T", "threshold:1"): (4, "release"), ("T", "bottom-cam:1"): (4, "release")}
     assert in_last == {"L": (2, "hold")}
+    # A third camera's set nobody has inspected yet: the lot is not whole for either.
+    register(factory, write_stack(tmp_path / "T-side.zarr", square_images(4, size=32), lot="T", camera="side"))
+    with factory() as session:
+        assert {row["verdict"] for row in list_lots(session, Filters(lot="T")).rows} == {"incomplete"}
 
     def dispositions(scope: Scope) -> dict[str, tuple[str, str]]:
         section = _build(sqlite_url, scope).html.split('id="disposition"', 1)[1].split("</section>", 1)[0]

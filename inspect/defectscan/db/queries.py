@@ -480,8 +480,9 @@ def lot_disposition(images: int, failed: int, errors: int, hold_above: float, ma
 
 @dataclass(frozen=True)
 class WholeLot:
-    """A lot as a whole for one model version, whatever the time or run a listing is cut to: its registered images
-    (of the sets its filters on place allow) and the results of that version on them."""
+    """A lot as a whole for one model version, whatever the time or run a listing is cut to: the registered images of
+    its sets that this version has results in or that no version has inspected yet (a lot shot by two cameras, each with
+    its own model, is whole for each when its camera's sets are), within the filters on place, and the results on them."""
 
     registered: int
     images: int
@@ -503,7 +504,9 @@ def whole_lots(session: Session, filters: Filters, keys: list[tuple[str | None, 
     """WholeLot per (lot, model id) of `keys` (a listing's rows), from the registrations and the per-day rollup: a
     few rows per image set and day, not every image."""
     lots = list(dict.fromkeys(lot for lot, _ in keys))
-    registered: dict[str | None, int] = {}
+    model_ids = {model_id for _, model_id in keys}
+    untouched: dict[str | None, int] = {}
+    registered: dict[tuple[str | None, int], int] = {}
     by_key: dict[tuple[str | None, int], tuple[int, int, int]] = {}
     daily = InspectionDaily
     for start in range(0, len(lots), _LOTS_PER_QUERY):
@@ -511,15 +514,21 @@ def whole_lots(session: Session, filters: Filters, keys: list[tuple[str | None, 
         named = [lot for lot in some if lot is not None]
         in_lots = ImageSet.lot.in_(named) | (ImageSet.lot.is_(None) if None in some else literal(False))
         scope = [in_lots, *set_scope(filters)]
-        registered.update(session.execute(select(ImageSet.lot, func.sum(ImageSet.n_images)).where(*scope).group_by(ImageSet.lot)).all())
-        judged = session.execute(
-            select(ImageSet.lot, daily.model_id, func.sum(daily.images), func.sum(daily.failed), func.sum(daily.errors))
-            .join(ImageSet, daily.image_set_id == ImageSet.id)
-            .where(*scope, daily.model_id.in_({model_id for _, model_id in keys}))
-            .group_by(ImageSet.lot, daily.model_id)
+        untouched.update(session.execute(select(ImageSet.lot, func.sum(ImageSet.n_images))
+                                         .where(*scope, ~select(daily.image_set_id).where(daily.image_set_id == ImageSet.id).exists())
+                                         .group_by(ImageSet.lot)).all())
+        per_set = (select(daily.image_set_id, daily.model_id, func.sum(daily.images).label("images"), func.sum(daily.failed).label("failed"),
+                          func.sum(daily.errors).label("errors"))
+                   .where(daily.model_id.in_(model_ids)).group_by(daily.image_set_id, daily.model_id).subquery())
+        rows = session.execute(
+            select(ImageSet.lot, per_set.c.model_id, func.sum(ImageSet.n_images), func.sum(per_set.c.images), func.sum(per_set.c.failed),
+                   func.sum(per_set.c.errors))
+            .join(per_set, per_set.c.image_set_id == ImageSet.id).where(*scope).group_by(ImageSet.lot, per_set.c.model_id)
         ).all()
-        by_key.update({(lot, model_id): (int(n or 0), int(f or 0), int(e or 0)) for lot, model_id, n, f, e in judged})
-    return {key: WholeLot(int(registered.get(key[0]) or 0), *by_key.get(key, (0, 0, 0))) for key in keys}
+        for lot, model_id, n_registered, n, f, e in rows:
+            registered[(lot, model_id)] = int(n_registered or 0)
+            by_key[(lot, model_id)] = (int(n or 0), int(f or 0), int(e or 0))
+    return {key: WholeLot(registered.get(key, 0) + int(untouched.get(key[0]) or 0), *by_key.get(key, (0, 0, 0))) for key in keys}
 
 
 # Lots per look-up: a report over a year of lots stays far below the databases' bound-parameter limits.

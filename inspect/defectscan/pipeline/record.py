@@ -168,7 +168,11 @@ def record_results(
     acquired = {image_id: when for _, image_id, when in found}
     daily = _Daily()
     counts, mine = _recorded_by_this_run(session, job_run_id, model_id, list(image_ids.values()))
-    image_ids = {position: image_id for position, image_id in image_ids.items() if image_id not in mine}
+    if mine:
+        # A shard is written in one transaction: this one was, whole. What it did not write are a --force run's
+        # unreadable images that kept their verdicts: its errors, already added to the run's row then.
+        counts.errors += sum(1 for p, image_id in image_ids.items() if image_id not in mine and by_position[p].verdict == "error")
+        return counts
     ours = (Inspection.model_id == model_id) & Inspection.image_id.in_(list(image_ids.values()))
     redone = _prepare_redo(session, ours, redo, image_ids=image_ids, by_position=by_position, acquired=acquired, daily=daily)
     kept_errors = len(redone.kept)

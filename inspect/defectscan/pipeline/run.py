@@ -88,8 +88,8 @@ class _Task:
     positions: tuple[int, ...]
     output: ArrayRef
     strip_tiles: bool = False
-    # A strip's tile shards, which its future waits for: each is a shard for inspection.shard_timeout_s (the strip's
-    # deadline is theirs added up: one shard's timed the whole strip out every night), and they go when it is cancelled.
+    # A strip's tile shards, which its future waits for: it is given a timeout per round of them (one shard's timeout
+    # cancelled large strips every night), and they go when it is cancelled.
     parts: tuple = ()
 
 
@@ -348,7 +348,7 @@ def _run_tasks(context: RunContext, plans, summary: RunSummary, *, max_in_flight
                 finished = wait([future for future, _, _ in pending.values()], timeout=POLL_S, return_when="FIRST_COMPLETED").done
             except TimeoutError:
                 finished = set()
-            overdue = _overdue(pending, finished, context.settings.shard_timeout_s)
+            overdue = _overdue(pending, finished, context.settings.shard_timeout_s, in_flight=max_in_flight)
             lost.timed_out.update(future.key for future in overdue)
             for future in [*finished, *overdue]:
                 _, task, _ = pending.pop(future.key)
@@ -372,13 +372,15 @@ class ShardTimeout(Exception):
     """A shard ran past inspection.shard_timeout_s: a hung worker or device, not a property of the images."""
 
 
-def _overdue(pending: dict, finished, timeout_s: float | None) -> list:
-    """Futures in flight for longer than `timeout_s` (counted from submission): cancelled, to be counted pending."""
+def _overdue(pending: dict, finished, timeout_s: float | None, *, in_flight: int = 1) -> list:
+    """Futures in flight for longer than `timeout_s` (counted from submission): cancelled, to be counted pending. A strip
+    waits for its tile shards, `in_flight` of them at a time at most: it has one timeout per such round, and one more."""
     if timeout_s is None:
         return []
     now, late = time.monotonic(), []
     for future, task, submitted in pending.values():
-        if future not in finished and now - submitted > timeout_s * max(1, len(task.parts)):
+        rounds = 1 + -(-len(task.parts) // max(1, in_flight)) if task.parts else 1
+        if future not in finished and now - submitted > timeout_s * rounds:
             for part in (future, *task.parts):
                 part.cancel()
             late.append(future)

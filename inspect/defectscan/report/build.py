@@ -226,11 +226,12 @@ def _disposition(groups: list[dict[str, Any]], above: dict[Any, Any], rules: Hol
     return rows
 
 
-def _chart_and_lots(session: Session, filters: Filters, model: dict[str, Any], options: ReportOptions, *, by_hour: bool) -> dict[str, Any]:
+def _chart_and_lots(session: Session, filters: Filters, model: dict[str, Any], options: ReportOptions, *, by_hour: bool,
+                    lot_groups: tuple[list[dict[str, Any]], int]) -> dict[str, Any]:
     """The p-chart (per hour for one lot, else per lot) and the lot dispositions. Over every lot of the scope: with more
     than max_subgroups lots the centre line, the limits, the hold count and the key figure covered only the latest
     ones; only the drawing and the table are cut to the latest max_subgroups."""
-    lots, lots_total = q.lot_groups(session, filters, limit=None)
+    lots, lots_total = lot_groups
     groups, n_groups = q.hour_groups(session, filters, limit=options.max_subgroups) if by_hour else (lots, lots_total)
     subgroups = [(g["label"], g["images"] - g["errors"], g["failed"]) for g in groups]
     chart = p_chart(subgroups, options.sigma)
@@ -264,7 +265,7 @@ def _in_production(session: Session, model: dict[str, Any], lots: list[dict[str,
         lot["shadow"] = model["version"] not in versions and UNKNOWN not in versions
 
 
-def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: float) -> dict[str, Any] | None:
+def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: float, lots_in_order: list[Any]) -> dict[str, Any] | None:
     """QA's figures per lot (db/reviews.py) and a p-chart of the false-call rate per lot; None before any decision."""
     per_lot = {lot: f for (lot, model_id), f in review_figures(session, filters).items() if model_id == model["id"]}
     if not per_lot:
@@ -273,7 +274,7 @@ def _review(session: Session, filters: Filters, model: dict[str, Any], sigma: fl
     for f in per_lot.values():
         total.add(f)
     # In production order (the lots' first capture), as a control chart is read; the others after them.
-    order = {g["key"]: i for i, g in enumerate(q.lot_groups(session, filters, limit=None)[0])}
+    order = {lot: i for i, lot in enumerate(lots_in_order)}
     lots = sorted(per_lot, key=lambda lot: (order.get(lot, len(order)), lot is None, lot or ""))
     subgroups = [(lot if lot is not None else q.NO_LOT, per_lot[lot].failed_reviewed, per_lot[lot].false_calls) for lot in lots]
     chart = p_chart(subgroups, sigma)
@@ -392,7 +393,9 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     context["metrics"], context["metrics_row"] = _metrics(model)
     context["verdict_rows"] = _verdict_rows(model)
     context["job_runs"] = q.job_runs(session, filters)
-    context["review"] = review = _review(session, filters, model, options.sigma)
+    # Every lot of the scope, in capture order: one query for the review chart's order, the p-chart and the dispositions.
+    lot_groups = q.lot_groups(session, filters, limit=None)
+    context["review"] = review = _review(session, filters, model, options.sigma, [g["key"] for g in lot_groups[0]])
     chart = review["chart"] if review else None
     context["review_svg"] = charts.p_chart_svg(chart, "lot", what="fraction of failed images QA passed") if chart and len(chart.points) > 1 else None
     if scope.job_run is None:
@@ -402,7 +405,7 @@ def collect(session: Session, scope: Scope, options: ReportOptions = ReportOptio
     if context["empty"]:
         return context
 
-    context.update(_chart_and_lots(session, filters, model, options, by_hour=totals["lots"] == 1))
+    context.update(_chart_and_lots(session, filters, model, options, by_hour=totals["lots"] == 1, lot_groups=lot_groups))
 
     classes = q.class_counts(session, filters)
     context["classes"] = classes
