@@ -45,9 +45,10 @@ def test_inspect_on_the_default_local_cluster_then_rerun(cli, prepared, tmp_path
     failed = {r[1] for r in _table(factory)[0] if r[2] == "fail"}
     assert failed == set(DEFECTS)
 
-    again = cli("--database-url", url, "inspect", "--model", "threshold:1", "--imageset", str(image_set.id), "--workers", "1", "--no-progress")
+    again = cli("--database-url", url, "inspect", "--model", "threshold:1", "--imageset", str(image_set.id), "--workers", "1", "--progress")
     assert again.exit_code == 0, again.output
-    assert "job run 2: succeeded, 64 images: 0 inspected (0 failed), 0 errors, 64 already done" in again.output
+    assert "job run 2: succeeded, 64 images: 0 inspected (0 failed), 0 errors, 64 already done" in again.stdout
+    assert "inspecting" in again.stderr and "inspecting" not in again.stdout  # the bar is not part of what scripts read
 
 
 def test_unknown_model_and_image_set_are_one_line_errors(cli, prepared):
@@ -193,6 +194,49 @@ def test_workers_with_a_scheduler_is_refused_not_ignored():
             pass
 
 
+def test_a_scheduler_that_accepts_connections_and_never_answers_is_a_one_line_error_in_bounded_time(monkeypatch):
+    """distributed's timeout covers the TCP connection, not the handshake: a hung scheduler held a nightly run (and its lock) for ever."""
+    import socket
+
+    from defectscan.config import load_settings
+    from defectscan.errors import DefectscanError
+    from defectscan.pipeline import cluster
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel accepts; nothing ever answers
+        address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        monkeypatch.setattr(cluster, "HANDSHAKE_GRACE_S", 1.0)
+        began = time.monotonic()
+        with pytest.raises(DefectscanError, match=f"^cannot connect to the Dask scheduler at {address}: it accepted the connection but did "
+                                                  "not answer within 3 s"):
+            with cluster.connect(load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": address}).cluster, timeout=2):
+                pass
+        assert time.monotonic() - began < 10
+
+
+def test_scheduler_settings_that_cannot_work_are_one_line_errors(tmp_path):
+    from defectscan.config import load_settings
+    from defectscan.errors import ConfigError, DefectscanError
+    from defectscan.pipeline.cluster import connect
+
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("not read: refused before")
+    tls = {f"DEFECTSCAN_CLUSTER__TLS__{k}_FILE": str(tmp_path / f"{k.lower()}.pem") for k in ("CA", "CERT", "KEY")}
+    settings = load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": "tcp://127.0.0.1:1", **tls}).cluster
+    with pytest.raises(DefectscanError, match="cluster.tls is set but cluster.scheduler tcp://127.0.0.1:1 is not a tls:// address"):
+        with connect(settings):
+            pass
+    # An env-file line left empty quietly ran a local cluster instead of the plant's.
+    with pytest.raises(ConfigError, match="DEFECTSCAN_CLUSTER__SCHEDULER: key 'cluster.scheduler' has value '': expected `local` or a scheduler address"):
+        load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": ""})
+    assert load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": "local"}).cluster.scheduler is None
+    # Kubernetes' service links of a Service named defectscan-scheduler are not settings.
+    links = {"DEFECTSCAN_SCHEDULER_SERVICE_HOST": "10.96.0.12", "DEFECTSCAN_SCHEDULER_PORT": "tcp://10.96.0.12:8786",
+             "DEFECTSCAN_SCHEDULER_PORT_8786_TCP_ADDR": "10.96.0.12", "DEFECTSCAN_SCHEDULER_SERVICE_PORT_TLS_COMM": "8786"}
+    assert load_settings(environ=links).cluster.scheduler is None
+
+
 def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, external_cluster, cli):
     url, factory, image_set = prepared
     env = {**os.environ, **SMALL_SHARDS, "DEFECTSCAN_CLUSTER__SHARDS_IN_FLIGHT_PER_WORKER": "1"}
@@ -242,3 +286,17 @@ def test_images_not_written_yet_make_inspect_partial_and_are_inspected_once_they
     assert "succeeded, 6 images: 1 inspected (1 failed), 0 errors, 5 already done" in second.output
     with factory() as session:
         assert [run.status for run in session.scalars(select(JobRun).order_by(JobRun.id))][-2:] == ["partial", "succeeded"]
+
+
+@pytest.mark.parametrize("gpus", [None, "0"])
+def test_a_local_cluster_listens_on_this_machine_only(gpus, monkeypatch):
+    """A scheduler runs what it is sent: the GPU cluster's ports (without dask-cuda) were open on every interface."""
+    from defectscan.config import load_settings
+    from defectscan.pipeline.cluster import connect
+
+    if gpus is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)  # the one-worker-per-GPU cluster; its workers need no device to start
+    with connect(load_settings(environ={}).cluster, n_workers=1) as (client, info):
+        addresses = [client.scheduler_info()["address"], *client.scheduler_info()["workers"]]
+        assert all(address.startswith("tcp://127.0.0.1:") for address in addresses), addresses
+        assert info.dashboard.startswith("http://127.0.0.1:")

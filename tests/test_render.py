@@ -120,6 +120,7 @@ def test_kubernetes_cronjobs_are_valid_and_keep_secrets_in_secrets(specs, tmp_pa
         assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
         pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         assert pod["restartPolicy"] == "Never"
+        assert pod["enableServiceLinks"] is False  # else a Service defectscan-scheduler puts DEFECTSCAN_SCHEDULER_PORT in the env
         [no_retry] = [r for r in cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
         assert no_retry["onExitCodes"]["values"] == [3, 75]  # a retry of a partial run found nothing new and hid it
         [container] = pod["containers"]

@@ -22,3 +22,15 @@ def test_log_records_are_masked():
     record = logging.LogRecord("defectscan", logging.INFO, __file__, 1, "connecting to %s", ("postgresql://qa:pw@db/x",), None)
     MaskSecrets().filter(record)
     assert record.getMessage() == "connecting to postgresql://qa:***@db/x"
+
+
+def test_masks_the_client_keys_passphrase_passwords_with_spaces_and_keeps_json_whole():
+    """sslpassword= and a password with a space got out; masking inside JSON swallowed its closing quote."""
+    import json
+
+    assert mask_secrets("postgresql://u:pw@127.0.0.1:1/db?sslpassword=KEYPASS") == "postgresql://u:***@127.0.0.1:1/db?sslpassword=***"
+    assert mask_secrets("mysql://u:pa ss@h/db") == "mysql://u:***@h/db"
+    assert mask_secrets("aws_secret=XYZ&token=T1, and db_password = 'a b'") == "aws_secret=***&token=***, and db_password = ***"
+    assert mask_secrets("http://host:8080/path then mail@x.org") == "http://host:8080/path then mail@x.org"
+    record = json.dumps({"error": "s3://b/x.zarr?password=abc", "spec": {"db": "password=x y"}})
+    assert json.loads(mask_secrets(record)) == {"error": "s3://b/x.zarr?password=***", "spec": {"db": "password=*** y"}}

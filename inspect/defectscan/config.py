@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,9 @@ ENV_PREFIX = "DEFECTSCAN_"
 _NOT_SETTINGS = ("DEFECTSCAN_CONFIG", "DEFECTSCAN_CHROMIUM", "DEFECTSCAN_IMAGE", "DEFECTSCAN_TARGET", "DEFECTSCAN_DATA",
                  "DEFECTSCAN_CERT_DAYS")
 _TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
+# Kubernetes' service links: for a Service named defectscan-scheduler (the DaskCluster's), every pod of the
+# namespace gets DEFECTSCAN_SCHEDULER_SERVICE_HOST, DEFECTSCAN_SCHEDULER_PORT_8786_TCP and so on: not settings.
+_SERVICE_LINK = re.compile(r"^DEFECTSCAN_(?!.*__)[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$")
 _NESTED = "__"
 
 
@@ -51,6 +55,19 @@ class TLSSettings(_Section):
         return self.ca_file is not None
 
 
+_SCHEDULER = re.compile(r"^(tcp|tls|ucx|inproc)://[^/\s]+$")
+
+
+def check_scheduler(value: str | None) -> str | None:
+    """A scheduler address, or `local` (a local cluster for the run); anything else refused. An empty value (an env-file
+    line left empty, an unset ${VAR}) quietly started a local cluster on the machine of the run instead of the plant's."""
+    if value is None or value == "local":
+        return value
+    if not _SCHEDULER.match(value):
+        raise ValueError("expected `local` or a scheduler address such as tls://dask-scheduler:8786")
+    return value
+
+
 class ClusterSettings(_Section):
     scheduler: str | None
     n_workers: int | None = Field(ge=1)
@@ -58,6 +75,12 @@ class ClusterSettings(_Section):
     memory_limit: str | int
     shards_in_flight_per_worker: int = Field(ge=1)
     tls: TLSSettings
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        checked = check_scheduler(value)
+        return None if checked == "local" else checked
 
 
 class InspectionSettings(_Section):
@@ -200,7 +223,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _environment_layer(environ: Mapping[str, str]):
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name.startswith(_TEST_ENV_PREFIX) or name in _NOT_SETTINGS:
+        if not name.startswith(ENV_PREFIX) or name.startswith(_TEST_ENV_PREFIX) or name in _NOT_SETTINGS or _SERVICE_LINK.match(name):
             continue
         key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(_NESTED))
         yield key, environ[name], f"environment variable {name}"

@@ -246,6 +246,8 @@ def _cronjob(spec: JobSpec, options: RenderOptions) -> dict:
                         "metadata": {"labels": _labels(spec.name)},
                         "spec": {
                             "restartPolicy": "Never",
+                            # Service links put DEFECTSCAN_SCHEDULER_PORT and the like in the environment (config.py skips them too).
+                            "enableServiceLinks": False,
                             "terminationGracePeriodSeconds": 120,
                             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
                             "containers": [container],

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from defectscan.config import NULL, InspectionSettings, Settings, load_settings
+from defectscan.config import NULL, InspectionSettings, Settings, check_scheduler, load_settings
 from defectscan.errors import ConfigError, DefectscanError
 from defectscan.secrets import mask_secrets
 from defectscan.times import parse_iso
@@ -140,11 +140,7 @@ class ClusterSpec(_Part):
     @field_validator("scheduler")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        if value is None or value == "local":
-            return value
-        if not re.match(r"^(tcp|tls|ucx|inproc)://[^/\s]+$", value):
-            raise ValueError("expected `local` or a scheduler address such as tls://dask-scheduler:8786")
-        return value
+        return check_scheduler(value)
 
 
 class RetrySpec(_Part):

@@ -61,6 +61,7 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -69,7 +70,9 @@ class _progress:
             TimeRemainingColumn,
         )
 
-        self._bar = Progress(TextColumn("inspecting"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(), transient=False)
+        # On stderr, as ingest's: on stdout the bar went into `inspect ... > result.txt` and the pipes scripts read.
+        self._bar = Progress(TextColumn("inspecting"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(),
+                             transient=False, console=Console(stderr=True))
         self._bar.start()
         self._task = self._bar.add_task("inspect", total=None)
 

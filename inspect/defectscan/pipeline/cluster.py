@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -158,7 +159,9 @@ def _start_local_cluster(settings: ClusterSettings, n_workers: int | None, runti
         threads_per_worker=settings.threads_per_worker,
         processes=True,
         memory_limit=settings.memory_limit,
-        dashboard_address=":0",
+        # On this machine only: a scheduler runs what it is sent, and the plant's network should not reach it.
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
         env=_worker_env(threads, runtime),
         silence_logs=_worker_log_level(),
         **protocol,
@@ -208,21 +211,74 @@ def _gpu_cluster(settings: ClusterSettings, devices: list[str], n_workers: int |
         LocalCUDACluster = None
     if LocalCUDACluster is not None:
         return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), n_workers=len(devices), threads_per_worker=settings.threads_per_worker,
-                                memory_limit=memory_limit, resources={"GPU": 1}, dashboard_address=":0",
+                                memory_limit=memory_limit, resources={"GPU": 1}, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                 env=_worker_env(threads, runtime), silence_logs=_worker_log_level(), **protocol)
     from distributed import Nanny, Scheduler, SpecCluster
 
     security_options = {"security": protocol["security"]} if protocol else {}
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "protocol": protocol.get("protocol", "tcp"), **security_options}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "protocol": protocol.get("protocol", "tcp"),
+                                               **security_options}}
     workers = {
         f"gpu{device}": {"cls": Nanny, "options": {
-            "nthreads": settings.threads_per_worker, "memory_limit": memory_limit, "resources": {"GPU": 1},
+            "host": "127.0.0.1", "nthreads": settings.threads_per_worker, "memory_limit": memory_limit, "resources": {"GPU": 1},
             "env": {**_worker_env(threads, runtime), "CUDA_VISIBLE_DEVICES": device}, "protocol": protocol.get("protocol", "tcp"),
             "silence_logs": _worker_log_level(), **security_options,
         }}
         for device in devices
     }
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=_worker_log_level())
+
+
+def _check_scheme(settings: ClusterSettings) -> None:
+    """TLS on both sides or neither: a tls:// scheduler without certificates, or a tcp:// one with them, failed inside distributed."""
+    tls = settings.scheduler.startswith("tls://")
+    if tls and not settings.tls.enabled:
+        raise DefectscanError(
+            f"cluster.scheduler {settings.scheduler} uses TLS but cluster.tls is not set: give ca_file, cert_file and key_file "
+            "(DEFECTSCAN_CLUSTER__TLS__CA_FILE, ..._CERT_FILE, ..._KEY_FILE, or the job's cluster.tls)"
+        )
+    if settings.tls.enabled and not tls:
+        raise DefectscanError(f"cluster.tls is set but cluster.scheduler {settings.scheduler} is not a tls:// address: "
+                              "give tls://host:port, or leave cluster.tls out for an unencrypted scheduler")
+
+
+def _client_within(address: str, tls, timeout: float):
+    """A Client of the scheduler at `address`, or a one-line error within `timeout` (and a few seconds): distributed's
+    own timeout covers the TCP connection, not the handshake after it, so a scheduler that accepts connections and
+    never answers (hung, stopped) held a nightly run, and its job's lock, for ever."""
+    import threading
+
+    from distributed import Client
+
+    from defectscan import interrupts
+
+    made: dict[str, object] = {}
+
+    def make() -> None:
+        try:
+            made["client"] = Client(address, security=tls, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            made["error"] = exc
+
+    thread = threading.Thread(target=make, name="dask-connect", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout + HANDSHAKE_GRACE_S
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.2)
+        interrupts.check()
+    if thread.is_alive():
+        raise DefectscanError(f"cannot connect to the Dask scheduler at {address}: it accepted the connection but did not answer "
+                              f"within {timeout + HANDSHAKE_GRACE_S:g} s (a hung or stopped scheduler?)")
+    error = made.get("error")
+    if isinstance(error, (OSError, TimeoutError)):
+        raise DefectscanError(f"cannot connect to the Dask scheduler at {address}: {error}") from None
+    if error is not None:
+        raise error
+    return made["client"]
+
+
+# Beyond the connect timeout, for the scheduler's answer to the handshake.
+HANDSHAKE_GRACE_S = 10.0
 
 
 @contextmanager
@@ -240,22 +296,21 @@ def connect(
             if n_workers is not None:
                 raise DefectscanError(f"--workers sizes a local cluster; the scheduler at {settings.scheduler} runs the workers "
                                       "its cluster started: leave --workers out")
-            if settings.scheduler.startswith("tls://") and not settings.tls.enabled:
-                raise DefectscanError(
-                    f"cluster.scheduler {settings.scheduler} uses TLS but cluster.tls is not set: give ca_file, cert_file and key_file "
-                    "(DEFECTSCAN_CLUSTER__TLS__CA_FILE, ..._CERT_FILE, ..._KEY_FILE, or the job's cluster.tls)"
-                )
-            try:
-                client = Client(settings.scheduler, security=security(settings.tls), timeout=timeout)
-            except (OSError, TimeoutError) as exc:
-                raise DefectscanError(f"cannot connect to the Dask scheduler at {settings.scheduler}: {exc}") from None
+            _check_scheme(settings)
+            client = _client_within(settings.scheduler, security(settings.tls), timeout)
         else:
             cluster = _local_cluster(settings, n_workers, runtime)
             client = Client(cluster, timeout=timeout)
         with client:
             workers = client.scheduler_info()["workers"]
             if not workers:
-                client.wait_for_workers(1, timeout=timeout)
+                try:
+                    client.wait_for_workers(1, timeout=timeout)
+                except Exception as exc:  # distributed's WorkerStartTimeoutError (a TimeoutError in some versions)
+                    if "Timeout" not in type(exc).__name__:
+                        raise
+                    raise DefectscanError(f"the Dask scheduler at {settings.scheduler or 'the local cluster'} has no workers after "
+                                          f"{timeout:g} s: start them (or check that they reach it)") from None
                 workers = client.scheduler_info()["workers"]
             gpu = any(w.get("resources", {}).get("GPU") for w in workers.values())
             info = ClusterInfo(n_workers=len(workers), gpu=gpu, dashboard=client.dashboard_link, warnings=gpu_warnings(client, workers, runtime))
