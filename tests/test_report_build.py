@@ -290,6 +290,10 @@ def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopp
     register(factory, write_stack(tmp_path / "T-side.zarr", square_images(4, size=32), lot="T", camera="side"))
     with factory() as session:
         assert {row["verdict"] for row in list_lots(session, Filters(lot="T")).rows} == {"incomplete"}
+    # Held whatever the images not inspected turn out to be: a hold, saying what is missing too.
+    register(factory, write_stack(tmp_path / "L-more.zarr", square_images(2, size=32), lot="L"))
+    with factory() as session:
+        assert [row["verdict"] for row in list_lots(session, Filters(lot="L")).rows] == ["hold"]
 
     def dispositions(scope: Scope) -> dict[str, tuple[str, str]]:
         section = _build(sqlite_url, scope).html.split('id="disposition"', 1)[1].split("</section>", 1)[0]
@@ -297,8 +301,8 @@ def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopp
         return {lot: (verdict, _unescape(why)) for lot, verdict, why in rows}
 
     assert dispositions(Scope(lot="P1")) == {"P1": ("incomplete", "7 of 10 images not inspected")}
-    assert dispositions(Scope(job_run=last)) == {"L": ("hold", "the whole lot: failed 50.0 % > 5 %")}
-    assert dispositions(Scope(lot="L")) == {"L": ("hold", "failed 50.0 % > 5 %")}
+    assert dispositions(Scope(job_run=last)) == {"L": ("hold", "the whole lot: failed at least 41.7 % > 5 %; 2 of 12 images not inspected")}
+    assert dispositions(Scope(lot="L")) == {"L": ("hold", "failed at least 41.7 % > 5 %; 2 of 12 images not inspected")}
     engine.dispose()
 
 

@@ -68,6 +68,10 @@ def test_a_yes_or_no_is_not_taken_as_a_number(tmp_path, read, error, text, key):
 
 
 def test_a_yes_or_no_given_with_set_is_refused_too():
-    with pytest.raises(ConfigError, match=r"^defaults: invalid training recipe: train.steps: Value error, expected a number, not a yes/no value \(got True\)$"):
+    with pytest.raises(ConfigError, match=r"^defaults: invalid training recipe: --set train.steps=true: train.steps: Value error, expected a number, "
+                                          r"not a yes/no value \(got True\)$"):
         load_recipe(None, ["train.steps=true"])
     assert load_recipe(None, ["train.steps=12"]).train.steps == 12
+    # The override is named, not only the file: the file was blamed for a typo in --set.
+    with pytest.raises(ConfigError, match=r"invalid training recipe: --set train.stepz=9: train.stepz: Extra inputs are not permitted"):
+        load_recipe(None, ["train.stepz=9"])

@@ -493,7 +493,11 @@ class WholeLot:
         """The lot's disposition, and the reason when images without a result make it incomplete: a release would
         ship parts nobody looked at (a machine failure leaves images pending, with no result at all)."""
         if self.images < self.registered:
-            return "incomplete", [f"{self.registered - self.images} of {self.registered} images not inspected"]
+            missing = [f"{self.registered - self.images} of {self.registered} images not inspected"]
+            # Held whatever the images not inspected turn out to be (all of them passing): a hold, not "incomplete".
+            certain = [reason.replace("failed ", "failed at least ", 1) for reason in
+                       hold_reasons(self.registered, self.failed, self.errors, hold_above, max_errors)]
+            return ("hold", certain + missing) if certain else ("incomplete", missing)
         disposition = lot_disposition(self.images, self.failed, self.errors, hold_above, max_errors)
         if disposition == "incomplete":
             return disposition, [f"no image judged: {self.errors} in error"]

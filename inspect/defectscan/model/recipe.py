@@ -227,8 +227,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         source = str(path)
         raw = read_mapping(Path(path), what="training recipe", contents="recipe sections", error=ConfigError)
+    given: dict[str, str] = {}  # dotted key -> the --set that gave it, named in a validation error rather than the file
     for item in overrides:
         key, sep, value = item.partition("=")
+        given[key] = item
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
         *parents, leaf = key.split(".")
@@ -251,5 +253,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             where = ".".join(str(p) for p in error["loc"]) or "recipe"
             # A check across sections (loc empty) would echo the whole recipe as its input.
             got = f" (got {error.get('input')!r})" if error["loc"] else ""
-            problems.append(f"{where}: {error['msg']}{got}")
+            origin = f"--set {given[where]}: " if where in given else ""
+            problems.append(f"{origin}{where}: {error['msg']}{got}")
         raise ConfigError(f"{source}: invalid training recipe: " + "; ".join(problems)) from None

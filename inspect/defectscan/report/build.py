@@ -214,7 +214,7 @@ def _disposition(groups: list[dict[str, Any]], above: dict[Any, Any], rules: Hol
         lot = whole[g["key"]]
         disposition, reasons = lot.disposition(rules.hold_above, rules.max_errors)
         if (lot.images, lot.failed, lot.errors) != (g["images"], g["failed"], g["errors"]):
-            reasons = [f"the whole lot: {reason}" for reason in reasons]
+            reasons = [f"the whole lot: {'; '.join(reasons)}"] if reasons else []
         if disposition == "incomplete":
             rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %" if judged > 0 else "-", "disposition": "incomplete",
                          "reasons": reasons})
