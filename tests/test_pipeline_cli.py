@@ -40,7 +40,7 @@ def test_inspect_on_the_default_local_cluster_then_rerun(cli, prepared, tmp_path
     result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(tmp_path / "L7.zarr"),
                  "--workers", "1", "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 0, result.output
-    assert "Dask: 1 workers, dashboard http" in result.output
+    assert "Dask: 1 worker, dashboard http" in result.output
     assert "job run 1: succeeded, 64 images: 64 inspected (3 failed), 0 errors, 0 already done; 3 defects" in result.output
     failed = {r[1] for r in _table(factory)[0] if r[2] == "fail"}
     assert failed == set(DEFECTS)
@@ -67,6 +67,9 @@ def test_unreadable_image_gives_exit_status_3(cli, prepared, tmp_path):
     result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", "1", "--workers", "1", "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 3, result.output
     assert "partial, 64 images: 63 inspected (3 failed), 1 errors" in result.output
+    # A plain rerun skips it as done: it says so, where "succeeded, 64 already done" read as if it were fixed.
+    again = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", "1", "--workers", "1", "--no-progress", env=SMALL_SHARDS)
+    assert again.exit_code == 0 and "64 already done (1 of them in error: --retry-errors reads them again)" in again.output
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +154,7 @@ def test_gpu_workers_get_a_gpu_resource_and_tasks_ask_for_it(cli, prepared, monk
     url, factory, image_set = prepared
     result = cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(image_set.id), "--no-progress", env=SMALL_SHARDS)
     assert result.exit_code == 0, result.output
-    assert "Dask: 1 workers (GPU)" in result.output
+    assert "Dask: 1 worker (GPU)" in result.output
     # TensorFlow's own CUDA lines stay quiet; defectscan says in one line what that means.
     assert "was given a GPU, but TensorFlow there finds none (no NVIDIA driver, or a CPU-only build): it inspects on the CPU" in result.output
     assert "64 inspected" in result.output

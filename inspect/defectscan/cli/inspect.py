@@ -60,7 +60,11 @@ def describe_summary(summary) -> str:
         runs = counts.meanwhile_runs
         by = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}" if runs else "another run"
         parts.append(f"{counts.meanwhile} recorded meanwhile by {by}")
-    parts.append(f"{summary.n_skipped} already done")
+    done = f"{summary.n_skipped} already done"
+    if summary.still_in_error:
+        # Skipped as done, yet unjudged: a rerun that said "succeeded" read as if they were fixed.
+        done += f" ({summary.still_in_error} of them in error: --retry-errors reads them again)"
+    parts.append(done)
     line = (f"job run {summary.job_run_id}: {summary.status}, {summary.n_images} images: {', '.join(parts)}; "
             f"{counts.defects} defects; {summary.images_per_second:.1f} images/s")
     if set(summary.precisions_run) - {summary.precision}:

@@ -162,7 +162,7 @@ def _run(factory: sessionmaker[Session], spec: JobSpec, spec_file: Path, setting
     interrupts.check()
     with connect(settings.cluster, runtime=settings.inspection.runtime) as (client, info):
         interrupts.check()
-        echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
+        echo(f"Dask: {info.n_workers} worker{'s' if info.n_workers != 1 else ''}{' (GPU)' if info.gpu else ''}; {len(image_sets)} image sets with work")
         for warning in info.warnings:
             echo(f"warning: {warning}")
         in_flight = spec.max_in_flight or info.n_workers * settings.cluster.shards_in_flight_per_worker

@@ -42,7 +42,7 @@ def run_inspect(
         interrupts.check()
         with connect(settings.cluster, n_workers=n_workers, runtime=settings.inspection.runtime) as (client, info):
             interrupts.check()
-            echo(f"Dask: {info.n_workers} workers{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
+            echo(f"Dask: {info.n_workers} worker{'s' if info.n_workers != 1 else ''}{' (GPU)' if info.gpu else ''}, dashboard {info.dashboard}")
             for warning in info.warnings:
                 echo(f"warning: {warning}")
             in_flight = info.n_workers * settings.cluster.shards_in_flight_per_worker

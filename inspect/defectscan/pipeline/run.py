@@ -53,6 +53,8 @@ class RunSummary:
     precisions_run: dict[str, int] = field(default_factory=dict)
     # The signal that stopped the run, when one did.
     signal: int | None = None
+    # Of the images skipped as done, those whose recorded result is an error (a plain rerun does not read them again).
+    still_in_error: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -254,6 +256,10 @@ def _plan(context: RunContext, image_sets: list[ImageSet], summary: RunSummary) 
             todo, skipped = pending_positions(session, image_set, context.model, context.redo)
             summary.n_images += len(todo) + skipped
             summary.n_skipped += skipped
+            if context.redo == "none" and skipped:
+                summary.still_in_error += session.scalar(
+                    select(func.count()).select_from(Inspection).join(Image, Inspection.image_id == Image.id)
+                    .where(Image.image_set_id == image_set.id, Inspection.model_id == context.model.id, Inspection.verdict == "error")) or 0
             if len(todo):
                 plans.append((image_set, todo))
     with context.factory.begin() as session:
