@@ -44,8 +44,9 @@ def test_crontab_lines_have_five_valid_fields_and_run_each_job(specs):
         fields = entry.split(None, 5)
         schedule = " ".join(fields[:5])
         assert schedule == spec.schedule and croniter.is_valid(schedule)
-        assert fields[5].startswith("set -a; . /etc/defectscan/defectscan.env; set +a; exec /opt/defectscan/bin/defectscan jobs --jobs-dir /etc/defectscan/jobs run ")
-        assert fields[5].endswith(f"run {spec.name} >> /var/log/defectscan/{spec.name}.log 2>&1")
+        assert "; set -a; . /etc/defectscan/defectscan.env; set +a; exec /opt/defectscan/bin/defectscan jobs --jobs-dir /etc/defectscan/jobs run " in fields[5]
+        assert fields[5].startswith(f"exec >> /var/log/defectscan/{spec.name}.log 2>&1; ")
+        assert fields[5].endswith(f"run {spec.name}")
     assert "CRON_TZ=Europe/Berlin" in text.splitlines()
     # The description's % is a comment; a % in a command line would be escaped.
     assert "# line-b: night shift, 50% of lots Owner: QA team" in text  # a description of two lines, one comment
@@ -64,6 +65,16 @@ def test_crontab_runs_under_sh(specs, tmp_path):
     entry = [line for line in text.splitlines() if line.startswith("*/15")][0]
     subprocess.run(["/bin/sh", "-c", entry.split(None, 5)[5]], check=True, env={"PATH": "/usr/bin:/bin"})
     assert (tmp_path / "line-a.log").read_text() == "args: jobs --jobs-dir /etc/defectscan/jobs run line-a db: postgresql://qa@db/defectscan\n"
+    # A missing environment file: its error is in the job's log (it went to cron's mail only), and nothing ran.
+    env_file.unlink()
+    failed = subprocess.run(["/bin/sh", "-c", entry.split(None, 5)[5]], env={"PATH": "/usr/bin:/bin"})
+    assert failed.returncode != 0 and "defectscan.env" in (tmp_path / "line-a.log").read_text().splitlines()[-1]
+    # No environment file (docker compose brings its own): nothing sourced.
+    bare = render_crontab(specs[:1], RenderOptions(defectscan=str(fake), env_file="", log_dir=str(tmp_path)))
+    command = [line for line in bare.splitlines() if line.startswith("*/15")][0].split(None, 5)[5]
+    assert "set -a" not in command
+    subprocess.run(["/bin/sh", "-c", command], check=True, env={"PATH": "/usr/bin:/bin"})
+    assert (tmp_path / "line-a.log").read_text().splitlines()[-1] == "args: jobs --jobs-dir /etc/defectscan/jobs run line-a db: "
 
 
 def _systemd_times(calendars: list[str], n: int) -> list[dt.datetime]:

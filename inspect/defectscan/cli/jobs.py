@@ -207,14 +207,16 @@ def show_command(app: AppContext, run_id: int) -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Write the files here (systemd: one pair per job); default: print.")
 @click.option("--executable", default="/usr/local/bin/defectscan", show_default=True, help="defectscan on the target machine (crontab, systemd).")
 @click.option("--deployed-jobs-dir", default="/etc/defectscan/jobs", show_default=True, help="The specs' folder on the target machine (crontab, systemd).")
-@click.option("--env-file", default="/etc/defectscan/defectscan.env", show_default=True, help="File with DEFECTSCAN_DATABASE_URL etc. (crontab, systemd).")
+@click.option("--env-file", default="/etc/defectscan/defectscan.env", show_default=True,
+              help="File with DEFECTSCAN_DATABASE_URL etc. (crontab, systemd); '' for none (crontab: the executable brings its own).")
+@click.option("--log-dir", default="/var/log/defectscan", show_default=True, help="Folder of the jobs' logs, one file per job (crontab).")
 @click.option("--image", default="defectscan:0.1.0", show_default=True, help="Container image (kubernetes).")
 @click.option("--namespace", default="defectscan", show_default=True, help="Namespace (kubernetes).")
 @click.option("--scheduler", default="tls://defectscan-scheduler:8786", show_default=True, help="Dask scheduler address (kubernetes).")
 @click.option("--data-dir", default="/srv/defectscan", show_default=True,
               help="Image sets and score maps, writable by the job (systemd; as the worker unit's).")
-def render_command(target: str, output_dir: Path | None, executable: str, deployed_jobs_dir: str, env_file: str, image: str, namespace: str,
-                   scheduler: str, data_dir: str) -> None:
+def render_command(target: str, output_dir: Path | None, executable: str, deployed_jobs_dir: str, env_file: str, log_dir: str, image: str,
+                   namespace: str, scheduler: str, data_dir: str) -> None:
     """Write crontab lines, systemd .service/.timer units or Kubernetes CronJobs for every job spec.
 
     No secret is written: each target reads the database URL and TLS files from an
@@ -243,8 +245,10 @@ def render_command(target: str, output_dir: Path | None, executable: str, deploy
     if not found:
         raise ConfigError(f"{_jobs_dir()}: no job specs (*.yaml) to render")
     specs = [spec for _, spec in found]
-    options = RenderOptions(defectscan=executable, jobs_dir=deployed_jobs_dir, env_file=env_file, image=image, namespace=namespace, scheduler=scheduler,
-                            data_dir=data_dir)
+    if target == "systemd" and not env_file:
+        raise ConfigError("--env-file '': the systemd units read the database URL from an environment file; give its path")
+    options = RenderOptions(defectscan=executable, jobs_dir=deployed_jobs_dir, env_file=env_file, log_dir=log_dir, image=image, namespace=namespace,
+                            scheduler=scheduler, data_dir=data_dir)
     if target == "crontab":
         files = {"defectscan.crontab": render_crontab(specs, options)}
     elif target == "systemd":

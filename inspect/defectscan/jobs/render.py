@@ -64,9 +64,11 @@ def render_crontab(specs: list[JobSpec], options: RenderOptions) -> str:
     for spec in specs:
         command = " ".join(shlex.quote(part) for part in run_command(spec, options))
         log = shlex.quote(f"{options.log_dir}/{spec.name}.log")
-        env = shlex.quote(options.env_file)
+        # The log first: a missing environment file's error went to cron's mail, the job log stayed empty. No
+        # environment file (--env-file ''): the executable brings its own (docker compose's env_file).
+        env = f"set -a; . {shlex.quote(options.env_file)}; set +a; " if options.env_file else ""
         # `%` ends a crontab command line: escape it wherever a path may hold one.
-        line = f"set -a; . {env}; set +a; exec {command} >> {log} 2>&1".replace("%", r"\%")
+        line = f"exec >> {log} 2>&1; {env}exec {command}".replace("%", r"\%")
         # One comment line: a description's second line would be read as a crontab entry.
         about = " ".join((spec.description or "inspection job").split())
         lines += ["", f"# {spec.name}: {about}", f"CRON_TZ={spec.timezone}", f"{spec.schedule} {line}"]
