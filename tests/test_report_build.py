@@ -240,59 +240,76 @@ def test_a_report_that_cannot_be_written_in_full_leaves_the_earlier_one(sqlite_r
     assert out.read_text() == "<p>earlier report</p>" and [p.name for p in tmp_path.iterdir()] == ["L1.html"]
 
 
-def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopping_its_release(tmp_path, sqlite_url):
-    """A lot with 7 of its 10 images never inspected was released; a report on the run that judged a lot's last
-    2 images released the lot the whole of which was on hold."""
-    from defectscan.db.migrate import upgrade
-    from defectscan.db.queries import Filters, list_lots
-    from defectscan.db.session import make_engine, session_factory
-    from defectscan.model.verdict import ImageResult
-    from defectscan.pipeline import record
-    from defectscan.pipeline.job_runs import open_run
+class _Recorded:
+    """A results database written by the pipeline's own writer (record_shard) without a cluster: image sets registered,
+    verdicts recorded per job run; the model file is never read."""
 
-    from pipeline_helpers import add_model, register, square_images, write_stack
+    def __init__(self, url: str, folder):
+        from defectscan.db.migrate import upgrade
+        from defectscan.db.session import make_engine, session_factory
 
-    engine = make_engine(sqlite_url)
-    upgrade(engine)
-    factory = session_factory(engine)
-    partial = register(factory, write_stack(tmp_path / "P1.zarr", square_images(10, size=32), lot="P1"))
-    split = register(factory, write_stack(tmp_path / "L.zarr", square_images(10, size=32), lot="L"))
-    weights = tmp_path / "weights.keras"
-    weights.write_bytes(b"not read by this test")
-    model = add_model(factory, weights)
+        from pipeline_helpers import add_model
 
-    def run(image_set, verdicts: dict[int, str]) -> int:
-        run_id = open_run(factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
+        self.engine = make_engine(url)
+        upgrade(self.engine)
+        self.factory = session_factory(self.engine)
+        self.folder = folder
+        self.weights = folder / "weights.keras"
+        self.weights.write_bytes(b"not read by these tests")
+        self.model = add_model(self.factory, self.weights)
+
+    def add_model(self, name: str):
+        from pipeline_helpers import add_model
+
+        return add_model(self.factory, self.weights, name=name)
+
+    def image_set(self, name: str, n: int, **attrs):
+        from pipeline_helpers import register, square_images, write_stack
+
+        return register(self.factory, write_stack(self.folder / f"{name}.zarr", square_images(n, size=32), **attrs))
+
+    def run(self, image_set, verdicts: dict[int, str], model=None, run_id: int | None = None) -> int:
+        """Record `verdicts` (position -> pass/fail) in a new job run (or `run_id`); returns the run's id."""
+        from defectscan.model.verdict import ImageResult
+        from defectscan.pipeline import record
+        from defectscan.pipeline.job_runs import open_run
+
+        model = model or self.model
+        if run_id is None:
+            run_id = open_run(self.factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
         results = [ImageResult(position=p, verdict=v, max_score=0.9 if v == "fail" else 0.1) for p, v in verdicts.items()]
-        record.record_shard(factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id, results=results,
+        record.record_shard(self.factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id, results=results,
                             mask_uri="m.zarr", mask_array="scores")
         return run_id
 
-    run(partial, {p: "pass" for p in range(3)})
-    run(split, {p: "fail" if p < 5 else "pass" for p in range(8)})
-    last = run(split, {8: "pass", 9: "pass"})
-    # Lot T: two cameras, each set inspected by its own model; whole for each.
-    top = register(factory, write_stack(tmp_path / "T-top.zarr", square_images(4, size=32), lot="T", camera="top"))
-    bottom = register(factory, write_stack(tmp_path / "T-bottom.zarr", square_images(4, size=32), lot="T", camera="bottom"))
-    other = add_model(factory, weights, name="bottom-cam")
-    run(top, {p: "pass" for p in range(4)})
-    model_of_run, model = model, other
-    run(bottom, {p: "pass" for p in range(4)})
-    model = model_of_run
 
-    with factory() as session:
+def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopping_its_release(tmp_path, sqlite_url):
+    """A lot with 7 of its 10 images never inspected was released; a report on the run that judged a lot's last
+    2 images released the lot the whole of which was on hold."""
+    from defectscan.db.queries import Filters, list_lots
+
+    db = _Recorded(sqlite_url, tmp_path)
+    partial, split = db.image_set("P1", 10, lot="P1"), db.image_set("L", 10, lot="L")
+    db.run(partial, {p: "pass" for p in range(3)})
+    db.run(split, {p: "fail" if p < 5 else "pass" for p in range(8)})
+    last = db.run(split, {8: "pass", 9: "pass"})
+    # Lot T: two cameras, each set inspected by its own model; whole for each.
+    db.run(db.image_set("T-top", 4, lot="T", camera="top"), {p: "pass" for p in range(4)})
+    db.run(db.image_set("T-bottom", 4, lot="T", camera="bottom"), {p: "pass" for p in range(4)}, model=db.add_model("bottom-cam"))
+
+    with db.factory() as session:
         lots = {(row["lot"], row["model"]): (row["images"], row["verdict"]) for row in list_lots(session, Filters()).rows}
         in_last = {row["lot"]: (row["images"], row["verdict"]) for row in list_lots(session, Filters(job_run=last)).rows}
     assert lots == {("P1", "threshold:1"): (3, "incomplete"), ("L", "threshold:1"): (10, "hold"),
                     ("T", "threshold:1"): (4, "release"), ("T", "bottom-cam:1"): (4, "release")}
     assert in_last == {"L": (2, "hold")}
     # A third camera's set nobody has inspected yet: the lot is not whole for either.
-    register(factory, write_stack(tmp_path / "T-side.zarr", square_images(4, size=32), lot="T", camera="side"))
-    with factory() as session:
+    db.image_set("T-side", 4, lot="T", camera="side")
+    with db.factory() as session:
         assert {row["verdict"] for row in list_lots(session, Filters(lot="T")).rows} == {"incomplete"}
     # Held whatever the images not inspected turn out to be: a hold, saying what is missing too.
-    register(factory, write_stack(tmp_path / "L-more.zarr", square_images(2, size=32), lot="L"))
-    with factory() as session:
+    db.image_set("L-more", 2, lot="L")
+    with db.factory() as session:
         assert [row["verdict"] for row in list_lots(session, Filters(lot="L")).rows] == ["hold"]
 
     def dispositions(scope: Scope) -> dict[str, tuple[str, str]]:
@@ -303,34 +320,18 @@ def test_a_lot_is_disposed_of_as_a_whole_with_images_left_without_a_result_stopp
     assert dispositions(Scope(lot="P1")) == {"P1": ("incomplete", "7 of 10 images not inspected")}
     assert dispositions(Scope(job_run=last)) == {"L": ("hold", "the whole lot: failed at least 41.7 % > 5 %; 2 of 12 images not inspected")}
     assert dispositions(Scope(lot="L")) == {"L": ("hold", "failed at least 41.7 % > 5 %; 2 of 12 images not inspected")}
-    engine.dispose()
+    db.engine.dispose()
 
 
 def test_with_more_lots_than_drawn_the_figures_and_dispositions_cover_every_lot(tmp_path, sqlite_url):
     """Over max_subgroups lots, the centre line, the hold count and the key figure covered only the latest lots."""
-    from defectscan.db.migrate import upgrade
-    from defectscan.db.session import make_engine, session_factory
-    from defectscan.model.verdict import ImageResult
-    from defectscan.pipeline import record
-    from defectscan.pipeline.job_runs import open_run
-
-    from pipeline_helpers import add_model, register, square_images, write_stack
-
-    engine = make_engine(sqlite_url)
-    upgrade(engine)
-    factory = session_factory(engine)
-    weights = tmp_path / "weights.keras"
-    weights.write_bytes(b"not read by this test")
-    model = add_model(factory, weights)
-    run_id = open_run(factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
+    db = _Recorded(sqlite_url, tmp_path)
+    run_id = None
     for day in range(8):
-        image_set = register(factory, write_stack(tmp_path / f"L{day}.zarr", square_images(4, size=32), lot=f"L{day}", line="A",
-                                                  acquired_at=f"2026-03-0{day + 1}T08:00:00Z"))
+        image_set = db.image_set(f"L{day}", 4, lot=f"L{day}", line="A", acquired_at=f"2026-03-0{day + 1}T08:00:00Z")
         failing = 2 if day < 3 else 0  # the three oldest lots: half their images failed
-        results = [ImageResult(position=p, verdict="fail" if p < failing else "pass", max_score=0.5) for p in range(4)]
-        record.record_shard(factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id, results=results,
-                            mask_uri="m.zarr", mask_array="scores")
-    engine.dispose()
+        run_id = db.run(image_set, {p: "fail" if p < failing else "pass" for p in range(4)}, run_id=run_id)
+    db.engine.dispose()
 
     report = _build(sqlite_url, Scope(line="A"), ReportOptions(max_subgroups=5))
     assert (report.summary["lots"], report.summary["held"]) == (8, 3)
@@ -342,35 +343,20 @@ def test_with_more_lots_than_drawn_the_figures_and_dispositions_cover_every_lot(
 
 def test_qa_review_lots_are_named_ordered_by_capture_and_flagged_by_their_own_value(tmp_path, sqlite_url):
     """Sets without a lot showed as "-", a real lot named "-" was flagged for them, and L10 came before L2."""
-    from defectscan.db.migrate import upgrade
-    from defectscan.db.queries_report import NO_LOT
-    from defectscan.db.schema import Image, Inspection
-    from defectscan.db.session import make_engine, session_factory
-    from defectscan.model.verdict import ImageResult
-    from defectscan.pipeline import record
-    from defectscan.pipeline.job_runs import open_run
-    from defectscan.review.record import review_images
     from sqlalchemy import select
 
-    from pipeline_helpers import add_model, register, square_images, write_stack
+    from defectscan.db.queries_report import NO_LOT
+    from defectscan.db.schema import Image
+    from defectscan.review.record import review_images
 
-    engine = make_engine(sqlite_url)
-    upgrade(engine)
-    factory = session_factory(engine)
-    weights = tmp_path / "weights.keras"
-    weights.write_bytes(b"not read by this test")
-    model = add_model(factory, weights)
-    run_id = open_run(factory, record.Retry(), job="nightly", spec=None, model_id=model.id)
+    db = _Recorded(sqlite_url, tmp_path)
     for day, lot in enumerate(("L2", "L10", "-", None)):
-        image_set = register(factory, write_stack(tmp_path / f"S{day}.zarr", square_images(5, size=32), lot=lot, line="A",
-                                                  acquired_at=f"2026-03-0{day + 1}T08:00:00Z"))
-        record.record_shard(factory, record.Retry(), job_run_id=run_id, model_id=model.id, image_set_id=image_set.id,
-                            results=[ImageResult(position=p, verdict="fail", max_score=0.9) for p in range(5)], mask_uri="m.zarr", mask_array="scores")
-    with factory() as session:
-        for set_id, in session.execute(select(Image.image_set_id).distinct()):
-            images = list(session.scalars(select(Image.id).join(Inspection, Inspection.image_id == Image.id).where(Image.image_set_id == set_id)))
-            review_images(session, images, "pass" if set_id == 4 else "fail", by="qa")  # the sets without a lot: all false calls
-    engine.dispose()
+        image_set = db.image_set(f"S{day}", 5, lot=lot, line="A", acquired_at=f"2026-03-0{day + 1}T08:00:00Z")
+        db.run(image_set, {p: "fail" for p in range(5)})
+        with db.factory() as session:
+            images = list(session.scalars(select(Image.id).where(Image.image_set_id == image_set.id)))
+            review_images(session, images, "pass" if lot is None else "fail", by="qa")  # the set without a lot: all false calls
+    db.engine.dispose()
 
     html = _build(sqlite_url, Scope(line="A")).html
     section = " ".join(html.split('id="qa-review"', 1)[1].split("</section>", 1)[0].split())
