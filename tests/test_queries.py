@@ -102,6 +102,11 @@ def test_lot_filter_sorts_its_rows_the_same_as_without_it(session):
 def test_lots_and_summary_library_shapes(session):
     page = list_lots(session, limit=1)
     assert page.more and [r["lot"] for r in page.rows] == ["L043"] and "model_id" not in page.rows[0]
+    # The lot nothing inspected yet (L044) comes after the inspected ones, paged with them.
+    pages = [list_lots(session, limit=2, offset=offset) for offset in (0, 2, 3)]
+    assert [([r["lot"] for r in p.rows], p.more) for p in pages] == [(["L043", "L042"], True), (["L044"], False), ([], False)]
+    assert [r["lot"] for r in list_lots(session, limit=3).rows] == ["L043", "L042", "L044"]
+    assert [r["lot"] for r in list_lots(session, Filters(model="twoclass")).rows] == ["L043", "L042"]
     summary = lot_summary(session, "L043", Filters(model="twoclass"))
     assert summary["image_sets"] == 2 and summary["registered_images"] == 5
     with pytest.raises(DataError, match="unknown lot 'nope'"):

@@ -273,9 +273,12 @@ def test_strip_overlay_and_unknown_image(run, results_db, tmp_path):
 
 def test_lots_list_counts_match_the_stored_rows(run, results_db, monkeypatch):
     rows = _json(run("lots", "list", "--format", "json"))
-    assert [list(r) for r in rows] == [[*LOT_COLUMNS, *REVIEW_COLUMNS]] * 2  # QA's figures last (none here)
+    assert [list(r) for r in rows] == [[*LOT_COLUMNS, *REVIEW_COLUMNS]] * 3  # QA's figures last (none here)
     assert all(r["false_call_rate"] is None and r["failed_reviewed"] == 0 for r in rows)
-    assert [r["lot"] for r in rows] == ["L043", "L042"]  # most recent first
+    assert [r["lot"] for r in rows] == ["L043", "L042", "L044"]  # most recent first; then the lots nothing inspected yet
+    # L044 is registered and was never inspected: listed, incomplete (a night that inspected nothing left it out).
+    uninspected = rows.pop()
+    assert (uninspected["model"], uninspected["images"], uninspected["defect_rate"], uninspected["verdict"]) == (None, 0, None, "incomplete")
     stored = {
         lot: (n, failed, defects)
         for lot, n, failed, defects in query(
@@ -290,12 +293,13 @@ def test_lots_list_counts_match_the_stored_rows(run, results_db, monkeypatch):
         assert row["verdict"] == "hold"
     assert {r["lot"]: r["images"] for r in rows} == {"L042": 6, "L043": 5}
     relaxed = _json(run("lots", "list", "--format", "json", "--hold-above", "0.45"))
-    assert {r["lot"]: r["verdict"] for r in relaxed} == {"L042": "hold", "L043": "release"}
+    assert {r["lot"]: r["verdict"] for r in relaxed} == {"L042": "hold", "L043": "release", "L044": "incomplete"}
     monkeypatch.setenv("DEFECTSCAN_QA__HOLD_ABOVE", "0.45")  # the setting is the default of --hold-above
     assert _json(run("lots", "list", "--format", "json")) == relaxed
     monkeypatch.delenv("DEFECTSCAN_QA__HOLD_ABOVE")
     only_b = _json(run("lots", "list", "--format", "json", "--line", "B"))
-    assert [(r["lot"], r["images"], r["failed"]) for r in only_b] == [("L043", 4, 1)]
+    assert [(r["lot"], r["images"], r["failed"]) for r in only_b][:1] == [("L043", 4, 1)]
+    assert _json(run("lots", "list", "--format", "json", "--model", "twoclass"))[-1]["lot"] == "L042"  # a model named: its lots only
     table = run("lots", "list", "--format", "table")
     assert table.stdout.splitlines()[0].split() == [*LOT_COLUMNS, "false_call_rate", "escape_rate"]
 
@@ -330,7 +334,7 @@ def test_lots_show_top_classes_and_latest(run):
 
 
 def test_a_lot_and_an_image_not_inspected_yet(run, results_db, tmp_path):
-    assert "L044" not in [r["lot"] for r in _json(run("lots", "list", "--format", "json"))]
+    assert {r["lot"]: r["verdict"] for r in _json(run("lots", "list", "--format", "json"))}["L044"] == "incomplete"  # listed, after the others
     summary = _json(run("lots", "show", "L044", "--format", "json"))
     assert (summary["image_sets"], summary["registered_images"], summary["models"]) == (1, 2, [])
     assert "no inspections of lot 'L044' yet" in run("lots", "show", "L044", "--format", "table").stdout

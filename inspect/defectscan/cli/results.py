@@ -299,7 +299,8 @@ def lots_list(app: AppContext, filters, hold_above: float, max_errors: int, limi
     defect_rate is failed images / judged images (images in error left out; empty when none was judged); a lot
     is "incomplete" when some of its registered images have no result or none could be judged (all in error), "hold" when it is
     above --hold-above or has more images in error than --max-errors, else "release": the disposition of `defectscan report`.
-    Filters select the images counted; the disposition is the whole lot's. QA's figures follow (`defectscan review`): false_call_rate
+    Filters select the images counted; the disposition is the whole lot's. Lots registered and not inspected by any model
+    yet come last, incomplete (unless a model, run, verdict or defect filter is given). QA's figures follow (`defectscan review`): false_call_rate
     (failed images QA passed / failed images QA decided) and escape_rate (sampled passed images QA
     failed / those QA decided, with its 95 % interval in csv/json); empty until QA decides.
 

@@ -546,6 +546,22 @@ def _with_whole_lots(session: Session, filters: Filters, rows: list[dict[str, An
         row["verdict"] = whole[(row["lot"], row["model_id"])].disposition(*rules)[0]
 
 
+def _uninspected_lots(session: Session, filters: Filters) -> list[dict[str, Any]]:
+    """Lots registered within the filters (a set's capture time for since/until) of which no model has a result: incomplete."""
+    conditions = set_scope(filters)
+    if filters.since is not None:
+        conditions.append(ImageSet.acquired_at >= filters.since)
+    if filters.until is not None:
+        conditions.append(ImageSet.acquired_at < filters.until)
+    other = aliased(ImageSet)
+    inspected = select(other.lot).join(InspectionDaily, InspectionDaily.image_set_id == other.id).where(other.lot.is_not(None)).distinct()
+    lots = (select(ImageSet.lot, func.sum(ImageSet.n_images), func.min(ImageSet.acquired_at), func.max(ImageSet.acquired_at))
+            .where(*conditions, ImageSet.lot.is_not(None), ImageSet.lot.not_in(inspected))
+            .group_by(ImageSet.lot).order_by(func.max(ImageSet.acquired_at).desc().nulls_last(), ImageSet.lot))
+    return [dict(zip(LOT_COLUMNS, (lot, None, 0, 0, 0, 0, None, iso_utc(first), iso_utc(last), "incomplete"), strict=True))
+            for lot, _, first, last in session.execute(lots)]
+
+
 def _lot_row(row, rules: tuple[float, int]) -> dict[str, Any]:
     lot, model_id, name, version, images, failed, errors, defects, first, last = row
     # PostgreSQL's sum() of the union's counts is numeric: plain ints for JSON and the rate
@@ -672,6 +688,12 @@ def list_lots(
     _with_whole_lots(session, filters, page.rows, rules)
     for row in page.rows:
         row.pop("model_id")
+    if not page.more and set(filters.given()) <= {*provenance.LABELS, "since", "until"}:
+        # After the inspected lots (a night that inspected nothing left a lot out of the listing), paged with them.
+        inspected = offset + len(page.rows) if page.rows else session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+        tail = _uninspected_lots(session, filters)[max(0, offset - inspected):]
+        room = limit - len(page.rows)
+        page = Page([*page.rows, *tail[:room]], more=len(tail) > room, offset=offset)
     return page
 
 
