@@ -234,9 +234,11 @@ def test_scheduler_settings_that_cannot_work_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="DEFECTSCAN_CLUSTER__SCHEDULER: key 'cluster.scheduler' has value '': expected `local` or a scheduler address"):
         load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": ""})
     assert load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": "local"}).cluster.scheduler is None
+    assert load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": "dask-scheduler:8786"}).cluster.scheduler == "tcp://dask-scheduler:8786"
     # Kubernetes' service links of a Service named defectscan-scheduler are not settings.
     links = {"DEFECTSCAN_SCHEDULER_SERVICE_HOST": "10.96.0.12", "DEFECTSCAN_SCHEDULER_PORT": "tcp://10.96.0.12:8786",
-             "DEFECTSCAN_SCHEDULER_PORT_8786_TCP_ADDR": "10.96.0.12", "DEFECTSCAN_SCHEDULER_SERVICE_PORT_TLS_COMM": "8786"}
+             "DEFECTSCAN_SCHEDULER_PORT_8786_TCP_ADDR": "10.96.0.12", "DEFECTSCAN_SCHEDULER_SERVICE_PORT_TLS_COMM": "8786",
+             "DEFECTSCAN_SERVICE_HOST": "10.96.0.13", "DEFECTSCAN_PORT": "tcp://10.96.0.13:80"}  # a Service named defectscan
     assert load_settings(environ=links).cluster.scheduler is None
 
 
@@ -303,3 +305,32 @@ def test_a_local_cluster_listens_on_this_machine_only(gpus, monkeypatch):
         addresses = [client.scheduler_info()["address"], *client.scheduler_info()["workers"]]
         assert all(address.startswith("tcp://127.0.0.1:") for address in addresses), addresses
         assert info.dashboard.startswith("http://127.0.0.1:")
+
+
+def test_a_scheduler_that_answers_after_the_run_gave_up_leaves_no_client_behind(monkeypatch):
+    """The connecting thread went on: a late answer made a Client nobody closed, the process's default client."""
+    import threading
+
+    import distributed
+
+    from defectscan.errors import DefectscanError
+    from defectscan.pipeline import cluster
+
+    answer, closed = threading.Event(), []
+
+    class LateClient:
+        def __init__(self, *args, **kwargs):
+            answer.wait(10)
+
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setattr(distributed, "Client", LateClient)
+    monkeypatch.setattr(cluster, "HANDSHAKE_GRACE_S", 0.1)
+    with pytest.raises(DefectscanError, match="did not answer within 0.3 s"):
+        cluster._client_within("tcp://127.0.0.1:1", None, 0.2)
+    answer.set()
+    deadline = time.monotonic() + 5
+    while not closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(closed) == 1

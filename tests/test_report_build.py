@@ -380,3 +380,23 @@ def test_a_large_image_is_drawn_in_part_whatever_its_defects(monkeypatch):
     huge = [{"bbox": [0, 0, 300, 1500]}]
     y0, x0, y1, x1 = build.picture_window(shape, huge)
     assert (y1 - y0, x1 - x0) == (100, 100) and (y0, x0) == (100, 702)
+
+
+def test_a_lot_whose_new_sets_nothing_inspected_is_listed_within_the_filters_too(tmp_path, sqlite_url):
+    """Any inspection of the lot, at any time or on any line, took it out of the listing cut to a night or a line."""
+    import datetime as dt
+
+    from defectscan.db.queries import Filters, list_lots
+
+    db = _Recorded(sqlite_url, tmp_path)
+    db.run(db.image_set("A1", 4, lot="A", line="A", acquired_at="2026-03-01T08:00:00Z"), {p: "pass" for p in range(4)})
+    db.image_set("A2", 2, lot="A", line="D", acquired_at="2026-03-08T08:00:00Z")  # written the next week, not inspected
+    db.image_set("B1", 2, lot="B", line="D", acquired_at="2026-03-08T09:00:00Z")
+    since = dt.datetime(2026, 3, 8, tzinfo=dt.UTC)
+    with db.factory() as session:
+        everything = [(r["lot"], r["verdict"]) for r in list_lots(session).rows]
+        that_night = [(r["lot"], r["verdict"]) for r in list_lots(session, Filters(since=since)).rows]
+        line_d = [(r["lot"], r["verdict"]) for r in list_lots(session, Filters(line="D")).rows]
+    assert everything == [("A", "incomplete"), ("B", "incomplete")]  # A's row is its inspected part, judged as a whole
+    assert that_night == line_d == [("B", "incomplete"), ("A", "incomplete")]
+    db.engine.dispose()

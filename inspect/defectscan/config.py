@@ -30,7 +30,7 @@ _NOT_SETTINGS = ("DEFECTSCAN_CONFIG", "DEFECTSCAN_CHROMIUM", "DEFECTSCAN_IMAGE",
 _TEST_ENV_PREFIX = "DEFECTSCAN_TEST_"
 # Kubernetes' service links: for a Service named defectscan-scheduler (the DaskCluster's), every pod of the
 # namespace gets DEFECTSCAN_SCHEDULER_SERVICE_HOST, DEFECTSCAN_SCHEDULER_PORT_8786_TCP and so on: not settings.
-_SERVICE_LINK = re.compile(r"^DEFECTSCAN_(?!.*__)[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$")
+_SERVICE_LINK = re.compile(r"^DEFECTSCAN_(?!.*__)([A-Z0-9_]+_)?(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$")
 _NESTED = "__"
 
 
@@ -61,8 +61,11 @@ _SCHEDULER = re.compile(r"^(tcp|tls|ucx|inproc)://[^/\s]+$")
 def check_scheduler(value: str | None) -> str | None:
     """A scheduler address, or `local` (a local cluster for the run); anything else refused. An empty value (an env-file
     line left empty, an unset ${VAR}) quietly started a local cluster on the machine of the run instead of the plant's."""
-    if value is None or value == "local":
-        return value
+    if value is None or value.strip().lower() == "local":
+        return None if value is None else "local"
+    value = value.strip().rstrip("/")
+    if re.match(r"^[^/\s:]+:\d+$", value):
+        value = f"tcp://{value}"  # host:port, as distributed takes it
     if not _SCHEDULER.match(value):
         raise ValueError("expected `local` or a scheduler address such as tls://dask-scheduler:8786")
     return value

@@ -245,6 +245,8 @@ def render_command(target: str, output_dir: Path | None, executable: str, deploy
     if not found:
         raise ConfigError(f"{_jobs_dir()}: no job specs (*.yaml) to render")
     specs = [spec for _, spec in found]
+    if not log_dir.strip():
+        raise ConfigError("--log-dir '': give the folder of the jobs' logs (a crontab line appends to FOLDER/NAME.log)")
     if target == "systemd" and not env_file:
         raise ConfigError("--env-file '': the systemd units read the database URL from an environment file; give its path")
     options = RenderOptions(defectscan=executable, jobs_dir=deployed_jobs_dir, env_file=env_file, log_dir=log_dir, image=image, namespace=namespace,

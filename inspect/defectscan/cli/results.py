@@ -297,8 +297,9 @@ def lots_list(app: AppContext, filters, hold_above: float, max_errors: int, limi
     """One row per lot and model version, most recently captured lots first.
 
     defect_rate is failed images / judged images (images in error left out; empty when none was judged); a lot
-    is "incomplete" when some of its registered images have no result or none could be judged (all in error), "hold" when it is
-    above --hold-above or has more images in error than --max-errors, else "release": the disposition of `defectscan report`.
+    is "hold" when it is above --hold-above or has more images in error than --max-errors (counting its images without a result
+    as passed, when it has some), else "incomplete" when some of its registered images have no result or none could be judged
+    (all in error), else "release": the disposition of `defectscan report`.
     Filters select the images counted; the disposition is the whole lot's. Lots registered and not inspected by any model
     yet come last, incomplete (unless a model, run, verdict or defect filter is given). QA's figures follow (`defectscan review`): false_call_rate
     (failed images QA passed / failed images QA decided) and escape_rate (sampled passed images QA

@@ -546,20 +546,24 @@ def _with_whole_lots(session: Session, filters: Filters, rows: list[dict[str, An
         row["verdict"] = whole[(row["lot"], row["model_id"])].disposition(*rules)[0]
 
 
-def _uninspected_lots(session: Session, filters: Filters) -> list[dict[str, Any]]:
-    """Lots registered within the filters (a set's capture time for since/until) of which no model has a result: incomplete."""
+def _uninspected_lots(session: Session, filters: Filters, listing: Select) -> list[dict[str, Any]]:
+    """Lots with image sets within the filters (a set's capture time for since/until) that no model has a result on, and
+    no row in the inspected `listing`: incomplete. (A lot of the listing has its whole-lot disposition there.)"""
     conditions = set_scope(filters)
     if filters.since is not None:
         conditions.append(ImageSet.acquired_at >= filters.since)
     if filters.until is not None:
         conditions.append(ImageSet.acquired_at < filters.until)
-    other = aliased(ImageSet)
-    inspected = select(other.lot).join(InspectionDaily, InspectionDaily.image_set_id == other.id).where(other.lot.is_not(None)).distinct()
-    lots = (select(ImageSet.lot, func.sum(ImageSet.n_images), func.min(ImageSet.acquired_at), func.max(ImageSet.acquired_at))
-            .where(*conditions, ImageSet.lot.is_not(None), ImageSet.lot.not_in(inspected))
+    untouched = ~select(InspectionDaily.image_set_id).where(InspectionDaily.image_set_id == ImageSet.id).exists()
+    lots = (select(ImageSet.lot, func.min(ImageSet.acquired_at), func.max(ImageSet.acquired_at))
+            .where(*conditions, ImageSet.lot.is_not(None), untouched)
             .group_by(ImageSet.lot).order_by(func.max(ImageSet.acquired_at).desc().nulls_last(), ImageSet.lot))
+    found = session.execute(lots).all()
+    if not found:
+        return []
+    listed = set(session.scalars(select(listing.subquery().c.lot).distinct()))
     return [dict(zip(LOT_COLUMNS, (lot, None, 0, 0, 0, 0, None, iso_utc(first), iso_utc(last), "incomplete"), strict=True))
-            for lot, _, first, last in session.execute(lots)]
+            for lot, first, last in found if lot not in listed]
 
 
 def _lot_row(row, rules: tuple[float, int]) -> dict[str, Any]:
@@ -691,7 +695,7 @@ def list_lots(
     if not page.more and set(filters.given()) <= {*provenance.LABELS, "since", "until"}:
         # After the inspected lots (a night that inspected nothing left a lot out of the listing), paged with them.
         inspected = offset + len(page.rows) if page.rows else session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
-        tail = _uninspected_lots(session, filters)[max(0, offset - inspected):]
+        tail = _uninspected_lots(session, filters, query)[max(0, offset - inspected):]
         room = limit - len(page.rows)
         page = Page([*page.rows, *tail[:room]], more=len(tail) > room, offset=offset)
     return page

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from defectscan.db.schema import JobLock, JobRun, Model
 from defectscan.errors import DefectscanError
-from defectscan.secrets import mask_secrets
+from defectscan.secrets import mask_secrets_in
 
 
 def last_runs(session: Session, jobs: list[str]) -> dict[str, JobRun]:
@@ -68,5 +68,5 @@ def describe_run(session: Session, run: JobRun) -> dict[str, Any]:
         "error": run.error,
         "spec": run.spec,
     }
-    # Masked after serialising, so a password anywhere in the spec or an error never gets out.
-    return json.loads(mask_secrets(json.dumps(data, default=str)))
+    # Every string masked, in the spec and the error alike, so a password anywhere in them never gets out.
+    return mask_secrets_in(json.loads(json.dumps(data, default=str)))

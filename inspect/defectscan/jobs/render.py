@@ -56,7 +56,8 @@ def render_crontab(specs: list[JobSpec], options: RenderOptions) -> str:
     """A crontab (for `crontab -u defectscan FILE`): one line per job, its time zone set with CRON_TZ (cronie)."""
     lines = [
         "# defectscan jobs -- written by `defectscan jobs render crontab`; edit the specs, not this file.",
-        "# Needs: the environment file with DEFECTSCAN_DATABASE_URL and the DEFECTSCAN_CLUSTER__TLS__* files.",
+        ("# Needs: the environment file with DEFECTSCAN_DATABASE_URL and the DEFECTSCAN_CLUSTER__TLS__* files." if options.env_file
+         else "# Needs: DEFECTSCAN_DATABASE_URL and the DEFECTSCAN_CLUSTER__TLS__* files from the executable's own environment."),
         "# Exit status 75 means the previous run of the job is still going (this trigger did nothing).",
         "SHELL=/bin/sh",
         "PATH=/usr/local/bin:/usr/bin:/bin",

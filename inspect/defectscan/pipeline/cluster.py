@@ -253,20 +253,42 @@ def _client_within(address: str, tls, timeout: float):
     from defectscan import interrupts
 
     made: dict[str, object] = {}
+    lock = threading.Lock()
 
     def make() -> None:
         try:
-            made["client"] = Client(address, security=tls, timeout=timeout)
+            client = Client(address, security=tls, timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             made["error"] = exc
+            return
+        with lock:
+            if not made.get("abandoned"):
+                made["client"] = client
+                return
+        client.close()  # answered after the caller gave up: it would otherwise live on as the default client
+
+    def give_up() -> None:
+        with lock:
+            made["abandoned"] = True
+            client = made.pop("client", None)
+        if client is not None:
+            client.close()
 
     thread = threading.Thread(target=make, name="dask-connect", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout + HANDSHAKE_GRACE_S
-    while thread.is_alive() and time.monotonic() < deadline:
-        thread.join(0.2)
-        interrupts.check()
-    if thread.is_alive():
+    try:
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.2)
+            interrupts.check()
+    except BaseException:
+        give_up()
+        raise
+    with lock:
+        late = thread.is_alive() and "client" not in made and "error" not in made
+        if late:
+            made["abandoned"] = True
+    if late:
         raise DefectscanError(f"cannot connect to the Dask scheduler at {address}: it accepted the connection but did not answer "
                               f"within {timeout + HANDSHAKE_GRACE_S:g} s (a hung or stopped scheduler?)")
     error = made.get("error")

@@ -5,9 +5,9 @@ PNG data URIs: it opens offline and needs no JavaScript. Every value from the da
 through Jinja2's autoescaping; chart labels are escaped by the SVG writer (report/charts.py).
 
 Lot disposition: db/queries.py's `WholeLot.disposition`, the one `defectscan lots` shows, over the
-whole lot whatever the report's scope ("incomplete" when some of its registered images have no result
-or none was judged; "hold" above hold_above or with more than max_errors images in error; else
-"release"), and on a lot-level p-chart also "hold" above the upper control limit;
+whole lot whatever the report's scope ("hold" above hold_above or with more than max_errors images in
+error, also when that holds whatever its images without a result turn out to be; "incomplete" when some
+of its registered images have no result or none was judged; else "release"), and on a lot-level p-chart also "hold" above the upper control limit;
 the rules are `HoldRules`, whose defaults are documented there and are `defectscan report` options.
 """
 
@@ -221,7 +221,7 @@ def _disposition(groups: list[dict[str, Any]], above: dict[Any, Any], rules: Hol
             continue
         if rules.out_of_control and g["key"] in above:
             reasons.append(f"above the upper control limit {above[g['key']].ucl:.3f}")
-        rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %", "disposition": "hold" if reasons else "release",
+        rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %" if judged > 0 else "-", "disposition": "hold" if reasons else "release",
                      "reasons": reasons})
     return rows
 
