@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -175,8 +176,9 @@ def throughput(args) -> dict:
     runs: dict[str, list[dict]] = {precision: [] for precision in precisions}
     with _local_cluster(settings.cluster, 1, args.runtime) as cluster, Client(cluster) as client:
         version = 1
-        for _ in range(args.repeat):
-            for precision in precisions:
+        for round_ in range(args.repeat):
+            # Alternated: the first measurement after the cluster starts is usually the lowest.
+            for precision in precisions if round_ % 2 == 0 else precisions[::-1]:
                 if version > 1:  # a version of its own, so that its results are not the previous run's
                     model = _add_model(factory, model_path, "tinyunet-bench", str(version), precision)
                 runs[precision].append(_throughput_of(args, factory, client, model, image_set, settings))
@@ -186,9 +188,10 @@ def throughput(args) -> dict:
     for key in ("model_only_img_s", "end_to_end_img_s", "ratio", "status"):
         figures[key] = figures["precisions"][precisions[-1]][key]
     if args.compare_precisions:
-        runs = figures["precisions"]
+        # Per round (back-to-back measurements), then the median: the two precisions' median runs may be of different rounds.
         for key in ("model_only_img_s", "end_to_end_img_s"):
-            figures[f"bfloat16_vs_float32_{key[:-6]}"] = round(runs["bfloat16"][key] / runs["float32"][key], 3)
+            per_round = [b[key] / f[key] for b, f in zip(runs["bfloat16"], runs["float32"], strict=True)]
+            figures[f"bfloat16_vs_float32_{key[:-6]}"] = round(statistics.median(per_round), 3)
         print(f"bfloat16 / float32: model only x{figures['bfloat16_vs_float32_model_only']:.2f}, "
               f"end to end x{figures['bfloat16_vs_float32_end_to_end']:.2f} (target >= 1.7 end to end)")
     figures["parity"] = _parity_figures(args, model_path, precisions[-1])
@@ -218,6 +221,8 @@ def _throughput_of(args, factory, client, model, image_set, settings) -> dict:
     summary, seconds = _inspect(factory, client, model, image_set, settings, in_flight=2)
     end_to_end = summary.counts.inspected / seconds
     figures = {"model_only_img_s": round(model_only, 2), "end_to_end_img_s": round(end_to_end, 2), "ratio": round(end_to_end / model_only, 3),
+               # What the workers ran: asked for bfloat16, a CPU without its fast path runs float32.
+               "precision_asked": ref.precision, "precisions_run": dict(summary.precisions_run),
                "status": summary.status, "worker_seconds": {k: round(v, 2) for k, v in summary.worker_seconds.items()}, "wall_seconds": round(seconds, 2)}
     print(f"{ref.precision:<8} model only : {model_only:8.2f} img/s  ({args.size}x{args.size}, batch {args.batch_size}, one worker, {args.runtime})")
     print(f"{ref.precision:<8} end to end : {end_to_end:8.2f} img/s  (Zarr in -> masks + SQLite out, {args.images} images)")
@@ -233,6 +238,9 @@ def _parity_figures(args, model_path: Path, precision: str) -> dict | None:
     if precision == "float32":
         return None
     check = sidecar_metadata(model_path).precision_check
+    if check and check.get("precision") not in (None, precision):
+        print(f"parity: the model file's check is of {check.get('precision')}, not {precision}: not shown")
+        return None
     print(f"parity: {describe_precision(precision, check) if check else 'none recorded with this model file (an untrained model has none)'}")
     return check
 
@@ -283,7 +291,7 @@ def million(args) -> dict:
 
     began = time.perf_counter()
     with factory() as session:
-        pending, _ = pending_positions(session, image_set, model, force=False)
+        pending, _ = pending_positions(session, image_set, model, redo="none")
     shards = sum(1 for _ in plan_stack(image_set.id, args.images, args.images_per_shard, pending))
     plan_s = time.perf_counter() - began
     del pending
