@@ -70,7 +70,7 @@ def test_register_list_show_on_both_databases(cli, migrated_url, model_file, tmp
     result = _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "1",
                  "--class", "scratch", "--class", "spot", "--threshold", "0.4", "--metrics", str(metrics))
     assert result.exit_code == 0, result.output
-    assert "registered tiny:1 (UNet(4,4,8,8,16), classes scratch, spot)" in result.output
+    assert "registered tiny:1 (UNet(4,4,8,8,16), classes scratch, spot)" in result.output and "; stage staging\n" in result.output
     assert _db(cli, migrated_url, "models", "register", str(model_file), "--name", "tiny", "--version", "2", "--class", "a", "--class", "b").exit_code == 0
 
     listed = _db(cli, migrated_url, "models", "list", "--format", "csv").output.splitlines()

@@ -163,7 +163,8 @@ def test_a_store_changed_since_registration_is_reported_and_the_run_is_partial(c
     # Nothing is left to inspect once the changed store is set aside: no cluster is contacted.
     result = cli("--database-url", migrated_url, "jobs", "--jobs-dir", str(tmp_path), "run", "line-a")
     assert result.exit_code == 3, result.output
-    assert f"{store}: the store changed since it was registered" in result.output
+    assert f"{store}: changed since it was registered as image set 1 " in result.output
+    assert result.output.count("refusing") == 1  # the message said it twice, once in parentheses
     assert "nothing new to inspect" in result.output
 
 

@@ -270,37 +270,38 @@ def test_sigterm_marks_the_run_interrupted_and_a_rerun_completes(prepared, exter
     assert f"64 images: {64 - done_before} inspected" in result.output
 
 
-def test_images_not_written_yet_make_inspect_partial_and_are_inspected_once_they_are(cli, prepared, tmp_path):
+def test_images_not_written_yet_make_inspect_partial_and_are_inspected_once_they_are(prepared, cluster, tmp_path):
     """`inspect` said "succeeded" (exit 0) for a set still waiting for frames, and never inspected them when they came."""
-    url, factory, _ = prepared
+    from defectscan.cli.inspect import describe_summary
+    from defectscan.config import load_settings
+    from defectscan.pipeline.by_name import run_inspect
+
+    _, factory, _ = prepared
     store = write_stack(tmp_path / "L9.zarr", square_images(6, defects={4: (10, 10, 6)}))
     chunk = store / "images" / "c" / "4" / "0" / "0"
     written = chunk.read_bytes()
     chunk.unlink()  # the camera has not written frame 4 yet
     image_set = register(factory, store)
     assert image_set.n_images == 5
-    run = lambda: cli("--database-url", url, "inspect", "--model", "threshold", "--imageset", str(store), "--workers", "1", "--no-progress")  # noqa: E731
+    settings = load_settings(environ={"DEFECTSCAN_CLUSTER__SCHEDULER": cluster.scheduler.address})
+    run = lambda: run_inspect(factory, settings, "threshold", [str(store)], echo=lambda line: None)  # noqa: E731
     first = run()
-    assert first.exit_code == 3, first.output
-    assert "partial, 5 images: 5 inspected (0 failed)" in first.output
-    assert f"error: image set {image_set.id} ({store}): 1 image(s) not written yet (positions 4) are not inspected" in first.output
-    assert f"imagesets give-up-missing {image_set.id} --reason TEXT" in first.output
+    assert first.exit_code == 3 and "partial, 5 images: 5 inspected (0 failed)" in describe_summary(first)
+    assert first.errors[0].startswith(f"image set {image_set.id} ({store}): 1 image(s) not written yet (positions 4) are not inspected")
+    assert f"imagesets give-up-missing {image_set.id} --reason TEXT" in first.errors[0]
     chunk.write_bytes(written)
     second = run()
-    assert second.exit_code == 0, second.output
-    assert "succeeded, 6 images: 1 inspected (1 failed), 0 errors, 5 already done" in second.output
+    assert second.exit_code == 0 and "succeeded, 6 images: 1 inspected (1 failed), 0 errors, 5 already done" in describe_summary(second)
     with factory() as session:
         assert [run.status for run in session.scalars(select(JobRun).order_by(JobRun.id))][-2:] == ["partial", "succeeded"]
 
 
-@pytest.mark.parametrize("gpus", [None, "0"])
-def test_a_local_cluster_listens_on_this_machine_only(gpus, monkeypatch):
+def test_a_local_cluster_listens_on_this_machine_only(monkeypatch):
     """A scheduler runs what it is sent: the GPU cluster's ports (without dask-cuda) were open on every interface."""
     from defectscan.config import load_settings
     from defectscan.pipeline.cluster import connect
 
-    if gpus is not None:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)  # the one-worker-per-GPU cluster; its workers need no device to start
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the one-worker-per-GPU cluster; its workers need no device to start
     with connect(load_settings(environ={}).cluster, n_workers=1) as (client, info):
         addresses = [client.scheduler_info()["address"], *client.scheduler_info()["workers"]]
         assert all(address.startswith("tcp://127.0.0.1:") for address in addresses), addresses

@@ -66,6 +66,7 @@ def test_ingest_1000_pngs_from_the_cli(tmp_path, migrated_url, cli):
     assert [(s["id"], s["images"], s["lot"], s["line"], s["shape"]) for s in listed] == [(1, 1000, "L1", "3", [1000, 64, 64])]
     shown = cli("--database-url", migrated_url, "imagesets", "show", str(out), "--keys", "2")
     assert shown.exit_code == 0 and "0000.png" in shown.output and "0001.png" in shown.output and "0002.png" not in shown.output
+    assert "camera:        -\n" in shown.output and "None" not in shown.output  # an attribute not given
     valid = cli("--database-url", migrated_url, "imagesets", "validate", "1")
     assert valid.exit_code == 0 and "OK: 1000 images, checksum matches, every chunk stored" in valid.output
 

@@ -259,7 +259,7 @@ def show_command(app: AppContext, ident, n_keys, as_json) -> None:
     for name, value in row.items():
         if name in ("first_images", "skipped"):
             continue
-        click.echo(f"{name + ':':15}{value}")
+        click.echo(f"{name + ':':15}{'-' if value is None else value}")
     click.echo(f"{'skipped:':15}{len(row['skipped'])} at ingest/registration")
     for image in row["first_images"]:
         click.echo(f"  {image['position']:>6}  {image['key']}  {image['acquired_at'] or '-'}")

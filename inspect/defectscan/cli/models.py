@@ -280,7 +280,8 @@ def register_command(
             precision=precision,
             check_data=check_data,
         )
-        click.echo(f"registered {row.name}:{row.version} ({row.architecture}, classes {', '.join(row.classes)}) sha256 {row.sha256[:12]} from {row.uri}")
+        click.echo(f"registered {row.name}:{row.version} ({row.architecture}, classes {', '.join(row.classes)}) sha256 {row.sha256[:12]} from {row.uri}; "
+                   f"stage {row.stage}")
         click.echo(f"operating point: {describe_operating_point(row.operating_point)}")
         click.echo(f"precision: {describe_precision(row.precision, row.precision_check)}")
 

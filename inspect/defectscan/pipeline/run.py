@@ -143,7 +143,7 @@ def check_store_unchanged(image_set: ImageSet) -> None:
     info = layout.describe(layout.open_group(image_set.uri), image_set.uri, image_set.array_path)
     changes = store_changes(image_set, info)
     if changes:
-        raise DataError(f"{image_set.uri}: the store changed since it was registered ({changes}); refusing to inspect it")
+        raise DataError(f"{image_set.uri}: {changes}")
 
 
 @dataclass(frozen=True)
