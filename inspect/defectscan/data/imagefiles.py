@@ -11,6 +11,7 @@ is often larger than its 179-megapixel default.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,11 @@ def read_mask(path: str | Path) -> np.ndarray:
             gray = _to_gray(path, array[..., :-1] if array.shape[-1] == 4 else array[..., 0])
             return np.where(array[..., -1] > 0, gray, 0).astype(gray.dtype)
         return _to_gray(path, array)
-    gray = _to_gray(path, _read_pillow(path, palette="indices"))
-    try:
-        with open_pillow(path) as image:
-            if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
-                return gray
-            alpha = np.asarray(image.convert("RGBA"))[..., 3]
-    except Exception as exc:  # noqa: BLE001 - read once already; any failure now is still this file's
-        raise DataError(f"{path}: corrupt or truncated image: {first_line(exc)}") from None
+    with _pillow(path) as image:
+        gray = _to_gray(path, _pillow_array(path, image, palette="indices"))
+        if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+            return gray
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
     return np.where(alpha > 0, gray, 0).astype(gray.dtype)
 
 
@@ -105,6 +103,13 @@ WIDE_COLOUR_PNG = ("16-bit colour or gray+alpha PNG: not read (it would lose its
 
 
 def _read_pillow(path: Path, palette: str = "colours") -> np.ndarray:
+    with _pillow(path) as image:
+        return _pillow_array(path, image, palette)
+
+
+@contextmanager
+def _pillow(path: Path):
+    """The file opened and decoded by Pillow; any failure inside, the decoder's or a caller's, is this file's, named."""
     from PIL import UnidentifiedImageError
 
     if wide_colour_png(path):
@@ -112,27 +117,32 @@ def _read_pillow(path: Path, palette: str = "colours") -> np.ndarray:
     try:
         with open_pillow(path) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(image, dtype=np.uint16)
-            if image.mode == "I":
-                return _int32_to_uint16(path, np.asarray(image))
-            if image.mode == "P" and palette == "indices":
-                indices = np.asarray(image)
-                colours = np.asarray(image.getpalette() or [], dtype=np.int32).reshape(-1, 3)
-                if not _gray_entries(colours, indices):
-                    return indices
-                # A black-and-white mask saved as a palette image (quantize, pngquant) may list white first:
-                # its gray values, not its indices, say which pixels are marked.
-                return np.asarray(image.convert("L"))
-            if image.mode in ("P", "PA", "CMYK", "YCbCr", "LA", "1"):
-                image = image.convert("RGBA" if "A" in image.mode else "RGB")
-            return np.asarray(image)
+            yield image
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file (format not recognised)") from None
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure (zlib, struct, memory) is this file's problem
         raise DataError(f"{path}: corrupt or truncated image: {first_line(exc)}") from None
+
+
+def _pillow_array(path: Path, image, palette: str) -> np.ndarray:
+    """The pixels of an opened image: 16-bit kept, a palette's colours (or, for a mask, its indices), colour as RGB(A)."""
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(image, dtype=np.uint16)
+    if image.mode == "I":
+        return _int32_to_uint16(path, np.asarray(image))
+    if image.mode == "P" and palette == "indices":
+        indices = np.asarray(image)
+        colours = np.asarray(image.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+        if not _gray_entries(colours, indices):
+            return indices
+        # A black-and-white mask saved as a palette image (quantize, pngquant) may list white first:
+        # its gray values, not its indices, say which pixels are marked.
+        return np.asarray(image.convert("L"))
+    if image.mode in ("P", "PA", "CMYK", "YCbCr", "LA", "1"):
+        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    return np.asarray(image)
 
 
 def _read_tiff(path: Path, palette: str) -> np.ndarray:
