@@ -26,9 +26,11 @@ MASK_SUFFIXES = ("", "_mask", "_label")
 def _image_of_mask(path: Path, image_stems: set[str]) -> str | None:
     """The stem of the image a mask belongs to: the same stem first (a mask `bolt_label.png` of the image
     `bolt_label.png`), then without `_mask`/`_label`; None when no image has either."""
-    stem = path.stem
-    if stem in image_stems:
-        return stem
+    return path.stem if path.stem in image_stems else _named_as_mask_of(path.stem, image_stems)
+
+
+def _named_as_mask_of(stem: str, image_stems: set[str]) -> str | None:
+    """The image stem that `stem` is named as the mask of (bolt_mask, bolt_label -> bolt), or None."""
     for suffix in MASK_SUFFIXES[1:]:
         if stem.endswith(suffix) and stem[: -len(suffix)] in image_stems:
             return stem[: -len(suffix)]
@@ -47,7 +49,7 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: ProblemLog) -> tu
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        if one_folder and any(path.stem.endswith(suffix) and path.stem[: -len(suffix)] in stems for suffix in MASK_SUFFIXES[1:]):
+        if one_folder and _named_as_mask_of(path.stem, stems) is not None:
             continue
         if path.stem in image_files:
             problems.add(path, f"another image has the same name stem ({image_files[path.stem].name}); both are left out")
