@@ -521,9 +521,11 @@ def whole_lots(session: Session, filters: Filters, keys: list[tuple[str | None, 
         untouched.update(session.execute(select(ImageSet.lot, func.sum(ImageSet.n_images))
                                          .where(*scope, ~select(daily.image_set_id).where(daily.image_set_id == ImageSet.id).exists())
                                          .group_by(ImageSet.lot)).all())
+        # This chunk's sets only: unrestricted, each chunk summed the rollup of every set of these models again.
         per_set = (select(daily.image_set_id, daily.model_id, func.sum(daily.images).label("images"), func.sum(daily.failed).label("failed"),
                           func.sum(daily.errors).label("errors"))
-                   .where(daily.model_id.in_(model_ids)).group_by(daily.image_set_id, daily.model_id).subquery())
+                   .where(daily.model_id.in_(model_ids), daily.image_set_id.in_(select(ImageSet.id).where(*scope)))
+                   .group_by(daily.image_set_id, daily.model_id).subquery())
         rows = session.execute(
             select(ImageSet.lot, per_set.c.model_id, func.sum(ImageSet.n_images), func.sum(per_set.c.images), func.sum(per_set.c.failed),
                    func.sum(per_set.c.errors))
