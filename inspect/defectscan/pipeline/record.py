@@ -200,13 +200,8 @@ def record_results(
         daily.add(acquired[row["image_id"]], row["verdict"], row["n_defects"])
     daily.write(session, image_set_id, model_id)
     _refresh_reviewed(session, image_set_id, [image_id for image_id, _ in todo])
-    pending = [result for _, result in todo]
-    written = Counts(
-        inspected=sum(1 for r in pending if r.verdict != "error"),
-        errors=kept_errors + sum(1 for r in pending if r.verdict == "error"),
-        failed=sum(1 for r in pending if r.verdict == "fail"),
-        defects=len(defect_rows),
-    )
+    written = _counts_of([result.verdict for _, result in todo], defects=len(defect_rows))
+    written.errors += kept_errors
     _add_to_run(session, job_run_id, written, now)
     counts.add(written)
     return counts
@@ -218,13 +213,13 @@ def _recorded_by_this_run(session: Session, job_run_id: int, model_id: int, imag
     not another run's, and a --force retry must not replace them a second time."""
     rows = session.execute(select(Inspection.image_id, Inspection.verdict, Inspection.n_defects).where(
         Inspection.model_id == model_id, Inspection.job_run_id == job_run_id, Inspection.image_id.in_(image_ids))).all()
-    counts = Counts(
-        inspected=sum(1 for _, verdict, _ in rows if verdict != "error"),
-        errors=sum(1 for _, verdict, _ in rows if verdict == "error"),
-        failed=sum(1 for _, verdict, _ in rows if verdict == "fail"),
-        defects=sum(n for _, _, n in rows),
-    )
-    return counts, {image_id for image_id, _, _ in rows}
+    return _counts_of([verdict for _, verdict, _ in rows], defects=sum(n for _, _, n in rows)), {image_id for image_id, _, _ in rows}
+
+
+def _counts_of(verdicts: list[str], *, defects: int) -> Counts:
+    """What a run counts of these verdicts: judged (pass or fail), failed, in error; and their defects."""
+    return Counts(inspected=sum(v != "error" for v in verdicts), errors=sum(v == "error" for v in verdicts),
+                  failed=sum(v == "fail" for v in verdicts), defects=defects)
 
 
 def _add_to_run(session: Session, job_run_id: int, counts: Counts, now: dt.datetime) -> None:
