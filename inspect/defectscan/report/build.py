@@ -210,19 +210,16 @@ def _disposition(groups: list[dict[str, Any]], above: dict[Any, Any], rules: Hol
     rows = []
     for g in groups:
         judged = g["images"] - g["errors"]
-        share = failed_share(g["images"], g["failed"], g["errors"])
+        share = f"{100 * failed_share(g['images'], g['failed'], g['errors']):.1f} %" if judged > 0 else "-"
         lot = whole[g["key"]]
         disposition, reasons = lot.disposition(rules.hold_above, rules.max_errors)
         if (lot.images, lot.failed, lot.errors) != (g["images"], g["failed"], g["errors"]):
             reasons = [f"the whole lot: {'; '.join(reasons)}"] if reasons else []
-        if disposition == "incomplete":
-            rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %" if judged > 0 else "-", "disposition": "incomplete",
-                         "reasons": reasons})
-            continue
-        if rules.out_of_control and g["key"] in above:
-            reasons.append(f"above the upper control limit {above[g['key']].ucl:.3f}")
-        rows.append({**g, "judged": judged, "share": f"{100 * share:.1f} %" if judged > 0 else "-", "disposition": "hold" if reasons else "release",
-                     "reasons": reasons})
+        if disposition != "incomplete":
+            if rules.out_of_control and g["key"] in above:
+                reasons.append(f"above the upper control limit {above[g['key']].ucl:.3f}")
+            disposition = "hold" if reasons else "release"
+        rows.append({**g, "judged": judged, "share": share, "disposition": disposition, "reasons": reasons})
     return rows
 
 
